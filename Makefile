@@ -1,0 +1,32 @@
+# marginlab — `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision are pinned here (the versions CI installs); everything else comes from pyproject.toml
+TORCH := torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.PHONY: help install train test bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv and install marginlab (editable) with its test tools
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+train: install ## train on the embedded default (scikit-learn digits); extra overrides: make train ARGS="head=arcface"
+	$(VENV)/bin/marginlab train $(ARGS)
+
+test: install ## run the test suite
+	$(PY) -m pytest $(ARGS)
+
+bench: install ## run the ratio benchmarks in benchmarks/
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean: ## remove the venv and caches (outputs/ is kept)
+	rm -rf $(VENV) .pytest_cache build *.egg-info

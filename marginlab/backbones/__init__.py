@@ -1,0 +1,1 @@
+"""Backbones map images (B x C x H x W) to embeddings (B x embedding_dim)."""

@@ -1,0 +1,69 @@
+"""Every ``hydra.utils.instantiate`` call lives here: config in, objects out."""
+
+from __future__ import annotations
+
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from marginlab.errors import ConfigError
+
+
+class MarginModel(nn.Module):
+    """Backbone + head (+ regularizers): images -> embeddings -> logits."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, regularizers: nn.ModuleDict):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.regularizers = regularizers
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        embeddings = self.backbone(images)
+        return embeddings, self.head(embeddings, labels)
+
+
+def _instantiate(node: DictConfig, key: str, **kwargs):
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as exc:  # Hydra wraps constructor errors; surface our own message when there is one
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"cannot build {key} ({node.get('_target_')}): {cause}") from exc
+
+
+def build_data(cfg: DictConfig):
+    return _instantiate(cfg.dataset, "dataset")
+
+
+def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes: int) -> MarginModel:
+    backbone = _instantiate(cfg.backbone, "backbone", in_channels=in_channels, image_size=image_size)
+    dim = getattr(backbone, "embedding_dim", None)
+    if dim is None:
+        raise ConfigError(f"backbone {cfg.backbone._target_} must expose `embedding_dim`")
+    head = _instantiate(cfg.head, "head", in_features=dim, num_classes=num_classes)
+    regs = nn.ModuleDict({name: _instantiate(node, f"regularizer.{name}", in_features=dim, num_classes=num_classes)
+                          for name, node in (cfg.get("regularizer") or {}).items()})
+    return MarginModel(backbone, head, regs)
+
+
+def build_optimizer(cfg: DictConfig, model: MarginModel) -> torch.optim.Optimizer:
+    """Two parameter groups: the backbone (optim.weight_decay) and head + regularizers (trainer.head_weight_decay)."""
+    make = _instantiate(cfg.optim, "optim")
+    head_params = [p for p in list(model.head.parameters()) + list(model.regularizers.parameters()) if p.requires_grad]
+    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "name": "backbone"},
+              {"params": head_params, "name": "head"}]
+    if cfg.trainer.head_weight_decay is not None:
+        groups[1]["weight_decay"] = float(cfg.trainer.head_weight_decay)
+    return make([g for g in groups if g["params"]])
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    schedule = _instantiate(cfg.sched, "sched", total_steps=steps_per_epoch * cfg.trainer.epochs,
+                            steps_per_epoch=steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,78 @@
+"""Structured configs (typed dataclasses in Hydra's ConfigStore) for the fixed sections of a run.
+
+Group nodes with a ``_target_`` (backbone, head, dataset, optim, sched, regularizer) are typed by the
+signature of the class they name; see validate.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+PRECISIONS = ("auto", "32", "bf16", "fp16")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    stop_after_epoch: Optional[int] = None  # stop early (the schedule still spans `epochs`); resume later
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, 32 on CPU) | 32 | bf16 | fp16 (CUDA, with GradScaler)
+    channels_last: bool = True  # only applied on CUDA, where it helps convolutions
+    compile: bool = False
+    grad_clip: Optional[float] = None  # max global grad norm; null = off
+    head_weight_decay: Optional[float] = None  # null = the optimizer's weight_decay
+    eval_every_n_epochs: int = 1
+    max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
+    checkpoint: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    progress: Optional[bool] = None  # null = tqdm only when stdout is a terminal
+    log_every_n_steps: int = 10
+    figures: bool = True
+    probe_max_samples: int = 2048  # samples per epoch the geometry probe looks at
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    resume: Optional[str] = None
+    m: Optional[float] = None  # shorthand for head.m
+    s: Optional[float] = None  # shorthand for head.s
+    name: Optional[str] = None  # short description appended to the run directory's name
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    backbone: Any = None
+    head: Any = None
+    dataset: Any = None
+    optim: Any = None
+    sched: Any = None
+    regularizer: Dict[str, Any] = field(default_factory=dict)
+    verification: Dict[str, Any] = field(default_factory=dict)
+    paper: Any = None
+
+
+def data_root(name: str) -> str:
+    from marginlab.data.base import default_data_root
+
+    return default_data_root(name)
+
+
+def name_suffix(name: str | None) -> str:
+    """``_<name>`` for the run directory when ``name`` is set, else nothing."""
+    return f"_{name}" if name else ""
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("data_root"):
+        OmegaConf.register_new_resolver("data_root", data_root)
+    if not OmegaConf.has_resolver("name_suffix"):
+        OmegaConf.register_new_resolver("name_suffix", name_suffix)

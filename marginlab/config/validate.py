@@ -1,0 +1,137 @@
+"""Validation before any work: every bad value fails with the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from marginlab.config.schema import PRECISIONS
+from marginlab.errors import ConfigError
+
+#: arguments the builders pass themselves; a config must not set them
+BUILDER_ARGS = {
+    "head": ("in_features", "num_classes"),
+    "backbone": ("in_channels", "image_size"),
+    "regularizer": ("in_features", "num_classes"),
+    "sched": ("total_steps", "steps_per_epoch"),
+}
+
+
+def import_target(path: str, key: str) -> Any:
+    module_name, _, attr = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{key}._target_={path!r} cannot be imported: {exc}") from None
+
+
+def signature_params(target: Any) -> tuple[dict[str, Any], bool]:
+    """Parameter annotations of a class's constructor (following **kwargs up the MRO) or of a function."""
+    params: dict[str, Any] = {}
+    chain = [c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)] if inspect.isclass(target) else [target]
+    for func in chain:
+        try:
+            sig = inspect.signature(func)
+        except (TypeError, ValueError):
+            return params, True
+        try:  # resolves string annotations (from __future__ import annotations)
+            hints = typing.get_type_hints(func)
+        except Exception:
+            hints = {}
+        open_kwargs = False
+        for name, p in sig.parameters.items():
+            if name == "self" or p.kind is p.VAR_POSITIONAL:
+                continue
+            if p.kind is p.VAR_KEYWORD:
+                open_kwargs = True
+                continue
+            params.setdefault(name, hints.get(name, p.annotation))
+        if not open_kwargs or func is object.__init__:
+            return params, open_kwargs
+    return params, False
+
+
+def _type_ok(value: Any, annotation: Any) -> str | None:
+    """None when value fits the annotation, else the name of the expected type."""
+    if value is None or annotation is inspect.Parameter.empty or isinstance(annotation, str):
+        return None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        names = [_type_ok(value, a) for a in args if a is not type(None)]
+        return None if any(n is None for n in names) else " or ".join(n for n in names if n)
+    if annotation is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if annotation is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if annotation is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if annotation is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def check_target_node(key: str, node: DictConfig, group: str | None = None) -> None:
+    """Checks a ``_target_`` node's keys and value types against the signature of what it names."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{key} must be a config with a _target_, got {node!r}")
+    target = import_target(node._target_, key)
+    params, open_kwargs = signature_params(target)
+    reserved = BUILDER_ARGS.get(group or key, ())
+    name = getattr(target, "__name__", str(target))
+    for k in node:
+        if str(k).startswith("_"):
+            continue
+        if k in reserved:
+            raise ConfigError(f"{key}.{k} is set by marginlab itself (from the data and the backbone); remove it")
+        if k not in params:
+            if open_kwargs:
+                continue
+            allowed = ", ".join(p for p in params if p not in reserved) or "none"
+            raise ConfigError(f"{key}.{k} is not a parameter of {name}; its parameters are: {allowed}")
+        value = OmegaConf.to_object(node[k]) if isinstance(node[k], (DictConfig, ListConfig)) else node[k]
+        expected = _type_ok(value, params[k])
+        if expected:
+            raise ConfigError(f"{key}.{k}={value!r} is not allowed: it must be {expected} ({name}.{k})")
+
+
+def apply_shorthands(cfg: DictConfig) -> None:
+    """Top-level ``m`` / ``s`` set ``head.m`` / ``head.s``; null leaves the head's own default."""
+    for short in ("m", "s"):
+        value = cfg.get(short)
+        if value is None:
+            continue
+        head_name = cfg.head.get("_target_", "?").rpartition(".")[2]
+        params, _ = signature_params(import_target(cfg.head._target_, "head"))
+        if short not in params:
+            raise ConfigError(f"{short}={value!r} was given but the head {head_name} has no parameter "
+                              f"{short!r}; its parameters are: {', '.join(p for p in params if p not in BUILDER_ARGS['head'])}")
+        cfg.head[short] = value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the whole config; raises ConfigError on the first bad value."""
+    precision = str(cfg.trainer.precision)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
+    device = str(cfg.trainer.device)
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"trainer.device={device!r} is not allowed: choose auto, cpu, cuda or cuda:N")
+    for key, low in (("trainer.epochs", 1), ("trainer.eval_every_n_epochs", 1), ("trainer.max_nonfinite_steps", 1),
+                     ("logger.log_every_n_steps", 1), ("logger.probe_max_samples", 1)):
+        value = OmegaConf.select(cfg, key)
+        if value < low:
+            raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer >= {low}")
+    for key in ("trainer.grad_clip", "trainer.head_weight_decay"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}={value!r} is not allowed: it must be >= 0 (or null)")
+    for key in ("backbone", "head", "dataset", "optim", "sched"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"no {key} selected: choose one with {key}=<name> (see `marginlab train --help`)")
+        check_target_node(key, cfg[key])
+    for name, node in (cfg.get("regularizer") or {}).items():
+        check_target_node(f"regularizer.{name}", node, group="regularizer")

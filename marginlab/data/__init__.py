@@ -1,0 +1,1 @@
+"""Data sets: each config in configs/dataset/ builds one `ClassificationData` subclass."""

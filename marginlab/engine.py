@@ -1,0 +1,155 @@
+"""The loop: ``train_one_epoch`` and ``evaluate``, each a few steps anyone can read top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from marginlab.builders import MarginModel
+from marginlab.errors import ConfigError, TrainingError
+from marginlab.geometry import GeometryMeter, batch_geometry, weight_stats
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Precision:
+    """Where and how the arithmetic runs: device, autocast dtype (None = float32), GradScaler."""
+
+    device: torch.device
+    name: str  # "32" | "bf16" | "fp16"
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self):
+        if self.name == "fp16" and self.device.type != "cuda":
+            raise ConfigError("trainer.precision='fp16' needs CUDA; on CPU use 32 or bf16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
+
+    def autocast(self):
+        if self.name == "32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.name])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r} but CUDA is not available here; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "32"
+    return name
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint must carry besides the weights to continue exactly."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
+    best_metric: float = -math.inf
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+
+
+def to_device(batch, device: torch.device, channels_last: bool):
+    images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def compute_loss(model: MarginModel, embeddings, logits, labels):
+    """Cross-entropy on the head's logits (the same loss code for every head) + regularizers + the head's own term."""
+    loss = F.cross_entropy(logits.float(), labels)
+    for reg in model.regularizers.values():
+        loss = loss + reg(embeddings, labels, logits)
+    extra = model.head.extra_loss()
+    return loss if extra is None else loss + extra
+
+
+def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Precision, state: LoopState, *,
+                    grad_clip: float | None, max_nonfinite: int, channels_last: bool, log_every: int,
+                    log=None, progress: bool = False, desc: str = "", forward=None) -> dict[str, float]:
+    model.train()
+    forward = forward or model
+    loss_sum = torch.zeros((), device=prec.device)
+    correct = torch.zeros((), device=prec.device, dtype=torch.long)
+    seen, skipped, start = 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for batch in bar:
+        images, labels = to_device(batch, prec.device, channels_last)
+        with prec.autocast():  # forward under AMP; heads do their margin arithmetic in float32
+            embeddings, logits = forward(images, labels)
+            loss = compute_loss(model, embeddings, logits, labels)
+        if not torch.isfinite(loss):  # sync point: a non-finite loss skips the step
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            state.nonfinite_total += 1
+            state.nonfinite_streak += 1
+            if state.nonfinite_streak >= max_nonfinite:
+                raise TrainingError(
+                    f"{state.nonfinite_streak} consecutive non-finite losses (last {loss.item()}) at step {state.step}: "
+                    "training diverged. Lower optim.lr, the head's s or m, or use trainer.precision=32; "
+                    "the last checkpoint holds the last finite weights")
+            continue
+        state.nonfinite_streak = 0
+        optimizer.zero_grad(set_to_none=True)
+        prec.scaler.scale(loss).backward()
+        if grad_clip:
+            prec.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        prec.scaler.step(optimizer)
+        prec.scaler.update()
+        scheduler.step()
+        state.step += 1
+        loss_sum += loss.detach() * labels.numel()  # accumulated on the device: no sync
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.numel()
+        if state.step % log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
+            step_stats = {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item(),
+                          "lr": optimizer.param_groups[0]["lr"]}
+            if model.head.last_cosine is not None:
+                step_stats.update(batch_geometry(embeddings.detach(), model.head.last_cosine, labels, model.head))
+            if log is not None:
+                log.scalars(step_stats, state.step, prefix="step/")
+            bar.set_postfix(loss=f"{step_stats['loss']:.3f}", acc=f"{step_stats['acc']:.3f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return {"loss": loss_sum.item() / max(seen, 1), "acc": correct.item() / max(seen, 1),
+            "nonfinite_steps": skipped, "images_per_s": seen / max(elapsed, 1e-9),
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool,
+             probe_max_samples: int, forward=None) -> dict[str, float]:
+    """Plain (margin-free) logits: loss, accuracy and the geometry of at most ``probe_max_samples`` samples."""
+    model.eval()
+    forward = forward or model
+    loss_sum, correct, seen = 0.0, 0, 0
+    meter = GeometryMeter()
+    for batch in loader:
+        images, labels = to_device(batch, prec.device, channels_last)
+        with prec.autocast():
+            embeddings, logits = forward(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.numel()
+        if meter.n < probe_max_samples and model.head.last_cosine is not None:
+            keep = min(labels.numel(), probe_max_samples - meter.n)
+            meter.update(embeddings[:keep], model.head.last_cosine[:keep], labels[:keep], model.head)
+    stats = {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
+    stats.update(meter.compute())
+    stats.update(weight_stats(model.head.weight))
+    return stats

@@ -1,0 +1,20 @@
+"""AM-Softmax (Wang et al. 2018) / CosFace (Wang et al. 2018): target logit s (cos(theta_y) - m)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from marginlab.heads.base import CosineMarginHead, check_float
+
+
+class AMSoftmaxHead(CosineMarginHead):
+    """Additive cosine margin; ``cosface`` is the same head under its other name."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.35):
+        super().__init__(in_features, num_classes, s=s)
+        self.m = check_float("m", m, low=0.0, high=2.0)
+        self.probe_cosine_margin = self.m
+
+    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
+        # AM-Softmax eq. 3: psi(theta) = cos(theta) - m
+        return cos_target - self.m

@@ -1,0 +1,65 @@
+"""ArcFace (Deng et al., CVPR 2019): target logit s cos(theta_y + m)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from marginlab.errors import ConfigError
+from marginlab.heads.base import CosineMarginHead, check_float, cos_plus_angle
+
+#: the two ways of applying the margin, see ArcFaceHead
+MODES = ("exact", "straight_through")
+
+
+class ArcFaceHead(CosineMarginHead):
+    """Additive angular margin.
+
+    ``mode="exact"`` (default): the exact-gradient form of the paper and of InsightFace's earlier
+    ``ArcFace`` module. Where theta + m would pass pi (cos theta <= cos(pi - m)) the logit falls back
+    to cos theta - m sin m so it keeps decreasing in theta; ``easy_margin`` applies the margin only
+    where cos theta > 0.
+
+    ``mode="straight_through"``: InsightFace's current arcface_torch code
+    (recognition/arcface_torch/losses.py, ``ArcFace`` and ``CombinedMarginLoss`` with m1 = 1, m3 = 0):
+    under ``torch.no_grad()`` it takes ``arccos_`` of the clamped logits, adds m to the target angle
+    and takes ``cos_``; the result is then multiplied by s outside no_grad. The forward value is
+    s cos(theta_y + m) with no threshold and no fallback, and since the in-place no_grad edits are
+    invisible to autograd the gradient is that of s cos theta_y (d logit / d cos = s for every
+    column). Here the same is written as ``cos + (cos(acos(cos) + m) - cos).detach()`` on the B target
+    cosines only; InsightFace's round trip cos(acos(c)) on the non-target columns is the identity up
+    to rounding and is skipped. ``easy_margin`` does not exist in this mode.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
+                 easy_margin: bool = False, mode: str = "exact"):
+        super().__init__(in_features, num_classes, s=s)
+        self.m = check_float("m", m, low=0.0, high=math.pi / 2)
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r} is not allowed: it must be one of {', '.join(MODES)}")
+        self.mode = mode
+        self.easy_margin = bool(easy_margin)
+        if self.easy_margin and mode != "exact":
+            raise ConfigError(f"easy_margin=True is not allowed with mode={mode!r}: "
+                              "it exists only in mode 'exact'")
+        self.cos_m, self.sin_m = math.cos(self.m), math.sin(self.m)
+        self.threshold = math.cos(math.pi - self.m)
+        self.fallback = math.sin(math.pi - self.m) * self.m  # = m sin m
+
+    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
+        if self.mode == "straight_through":
+            with torch.no_grad():
+                # ArcFace eq. 3 as InsightFace arcface_torch computes it: cos(arccos(cos theta) + m)
+                delta = torch.cos(torch.acos(cos_target) + self.m) - cos_target  # B values only
+            return cos_target + delta  # forward cos(theta + m), gradient that of cos theta
+        # ArcFace eq. 3: cos(theta + m) = cos theta cos m - sin theta sin m
+        phi = cos_plus_angle(cos_target, self.cos_m, self.sin_m)
+        if self.easy_margin:
+            return torch.where(cos_target > 0, phi, cos_target)
+        return torch.where(cos_target > self.threshold, phi, cos_target - self.fallback)
+
+    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
+        # angular margin: theta_y + m must stay below the nearest non-target angle
+        return torch.acos(cos_target.clamp(-1, 1)) + self.m >= torch.acos(cos_other.clamp(-1, 1))

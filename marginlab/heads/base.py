@@ -1,0 +1,140 @@
+"""The head contract shared by every margin head.
+
+A head owns the class weights ``W`` (C x D) and maps embeddings (B x D) to logits (B x C):
+``head(x, labels)`` gives the training logits with the margin applied to the target column only,
+``head(x)`` the plain evaluation logits of its geometry. Cross-entropy is applied by the engine.
+Margins are applied by gathering the target cosine, transforming it and scattering it back; no head
+builds a B x C one-hot or takes ``acos`` of the whole B x C matrix. Margin arithmetic runs in float32
+even under autocast. Each head keeps the (detached) cosines it computed in ``last_cosine`` so the
+geometry probe can reuse them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from marginlab.errors import ConfigError
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} is not allowed: it must be an integer >= 1")
+    return value
+
+
+def check_float(name: str, value, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True) -> float:
+    """Checks a float hyperparameter against [low, high] (or (low, high] with low_inclusive=False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not allowed: it must be a finite number")
+    too_low = low is not None and (value < low or (value == low and not low_inclusive))
+    if too_low or (high is not None and value > high):
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        bracket = "[" if low_inclusive else "("
+        raise ConfigError(f"{name}={value!r} is not allowed: it must lie in {bracket}{lo}, {hi}]")
+    return float(value)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """Promotes half/bfloat16 to float32 and keeps float32/float64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def cos_plus_angle(cos: Tensor, cos_m, sin_m) -> Tensor:
+    """cos(theta + m) from cos(theta) without acos; cos_m/sin_m are floats or tensors broadcasting to cos.
+
+    sin(theta) is taken as sqrt(max(1 - cos^2, 1e-12)) so the gradient stays finite at cos = +-1.
+    """
+    sin = torch.sqrt((1.0 - cos * cos).clamp_min(1e-12))
+    # ArcFace eq. 3 / angle-sum identity: cos(theta + m) = cos theta cos m - sin theta sin m
+    return cos * cos_m - sin * sin_m
+
+
+class MarginHead(nn.Module):
+    """Base of every head: owns ``weight`` (C x D) and checks inputs; subclasses implement ``logits``."""
+
+    #: margin used by the geometry probe's violation count: a sample violates the margin when its
+    #: target cosine does not beat the best non-target cosine by this much (additive cosine margin).
+    probe_cosine_margin: float = 0.0
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        self.last_cosine: Tensor | None = None
+
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+        self._check_inputs(embeddings, labels)
+        return self.logits(embeddings, labels)
+
+    def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    # ---- helpers for subclasses -------------------------------------------------------------
+    def normalized_cosine(self, embeddings: Tensor) -> Tensor:
+        """cos(theta_j) = <x/||x||, W_j/||W_j||>, B x C, float32 (matmul may run under autocast).
+
+        float64 stays float64 (gradcheck); half and bfloat16 are promoted to float32.
+        """
+        cos = at_least_float32(F.linear(F.normalize(embeddings), F.normalize(self.weight)))
+        return cos.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def replace_target(logits: Tensor, labels: Tensor, target_logit: Tensor) -> Tensor:
+        """Writes the target column (B) into logits (B x C) in place; autograd-safe for fresh tensors."""
+        return logits.scatter_(1, labels.view(-1, 1), target_logit.view(-1, 1).to(logits.dtype))
+
+    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
+        """True where the target cosine does not beat the nearest non-target cosine by the margin."""
+        return cos_target - cos_other <= self.probe_cosine_margin
+
+    def extra_loss(self) -> Tensor | None:
+        """A loss term the head adds itself (e.g. MagFace's g); None for most heads."""
+        return None
+
+    def schedule_values(self) -> dict[str, float]:
+        """Values worth logging that change during training (annealing lambda, learnable scale)."""
+        return {}
+
+    def _check_inputs(self, embeddings: Tensor, labels: Tensor | None) -> None:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.in_features:
+            raise ConfigError(
+                f"{type(self).__name__} expects embeddings of shape (batch, {self.in_features}), "
+                f"got {tuple(embeddings.shape)}: backbone.embedding_dim must equal the head's in_features")
+        if labels is None:
+            return
+        if labels.shape != embeddings.shape[:1]:
+            raise ConfigError(f"labels of shape {tuple(labels.shape)} do not match a batch of "
+                              f"{embeddings.shape[0]} embeddings")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"labels must be integer class indices, got dtype {labels.dtype}")
+
+
+class CosineMarginHead(MarginHead):
+    """Normalised features and weights: logits s * cos(theta_j), the target replaced by s * f(cos theta_y).
+
+    Subclasses implement ``target_cosine``; NormFace is the identity.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 30.0):
+        super().__init__(in_features, num_classes)
+        self.s = check_float("s", s, low=0.0, low_inclusive=False)
+
+    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        cos = self.normalized_cosine(embeddings)
+        self.last_cosine = cos.detach()
+        logits = cos * self.s
+        if labels is None:
+            return logits
+        cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        return self.replace_target(logits, labels, self.s * self.target_cosine(cos_target, labels))

@@ -1,0 +1,46 @@
+"""resume=: 2 epochs straight == 1 epoch + resume 1 epoch, bit for bit, in the run's own directory."""
+
+from __future__ import annotations
+
+import torch
+
+RUN = ["logger=quiet", "trainer.epochs=2", "sched=cosine", "head=arcface", "m=0.3"]
+TIMES = ("train/images_per_s",)
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_resume_continues_exactly(run_train, metrics, outputs_dir, tmp_path, monkeypatch):
+    code, straight = run_train(*RUN)
+    assert code == 0
+    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
+    code, split = run_train(*RUN, "trainer.stop_after_epoch=1")
+    split = next((tmp_path / "second" / "runs").iterdir())
+    assert code == 0 and metrics[0](split)["status"] == "stopped"
+    code, _ = run_train("resume=latest")
+    assert code == 0
+    assert len(list((tmp_path / "second" / "runs").iterdir())) == 1  # continued in its own directory
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows_a, rows_b = metrics[1](straight), metrics[1](split)
+    assert [r["epoch"] for r in rows_b] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        assert {k: v for k, v in ra.items() if k not in TIMES} == {k: v for k, v in rb.items() if k not in TIMES}
+    assert metrics[0](split)["status"] == "completed"
+
+
+def test_resume_by_checkpoint_path_and_extended_epochs(run_train, metrics):
+    code, run_dir = run_train("logger=quiet", "trainer.epochs=1", "sched=constant")
+    assert code == 0
+    code, again = run_train(f"resume={run_dir / 'checkpoints' / 'last.pt'}", "trainer.epochs=2")
+    assert code == 0 and again == run_dir
+    assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2]
+
+
+def test_resume_latest_without_runs_is_a_clear_error(run_train, capfd):
+    code, _ = run_train("resume=latest")
+    assert code == 2 and "resume=latest: no run with a checkpoint" in capfd.readouterr().err
