@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 from marginlab.errors import MarginlabError
 
@@ -15,6 +17,13 @@ commands:
   train     train a backbone + margin head on a dataset (Hydra overrides: head=arcface m=0.5 s=64)
             -m / --multirun sweeps every combination: marginlab train -m head=arcface,cosface seed=0,1
             marginlab train --help lists every config group and its options
+            a sweep exits with 1 when a job failed; each job's metrics.json says why
+  eval      score a saved model on face verification sets (InsightFace protocol), JSON next to it
+            marginlab eval checkpoint=<checkpoint.pt or run dir> verification=[lfw,cfp_fp,agedb_30]
+  report    one table of a sweep or of run dirs: a row per setting, mean ± std over seeds, the paper's numbers
+            marginlab report outputs/sweeps/train/<date_time> [--metrics test/acc,lfw/acc] [--out DIR]
+  plot      re-render a run's geometry figures (marginlab plot <run dir>), or compare the runs of a
+            sweep side by side (marginlab plot <sweep dir> -> features_grid.png, target_angles.png)
   version   print the version
 
 examples:
@@ -36,14 +45,39 @@ def command(name):
 
 @command("train")
 def train_command(args: list[str]) -> int:
+    from marginlab import sweep
     from marginlab.resume import expand_resume
     from marginlab.train import hydra_main
 
     if not any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in args):
         args = expand_resume(args)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 keeps a run directory (train.py shares it)
+        args = [*args, f"hydra.run.dir={tempfile.mkdtemp(prefix='marginlab-rank')}", "hydra.output_subdir=null"]
     sys.argv = ["marginlab train", *args]
+    sweep.LAST_SUMMARY = None
     hydra_main()
-    return 0
+    return sweep.exit_code()  # 1 when a multirun left failed jobs
+
+
+@command("eval")
+def eval_command(args: list[str]) -> int:
+    from marginlab.eval.standalone import main as eval_main
+
+    return eval_main(args)
+
+
+@command("report")
+def report_command(args: list[str]) -> int:
+    from marginlab.report import main as report_main
+
+    return report_main(args)
+
+
+@command("plot")
+def plot_command(args: list[str]) -> int:
+    from marginlab.plot import main as plot_main
+
+    return plot_main(args)
 
 
 @command("version")

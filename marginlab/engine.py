@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from marginlab.builders import MarginModel
+from marginlab.distributed.runtime import DistContext
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.geometry import GeometryMeter, batch_geometry, weight_stats
 
@@ -80,9 +81,11 @@ def compute_loss(model: MarginModel, embeddings, logits, labels):
 
 def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Precision, state: LoopState, *,
                     grad_clip: float | None, max_nonfinite: int, channels_last: bool, log_every: int,
-                    log=None, progress: bool = False, desc: str = "", forward=None) -> dict[str, float]:
+                    log=None, progress: bool = False, desc: str = "", forward=None,
+                    dist: DistContext = DistContext()) -> dict[str, float]:
+    """One pass over ``loader``; with ``dist`` enabled the epoch's loss/accuracy are summed over the ranks."""
     model.train()
-    forward = forward or model
+    forward = model if forward is None else forward
     loss_sum = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device, dtype=torch.long)
     seen, skipped, start = 0, 0, time.perf_counter()
@@ -92,7 +95,7 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
         with prec.autocast():  # forward under AMP; heads do their margin arithmetic in float32
             embeddings, logits = forward(images, labels)
             loss = compute_loss(model, embeddings, logits, labels)
-        if not torch.isfinite(loss):  # sync point: a non-finite loss skips the step
+        if not dist.all_finite(loss):  # sync point: a non-finite loss (on any rank) skips the step
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
             state.nonfinite_total += 1
@@ -126,17 +129,23 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
             bar.set_postfix(loss=f"{step_stats['loss']:.3f}", acc=f"{step_stats['acc']:.3f}")
     bar.close()
     elapsed = time.perf_counter() - start
-    return {"loss": loss_sum.item() / max(seen, 1), "acc": correct.item() / max(seen, 1),
+    totals = dist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                              torch.tensor(float(seen), device=prec.device, dtype=torch.float64)]))
+    loss_total, correct_total, seen = totals.tolist()
+    return {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1),
             "nonfinite_steps": skipped, "images_per_s": seen / max(elapsed, 1e-9),
             "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.no_grad()
 def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool,
-             probe_max_samples: int, forward=None) -> dict[str, float]:
-    """Plain (margin-free) logits: loss, accuracy and the geometry of at most ``probe_max_samples`` samples."""
+             probe_max_samples: int, forward=None, probe=None) -> dict[str, float]:
+    """Plain (margin-free) logits: loss, accuracy and the geometry of at most ``probe_max_samples`` samples.
+
+    ``probe`` (a marginlab.probe.GeometryProbe) is handed a bounded sample of features, cosines and predictions.
+    """
     model.eval()
-    forward = forward or model
+    forward = model if forward is None else forward
     loss_sum, correct, seen = 0.0, 0, 0
     meter = GeometryMeter()
     for batch in loader:
@@ -149,6 +158,8 @@ def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool
         if meter.n < probe_max_samples and model.head.last_cosine is not None:
             keep = min(labels.numel(), probe_max_samples - meter.n)
             meter.update(embeddings[:keep], model.head.last_cosine[:keep], labels[:keep], model.head)
+        if probe is not None and probe.wants_more and model.head.last_cosine is not None:
+            probe.collect(embeddings, model.head.last_cosine, labels, logits.argmax(1), images)
     stats = {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
     stats.update(meter.compute())
     stats.update(weight_stats(model.head.weight))

@@ -14,15 +14,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
-from marginlab import builders
+from marginlab import builders, sweep
 from marginlab.checkpoint import CHECKPOINT_DIR, rng_state, save_atomic, set_rng_state
 from marginlab.config.validate import apply_shorthands, validate
+from marginlab.distributed.runtime import DistContext
 from marginlab.engine import LoopState, Precision, evaluate, resolve_device, resolve_precision, train_one_epoch
-from marginlab.errors import ConfigError, MarginlabError
+from marginlab.errors import ConfigError
+from marginlab.eval.during_training import build_verifiers, run_verifiers
 from marginlab.logging import RunLog
-from marginlab.logging.run_log import write_json
+from marginlab.probe import GeometryProbe
 
 BEST_METRIC = "test/acc"
 
@@ -36,10 +39,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, prec: Precision, state: LoopState, cfg: DictConfig) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, prec: Precision, state: LoopState, cfg: DictConfig,
+                    data) -> None:
     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": prec.scaler.state_dict(), "state": vars(state).copy(), "rng": rng_state(),
-                 "config": OmegaConf.to_container(cfg, resolve=True)}, path)
+                 "config": OmegaConf.to_container(cfg, resolve=True),
+                 "data": {"in_channels": data.in_channels, "image_size": data.image_size,
+                          "num_classes": data.num_classes}}, path)  # what `marginlab eval` needs to rebuild
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, prec: Precision) -> LoopState:
@@ -62,28 +68,39 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     apply_shorthands(cfg)
     validate(cfg)
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)  # the values actually used
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = resolve_device(str(cfg.trainer.device))
+    dist = DistContext.from_env(device.type)  # torchrun: one process per device; plain runs: rank 0 of 1
+    device = dist.device(device)
+    run_dir = Path(dist.broadcast_object(str(run_dir)))  # every rank uses rank 0's directory; only rank 0 writes
+    if dist.is_main:
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)  # the values actually used
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     prec = Precision(device, resolve_precision(str(cfg.trainer.precision), device))
     channels_last = bool(cfg.trainer.channels_last) and device.type == "cuda"
 
+    verifiers = build_verifiers(cfg.get("verification"))  # lazy: the sets are read at the first evaluation
+    best_key = f"{next(iter(verifiers))}/acc" if verifiers else BEST_METRIC
     data = builders.build_data(cfg)
+    data.distribute(dist.rank, dist.world_size)
     data.setup()
     model = builders.build_model(cfg, data.in_channels, data.image_size, data.num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.trainer.compile else model
-    train_loader, val_loader = data.train_loader(), data.val_loader()
+    eval_forward = forward = torch.compile(model) if cfg.trainer.compile else model
+    if dist.enabled:  # gradients averaged across ranks; evaluation runs on rank 0 without DDP's collectives
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+        eval_forward = model
+    train_loader, val_loader = data.loaders(device)
     optimizer = builders.build_optimizer(cfg, model)
     scheduler = builders.build_scheduler(cfg, optimizer, len(train_loader))
     state = LoopState()
     if cfg.resume:
         state = load_checkpoint(Path(cfg.resume), model, optimizer, scheduler, prec)
 
-    log = RunLog(run_dir, tensorboard=cfg.logger.tensorboard)
-    progress = sys.stdout.isatty() if cfg.logger.progress is None else bool(cfg.logger.progress)
+    log = RunLog(run_dir, tensorboard=cfg.logger.tensorboard, enabled=dist.is_main)
+    probe = GeometryProbe.from_config(cfg, run_dir, log)  # histograms, geometry/*.npz, figures/*.png
+    progress = dist.is_main and (sys.stdout.isatty() if cfg.logger.progress is None else bool(cfg.logger.progress))
     ckpt_dir = run_dir / CHECKPOINT_DIR
     epochs = cfg.trainer.epochs
     last_epoch = min(epochs, cfg.trainer.get("stop_after_epoch") or epochs)
@@ -95,48 +112,68 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 model, train_loader, optimizer, scheduler, prec, state, grad_clip=cfg.trainer.grad_clip,
                 max_nonfinite=cfg.trainer.max_nonfinite_steps, channels_last=channels_last,
                 log_every=cfg.logger.log_every_n_steps, log=log, progress=progress,
-                desc=f"epoch {epoch + 1}/{epochs}", forward=forward)
+                desc=f"epoch {epoch + 1}/{epochs}", forward=forward, dist=dist)
             record = {"epoch": epoch + 1, "step": state.step, **{f"train/{k}": v for k, v in train_stats.items()}}
-            if (epoch + 1) % cfg.trainer.eval_every_n_epochs == 0 or epoch + 1 == epochs:
-                test_stats = evaluate(model, val_loader, prec, channels_last=channels_last,
-                                      probe_max_samples=cfg.logger.probe_max_samples, forward=forward)
-                record.update({f"test/{k}": v for k, v in test_stats.items()})
+            if dist.is_main and ((epoch + 1) % cfg.trainer.eval_every_n_epochs == 0 or epoch + 1 == epochs):
+                if val_loader is not None:
+                    test_stats = evaluate(model, val_loader, prec, channels_last=channels_last,
+                                          probe_max_samples=cfg.logger.probe_max_samples, forward=eval_forward,
+                                          probe=probe)
+                    test_stats.update(probe.end_epoch(epoch + 1, state.step, model.head))
+                    record.update({f"test/{k}": v for k, v in test_stats.items()})
+                if verifiers:  # lfw/acc, lfw/auc, ... and figures/roc_<name>.png
+                    record.update(run_verifiers(verifiers, model.backbone, data.image_size, device,
+                                                figures_dir=run_dir / "figures" if cfg.logger.figures else None,
+                                                writer=log.writer, step=state.step, epoch=epoch + 1)[0])
             record.update({f"head/{k}": v for k, v in model.head.schedule_values().items()})
             state.epoch = epoch + 1
             log.scalars({k: v for k, v in record.items() if k not in ("epoch", "step")}, state.step)
             log.epoch_record(record)
-            is_best = record.get(BEST_METRIC, -math.inf) > state.best_metric
+            is_best = record.get(best_key, -math.inf) > state.best_metric
             if is_best:
-                state.best_metric = record[BEST_METRIC]
-            if cfg.trainer.checkpoint:
-                save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, prec, state, cfg)
+                state.best_metric = record[best_key]
+            if cfg.trainer.checkpoint and dist.is_main:
+                save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, prec, state, cfg, data)
                 if is_best:
-                    save_checkpoint(ckpt_dir / "best.pt", model, optimizer, scheduler, prec, state, cfg)
+                    save_checkpoint(ckpt_dir / "best.pt", model, optimizer, scheduler, prec, state, cfg, data)
+            dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
+        if dist.is_main:
+            probe.end_run(state.step)  # final features, target-angle distribution, embedding projector
     finally:
         log.close()
+        dist.shutdown()
     summary = {"status": "completed" if state.epoch >= epochs else "stopped", "run_dir": str(run_dir),
-               "epochs_done": state.epoch, "steps": state.step, "best/" + BEST_METRIC: state.best_metric,
+               "epochs_done": state.epoch, "steps": state.step, "best_metric": best_key,
+               "best/" + best_key: state.best_metric,
                "nonfinite_steps": state.nonfinite_total, "device": str(device), "precision": prec.name,
                "wall_time_s": time.perf_counter() - start, **record}
     log.final(summary)
-    shown = ", ".join(f"{k} {summary[k]:.4f}" for k in ("test/acc", "test/loss") if k in summary)
+    if not dist.is_main:
+        return summary
+    shown = ", ".join(f"{k} {summary[k]:.4f}" for k in dict.fromkeys(("test/acc", "test/loss", best_key))
+                      if k in summary)
     print(f"marginlab: {summary['status']} {state.epoch}/{epochs} epochs in {summary['wall_time_s']:.1f} s; "
           f"{shown}; {run_dir}")
     return summary
 
 
 def run(cfg: DictConfig) -> float:
-    """The Hydra task: user errors become one clear line (and a failed metrics.json), never a traceback."""
+    """The Hydra task: user errors (and out of memory) become one clear line and a failed metrics.json, never a
+    traceback. In a multirun every failure is recorded that way and the sweep goes on (marginlab/sweep.py)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg, run_dir)
-    except MarginlabError as err:
-        print(f"marginlab: error: {err}", file=sys.stderr)
-        write_json(run_dir / "metrics.json", {"status": "failed", "error": str(err), "error_type": type(err).__name__})
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return float("nan")
-        raise SystemExit(2) from None
-    return summary.get(BEST_METRIC, float("nan"))
+    except Exception as err:
+        if not (multirun or sweep.is_user_error(err)):
+            raise
+        message = sweep.record_failure(run_dir, err)
+    else:
+        return summary.get(summary["best_metric"], float("nan"))
+    sweep.free_memory()  # the failed run's tensors are unreachable once the exception is gone
+    if multirun:
+        return sweep.failed_job_result(message)
+    raise SystemExit(2)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marginlab.errors import ConfigError
+from marginlab.heads.fast_cosine import LazyCosine, fused_linear, precise_cosine
 
 
 def check_positive_int(name: str, value) -> int:
@@ -68,7 +69,24 @@ class MarginHead(nn.Module):
         self.num_classes = check_positive_int("num_classes", num_classes)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
-        self.last_cosine: Tensor | None = None
+        self.last_cosine = None
+
+    @property
+    def last_cosine(self) -> Tensor | None:
+        """The (detached, B x C) cosines of the last forward, or None.
+
+        Heads may store a ``LazyCosine`` recipe instead of the tensor; it is computed (once) on first
+        read, so steps that never read it skip the B x C pass.
+        """
+        value = self.__dict__.get("_last_cosine")
+        if isinstance(value, LazyCosine):
+            value = value.compute()
+            self.__dict__["_last_cosine"] = value
+        return value
+
+    @last_cosine.setter
+    def last_cosine(self, value: Tensor | LazyCosine | None) -> None:
+        self.__dict__["_last_cosine"] = value
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         self._check_inputs(embeddings, labels)
@@ -83,8 +101,8 @@ class MarginHead(nn.Module):
 
         float64 stays float64 (gradcheck); half and bfloat16 are promoted to float32.
         """
-        cos = at_least_float32(F.linear(F.normalize(embeddings), F.normalize(self.weight)))
-        return cos.clamp(-1.0, 1.0)
+        # fused: x/||x|| . W_j divided by ||W_j||, without materialising normalize(W) (fast_cosine.py)
+        return fused_linear(F.normalize(embeddings), self.weight, normalize_weight=True, bound=1.0).logits
 
     @staticmethod
     def replace_target(logits: Tensor, labels: Tensor, target_logit: Tensor) -> Tensor:
@@ -131,10 +149,26 @@ class CosineMarginHead(MarginHead):
         raise NotImplementedError
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        cos = self.normalized_cosine(embeddings)
-        self.last_cosine = cos.detach()
-        logits = cos * self.s
-        if labels is None:
-            return logits
-        cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
-        return self.replace_target(logits, labels, self.s * self.target_cosine(cos_target, labels))
+        if type(self).normalized_cosine is not MarginHead.normalized_cosine:  # e.g. sub-centres
+            cos = self.normalized_cosine(embeddings)
+            self.last_cosine = cos.detach()
+            logits = cos * self.s
+            if labels is None:
+                return logits
+            cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+            return self.replace_target(logits, labels, self.s * self.target_cosine(cos_target, labels))
+        # s cos theta_j in one fused product: (s x/||x||) . W_j / ||W_j||, clamped to [-s, s]
+        s = self.s
+        scale = s.detach().clone() if isinstance(s, Tensor) else s  # as of this forward (s may be learnt)
+        bound = scale.abs() if isinstance(scale, Tensor) else abs(scale)
+        # the target cosines (B) are computed again in float64 from the raw features (see fast_cosine.py)
+        target_value = None if labels is None else precise_cosine(embeddings, self.weight, labels) * scale
+        fused = fused_linear(F.normalize(embeddings) * s, self.weight, labels, normalize_weight=True, bound=bound,
+                             target_value=target_value)
+        logits = fused.logits
+        if labels is not None:
+            cos_target = fused.target / s
+            logits = fused.replace_target(labels, s * self.target_cosine(cos_target, labels))
+        self.last_cosine = LazyCosine(logits, col_scale=1.0 / scale, labels=labels,
+                                      target_raw=None if labels is None else fused.target.detach())
+        return logits

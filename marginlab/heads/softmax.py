@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from marginlab.heads.base import MarginHead
+from marginlab.heads.base import MarginHead, at_least_float32
+from marginlab.heads.fast_cosine import LazyCosine
 
 
 class SoftmaxHead(MarginHead):
@@ -17,9 +18,13 @@ class SoftmaxHead(MarginHead):
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        logits = F.linear(embeddings, self.weight, self.bias)
-        with torch.no_grad():  # cosines only for the geometry probe: cos = W x / (||W|| ||x||)
-            norms = embeddings.float().norm(dim=1, keepdim=True) * self.weight.float().norm(dim=1)
-            plain = logits.float() if self.bias is None else logits.float() - self.bias.float()
-            self.last_cosine = (plain / norms.clamp_min(1e-12)).clamp(-1.0, 1.0)
+        logits = at_least_float32(F.linear(embeddings, self.weight, self.bias))  # float32 under autocast
+        with torch.no_grad():  # cosines only for the geometry probe: cos = (logits - b) / (||W|| ||x||),
+            # computed from these pieces (taken now: the step may change W and b) when last_cosine is read
+            x_norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
+            w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)
+            self.last_cosine = LazyCosine(
+                logits, row_scale=x_norms.clamp_min_(1e-12).reciprocal_(),
+                col_scale=w_norms.clamp_min_(1e-12).reciprocal_(),
+                bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True))
         return logits

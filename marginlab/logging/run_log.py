@@ -24,10 +24,14 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True):
+        """``enabled=False`` (ranks other than 0 in data-parallel runs) writes nothing at all."""
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
         self.writer = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -40,11 +44,14 @@ class RunLog:
             self.writer.add_scalar(prefix + tag, value, step)
 
     def epoch_record(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
 
     def final(self, summary: dict) -> None:
-        write_json(self.run_dir / "metrics.json", summary)
+        if self.enabled:
+            write_json(self.run_dir / "metrics.json", summary)
 
     def close(self) -> None:
         if self.writer is not None:

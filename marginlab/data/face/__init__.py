@@ -1,0 +1,128 @@
+"""Face data: aligned crops from MXNet RecordIO (InsightFace releases) or an ImageFolder tree.
+
+Shared here: image-size parsing, decoding (PIL), fitting a crop to the network's input size, the
+face normalisation ``(x / 255 - 0.5) / 0.5`` and the Dataset base that turns a decode failure into a
+DataError (or, with ``skip_corrupt``, a logged, counted substitution).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from marginlab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+#: Input sizes (height, width) of the aligned-crop conventions: InsightFace/ArcFace and SphereFace/CosFace.
+ARCFACE_SIZE = (112, 112)
+SPHEREFACE_SIZE = (112, 96)
+
+
+def parse_image_size(value, key: str = "dataset.image_size") -> tuple[int, int]:
+    """``112`` -> (112, 112); ``[112, 96]`` -> (112, 96) as (height, width)."""
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and not isinstance(value, (str, bytes))):
+        items = list(value)
+        if len(items) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+            return int(items[0]), int(items[1])
+    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return int(value), int(value)
+    raise ConfigError(f"{key}={value!r} is not allowed: give an integer >= 1 (square) or [height, width]")
+
+
+def decode_image(data: bytes | str | os.PathLike, where: str) -> Image.Image:
+    """Decodes fully (``convert`` forces every pixel) to RGB; a DataError naming ``where`` when it cannot."""
+    try:
+        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        with Image.open(source) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{where}: cannot decode the image ({type(exc).__name__}: {exc})") from None
+
+
+def fit_face(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Brings an aligned crop to (height, width).
+
+    Same size: untouched. Same height, wider (112x112 -> 112x96): centre crop of the width, which is exact
+    for aligned crops because InsightFace's 112x112 landmark template is SphereFace's 96x112 one shifted by
+    8 px in x (insightface ``face_align.arcface_dst`` vs sphereface ``face_align_demo.m``). Otherwise a
+    bilinear resize.
+    """
+    h, w = size
+    if img.height == h and img.width == w:
+        return img
+    if img.height == h and img.width > w:
+        left = (img.width - w) // 2
+        return img.crop((left, 0, left + w, h))
+    return img.resize((w, h), Image.BILINEAR)
+
+
+def to_uint8_chw(img: Image.Image) -> Tensor:
+    """PIL RGB -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def normalize_face(x: Tensor) -> Tensor:
+    """uint8 (or 0..255 float) -> float32 ``(x / 255 - 0.5) / 0.5`` in [-1, 1] (InsightFace's normalisation)."""
+    return (x.float() / 255.0 - 0.5) / 0.5
+
+
+class FaceImageDataset(Dataset):
+    """Base of the face training sets: ``(image float32 3xHxW in [-1, 1], label int64)``.
+
+    Subclasses implement ``__len__``, ``raw(i) -> (bytes or path, label)`` and ``describe(i)`` (the file and
+    record named in error messages). ``train=True`` flips horizontally with probability 0.5 (torch's RNG,
+    which DataLoader seeds per worker). A sample that cannot be read raises DataError; with
+    ``skip_corrupt=True`` it is replaced by the next readable sample, counted in ``skipped`` (per process:
+    each DataLoader worker counts its own) and logged.
+    """
+
+    def __init__(self, image_size: tuple[int, int], train: bool, skip_corrupt: bool = False):
+        self.image_size = image_size
+        self.train = train
+        self.skip_corrupt = bool(skip_corrupt)
+        self.skipped = 0
+
+    def raw(self, index: int) -> tuple[bytes | str, int]:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[Tensor, int]:
+        data, label = self.raw(index)
+        img = fit_face(decode_image(data, self.describe(index)), self.image_size)
+        x = to_uint8_chw(img)
+        if self.train and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return normalize_face(x), label
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        n = len(self)
+        attempts = min(n, 64)
+        for step in range(attempts):
+            j = (index + step) % n
+            try:
+                x, label = self.load(j)
+                return x, torch.tensor(label, dtype=torch.int64)
+            except DataError as exc:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped += 1
+                log.warning("skip_corrupt: skipped %s (%d skipped so far in process %d)",
+                            exc, self.skipped, os.getpid())
+        raise DataError(f"{self.describe(index)}: this sample and the next {attempts - 1} cannot be read "
+                        f"(skip_corrupt gave up); the data set looks broken")
+
+
+from marginlab.data.face.casia import CasiaData  # noqa: E402  (re-export; casia imports the helpers above)
+
+__all__ = ["ARCFACE_SIZE", "SPHEREFACE_SIZE", "CasiaData", "FaceImageDataset", "decode_image", "fit_face",
+           "normalize_face", "parse_image_size", "to_uint8_chw"]

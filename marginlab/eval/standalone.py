@@ -1,0 +1,90 @@
+"""``marginlab eval checkpoint=<path or run dir> verification=[lfw,cfp_fp,agedb_30]``: score a saved model.
+
+Rebuilds the backbone from the checkpoint's own config, runs each verification set with the InsightFace
+protocol and writes ``<checkpoint>.eval.json`` next to the checkpoint (plus ROC figures beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import marginlab.config  # noqa: F401  (resolvers)
+from marginlab.checkpoint import CHECKPOINT_DIR
+from marginlab.engine import resolve_device
+from marginlab.errors import ConfigError
+from marginlab.eval.during_training import build_verifiers, jsonable, run_verifiers
+
+
+def find_checkpoint(value: str) -> Path:
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / CHECKPOINT_DIR / name).is_file():
+                return path / CHECKPOINT_DIR / name
+        raise ConfigError(f"checkpoint={value!r}: no {CHECKPOINT_DIR}/best.pt or last.pt in that run directory")
+    if not path.is_file():
+        raise ConfigError(f"checkpoint={value!r} is not allowed: give a checkpoint .pt file or a run directory")
+    return path
+
+
+def load_backbone(path: Path, device: torch.device):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "data" not in ckpt or "config" not in ckpt:
+        raise ConfigError(f"{path} is not a marginlab checkpoint (no 'config'/'data' entries)")
+    data = ckpt["data"]
+    backbone = instantiate(OmegaConf.create(ckpt["config"]["backbone"]), in_channels=data["in_channels"],
+                           image_size=data["image_size"])
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    return backbone.to(device).eval(), data, ckpt
+
+
+def evaluate_checkpoint(overrides: list[str]) -> dict:
+    try:
+        with initialize_config_module("marginlab.configs", version_base="1.3"):
+            cfg = compose("eval", overrides=overrides)
+    except HydraException as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("checkpoint is missing: marginlab eval checkpoint=<checkpoint .pt or run dir>")
+    path = find_checkpoint(cfg.checkpoint)
+    device = resolve_device(str(cfg.device))
+    backbone, data, ckpt = load_backbone(path, device)
+    verifiers = build_verifiers(cfg.get("verification"))
+    if not verifiers:
+        raise ConfigError("no verification set selected: verification=[lfw,cfp_fp,agedb_30]")
+    if cfg.flip is not None:
+        for target in verifiers.values():
+            target.flip = bool(cfg.flip)
+    scalars, results = run_verifiers(verifiers, backbone, data["image_size"], device, figures_dir=path.parent,
+                                     epoch=ckpt.get("state", {}).get("epoch"))
+    out = {"checkpoint": str(path), "epoch": ckpt.get("state", {}).get("epoch"), **scalars,
+           "results": {name: jsonable(r) for name, r in results.items()}}
+    target = path.with_suffix(".eval.json")
+    target.write_text(json.dumps(out, indent=2) + "\n")
+    for name in results:
+        print(f"{name}: acc {scalars[f'{name}/acc']:.4f} +- {scalars[f'{name}/acc_std']:.4f}, "
+              f"TAR@FAR=1e-3 {scalars[f'{name}/tar_at_far']:.4f}, AUC {scalars[f'{name}/auc']:.4f}, "
+              f"EER {scalars[f'{name}/eer']:.4f}")
+    print(f"marginlab: wrote {target}")
+    return out
+
+
+def main(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    evaluate_checkpoint(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

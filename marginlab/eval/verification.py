@@ -1,0 +1,194 @@
+"""Face verification: InsightFace's protocol (``recognition/arcface_torch/eval/verification.py``).
+
+Embedding of an image = backbone(image) + backbone(mirrored image) (``flip``), L2-normalised. A pair's
+score is the squared Euclidean distance of its two embeddings (in [0, 4]); "same" is predicted when
+``dist < threshold``. Accuracy: the pairs are cut into ``nfolds`` contiguous folds (sklearn ``KFold``
+without shuffling); for each fold the threshold of ``arange(0, 4, 0.01)`` with the best accuracy on the
+other folds (first best) is applied to it; the mean and population std of the fold accuracies are
+reported. The ROC curve is the fold average of the test-fold (TPR, FPR) at each threshold.
+
+Differences, each stated where computed: TAR@FAR picks, per fold, the largest threshold of
+``arange(0, 4, 0.001)`` whose training FAR is <= the target (InsightFace interpolates the inverse of the
+FAR step function with ``scipy.interpolate.interp1d``, which fails when FAR values repeat); AUC and EER
+are exact, from every distinct distance, not from the threshold grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from marginlab.data.face import normalize_face
+from marginlab.errors import ConfigError
+
+ACC_THRESHOLDS = np.arange(0, 4, 0.01)  # evaluate(): thresholds = np.arange(0, 4, 0.01)
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # evaluate(): thresholds = np.arange(0, 4, 0.001) for calculate_val
+
+
+# ---- embeddings -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def embed_images(backbone: nn.Module, images: Tensor, batch_size: int = 256, flip: bool = True,
+                 device: torch.device | str | None = None) -> Tensor:
+    """L2-normalised embeddings (float32, on the CPU) of ``images`` (N x C x H x W).
+
+    ``images``: uint8 (normalised here, ``(x / 255 - 0.5) / 0.5``) or float (used as given). With ``flip``
+    each embedding is backbone(x) + backbone(x mirrored) before normalising. The backbone runs in eval
+    mode and its previous mode is restored.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is not allowed: it must be an integer >= 1")
+    if device is None:
+        param = next(backbone.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    try:
+        for lo in range(0, images.shape[0], batch_size):
+            x = images[lo:lo + batch_size].to(device, non_blocking=True)
+            x = normalize_face(x) if x.dtype == torch.uint8 else x.float()
+            emb = backbone(x).float()
+            if flip:
+                emb = emb + backbone(x.flip(-1)).float()
+            out.append(F.normalize(emb, dim=1).cpu())
+    finally:
+        backbone.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def embed_pairs(backbone: nn.Module, images: Tensor, batch_size: int = 256, flip: bool = True,
+                device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(emb1, emb2), each N x D float32 numpy, for the 2N images of N pairs (pair i = images 2i, 2i+1)."""
+    if images.shape[0] % 2:
+        raise ConfigError(f"pair images must come in twos (pair i = images 2i and 2i+1), got {images.shape[0]}")
+    emb = embed_images(backbone, images, batch_size, flip, device).numpy()
+    return emb[0::2], emb[1::2]
+
+
+# ---- the protocol ---------------------------------------------------------------------------------------
+def kfold(n: int, nfolds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """sklearn ``KFold(n_splits, shuffle=False)``: contiguous test folds, the first ``n % k`` one larger.
+    ``nfolds == 1`` gives (all, all), as InsightFace's ``LFold``."""
+    if isinstance(nfolds, bool) or not isinstance(nfolds, int) or nfolds < 1 or nfolds > n:
+        raise ConfigError(f"nfolds={nfolds!r} is not allowed: it must be an integer in [1, {n}] (the pair count)")
+    idx = np.arange(n)
+    if nfolds == 1:
+        return [(idx, idx)]
+    sizes = np.full(nfolds, n // nfolds)
+    sizes[: n % nfolds] += 1
+    bounds = np.concatenate(([0], np.cumsum(sizes)))
+    return [(np.concatenate((idx[:lo], idx[hi:])), idx[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _counts(thresholds: np.ndarray, dist: np.ndarray, issame: np.ndarray):
+    """For every threshold t: true accepts (same, dist < t) and false accepts (different, dist < t)."""
+    pos, neg = np.sort(dist[issame]), np.sort(dist[~issame])
+    return (np.searchsorted(pos, thresholds, side="left"), np.searchsorted(neg, thresholds, side="left"),
+            len(pos), len(neg))
+
+
+def _rates(thresholds, dist, issame):
+    """(tpr, fpr, accuracy) per threshold, as InsightFace's ``calculate_accuracy`` (0 when undefined)."""
+    tp, fp, n_pos, n_neg = _counts(thresholds, dist, issame)
+    tpr = tp / n_pos if n_pos else np.zeros(len(thresholds))
+    fpr = fp / n_neg if n_neg else np.zeros(len(thresholds))
+    acc = (tp + (n_neg - fp)) / len(dist)
+    return tpr, fpr, acc
+
+
+def calculate_roc(dist: np.ndarray, issame: np.ndarray, nfolds: int = 10, thresholds: np.ndarray = ACC_THRESHOLDS):
+    """InsightFace ``calculate_roc`` (pca=0): per-fold best threshold on the training folds (first maximum),
+    accuracy on the test fold. Returns (tpr, fpr averaged over folds, fold accuracies, fold thresholds)."""
+    folds = kfold(len(dist), nfolds)
+    tprs = np.zeros((nfolds, len(thresholds)))
+    fprs = np.zeros((nfolds, len(thresholds)))
+    accuracy, best = np.zeros(nfolds), np.zeros(nfolds)
+    for f, (train, test) in enumerate(folds):
+        _, _, acc_train = _rates(thresholds, dist[train], issame[train])
+        k = int(np.argmax(acc_train))
+        tprs[f], fprs[f], acc_test = _rates(thresholds, dist[test], issame[test])
+        accuracy[f], best[f] = acc_test[k], thresholds[k]
+    return tprs.mean(0), fprs.mean(0), accuracy, best
+
+
+def calculate_val(dist: np.ndarray, issame: np.ndarray, far_target: float = 1e-3, nfolds: int = 10,
+                  thresholds: np.ndarray = VAL_THRESHOLDS):
+    """TAR at FAR = ``far_target``: per fold, the largest threshold whose FAR on the training folds is at most
+    the target (FAR only grows with the threshold), applied to the test fold. InsightFace instead inverts
+    the FAR curve with scipy's ``interp1d`` (crashes on repeated FAR values) and uses threshold 0 when the
+    target is never reached. Returns (TAR mean, TAR std, achieved FAR mean)."""
+    val, far = np.zeros(nfolds), np.zeros(nfolds)
+    for f, (train, test) in enumerate(kfold(len(dist), nfolds)):
+        _, fp, _, n_neg = _counts(thresholds, dist[train], issame[train])
+        far_train = fp / n_neg if n_neg else np.zeros(len(thresholds))
+        k = max(int(np.searchsorted(far_train, far_target, side="right")) - 1, 0)
+        tp, fp, n_pos, n_neg = _counts(thresholds[k:k + 1], dist[test], issame[test])
+        val[f] = tp[0] / n_pos if n_pos else 0.0
+        far[f] = fp[0] / n_neg if n_neg else 0.0
+    return float(val.mean()), float(val.std()), float(far.mean())
+
+
+def exact_roc(dist: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC over every distinct distance (accept ``dist <= d``), from (0, 0): (fpr, tpr, thresholds)."""
+    order = np.argsort(dist, kind="mergesort")
+    d, same = dist[order], issame[order]
+    tp, fp = np.cumsum(same), np.cumsum(~same)
+    last = np.concatenate((np.flatnonzero(np.diff(d)), [len(d) - 1]))  # last index of each distinct value
+    n_pos, n_neg = max(int(same.sum()), 1), max(int((~same).sum()), 1)
+    return (np.concatenate(([0.0], fp[last] / n_neg)), np.concatenate(([0.0], tp[last] / n_pos)),
+            np.concatenate(([-np.inf], d[last])))
+
+
+def auc_eer(dist: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
+    """Exact ROC AUC (trapezoids over the exact ROC = Mann-Whitney with half credit for ties) and the equal
+    error rate (FPR = 1 - TPR, linearly interpolated between the two ROC points around the crossing)."""
+    if issame.all() or not issame.any():
+        return float("nan"), float("nan")
+    fpr, tpr, _ = exact_roc(dist, issame)
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    gap = fpr - (1 - tpr)  # rises from -1 at (0, 0) to 0 at (1, 1)
+    k = int(np.argmax(gap >= 0))
+    if gap[k] == 0 or k == 0:
+        return auc, float(fpr[k])
+    t = -gap[k - 1] / (gap[k] - gap[k - 1])
+    return auc, float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+
+
+def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3) -> dict:
+    """The protocol on precomputed squared distances (N) and labels (N bool). See ``evaluate``."""
+    dist = np.asarray(dist, dtype=np.float64).ravel()
+    issame = np.asarray(issame).astype(bool).ravel()
+    if dist.shape != issame.shape or dist.size == 0:
+        raise ConfigError(f"distances ({dist.size}) and issame ({issame.size}) must be non-empty and of equal length")
+    tpr, fpr, accuracy, best = calculate_roc(dist, issame, nfolds)
+    tar, tar_std, far = calculate_val(dist, issame, far_target, nfolds)
+    auc, eer = auc_eer(dist, issame)
+    return {
+        "accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
+        "accuracies": accuracy, "threshold": float(best.mean()), "thresholds": best,
+        "tar_at_far": tar, "tar_at_far_std": tar_std, "far": far, "far_target": float(far_target),
+        "auc": auc, "eer": eer, "tpr": tpr, "fpr": fpr, "roc_thresholds": ACC_THRESHOLDS.copy(),
+        "nfolds": int(nfolds), "num_pairs": int(dist.size),
+    }
+
+
+def evaluate(emb1, emb2, issame, nfolds: int = 10, far_target: float = 1e-3, normalize: bool = True) -> dict:
+    """Verification metrics for pairs (emb1[i], emb2[i]) with ground truth ``issame[i]``.
+
+    Keys: ``accuracy`` (mean over folds), ``accuracy_std`` (population std), ``accuracies`` and
+    ``thresholds`` (per fold), ``threshold`` (mean best threshold), ``tar_at_far`` (+ ``_std``) at
+    ``far_target`` with ``far`` the FAR it achieved, ``auc``, ``eer``, and the fold-averaged ROC arrays
+    ``tpr``, ``fpr`` over ``roc_thresholds``. Embeddings are L2-normalised first (``normalize``), as the
+    thresholds assume unit vectors.
+    """
+    e1 = np.asarray(emb1, dtype=np.float64)
+    e2 = np.asarray(emb2, dtype=np.float64)
+    if e1.ndim != 2 or e1.shape != e2.shape:
+        raise ConfigError(f"emb1 {e1.shape} and emb2 {e2.shape} must both be N x D")
+    if normalize:
+        e1 = e1 / np.maximum(np.linalg.norm(e1, axis=1, keepdims=True), 1e-12)
+        e2 = e2 / np.maximum(np.linalg.norm(e2, axis=1, keepdims=True), 1e-12)
+    dist = np.sum(np.square(e1 - e2), axis=1)
+    return evaluate_distances(dist, issame, nfolds, far_target)

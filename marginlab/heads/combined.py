@@ -1,0 +1,54 @@
+"""Combined margin (ArcFace paper, Deng et al. CVPR 2019; InsightFace): s (cos(m1 theta + m2) - m3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from marginlab.heads.base import CosineMarginHead, check_float
+
+#: the gradient of acos is taken at cos clamped to [-1 + eps, 1 - eps], where |d acos / d cos| <= ~2.2e3
+_ACOS_EPS = 1e-7
+
+
+class CombinedMarginHead(CosineMarginHead):
+    """One head for the three margins: m1 multiplicative angular (SphereFace-style), m2 additive
+    angular (ArcFace), m3 additive cosine (CosFace / AM-Softmax).
+
+    As in InsightFace's ``margin_softmax`` (recognition/arcface_mxnet/train.py): when m1 = 1 and
+    m2 = 0 the target is simply cos - m3 (no acos); otherwise theta_y = acos(cos theta_y) is taken of
+    the B target cosines only (never the B x C matrix; its gradient is kept finite at cos = +-1, see
+    ``target_cosine``) and the target becomes cos(m1 theta_y + m2) - m3. There is no monotonic
+    fallback where m1 theta + m2 passes pi (InsightFace has none): use ``arcface`` for ArcFace's
+    exact-gradient form, ``sphereface`` for SphereFace's psi.
+    Defaults are InsightFace's ``loss.combined`` setting (s = 64, m1 = 1.0, m2 = 0.3, m3 = 0.2).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.3, m3: float = 0.2):
+        super().__init__(in_features, num_classes, s=s)
+        self.m1 = check_float("m1", m1, low=1.0, high=10.0)
+        self.m2 = check_float("m2", m2, low=0.0, high=math.pi)
+        self.m3 = check_float("m3", m3, low=0.0, high=2.0)
+
+    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            # CosFace / AM-Softmax: cos(theta) - m3
+            return cos_target - self.m3
+        # theta_y of the B target cosines only. The value is the exact acos; the gradient is that of
+        # acos(cos clamped to [-1 + eps, 1 - eps]), so it is finite (0) within eps of +-1 where
+        # d acos / d cos = -inf, instead of clamping the value (an angle error of up to 4.5e-4 rad).
+        theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+        with torch.no_grad():
+            theta_offset = torch.acos(cos_target) - theta  # 0 except within eps of +-1
+        theta = theta + theta_offset
+        # ArcFace paper / InsightFace combined margin: cos(m1 theta + m2) - m3
+        return torch.cos(self.m1 * theta + self.m2) - self.m3
+
+    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
+        # the target's margined cosine (angle capped at pi) must beat the nearest non-target cosine
+        theta = torch.acos(cos_target.clamp(-1.0, 1.0))
+        margined = torch.cos((self.m1 * theta + self.m2).clamp_max(math.pi)) - self.m3
+        return margined <= cos_other

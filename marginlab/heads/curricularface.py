@@ -1,0 +1,50 @@
+"""CurricularFace (Huang et al., CVPR 2020): ArcFace target plus adaptively re-weighted hard negatives."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from marginlab.heads.arcface import ArcFaceHead
+from marginlab.heads.base import check_float, cos_plus_angle
+
+
+class CurricularFaceHead(ArcFaceHead):
+    """ArcFace's target ``s cos(theta_y + m)`` (with its theta + m > pi fallback) and, for every
+    hard negative (``cos theta_j > cos(theta_y + m)``), the logit ``s cos theta_j (t + cos theta_j)``.
+
+    ``t`` is a buffer (saved in the state dict): an exponential moving average of the batch-mean
+    target cosine, ``t <- momentum * mean(cos theta_y) + (1 - momentum) * t``, updated in training
+    forwards before it is applied, as in the official code (HuangYG123/CurricularFace,
+    head/metrics.py, momentum 0.01, t starts at 0). Early in training t is small and hard negatives
+    are damped; as t grows they are emphasised. The hard-negative test uses the raw cos(theta_y + m)
+    as the official code does; the mask is the one B x C tensor this head builds (a comparison,
+    no one-hot, no acos).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
+                 momentum: float = 0.01):
+        super().__init__(in_features, num_classes, s=s, m=m, easy_margin=False)
+        self.momentum = check_float("momentum", momentum, low=0.0, high=1.0, low_inclusive=False)
+        self.register_buffer("t", torch.zeros(1))
+
+    def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        cos = self.normalized_cosine(embeddings)
+        self.last_cosine = cos.detach()
+        if labels is None:
+            return cos * self.s
+        cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        # CurricularFace, N(t, cos theta_j): j is a hard negative when cos(theta_y + m) < cos theta_j
+        boundary = cos_plus_angle(cos_target.detach(), self.cos_m, self.sin_m)
+        hard = cos.detach() > boundary.unsqueeze(1)
+        if self.training:
+            with torch.no_grad():
+                # CurricularFace, EMA of r = mean positive cosine: t = a r + (1 - a) t
+                self.t.mul_(1.0 - self.momentum).add_(self.momentum * cos_target.detach().mean())
+        t = self.t.to(cos.dtype)
+        # CurricularFace, hard case of N(t, cos theta_j): cos theta_j (t + cos theta_j) for hard negatives
+        logits = torch.where(hard, cos * (t + cos), cos) * self.s
+        return self.replace_target(logits, labels, self.s * self.target_cosine(cos_target, labels))
+
+    def schedule_values(self) -> dict[str, float]:
+        return {"t": float(self.t.item())}

@@ -1,0 +1,61 @@
+"""L2-constrained softmax (Ranjan, Castillo, Chellappa, 2017): alpha * x/||x|| into a plain linear classifier."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from marginlab.errors import ConfigError
+from marginlab.heads.base import MarginHead, at_least_float32, check_float
+from marginlab.heads.fast_cosine import LazyCosine
+
+
+def alpha_lower_bound(num_classes: int, p: float) -> float:
+    """The paper's lower bound on alpha for a target probability p [unverified, see papers.md]."""
+    # L2-softmax (Ranjan et al. 2017), lower bound: alpha_low = log(p (C - 2) / (1 - p))  [unverified]
+    return math.log(p * (num_classes - 2) / (1.0 - p))
+
+
+class L2SoftmaxHead(MarginHead):
+    """Features L2-normalised and scaled by ``alpha`` before an ordinary linear layer (W unnormalised).
+
+    Training and evaluation logits are the same, ``alpha W x/||x|| + b``; there is no margin.
+    ``alpha="auto"`` uses the paper's lower bound for target probability ``p`` (needs more than two
+    classes; the bound is marked [unverified] in papers.md).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, alpha: float | str = "auto",
+                 p: float = 0.9, bias: bool = True):
+        super().__init__(in_features, num_classes)
+        if isinstance(alpha, str):
+            if alpha != "auto":
+                raise ConfigError(f"alpha={alpha!r} is not allowed: it must be a number > 0 or 'auto'")
+            p = check_float("p", p, low=0.0, high=1.0, low_inclusive=False)
+            if p >= 1.0:
+                raise ConfigError(f"p={p!r} is not allowed: it must lie in (0, 1)")
+            if num_classes <= 2:
+                raise ConfigError(f"alpha='auto' needs num_classes > 2 (got {num_classes}): the bound "
+                                  "log(p (C - 2) / (1 - p)) is undefined; set alpha to a number > 0")
+            auto = alpha_lower_bound(num_classes, p)
+            if auto <= 0:
+                raise ConfigError(f"alpha='auto' gives log(p (C - 2) / (1 - p)) = {auto:.3g} <= 0 for "
+                                  f"p={p}, num_classes={num_classes}: raise p or set alpha to a number > 0")
+            alpha = auto
+        self.alpha = check_float("alpha", alpha, low=0.0, low_inclusive=False)
+        self.p = float(p)
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+
+    def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        # L2-softmax (Ranjan et al. 2017): f = alpha * x / ||x||, then the usual W f + b
+        features = F.normalize(at_least_float32(embeddings)) * self.alpha
+        logits = at_least_float32(F.linear(features, self.weight, self.bias))
+        with torch.no_grad():  # cosines for the geometry probe: (logit - b) / (alpha ||W_j||), computed
+            # from these pieces (taken now: the step may change W and b) when last_cosine is read
+            w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)
+            self.last_cosine = LazyCosine(
+                logits, col_scale=w_norms.clamp_min_(1e-12).mul_(self.alpha).reciprocal_(),
+                bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True))
+        return logits

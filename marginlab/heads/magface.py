@@ -1,0 +1,73 @@
+"""MagFace (Meng et al., CVPR 2021): angular margin growing with the feature magnitude, plus g(a)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from marginlab.heads.base import CosineMarginHead, at_least_float32, check_float, cos_plus_angle
+
+
+class MagFaceHead(CosineMarginHead):
+    """Target logit ``s cos(theta_y + m(a))`` with ``a = ||f||`` clipped to [l_a, u_a] and
+    ``m(a) = (u_m - l_m) / (u_a - l_a) (a - l_a) + l_m``; others ``s cos theta_j``.
+
+    The magnitude keeps its gradient (through m(a) and through g). The regulariser
+    ``lambda_g * mean(g(a))``, ``g(a) = a / u_a^2 + 1 / a``, is computed in each training forward
+    and returned by ``extra_loss()`` (None after an evaluation forward); the engine adds it to the
+    loss. ``easy_margin=True`` (the official MagLinear default: margin only where cos theta > 0);
+    ``easy_margin=False`` uses ArcFace's threshold cos(pi - m(a)) and fallback cos theta - m(a) sin m(a).
+    Defaults are the official run/run.sh (IrvingMeng/MagFace): l_a 10, u_a 110, l_m 0.45, u_m 0.8,
+    lambda_g 35, s 64. With l_m = u_m = 0 and lambda_g = 0 the head is NormFace.
+    The probe counts angular violations with the smallest margin l_m.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, l_a: float = 10.0,
+                 u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0,
+                 easy_margin: bool = True):
+        super().__init__(in_features, num_classes, s=s)
+        self.l_a = check_float("l_a", l_a, low=0.0, low_inclusive=False)
+        self.u_a = check_float("u_a", u_a, low=self.l_a, low_inclusive=False)
+        self.l_m = check_float("l_m", l_m, low=0.0, high=math.pi / 2)
+        self.u_m = check_float("u_m", u_m, low=self.l_m, high=math.pi / 2)
+        self.lambda_g = check_float("lambda_g", lambda_g, low=0.0)
+        self.easy_margin = bool(easy_margin)
+        self._loss_g: Tensor | None = None
+
+    def magnitude_margin(self, a: Tensor) -> Tensor:
+        # MagFace, magnitude-aware margin (linear): m(a) = (u_m - l_m)/(u_a - l_a) (a - l_a) + l_m
+        return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
+
+    def regularizer_g(self, a: Tensor) -> Tensor:
+        # MagFace, regulariser g in L_Mag: g(a) = a / u_a^2 + 1 / a
+        return a / (self.u_a ** 2) + 1.0 / a
+
+    def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        cos = self.normalized_cosine(embeddings)
+        self.last_cosine = cos.detach()
+        if labels is None:
+            self._loss_g = None
+            return cos * self.s
+        a = torch.linalg.vector_norm(at_least_float32(embeddings), dim=1).clamp(self.l_a, self.u_a)
+        margin = self.magnitude_margin(a).to(cos.dtype)
+        cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        # MagFace, L_Mag target: cos(theta_y + m(a_i)) (official MagLinear, cos m / sin m per sample)
+        phi = cos_plus_angle(cos_target, torch.cos(margin), torch.sin(margin))
+        if self.easy_margin:
+            target = torch.where(cos_target > 0, phi, cos_target)
+        else:
+            # ArcFace exact-gradient fallback with the per-sample margin: cos theta - sin(pi - m) m
+            target = torch.where(cos_target > torch.cos(math.pi - margin), phi,
+                                 cos_target - torch.sin(math.pi - margin) * margin)
+        self._loss_g = self.lambda_g * self.regularizer_g(a).mean() if self.training else None
+        return self.replace_target(cos * self.s, labels, self.s * target)
+
+    def extra_loss(self) -> Tensor | None:
+        """lambda_g * mean(g(a)) from the last training forward; None after an evaluation forward."""
+        return self._loss_g
+
+    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
+        # angular margin with the smallest magnitude-aware margin l_m
+        return torch.acos(cos_target.clamp(-1, 1)) + self.l_m >= torch.acos(cos_other.clamp(-1, 1))

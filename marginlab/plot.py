@@ -1,0 +1,148 @@
+"""``marginlab plot <dir> ...``: re-render a run's figures from its saved geometry, or compare a sweep's runs.
+
+A run directory (``.hydra/`` and ``geometry/epoch_*.npz``) gets its ``figures/`` re-drawn: one
+``features_epoch_XXX.png`` per saved epoch with 2-D / 3-D features, ``features_final.png`` and
+``target_angles.png``. Any other directory is searched (at any depth, e.g. a Hydra multirun
+``outputs/sweeps/<name>/<date_time>/<override_dirname>/``) for run directories, drawn side by side at their
+last saved epoch: ``features_grid.png`` (2-D / 3-D features), ``features_grid_unit.png`` (the same on the
+unit circle / sphere) and ``target_angles.png`` (every run's final target-angle distribution), each panel
+titled by the overrides that differ between the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from marginlab.errors import DataError
+from marginlab.figures import save_png
+from marginlab.probe import (FIGURES_DIR, features_epoch_figure, has_features, latest_with_features, list_epochs,
+                             load_epoch, target_angles_figure)
+
+
+def is_run(path: Path) -> bool:
+    return (path / ".hydra").is_dir() and bool(list_epochs(path))
+
+
+def find_runs(root: Path) -> list[Path]:
+    """``root`` itself when it is a run directory, else every run directory below it, sorted by path."""
+    if is_run(root):
+        return [root]
+    return sorted({p.parent for p in root.rglob("geometry") if p.is_dir() and is_run(p.parent)})
+
+
+def _draw(make_figure, path: Path, written: list[Path], failed: list[str]) -> None:
+    try:
+        fig = make_figure()
+        if fig is not None:
+            save_png(fig, path)
+            written.append(path)
+    except Exception as exc:  # noqa: BLE001 - report and go on with the other figures
+        failed.append(f"{path}: {type(exc).__name__}: {exc}")
+
+
+def plot_run(run_dir: Path) -> tuple[list[Path], list[str]]:
+    """Re-renders every figure of one run from ``geometry/``; returns (written PNGs, failures)."""
+    written: list[Path] = []
+    failed: list[str] = []
+    figures = run_dir / FIGURES_DIR
+    for path in list_epochs(run_dir):
+        data = load_epoch(path)
+        if has_features(data):
+            _draw(lambda: features_epoch_figure(data), figures / f"features_epoch_{int(data['epoch']):03d}.png",
+                  written, failed)
+    final = latest_with_features(run_dir)
+    if final is not None:
+        title = f"{final['head']}, final (epoch {final['epoch']})"
+        _draw(lambda: features_epoch_figure(final, title=title), figures / "features_final.png", written, failed)
+    _draw(lambda: target_angles_figure(run_dir), figures / "target_angles.png", written, failed)
+    return written, failed
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        return [str(o) for o in (yaml.safe_load(path.read_text()) or [])]
+    except (OSError, yaml.YAMLError):
+        return []
+
+
+def _head_name(run_dir: Path) -> str:
+    try:
+        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+        return str(cfg.get("head", {}).get("_target_", "")).rsplit(".", 1)[-1]
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
+
+
+def run_titles(runs: list[Path], root: Path) -> list[str]:
+    """Each run's overrides that not every run shares (else its head class), its test accuracy when known."""
+    overrides = [_overrides(r) for r in runs]
+    shared = set.intersection(*(set(o) for o in overrides)) if len(runs) > 1 else set()
+    titles = []
+    for run, ovr in zip(runs, overrides):
+        title = ", ".join(o for o in ovr if o not in shared) or _head_name(run) or str(run.relative_to(root))
+        title = textwrap.fill(title, 44)
+        try:
+            acc = json.loads((run / "metrics.json").read_text()).get("test/acc")
+            if isinstance(acc, (int, float)):
+                title += f"\ntest/acc {acc:.3f}"
+        except (OSError, ValueError):
+            pass
+        titles.append(title)
+    return titles
+
+
+def plot_sweep(root: Path, runs: list[Path]) -> tuple[list[Path], list[str]]:
+    """Draws the runs side by side at their last saved epoch into ``root``; returns (written PNGs, failures)."""
+    from marginlab.figures.grid import RunPanel, features_grid_figure, target_angles_grid_figure
+
+    panels = []
+    for run, title in zip(runs, run_titles(runs, root)):
+        data = load_epoch(list_epochs(run)[-1])
+        panels.append(RunPanel(title=title, features=data["features"] if has_features(data) else None,
+                               labels=data["labels"], target_deg=data["target_deg"], weights=data.get("weights"),
+                               class_ids=data.get("class_ids"), num_classes=int(data.get("num_classes", 0)) or None,
+                               normalized=bool(data.get("normalized", False)),
+                               weights_are_points=bool(data.get("weights_are_points", False))))
+    written: list[Path] = []
+    failed: list[str] = []
+    name = root.name
+    if any(p.features is not None for p in panels):
+        _draw(lambda: features_grid_figure(panels, title=f"{name}: features"), root / "features_grid.png",
+              written, failed)
+        _draw(lambda: features_grid_figure(panels, unit=True, title=f"{name}: features on the unit circle / sphere"),
+              root / "features_grid_unit.png", written, failed)
+    _draw(lambda: target_angles_grid_figure(panels, title=f"{name}: target angle at the last epoch"),
+          root / "target_angles.png", written, failed)
+    return written, failed
+
+
+def main(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="marginlab plot", description="Re-render a run's geometry figures from <run>/geometry/, or draw the "
+        "runs under a sweep directory side by side (features_grid.png, target_angles.png).")
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="a run directory or a sweep directory")
+    opts = parser.parse_args(args)
+    failures: list[str] = []
+    for root in opts.dirs:
+        if not root.is_dir():
+            raise DataError(f"{str(root)!r} is not a directory: give a run directory or a sweep directory")
+        runs = find_runs(root)
+        if not runs:
+            raise DataError(f"no run with saved geometry (.hydra/ and geometry/epoch_*.npz) under {str(root)!r}; "
+                            "runs save it at every evaluated epoch")
+        written, failed = plot_run(root) if runs == [root] else plot_sweep(root, runs)
+        what = "run" if runs == [root] else f"sweep of {len(runs)} run(s)"
+        print(f"marginlab plot: {root} ({what}): {len(written)} figure(s) written")
+        for path in written:
+            print(f"  {path}")
+        failures += failed
+    for failure in failures:
+        print(f"marginlab plot: warning: figure not drawn: {failure}", file=sys.stderr)
+    return 1 if failures else 0

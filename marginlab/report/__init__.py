@@ -1,0 +1,70 @@
+"""``marginlab report <sweep dir | run dirs>``: one table of a sweep, a row per setting, beside the paper's numbers.
+
+Each job's overrides (``.hydra/overrides.yaml``) minus the seed define its setting; each metric is the mean
++- sample std over the setting's completed seeds; failed jobs are counted, never averaged. The table is
+printed and written as ``report.md`` and ``report.csv`` (into the sweep dir, or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from marginlab.errors import ConfigError
+from marginlab.report.jobs import Job, find_job_dirs, read_job
+from marginlab.report.paper import PaperValue, check_paper, paper_values
+from marginlab.report.table import Report, build_report
+
+__all__ = ["Job", "PaperValue", "Report", "build_report", "check_paper", "collect", "find_job_dirs", "main",
+           "paper_values", "read_job"]
+
+
+def _started(job: Job) -> tuple:
+    """When the job started (its .hydra/overrides.yaml is written first and never again), then its number."""
+    try:
+        started = (job.path / ".hydra" / "overrides.yaml").stat().st_mtime
+    except OSError:
+        started = float("inf")
+    return (started, job.num if job.num is not None else 1 << 30, str(job.path))
+
+
+def collect(paths: list[str | Path]) -> list[Job]:
+    """The jobs under ``paths``, in the order they ran (several multiruns into one sweep dir included)."""
+    jobs: list[Job] = []
+    for path in paths:
+        jobs += sorted((read_job(d) for d in find_job_dirs([path])), key=_started)
+    return list({j.path: j for j in jobs}.values())
+
+
+def default_out(paths: list[str]) -> Path:
+    """The one directory given, else the deepest directory that holds all of them."""
+    resolved = [Path(p).resolve() for p in paths]
+    return resolved[0] if len(resolved) == 1 else Path(os.path.commonpath(resolved))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="marginlab report",
+        description="Join each job's overrides with its metrics.json into one table: a row per setting "
+                    "(overrides minus seed), mean ± std over seeds, the best row marked, the paper's numbers "
+                    "beside ours when the experiment config has a paper: block.")
+    p.add_argument("paths", nargs="+", help="a sweep directory, or several run/job directories")
+    p.add_argument("--metrics", help="comma-separated metrics.json keys (default: test/acc and any <set>/acc); "
+                                     "the first one picks the best row")
+    p.add_argument("--out", help="directory for report.md and report.csv (default: the sweep directory)")
+    return p
+
+
+def main(args: list[str]) -> int:
+    opts = parser().parse_args(args)
+    jobs = collect(opts.paths)
+    if not jobs:
+        raise ConfigError(f"report: no job directories (with .hydra/) under {', '.join(opts.paths)}")
+    metrics = [m.strip() for m in opts.metrics.split(",") if m.strip()] if opts.metrics else None
+    out = Path(opts.out) if opts.out else default_out(opts.paths)
+    report = build_report(jobs, metrics, root=default_out(opts.paths))
+    md, csv_path = report.write(out)
+    print(report.markdown())
+    print(f"marginlab: report of {len(jobs)} jobs in {len(report.rows)} rows: {md} {csv_path}")
+    return 0

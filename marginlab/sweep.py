@@ -1,0 +1,181 @@
+"""Sweeps (``marginlab train -m``): where each job goes, what a failed job leaves, and the sweep's summary.
+
+* ``outputs/sweeps/<name>/<date_time>/<overrides>/seed=<seed>/``: ``<name>`` is ``name=`` if given, else
+  the experiment's name, else the hparams search's, else ``train`` (resolver ``sweep_name``); ``<overrides>`` is Hydra's
+  ``override_dirname`` without seed and resume, so the seeds of one setting sit side by side
+  (resolver ``job_subdir``).
+* A job that fails (a bad value for one head, divergence, out of memory, or a bug) writes
+  ``{"status": "failed", "error": ...}`` to its ``metrics.json`` and the sweep goes on (``record_failure``,
+  called by ``marginlab.train.run``).
+* ``SweepSummary`` (a Hydra callback, ``hydra.callbacks`` in train.yaml) counts the jobs of the sweep
+  directory when the sweep ends, prints the count and writes ``sweep_summary.json``; the CLI turns
+  ``LAST_SUMMARY`` into its exit code (1 when a job failed).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from marginlab.errors import MarginlabError
+
+SUMMARY_FILE = "sweep_summary.json"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+#: the summary of the last multirun in this process (the CLI reads it for the exit code)
+LAST_SUMMARY: dict | None = None
+
+
+class JobFailed(MarginlabError):
+    """Raised by a failed job under a sweeper other than Hydra's basic one (e.g. Optuna marks the trial failed)."""
+
+
+# ---------------------------------------------------------------- directories
+def _safe_component(text: str) -> str:
+    """One path component: no separators, at most 200 characters (a hash keeps long ones distinct)."""
+    text = text.replace("/", "_").replace("\\", "_") or "_"
+    if len(text) > 200:
+        text = text[:180] + "-" + hashlib.sha1(text.encode()).hexdigest()[:12]
+    return text
+
+
+def sweep_name(*candidates: Any) -> str:
+    """The first set value of ``name=``, the experiment, the hparams search; else ``train``. Cached (use_cache)
+    so every job of a sweep gets the value the sweep's own config resolved, even when a job overrides them."""
+    for value in candidates:
+        if value not in (None, ""):
+            return _safe_component(str(value))
+    return "train"
+
+
+def job_subdir(override_dirname: Any, seed: Any) -> str:
+    """``<overrides without seed>/seed=<seed>``; ``defaults`` when only the seed was overridden."""
+    return f"{_safe_component(str(override_dirname)) if override_dirname else 'defaults'}/seed={seed}"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("sweep_name"):
+        OmegaConf.register_new_resolver("sweep_name", sweep_name, use_cache=True)
+    if not OmegaConf.has_resolver("job_subdir"):
+        OmegaConf.register_new_resolver("job_subdir", job_subdir)
+
+
+register_resolvers()
+
+
+# ---------------------------------------------------------------- failed jobs
+def is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Errors reported as one line (no traceback): the user's input or the machine, not a bug."""
+    return isinstance(err, MarginlabError) or is_out_of_memory(err)
+
+
+def describe(err: BaseException) -> str:
+    """The one-line message for a failed run."""
+    if isinstance(err, MarginlabError):
+        return str(err)
+    first = (str(err).strip().splitlines() or [""])[0]
+    if is_out_of_memory(err):
+        return (f"out of memory ({first}); lower dataset.batch_size, use trainer.precision=bf16, "
+                f"or pick a smaller backbone")
+    return f"{type(err).__name__}: {first}"
+
+
+def record_failure(run_dir: Path, err: BaseException) -> str:
+    """Prints the error, writes the failed ``metrics.json`` (and ``error.txt`` with the traceback of a bug)."""
+    from marginlab.logging.run_log import write_json
+
+    message = describe(err)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"status": "failed", "error": message, "error_type": type(err).__name__, "run_dir": str(run_dir)}
+    if not is_user_error(err):
+        trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        (run_dir / "error.txt").write_text(trace)
+        print(trace, file=sys.stderr, end="")
+        record["traceback"] = str(run_dir / "error.txt")
+    print(f"marginlab: error: {message}", file=sys.stderr)
+    write_json(run_dir / "metrics.json", record)
+    return message
+
+
+def free_memory() -> None:
+    """After a failed job: drop its tensors so the next job of the sweep starts with the memory free."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def failed_job_result(message: str) -> float:
+    """What a failed job returns to its sweeper: NaN for Hydra's basic sweeper (which would otherwise stop
+    the sweep), an exception for the others (Optuna records the trial as failed)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if str(HydraConfig.get().sweeper.get("_target_", BASIC_SWEEPER)) == BASIC_SWEEPER:
+        return float("nan")
+    raise JobFailed(message)
+
+
+# ---------------------------------------------------------------- summary
+def summarize(sweep_dir: Path) -> dict:
+    """Counts the jobs under ``sweep_dir`` by the status in their metrics.json (none = failed)."""
+    from marginlab.report.jobs import find_job_dirs, read_job
+
+    root = sweep_dir.resolve()
+    jobs = [read_job(d) for d in find_job_dirs([sweep_dir])]
+    failed = [j for j in jobs if j.status == "failed"]
+    return {"sweep_dir": str(sweep_dir), "jobs": len(jobs),
+            "completed": sum(j.status == "completed" for j in jobs), "failed": len(failed),
+            "other": sum(j.status not in ("completed", "failed") for j in jobs),
+            "failed_jobs": [{"dir": str(j.path.relative_to(root)) if j.path.is_relative_to(root) else str(j.path),
+                             "overrides": j.overrides, "error": j.error} for j in failed],
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"marginlab: sweep: {summary['jobs']} jobs, {summary['completed']} completed, "
+             f"{summary['failed']} failed" + (f", {summary['other']} stopped or running" if summary["other"] else "")
+             + f"; {summary['sweep_dir']}"]
+    lines += [f"  failed: {job['dir']}: {job['error']}" for job in summary["failed_jobs"]]
+    if summary["jobs"]:
+        lines.append(f"  table: marginlab report {summary['sweep_dir']}")
+    return "\n".join(lines)
+
+
+def exit_code() -> int:
+    """1 when the last multirun of this process left failed jobs, else 0."""
+    return 1 if LAST_SUMMARY and LAST_SUMMARY.get("failed") else 0
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, count the jobs, print the count, write sweep_summary.json."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global LAST_SUMMARY
+        LAST_SUMMARY = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global LAST_SUMMARY
+        from marginlab.logging.run_log import write_json
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        summary = summarize(sweep_dir)
+        write_json(sweep_dir / SUMMARY_FILE, summary)
+        print(format_summary(summary), flush=True)
+        LAST_SUMMARY = summary

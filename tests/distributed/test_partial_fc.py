@@ -1,0 +1,200 @@
+"""Partial FC on 2 CPU processes (gloo): the sharded loss and gradients equal the unsharded head's."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from marginlab.distributed import PartialFC, all_gather_with_grad, build_partial_fc, dist_cross_entropy, shard_range
+from marginlab.errors import ConfigError
+from marginlab.heads.amsoftmax import AMSoftmaxHead
+from marginlab.heads.arcface import ArcFaceHead
+from marginlab.heads.combined import CombinedMarginHead
+from marginlab.heads.curricularface import CurricularFaceHead
+from marginlab.heads.magface import MagFaceHead
+from marginlab.heads.normface import NormFaceHead
+from marginlab.heads.softmax import SoftmaxHead
+from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
+
+WORLD = 2
+DIM = 8
+
+HEADS = {
+    "normface": partial(NormFaceHead, DIM, s=16.0),
+    "amsoftmax": partial(AMSoftmaxHead, DIM, s=30.0, m=0.35),
+    "arcface": partial(ArcFaceHead, DIM, s=64.0, m=0.5),
+    "arcface_straight_through": partial(ArcFaceHead, DIM, s=64.0, m=0.5, mode="straight_through"),
+    "combined": partial(CombinedMarginHead, DIM, s=64.0, m1=1.0, m2=0.3, m3=0.2),
+    "subcenter_arcface": partial(SubCenterArcFaceHead, DIM, s=64.0, m=0.5, k=2),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(fn, *args):
+    """Runs ``fn(rank, *args)`` on WORLD processes with a gloo group on 127.0.0.1; re-raises a worker's failure.
+
+    Forked where the platform can (0.3 s): a spawned child re-imports torch, ~10 s on two busy cores.
+    """
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(fn, free_port(), args), nprocs=WORLD, join=True, start_method=method)
+
+
+def _worker(rank, fn, port, args):
+    torch.set_num_threads(1)  # no intra-op thread pool in a forked child
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_close(actual, expected, tol=1e-6, msg=""):
+    """|actual - expected| <= tol (1 + |expected|) elementwise (torch.testing.assert_close would import
+    torch.distributed.tensor and sympy in each worker once a process group exists: 3.5 s)."""
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = ((actual - expected).abs() / (1 + expected.abs())).max().item()
+    assert err <= tol, f"{msg}: relative error {err:.3g} > {tol:g}"
+
+
+def full_and_local_heads(make_head, num_classes, rank, dtype):
+    """The unsharded head and this rank's shard head with the same weights (rows of the full weight)."""
+    torch.manual_seed(0)
+    full = make_head(num_classes=num_classes).to(dtype)
+    start, end = shard_range(num_classes, rank, WORLD)
+    local = make_head(num_classes=end - start).to(dtype)
+    k = full.weight.shape[0] // num_classes
+    with torch.no_grad():
+        local.weight.copy_(full.weight[start * k:end * k])
+    return full, local, (start, end, k)
+
+
+def global_batch(batch_per_rank, num_classes, dtype, seed=1, label_pool=None):
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(WORLD * batch_per_rank, DIM, generator=gen, dtype=dtype) * 3
+    pool = torch.arange(num_classes) if label_pool is None else torch.tensor(label_pool)
+    labels = pool[torch.randint(len(pool), (WORLD * batch_per_rank,), generator=gen)]
+    return emb, labels
+
+
+def check_equivalence(rank, dtype, tol):
+    num_classes, bpr = 11, 6  # shards of 6 and 5 classes
+    for name, make_head in HEADS.items():
+        full, local, (start, end, k) = full_and_local_heads(make_head, num_classes, rank, dtype)
+        emb, labels = global_batch(bpr, num_classes, dtype)
+        # reference: the unsharded head + F.cross_entropy on the global batch
+        ref_emb = emb.clone().requires_grad_(True)
+        ref_loss = F.cross_entropy(full(ref_emb, labels), labels)
+        ref_loss.backward()
+        # sharded: this rank's embeddings and its weight shard
+        my = slice(rank * bpr, (rank + 1) * bpr)
+        my_emb = emb[my].clone().requires_grad_(True)
+        pfc = PartialFC(local, num_classes, sample_rate=1.0)
+        loss = pfc(my_emb, labels[my])
+        loss.backward()
+        assert loss.dtype == dtype, name
+        assert_close(loss, ref_loss.detach(), tol, f"{name}: loss")
+        assert_close(my_emb.grad, ref_emb.grad[my], tol, f"{name}: grad emb")
+        assert_close(local.weight.grad, full.weight.grad[start * k:end * k], tol, f"{name}: grad weight shard")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_sample_rate_one_equals_the_unsharded_head(dtype, tol):
+    spawn(check_equivalence, dtype, tol)
+
+
+def check_sampling(rank):
+    num_classes, bpr, dtype = 40, 4, torch.float64
+    full, local, (start, end, _) = full_and_local_heads(HEADS["arcface"], num_classes, rank, dtype)
+    # 4 distinct labels per shard at most, fewer than the 5 sampled classes per rank (0.25 * 20)
+    emb, labels = global_batch(bpr, num_classes, dtype, label_pool=[1, 7, 12, 19, 22, 30, 33])
+    my = slice(rank * bpr, (rank + 1) * bpr)
+    my_emb = emb[my].clone().requires_grad_(True)
+    pfc = PartialFC(local, num_classes, sample_rate=0.25, seed=3)
+    loss = pfc(my_emb, labels[my])
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(my_emb.grad).all()
+    sampled = pfc.last_sampled
+    assert sampled.numel() == 5 and torch.equal(sampled, sampled.sort().values)
+    owned = labels[(labels >= start) & (labels < end)] - start
+    assert torch.isin(owned, sampled).all()  # every positive is in the softmax
+    grad_rows = local.weight.grad.abs().sum(1) > 0
+    assert torch.equal(grad_rows.nonzero().squeeze(1), sampled)  # only sampled rows receive gradient
+    # the loss and gradients are those of the unsharded head restricted to the sampled classes of both ranks
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, (sampled + start).tolist())
+    classes = torch.tensor(sorted(c for part in parts for c in part))
+    ref_emb = emb.clone().requires_grad_(True)
+    logits = full(ref_emb, labels)[:, classes]
+    ref_loss = F.cross_entropy(logits, torch.searchsorted(classes, labels))
+    ref_loss.backward()
+    assert_close(loss, ref_loss.detach(), 1e-5)
+    assert_close(my_emb.grad, ref_emb.grad[my], 1e-5)
+    assert_close(local.weight.grad, full.weight.grad[start:end], 1e-5)
+    # with DDP averaging the backbone's gradients, the embeddings' gradient is scaled by the world size
+    my_emb.grad = None
+    PartialFC(local, num_classes, sample_rate=1.0, backbone_grads_averaged=True)(my_emb, labels[my]).backward()
+    my_emb2 = emb[my].clone().requires_grad_(True)
+    PartialFC(local, num_classes, sample_rate=1.0)(my_emb2, labels[my]).backward()
+    assert_close(my_emb.grad, WORLD * my_emb2.grad)
+
+
+def check_memory_and_helpers(rank):
+    num_classes, dim = 1000, 64
+    pfc = build_partial_fc(partial(AMSoftmaxHead, dim), num_classes, sample_rate=0.1)
+    full_bytes = num_classes * dim * 4
+    assert pfc.weight.nbytes == full_bytes // WORLD  # the weight per rank falls as 1/N
+    assert (pfc.class_start, pfc.class_end) == ((0, 500) if rank == 0 else (500, 1000))
+    assert pfc.num_sample == 50
+    # the collectives alone: gather with gradient, distributed cross-entropy
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    gathered = all_gather_with_grad(x)
+    assert gathered[:, 0].tolist() == [1, 1, 2, 2]
+    (gathered.sum(1) * torch.arange(1.0, 5.0)).sum().backward()
+    assert x.grad[:, 0].tolist() == ([2, 4] if rank == 0 else [6, 8])  # summed over the 2 ranks
+    logits = torch.tensor([[1.0, 2.0], [0.5, -1.0]]) + rank  # columns 2r, 2r+1 of a 2 x 4 matrix
+    target = torch.tensor([1, -1]) if rank == 0 else torch.tensor([-1, 0])
+    full_logits = torch.cat([torch.tensor([[1.0, 2.0], [0.5, -1.0]]) + r for r in range(WORLD)], dim=1)
+    expected = F.cross_entropy(full_logits, torch.tensor([1, 2]))
+    assert_close(dist_cross_entropy(logits, target), expected)
+    for head in (CurricularFaceHead(dim, 500), MagFaceHead(dim, 500), SoftmaxHead(dim, 500)):
+        with pytest.raises(ConfigError, match="Partial FC"):
+            PartialFC(head, num_classes)
+    with pytest.raises(ConfigError, match="num_classes=400"):
+        PartialFC(AMSoftmaxHead(dim, 400), num_classes)
+
+
+def test_sampled_negatives_only_sampled_rows_get_gradient():
+    spawn(check_sampling)
+
+
+def test_weight_shard_halves_and_collectives():
+    spawn(check_memory_and_helpers)
+
+
+def test_shard_range_covers_every_class_once():
+    for world in (1, 2, 3, 8):
+        ranges = [shard_range(85_742, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == 85_742
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+    with pytest.raises(ConfigError, match="at least one class"):
+        shard_range(1, 0, 2)
+
+
+def test_needs_an_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    with pytest.raises(ConfigError, match="init_process_group"):
+        PartialFC(AMSoftmaxHead(4, 3), 3)

@@ -1,0 +1,251 @@
+"""The fused logits of fast_cosine.py against the plain formulation: values, exact gradients, blocks,
+in-place edits, autocast, and the lazily computed probe cosines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import marginlab.heads.fast_cosine as fast
+from marginlab.heads.fast_cosine import LazyCosine, fused_linear
+
+
+@pytest.fixture(params=[None, 4], ids=["one-block", "blocks"])
+def blocks(request, monkeypatch):
+    """Runs a test with the backward in one block and in blocks of a few classes."""
+    if request.param is not None:
+        monkeypatch.setattr(fast, "BLOCK_ELEMENTS", request.param * 6)  # batch 6 -> 4 classes a block
+    return request.param
+
+
+def data(b=6, d=5, c=11, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=dtype)
+    w = torch.randn(c, d, generator=g, dtype=dtype)
+    labels = torch.randint(0, c, (b,), generator=g)
+    return x, w, labels
+
+
+def reference(x, w, labels, normalize, s, margin):
+    """The plain formulation: normalize(W) materialised, target replaced out of place."""
+    weight = F.normalize(w) if normalize else w
+    out = F.linear(x, weight)
+    if s is not None:
+        out = out.clamp(-s, s)
+    if labels is None:
+        return out
+    target = out.gather(1, labels.view(-1, 1)).squeeze(1)
+    norms = w[labels].norm(dim=1)
+    return out.scatter(1, labels.view(-1, 1), margin(target, norms).view(-1, 1))
+
+
+def fused(x, w, labels, normalize, s, margin):
+    r = fused_linear(x, w, labels, normalize_weight=normalize, bound=s)
+    if labels is None:
+        return r.logits
+    return r.replace_target(labels, margin(r.target, r.target_norm))
+
+
+def margin(target, norms):  # any smooth function of the target entry and ||W_y||
+    return 0.8 * target - 0.3 * torch.tanh(target) + 0.1 * norms
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_values_and_gradients_match_plain(blocks, normalize, with_labels):
+    x, w, labels = data()
+    labels = labels if with_labels else None
+    s = 4.0 if normalize else None
+    xs = (F.normalize(x) * 4.0) if normalize else x
+    grads = []
+    for fn in (reference, fused):
+        xx, ww = xs.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        logits = fn(xx, ww, labels, normalize, s, margin)
+        loss = F.cross_entropy(logits, labels if labels is not None else torch.zeros(6, dtype=torch.long))
+        loss.backward()
+        grads.append((logits.detach(), xx.grad, ww.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck(blocks, normalize):
+    x, w, labels = data()
+    s = 3.0 if normalize else None
+
+    def fn(x_, w_):
+        return fused(x_, w_, labels, normalize, s, margin)
+
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(True), w.requires_grad_(True)), eps=1e-6, atol=1e-6)
+
+
+def test_float32_gradients_match_plain_at_scale():
+    """Large-ish float32 case against the float64 plain formulation."""
+    x, w, labels = data(b=64, d=32, c=3000, dtype=torch.float32, seed=1)
+    xs = F.normalize(x) * 30.0
+    out = []
+    for fn, dtype in ((reference, torch.float64), (fused, torch.float32)):
+        xx = xs.to(dtype).requires_grad_(True)
+        ww = w.to(dtype).requires_grad_(True)
+        F.cross_entropy(fn(xx, ww, labels, True, 30.0, lambda t, n: t - 10.0), labels).backward()
+        out.append((xx.grad.double(), ww.grad.double()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_undeclared_inplace_edit_uses_the_exact_fallback(blocks):
+    """An in-place edit the Function was not told about: the gradient is still exact."""
+    x, w, labels = data()
+    xs = F.normalize(x) * 2.0
+    grads = []
+    for use_fused in (False, True):
+        xx, ww = xs.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if use_fused:
+            logits = fused_linear(xx, ww, normalize_weight=True, bound=2.0).logits
+        else:
+            logits = F.linear(xx, F.normalize(ww)).clamp(-2.0, 2.0)
+        logits.mul_(1.5).add_(0.25)
+        F.cross_entropy(logits, labels).backward()
+        grads.append((xx.grad, ww.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_edit_after_replacement_uses_the_exact_fallback(blocks, normalize):
+    x, w, labels = data()
+    s = 2.0 if normalize else None
+    xs = F.normalize(x) * 2.0
+    grads = []
+    for fn in (reference, fused):
+        xx, ww = xs.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        logits = fn(xx, ww, labels, normalize, s, margin)
+        if fn is reference:
+            logits = logits.clone()
+        logits.mul_(1.5).add_(0.25)
+        F.cross_entropy(logits, labels).backward()
+        grads.append((xx.grad, ww.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+def test_zero_weight_row_and_zero_feature():
+    x, w, labels = data()
+    w[3] = 0.0
+    x[0] = 0.0
+    labels[1] = 3
+    xs = F.normalize(x) * 2.0
+    grads = []
+    for fn in (reference, fused):
+        xx, ww = xs.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        logits = fn(xx, ww, labels, True, 2.0, lambda t, n: t - 0.5)
+        F.cross_entropy(logits, labels).backward()
+        grads.append((logits.detach(), xx.grad, ww.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+        assert torch.isfinite(b).all()
+
+
+def test_target_is_float64_precise_at_cos_minus_one():
+    """The target entry of an antiparallel pair is -1 to float32 precision (acos-safe)."""
+    torch.manual_seed(0)
+    w = torch.randn(7, 16)
+    labels = torch.tensor([2])
+    x = F.normalize(-3.3 * w[2:3])
+    r = fused_linear(x, w, labels, normalize_weight=True, bound=1.0)
+    assert r.target.item() == -1.0
+
+
+def test_bfloat16_autocast():
+    x, w, labels = data(b=8, d=16, c=40, dtype=torch.float32)
+    xs = (F.normalize(x) * 10.0).requires_grad_(True)
+    w = w.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = fused_linear(xs, w, labels, normalize_weight=True, bound=10.0)
+        logits = r.replace_target(labels, r.target - 3.0)
+        loss = F.cross_entropy(logits, labels)
+    assert logits.dtype == torch.float32 and r.target.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(xs.grad).all() and torch.isfinite(w.grad).all()
+    expected = F.linear(xs.detach(), F.normalize(w.detach()))
+    plain = logits.detach().clone()
+    plain.scatter_(1, labels.view(-1, 1), expected.gather(1, labels.view(-1, 1)))
+    torch.testing.assert_close(plain, expected, atol=0.1, rtol=2e-2)  # bfloat16 matmul
+
+
+def test_lazy_cosine_refuses_edited_logits():
+    logits = torch.randn(3, 4)
+    lazy = LazyCosine(logits, col_scale=0.5)
+    torch.testing.assert_close(lazy.compute(), (logits * 0.5).clamp(-1, 1))
+    logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        lazy.compute()
+
+
+def test_last_cosine_is_computed_once_and_survives_a_weight_update():
+    from marginlab.heads.amsoftmax import AMSoftmaxHead
+
+    head = AMSoftmaxHead(8, 10, s=20.0, m=0.3)
+    x = torch.randn(5, 8)
+    labels = torch.arange(5)
+    expected = F.linear(F.normalize(x), F.normalize(head.weight.detach())).clamp(-1, 1)
+    loss = F.cross_entropy(head(x, labels), labels)
+    loss.backward()
+    with torch.no_grad():
+        head.weight.add_(1.0)  # an optimizer step between the forward and the probe
+    cos = head.last_cosine
+    assert cos is head.last_cosine and not cos.requires_grad
+    torch.testing.assert_close(cos, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("blocks", [None, 4], indirect=True, ids=["one-block", "blocks"])
+def test_rbf_gradient_matches_autograd_including_clamped_entries(blocks):
+    """RBF's fused backward against the same arithmetic in plain autograd, with features within
+    rounding of their prototypes so that some distances come out negative and are clamped."""
+    import math
+
+    from marginlab.heads.rbf import _RBFLogits
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(11, 5, generator=g) * 3.0
+    x = torch.randn(6, 5, generator=g)
+    x[:4] = w[[1, 4, 4, 7]] + 1e-4 * torch.randn(4, 5, generator=g)  # d ~ 1e-8: cancellation
+    labels = torch.tensor([0, 2, 3, 5, 0, 2])  # not the prototypes they sit on: G there is ~1
+    s, gamma = 35.0, 2.0
+    log_s, inv_gamma = math.log(s), 1.0 / gamma
+
+    def reference(x_, w_):
+        x2 = torch.linalg.vecdot(x_, x_)
+        w2 = torch.linalg.vector_norm(w_, dim=1).square()
+        arg = torch.addmm((log_s - w2 * inv_gamma).unsqueeze(0), x_, w_.t(), alpha=2.0 * inv_gamma)
+        return torch.exp((arg - (x2 * inv_gamma).unsqueeze(1)).clamp_max(log_s))
+
+    grads = []
+    for fused_path in (False, True):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if fused_path:
+            out, _, _, _ = _RBFLogits.apply(xx, ww, s, gamma)
+            assert (out == out.max()).sum() > 1, "no entry was clamped: the test lost its point"
+        else:
+            out = reference(xx, ww)
+        F.cross_entropy(out, labels).backward()
+        grads.append((out.detach(), xx.grad, ww.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [0.3, 200.0], ids=["from-logits", "product-kept"])
+def test_rbf_probe_cosines(scale):
+    """RBF's probe cosines come from the logits, or from the kept product where that would lose digits."""
+    from marginlab.heads.rbf import RBFHead
+
+    torch.manual_seed(0)
+    head = RBFHead(8, 10, s=35.0, gamma=16.0)
+    x = torch.randn(12, 8) * scale
+    x[2] = 0.0
+    labels = torch.randint(0, 10, (12,))
+    head(x, labels)
+    assert type(head.__dict__["_last_cosine"]).__name__ == ("LazyCosine" if scale > 1.0 else "_RBFCosine")
+    expected = F.normalize(x.double()) @ F.normalize(head.weight.detach().double()).T
+    torch.testing.assert_close(head.last_cosine.double(), expected, atol=1e-5, rtol=1e-5)

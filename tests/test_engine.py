@@ -1,0 +1,96 @@
+"""The loop: non-finite losses, precision paths, optimizer parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from marginlab.builders import MarginModel
+from marginlab.engine import LoopState, Precision, train_one_epoch
+from marginlab.errors import ConfigError, TrainingError
+from marginlab.heads.softmax import SoftmaxHead
+
+FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false"]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), SoftmaxHead(3, 2), nn.ModuleDict())
+
+
+def batches(nan_at=()):
+    out = []
+    for i in range(6):
+        x = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(i))
+        if i in nan_at:
+            x[0, 0, 0, 0] = float("nan")
+        out.append((x, torch.tensor([0, 1, 0, 1, 1])))
+    return out
+
+
+def run_epoch(model, loader, max_nonfinite=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = LoopState()
+    stats = train_one_epoch(model, loader, opt, sched, Precision(torch.device("cpu"), "32"), state,
+                            grad_clip=None, max_nonfinite=max_nonfinite, channels_last=False, log_every=2)
+    return stats, state
+
+
+def test_nonfinite_loss_skips_the_step_and_is_counted():
+    model = tiny_model()
+    stats, state = run_epoch(model, batches(nan_at=(1, 4)))
+    assert stats["nonfinite_steps"] == 2 and state.nonfinite_total == 2
+    assert state.step == 4  # 6 batches, 2 skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_repeated_nonfinite_losses_stop_with_a_clear_message():
+    model = tiny_model()
+    with pytest.raises(TrainingError, match="3 consecutive non-finite losses"):
+        run_epoch(model, batches(nan_at=(2, 3, 4)))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_diverging_run_fails_cleanly_and_keeps_finite_checkpoint(run_train, capfd, metrics):
+    code, run_dir = run_train("logger=quiet", "trainer.epochs=2", "optim.lr=1e30", "trainer.max_nonfinite_steps=2",
+                              "head=softmax")
+    err = capfd.readouterr().err
+    assert code == 2 and "consecutive non-finite losses" in err and "Traceback" not in err
+    assert metrics[0](run_dir)["status"] == "failed"
+
+
+def test_bf16_autocast_on_cpu_trains(run_train, metrics):
+    code, run_dir = run_train(*FAST, "trainer.precision=bf16", "head=arcface")
+    assert code == 0
+    summary = metrics[0](run_dir)
+    assert summary["precision"] == "bf16" and summary["train/nonfinite_steps"] == 0
+
+
+def test_fp16_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="fp16"):
+        Precision(torch.device("cpu"), "fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "32"])
+def test_cuda_amp_paths(run_train, metrics, precision):
+    code, run_dir = run_train(*FAST, "trainer.device=cuda", f"trainer.precision={precision}", "head=arcface")
+    assert code == 0
+    summary = metrics[0](run_dir)
+    assert summary["device"].startswith("cuda") and summary["precision"] == precision
+
+
+def test_head_weight_decay_is_a_separate_group():
+    from omegaconf import OmegaConf
+
+    from marginlab.builders import build_optimizer
+
+    cfg = OmegaConf.create({"optim": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "weight_decay": 5e-4},
+                            "trainer": {"head_weight_decay": 0.0}})
+    opt = build_optimizer(cfg, tiny_model())
+    assert [g["name"] for g in opt.param_groups] == ["backbone", "head"]
+    assert opt.param_groups[0]["weight_decay"] == 5e-4 and opt.param_groups[1]["weight_decay"] == 0.0

@@ -1,0 +1,78 @@
+"""Figures are pure functions from arrays to a matplotlib Figure; save_png writes a real PNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from marginlab.figures import save_png
+from marginlab.figures.angles import target_angle_figure
+from marginlab.figures.features import features_figure
+from marginlab.figures.grid import RunPanel, features_grid_figure, target_angles_grid_figure
+
+
+def clusters(dim: int, n: int = 200, classes: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(size=(classes, dim))
+    labels = rng.integers(0, classes, n)
+    feats = weights[labels] * rng.uniform(1, 3, (n, 1)) + rng.normal(scale=0.2, size=(n, dim))
+    return feats.astype(np.float32), labels, weights.astype(np.float32)
+
+
+def assert_png(path, min_bytes=1024):
+    assert path.is_file() and path.stat().st_size > min_bytes
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_features_figure_has_the_unit_panel_only_for_normalised_heads(tmp_path, dim, normalized):
+    feats, labels, weights = clusters(dim)
+    fig = features_figure(feats, labels, weights, normalized=normalized, title="t")
+    assert len(fig.axes) == (2 if normalized else 1)
+    rgba = save_png(fig, tmp_path / "f.png")
+    assert rgba.ndim == 3 and rgba.shape[2] == 4
+    assert_png(tmp_path / "f.png")
+
+
+def test_features_figure_draws_rbf_prototypes_and_many_classes(tmp_path):
+    feats, labels, weights = clusters(2, classes=150)
+    save_png(features_figure(feats, labels, weights, weights_are_points=True), tmp_path / "rbf.png")
+    assert_png(tmp_path / "rbf.png")
+
+
+def test_features_figure_refuses_other_dimensions():
+    feats, labels, weights = clusters(5)
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        features_figure(feats, labels, weights)
+
+
+def test_target_angle_figure_first_and_last_epoch(tmp_path):
+    rng = np.random.default_rng(0)
+    first = {"epoch": 1, "target_deg": rng.uniform(40, 120, 300), "other_deg": rng.uniform(60, 120, 300)}
+    last = {"epoch": 30, "target_deg": rng.uniform(0, 30, 300), "other_deg": None}
+    fig = target_angle_figure([first, last])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["epoch 1: target angle", "epoch 1: nearest non-target", "epoch 30: target angle"]
+    save_png(fig, tmp_path / "a.png")
+    assert_png(tmp_path / "a.png")
+
+
+def test_sweep_grids_skip_runs_without_drawable_features(tmp_path):
+    panels = []
+    for i, dim in enumerate([2, 2, 3, 16]):
+        feats, labels, weights = clusters(dim, seed=i)
+        panels.append(RunPanel(title=f"run {i}", features=feats if dim <= 3 else None, labels=labels,
+                               target_deg=np.random.default_rng(i).uniform(0, 90, len(labels)), weights=weights,
+                               normalized=i % 2 == 0))
+    fig = features_grid_figure(panels)
+    assert [ax.get_title() for ax in fig.axes] == ["run 0", "run 1", "run 2"]
+    save_png(fig, tmp_path / "grid.png")
+    save_png(features_grid_figure(panels, unit=True), tmp_path / "grid_unit.png")
+    save_png(target_angles_grid_figure(panels), tmp_path / "angles.png")
+    for name in ("grid.png", "grid_unit.png", "angles.png"):
+        assert_png(tmp_path / name)
+    with pytest.raises(ValueError):
+        features_grid_figure(panels[3:])

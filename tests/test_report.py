@@ -1,0 +1,125 @@
+"""`marginlab report`: a row per setting (overrides minus seed), mean ± std over seeds, failures, paper values."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from marginlab.cli import main
+from marginlab.errors import ConfigError
+from marginlab.report import build_report, check_paper, collect, paper_values
+
+PAPER = {"source": "L-Softmax (Liu et al., ICML 2016)", "table": "CIFAR-10 test error (%)", "metric": "test/acc",
+         "unit": "error_percent", "confidence": "unverified",
+         "results": [{"match": {"head.m": 1}, "value": 9.05},
+                     {"match": {"head.m": 4}, "value": 7.58, "confidence": "cited"}]}
+
+
+def make_job(root: Path, m: float, seed: int, metrics: dict | None, num: int, head: str = "lsoftmax",
+             paper: dict | None = PAPER, extra: tuple[str, ...] = ("trainer.epochs=1",)) -> Path:
+    """A job directory as a sweep leaves it: .hydra/{overrides,config,hydra}.yaml and metrics.json."""
+    job = root / f"head={head},m={m}" / f"seed={seed}"
+    (job / ".hydra").mkdir(parents=True)
+    overrides = [f"head={head}", f"m={m}", f"seed={seed}", *extra]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {"seed": seed, "m": m, "head": {"_target_": "x.LSoftmaxHead", "m": m}, "paper": paper}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    hydra = {"hydra": {"job": {"num": num}, "runtime": {"choices": {"head": head, "regularizer": None,
+                                                                    "hydra/launcher": "basic"}}}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    return job
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "sweep"
+    num = 0
+    for m, accs in ((1, (0.90, 0.92)), (4, (0.925, 0.915, 0.92)), (2, ())):
+        for seed, acc in enumerate(accs):
+            make_job(root, m, seed, {"status": "completed", "test/acc": acc, "test/loss": acc - 0.5, "lfw/acc": 0.9},
+                     num)
+            num += 1
+    make_job(root, 2, 0, {"status": "failed", "error": "m=2 diverged", "error_type": "TrainingError"}, num)
+    make_job(root, 4, 9, None, num + 1)  # a job that died before writing metrics.json
+    return root
+
+
+def test_rows_average_seeds_count_failures_and_mark_the_best(sweep):
+    report = build_report(collect([sweep]))
+    assert report.keys == ["m"] and report.common == {"head": "lsoftmax", "trainer.epochs": "1"}
+    rows = {r.setting["m"]: r for r in report.rows}
+    assert [r.setting["m"] for r in report.rows] == ["1", "4", "2"]  # sweep order (hydra.job.num)
+    assert len(rows["1"].completed) == 2 and rows["1"].stats["test/acc"].mean == pytest.approx(0.91)
+    assert rows["1"].stats["test/acc"].std == pytest.approx(0.0141421, rel=1e-4)  # sample std
+    assert len(rows["4"].completed) == 3 and len(rows["4"].failed) == 1  # the job without metrics.json
+    assert rows["2"].stats["test/acc"] is None and len(rows["2"].failed) == 1
+    assert rows["4"].best and not rows["1"].best
+    assert report.metrics == ["test/acc", "lfw/acc"]  # default: test/acc and every <set>/acc
+
+
+def test_paper_values_sit_beside_ours_with_their_mark(sweep):
+    report = build_report(collect([sweep]))
+    rows = {r.setting["m"]: r for r in report.rows}
+    assert report.paper_labels == ["test err %"]
+    ours = rows["4"].ours["test err %"]
+    assert ours.mean == pytest.approx(8.0) and rows["4"].paper[0].value == 7.58
+    text = report.markdown()
+    assert "7.58 [cited]" in text and "9.05 [unverified]" in text and "+0.42" in text
+    assert "[unverified] not confirmed" in text and "approximate" in text
+    assert rows["2"].paper == []  # no published number for m = 2: the cell stays empty
+
+
+def test_cli_writes_markdown_and_csv_and_prints_the_table(sweep, capsys):
+    assert main(["report", str(sweep), "--metrics", "test/loss,test/acc"]) == 0
+    out = capsys.readouterr().out
+    assert "| best | m" in out and "test/loss" in out and "failed: " in out and "m=2 diverged" in out
+    md = (sweep / "report.md").read_text()
+    assert md.splitlines()[0] == out.splitlines()[0]
+    with open(sweep / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_m = {r["m"]: r for r in rows}
+    assert by_m["1"]["best"] == "1"  # lowest test/loss is best when test/loss comes first
+    assert float(by_m["1"]["test/loss mean"]) == pytest.approx(0.41)
+    assert by_m["2"]["n"] == "0" and by_m["2"]["failed"] == "1" and "diverged" in by_m["2"]["errors"]
+    assert by_m["4"]["paper test err % confidence"] == "cited"
+    assert float(by_m["4"]["diff test err %"]) == pytest.approx(0.42)
+
+
+def test_several_run_dirs_and_out(tmp_path, capsys):
+    a = make_job(tmp_path / "runs", 1, 0, {"status": "completed", "test/acc": 0.5}, 0, head="softmax", paper=None)
+    b = make_job(tmp_path / "runs", 1, 0, {"status": "completed", "test/acc": 0.7}, 0, head="arcface", paper=None)
+    out = tmp_path / "table"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    assert (out / "report.md").is_file() and (out / "report.csv").is_file()
+    text = capsys.readouterr().out
+    assert "| best | head" in text and "arcface" in text and "0.7000" in text
+
+
+def test_no_jobs_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no job directories" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_paper_block_checks_and_matching():
+    check_paper(PAPER)
+    with pytest.raises(ConfigError, match="confidence='maybe'"):
+        check_paper({**PAPER, "confidence": "maybe"})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        check_paper({**PAPER, "reults": []})
+    with pytest.raises(ConfigError, match="value"):
+        check_paper({**PAPER, "results": [{"match": {}, "value": "high"}]})
+    block = {"source": "ArcFace", "table": "CASIA", "unit": "percent", "confidence": "repo",
+             "results": [{"match": {"head": "arcface"}, "metric": "lfw/acc", "value": 99.53},
+                         {"match": {"head": "arcface"}, "metric": "cfp_fp/acc", "value": 95.56},
+                         {"match": {"head": "softmax"}, "metric": "lfw/acc", "value": 99.08}]}
+    check_paper(block)
+    values = paper_values(block, {"head": "arcface"}.get)
+    assert [(v.label, v.value) for v in values] == [("lfw/acc %", 99.53), ("cfp_fp/acc %", 95.56)]
+    assert values[0].convert(0.995) == pytest.approx(99.5)
