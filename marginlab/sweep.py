@@ -8,8 +8,9 @@
   ``{"status": "failed", "error": ...}`` to its ``metrics.json`` and the sweep goes on (``record_failure``,
   called by ``marginlab.train.run``).
 * ``SweepSummary`` (a Hydra callback, ``hydra.callbacks`` in train.yaml) counts the jobs of the sweep
-  directory when the sweep ends, prints the count and writes ``sweep_summary.json``; the CLI turns
-  ``LAST_SUMMARY`` into its exit code (1 when a job failed).
+  directory when the sweep ends (from their metrics.json files, so it works with any launcher; several
+  multiruns sharing one ``hydra.sweep.dir`` are counted together), prints the count and writes
+  ``sweep_summary.json``; the CLI turns ``LAST_SUMMARY`` into its exit code (1 when a job failed).
 """
 
 from __future__ import annotations

@@ -99,8 +99,6 @@ def test_bf16_autocast_on_cpu(initial_model, batches, eager_cpu):
     assert_same_training(train_steps(initial_model, batches, precision="bf16"), eager_cpu, 1e-2, 0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="heads/fast_cosine.py's fused autograd Function does not trace under "
-                   "torch.compile yet (being fixed)")
 def test_compile_wiring_with_aot_eager(initial_model, batches, eager_cpu):
     # dynamo graph capture + AOTAutograd without code generation (seconds, not minutes): the engine runs a
     # torch.compile'd model and the captured graphs compute the eager run's training

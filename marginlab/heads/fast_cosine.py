@@ -24,10 +24,11 @@ would move the angle by up to ~3.5e-4 rad. Their gradient is the same formula as
 
 Margin heads overwrite the target column of the logits in place. The Function therefore also returns
 the B target entries (``target``) and the B target-row norms ``||W_y||`` (``target_norm``) as outputs
-of their own; their gradients are folded into dx and into B rows of dW (``index_add_``), so no head
-builds a dense C x D gradient for ``W[labels]``. The replacement itself (``replace_target``) passes
-the B x C gradient through untouched -- an autograd ``scatter_`` would copy it to zero B entries --
-and the fused backward sets the B target entries of G' to their own gradient before the matmuls.
+of their own; their gradients are folded into the matmuls (normalised: written into G') or into B
+rows of dW, so no head builds a dense C x D gradient for ``W[labels]``. The replacement itself
+(``replace_target``) passes the B x C gradient through untouched (an autograd ``scatter_`` would
+copy it to zero B entries); the fused backward then sets the B target entries of G' to their own
+gradient before the matmuls (unnormalised: adds the difference in B rows).
 
 The clamp to [-bound, bound] (cosines to [-1, 1], or s cos to [-s, s]) only removes rounding; the
 gradient of the target entries is zeroed where they were clamped (as ``clamp``'s is), the other
@@ -51,9 +52,10 @@ NORM_EPS = 1e-12
 BLOCK_ELEMENTS = 1 << 22
 
 
-def class_block(batch: int) -> int:
-    """Classes per block in the blocked backwards (here and in rbf.py)."""
-    return max(1, min(BLOCK_ELEMENTS // max(1, batch), BLOCK_ELEMENTS))
+def class_block(batch: int, elements: int | None = None) -> int:
+    """Classes per block in the blocked backwards (here and in rbf.py): ``elements`` per block."""
+    elements = BLOCK_ELEMENTS if elements is None else elements
+    return max(1, elements // max(1, batch))
 
 
 def _dtypes(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -183,8 +185,8 @@ def _normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact, labe
     """dx, dW of out = x W^T / ||W||, in blocks of classes (see the module doc).
 
     ``g_target`` (B): G' (= G / ||W_y||) to use at the entries (b, y_b) instead of what ``grad_out``
-    holds there, whose value for S is ``raw_target``; both are written into each block through a
-    spare column (entries of other blocks land there), so no B x D row updates are needed.
+    holds there, whose value for S is ``raw_target``; both are written into each block (B entries),
+    so no B x D row updates are needed.
     """
     batch, num_classes = grad_out.shape
     grad_x = torch.zeros(x.shape, dtype=out_dtype, device=x.device)
@@ -192,13 +194,10 @@ def _normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact, labe
     block = class_block(batch)
     for c0 in range(0, num_classes, block):
         c1 = min(c0 + block, num_classes)
-        n, cols = c1 - c0, slice(c0, c1)
-        buf = torch.empty(batch, n + 1, dtype=out_dtype, device=x.device)
-        g = buf[:, :n]
-        torch.mul(grad_out[:, cols], inv[cols], out=g)  # G' = G / ||W||
+        cols, whole = slice(c0, c1), c1 - c0 == num_classes
+        g = torch.mul(grad_out[:, cols], inv[cols])  # G' = G / ||W||
         if labels is not None:
-            col = torch.where((labels >= c0) & (labels < c1), labels - c0, n).unsqueeze(1)
-            buf.scatter_(1, col, g_target.unsqueeze(1))
+            _set_targets(g, labels, c0, c1, g_target, whole)
         gc, dw = g.to(mm_dtype), grad_w[cols]
         if mm_dtype == out_dtype:
             grad_x.addmm_(gc, wc[cols])
@@ -206,16 +205,27 @@ def _normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact, labe
         else:
             grad_x.add_(torch.mm(gc, wc[cols]))
             dw.copy_(torch.mm(gc.t(), xc))
-        if out_intact:  # S_j = sum_b G'_bj out_bj, the target entries at their own value
-            prod = torch.empty_like(buf)
-            torch.mul(g, out[:, cols], out=prod[:, :n])
+        if out_intact:  # S_j = sum_b G'_bj out_bj, the target entries at their own value (G' is done:
+            g.mul_(out[:, cols])  # its memory takes the products)
             if labels is not None:
-                prod.scatter_(1, col, (g_target * raw_target).unsqueeze(1))
-            s = prod[:, :n].sum(dim=0)
+                _set_targets(g, labels, c0, c1, g_target * raw_target, whole)
+            s = g.sum(dim=0)
         else:  # S_j = W_j . (G'^T x)_j / ||W_j||
             s = torch.linalg.vecdot(weight[cols].to(out_dtype), dw).mul_(inv[cols])
         dw.addcmul_(s.mul_(inv[cols]).unsqueeze(1), weight[cols], value=-1.0)
     return grad_x, grad_w
+
+
+def _set_targets(block: Tensor, labels: Tensor, c0: int, c1: int, values: Tensor, whole: bool) -> None:
+    """block[b, y_b - c0] = values[b] for the samples whose class lies in [c0, c1) (all of them when
+    ``whole``), without a host sync: the others rewrite an entry of their row with its own value."""
+    values = values.to(block.dtype)
+    if whole:
+        block.scatter_(1, labels.unsqueeze(1), values.unsqueeze(1))
+        return
+    col = (labels - c0).clamp_(0, c1 - c0 - 1).unsqueeze(1)
+    inside = (labels >= c0) & (labels < c1)
+    block.scatter_(1, col, torch.where(inside, values, block.gather(1, col).squeeze(1)).unsqueeze(1))
 
 
 class _ReplaceTarget(torch.autograd.Function):
@@ -239,6 +249,23 @@ class _ReplaceTarget(torch.autograd.Function):
         return grad, None, grad.gather(1, idx).squeeze(1).to(ctx.value_dtype), None
 
 
+def _plain_linear(x: Tensor, weight: Tensor, labels: Tensor | None, normalize_weight: bool,
+                  bound: float | Tensor | None) -> "FusedLogits":
+    """The same values as ``fused_linear`` from ordinary autograd ops (what torch.compile traces and fuses)."""
+    out = torch.nn.functional.linear(x, weight)
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
+    norms = torch.linalg.vector_norm(weight, dim=1, dtype=out.dtype).clamp_min(NORM_EPS)
+    if normalize_weight:
+        out = out / norms
+    target = target_norm = None
+    if labels is not None:
+        target, target_norm = out.gather(1, labels.view(-1, 1)).squeeze(1), norms[labels]
+    if bound is not None:
+        out = out.clamp(-bound, bound)
+        target = None if target is None else target.clamp(-bound, bound)
+    return FusedLogits(out, target, target_norm, norms.detach(), None)
+
+
 class FusedLogits(NamedTuple):
     """What ``fused_linear`` returns. ``logits`` (B x C) may be edited in place only through
     ``replace_target``; ``target`` (B) are its entries at the labels before any replacement and
@@ -248,15 +275,17 @@ class FusedLogits(NamedTuple):
     target: Tensor | None
     target_norm: Tensor | None
     weight_norms: Tensor
-    handle: _Handle
+    handle: _Handle | None  # None: the plain path of ``_plain_linear``
 
     def replace_target(self, labels: Tensor, target_logit: Tensor) -> Tensor:
         """Writes ``target_logit`` (B) into the target column of ``logits`` in place; returns logits.
 
         ``labels`` must be the labels given to ``fused_linear``. Unlike an autograd ``scatter_``, whose
         backward copies the B x C gradient to zero the B overwritten entries, the gradient passes
-        through as is and the fused backward accounts for those entries (B rows).
+        through as is and the fused backward overrides those B entries.
         """
+        if self.handle is None:  # the plain path (under torch.compile): an ordinary out-of-place scatter
+            return self.logits.scatter(1, labels.long().view(-1, 1), target_logit.view(-1, 1).to(self.logits.dtype))
         if self.handle.replaced:
             raise RuntimeError("replace_target may be called once per forward")
         logits = _ReplaceTarget.apply(self.logits, labels.long(), target_logit, self.handle)
@@ -273,10 +302,13 @@ def fused_linear(x: Tensor, weight: Tensor, labels: Tensor | None = None, *, nor
     caller can compute it more precisely than from ``x`` (e.g. from the un-normalised features);
     by default it is computed in float64 from ``x`` and the target rows of ``weight``.
     """
-    handle = _Handle()
     if labels is not None:
         labels = labels.long()
-    out, target, target_norm, norms = _FusedLinear.apply(x, weight, labels, normalize_weight, bound, target_value, handle)
+    if torch.compiler.is_compiling():  # dynamo cannot trace the fused Function's version bookkeeping
+        return _plain_linear(x, weight, labels, normalize_weight, bound)
+    handle = _Handle()
+    out, target, target_norm, norms = _FusedLinear.apply(x, weight, labels, normalize_weight, bound, target_value,
+                                                         handle)
     if labels is None:
         target = target_norm = None
     return FusedLogits(out, target, target_norm, norms, handle)

@@ -12,11 +12,13 @@ from marginlab.heads.base import MarginHead, at_least_float32, check_float
 from marginlab.heads.fast_cosine import LazyCosine, class_block
 
 
-#: the probe's cosines are recovered from the logits only where that keeps them within ~1e-6 (see
-#: _RBFCosine): norms of features and prototypes within this ratio of each other ...
-_RECOVERY_NORM_RATIO = 8.0
-#: ... and no logit below exp(-this) * s (float32 underflows near exp(-87))
+#: the probe's cosines are recovered from the logits (see _RBFCosine) only where the estimated error
+#: of that stays below this (and no logit underflows); otherwise the product x W^T is kept
+_RECOVERY_TOLERANCE = 5e-6
+#: logits below exp(-this) * s are too close to float32's underflow (exp(-87)) to recover from
 _RECOVERY_MAX_EXPONENT = 80.0
+#: G_a elements per block of classes in the backward (4 MiB in float32): RBF is held to floor-1 memory
+_BLOCK_ELEMENTS = 1 << 20
 
 
 class _RBFLogits(torch.autograd.Function):
@@ -32,9 +34,9 @@ class _RBFLogits(torch.autograd.Function):
     ``clamp`` gives: on the CPU one row-max pass lists them, elsewhere (no host reads on an
     accelerator) a B x C boolean mask is kept.
 
-    The probe's cosines need x.W_j. Where the logits give it back precisely (CPU, norms within
-    ``_RECOVERY_NORM_RATIO``, no underflow: decided from the norms before the product) nothing more
-    is kept; otherwise the product x W^T is kept as it is (B x C), as the unfused code did.
+    The probe's cosines need x.W_j. Where the logits give it back precisely enough (CPU only, decided
+    from the norms before the product: ``_recoverable``) nothing more is kept; otherwise the product
+    x W^T is kept as it is (B x C), as the unfused code did.
     """
 
     @staticmethod
@@ -43,7 +45,7 @@ class _RBFLogits(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = torch.linalg.vecdot(x, x)  # B
             w2 = torch.linalg.vector_norm(w, dim=1).square_()  # C, no C x D temporary
-            on_cpu = x.device.type == "cpu"
+            on_cpu = _host_checks(x)
             keep_product = not (on_cpu and _recoverable(x2, w2, gamma, log_s))
             # RBF-Softmax: logit_j = s exp(-d_j / gamma) = exp(log s - d_j / gamma),
             # d_j = ||x||^2 + ||W_j||^2 - 2 x.W_j
@@ -83,7 +85,7 @@ class _RBFLogits(torch.autograd.Function):
             xk = x * k
             # blocks of classes: G_a never exists in full, each block of dW is still in cache when
             # its colsum(G_a) W term is added
-            block = class_block(x.shape[0])
+            block = class_block(x.shape[0], _BLOCK_ELEMENTS)
             for c0 in range(0, num_classes, block):
                 c1 = min(c0 + block, num_classes)
                 cols = slice(c0, c1)
@@ -102,26 +104,34 @@ class _RBFLogits(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def _host_checks(x: Tensor) -> bool:
+    """Whether decisions may read values back to the host (CPU: free; an accelerator: a sync)."""
+    return x.device.type == "cpu"
+
+
 def _recoverable(x2: Tensor, w2: Tensor, gamma: float, log_s: float) -> bool:
-    """Whether x.W_j can be recovered from the logits to ~1e-6 in the cosine (see _RBFCosine)."""
+    """Whether x.W_j can be recovered from the logits to ``_RECOVERY_TOLERANCE`` in the cosine.
+
+    The recovery adds terms of size gamma/2 |log s| and (||x||^2 + ||W_j||^2) / 2 that cancel, so its
+    error in the cosine is about eps (gamma/2 |log s| + (||x||^2 + ||W_j||^2)/2) / (||x|| ||W_j||); the
+    factor 5 eps (6e-7) bounded it in a sweep over shapes, scales, s and gamma. Zero vectors are exact.
+    """
     nx, nw = x2.sqrt(), w2.sqrt()
     nx_max, nw_max = float(nx.max()), float(nw.max())
     if (nx_max + nw_max) ** 2 / gamma - log_s > _RECOVERY_MAX_EXPONENT:
         return False  # some logit may underflow
-    nx_min = float(nx[nx > 0].min()) if bool((nx > 0).any()) else nx_max
-    nw_min = float(nw[nw > 0].min()) if bool((nw > 0).any()) else nw_max
-    if nx_min == 0 or nw_min == 0:
+    if not (bool((nx > 0).any()) and bool((nw > 0).any())):
         return True  # all-zero features or prototypes: every cosine is 0
-    return max(nx_max / nw_min, nw_max / nx_min) <= _RECOVERY_NORM_RATIO
+    nx_min, nw_min = float(nx[nx > 0].min()), float(nw[nw > 0].min())
+    ratio = max(nx_max / nw_min, nw_max / nx_min)
+    estimate = 6e-7 * (0.5 * gamma * abs(log_s) / (nx_min * nw_min) + 0.5 * (ratio + 1.0 / ratio))
+    return estimate <= _RECOVERY_TOLERANCE
 
 
 class _RBFCosine(LazyCosine):
-    """Probe cosines from the logits: x.W_j = gamma/2 (log(logit_j) - log s) + (||x||^2 + ||W_j||^2) / 2.
-
-    Recovering x.W_j from the distance costs precision where the norms differ: the cosine is good to
-    ~1.2e-7 (r + 1/r) in float32 for a norm ratio r (the matmul itself gives ~1e-7), hence
-    ``_RECOVERY_NORM_RATIO``.
-    """
+    """Probe cosines from the logits: x.W_j = gamma/2 (log(logit_j) - log s) + (||x||^2 + ||W_j||^2) / 2,
+    used where ``_recoverable`` says that is good to ``_RECOVERY_TOLERANCE`` (the matmul's own
+    rounding is ~1e-7)."""
 
     __slots__ = ("gamma", "log_s", "x2", "w2")
 

@@ -15,7 +15,10 @@ from marginlab.heads.fast_cosine import LazyCosine, fused_linear
 def blocks(request, monkeypatch):
     """Runs a test with the backward in one block and in blocks of a few classes."""
     if request.param is not None:
+        import marginlab.heads.rbf as rbf
+
         monkeypatch.setattr(fast, "BLOCK_ELEMENTS", request.param * 6)  # batch 6 -> 4 classes a block
+        monkeypatch.setattr(rbf, "_BLOCK_ELEMENTS", request.param * 6)
     return request.param
 
 
@@ -199,14 +202,17 @@ def test_last_cosine_is_computed_once_and_survives_a_weight_update():
     torch.testing.assert_close(cos, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("host_checks", [True, False], ids=["cpu-path", "accelerator-path"])
 @pytest.mark.parametrize("blocks", [None, 4], indirect=True, ids=["one-block", "blocks"])
-def test_rbf_gradient_matches_autograd_including_clamped_entries(blocks):
+def test_rbf_gradient_matches_autograd_including_clamped_entries(blocks, host_checks, monkeypatch):
     """RBF's fused backward against the same arithmetic in plain autograd, with features within
     rounding of their prototypes so that some distances come out negative and are clamped."""
     import math
 
+    import marginlab.heads.rbf as rbf
     from marginlab.heads.rbf import _RBFLogits
 
+    monkeypatch.setattr(rbf, "_host_checks", lambda x: host_checks)
     g = torch.Generator().manual_seed(5)
     w = torch.randn(11, 5, generator=g) * 3.0
     x = torch.randn(6, 5, generator=g)
@@ -235,17 +241,103 @@ def test_rbf_gradient_matches_autograd_including_clamped_entries(blocks):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("scale", [0.3, 200.0], ids=["from-logits", "product-kept"])
-def test_rbf_probe_cosines(scale):
-    """RBF's probe cosines come from the logits, or from the kept product where that would lose digits."""
+@pytest.mark.parametrize("near", [True, False], ids=["from-logits", "product-kept"])
+def test_rbf_probe_cosines(near):
+    """RBF's probe cosines come from the logits where that is precise (features near prototypes of
+    similar norm), else from the kept product; either way they match float64."""
     from marginlab.heads.rbf import RBFHead
 
     torch.manual_seed(0)
     head = RBFHead(8, 10, s=35.0, gamma=16.0)
-    x = torch.randn(12, 8) * scale
-    x[2] = 0.0
+    with torch.no_grad():
+        head.weight.mul_(10.0)
     labels = torch.randint(0, 10, (12,))
+    x = head.weight.detach()[labels] + 0.3 * torch.randn(12, 8) if near else 200.0 * torch.randn(12, 8)
+    x[2] = 0.0
     head(x, labels)
-    assert type(head.__dict__["_last_cosine"]).__name__ == ("LazyCosine" if scale > 1.0 else "_RBFCosine")
+    assert type(head.__dict__["_last_cosine"]).__name__ == ("_RBFCosine" if near else "LazyCosine")
     expected = F.normalize(x.double()) @ F.normalize(head.weight.detach().double()).T
     torch.testing.assert_close(head.last_cosine.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def _unfused(head_cls):
+    """The head with the plain formulation: normalize(W) materialised, autograd scatter (the generic
+    path of CosineMarginHead.logits, taken when normalized_cosine is overridden)."""
+
+    class Unfused(head_cls):
+        def normalized_cosine(self, embeddings):
+            return F.linear(F.normalize(embeddings), F.normalize(self.weight)).clamp(-1.0, 1.0)
+
+    return Unfused
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("normface", {}), ("normface", {"learnable_scale": True}), ("amsoftmax", {}), ("cosface", {}),
+    ("arcface", {}), ("arcface", {"easy_margin": True}), ("arcface", {"mode": "straight_through"}),
+    ("combined", {}), ("combined", {"m1": 1.35, "m2": 0.0, "m3": 0.0})])
+def test_cosine_heads_match_the_unfused_formulation(blocks, name, kwargs, hh):
+    """Logits and every gradient of the fused cosine heads equal the plain formulation's (float64)."""
+    fused_head = hh.instantiate(name, in_features=5, num_classes=11, **kwargs).double().train()
+    plain_head = _unfused(type(fused_head))(5, 11, **{k: v for k, v in fused_head.__dict__.items()
+                                                      if k in ("s", "m", "m1", "m2", "m3", "easy_margin",
+                                                               "mode", "learnable_scale")}).double().train()
+    plain_head.load_state_dict(fused_head.state_dict())
+    x, _, labels = data(b=6, d=5, c=11)
+    results = []
+    for head in (fused_head, plain_head):
+        xx = x.clone().requires_grad_(True)
+        logits = head(xx, labels)
+        F.cross_entropy(logits, labels).backward()
+        results.append([logits.detach(), xx.grad] + [p.grad for p in head.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def _plain_lsoftmax(head, x, labels):
+    """L-Softmax / SphereFace logits as written before fusing: W[labels] gathered, autograd scatter."""
+    from marginlab.heads.lsoftmax import psi
+
+    weight = F.normalize(head.weight) if head.normalize_weights else head.weight
+    wx = F.linear(x, weight)
+    lam = head.current_lambda().to(wx.dtype)
+    w_y = weight[labels]
+    dot = (x * w_y).sum(dim=1)
+    xw = x.norm(dim=1) * w_y.norm(dim=1)
+    cos = (dot / xw.clamp_min(1e-12)).clamp(-1.0, 1.0)
+    target = (lam * dot + xw * psi(cos, head.m)) / (1.0 + lam)
+    return wx.scatter(1, labels.view(-1, 1), target.view(-1, 1))
+
+
+@pytest.mark.parametrize("name", ["lsoftmax", "sphereface"])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_lsoftmax_heads_match_the_unfused_formulation(name, m, hh):
+    head = hh.instantiate(name, in_features=5, num_classes=11, m=m).double().eval()
+    with torch.no_grad():
+        head.iteration.fill_(3000)  # lambda in the middle of its range
+    x, _, labels = data(b=6, d=5, c=11)
+    results = []
+    for fn in (lambda xx: head(xx, labels), lambda xx: _plain_lsoftmax(head, xx, labels)):
+        head.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        logits = fn(xx)
+        F.cross_entropy(logits, labels).backward()
+        results.append((logits.detach(), xx.grad, head.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_plain_path_used_under_compile_matches_the_fused_values_and_gradients():
+    from marginlab.heads.fast_cosine import _plain_linear, fused_linear
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(6, 5, dtype=torch.float64)).requires_grad_()  # |cos| <= 1
+    w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 3, 6, 2, 2, 5])
+    results = []
+    for make in (fused_linear, lambda *a, **k: _plain_linear(*a, k["normalize_weight"], k["bound"])):
+        fused = make(x, w, labels, normalize_weight=True, bound=1.0)
+        logits = fused.replace_target(labels, fused.target * 0.5)
+        gx, gw = torch.autograd.grad((logits * torch.arange(7.0, dtype=torch.float64)).sum(), (x, w))
+        results.append((logits.detach(), gx, gw))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
