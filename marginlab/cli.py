@@ -27,7 +27,7 @@ commands:
   version   print the version
 
 examples:
-  marginlab train                                   # digits default: no download, ~1 min on 2 CPU cores
+  marginlab train                                   # digits default: no download, ~15 s on 2 CPU cores
   marginlab train head=amsoftmax m=0.35 s=30
   marginlab train dataset=cifar10 backbone=resnet20 head=arcface trainer.epochs=200
   marginlab train resume=latest                     # continue the newest run in its own directory
