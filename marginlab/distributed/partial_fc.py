@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from marginlab.errors import ConfigError
-from marginlab.heads.base import CosineMarginHead, MarginHead, at_least_float32, check_float
+from marginlab.heads.base import CosineMarginHead, at_least_float32, check_float
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -145,7 +145,7 @@ class _FusedLinear(torch.autograd.Function):
         # S_j from the output (B x C) unless it was edited in place by someone other than the head
         out_intact = out._version == ctx.handle.expected_version
         replaced = ctx.handle.replaced
-        batch, num_classes = x.shape[0], weight.shape[0]
+        batch = x.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             if grad_out is None:
                 grad_out = out.new_zeros(out.shape)

@@ -8,7 +8,6 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from marginlab.report.jobs import Job, is_finite_number
 from marginlab.report.paper import CONFIDENCE, PaperValue, paper_values
