@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from marginlab.config.validate import check_target_node
 from marginlab.errors import ConfigError
 
 
@@ -61,6 +62,15 @@ def build_optimizer(cfg: DictConfig, model: MarginModel) -> torch.optim.Optimize
     if cfg.trainer.head_weight_decay is not None:
         groups[1]["weight_decay"] = float(cfg.trainer.head_weight_decay)
     return make([g for g in groups if g["params"]])
+
+
+def build_verifiers(nodes: DictConfig | None) -> dict:
+    """``cfg.verification`` (name -> node) -> name -> VerificationTarget (lazy: nothing is read yet)."""
+    verifiers = {}
+    for name, node in (nodes or {}).items():
+        check_target_node(f"verification.{name}", node)
+        verifiers[name] = _instantiate(node, f"verification.{name}")
+    return verifiers
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

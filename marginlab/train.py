@@ -23,7 +23,7 @@ from marginlab.config.validate import apply_shorthands, validate
 from marginlab.distributed.runtime import DistContext
 from marginlab.engine import LoopState, Precision, evaluate, resolve_device, resolve_precision, train_one_epoch
 from marginlab.errors import ConfigError
-from marginlab.eval.during_training import build_verifiers, run_verifiers
+from marginlab.eval.during_training import run_verifiers
 from marginlab.logging import RunLog
 from marginlab.probe import GeometryProbe
 
@@ -79,7 +79,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     prec = Precision(device, resolve_precision(str(cfg.trainer.precision), device))
     channels_last = bool(cfg.trainer.channels_last) and device.type == "cuda"
 
-    verifiers = build_verifiers(cfg.get("verification"))  # lazy: the sets are read at the first evaluation
+    verifiers = builders.build_verifiers(cfg.get("verification"))  # lazy: sets are read at the first evaluation
     best_key = f"{next(iter(verifiers))}/acc" if verifiers else BEST_METRIC
     data = builders.build_data(cfg)
     data.distribute(dist.rank, dist.world_size)

@@ -6,30 +6,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-
-from marginlab.config.validate import check_target_node
-from marginlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 #: what goes into metrics.jsonl / TensorBoard per set: <name>/<key>
 SCALARS = {"acc": "accuracy", "acc_std": "accuracy_std", "threshold": "threshold", "tar_at_far": "tar_at_far",
            "auc": "auc", "eer": "eer"}
-
-
-def build_verifiers(nodes: DictConfig | dict | None) -> dict:
-    """``cfg.verification`` (name -> node with _target_) -> name -> VerificationTarget."""
-    verifiers = {}
-    for name, node in (nodes or {}).items():
-        check_target_node(f"verification.{name}", node)
-        try:
-            verifiers[name] = instantiate(node)
-        except Exception as exc:
-            cause = exc.__cause__ or exc
-            raise (cause if isinstance(cause, ConfigError) else ConfigError(f"verification.{name}: {cause}")) from None
-    return verifiers
 
 
 def run_verifiers(verifiers: dict, backbone, image_size, device, *, figures_dir: Path | None = None,

@@ -20,7 +20,8 @@ import marginlab.config  # noqa: F401  (resolvers)
 from marginlab.checkpoint import CHECKPOINT_DIR
 from marginlab.engine import resolve_device
 from marginlab.errors import ConfigError
-from marginlab.eval.during_training import build_verifiers, jsonable, run_verifiers
+from marginlab.builders import build_verifiers
+from marginlab.eval.during_training import jsonable, run_verifiers
 
 
 def find_checkpoint(value: str) -> Path:
