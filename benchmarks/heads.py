@@ -49,8 +49,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import hydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+
+from marginlab import builders  # noqa: E402
 
 CONFIGS = ROOT / "marginlab" / "configs" / "head"
 SHAPES = {"small": (256, 2, 10), "medium": (256, 512, 10575), "large": (128, 512, 85742)}
@@ -64,8 +65,8 @@ MEMORY_TARGET = 1.2
 
 
 def build_head(name: str, d: int, c: int):
-    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
-    return hydra.utils.instantiate(cfg, in_features=d, num_classes=c)
+    cfg = OmegaConf.create({"head": OmegaConf.load(CONFIGS / f"{name}.yaml"), "seed": 0})
+    return builders.build_head(cfg, d, c)  # as the trainer builds it
 
 
 class Contender:

@@ -8,7 +8,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from marginlab.config.validate import check_target_node
+from marginlab.config.validate import check_target_node, split_head
+from marginlab.distributed.partial_fc import build_partial_fc, group_rank_and_size
 from marginlab.errors import ConfigError
 
 
@@ -42,12 +43,29 @@ def build_data(cfg: DictConfig):
     return _instantiate(cfg.dataset, "dataset")
 
 
+def build_head(cfg: DictConfig, in_features: int, num_classes: int, *, shard: bool = True) -> nn.Module:
+    """The margin head; with ``head.partial_fc.sample_rate`` set (and ``shard``), this rank's Partial FC shard."""
+    node, sample_rate = split_head(cfg.head)
+
+    def make(num_classes: int) -> nn.Module:
+        return _instantiate(node, "head", in_features=in_features, num_classes=num_classes)
+
+    if sample_rate is None or not shard:
+        return make(num_classes)
+    # the shard's own random init is replaced by rows of a seeded all-classes draw (the same for any number of
+    # ranks) and must not move the global random stream, which would then depend on the number of ranks
+    with torch.random.fork_rng(devices=[]):
+        # under torchrun the backbone is wrapped in DDP (train.py), which averages its gradients over the ranks
+        return build_partial_fc(make, num_classes, sample_rate, seed=cfg.seed, init_seed=cfg.seed,
+                                backbone_grads_averaged=group_rank_and_size()[1] > 1)
+
+
 def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes: int) -> MarginModel:
     backbone = _instantiate(cfg.backbone, "backbone", in_channels=in_channels, image_size=image_size)
     dim = getattr(backbone, "embedding_dim", None)
     if dim is None:
         raise ConfigError(f"backbone {cfg.backbone._target_} must expose `embedding_dim`")
-    head = _instantiate(cfg.head, "head", in_features=dim, num_classes=num_classes)
+    head = build_head(cfg, dim, num_classes)
     regs = nn.ModuleDict({name: _instantiate(node, f"regularizer.{name}", in_features=dim, num_classes=num_classes)
                           for name, node in (cfg.get("regularizer") or {}).items()})
     return MarginModel(backbone, head, regs)

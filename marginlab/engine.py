@@ -70,21 +70,45 @@ def to_device(batch, device: torch.device, channels_last: bool):
     return images, labels
 
 
+def head_returns_loss(model: MarginModel) -> bool:
+    """True for a head that computes the loss itself (Partial FC: no rank holds all the logits)."""
+    return bool(getattr(model.head, "returns_loss", False))
+
+
 def compute_loss(model: MarginModel, embeddings, logits, labels):
-    """Cross-entropy on the head's logits (the same loss code for every head) + regularizers + the head's own term."""
-    loss = F.cross_entropy(logits.float(), labels)
+    """Cross-entropy on the head's logits (the same loss code for every head) + regularizers + the head's own term.
+
+    A head that returns the loss itself (``returns_loss``) hands it over as ``logits``."""
+    loss = logits.float() if head_returns_loss(model) else F.cross_entropy(logits.float(), labels)
     for reg in model.regularizers.values():
         loss = loss + reg(embeddings, labels, logits)
     extra = model.head.extra_loss()
     return loss if extra is None else loss + extra
 
 
+def clip_gradients(model: MarginModel, max_norm: float, dist: DistContext) -> None:
+    """Clips the global gradient norm. With a sharded head the norm sums the squares of every rank's shard, so
+    all ranks scale by the same factor (the backbone's gradients, identical on every rank, count once)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not (dist.enabled and head_returns_loss(model)):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    sharded = {id(p) for p in model.head.parameters()}
+    shard_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in sharded]) ** 2
+    dist.all_reduce_sum(shard_sq)
+    rest = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in sharded])
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, (rest ** 2 + shard_sq).sqrt())
+
+
 def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Precision, state: LoopState, *,
                     grad_clip: float | None, max_nonfinite: int, channels_last: bool, log_every: int,
                     log=None, progress: bool = False, desc: str = "", forward=None,
                     dist: DistContext = DistContext()) -> dict[str, float]:
-    """One pass over ``loader``; with ``dist`` enabled the epoch's loss/accuracy are summed over the ranks."""
+    """One pass over ``loader``; with ``dist`` enabled the epoch's loss/accuracy are summed over the ranks.
+
+    A head that returns the loss (Partial FC) yields no training accuracy: no rank holds all the logits."""
     model.train()
+    classifies = not head_returns_loss(model)
     forward = model if forward is None else forward
     loss_sum = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device, dtype=torch.long)
@@ -111,30 +135,35 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
         prec.scaler.scale(loss).backward()
         if grad_clip:
             prec.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            clip_gradients(model, grad_clip, dist)
         prec.scaler.step(optimizer)
         prec.scaler.update()
         scheduler.step()
         state.step += 1
         loss_sum += loss.detach() * labels.numel()  # accumulated on the device: no sync
-        correct += (logits.detach().argmax(1) == labels).sum()
+        if classifies:
+            correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.numel()
         if state.step % log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
-            step_stats = {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item(),
-                          "lr": optimizer.param_groups[0]["lr"]}
+            step_stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+            if classifies:
+                step_stats["acc"] = (logits.argmax(1) == labels).float().mean().item()
             if model.head.last_cosine is not None:
                 step_stats.update(batch_geometry(embeddings.detach(), model.head.last_cosine, labels, model.head))
             if log is not None:
                 log.scalars(step_stats, state.step, prefix="step/")
-            bar.set_postfix(loss=f"{step_stats['loss']:.3f}", acc=f"{step_stats['acc']:.3f}")
+            bar.set_postfix({k: f"{step_stats[k]:.3f}" for k in ("loss", "acc") if k in step_stats})
     bar.close()
     elapsed = time.perf_counter() - start
     totals = dist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
                                               torch.tensor(float(seen), device=prec.device, dtype=torch.float64)]))
     loss_total, correct_total, seen = totals.tolist()
-    return {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1),
-            "nonfinite_steps": skipped, "images_per_s": seen / max(elapsed, 1e-9),
-            "lr": optimizer.param_groups[0]["lr"]}
+    stats = {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1),
+             "nonfinite_steps": skipped, "images_per_s": seen / max(elapsed, 1e-9),
+             "lr": optimizer.param_groups[0]["lr"]}
+    if not classifies:
+        del stats["acc"]
+    return stats
 
 
 @torch.no_grad()

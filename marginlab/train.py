@@ -18,8 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
 from marginlab import builders, sweep
+from marginlab.builders import MarginModel
 from marginlab.checkpoint import CHECKPOINT_DIR, rng_state, save_atomic, set_rng_state
 from marginlab.config.validate import apply_shorthands, validate
+from marginlab.distributed import sharded_state
+from marginlab.distributed.partial_fc import PartialFC
 from marginlab.distributed.runtime import DistContext
 from marginlab.engine import LoopState, Precision, evaluate, resolve_device, resolve_precision, train_one_epoch
 from marginlab.errors import ConfigError
@@ -39,28 +42,68 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, prec: Precision, state: LoopState, cfg: DictConfig,
-                    data) -> None:
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": prec.scaler.state_dict(), "state": vars(state).copy(), "rng": rng_state(),
-                 "config": OmegaConf.to_container(cfg, resolve=True),
-                 "data": {"in_channels": data.in_channels, "image_size": data.image_size,
-                          "num_classes": data.num_classes}}, path)  # what `marginlab eval` needs to rebuild
+def checkpoint_payload(model_state: dict, optimizer_state: dict, model, scheduler, prec: Precision,
+                       state: LoopState, cfg: DictConfig, data) -> dict:
+    """What ``last.pt``/``best.pt`` hold; model and optimizer state in the unsharded layout (sharded_state.py)."""
+    payload = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+               "scaler": prec.scaler.state_dict(), "state": vars(state).copy(), "rng": rng_state(),
+               "config": OmegaConf.to_container(cfg, resolve=True),
+               "data": {"in_channels": data.in_channels, "image_size": data.image_size,
+                        "num_classes": data.num_classes}}  # what `marginlab eval` needs to rebuild
+    if isinstance(model.head, PartialFC):
+        payload["partial_fc"] = {"step": model.head.step}  # its negatives are drawn per (seed, rank, step)
+    return payload
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, prec: Precision) -> LoopState:
     ckpt = torch.load(path, map_location=prec.device, weights_only=False)
     saved_head = ckpt["config"]["head"]["_target_"]
     try:
-        model.load_state_dict(ckpt["model"])
+        sharded_state.load_model_state_dict(model, ckpt["model"])
     except RuntimeError as exc:
         raise ConfigError(f"resume: {path} does not fit this model (it was trained with {saved_head}): "
                           f"{str(exc).splitlines()[0]}") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
+    sharded_state.load_optimizer_state_dict(optimizer, model, ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     prec.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    return LoopState(**ckpt["state"])
+    state = LoopState(**ckpt["state"])
+    if isinstance(model.head, PartialFC):
+        model.head.step = ckpt.get("partial_fc", {}).get("step", state.step)
+    return state
+
+
+def training_views(cfg: DictConfig, model: MarginModel, dist: DistContext, device: torch.device, num_classes: int,
+                   classifies: bool):
+    """(forward for training, model for evaluation, forward for evaluation).
+
+    Plain heads: the whole model is compiled and/or wrapped in DDP. A Partial FC head synchronises itself and
+    holds a different shard on every rank, so only the backbone is; when there is a validation set
+    (``classifies``) rank 0 evaluates with an unsharded copy of the head, its weights gathered each evaluated
+    epoch (``sync_eval_head``). Face data sets have none: verification needs the backbone alone.
+    """
+    ddp_args = {"device_ids": [device.index] if device.type == "cuda" else None}
+    if not isinstance(model.head, PartialFC):
+        forward = torch.compile(model) if cfg.trainer.compile else model
+        if dist.enabled:  # gradients averaged across ranks; evaluation runs on rank 0 without DDP's collectives
+            return DistributedDataParallel(forward, **ddp_args), model, model
+        return forward, model, forward
+    body = torch.compile(model.backbone) if cfg.trainer.compile else model.backbone
+    forward = MarginModel(DistributedDataParallel(body, **ddp_args) if dist.enabled else body, model.head,
+                          model.regularizers)
+    eval_head = model.head.head  # one rank: its shard is every class
+    if dist.enabled:
+        eval_head = None
+        if classifies and dist.is_main:
+            with torch.random.fork_rng(devices=[]):  # the copy's random init must not shift rank 0's random stream
+                eval_head = builders.build_head(cfg, model.head.head.in_features, num_classes, shard=False).to(device)
+    eval_model = MarginModel(model.backbone, eval_head, model.regularizers)
+    return forward, eval_model, eval_model
+
+
+def sync_eval_head(eval_model: MarginModel, model_state: dict) -> None:
+    """Rank 0's unsharded evaluation head takes the gathered weights of the Partial FC shards."""
+    eval_model.head.load_state_dict({k[len("head."):]: v for k, v in model_state.items() if k.startswith("head.")})
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -87,11 +130,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     model = builders.build_model(cfg, data.in_channels, data.image_size, data.num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    eval_forward = forward = torch.compile(model) if cfg.trainer.compile else model
-    if dist.enabled:  # gradients averaged across ranks; evaluation runs on rank 0 without DDP's collectives
-        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-        eval_forward = model
     train_loader, val_loader = data.loaders(device)
+    sharded = isinstance(model.head, PartialFC) and dist.enabled  # the head's weights differ per rank
+    forward, eval_model, eval_forward = training_views(cfg, model, dist, device, data.num_classes,
+                                                       classifies=val_loader is not None)
     optimizer = builders.build_optimizer(cfg, model)
     scheduler = builders.build_scheduler(cfg, optimizer, len(train_loader))
     state = LoopState()
@@ -114,12 +156,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 log_every=cfg.logger.log_every_n_steps, log=log, progress=progress,
                 desc=f"epoch {epoch + 1}/{epochs}", forward=forward, dist=dist)
             record = {"epoch": epoch + 1, "step": state.step, **{f"train/{k}": v for k, v in train_stats.items()}}
-            if dist.is_main and ((epoch + 1) % cfg.trainer.eval_every_n_epochs == 0 or epoch + 1 == epochs):
+            evaluating = (epoch + 1) % cfg.trainer.eval_every_n_epochs == 0 or epoch + 1 == epochs
+            model_state = optimizer_state = None
+            syncing = evaluating and sharded and val_loader is not None
+            if cfg.trainer.checkpoint or syncing:  # collectives when sharded: every rank calls
+                model_state = sharded_state.model_state_dict(model)  # None off rank 0 when sharded
+                if cfg.trainer.checkpoint:
+                    optimizer_state = sharded_state.optimizer_state_dict(optimizer, model)
+            if dist.is_main and evaluating:
+                if syncing:
+                    sync_eval_head(eval_model, model_state)
                 if val_loader is not None:
-                    test_stats = evaluate(model, val_loader, prec, channels_last=channels_last,
+                    test_stats = evaluate(eval_model, val_loader, prec, channels_last=channels_last,
                                           probe_max_samples=cfg.logger.probe_max_samples, forward=eval_forward,
                                           probe=probe)
-                    test_stats.update(probe.end_epoch(epoch + 1, state.step, model.head))
+                    test_stats.update(probe.end_epoch(epoch + 1, state.step, eval_model.head))
                     record.update({f"test/{k}": v for k, v in test_stats.items()})
                 if verifiers:  # lfw/acc, lfw/auc, ... and figures/roc_<name>.png
                     record.update(run_verifiers(verifiers, model.backbone, data.image_size, device,
@@ -133,9 +184,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if is_best:
                 state.best_metric = record[best_key]
             if cfg.trainer.checkpoint and dist.is_main:
-                save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, prec, state, cfg, data)
+                payload = checkpoint_payload(model_state, optimizer_state, model, scheduler, prec, state, cfg, data)
+                save_atomic(payload, ckpt_dir / "last.pt")
                 if is_best:
-                    save_checkpoint(ckpt_dir / "best.pt", model, optimizer, scheduler, prec, state, cfg, data)
+                    save_atomic(payload, ckpt_dir / "best.pt")
             dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
         if dist.is_main:
             probe.end_run(state.step)  # final features, target-angle distribution, embedding projector

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 RUN = ["logger=quiet", "trainer.epochs=2", "sched=cosine", "head=arcface", "m=0.3"]
@@ -12,11 +13,12 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-def test_resume_continues_exactly(run_train, metrics, outputs_dir, tmp_path, monkeypatch):
-    code, straight = run_train(*RUN)
+@pytest.mark.parametrize("extra", [[], ["head.partial_fc.sample_rate=0.5"]], ids=["plain", "partial_fc"])
+def test_resume_continues_exactly(run_train, metrics, outputs_dir, tmp_path, monkeypatch, extra):
+    code, straight = run_train(*RUN, *extra)
     assert code == 0
     monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-    code, split = run_train(*RUN, "trainer.stop_after_epoch=1")
+    code, split = run_train(*RUN, *extra, "trainer.stop_after_epoch=1")
     split = next((tmp_path / "second" / "runs").iterdir())
     assert code == 0 and metrics[0](split)["status"] == "stopped"
     code, _ = run_train("resume=latest")

@@ -18,6 +18,13 @@ CASES = [
     (["head=arcface", "m=2"], "m=2.0 is not allowed: it must lie in [0, 1.5708]"),
     (["backbone.embedding_dim=-3"], "backbone.embedding_dim=-3 is not allowed"),
     (["resume=/nonexistent/run"], "resume='/nonexistent/run' is not allowed"),
+    (["head.partial_fc.sample_rate=1.5"], "head.partial_fc.sample_rate=1.5 is not allowed: it must lie in (0, 1]"),
+    (["+head.partial_fc.rate=0.5"], "its only key is sample_rate"),
+    (["head=softmax", "+head.partial_fc.sample_rate=0.5"], "Partial FC needs a cosine margin head"),
+    (["head=curricularface", "+head.partial_fc.sample_rate=0.5"], "Partial FC cannot shard CurricularFaceHead"),
+    (["head.partial_fc.sample_rate=0.5", "regularizer=center"], "cannot be combined with head.partial_fc"),
+    (["head=normface", "head.learnable_scale=true", "head.partial_fc.sample_rate=0.5"],
+     "use a fixed s with Partial FC"),
 ]
 
 

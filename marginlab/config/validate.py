@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from marginlab.config.schema import PRECISIONS
+from marginlab.distributed.partial_fc import check_head_class
 from marginlab.errors import ConfigError
 
 #: arguments the builders pass themselves; a config must not set them
@@ -98,6 +99,32 @@ def check_target_node(key: str, node: DictConfig, group: str | None = None) -> N
             raise ConfigError(f"{key}.{k}={value!r} is not allowed: it must be {expected} ({name}.{k})")
 
 
+def split_head(node: DictConfig) -> tuple[DictConfig, float | None]:
+    """The head's own node (without ``partial_fc``) and Partial FC's ``sample_rate`` (None: Partial FC off)."""
+    plain = OmegaConf.masked_copy(node, [k for k in node if k != "partial_fc"])
+    pfc = node.get("partial_fc")
+    rate = pfc.get("sample_rate") if isinstance(pfc, DictConfig) else pfc
+    if isinstance(pfc, DictConfig) and set(pfc) - {"sample_rate"}:
+        raise ConfigError(f"head.partial_fc has keys {sorted(pfc)}: its only key is sample_rate")
+    if rate is None:
+        return plain, None
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+        raise ConfigError(f"head.partial_fc.sample_rate={rate!r} is not allowed: it must lie in (0, 1] "
+                          "(the share of each rank's classes in the softmax; null turns Partial FC off)")
+    return plain, float(rate)
+
+
+def check_partial_fc(cfg: DictConfig) -> None:
+    """Partial FC (``head.partial_fc.sample_rate``) shards a cosine margin head; the loss is computed inside it."""
+    if split_head(cfg.head)[1] is None:
+        return
+    check_head_class(import_target(cfg.head._target_, "head"))
+    if cfg.get("regularizer"):
+        raise ConfigError(f"regularizer={list(cfg.regularizer)} cannot be combined with head.partial_fc: the sharded "
+                          "head computes the loss itself and no rank holds all logits or class centres; "
+                          "drop the regularizer or set head.partial_fc.sample_rate=null")
+
+
 def apply_shorthands(cfg: DictConfig) -> None:
     """Top-level ``m`` / ``s`` set ``head.m`` / ``head.s``; null leaves the head's own default."""
     for short in ("m", "s"):
@@ -132,6 +159,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("backbone", "head", "dataset", "optim", "sched"):
         if cfg.get(key) is None:
             raise ConfigError(f"no {key} selected: choose one with {key}=<name> (see `marginlab train --help`)")
-        check_target_node(key, cfg[key])
+        check_target_node(key, split_head(cfg[key])[0] if key == "head" else cfg[key])
+    check_partial_fc(cfg)
     for name, node in (cfg.get("regularizer") or {}).items():
         check_target_node(f"regularizer.{name}", node, group="regularizer")

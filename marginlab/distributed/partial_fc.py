@@ -14,6 +14,11 @@ built with ``num_classes = end_r - start_r``. Per step every rank
    cosine alone works unchanged (NormFace, AM-Softmax/CosFace, ArcFace, combined, sub-center ArcFace);
 4. returns the softmax cross-entropy of the global batch over all classes of all ranks
    (``dist_cross_entropy``: all-reduced max and sum of exponentials).
+
+Without a process group (a plain single-process run) it is one rank owning every class: the collectives
+are identities and ``sample_rate < 1`` still samples the negatives.
+Checkpoints use the unsharded head's layout (``full_state_dict`` gathers the shards on rank 0,
+``load_full_state_dict`` slices them), so a run resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     start = base * rank + min(rank, extra)
     return start, start + base + int(rank < extra)
+
+
+def group_rank_and_size(group=None) -> tuple[int, int]:
+    """(rank, world size) of ``group``; (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
 
 
 # ---- collectives with gradients -----------------------------------------------------------------------------
@@ -68,11 +80,15 @@ class _AllGather(torch.autograd.Function):
 def all_gather_with_grad(tensor: Tensor, group=None, grad_scale: float = 1.0) -> Tensor:
     """``torch.cat`` of ``tensor`` from every rank (equal shapes), differentiable: the gradient of this rank's
     rows is the sum over ranks of the gradient each computed for them (times ``grad_scale``)."""
+    if group_rank_and_size(group)[1] == 1:
+        return tensor
     return _AllGather.apply(tensor, group, float(grad_scale))
 
 
 @torch.no_grad()
 def all_gather_no_grad(tensor: Tensor, group=None) -> Tensor:
+    if group_rank_and_size(group)[1] == 1:
+        return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts)
@@ -84,18 +100,22 @@ class _DistCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, group) -> Tensor:
+        def all_reduce(tensor, op=dist.ReduceOp.SUM):
+            if group_rank_and_size(group)[1] > 1:
+                dist.all_reduce(tensor, op=op, group=group)
+
         n = logits.shape[0]
         owned = (target >= 0).nonzero().squeeze(1)
         # log-sum-exp over all ranks' columns: global max, then the global sum of exp(logit - max)
         top = logits.detach().amax(dim=1)
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        all_reduce(top, op=dist.ReduceOp.MAX)
         prob = (logits.detach() - top.unsqueeze(1)).exp_()
         total = prob.sum(dim=1)
-        dist.all_reduce(total, group=group)
+        all_reduce(total)
         prob.div_(total.unsqueeze(1))  # softmax over all classes, this rank's columns
         target_logit = torch.zeros(n, dtype=logits.dtype, device=logits.device)
         target_logit[owned] = logits.detach()[owned, target[owned]]
-        dist.all_reduce(target_logit, group=group)  # each sample's target lives on exactly one rank
+        all_reduce(target_logit)  # each sample's target lives on exactly one rank
         ctx.save_for_backward(prob, target, owned)
         ctx.group = group
         # -log softmax_y = log sum_j exp(l_j - max) + max - l_y
@@ -122,15 +142,24 @@ def dist_cross_entropy(logits: Tensor, target: Tensor, group=None) -> Tensor:
 
 
 # ---- the sharded, sampled margin head ----------------------------------------------------------------------
-def check_head(head: nn.Module) -> None:
+def check_head_class(cls: type) -> None:
     """Partial FC needs a head whose margin is ``target_cosine`` on the plain cosines (see module doc)."""
-    name = type(head).__name__
-    if not isinstance(head, CosineMarginHead):
+    name = getattr(cls, "__name__", str(cls))
+    if not (isinstance(cls, type) and issubclass(cls, CosineMarginHead)):
         raise ConfigError(f"Partial FC needs a cosine margin head (normface, amsoftmax/cosface, arcface, combined, "
                           f"subcenter_arcface); {name} is not one")
-    if type(head).target_cosine is CosineMarginHead.target_cosine or type(head).logits is not CosineMarginHead.logits:
+    if cls.target_cosine is CosineMarginHead.target_cosine or cls.logits is not CosineMarginHead.logits:
         raise ConfigError(f"Partial FC cannot shard {name}: its margin is not a transform of the target cosine "
                           "alone (it changes other columns or needs the feature norms); use it without Partial FC")
+
+
+def check_head(head: nn.Module) -> None:
+    check_head_class(type(head))
+    name = type(head).__name__
+    others = sorted(set(head.state_dict()) - {"weight"})
+    if others:  # e.g. a learnable s: its gradient would be this rank's share only
+        raise ConfigError(f"Partial FC shards only the class weights; {name} also holds {', '.join(others)} "
+                          "(a learnable scale?): use a fixed s with Partial FC")
 
 
 class PartialFC(nn.Module):
@@ -141,6 +170,8 @@ class PartialFC(nn.Module):
     ``sample_rate``: the share of this rank's classes in each step's softmax; the positives of the global
     batch are always in it (when they alone exceed the share, only they are). 1.0 is plain model
     parallelism, numerically the unsharded head with ``F.cross_entropy``.
+    ``init_seed``: when given, the shard's rows are re-drawn as rows of one all-classes weight drawn from a
+    generator with this seed, so the starting weights do not depend on the number of ranks.
     ``backbone_grads_averaged``: set it when the backbone is wrapped in DistributedDataParallel, which
     averages the gradients of the ranks; the embeddings' gradient is then multiplied by the world size so
     the averaged gradient is the gradient of the (global-batch) loss (InsightFace does this always).
@@ -150,13 +181,11 @@ class PartialFC(nn.Module):
     returns_loss = True  # the engine must not apply cross-entropy to the output
 
     def __init__(self, head: CosineMarginHead, num_classes: int, sample_rate: float = 1.0, *, group=None,
-                 backbone_grads_averaged: bool = False, seed: int = 0):
+                 backbone_grads_averaged: bool = False, seed: int = 0, init_seed: int | None = None):
         super().__init__()
-        if not dist.is_available() or not dist.is_initialized():
-            raise ConfigError("Partial FC needs torch.distributed: call torch.distributed.init_process_group first")
         check_head(head)
         self.group = group
-        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.rank, self.world_size = group_rank_and_size(group)
         self.num_classes = int(num_classes)
         self.class_start, self.class_end = shard_range(self.num_classes, self.rank, self.world_size)
         self.num_local = self.class_end - self.class_start
@@ -169,13 +198,30 @@ class PartialFC(nn.Module):
         self.grad_scale = float(self.world_size) if backbone_grads_averaged else 1.0
         self.sub_centers = head.weight.shape[0] // head.num_classes  # k rows per class (sub-center ArcFace)
         self.seed = int(seed)
+        self.step = 0  # training forwards so far: the negatives of a step depend on (seed, rank, step) only
         self._generator: torch.Generator | None = None
         self.last_sampled: Tensor | None = None  # the local classes in the last softmax (None: all)
         self.last_cosine = None  # the probe's cosines would be a sampled shard: not offered
+        if init_seed is not None:
+            self.init_weight_(init_seed)
 
     @property
     def weight(self) -> nn.Parameter:
         return self.head.weight
+
+    @torch.no_grad()
+    def init_weight_(self, seed: int, chunk_rows: int = 65_536) -> None:
+        """This rank's rows of an all-classes weight drawn U(-1/sqrt(D), 1/sqrt(D)) (nn.Linear's init, the heads'
+        too) from a generator seeded with ``seed``; drawn in row chunks, so no rank holds the whole matrix."""
+        rows, dim = self.num_classes * self.sub_centers, self.weight.shape[1]
+        first, last = self.class_start * self.sub_centers, self.class_end * self.sub_centers
+        bound = 1.0 / dim ** 0.5
+        gen = torch.Generator().manual_seed(seed)
+        for lo in range(0, last, chunk_rows):  # the rows before this shard are drawn and dropped
+            chunk = torch.empty(min(chunk_rows, rows - lo), dim).uniform_(-bound, bound, generator=gen)
+            keep = slice(max(first, lo), min(last, lo + chunk.shape[0]))
+            if keep.start < keep.stop:
+                self.weight[keep.start - first:keep.stop - first] = chunk[keep.start - lo:keep.stop - lo]
 
     @torch.no_grad()
     def sample(self, positives: Tensor) -> Tensor:
@@ -183,8 +229,10 @@ class PartialFC(nn.Module):
         if self.num_sample <= positives.numel():
             return positives
         device = self.weight.device
-        if self._generator is None or self._generator.device != device:  # per rank, made on the weight's device
-            self._generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.rank)
+        if self._generator is None or self._generator.device != device:  # made on the weight's device
+            self._generator = torch.Generator(device=device)
+        # reseeded every step, so a resumed run draws the negatives the uninterrupted run would have drawn
+        self._generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.step) % 2**63)
         score = torch.rand(self.num_local, device=device, generator=self._generator)
         score[positives] = 2.0  # positives first
         return score.topk(self.num_sample).indices.sort().values
@@ -217,6 +265,7 @@ class PartialFC(nn.Module):
             classes = self.sample(torch.unique(local[owned]))
             local = torch.where(owned, torch.searchsorted(classes, local.clamp(0, self.num_local - 1)), local)
         self.last_sampled = classes
+        self.step += 1
         cos = self.cosines(all_embeddings, classes)
         logits = cos * self.head.s
         rows = owned.nonzero().squeeze(1)
@@ -225,6 +274,50 @@ class PartialFC(nn.Module):
         target = self.head.target_cosine(cos[rows, cols], all_labels[rows] - self.class_start)
         logits.index_put_((rows, cols), (self.head.s * target).to(logits.dtype))  # fresh tensor: autograd-safe
         return dist_cross_entropy(logits, torch.where(owned, local, torch.full_like(local, -1)), self.group)
+
+    def extra_loss(self) -> Tensor | None:
+        return self.head.extra_loss()
+
+    def schedule_values(self) -> dict[str, float]:
+        return self.head.schedule_values()
+
+    # ---- checkpoints in the unsharded layout -----------------------------------------------------------------
+    def _row_counts(self) -> list[int]:
+        return [(end - start) * self.sub_centers
+                for start, end in (shard_range(self.num_classes, r, self.world_size) for r in range(self.world_size))]
+
+    @torch.no_grad()
+    def gather_rows(self, shard: Tensor) -> Tensor | None:
+        """Collective: every rank's rows of a weight-shaped tensor, in class order, on rank 0 (CPU); None elsewhere."""
+        if self.world_size == 1:
+            return shard.detach().cpu().clone()
+        counts = self._row_counts()
+        padded = shard.new_zeros((max(counts), *shard.shape[1:]))  # gather needs equal shapes
+        padded[:shard.shape[0]] = shard
+        parts = [torch.empty_like(padded) for _ in counts] if self.rank == 0 else None
+        dist.gather(padded, parts, dst=0, group=self.group)
+        if self.rank != 0:
+            return None
+        return torch.cat([part[:n] for part, n in zip(parts, counts)]).cpu()
+
+    def shard_rows(self, full: Tensor) -> Tensor:
+        """This rank's rows of a weight-shaped tensor of all classes."""
+        expected = self.num_classes * self.sub_centers
+        if full.shape[0] != expected:
+            raise ConfigError(f"a class weight of {full.shape[0]} rows cannot be sharded for {self.num_classes} "
+                              f"classes ({expected} rows): the checkpoint belongs to another data set")
+        return full[self.class_start * self.sub_centers:self.class_end * self.sub_centers]
+
+    def full_state_dict(self) -> dict | None:
+        """Collective: the unsharded head's state dict on rank 0, None on the other ranks."""
+        weight = self.gather_rows(self.weight)
+        return None if weight is None else {"weight": weight}
+
+    def load_full_state_dict(self, state: dict) -> None:
+        """Loads the unsharded head's state dict (any world size wrote it): this rank keeps its rows."""
+        if "weight" not in state:
+            raise RuntimeError("Error(s) in loading state_dict: missing key head.weight")
+        self.head.load_state_dict({**state, "weight": self.shard_rows(state["weight"])})
 
     def extra_repr(self) -> str:
         return (f"classes [{self.class_start}, {self.class_end}) of {self.num_classes}, rank {self.rank}/"
@@ -237,8 +330,5 @@ def build_partial_fc(make_head, num_classes: int, sample_rate: float = 1.0, **kw
     E.g. ``build_partial_fc(partial(ArcFaceHead, 512, s=64, m=0.5), 85_742, sample_rate=0.1)``; in the
     Hydra flow ``make_head = lambda num_classes: instantiate(cfg.head, in_features=dim, num_classes=num_classes)``.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise ConfigError("Partial FC needs torch.distributed: call torch.distributed.init_process_group first")
-    group = kwargs.get("group")
-    start, end = shard_range(num_classes, dist.get_rank(group), dist.get_world_size(group))
+    start, end = shard_range(num_classes, *group_rank_and_size(kwargs.get("group")))
     return PartialFC(make_head(num_classes=end - start), num_classes, sample_rate, **kwargs)

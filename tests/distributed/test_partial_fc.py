@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from marginlab.distributed import PartialFC, all_gather_with_grad, build_partial_fc, dist_cross_entropy, shard_range
+from marginlab.distributed import sharded_state
 from marginlab.errors import ConfigError
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
@@ -68,11 +69,11 @@ def assert_close(actual, expected, tol=1e-6, msg=""):
     assert err <= tol, f"{msg}: relative error {err:.3g} > {tol:g}"
 
 
-def full_and_local_heads(make_head, num_classes, rank, dtype):
+def full_and_local_heads(make_head, num_classes, rank, dtype, world=WORLD):
     """The unsharded head and this rank's shard head with the same weights (rows of the full weight)."""
     torch.manual_seed(0)
     full = make_head(num_classes=num_classes).to(dtype)
-    start, end = shard_range(num_classes, rank, WORLD)
+    start, end = shard_range(num_classes, rank, world)
     local = make_head(num_classes=end - start).to(dtype)
     k = full.weight.shape[0] // num_classes
     with torch.no_grad():
@@ -193,8 +194,88 @@ def test_shard_range_covers_every_class_once():
         shard_range(1, 0, 2)
 
 
-def test_needs_an_initialised_process_group():
+def test_one_process_without_a_process_group_is_the_unsharded_head():
     if dist.is_initialized():
         pytest.skip("a process group is already initialised")
-    with pytest.raises(ConfigError, match="init_process_group"):
-        PartialFC(AMSoftmaxHead(4, 3), 3)
+    full, local, _ = full_and_local_heads(HEADS["arcface"], 7, rank=0, dtype=torch.float64, world=1)
+    assert local.weight.shape == full.weight.shape  # one rank owns every class
+    emb, labels = global_batch(4, 7, torch.float64)
+    ref_emb, my_emb = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+    ref_loss = F.cross_entropy(full(ref_emb, labels), labels)
+    ref_loss.backward()
+    loss = PartialFC(local, 7)(my_emb, labels)
+    loss.backward()
+    assert_close(loss.detach(), ref_loss.detach(), 1e-10)
+    assert_close(my_emb.grad, ref_emb.grad, 1e-10)
+    assert_close(local.weight.grad, full.weight.grad, 1e-10)
+
+
+def test_negatives_are_a_function_of_seed_rank_and_step():
+    """A resumed run (``step`` restored from the checkpoint) draws the negatives the straight run drew."""
+    pfc = PartialFC(AMSoftmaxHead(4, 100), 100, sample_rate=0.1, seed=5)
+    positives = torch.tensor([3, 50])
+    draws = []
+    for _ in range(3):
+        draws.append(pfc.sample(positives))
+        pfc.step += 1
+    assert not torch.equal(draws[0], draws[1])  # a new share of negatives every step
+    again = PartialFC(AMSoftmaxHead(4, 100), 100, sample_rate=0.1, seed=5)
+    again.step = 2
+    assert torch.equal(again.sample(positives), draws[2])
+    assert all(torch.isin(positives, d).all() and d.numel() == 10 for d in draws)
+
+
+def check_state_and_init(rank):
+    """Checkpoint state in the unsharded layout: gathered on rank 0, sliced back on load; world-independent init."""
+    num_classes, dim, k = 11, 5, 2
+    make = partial(SubCenterArcFaceHead, dim, s=16.0, m=0.2, k=k)
+    pfc = build_partial_fc(make, num_classes, init_seed=7)
+    pfc.init_weight_(7, chunk_rows=3)  # chunked drawing gives the same rows as one draw
+    bound = dim ** -0.5
+    expected = torch.empty(num_classes * k, dim).uniform_(-bound, bound, generator=torch.Generator().manual_seed(7))
+    assert_close(pfc.weight.detach(), expected[pfc.class_start * k:pfc.class_end * k], 0.0)
+    model = torch.nn.Module()
+    model.backbone, model.head = torch.nn.Linear(3, dim), pfc
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(rank)
+    pfc(model.backbone(torch.randn(6, 3, generator=gen)), torch.randint(num_classes, (6,), generator=gen)).backward()
+    opt.step()
+    model_state = sharded_state.model_state_dict(model)
+    optim_state = sharded_state.optimizer_state_dict(opt, model)
+    shards = [None] * WORLD
+    dist.all_gather_object(shards, (pfc.weight.detach().clone(), opt.state[pfc.weight]["momentum_buffer"].clone()))
+    if rank == 0:
+        assert sorted(model_state) == ["backbone.bias", "backbone.weight", "head.weight"]
+        assert_close(model_state["head.weight"], torch.cat([w for w, _ in shards]), 0.0)
+        assert_close(optim_state["state"][2]["momentum_buffer"], torch.cat([m for _, m in shards]), 0.0)
+    else:
+        assert model_state is None and optim_state is None
+    box = [(model_state, optim_state)]
+    dist.broadcast_object_list(box, src=0)
+    # a fresh model of this world size loads the unsharded state: each rank gets its own rows back
+    fresh = torch.nn.Module()
+    fresh.backbone, fresh.head = torch.nn.Linear(3, dim), build_partial_fc(make, num_classes)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    sharded_state.load_model_state_dict(fresh, box[0][0])
+    sharded_state.load_optimizer_state_dict(fresh_opt, fresh, box[0][1])
+    assert_close(fresh.head.weight.detach(), pfc.weight.detach(), 0.0)
+    assert_close(fresh_opt.state[fresh.head.weight]["momentum_buffer"], opt.state[pfc.weight]["momentum_buffer"], 0.0)
+    with pytest.raises(ConfigError, match="another data set"):
+        fresh.head.load_full_state_dict({"weight": torch.zeros(4, dim)})
+
+
+def test_checkpoint_state_is_unsharded_and_init_independent_of_world_size():
+    spawn(check_state_and_init)
+
+
+def test_unsharded_state_loads_into_one_process():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    model = torch.nn.Module()
+    model.backbone, model.head = torch.nn.Linear(3, 4), PartialFC(AMSoftmaxHead(4, 6), 6)
+    state = {"backbone.weight": torch.ones(4, 3), "backbone.bias": torch.zeros(4), "head.weight": torch.eye(6, 4)}
+    sharded_state.load_model_state_dict(model, state)
+    assert torch.equal(model.head.weight.detach(), torch.eye(6, 4))
+    assert sharded_state.model_state_dict(model).keys() == state.keys()
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        sharded_state.load_model_state_dict(model, {**state, "extra": torch.zeros(1)})

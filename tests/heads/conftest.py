@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import hydra
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import marginlab
+from marginlab.builders import build_head
 
 HEAD_CONFIGS = Path(marginlab.__file__).parent / "configs" / "head"
 
@@ -112,7 +112,7 @@ def instantiate(name: str, in_features: int = 8, num_classes: int = 10, **overri
     cfg = OmegaConf.load(HEAD_CONFIGS / f"{name}.yaml")
     for key, value in overrides.items():
         cfg[key] = value
-    return hydra.utils.instantiate(cfg, in_features=in_features, num_classes=num_classes)
+    return build_head(OmegaConf.create({"head": cfg, "seed": 0}), in_features, num_classes)
 
 
 def copy_weights(src, dst):
