@@ -132,6 +132,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader = data.loaders(device)
     sharded = isinstance(model.head, PartialFC) and dist.enabled  # the head's weights differ per rank
+    if sharded and prec.name == "fp16":  # GradScaler would decide to skip a step per rank, from its own shard
+        raise ConfigError("trainer.precision='fp16' is not allowed with head.partial_fc on several processes: "
+                          "use trainer.precision=bf16 (no loss scaling) or 32")
     forward, eval_model, eval_forward = training_views(cfg, model, dist, device, data.num_classes,
                                                        classifies=val_loader is not None)
     optimizer = builders.build_optimizer(cfg, model)

@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from marginlab.cli import main
 from marginlab.data.face.recordio import write_face_records
@@ -49,6 +50,26 @@ def test_train_on_casia_records_with_lfw_verification_then_eval(face_data, run_t
     assert result["lfw/acc"] == pytest.approx(rows[-1]["lfw/acc"])  # same weights, same protocol
     assert set(result["results"]["lfw"]) >= {"accuracy", "tpr", "fpr", "auc"}
     assert "lfw: acc" in capsys.readouterr().out
+
+
+def test_partial_fc_on_two_processes_then_eval(face_data, torchrun, tmp_path, capsys):
+    """The face path under torchrun with a sharded head: no validation split, so no rank builds a full head;
+    rank 0 verifies with the backbone and saves the gathered, unsharded head."""
+    casia, lfw = face_data
+    out = tmp_path / "pfc"
+    torchrun.launch(2, out, "dataset=casia", f"dataset.root={casia}", "dataset.batch_size=8", "dataset.num_workers=0",
+                    "verification=[lfw]", f"verification.lfw.path={lfw}", "verification.lfw.batch_size=16",
+                    "backbone=sfnet4", "head=arcface", "head.partial_fc.sample_rate=0.5", "logger=quiet",
+                    "trainer.epochs=1")
+    (record,) = torchrun.epochs(out)
+    assert np.isfinite(record["train/loss"]) and np.isfinite(record["lfw/acc"])
+    (run_dir,) = list((out / "runs").iterdir())
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["model"]["head.weight"].shape[0] == IDENTITIES  # both ranks' classes
+    assert main(["eval", f"checkpoint={run_dir}", "verification=[lfw]", f"verification.lfw.path={lfw}"]) == 0
+    result = json.loads((run_dir / "checkpoints" / "best.eval.json").read_text())
+    assert result["lfw/acc"] == pytest.approx(record["lfw/acc"])
+    capsys.readouterr()
 
 
 def test_eval_without_checkpoint_is_a_clear_error(capfd):
