@@ -14,7 +14,7 @@ from tqdm import tqdm
 from marginlab.builders import MarginModel
 from marginlab.distributed.runtime import DistContext
 from marginlab.errors import ConfigError, TrainingError
-from marginlab.geometry import GeometryMeter, batch_geometry, weight_stats
+from marginlab.geometry import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -184,11 +184,15 @@ def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
-        if meter.n < probe_max_samples and model.head.last_cosine is not None:
+        cos = model.head.last_cosine
+        if cos is not None and meter.n < probe_max_samples:
             keep = min(labels.numel(), probe_max_samples - meter.n)
-            meter.update(embeddings[:keep], model.head.last_cosine[:keep], labels[:keep], model.head)
-        if probe is not None and probe.wants_more and model.head.last_cosine is not None:
-            probe.collect(embeddings, model.head.last_cosine, labels, logits.argmax(1), images)
+            cos, labels_kept = cos[:keep], labels[:keep]
+            nearest = target_and_nearest_other(cos.float(), labels_kept)  # once, for the meter and the probe
+            meter.update(embeddings[:keep], cos, labels_kept, model.head, nearest=nearest)
+            if probe is not None and probe.wants_more:
+                probe.collect(embeddings[:keep], cos, labels_kept, logits[:keep].argmax(1), images[:keep],
+                              nearest=nearest)
     stats = {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
     stats.update(meter.compute())
     stats.update(weight_stats(model.head.weight))

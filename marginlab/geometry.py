@@ -38,10 +38,12 @@ class GeometryMeter:
         self.violations = 0
 
     @torch.no_grad()
-    def update(self, features: Tensor, cos: Tensor, labels: Tensor, head) -> None:
-        features, cos = features.float(), cos.float()
+    def update(self, features: Tensor, cos: Tensor, labels: Tensor, head,
+               nearest: tuple[Tensor, Tensor] | None = None) -> None:
+        """``nearest``: ``target_and_nearest_other(cos, labels)`` when the caller has it already."""
+        features = features.float()
         norms = features.norm(dim=1)
-        target, other = target_and_nearest_other(cos, labels)
+        target, other = target_and_nearest_other(cos.float(), labels) if nearest is None else nearest
         self.n += labels.numel()
         self.norm_sum += norms.sum().item()
         self.norm_sq += (norms * norms).sum().item()
@@ -169,10 +171,11 @@ def class_angle_stats(features: Tensor, labels: Tensor, max_classes: int = 2048)
 
 
 @torch.no_grad()
-def sample_angles(cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def sample_angles(cos: Tensor, labels: Tensor, nearest: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Per-sample target angle theta_y and nearest non-target angle min_{j != y} theta_j, in degrees (B each).
 
-    acos is taken of two B-vectors only, never of the B x C matrix.
+    acos is taken of two B-vectors only, never of the B x C matrix. ``nearest``: the cosines
+    ``target_and_nearest_other(cos, labels)`` when the caller has them already.
     """
-    target, other = target_and_nearest_other(cos.float(), labels)
+    target, other = target_and_nearest_other(cos.float(), labels) if nearest is None else nearest
     return torch.acos(target.clamp(-1, 1)) * RAD2DEG, torch.acos(other.clamp(-1, 1)) * RAD2DEG

@@ -135,14 +135,18 @@ class GeometryProbe:
     # ---- during evaluate ------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, features: Tensor, cos: Tensor, labels: Tensor, predictions: Tensor,
-                images: Tensor | None = None) -> None:
-        """Keeps up to ``max_samples`` samples: features, target / nearest non-target angles, predictions."""
+                images: Tensor | None = None, nearest: tuple[Tensor, Tensor] | None = None) -> None:
+        """Keeps up to ``max_samples`` samples: features, target / nearest non-target angles, predictions.
+
+        ``nearest``: ``geometry.target_and_nearest_other(cos, labels)`` when the caller has it already."""
         start = time.perf_counter()
         keep = min(labels.numel(), self.max_samples - self.n)
         if keep <= 0:
             return
         labels = labels[:keep]
-        target, other = sample_angles(cos[:keep], labels)
+        if nearest is not None:
+            nearest = (nearest[0][:keep], nearest[1][:keep])
+        target, other = sample_angles(cos[:keep], labels, nearest)
         for key, value in (("features", features[:keep].float()), ("labels", labels), ("target", target),
                            ("other", other), ("pred", predictions[:keep])):
             self.parts[key].append(value.detach().cpu())
