@@ -111,10 +111,12 @@ class _FusedLinear(torch.autograd.Function):
                 # acos of them, whose slope is unbounded at +-1, so rounding there would move the angle
                 if target_value is None:
                     hi = _precise_dtype(x)
-                    w_y = weight[labels].to(hi)
-                    target_value = torch.linalg.vecdot(x.to(hi), w_y)
+                    w_y = weight[labels]
+                    # products of float32 entries are exact in float64: x is widened once (a copy, as
+                    # it is multiplied in place), W_y element by element inside the product
+                    target_value = x.to(hi, copy=True).mul_(w_y).sum(dim=1)
                     if normalize:
-                        target_value = target_value / torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS)
+                        target_value = target_value / torch.linalg.vector_norm(w_y.to(hi), dim=1).clamp_min(NORM_EPS)
                 raw_target = target_value.to(out_dtype)  # before the clamp
                 target_norm = norms[labels]
             else:
@@ -160,6 +162,7 @@ class _FusedLinear(torch.autograd.Function):
                     gt = gt * target_kept
                 if not replaced:
                     gt = gt + g_by
+            w_y = rows = None  # updates of the B rows W_y of dW, summed first: one gather, one scatter-add
             if ctx.normalize:
                 grad_x, grad_w = _normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact,
                                                       labels if targets else None,
@@ -171,12 +174,16 @@ class _FusedLinear(torch.autograd.Function):
                 grad_w = torch.mm(gc.t(), xc).to(out_dtype)
                 if targets:  # the entries' gradient is gt, the matmuls passed G_by: add the difference
                     corr = (gt - g_by).unsqueeze(1)
-                    grad_x.addcmul_(corr, weight[labels].to(out_dtype))
-                    grad_w.index_put_((labels,), corr * x.to(out_dtype), accumulate=True)
+                    w_y = weight[labels].to(out_dtype)
+                    grad_x.addcmul_(corr, w_y)
+                    rows = corr * x.to(out_dtype)
             if ctx.has_labels and labels.numel() and grad_target_norm is not None:
                 # d||W_y|| / dW_y = W_y / ||W_y|| (0 at W_y = 0): B rows
-                coef = grad_target_norm.to(out_dtype) / norms[labels].clamp_min(NORM_EPS)
-                grad_w.index_put_((labels,), coef.unsqueeze(1) * weight[labels].to(out_dtype), accumulate=True)
+                coef = (grad_target_norm.to(out_dtype) / norms[labels].clamp_min(NORM_EPS)).unsqueeze(1)
+                w_y = weight[labels].to(out_dtype) if w_y is None else w_y
+                rows = coef * w_y if rows is None else rows.addcmul_(coef, w_y)
+            if rows is not None:
+                grad_w.index_put_((labels,), rows, accumulate=True)
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None, None, None
 
 

@@ -15,56 +15,72 @@ from marginlab.heads.fast_cosine import LazyCosine, class_block
 #: the probe's cosines are recovered from the logits (see _RBFCosine) only where the estimated error
 #: of that stays below this (and no logit underflows); otherwise the product x W^T is kept
 _RECOVERY_TOLERANCE = 5e-6
-#: logits below exp(-this) * s are too close to float32's underflow (exp(-87)) to recover from
-_RECOVERY_MAX_EXPONENT = 80.0
+#: exponents are kept within +-this, clear of float32's range (exp(+-87)): the factored logits need
+#: exp(t_j) and exp(-||x||^2 / gamma) finite and normal; recovery needs no logit below exp(-this)
+_MAX_EXPONENT = 80.0
+#: entries with t_j - ||x||^2 / gamma within this of log s (d_j / gamma < this: x on a prototype) take
+#: their factored logits from the exponent instead, where the clamp at d_j = 0 is decided
+_NEAR = 1e-3
 #: G_a elements per block of classes in the backward (4 MiB in float32): RBF is held to floor-1 memory
 _BLOCK_ELEMENTS = 1 << 20
 
 
 class _RBFLogits(torch.autograd.Function):
-    """``s exp(min(log s - d / gamma, log s))`` with ``d = ||x||^2 + ||W_j||^2 - 2 x.W_j``, fused.
+    """``s exp(-d_j / gamma)`` with ``d_j = ||x||^2 + ||W_j||^2 - 2 x.W_j`` (clamped at 0), fused.
 
-    Forward: one ``addmm`` (the C-vector term rides along as its bias), then in place: the B-vector
-    term, the clamp and the ``exp`` (so the logits reuse the product's memory). Backward, with
-    ``G_a = G * out`` (zero where clamped) and ``k = 2 / gamma``: ``dx = k (G_a W - rowsum(G_a) x)``,
-    ``dW = k (G_a^T x - colsum(G_a) W)``: two matmuls and one C x D pass, block by block over the
-    classes, no B x C x D tensor.
+    Forward: one ``addmm`` gives ``t_j = log s + (2 x.W_j - ||W_j||^2) / gamma`` (the C-vector term
+    rides along as its bias), then in place ``exp`` and, per row, the factor ``exp(-||x||^2 / gamma)``
+    (so the logits reuse the product's memory). Kept out of the exponent, the row term leaves t_j, and
+    so x.W_j, readable from the logits to a few roundings (the probe needs nothing else): added to the
+    exponent first, ``||x||^2 / gamma`` (often tens) would cost every entry a rounding of its own size.
+    Where those factors would leave float32's range (``_factorable``) or no host checks are possible
+    (an accelerator), the row term goes into the exponent instead.
+
+    Backward, with ``G_a = G * out`` (zero where clamped) and ``k = 2 / gamma``:
+    ``dx = k (G_a W - rowsum(G_a) x)``, ``dW = k (G_a^T x - colsum(G_a) W)``: two matmuls and one
+    C x D pass, block by block over the classes, no B x C x D tensor.
 
     Clamped entries (d computed <= 0: x within rounding of a prototype, rare) get no gradient, as
-    ``clamp`` gives: on the CPU one row-max pass lists them, elsewhere (no host reads on an
-    accelerator) a B x C boolean mask is kept.
+    ``clamp`` gives. The decision is the exponent's, ``t_j - ||x||^2 / gamma >= log s``, in either
+    form: factored, the few entries near it (found from one row-max pass) take their logits from the
+    exponent too, so both forms clamp the same entries. On the CPU the clamped entries are listed;
+    elsewhere (no host reads on an accelerator) a B x C boolean mask is kept.
 
-    The probe's cosines need x.W_j. Where the logits give it back precisely enough (CPU only, decided
-    from the norms before the product: ``_recoverable``) nothing more is kept; otherwise the product
-    x W^T is kept as it is (B x C), as the unfused code did.
+    The probe's cosines need x.W_j. Where the logits give it back precisely enough (factored logits,
+    decided from the norms before the product: ``_recoverable``) nothing more is kept; otherwise the
+    product x W^T is kept as it is (B x C), as the unfused code did.
     """
 
     @staticmethod
     def forward(ctx, x, w, s, gamma):
         log_s, inv_gamma = math.log(s), 1.0 / gamma
+        on_cpu = _host_checks(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = torch.linalg.vecdot(x, x)  # B
             w2 = torch.linalg.vector_norm(w, dim=1).square_()  # C, no C x D temporary
-            on_cpu = _host_checks(x)
-            keep_product = not (on_cpu and _recoverable(x2, w2, gamma, log_s))
-            # RBF-Softmax: logit_j = s exp(-d_j / gamma) = exp(log s - d_j / gamma),
-            # d_j = ||x||^2 + ||W_j||^2 - 2 x.W_j
+            rows = x2 * inv_gamma  # ||x||^2 / gamma
+            factored = on_cpu and _factorable(rows, log_s)
+            keep_product = not (factored and _recoverable(x2, w2, gamma, log_s))
+            # RBF-Softmax: logit_j = s exp(-d_j / gamma), d_j = ||x||^2 + ||W_j||^2 - 2 x.W_j,
+            # = exp(t_j) exp(-||x||^2 / gamma),  t_j = log s + (2 x.W_j - ||W_j||^2) / gamma
             bias = (log_s - w2 * inv_gamma).unsqueeze(0)
             if keep_product:
                 product = torch.mm(x, w.t())
-                arg = torch.add(bias, product, alpha=2.0 * inv_gamma)
+                t = torch.add(bias, product, alpha=2.0 * inv_gamma)
             else:
                 product = x.new_zeros(0)
-                arg = torch.addmm(bias, x, w.t(), alpha=2.0 * inv_gamma)
-            arg.sub_((x2 * inv_gamma).unsqueeze(1)).clamp_max_(log_s)  # clamp: d_j >= 0
-            if on_cpu:
-                rows = (arg.amax(dim=1) >= log_s).nonzero().squeeze(1)
-                clamped = (arg[rows] >= log_s).nonzero()  # K x 2: (index into rows, class)
-                clamped[:, 0] = rows[clamped[:, 0]]
-            else:
-                clamped = arg >= log_s  # B x C bool
-            out = arg.exp_()
-        ctx.save_for_backward(x, w, out, clamped)
+                t = torch.addmm(bias, x, w.t(), alpha=2.0 * inv_gamma)
+            if factored:
+                near = _at_least(t, rows + (log_s - _NEAR), on_cpu)  # K x 2, K ~ 0
+                arg = t[near[:, 0], near[:, 1]] - rows[near[:, 0]]  # log s - d_j / gamma, as below
+                hit = near[arg >= log_s]
+                out = t.exp_().mul_(_row_factor(x2, inv_gamma).unsqueeze(1))
+                out[near[:, 0], near[:, 1]] = arg.clamp_max_(log_s).exp_()
+            else:  # log s - d_j / gamma in the exponent
+                arg = t.sub_(rows.unsqueeze(1)).clamp_max_(log_s)  # clamp: d_j >= 0
+                hit = _at_least(arg, log_s, on_cpu)
+                out = arg.exp_()
+        ctx.save_for_backward(x, w, out, hit)
         ctx.k = 2.0 * inv_gamma
         ctx.mark_non_differentiable(product, x2, w2)
         ctx.set_materialize_grads(False)
@@ -73,33 +89,35 @@ class _RBFLogits(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_product, _grad_x2, _grad_w2):
-        x, w, out, clamped = ctx.saved_tensors
-        k = ctx.k
-        num_classes = w.shape[0]
         if grad_out is None:
             return None, None, None, None
+        x, w, out, hit = ctx.saved_tensors
+        k = ctx.k
+        batch, num_classes = out.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
             grad_x = torch.zeros_like(x)
-            row_sum = x.new_zeros(x.shape[0], 1)
+            row_sum = x.new_zeros(batch, 1)
             grad_w = torch.empty_like(w)
             xk = x * k
-            # blocks of classes: G_a never exists in full, each block of dW is still in cache when
-            # its colsum(G_a) W term is added
-            block = class_block(x.shape[0], _BLOCK_ELEMENTS)
+            # blocks of classes: G_a never exists in full. One G_a buffer serves every block: a fresh
+            # one each time would have its pages faulted in again, which costs as much as filling them
+            block = min(class_block(batch, _BLOCK_ELEMENTS), num_classes)
+            buffer = out.new_empty(batch * block)
             for c0 in range(0, num_classes, block):
                 c1 = min(c0 + block, num_classes)
                 cols = slice(c0, c1)
-                ga = grad_out[:, cols] * out[:, cols]
-                if clamped.dtype == torch.bool:
-                    ga.masked_fill_(clamped[:, cols], 0.0)
-                elif clamped.numel():
-                    here = clamped[(clamped[:, 1] >= c0) & (clamped[:, 1] < c1)]
+                ga = torch.mul(grad_out[:, cols], out[:, cols], out=buffer[:batch * (c1 - c0)].view(batch, c1 - c0))
+                if hit.dtype == torch.bool:
+                    ga.masked_fill_(hit[:, cols], 0.0)
+                elif hit.numel():
+                    here = hit[(hit[:, 1] >= c0) & (hit[:, 1] < c1)]
                     ga[here[:, 0], here[:, 1] - c0] = 0.0
                 grad_x.addmm_(ga, w[cols])
                 row_sum += ga.sum(dim=1, keepdim=True)
-                dw = grad_w[cols]
-                torch.mm(ga.t(), xk, out=dw)
-                dw.addcmul_(ga.sum(dim=0).mul_(k).unsqueeze(1), w[cols], value=-1.0)
+                # the colsum(G_a) W term first, G_a^T x accumulated onto it by the matmul: measured
+                # faster than correcting the matmul's output afterwards (~10% of dW's cost at large C)
+                dw = torch.mul(w[cols], ga.sum(dim=0).mul_(-k).unsqueeze(1), out=grad_w[cols])
+                dw.addmm_(ga.t(), xk)
             grad_x.addcmul_(row_sum, x, value=-1.0).mul_(k)
         return grad_x, grad_w, None, None
 
@@ -109,29 +127,59 @@ def _host_checks(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _recoverable(x2: Tensor, w2: Tensor, gamma: float, log_s: float) -> bool:
-    """Whether x.W_j can be recovered from the logits to ``_RECOVERY_TOLERANCE`` in the cosine.
+def _row_factor(x2: Tensor, inv_gamma: float) -> Tensor:
+    """exp(-||x||^2 / gamma) (B), the same bits in the forward and the probe."""
+    return torch.exp(-(x2 * inv_gamma))
 
-    The recovery adds terms of size gamma/2 |log s| and (||x||^2 + ||W_j||^2) / 2 that cancel, so its
-    error in the cosine is about eps (gamma/2 |log s| + (||x||^2 + ||W_j||^2)/2) / (||x|| ||W_j||); the
-    factor 5 eps (6e-7) bounded it in a sweep over shapes, scales, s and gamma. Zero vectors are exact.
+
+def _factorable(rows: Tensor, log_s: float) -> bool:
+    """Whether exp(t_j) <= s exp(||x||^2 / gamma) and exp(-||x||^2 / gamma) stay finite and normal in
+    every row (``rows`` = ||x||^2 / gamma)."""
+    top = float(rows.max()) if rows.numel() else 0.0
+    return top + max(log_s, 0.0) <= _MAX_EXPONENT
+
+
+def _at_least(values: Tensor, limit: Tensor | float, on_cpu: bool) -> Tensor:
+    """Where ``values`` (B x C) >= ``limit`` (a number, or one per row): on the CPU the K x 2 indices,
+    found from one row-max pass (K is ~0: it takes x within rounding of a prototype); elsewhere a
+    B x C mask (no host reads)."""
+    if isinstance(limit, Tensor):
+        limit = limit.unsqueeze(1)
+    if not on_cpu:
+        return values >= limit
+    rows = (values.amax(dim=1, keepdim=True) >= limit).squeeze(1).nonzero().squeeze(1)
+    hit = (values[rows] >= (limit[rows] if isinstance(limit, Tensor) else limit)).nonzero()
+    hit[:, 0] = rows[hit[:, 0]]
+    return hit
+
+
+def _recoverable(x2: Tensor, w2: Tensor, gamma: float, log_s: float) -> bool:
+    """Whether x.W_j can be recovered from the factored logits to ``_RECOVERY_TOLERANCE`` in the cosine.
+
+    The recovery, x.W_j = (gamma (t_j - log s) + ||W_j||^2) / 2 with t_j = log(logit_j / exp(-||x||^2 /
+    gamma)), inherits a few roundings of t_j (gamma/2 each: from exp, the row factor, log, and one of
+    t_j's size, which includes log s) and of the terms of size |x.W_j| + ||W_j||^2 / 2 that it adds; in
+    the cosine about eps ((2 + |log s| / 2) gamma / (||x|| ||W_j||) + 3 + 1.5 ||W_j|| / ||x||) with
+    eps = 1.2e-7 (twice the unit roundoff: what bounded it in a sweep over shapes, norms, s and gamma).
+    Zero vectors are exact.
     """
     nx, nw = x2.sqrt(), w2.sqrt()
-    nx_max, nw_max = float(nx.max()), float(nw.max())
-    if (nx_max + nw_max) ** 2 / gamma - log_s > _RECOVERY_MAX_EXPONENT:
+    nx_max = float(nx.max()) if nx.numel() else 0.0
+    nw_max = float(nw.max())
+    if (nx_max + nw_max) ** 2 / gamma - log_s > _MAX_EXPONENT:
         return False  # some logit may underflow
-    if not (bool((nx > 0).any()) and bool((nw > 0).any())):
+    if nx_max == 0.0 or nw_max == 0.0:
         return True  # all-zero features or prototypes: every cosine is 0
-    nx_min, nw_min = float(nx[nx > 0].min()), float(nw[nw > 0].min())
-    ratio = max(nx_max / nw_min, nw_max / nx_min)
-    estimate = 6e-7 * (0.5 * gamma * abs(log_s) / (nx_min * nw_min) + 0.5 * (ratio + 1.0 / ratio))
+    nx_min = float(nx.masked_fill(nx == 0, math.inf).min())  # the smallest non-zero norms
+    nw_min = float(nw.masked_fill(nw == 0, math.inf).min())
+    estimate = 1.2e-7 * ((2.0 + 0.5 * abs(log_s)) * gamma / (nx_min * nw_min) + 3.0 + 1.5 * nw_max / nx_min)
     return estimate <= _RECOVERY_TOLERANCE
 
 
 class _RBFCosine(LazyCosine):
-    """Probe cosines from the logits: x.W_j = gamma/2 (log(logit_j) - log s) + (||x||^2 + ||W_j||^2) / 2,
-    used where ``_recoverable`` says that is good to ``_RECOVERY_TOLERANCE`` (the matmul's own
-    rounding is ~1e-7)."""
+    """Probe cosines from the factored logits: x.W_j = (gamma (t_j - log s) + ||W_j||^2) / 2 with
+    t_j = log(logit_j / exp(-||x||^2 / gamma)), used where ``_recoverable`` says that is good to
+    ``_RECOVERY_TOLERANCE`` (the matmul's own rounding is ~1e-7)."""
 
     __slots__ = ("gamma", "log_s", "x2", "w2")
 
@@ -144,8 +192,8 @@ class _RBFCosine(LazyCosine):
         if self.raw._version != self.version:
             raise RuntimeError("the head's logits were modified in place after its forward, so its probe "
                                "cosines (last_cosine) can no longer be computed from them")
-        xw = torch.log(self.raw).sub_(self.log_s).mul_(0.5 * self.gamma)
-        xw.add_((0.5 * self.w2).unsqueeze(0)).add_((0.5 * self.x2).unsqueeze(1))
+        t = torch.div(self.raw, _row_factor(self.x2, 1.0 / self.gamma).unsqueeze(1)).log_()
+        xw = t.mul_(0.5 * self.gamma).add_((0.5 * (self.w2 - self.gamma * self.log_s)).unsqueeze(0))
         # a zero feature or prototype has cosine 0 (x.W_j is recovered only to rounding of the norms)
         inv_x = self.x2.sqrt().clamp_min_(1e-12).reciprocal_().masked_fill_(self.x2 == 0, 0.0)
         inv_w = self.w2.sqrt().clamp_min_(1e-12).reciprocal_().masked_fill_(self.w2 == 0, 0.0)

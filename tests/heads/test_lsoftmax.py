@@ -111,6 +111,18 @@ def test_gradcheck(hh, m):
     hh.gradcheck_head(head, x, labels)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_forward_leaves_the_embeddings_untouched(hh, dtype):
+    """The precise target W_y . x multiplies a widened copy of x in place, never x itself (in float64
+    widening is a no-op)."""
+    head = LSoftmaxHead(8, 10, m=3).to(dtype).train()
+    x, labels = hh.make_batch(head)
+    x = x.to(dtype)
+    before = x.clone()
+    head(x, labels)
+    assert torch.equal(x, before)
+
+
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
 def test_bf16_autocast_finite(hh, input_dtype):
     head = LSoftmaxHead(8, 10, m=4)

@@ -2,17 +2,99 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+import marginlab.heads.rbf as rbf
 from marginlab.errors import ConfigError
-from marginlab.heads.rbf import RBFHead
+from marginlab.heads.rbf import RBFHead, _RBFLogits
 
 
 def rbf_reference(x, weight, s, gamma):
     """float64 from explicit differences (B x C x D is fine at test sizes)."""
     diff = x.double().unsqueeze(1) - weight.double().unsqueeze(0)
     return s * torch.exp(-(diff * diff).sum(-1) / gamma)
+
+
+def plain_rbf(x, weight, s, gamma):
+    """The formula in plain autograd ops: s exp(-max(||x||^2 + ||W_j||^2 - 2 x.W_j, 0) / gamma)."""
+    d = (x * x).sum(1, keepdim=True) + (weight * weight).sum(1) - 2.0 * x @ weight.t()
+    return s * torch.exp(-d.clamp_min(0.0) / gamma)
+
+
+@pytest.fixture(params=["factored", "exponent", "no-host-checks"])
+def rbf_path(request, monkeypatch):
+    """Runs a test on each path of _RBFLogits: factored logits (CPU), the row term in the exponent
+    (CPU, as for features too large to factor) and the accelerator's (no host reads, a B x C mask)."""
+    if request.param == "exponent":
+        monkeypatch.setattr(rbf, "_factorable", lambda rows, log_s: False)
+    elif request.param == "no-host-checks":
+        monkeypatch.setattr(rbf, "_host_checks", lambda x: False)
+    return request.param
+
+
+@pytest.mark.parametrize("block_elements", [None, 3 * 7], ids=["one-block", "blocks"])
+def test_fused_function_matches_the_plain_formula(rbf_path, block_elements, monkeypatch):
+    """float64: _RBFLogits passes gradcheck, and its values and gradients equal the plain formula's,
+    on every path, in one block of classes and in several (3 a block, the last one short)."""
+    if block_elements is not None:
+        monkeypatch.setattr(rbf, "_BLOCK_ELEMENTS", block_elements)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64) * 1.5
+    x[2] = w[4] + 0.005  # d / gamma ~ 3e-5: its logit (near s) comes from the exponent when factored
+    s, gamma = 35.0, 4.0
+
+    def fused(x_, w_):
+        return _RBFLogits.apply(x_, w_, s, gamma)[0]
+
+    leaves = (x.clone().requires_grad_(True), w.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(fused, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+    probe = torch.randn(7, 11, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (fused, lambda x_, w_: plain_rbf(x_, w_, s, gamma)):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = fn(xx, ww)
+        (out * probe).sum().backward()
+        results.append((out.detach(), xx.grad, ww.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_probe_cosines_recovered_where_features_dwarf_prototypes():
+    """Features of norm ~20 against prototypes of norm ~0.6 (a fresh head on unnormalised features):
+    the logits alone give the cosines back to 1e-6 of float64, so no B x C product is kept."""
+    head = RBFHead(64, 50)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)) * 2.5
+    head.train()(x, torch.zeros(32, dtype=torch.long))
+    assert type(head.__dict__["_last_cosine"]).__name__ == "_RBFCosine"
+    expected = F.normalize(x.double()) @ F.normalize(head.weight.detach().double()).T
+    torch.testing.assert_close(head.last_cosine.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_recovery_estimate_holds_where_recovery_is_used():
+    """Over a grid of feature and prototype norms, s and gamma: wherever ``_recoverable`` lets the
+    probe read the cosines off the logits, they are within ``_RECOVERY_TOLERANCE`` of float64."""
+    g = torch.Generator().manual_seed(4)
+    used = 0
+    for d, x_scale, w_scale, gamma, s, near in itertools.product(
+            [8, 64], [0.1, 1.0, 5.0, 20.0], [0.1, 1.0, 5.0, 20.0], [2.0, 16.0], [10.0, 35.0], [False, True]):
+        w = torch.randn(30, d, generator=g) * (w_scale / math.sqrt(d))
+        x = torch.randn(12, d, generator=g) * (x_scale / math.sqrt(d))
+        if near:
+            x = w[:12] + 0.1 * x
+        out, product, x2, w2 = _RBFLogits.apply(x, w, s, gamma)
+        if product.numel():
+            continue
+        used += 1
+        cos = rbf._RBFCosine(out, x2, w2, gamma, math.log(s)).compute().double()
+        expected = F.normalize(x.double()) @ F.normalize(w.double()).T
+        assert (cos - expected).abs().max() <= rbf._RECOVERY_TOLERANCE, (d, x_scale, w_scale, gamma, s, near)
+    assert used > 50  # a good part of the grid recovers: the check is not vacuous
 
 
 @pytest.mark.parametrize("s, gamma", [(35.0, 16.0), (10.0, 2.0)])
