@@ -115,6 +115,20 @@ def instantiate(name: str, in_features: int = 8, num_classes: int = 10, **overri
     return build_head(OmegaConf.create({"head": cfg, "seed": 0}), in_features, num_classes)
 
 
+def acos_sizes(head, x, labels) -> list[int]:
+    """The number of elements of every ``torch.acos`` call in one training forward of ``head``."""
+    sizes, real_acos = [], torch.acos
+
+    def spy(t, *args, **kwargs):
+        sizes.append(t.numel())
+        return real_acos(t, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "acos", spy)
+        head.train()(x, labels)
+    return sizes
+
+
 def copy_weights(src, dst):
     """Gives dst the same class weights (and bias where both have one) as src."""
     with torch.no_grad():
@@ -131,4 +145,4 @@ def hh():
                            feature_at_angle=feature_at_angle,
                            check_bf16=check_bf16, gradcheck_head=gradcheck_head,
                            check_probe_cosine=check_probe_cosine, instantiate=instantiate,
-                           copy_weights=copy_weights)
+                           copy_weights=copy_weights, acos_sizes=acos_sizes)
