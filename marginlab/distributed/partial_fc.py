@@ -148,7 +148,7 @@ def check_head_class(cls: type) -> None:
     if not (isinstance(cls, type) and issubclass(cls, CosineMarginHead)):
         raise ConfigError(f"Partial FC needs a cosine margin head (normface, amsoftmax/cosface, arcface, combined, "
                           f"subcenter_arcface); {name} is not one")
-    if cls.target_cosine is CosineMarginHead.target_cosine or cls.logits is not CosineMarginHead.logits:
+    if cls.margin_and_slope is CosineMarginHead.margin_and_slope or cls.logits is not CosineMarginHead.logits:
         raise ConfigError(f"Partial FC cannot shard {name}: its margin is not a transform of the target cosine "
                           "alone (it changes other columns or needs the feature norms); use it without Partial FC")
 

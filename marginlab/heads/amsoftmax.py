@@ -15,6 +15,8 @@ class AMSoftmaxHead(CosineMarginHead):
         self.m = check_float("m", m, low=0.0, high=2.0)
         self.probe_cosine_margin = self.m
 
-    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
+    precise_target = False  # slope 1: rounding in cos theta_y moves the logit no more than any other's
+
+    def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, float]:
         # AM-Softmax eq. 3: psi(theta) = cos(theta) - m
-        return cos_target - self.m
+        return cos_target - self.m, 1.0

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from marginlab.errors import ConfigError
-from marginlab.heads.base import CosineMarginHead, check_float, cos_plus_angle
+from marginlab.heads.base import CosineMarginHead, check_float, cos_plus_angle_and_slope
 
 #: the two ways of applying the margin, see ArcFaceHead
 MODES = ("exact", "straight_through")
@@ -28,7 +28,7 @@ class ArcFaceHead(CosineMarginHead):
     and takes ``cos_``; the result is then multiplied by s outside no_grad. The forward value is
     s cos(theta_y + m) with no threshold and no fallback, and since the in-place no_grad edits are
     invisible to autograd the gradient is that of s cos theta_y (d logit / d cos = s for every
-    column). Here the same is written as ``cos + (cos(acos(cos) + m) - cos).detach()`` on the B target
+    column). Here the margin is that value, cos(acos(cos theta_y) + m), with slope 1, on the B target
     cosines only; InsightFace's round trip cos(acos(c)) on the non-target columns is the identity up
     to rounding and is skipped. ``easy_margin`` does not exist in this mode.
     """
@@ -48,17 +48,18 @@ class ArcFaceHead(CosineMarginHead):
         self.threshold = math.cos(math.pi - self.m)
         self.fallback = math.sin(math.pi - self.m) * self.m  # = m sin m
 
-    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
+    def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, Tensor | float]:
         if self.mode == "straight_through":
-            with torch.no_grad():
-                # ArcFace eq. 3 as InsightFace arcface_torch computes it: cos(arccos(cos theta) + m)
-                delta = torch.cos(torch.acos(cos_target) + self.m) - cos_target  # B values only
-            return cos_target + delta  # forward cos(theta + m), gradient that of cos theta
+            # ArcFace eq. 3 as InsightFace arcface_torch computes it: cos(arccos(cos theta) + m) on the
+            # B target values, with the gradient of cos theta (slope 1)
+            return torch.cos(torch.acos(cos_target) + self.m), 1.0
         # ArcFace eq. 3: cos(theta + m) = cos theta cos m - sin theta sin m
-        phi = cos_plus_angle(cos_target, self.cos_m, self.sin_m)
+        phi, slope = cos_plus_angle_and_slope(cos_target, self.cos_m, self.sin_m)
         if self.easy_margin:
-            return torch.where(cos_target > 0, phi, cos_target)
-        return torch.where(cos_target > self.threshold, phi, cos_target - self.fallback)
+            keep = cos_target > 0
+            return torch.where(keep, phi, cos_target), torch.where(keep, slope, 1.0)
+        keep = cos_target > self.threshold  # else the fallback cos theta - m sin m, slope 1
+        return torch.where(keep, phi, cos_target - self.fallback), torch.where(keep, slope, 1.0)
 
     def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
         # angular margin: theta_y + m must stay below the nearest non-target angle

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from marginlab.errors import ConfigError
 from marginlab.heads.fast_cosine import LazyCosine, fused_linear, precise_cosine
+from marginlab.heads.fused_margin import fused_cosine_margin, with_slope
 
 
 def check_positive_int(name: str, value) -> int:
@@ -54,6 +55,18 @@ def cos_plus_angle(cos: Tensor, cos_m, sin_m) -> Tensor:
     sin = torch.sqrt((1.0 - cos * cos).clamp_min(1e-12))
     # ArcFace eq. 3 / angle-sum identity: cos(theta + m) = cos theta cos m - sin theta sin m
     return cos * cos_m - sin * sin_m
+
+
+def cos_plus_angle_and_slope(cos: Tensor, cos_m: float, sin_m: float) -> tuple[Tensor, Tensor]:
+    """``cos_plus_angle`` and its derivative in cos, ``cos m + cos sin m / sin``, for fixed m.
+
+    Where ``1 - cos^2`` is floored at 1e-12 the floor's gradient is 0, so the slope there is cos m.
+    """
+    one_minus = 1.0 - cos * cos
+    sin = one_minus.clamp_min(1e-12).sqrt_()
+    # d/dcos [cos cos m - sin theta sin m] = cos m + cos sin m / sin theta  (d sin / d cos = -cos / sin)
+    slope = torch.addcdiv(torch.full_like(cos, cos_m), cos * (one_minus >= 1e-12), sin, value=sin_m)
+    return cos * cos_m - sin * sin_m, slope
 
 
 class MarginHead(nn.Module):
@@ -136,17 +149,29 @@ class MarginHead(nn.Module):
 
 
 class CosineMarginHead(MarginHead):
-    """Normalised features and weights: logits s * cos(theta_j), the target replaced by s * f(cos theta_y).
+    """Normalised features and weights: logits s * cos(theta_j), the target replaced by s * phi(cos theta_y).
 
-    Subclasses implement ``target_cosine``; NormFace is the identity.
+    Subclasses implement ``margin_and_slope``: phi and its derivative on the B target cosines
+    (NormFace: the identity, slope 1). A training forward then runs as one fused Function with a
+    hand-written backward (fused_margin.py); ``target_cosine`` offers phi as an autograd expression
+    to heads and wrappers that edit the cosines with ordinary ops (sub-centres, Partial FC).
     """
+
+    #: take the target cosines in float64 from the target rows (angular margins: acos's slope is
+    #: unbounded at +-1); additive cosine margins (slope 1) take them from the float32 product
+    precise_target: bool = True
 
     def __init__(self, in_features: int, num_classes: int, s: float = 30.0):
         super().__init__(in_features, num_classes)
         self.s = check_float("s", s, low=0.0, low_inclusive=False)
 
-    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
+    def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, Tensor | float]:
+        """(phi(cos theta_y), d phi / d cos theta_y) for the B target cosines; called without autograd."""
         raise NotImplementedError
+
+    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
+        """phi(cos theta_y) (B) as an autograd expression whose gradient is the head's slope."""
+        return with_slope(cos_target, self.margin_and_slope)
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         if type(self).normalized_cosine is not MarginHead.normalized_cosine:  # e.g. sub-centres
@@ -157,8 +182,14 @@ class CosineMarginHead(MarginHead):
                 return logits
             cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
             return self.replace_target(logits, labels, self.s * self.target_cosine(cos_target, labels))
-        # s cos theta_j in one fused product: (s x/||x||) . W_j / ||W_j||, clamped to [-s, s]
         s = self.s
+        if labels is not None and not isinstance(s, Tensor) and not torch.compiler.is_compiling():
+            # the whole training forward in one Function (fused_margin.py)
+            logits, target = fused_cosine_margin(embeddings, self.weight, labels, s, s, self.margin_and_slope,
+                                                 self.precise_target)
+            self.last_cosine = LazyCosine(logits, col_scale=1.0 / s, labels=labels, target_raw=target)
+            return logits
+        # s cos theta_j in one fused product: (s x/||x||) . W_j / ||W_j||, clamped to [-s, s]
         scale = s.detach().clone() if isinstance(s, Tensor) else s  # as of this forward (s may be learnt)
         bound = scale.abs() if isinstance(scale, Tensor) else abs(scale)
         # the target cosines (B) are computed again in float64 from the raw features (see fast_cosine.py)

@@ -32,20 +32,23 @@ class CombinedMarginHead(CosineMarginHead):
         self.m1 = check_float("m1", m1, low=1.0, high=10.0)
         self.m2 = check_float("m2", m2, low=0.0, high=math.pi)
         self.m3 = check_float("m3", m3, low=0.0, high=2.0)
+        self.precise_target = not (self.m1 == 1.0 and self.m2 == 0.0)  # an angular margin: acos below
 
-    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
-        if self.m1 == 1.0 and self.m2 == 0.0:
+    def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, Tensor | float]:
+        if not self.precise_target:
             # CosFace / AM-Softmax: cos(theta) - m3
-            return cos_target - self.m3
-        # theta_y of the B target cosines only. The value is the exact acos; the gradient is that of
-        # acos(cos clamped to [-1 + eps, 1 - eps]), so it is finite (0) within eps of +-1 where
-        # d acos / d cos = -inf, instead of clamping the value (an angle error of up to 4.5e-4 rad).
-        theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
-        with torch.no_grad():
-            theta_offset = torch.acos(cos_target) - theta  # 0 except within eps of +-1
-        theta = theta + theta_offset
-        # ArcFace paper / InsightFace combined margin: cos(m1 theta + m2) - m3
-        return torch.cos(self.m1 * theta + self.m2) - self.m3
+            return cos_target - self.m3, 1.0
+        # theta_y of the B target cosines only. The value is the exact acos; the slope is taken with
+        # d theta / d cos = -1 / sqrt(1 - cos^2) for cos in [-1 + eps, 1 - eps] and 0 outside, so it is
+        # finite within eps of +-1 where d acos / d cos = -inf, instead of clamping the value (an angle
+        # error of up to 4.5e-4 rad).
+        theta = torch.acos(cos_target)
+        angle = self.m1 * theta + self.m2
+        inside = cos_target.abs() <= 1.0 - _ACOS_EPS
+        # ArcFace paper / InsightFace combined margin: cos(m1 theta + m2) - m3;
+        # d/dcos = m1 sin(m1 theta + m2) / sqrt(1 - cos^2)
+        slope = (self.m1 * torch.sin(angle) * inside) / torch.sqrt((1.0 - cos_target * cos_target).clamp_min(_ACOS_EPS))
+        return torch.cos(angle) - self.m3, slope
 
     def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
         # the target's margined cosine (angle capped at pi) must beat the nearest non-target cosine

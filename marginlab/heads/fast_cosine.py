@@ -196,30 +196,38 @@ def _normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact, labe
     so no B x D row updates are needed.
     """
     batch, num_classes = grad_out.shape
-    grad_x = torch.zeros(x.shape, dtype=out_dtype, device=x.device)
-    grad_w = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
     block = class_block(batch)
+    whole = num_classes <= block  # one block: the full tensors, no slices or accumulation buffers
+    grad_x = None if whole else torch.zeros(x.shape, dtype=out_dtype, device=x.device)
+    grad_w = None if whole else torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
     for c0 in range(0, num_classes, block):
         c1 = min(c0 + block, num_classes)
-        cols, whole = slice(c0, c1), c1 - c0 == num_classes
-        g = torch.mul(grad_out[:, cols], inv[cols])  # G' = G / ||W||
+        cols = slice(c0, c1)
+        g_in, inv_b, w_b, wc_b = ((grad_out, inv, weight, wc) if whole else
+                                  (grad_out[:, cols], inv[cols], weight[cols], wc[cols]))
+        g = torch.mul(g_in, inv_b)  # G' = G / ||W||
         if labels is not None:
             _set_targets(g, labels, c0, c1, g_target, whole)
-        gc, dw = g.to(mm_dtype), grad_w[cols]
-        if mm_dtype == out_dtype:
-            grad_x.addmm_(gc, wc[cols])
+        gc = g.to(mm_dtype)
+        if whole:
+            grad_x, grad_w = torch.mm(gc, wc).to(out_dtype), torch.mm(gc.t(), xc).to(out_dtype)
+            dw = grad_w
+        elif mm_dtype == out_dtype:
+            dw = grad_w[cols]
+            grad_x.addmm_(gc, wc_b)
             torch.mm(gc.t(), xc, out=dw)
         else:
-            grad_x.add_(torch.mm(gc, wc[cols]))
+            dw = grad_w[cols]
+            grad_x.add_(torch.mm(gc, wc_b))
             dw.copy_(torch.mm(gc.t(), xc))
         if out_intact:  # S_j = sum_b G'_bj out_bj, the target entries at their own value (G' is done:
-            g.mul_(out[:, cols])  # its memory takes the products)
+            g.mul_(out if whole else out[:, cols])  # its memory takes the products)
             if labels is not None:
                 _set_targets(g, labels, c0, c1, g_target * raw_target, whole)
             s = g.sum(dim=0)
         else:  # S_j = W_j . (G'^T x)_j / ||W_j||
-            s = torch.linalg.vecdot(weight[cols].to(out_dtype), dw).mul_(inv[cols])
-        dw.addcmul_(s.mul_(inv[cols]).unsqueeze(1), weight[cols], value=-1.0)
+            s = torch.linalg.vecdot(w_b.to(out_dtype), dw).mul_(inv_b)
+        dw.addcmul_(s.mul_(inv_b).unsqueeze(1), w_b, value=-1.0)
     return grad_x, grad_w
 
 

@@ -26,8 +26,10 @@ class NormFaceHead(CosineMarginHead):
             # NormFace: the scale is a trained scalar layer
             self.s = nn.Parameter(torch.tensor(self.s))
 
-    def target_cosine(self, cos_target: Tensor, labels: Tensor) -> Tensor:
-        return cos_target
+    precise_target = False  # no margin: the target logit is s cos theta_y like every other
+
+    def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, float]:
+        return cos_target, 1.0
 
     def schedule_values(self) -> dict[str, float]:
         return {"s": float(self.s.detach())} if self.learnable_scale else {}

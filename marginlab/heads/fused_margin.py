@@ -1,0 +1,123 @@
+"""A cosine-margin head's whole training forward in one autograd Function, with its exact backward.
+
+The head gives its margin as a function of the B target cosines that returns the new target cosine
+and its slope, ``phi(t), d phi / d t`` (``CosineMarginHead.margin_and_slope``). The Function then
+computes, without recording any autograd op:
+
+    x^ = x / max(||x||, eps)                     (B x D; F.normalize)
+    logits_bj = s x^_b . W_j / max(||W_j||, eps)  clamped to [-bound, bound]   (fast_cosine.py)
+    logits_by = s phi(t_b)                        (the B target entries, overwritten)
+
+and the backward by hand: the B target entries of the incoming gradient are multiplied by the
+slope, the matmuls and the weight-norm term are fast_cosine.py's blocked backward, and the feature
+normalisation's backward is ``dx = (s g - xs (g . xs) / s) / max(||x||, eps)`` with ``xs = s x^``
+(the norm's own term dropped where ||x|| < eps, as F.normalize's clamp does).
+
+Why: in a chain of autograd ops (normalize, the fused product, a margin of a few B-element ops, the
+in-place replacement) every op costs a few microseconds of dispatch and bookkeeping forward and
+again backward. At small shapes, e.g. the 2-D features of the MNIST visualisations, that overhead
+is the whole cost of the head; here it is about one op per line above. At large shapes nothing
+changes: the B x C and C x D work is fast_cosine.py's.
+
+The target cosine ``t`` is clamped to the same bound as the logits (its slope is zeroed where the
+clamp acts). Heads whose margin is angular take ``t`` in float64 from the B target rows
+(``precise_cosine``): acos's slope is unbounded at +-1, where the float32 product would move the
+angle by up to ~3.5e-4 rad. Additive cosine margins (slope 1) take it from the product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from marginlab.heads.fast_cosine import NORM_EPS, _dtypes, _normalized_backward, precise_cosine
+
+#: the head's margin: target cosines (B) -> (phi (B), d phi / d t (B tensor or float))
+MarginAndSlope = Callable[[Tensor], "tuple[Tensor, Tensor | float]"]
+
+
+def _no_autocast(device_type: str):
+    """Autocast off inside the Function (the matmul dtype is chosen explicitly); a no-op when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _FusedCosineMargin(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, labels, s, bound, margin_and_slope, precise):
+        mm_dtype, out_dtype = _dtypes(x, weight)
+        with _no_autocast(x.device.type):
+            xf = x.to(out_dtype)
+            x_norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+            inv_x = x_norm.clamp_min(NORM_EPS).reciprocal_()
+            xs = xf * (inv_x * s)  # s x / ||x||
+            xc, wc = xs.to(mm_dtype), weight.to(mm_dtype)
+            inv = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype).clamp_min_(NORM_EPS).reciprocal_()
+            out = torch.mm(xc, wc.t()).to(out_dtype).mul_(inv).clamp_(-bound, bound)
+            idx = labels.view(-1, 1)
+            limit = bound / s  # the clamp on the cosines
+            if precise:
+                raw = precise_cosine(x, weight, labels).to(out_dtype)
+                kept = (raw >= -limit) & (raw <= limit)  # clamp's gradient mask
+                t = raw.clamp(-limit, limit)
+            else:  # from the product, clamped with it; a clamped entry keeps its slope (cos = +-1 is a
+                t = out.gather(1, idx).squeeze(1).div_(s)  # stationary point: its gradient is ~0 anyway)
+                kept = None
+            value, slope = margin_and_slope(t)
+            target = t * s  # the target logit before the margin (for the backward and the probe)
+            if value is not t:  # (the identity margin has nothing to write)
+                out.scatter_(1, idx, (value * s).to(out_dtype).unsqueeze(1))
+        ctx.out, ctx.version = out.detach(), out._version  # alias: same storage, no reference cycle
+        ctx.s, ctx.dtypes, ctx.x_dtype = s, (mm_dtype, out_dtype), x.dtype
+        slope = slope * kept if kept is not None else slope
+        ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
+        ctx.save_for_backward(xs, xc, weight, wc, inv, inv_x, x_norm, labels, target,
+                              slope if isinstance(slope, Tensor) else None)
+        ctx.mark_non_differentiable(target)
+        ctx.set_materialize_grads(False)
+        return out, target
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_target):
+        xs, xc, weight, wc, inv, inv_x, x_norm, labels, target, slope = ctx.saved_tensors
+        mm_dtype, out_dtype = ctx.dtypes
+        s = ctx.s
+        if grad_out is None:
+            return None, None, None, None, None, None, None
+        with _no_autocast(xs.device.type):
+            grad_out = grad_out.to(out_dtype)
+            # d loss / d (s t_b) = G_by phi'(t_b); as G' (divided by ||W_y||) for the blocked backward
+            g_by = grad_out.gather(1, labels.view(-1, 1)).squeeze(1)
+            if slope is not None or ctx.scalar_slope != 1.0:
+                g_by = g_by * (slope if slope is not None else ctx.scalar_slope)
+            grad_xs, grad_w = _normalized_backward(grad_out, xs, xc, weight, wc, inv, ctx.out,
+                                                   ctx.out._version == ctx.version, labels,
+                                                   g_by.mul_(inv[labels]), target, mm_dtype, out_dtype)
+            # xs = s x / max(||x||, eps): dx = (s g - xs (g . xs) / s) / max(||x||, eps)
+            along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).div_(s).mul_(x_norm >= NORM_EPS)
+            grad_x = grad_xs.mul_(s).addcmul_(xs, along, value=-1.0).mul_(inv_x)
+        return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, None
+
+
+def fused_cosine_margin(x: Tensor, weight: Tensor, labels: Tensor, s: float, bound: float,
+                        margin_and_slope: MarginAndSlope, precise: bool) -> tuple[Tensor, Tensor]:
+    """(training logits (B x C, at least float32), the target logits s t before the margin (B, no
+    gradient)) of a cosine-margin head; see the module doc. ``x`` are the raw features."""
+    logits, target = _FusedCosineMargin.apply(x, weight, labels.long(), float(s), float(bound),
+                                              margin_and_slope, precise)
+    return logits, target
+
+
+def with_slope(cos_target: Tensor, margin_and_slope: MarginAndSlope) -> Tensor:
+    """phi(t) as an autograd expression with the head's slope: for heads that edit the cosines with
+    ordinary ops (sub-centres, CurricularFace, Partial FC). The value is phi(t) exactly, the
+    gradient d phi / d t; it is built from plain ops so torch.compile traces it."""
+    with torch.no_grad():
+        value, slope = margin_and_slope(cos_target.detach())
+    return value + (cos_target - cos_target.detach()) * slope

@@ -1,0 +1,126 @@
+"""The one-Function training forward of the cosine-margin heads (fused_margin.py): the path it takes,
+its slopes against autograd, tiny features, in-place edits of its logits, and its memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marginlab.heads.base import cos_plus_angle, cos_plus_angle_and_slope
+
+FUSED_HEADS = [("normface", {}), ("amsoftmax", {}), ("arcface", {}), ("arcface", {"easy_margin": True}),
+               ("arcface", {"mode": "straight_through"}), ("combined", {}),
+               ("combined", {"m1": 1.35, "m2": 0.0, "m3": 0.0}), ("combined", {"m1": 1.0, "m2": 0.0})]
+
+
+def plain_logits(head, x, labels):
+    """The same head written with autograd ops: normalize, linear, the margin by acos/cos, scatter."""
+    cos = F.linear(F.normalize(x), F.normalize(head.weight)).clamp(-1.0, 1.0)
+    t = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+    return (cos * head.s).scatter(1, labels.view(-1, 1), (head.s * head.target_cosine(t, labels)).view(-1, 1))
+
+
+@pytest.mark.parametrize("name, kwargs", FUSED_HEADS)
+def test_training_forward_is_one_autograd_node(name, kwargs, hh):
+    head = hh.instantiate(name, in_features=4, num_classes=7, **kwargs).train()
+    x = torch.randn(5, 4, requires_grad=True)
+    logits = head(x, torch.tensor([0, 1, 2, 3, 6]))
+    assert type(logits.grad_fn).__name__ == "_FusedCosineMarginBackward"
+    leaves = {type(fn).__name__ for fn, _ in logits.grad_fn.next_functions if fn is not None}
+    assert leaves == {"AccumulateGrad"}  # x and W directly: no normalize/scatter nodes in between
+
+
+def test_learnable_scale_takes_the_autograd_path(hh):
+    head = hh.instantiate("normface", in_features=4, num_classes=7, learnable_scale=True)
+    logits = head(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 6]))
+    assert type(logits.grad_fn).__name__ != "_FusedCosineMarginBackward"
+
+
+@pytest.mark.parametrize("name, kwargs", FUSED_HEADS)
+def test_slope_is_the_derivative_of_the_value(name, kwargs, hh):
+    """margin_and_slope's slope against autograd of an independent acos/cos form of each margin."""
+    head = hh.instantiate(name, in_features=4, num_classes=7, **kwargs).double()
+    t = torch.cat([torch.linspace(-0.999, 0.999, 41, dtype=torch.float64),
+                   torch.tensor([math.cos(math.pi - 0.5) + 1e-3, math.cos(math.pi - 0.5) - 1e-3], dtype=torch.float64)])
+    tt = t.clone().requires_grad_(True)
+    theta = torch.acos(tt)
+    if name == "normface":
+        expected = tt
+    elif name == "amsoftmax":
+        expected = tt - head.m
+    elif name == "arcface" and head.mode == "straight_through":
+        expected = tt + (torch.cos(theta + head.m) - tt).detach()
+    elif name == "arcface":
+        phi = torch.cos(theta + head.m)
+        expected = (torch.where(tt > 0, phi, tt) if head.easy_margin else
+                    torch.where(theta + head.m < math.pi, phi, tt - head.m * math.sin(head.m)))
+    else:
+        expected = torch.cos(head.m1 * theta + head.m2) - head.m3
+    (slope_ref,) = torch.autograd.grad(expected.sum(), tt)
+    value, slope = head.margin_and_slope(t)
+    torch.testing.assert_close(value, expected.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(torch.as_tensor(slope, dtype=torch.float64).expand_as(t), slope_ref,
+                               atol=1e-9, rtol=1e-9)
+
+
+def test_cos_plus_angle_slope_at_and_near_plus_minus_one():
+    cos = torch.tensor([-1.0, -1 + 1e-14, -0.3, 0.0, 0.7, 1 - 1e-14, 1.0], dtype=torch.float64)
+    c = cos.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(cos_plus_angle(c, math.cos(0.5), math.sin(0.5)).sum(), c)
+    value, slope = cos_plus_angle_and_slope(cos, math.cos(0.5), math.sin(0.5))
+    torch.testing.assert_close(value, cos_plus_angle(cos, math.cos(0.5), math.sin(0.5)), atol=0, rtol=0)
+    torch.testing.assert_close(slope, ref, atol=1e-12, rtol=1e-12)
+    assert torch.isfinite(slope).all()
+
+
+@pytest.mark.parametrize("name, kwargs", [("amsoftmax", {}), ("arcface", {})])
+def test_tiny_and_zero_features_match_normalize(name, kwargs, hh):
+    """Below F.normalize's eps (1e-12) the norm's own gradient is dropped, as normalize's clamp does."""
+    head = hh.instantiate(name, in_features=4, num_classes=7, **kwargs).double().train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    x[1] *= 3e-13 / x[1].norm()  # below eps
+    x[2] = 0.0
+    labels = torch.tensor([0, 3, 5, 6])
+    upstream = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (head, lambda xx, yy: plain_logits(head, xx, yy)):
+        xx = x.clone().requires_grad_(True)
+        head.zero_grad(set_to_none=True)
+        out = fn(xx, labels)
+        out.backward(upstream)
+        grads.append((out.detach(), xx.grad, head.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["amsoftmax", "arcface"])
+def test_in_place_edit_of_the_logits_after_the_forward(name, hh):
+    """An edit the Function did not make (here x2 in place) switches its backward to the formula that
+    does not read the logits; the gradients stay exact."""
+    head = hh.instantiate(name, in_features=4, num_classes=7).double().train()
+    x, labels = hh.make_batch(head, batch=6, special=False)
+    x = x.double()
+    grads = []
+    for fn in (lambda xx: head(xx, labels).mul_(2.0), lambda xx: plain_logits(head, xx, labels) * 2.0):
+        xx = x.clone().requires_grad_(True)
+        head.zero_grad(set_to_none=True)
+        F.cross_entropy(fn(xx), labels).backward()
+        grads.append((xx.grad, head.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_bfloat16_features_under_autocast_get_bfloat16_gradients(hh):
+    head = hh.instantiate("arcface", in_features=4, num_classes=7).train()
+    x = torch.randn(6, 4).bfloat16().requires_grad_(True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x, labels)
+    assert logits.dtype == torch.float32
+    F.cross_entropy(logits, labels).backward()
+    assert x.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad.float()).all() and torch.isfinite(head.weight.grad).all()
