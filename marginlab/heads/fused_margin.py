@@ -10,8 +10,10 @@ computes, without recording any autograd op:
 
 and the backward by hand: the B target entries of the incoming gradient are multiplied by the
 slope, the matmuls and the weight-norm term are fast_cosine.py's blocked backward, and the feature
-normalisation's backward is ``dx = (s g - xs (g . xs) / s) / max(||x||, eps)`` with ``xs = s x^``
-(the norm's own term dropped where ||x|| < eps, as F.normalize's clamp does).
+normalisation's backward is ``dx = (g - xs (g . xs) / s^2) s / max(||x||, eps)`` with ``xs = s x^``
+(the norm's own term dropped where ||x|| < eps, as F.normalize's clamp does). The weight-norm term
+S_j is read off the logits (B x C) or, when D <= B, off W and dW (C x D, the smaller read, and it
+needs no target values: with a slope of 1 the target entries need no fix-up at all).
 
 Why: in a chain of autograd ops (normalize, the fused product, a margin of a few B-element ops, the
 in-place replacement) every op costs a few microseconds of dispatch and bookkeeping forward and
@@ -54,29 +56,32 @@ class _FusedCosineMargin(torch.autograd.Function):
         with _no_autocast(x.device.type):
             xf = x.to(out_dtype)
             x_norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
-            inv_x = x_norm.clamp_min(NORM_EPS).reciprocal_()
-            xs = xf * (inv_x * s)  # s x / ||x||
+            scale_x = x_norm.clamp_min(NORM_EPS).reciprocal_().mul_(s)  # s / max(||x||, eps)
+            xs = xf * scale_x  # s x / ||x||
             xc, wc = xs.to(mm_dtype), weight.to(mm_dtype)
             inv = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype).clamp_min_(NORM_EPS).reciprocal_()
             out = torch.mm(xc, wc.t()).to(out_dtype).mul_(inv).clamp_(-bound, bound)
             idx = labels.view(-1, 1)
             limit = bound / s  # the clamp on the cosines
+            # t: the target cosines; target = s t, the target logits before the margin (for the
+            # backward and the probe)
             if precise:
                 raw = precise_cosine(x, weight, labels).to(out_dtype)
                 kept = (raw >= -limit) & (raw <= limit)  # clamp's gradient mask
                 t = raw.clamp(-limit, limit)
+                target = t * s
             else:  # from the product, clamped with it; a clamped entry keeps its slope (cos = +-1 is a
-                t = out.gather(1, idx).squeeze(1).div_(s)  # stationary point: its gradient is ~0 anyway)
-                kept = None
+                target = out.gather(1, idx).squeeze(1)  # stationary point: its gradient is ~0 anyway)
+                t, kept = target / s, None
             value, slope = margin_and_slope(t)
-            target = t * s  # the target logit before the margin (for the backward and the probe)
-            if value is not t:  # (the identity margin has nothing to write)
+            ctx.replaced = value is not t  # (the identity margin has nothing to write)
+            if ctx.replaced:
                 out.scatter_(1, idx, (value * s).to(out_dtype).unsqueeze(1))
         ctx.out, ctx.version = out.detach(), out._version  # alias: same storage, no reference cycle
         ctx.s, ctx.dtypes, ctx.x_dtype = s, (mm_dtype, out_dtype), x.dtype
         slope = slope * kept if kept is not None else slope
         ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
-        ctx.save_for_backward(xs, xc, weight, wc, inv, inv_x, x_norm, labels, target,
+        ctx.save_for_backward(xs, xc, weight, wc, inv, scale_x, x_norm, labels, target,
                               slope if isinstance(slope, Tensor) else None)
         ctx.mark_non_differentiable(target)
         ctx.set_materialize_grads(False)
@@ -85,23 +90,31 @@ class _FusedCosineMargin(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_target):
-        xs, xc, weight, wc, inv, inv_x, x_norm, labels, target, slope = ctx.saved_tensors
+        xs, xc, weight, wc, inv, scale_x, x_norm, labels, target, slope = ctx.saved_tensors
         mm_dtype, out_dtype = ctx.dtypes
-        s = ctx.s
         if grad_out is None:
             return None, None, None, None, None, None, None
+        batch, dim = xs.shape
+        # S_j (fast_cosine.py) from the logits (B x C) when they are intact and the smaller read
+        # (D > B); else from W and the new dW (C x D), which needs no target values
+        from_logits = ctx.out._version == ctx.version and dim > batch
+        unit_slope = slope is None and ctx.scalar_slope == 1.0
         with _no_autocast(xs.device.type):
             grad_out = grad_out.to(out_dtype)
-            # d loss / d (s t_b) = G_by phi'(t_b); as G' (divided by ||W_y||) for the blocked backward
-            g_by = grad_out.gather(1, labels.view(-1, 1)).squeeze(1)
-            if slope is not None or ctx.scalar_slope != 1.0:
-                g_by = g_by * (slope if slope is not None else ctx.scalar_slope)
-            grad_xs, grad_w = _normalized_backward(grad_out, xs, xc, weight, wc, inv, ctx.out,
-                                                   ctx.out._version == ctx.version, labels,
-                                                   g_by.mul_(inv[labels]), target, mm_dtype, out_dtype)
-            # xs = s x / max(||x||, eps): dx = (s g - xs (g . xs) / s) / max(||x||, eps)
-            along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).div_(s).mul_(x_norm >= NORM_EPS)
-            grad_x = grad_xs.mul_(s).addcmul_(xs, along, value=-1.0).mul_(inv_x)
+            if unit_slope and not (from_logits and ctx.replaced):  # G' holds the right target entries
+                fix_labels = g_target = None
+            else:  # d loss / d (s t_b) = G_by phi'(t_b); as G' (divided by ||W_y||)
+                fix_labels = labels
+                g_target = grad_out.gather(1, labels.view(-1, 1)).squeeze(1)
+                if not unit_slope:
+                    g_target = g_target.mul_(slope if slope is not None else ctx.scalar_slope)
+                g_target.mul_(inv[labels])
+            grad_xs, grad_w = _normalized_backward(grad_out, xs, xc, weight, wc, inv, ctx.out, from_logits,
+                                                   fix_labels, g_target, target, mm_dtype, out_dtype)
+            # xs = x s / max(||x||, eps): dx = (g - xs (g . xs) / s^2) s / max(||x||, eps), the norm's
+            # own term dropped below eps
+            along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).mul_(x_norm >= NORM_EPS)
+            grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / ctx.s ** 2).mul_(scale_x)
         return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, None
 
 

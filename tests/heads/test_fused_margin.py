@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import marginlab.heads.fast_cosine as fast
 from marginlab.heads.base import cos_plus_angle, cos_plus_angle_and_slope
 
 FUSED_HEADS = [("normface", {}), ("amsoftmax", {}), ("arcface", {}), ("arcface", {"easy_margin": True}),
@@ -37,6 +38,29 @@ def test_learnable_scale_takes_the_autograd_path(hh):
     head = hh.instantiate("normface", in_features=4, num_classes=7, learnable_scale=True)
     logits = head(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 6]))
     assert type(logits.grad_fn).__name__ != "_FusedCosineMarginBackward"
+
+
+@pytest.mark.parametrize("name, kwargs", FUSED_HEADS)
+@pytest.mark.parametrize("batch, dim", [(3, 9), (9, 3)], ids=["S-from-logits", "S-from-weights"])
+@pytest.mark.parametrize("block", [None, 12], ids=["one-block", "blocks"])
+def test_values_and_gradients_match_autograd(name, kwargs, batch, dim, block, hh, monkeypatch):
+    """Both ways of computing the weight-norm term (D > B: from the logits, with the target entries
+    fixed up; D <= B: from W and dW), in one block of classes and in several (float64)."""
+    if block is not None:
+        monkeypatch.setattr(fast, "BLOCK_ELEMENTS", block)  # 4 or 1 classes a block
+    head = hh.instantiate(name, in_features=dim, num_classes=7, **kwargs).double().train()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (batch,), generator=g)
+    results = []
+    for fn in (head, lambda xx, yy: plain_logits(head, xx, yy)):
+        xx = x.clone().requires_grad_(True)
+        head.zero_grad(set_to_none=True)
+        out = fn(xx, labels)
+        F.cross_entropy(out, labels).backward()
+        results.append((out.detach(), xx.grad, head.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
 @pytest.mark.parametrize("name, kwargs", FUSED_HEADS)
