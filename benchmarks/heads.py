@@ -3,7 +3,10 @@
 For each head (every ``marginlab/configs/head/*.yaml``, built as the builder does) and each shape
 (B, D, C) it times one training step of the head alone: ``logits = head(x, labels)``,
 ``F.cross_entropy(logits, labels)`` (plus ``head.extra_loss()`` where a head has one, as the engine
-adds it), ``backward()`` to x and to every head parameter. The same step is timed for
+adds it), ``backward()`` to x and to every head parameter. It is the step the trainer runs on the steps that
+log no geometry (9 in 10 at the default ``logger.log_every_n_steps=10``): ``head.record_cosine`` is
+off, so the head keeps no probe cosines; ``--probe`` times the logging steps instead. The same step
+is timed for
 
 * floor 1 -- ``F.linear(x, W) + CE``: a plain linear classifier;
 * floor 2 -- ``F.linear(F.normalize(x), F.normalize(W)) * s + CE``: the plain normalised-cosine
@@ -88,11 +91,12 @@ class Contender:
         return time.perf_counter() - start
 
 
-def make_contenders(head, b: int, d: int, c: int, seed: int = 0):
+def make_contenders(head, b: int, d: int, c: int, seed: int = 0, probe: bool = False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, d, generator=g).requires_grad_(True)
     labels = torch.randint(0, c, (b,), generator=g)
     head.train()
+    head.record_cosine = probe
     params = [p for p in head.parameters() if p.requires_grad]
 
     # every step keeps its logits until after backward, as the engine does (it reads them afterwards)
@@ -148,11 +152,11 @@ def peak_memory(contender: Contender) -> int:
     return peak
 
 
-def measure(name: str, shape: str, repeats: int) -> dict:
+def measure(name: str, shape: str, repeats: int, probe: bool = False) -> dict:
     b, d, c = SHAPES[shape]
     torch.manual_seed(0)
     head = build_head(name, d, c)
-    contenders = make_contenders(head, b, d, c)
+    contenders = make_contenders(head, b, d, c, probe=probe)
     order = list(contenders)
     for key in order:  # warm-up
         contenders[key].timed()
@@ -182,6 +186,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", default=",".join(heads_all), help="comma-separated config names")
     parser.add_argument("--shapes", default="small,medium,large", help=f"comma-separated: {', '.join(SHAPES)}")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--probe", action="store_true",
+                        help="time the logging steps: the heads keep their probe cosines (record_cosine on)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per contender (default: " +
                              ", ".join(f"{k} {v}" for k, v in DEFAULT_REPEATS.items()) + ")")
@@ -195,7 +201,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown head or shape: {', '.join(unknown)}")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU; "
-          "time = median forward+backward, ratios against floors measured in the same run")
+          "time = median forward+backward, ratios against floors measured in the same run; "
+          f"{'logging steps (probe cosines kept)' if args.probe else 'steps that log no geometry (no probe cosines)'}")
     misses = {}
     for shape in shapes:
         b, d, c = SHAPES[shape]
@@ -205,7 +212,7 @@ def main(argv=None) -> int:
               f"{'peak MB':>8s} {'mem/f1':>7s} {'mem/f2':>7s}  {'time':14s} {'memory':14s}")
         for name in heads:
             try:
-                r = measure(name, shape, repeats)
+                r = measure(name, shape, repeats, probe=args.probe)
             except Exception as exc:  # a head that does not build or run is reported, not fatal
                 print(f"{name:18s} ERROR {type(exc).__name__}: {exc}")
                 misses[shape] = misses.get(shape, 0) + 1

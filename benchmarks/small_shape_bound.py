@@ -1,19 +1,28 @@
-"""How close any margin head can come to the normalised-cosine floor at the small shape (not a test).
+"""How close any head can come to the floors at the small shape (not a test).
 
-At (B, D, C) = (256, 2, 10) a forward+backward step is ~0.2 ms of per-op dispatch and autograd
-bookkeeping, not arithmetic, so a head's cost is set by how many ops it runs. This times, alternately
-in one run (median of repeats), against floor 2 = ``F.linear(F.normalize(x), F.normalize(W)) * s + CE``:
+At (B, D, C) = (256, 2, 10) a forward+backward step is ~0.1-0.3 ms of per-op dispatch, autograd
+bookkeeping and module calls, not arithmetic, so a head's cost is set by how many ops and calls it
+makes. This times, alternately in one run (median of repeats), step functions against
 
-* the least a target-column margin can add in plain autograd ops, written three ways for the
-  additive cosine margin: gather + subtract + scatter (what the issue's rules allow), ``index_put``
-  with ``accumulate``, and a B x C one-hot (which the issue forbids: it is listed only as the cheapest
-  conceivable form); and ArcFace's angular margin with gather + scatter;
-* marginlab's AM-Softmax and ArcFace heads.
+* floor 1 = ``F.linear(x, W)`` + CE (targets: softmax, L-Softmax, L2-softmax within 1.15x; RBF 1.25x);
+* floor 2 = ``F.linear(F.normalize(x), F.normalize(W)) * s`` + CE (target: normalised heads 1.10x).
 
-The ratios of the plain-op forms are the practical lower bound for the ``<= 1.10x floor 2`` target
-at this shape in eager PyTorch.
+Against floor 1 it times what no implementation of those heads can avoid:
 
-    python benchmarks/small_shape_bound.py [--repeats 300] [--threads 1]
+* ``torch.nn.Linear`` (bias=True) + CE: torch's own linear layer, i.e. the softmax head's computation
+  (configs/head/softmax.yaml has a bias, as the papers' baseline does) -- the module call and the
+  bias gradient alone;
+* floor 1 plus only the *forward values* L-Softmax's target needs (||x||, ||W_y||, cos theta_y,
+  psi), computed without autograd: a lower bound for L-Softmax, whose gradient costs more again;
+* floor 1 plus only the forward values RBF needs besides the product (||x||^2, ||W||^2, the exp of
+  the B x C distances), without autograd: a lower bound for RBF;
+* floor 1 plus only F.normalize(x) * alpha (autograd): L2-softmax's one extra step.
+
+Against floor 2, the cheapest forms of a target-column margin in plain autograd ops (gather +
+subtract + scatter, ``index_put``, a B x C one-hot -- which the issue forbids, listed as the cheapest
+conceivable form -- and ArcFace's angular margin), then marginlab's heads as the trainer builds them.
+
+    python benchmarks/small_shape_bound.py [--repeats 1000] [--threads N]
 """
 
 from __future__ import annotations
@@ -28,67 +37,128 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from marginlab.heads.amsoftmax import AMSoftmaxHead  # noqa: E402
-from marginlab.heads.arcface import ArcFaceHead  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from marginlab import builders  # noqa: E402
+from marginlab.heads.lsoftmax import psi  # noqa: E402
 
 B, D, C, S, M = 256, 2, 10, 30.0, 0.35
 
 
+def build_head(name: str):
+    cfg = OmegaConf.create({"head": OmegaConf.load(ROOT / "marginlab" / "configs" / "head" / f"{name}.yaml"),
+                            "seed": 0})
+    return builders.build_head(cfg, D, C).train()
+
+
+def race(contenders: dict, labels, leaves, repeats: int) -> dict[str, float]:
+    """Median step time of each contender, run in turn (rotating the order) after 20 warm-up rounds."""
+    names = list(contenders)
+    times = {name: [] for name in names}
+    for r in range(repeats + 20):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            for leaf in leaves:
+                leaf.grad = None
+            start = time.perf_counter()
+            F.cross_entropy(contenders[name](), labels).backward()
+            if r >= 20:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(title: str, medians: dict[str, float], floor: str, targets: dict[str, float]) -> None:
+    print(f"\n{title}")
+    print(f"{'contender':52} {'ms':>7} {'/' + floor:>8}  target")
+    base = medians[floor]
+    for name, value in medians.items():
+        limit = targets.get(name)
+        note = "" if limit is None else f"{'PASS' if value / base <= limit else 'MISS'} <= {limit:.2f}"
+        print(f"{name:52} {value * 1e3:7.3f} {value / base:8.2f}  {note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(B, D, requires_grad=True)
     labels = torch.randint(C, (B,))
-    rows = torch.arange(B)
-    amsoftmax, arcface = AMSoftmaxHead(D, C, s=S, m=M), ArcFaceHead(D, C, s=S, m=M)
-    weight = amsoftmax.weight
+    rows, idx = torch.arange(B), labels.view(-1, 1)
+    linear = torch.nn.Linear(D, C)
+    weight = linear.weight
+    heads = {name: build_head(name) for name in ("softmax", "lsoftmax", "l2softmax", "rbf",
+                                                 "normface", "amsoftmax", "arcface")}
+    for head in heads.values():
+        head.weight = weight
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), B={B} D={D} C={C}, "
+          f"median of {args.repeats}")
 
-    def floor2():
-        return F.linear(F.normalize(x), F.normalize(weight)) * S
+    def lsoftmax_values():  # the values L-Softmax's target needs, no autograd: a lower bound
+        with torch.no_grad():
+            w_y = weight[labels]
+            xw = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(w_y, dim=1)
+            cos = (torch.linalg.vecdot(x, w_y) / xw.clamp_min(1e-12)).clamp(-1.0, 1.0)
+            psi(cos, 4)
 
-    def gather_scatter():  # AM-Softmax eq.: s (cos theta_y - m) in the target column, B entries touched
-        cos = F.linear(F.normalize(x), F.normalize(weight))
-        target = cos.gather(1, labels.view(-1, 1))
-        return (cos * S).scatter(1, labels.view(-1, 1), (target - M) * S)
+    def rbf_values():  # RBF's values besides x W^T, no autograd: a lower bound
+        with torch.no_grad():
+            x2 = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_()
+            w2 = torch.linalg.vector_norm(weight, dim=1).square_()
+            torch.exp(x2 + w2)
 
-    def index_put():
-        logits = F.linear(F.normalize(x) * S, F.normalize(weight))
-        return logits.index_put((rows, labels), torch.tensor(-M * S), accumulate=True)
+    def floor1():
+        return F.linear(x, weight)
+
+    unnormalised = {
+        "floor 1: F.linear + CE": floor1,
+        "torch.nn.Linear(bias=True) + CE (= the softmax head)": lambda: linear(x),
+        "floor 1 + L-Softmax's target values, no autograd": lambda: (lsoftmax_values(), floor1())[1],
+        "floor 1 + RBF's norms and exp, no autograd": lambda: (rbf_values(), floor1())[1],
+        "floor 1 on F.normalize(x) * alpha (L2-softmax)": lambda: F.linear(F.normalize(x) * 5.0, weight),
+        **{f"marginlab {name}": (lambda h=heads[name]: h(x, labels))
+           for name in ("softmax", "lsoftmax", "l2softmax", "rbf")},
+    }
+    targets1 = {name: (1.25 if "RBF" in name or "rbf" in name else 1.15)
+                for name in unnormalised if not name.startswith("floor 1:")}
+    leaves = [x, *linear.parameters(), *(p for h in heads.values() for p in h.parameters())]
+    report("unnormalised heads: against floor 1", race(unnormalised, labels, leaves, args.repeats),
+           "floor 1: F.linear + CE", targets1)
 
     cos_m, sin_m = math.cos(M), math.sin(M)
 
+    def cosine():
+        return F.linear(F.normalize(x), F.normalize(weight))
+
+    def gather_scatter():  # AM-Softmax eq. 3: s (cos theta_y - m) in the target column, B entries touched
+        cos = cosine()
+        return (cos * S).scatter(1, idx, (cos.gather(1, idx) - M) * S)
+
     def arcface_plain():  # ArcFace eq. 3 with InsightFace's fallback, B target entries only
-        cos = F.linear(F.normalize(x), F.normalize(weight))
-        target = cos.gather(1, labels.view(-1, 1))
+        cos = cosine()
+        target = cos.gather(1, idx)
         phi = target * cos_m - (1.0 - target * target).clamp_min(1e-12).sqrt() * sin_m
         phi = torch.where(target > -cos_m, phi, target - M * sin_m)
-        return (cos * S).scatter(1, labels.view(-1, 1), phi * S)
+        return (cos * S).scatter(1, idx, phi * S)
 
-    def one_hot():  # forbidden by the issue (a B x C one-hot); the cheapest form in op count
-        return (F.linear(F.normalize(x), F.normalize(weight)) - F.one_hot(labels, C) * M) * S
-
-    contenders = {"floor 2": floor2, "plain: gather+scatter": gather_scatter, "plain: index_put": index_put,
-                  "plain: one-hot (not allowed)": one_hot, "plain arcface: gather+scatter": arcface_plain,
-                  "marginlab amsoftmax": lambda: amsoftmax(x, labels),
-                  "marginlab arcface": lambda: arcface(x, labels)}
-    times = {name: [] for name in contenders}
-    for _ in range(args.repeats + 10):
-        for name, logits in contenders.items():
-            start = time.perf_counter()
-            F.cross_entropy(logits(), labels).backward()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t[10:]) for name, t in times.items()}  # the first 10: warm-up
-    floor = medians["floor 2"]
-    print(f"torch {torch.__version__}, {args.threads} thread(s), B={B} D={D} C={C}, median of {args.repeats}")
-    print(f"{'contender':32} {'ms':>7} {'/floor2':>8}")
-    for name, value in medians.items():
-        print(f"{name:32} {value * 1e3:7.3f} {value / floor:8.2f}")
+    normalised = {
+        "floor 2: normalised cosine + CE": lambda: cosine() * S,
+        "plain ops: gather + scatter (AM-Softmax)": gather_scatter,
+        "plain ops: index_put (AM-Softmax)": lambda: F.linear(F.normalize(x) * S, F.normalize(weight)).index_put(
+            (rows, labels), torch.tensor(-M * S), accumulate=True),
+        "plain ops: B x C one-hot (not allowed)": lambda: (cosine() - F.one_hot(labels, C) * M) * S,
+        "plain ops: gather + scatter (ArcFace)": arcface_plain,
+        **{f"marginlab {name}": (lambda h=heads[name]: h(x, labels)) for name in ("normface", "amsoftmax", "arcface")},
+    }
+    targets2 = {name: 1.10 for name in normalised if not name.startswith("floor 2")}
+    report("normalised heads: against floor 2", race(normalised, labels, leaves, args.repeats),
+           "floor 2: normalised cosine + CE", targets2)
 
 
 if __name__ == "__main__":

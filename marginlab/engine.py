@@ -116,6 +116,8 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         images, labels = to_device(batch, prec.device, channels_last)
+        # the probe's cosines only on the steps that log geometry (the heads skip their pieces otherwise)
+        model.head.record_cosine = (state.step + 1) % log_every == 0
         with prec.autocast():  # forward under AMP; heads do their margin arithmetic in float32
             embeddings, logits = forward(images, labels)
             loss = compute_loss(model, embeddings, logits, labels)
@@ -154,6 +156,7 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
                 log.scalars(step_stats, state.step, prefix="step/")
             bar.set_postfix({k: f"{step_stats[k]:.3f}" for k in ("loss", "acc") if k in step_stats})
     bar.close()
+    model.head.record_cosine = True
     elapsed = time.perf_counter() - start
     totals = dist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
                                               torch.tensor(float(seen), device=prec.device, dtype=torch.float64)]))
@@ -174,6 +177,7 @@ def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool
     ``probe`` (a marginlab.probe.GeometryProbe) is handed a bounded sample of features, cosines and predictions.
     """
     model.eval()
+    model.head.record_cosine = True
     forward = model if forward is None else forward
     loss_sum, correct, seen = 0.0, 0, 0
     meter = GeometryMeter()

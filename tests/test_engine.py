@@ -94,3 +94,28 @@ def test_head_weight_decay_is_a_separate_group():
     opt = build_optimizer(cfg, tiny_model())
     assert [g["name"] for g in opt.param_groups] == ["backbone", "head"]
     assert opt.param_groups[0]["weight_decay"] == 5e-4 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_probe_cosines_are_recorded_only_on_the_steps_that_log_geometry():
+    model = tiny_model()
+    seen = []
+    real_logits = model.head.logits
+
+    def spy(embeddings, labels):
+        seen.append(model.head.record_cosine)
+        return real_logits(embeddings, labels)
+
+    model.head.logits = spy
+    logged = []
+
+    class Log:
+        def scalars(self, values, step, prefix=""):
+            logged.append((step, "angle/target_deg" in values))
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train_one_epoch(model, batches(), opt, sched, Precision(torch.device("cpu"), "32"), LoopState(),
+                    grad_clip=None, max_nonfinite=3, channels_last=False, log_every=3, log=Log())
+    assert seen == [False, False, True, False, False, True]  # steps 1..6, logged at 3 and 6
+    assert logged == [(3, True), (6, True)]  # and those steps log the geometry
+    assert model.head.record_cosine  # back on after the epoch: evaluation and other callers get the probe

@@ -83,6 +83,9 @@ class MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
         self.last_cosine = None
+        #: keep the probe's cosines of each forward (``last_cosine``); the trainer turns this off on
+        #: the steps that log no geometry, so heads skip the pieces they would compute for it
+        self.record_cosine = True
 
     @property
     def last_cosine(self) -> Tensor | None:
@@ -103,7 +106,10 @@ class MarginHead(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         self._check_inputs(embeddings, labels)
-        return self.logits(embeddings, labels)
+        logits = self.logits(embeddings, labels)
+        if not self.record_cosine:
+            self.__dict__["_last_cosine"] = None
+        return logits
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         raise NotImplementedError

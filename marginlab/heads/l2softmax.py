@@ -52,6 +52,8 @@ class L2SoftmaxHead(MarginHead):
         # L2-softmax (Ranjan et al. 2017): f = alpha * x / ||x||, then the usual W f + b
         features = F.normalize(at_least_float32(embeddings)) * self.alpha
         logits = at_least_float32(F.linear(features, self.weight, self.bias))
+        if not self.record_cosine:
+            return logits
         with torch.no_grad():  # cosines for the geometry probe: (logit - b) / (alpha ||W_j||), computed
             # from these pieces (taken now: the step may change W and b) when last_cosine is read
             w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)

@@ -127,6 +127,8 @@ class LSoftmaxHead(MarginHead):
 
     def _set_probe(self, logits, x_norm, w_norms, labels=None, target=None) -> None:
         """Cosines for the geometry probe, W_j x / (||W_j|| ||x||), computed when last_cosine is read."""
+        if not self.record_cosine:
+            return
         with torch.no_grad():
             self.last_cosine = LazyCosine(
                 logits, row_scale=x_norm.detach().clamp_min(_NORM_EPS).reciprocal_(),

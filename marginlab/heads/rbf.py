@@ -48,11 +48,12 @@ class _RBFLogits(torch.autograd.Function):
 
     The probe's cosines need x.W_j. Where the logits give it back precisely enough (factored logits,
     decided from the norms before the product: ``_recoverable``) nothing more is kept; otherwise the
-    product x W^T is kept as it is (B x C), as the unfused code did.
+    product x W^T is kept as it is (B x C), as the unfused code did. With ``probe=False`` (a step that
+    logs no geometry) it is never kept.
     """
 
     @staticmethod
-    def forward(ctx, x, w, s, gamma):
+    def forward(ctx, x, w, s, gamma, probe):
         log_s, inv_gamma = math.log(s), 1.0 / gamma
         on_cpu = _host_checks(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -60,7 +61,7 @@ class _RBFLogits(torch.autograd.Function):
             w2 = torch.linalg.vector_norm(w, dim=1).square_()  # C, no C x D temporary
             rows = x2 * inv_gamma  # ||x||^2 / gamma
             factored = on_cpu and _factorable(rows, log_s)
-            keep_product = not (factored and _recoverable(x2, w2, gamma, log_s))
+            keep_product = probe and not (factored and _recoverable(x2, w2, gamma, log_s))
             # RBF-Softmax: logit_j = s exp(-d_j / gamma), d_j = ||x||^2 + ||W_j||^2 - 2 x.W_j,
             # = exp(t_j) exp(-||x||^2 / gamma),  t_j = log s + (2 x.W_j - ||W_j||^2) / gamma
             bias = (log_s - w2 * inv_gamma).unsqueeze(0)
@@ -90,7 +91,7 @@ class _RBFLogits(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, _grad_product, _grad_x2, _grad_w2):
         if grad_out is None:
-            return None, None, None, None
+            return None, None, None, None, None
         x, w, out, hit = ctx.saved_tensors
         k = ctx.k
         batch, num_classes = out.shape
@@ -119,7 +120,7 @@ class _RBFLogits(torch.autograd.Function):
                 dw = torch.mul(w[cols], ga.sum(dim=0).mul_(-k).unsqueeze(1), out=grad_w[cols])
                 dw.addmm_(ga.t(), xk)
             grad_x.addcmul_(row_sum, x, value=-1.0).mul_(k)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 def _host_checks(x: Tensor) -> bool:
@@ -218,8 +219,10 @@ class RBFHead(MarginHead):
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         x = at_least_float32(embeddings)
         w = at_least_float32(self.weight)
-        out, product, x2, w2 = _RBFLogits.apply(x, w, self.s, self.gamma)
+        out, product, x2, w2 = _RBFLogits.apply(x, w, self.s, self.gamma, self.record_cosine)
         # cosines for the geometry probe, x.W_j / (||x|| ||W_j||), computed when read
+        if not self.record_cosine:
+            return out
         if product.numel():
             inv_x = x2.sqrt().clamp_min_(1e-12).reciprocal_()
             inv_w = w2.sqrt().clamp_min_(1e-12).reciprocal_()

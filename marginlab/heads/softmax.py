@@ -19,6 +19,8 @@ class SoftmaxHead(MarginHead):
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         logits = at_least_float32(F.linear(embeddings, self.weight, self.bias))  # float32 under autocast
+        if not self.record_cosine:
+            return logits
         with torch.no_grad():  # cosines only for the geometry probe: cos = (logits - b) / (||W|| ||x||),
             # computed from these pieces (taken now: the step may change W and b) when last_cosine is read
             x_norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 HEADS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "marginlab" / "configs" / "head").glob("*.yaml"))
 
@@ -23,3 +26,29 @@ def test_head_trains_one_epoch_and_loss_decreases(run_train, metrics, head):
     assert len(rows) == 2
     assert rows[1]["train/loss"] < rows[0]["train/loss"], rows
     assert rows[1]["train/nonfinite_steps"] == 0
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_record_cosine_off_keeps_logits_and_gradients_and_drops_the_probe(name, hh):
+    """With record_cosine=False (the trainer's steps that log no geometry) a head gives the same
+    logits and gradients and keeps no probe cosines; switched back on, it records them again."""
+    head = hh.instantiate(name, in_features=6, num_classes=9).train()
+    x, labels = hh.make_batch(head, batch=10, special=False)
+    start = copy.deepcopy(head.state_dict())  # buffers a training forward advances (EMAs, counters)
+    results = []
+    for record in (True, False):
+        head.load_state_dict(start)
+        head.record_cosine = record
+        head.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        logits = head(xx, labels)
+        loss = F.cross_entropy(logits, labels)
+        extra = head.extra_loss()
+        (loss if extra is None else loss + extra).backward()
+        results.append([logits.detach(), xx.grad] + [p.grad for p in head.parameters() if p.requires_grad])
+        assert (head.last_cosine is None) == (not record)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    head.record_cosine = True
+    head(x, labels)
+    assert head.last_cosine is not None

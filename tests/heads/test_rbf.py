@@ -50,7 +50,7 @@ def test_fused_function_matches_the_plain_formula(rbf_path, block_elements, monk
     s, gamma = 35.0, 4.0
 
     def fused(x_, w_):
-        return _RBFLogits.apply(x_, w_, s, gamma)[0]
+        return _RBFLogits.apply(x_, w_, s, gamma, True)[0]
 
     leaves = (x.clone().requires_grad_(True), w.clone().requires_grad_(True))
     assert torch.autograd.gradcheck(fused, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
@@ -87,7 +87,7 @@ def test_recovery_estimate_holds_where_recovery_is_used():
         x = torch.randn(12, d, generator=g) * (x_scale / math.sqrt(d))
         if near:
             x = w[:12] + 0.1 * x
-        out, product, x2, w2 = _RBFLogits.apply(x, w, s, gamma)
+        out, product, x2, w2 = _RBFLogits.apply(x, w, s, gamma, True)
         if product.numel():
             continue
         used += 1
