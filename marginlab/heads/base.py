@@ -6,7 +6,7 @@ A head owns the class weights ``W`` (C x D) and maps embeddings (B x D) to logit
 Margins are applied by gathering the target cosine, transforming it and scattering it back; no head
 builds a B x C one-hot or takes ``acos`` of the whole B x C matrix. Margin arithmetic runs in float32
 even under autocast. Each head keeps the (detached) cosines it computed in ``last_cosine`` so the
-geometry probe can reuse them.
+geometry probe can reuse them (unless ``record_cosine`` is off: the trainer's steps that log nothing).
 """
 
 from __future__ import annotations
