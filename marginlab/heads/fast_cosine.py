@@ -335,7 +335,9 @@ class LazyCosine:
     ``cos = (raw - bias) * row_scale[:, None] * col_scale[None, :]`` clamped to [-1, 1], with the
     target column taken from ``target_raw`` (the raw values before a margin replaced them). Every
     piece is captured at forward time (detached), so an optimizer step in between changes nothing;
-    ``raw`` is an alias of the logits, checked against in-place edits made after the forward.
+    ``raw`` is an alias of the logits, checked against in-place edits made after the forward (not
+    when it was made inside a torch.compile'd forward: the version seen while tracing is not the
+    compiled output's).
     """
 
     __slots__ = ("raw", "version", "row_scale", "col_scale", "bias", "labels", "target_raw")
@@ -343,16 +345,19 @@ class LazyCosine:
     def __init__(self, raw: Tensor, *, row_scale=None, col_scale=None, bias=None, labels=None,
                  target_raw=None):
         self.raw = raw.detach()
-        self.version = raw._version
+        self.version = None if torch.compiler.is_compiling() else raw._version
         self.row_scale, self.col_scale, self.bias = row_scale, col_scale, bias
         self.labels, self.target_raw = labels, target_raw
 
-    @torch.no_grad()
-    def compute(self) -> Tensor:
-        raw = self.raw
-        if raw._version != self.version:
+    def check_intact(self) -> None:
+        if self.version is not None and self.raw._version != self.version:
             raise RuntimeError("the head's logits were modified in place after its forward, so its probe "
                                "cosines (last_cosine) can no longer be computed from them")
+
+    @torch.no_grad()
+    def compute(self) -> Tensor:
+        self.check_intact()
+        raw = self.raw
         cos = raw - self.bias if self.bias is not None else None
         for scale, dim in ((self.col_scale, 0), (self.row_scale, 1)):
             if scale is None:

@@ -190,9 +190,7 @@ class _RBFCosine(LazyCosine):
 
     @torch.no_grad()
     def compute(self):
-        if self.raw._version != self.version:
-            raise RuntimeError("the head's logits were modified in place after its forward, so its probe "
-                               "cosines (last_cosine) can no longer be computed from them")
+        self.check_intact()
         t = torch.div(self.raw, _row_factor(self.x2, 1.0 / self.gamma).unsqueeze(1)).log_()
         xw = t.mul_(0.5 * self.gamma).add_((0.5 * (self.w2 - self.gamma * self.log_s)).unsqueeze(0))
         # a zero feature or prototype has cosine 0 (x.W_j is recovered only to rounding of the norms)

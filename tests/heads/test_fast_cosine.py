@@ -341,3 +341,29 @@ def test_plain_path_used_under_compile_matches_the_fused_values_and_gradients():
         results.append((logits.detach(), gx, gw))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def _writes_its_outputs(gm, example_inputs):
+    """A torch.compile backend that, like inductor's out= kernels, writes the graph's outputs in place
+    (so their version counters differ from what tracing saw)."""
+    def run(*args):
+        outs = gm(*args)
+        for out in outs if isinstance(outs, (list, tuple)) else (outs,):
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                out.add_(0.0)
+        return outs
+    return run
+
+
+@pytest.mark.parametrize("name", ["amsoftmax", "softmax", "rbf"])
+def test_probe_cosines_of_a_compiled_evaluation_forward(name, hh):
+    """An evaluation forward run under torch.compile still offers the probe cosines: the version seen
+    while tracing is not checked against the compiled output's."""
+    torch._dynamo.reset()
+    head = hh.instantiate(name, in_features=4, num_classes=7).eval()
+    x, _ = hh.make_batch(head, batch=6, special=False)
+    with torch.no_grad():
+        torch.compile(head, backend=_writes_its_outputs)(x)
+    expected = hh.reference_cosine(x, head.weight.detach())
+    torch.testing.assert_close(head.last_cosine.double(), expected, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
