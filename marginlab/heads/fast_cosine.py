@@ -102,7 +102,8 @@ class _FusedLinear(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             xc, wc = x.to(mm_dtype), weight.to(mm_dtype)
             out = torch.mm(xc, wc.t()).to(out_dtype)
-            norms = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype)  # C
+            # the C norms only where the product is divided by them (a C x D pass); else the B target rows'
+            norms = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype) if normalize else out.new_zeros(0)
             inv = norms.clamp_min(NORM_EPS).reciprocal_() if normalize else None
             if normalize:
                 out.mul_(inv)
@@ -118,7 +119,8 @@ class _FusedLinear(torch.autograd.Function):
                     if normalize:
                         target_value = target_value / torch.linalg.vector_norm(w_y.to(hi), dim=1).clamp_min(NORM_EPS)
                 raw_target = target_value.to(out_dtype)  # before the clamp
-                target_norm = norms[labels]
+                target_norm = (norms[labels] if normalize else
+                               torch.linalg.vector_norm(weight[labels], dim=1, dtype=out_dtype))
             else:
                 raw_target = target_norm = out.new_zeros(0)
             if bound is not None:
@@ -133,7 +135,7 @@ class _FusedLinear(torch.autograd.Function):
         ctx.normalize = normalize
         ctx.dtypes = (mm_dtype, out_dtype)
         ctx.has_labels = labels is not None
-        ctx.save_for_backward(x, xc, weight, wc, norms, inv, labels, raw_target, target_kept)
+        ctx.save_for_backward(x, xc, weight, wc, target_norm, inv, labels, raw_target, target_kept)
         ctx.mark_non_differentiable(norms)
         ctx.set_materialize_grads(False)  # unused outputs: None, not B x C zeros
         return out, target, target_norm, norms
@@ -141,7 +143,7 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_target, grad_target_norm, _grad_norms):
-        x, xc, weight, wc, norms, inv, labels, raw_target, target_kept = ctx.saved_tensors
+        x, xc, weight, wc, target_norm, inv, labels, raw_target, target_kept = ctx.saved_tensors
         mm_dtype, out_dtype = ctx.dtypes
         out = ctx.out
         # S_j from the output (B x C) unless it was edited in place by someone other than the head
@@ -179,7 +181,7 @@ class _FusedLinear(torch.autograd.Function):
                     rows = corr * x.to(out_dtype)
             if ctx.has_labels and labels.numel() and grad_target_norm is not None:
                 # d||W_y|| / dW_y = W_y / ||W_y|| (0 at W_y = 0): B rows
-                coef = (grad_target_norm.to(out_dtype) / norms[labels].clamp_min(NORM_EPS)).unsqueeze(1)
+                coef = (grad_target_norm.to(out_dtype) / target_norm.clamp_min(NORM_EPS)).unsqueeze(1)
                 w_y = weight[labels].to(out_dtype) if w_y is None else w_y
                 rows = coef * w_y if rows is None else rows.addcmul_(coef, w_y)
             if rows is not None:
@@ -278,18 +280,19 @@ def _plain_linear(x: Tensor, weight: Tensor, labels: Tensor | None, normalize_we
     if bound is not None:
         out = out.clamp(-bound, bound)
         target = None if target is None else target.clamp(-bound, bound)
-    return FusedLogits(out, target, target_norm, norms.detach(), None)
+    return FusedLogits(out, target, target_norm, norms.detach() if normalize_weight else None, None)
 
 
 class FusedLogits(NamedTuple):
     """What ``fused_linear`` returns. ``logits`` (B x C) may be edited in place only through
     ``replace_target``; ``target`` (B) are its entries at the labels before any replacement and
-    ``target_norm`` (B) the norms ||W_y|| (both differentiable); ``weight_norms`` (C) are detached."""
+    ``target_norm`` (B) the norms ||W_y|| (both differentiable); ``weight_norms`` (C, detached) are
+    the class-weight norms where the product was divided by them, else None."""
 
     logits: Tensor
     target: Tensor | None
     target_norm: Tensor | None
-    weight_norms: Tensor
+    weight_norms: Tensor | None
     handle: _Handle | None  # None: the plain path of ``_plain_linear``
 
     def replace_target(self, labels: Tensor, target_logit: Tensor) -> Tensor:
@@ -326,7 +329,7 @@ def fused_linear(x: Tensor, weight: Tensor, labels: Tensor | None = None, *, nor
                                                          handle)
     if labels is None:
         target = target_norm = None
-    return FusedLogits(out, target, target_norm, norms, handle)
+    return FusedLogits(out, target, target_norm, norms if normalize_weight else None, handle)
 
 
 class LazyCosine:

@@ -104,10 +104,7 @@ class LSoftmaxHead(MarginHead):
         wx = fused.logits  # B x C, float32 at least; the matmul may run under autocast
         x = at_least_float32(embeddings)
         x_norm = torch.linalg.vector_norm(x, dim=1)  # B (norm's gradient at 0 is 0)
-        with torch.no_grad():  # ||W_j|| as used: 1 (or less, for a zero row) once normalised
-            w_norms = fused.weight_norms
-            if self.normalize_weights:
-                w_norms = w_norms / w_norms.clamp_min(_NORM_EPS)
+        w_norms = self._used_weight_norms(fused) if self.normalize_weights or self.record_cosine else None
         if labels is None:
             self._set_probe(wx, x_norm, w_norms)
             return wx
@@ -124,6 +121,13 @@ class LSoftmaxHead(MarginHead):
         logits = fused.replace_target(labels, target)
         self._set_probe(logits, x_norm, w_norms, labels, dot)
         return logits
+
+    @torch.no_grad()
+    def _used_weight_norms(self, fused) -> Tensor:
+        """||W_j|| as used: 1 (or less, for a zero row) once normalised (SphereFace), else ||W_j||."""
+        if self.normalize_weights:
+            return fused.weight_norms / fused.weight_norms.clamp_min(_NORM_EPS)
+        return torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=fused.logits.dtype)
 
     def _set_probe(self, logits, x_norm, w_norms, labels=None, target=None) -> None:
         """Cosines for the geometry probe, W_j x / (||W_j|| ||x||), computed when last_cosine is read."""
