@@ -100,6 +100,19 @@ def test_cos_plus_angle_slope_at_and_near_plus_minus_one():
     assert torch.isfinite(slope).all()
 
 
+def test_combined_slope_within_eps_of_plus_minus_one(hh):
+    """The combined margin's slope is that of acos(cos clamped to [-1 + eps, 1 - eps]): 0 within eps
+    of +-1 (where d acos / d cos = -inf), the plain derivative inside."""
+    head = hh.instantiate("combined", in_features=4, num_classes=7, m1=1.2, m2=0.3, m3=0.1).double()
+    t = torch.tensor([-1.0, -1 + 1e-8, -0.4, 0.5, 1 - 1e-8, 1.0], dtype=torch.float64)
+    tt = t.clone().requires_grad_(True)
+    theta = torch.acos(tt.clamp(-1 + 1e-7, 1 - 1e-7))
+    (expected,) = torch.autograd.grad((torch.cos(1.2 * theta + 0.3) - 0.1).sum(), tt)
+    _, slope = head.margin_and_slope(t)
+    torch.testing.assert_close(slope, expected, atol=1e-12, rtol=1e-9)
+    assert (slope[[0, 1, 4, 5]] == 0).all() and (slope[[2, 3]] != 0).all()
+
+
 @pytest.mark.parametrize("name, kwargs", [("amsoftmax", {}), ("arcface", {})])
 def test_tiny_and_zero_features_match_normalize(name, kwargs, hh):
     """Below F.normalize's eps (1e-12) the norm's own gradient is dropped, as normalize's clamp does."""
