@@ -24,6 +24,20 @@ def plain_logits(head, x, labels):
     return (cos * head.s).scatter(1, labels.view(-1, 1), (head.s * head.target_cosine(t, labels)).view(-1, 1))
 
 
+def assert_fused_matches_plain(head, x, labels, loss, edit=lambda logits: logits, atol=1e-10, rtol=1e-9):
+    """Logits and the gradients to x and W of the fused head against ``plain_logits``, each passed
+    through ``edit`` and then ``loss``."""
+    results = []
+    for forward in (head, lambda xx, yy: plain_logits(head, xx, yy)):
+        xx = x.clone().requires_grad_(True)
+        head.zero_grad(set_to_none=True)
+        out = edit(forward(xx, labels))
+        loss(out).backward()
+        results.append((out.detach(), xx.grad, head.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("name, kwargs", FUSED_HEADS)
 def test_training_forward_is_one_autograd_node(name, kwargs, hh):
     head = hh.instantiate(name, in_features=4, num_classes=7, **kwargs).train()
@@ -52,15 +66,7 @@ def test_values_and_gradients_match_autograd(name, kwargs, batch, dim, block, hh
     g = torch.Generator().manual_seed(5)
     x = torch.randn(batch, dim, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 7, (batch,), generator=g)
-    results = []
-    for fn in (head, lambda xx, yy: plain_logits(head, xx, yy)):
-        xx = x.clone().requires_grad_(True)
-        head.zero_grad(set_to_none=True)
-        out = fn(xx, labels)
-        F.cross_entropy(out, labels).backward()
-        results.append((out.detach(), xx.grad, head.weight.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    assert_fused_matches_plain(head, x, labels, lambda out: F.cross_entropy(out, labels))
 
 
 @pytest.mark.parametrize("name, kwargs", FUSED_HEADS)
@@ -123,32 +129,17 @@ def test_tiny_and_zero_features_match_normalize(name, kwargs, hh):
     x[2] = 0.0
     labels = torch.tensor([0, 3, 5, 6])
     upstream = torch.randn(4, 7, generator=g, dtype=torch.float64)
-    grads = []
-    for fn in (head, lambda xx, yy: plain_logits(head, xx, yy)):
-        xx = x.clone().requires_grad_(True)
-        head.zero_grad(set_to_none=True)
-        out = fn(xx, labels)
-        out.backward(upstream)
-        grads.append((out.detach(), xx.grad, head.weight.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    assert_fused_matches_plain(head, x, labels, lambda out: (out * upstream).sum(), atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["amsoftmax", "arcface"])
 def test_in_place_edit_of_the_logits_after_the_forward(name, hh):
     """An edit the Function did not make (here x2 in place) switches its backward to the formula that
-    does not read the logits; the gradients stay exact."""
-    head = hh.instantiate(name, in_features=4, num_classes=7).double().train()
+    does not read the logits; the gradients stay exact. D > B, where the logits would be read."""
+    head = hh.instantiate(name, in_features=9, num_classes=7).double().train()
     x, labels = hh.make_batch(head, batch=6, special=False)
-    x = x.double()
-    grads = []
-    for fn in (lambda xx: head(xx, labels).mul_(2.0), lambda xx: plain_logits(head, xx, labels) * 2.0):
-        xx = x.clone().requires_grad_(True)
-        head.zero_grad(set_to_none=True)
-        F.cross_entropy(fn(xx), labels).backward()
-        grads.append((xx.grad, head.weight.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    assert_fused_matches_plain(head, x.double(), labels, lambda out: F.cross_entropy(out, labels),
+                               edit=lambda logits: logits.mul_(2.0))
 
 
 def test_bfloat16_features_under_autocast_get_bfloat16_gradients(hh):
