@@ -29,12 +29,13 @@ def batches(nan_at=()):
     return out
 
 
-def run_epoch(model, loader, max_nonfinite=3):
+def run_epoch(model, loader, max_nonfinite=3, log_every=2, log=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     state = LoopState()
     stats = train_one_epoch(model, loader, opt, sched, Precision(torch.device("cpu"), "32"), state,
-                            grad_clip=None, max_nonfinite=max_nonfinite, channels_last=False, log_every=2)
+                            grad_clip=None, max_nonfinite=max_nonfinite, channels_last=False, log_every=log_every,
+                            log=log)
     return stats, state
 
 
@@ -112,10 +113,7 @@ def test_probe_cosines_are_recorded_only_on_the_steps_that_log_geometry():
         def scalars(self, values, step, prefix=""):
             logged.append((step, "angle/target_deg" in values))
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    train_one_epoch(model, batches(), opt, sched, Precision(torch.device("cpu"), "32"), LoopState(),
-                    grad_clip=None, max_nonfinite=3, channels_last=False, log_every=3, log=Log())
+    run_epoch(model, batches(), log_every=3, log=Log())
     assert seen == [False, False, True, False, False, True]  # steps 1..6, logged at 3 and 6
     assert logged == [(3, True), (6, True)]  # and those steps log the geometry
     assert model.head.record_cosine  # back on after the epoch: evaluation and other callers get the probe
