@@ -40,6 +40,7 @@ rest in float32; float64 stays float64 (gradcheck). Double backward is not suppo
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -56,6 +57,13 @@ def class_block(batch: int, elements: int | None = None) -> int:
     """Classes per block in the blocked backwards (here and in rbf.py): ``elements`` per block."""
     elements = BLOCK_ELEMENTS if elements is None else elements
     return max(1, elements // max(1, batch))
+
+
+def no_autocast(device_type: str):
+    """Autocast off inside a fused Function (it picks the matmul dtype itself); a no-op when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _dtypes(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -99,7 +107,7 @@ class _FusedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, labels, normalize, bound, target_value, handle):
         mm_dtype, out_dtype = _dtypes(x, weight)
         dev = x.device.type
-        with torch.autocast(dev, enabled=False):
+        with no_autocast(dev):
             xc, wc = x.to(mm_dtype), weight.to(mm_dtype)
             out = torch.mm(xc, wc.t()).to(out_dtype)
             # the C norms only where the product is divided by them (a C x D pass); else the B target rows'
@@ -150,7 +158,7 @@ class _FusedLinear(torch.autograd.Function):
         out_intact = out._version == ctx.handle.expected_version
         replaced = ctx.handle.replaced
         batch = x.shape[0]
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             if grad_out is None:
                 grad_out = out.new_zeros(out.shape)
             targets = ctx.has_labels and labels.numel() > 0 and (grad_target is not None or replaced)

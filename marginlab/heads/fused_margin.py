@@ -29,31 +29,23 @@ angle by up to ~3.5e-4 rad. Additive cosine margins (slope 1) take it from the p
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from marginlab.heads.fast_cosine import NORM_EPS, _dtypes, _normalized_backward, precise_cosine
+from marginlab.heads.fast_cosine import NORM_EPS, _dtypes, _normalized_backward, no_autocast, precise_cosine
 
 #: the head's margin: target cosines (B) -> (phi (B), d phi / d t (B tensor or float))
 MarginAndSlope = Callable[[Tensor], "tuple[Tensor, Tensor | float]"]
-
-
-def _no_autocast(device_type: str):
-    """Autocast off inside the Function (the matmul dtype is chosen explicitly); a no-op when it is off."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class _FusedCosineMargin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, labels, s, bound, margin_and_slope, precise):
         mm_dtype, out_dtype = _dtypes(x, weight)
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             xf = x.to(out_dtype)
             x_norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
             scale_x = x_norm.clamp_min(NORM_EPS).reciprocal_().mul_(s)  # s / max(||x||, eps)
@@ -99,7 +91,7 @@ class _FusedCosineMargin(torch.autograd.Function):
         # (D > B); else from W and the new dW (C x D), which needs no target values
         from_logits = ctx.out._version == ctx.version and dim > batch
         unit_slope = slope is None and ctx.scalar_slope == 1.0
-        with _no_autocast(xs.device.type):
+        with no_autocast(xs.device.type):
             grad_out = grad_out.to(out_dtype)
             if unit_slope and not (from_logits and ctx.replaced):  # G' holds the right target entries
                 fix_labels = g_target = None

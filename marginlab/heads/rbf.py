@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from marginlab.heads.base import MarginHead, at_least_float32, check_float
-from marginlab.heads.fast_cosine import LazyCosine, class_block
+from marginlab.heads.fast_cosine import LazyCosine, class_block, no_autocast
 
 
 #: the probe's cosines are recovered from the logits (see _RBFCosine) only where the estimated error
@@ -56,7 +56,7 @@ class _RBFLogits(torch.autograd.Function):
     def forward(ctx, x, w, s, gamma, probe):
         log_s, inv_gamma = math.log(s), 1.0 / gamma
         on_cpu = _host_checks(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             x2 = torch.linalg.vecdot(x, x)  # B
             w2 = torch.linalg.vector_norm(w, dim=1).square_()  # C, no C x D temporary
             rows = x2 * inv_gamma  # ||x||^2 / gamma
@@ -95,7 +95,7 @@ class _RBFLogits(torch.autograd.Function):
         x, w, out, hit = ctx.saved_tensors
         k = ctx.k
         batch, num_classes = out.shape
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             grad_x = torch.zeros_like(x)
             row_sum = x.new_zeros(batch, 1)
             grad_w = torch.empty_like(w)
