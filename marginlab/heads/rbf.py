@@ -221,10 +221,11 @@ class RBFHead(MarginHead):
         # cosines for the geometry probe, x.W_j / (||x|| ||W_j||), computed when read
         if not self.record_cosine:
             return out
-        if product.numel():
-            inv_x = x2.sqrt().clamp_min_(1e-12).reciprocal_()
-            inv_w = w2.sqrt().clamp_min_(1e-12).reciprocal_()
-            self.last_cosine = LazyCosine(product, row_scale=inv_x, col_scale=inv_w)
-        else:
-            self.last_cosine = _RBFCosine(out, x2, w2, self.gamma, math.log(self.s))
+        with torch.no_grad():  # probe pieces only (under torch.compile the non-differentiable marks are lost)
+            if product.numel():
+                inv_x = x2.sqrt().clamp_min_(1e-12).reciprocal_()
+                inv_w = w2.sqrt().clamp_min_(1e-12).reciprocal_()
+                self.last_cosine = LazyCosine(product, row_scale=inv_x, col_scale=inv_w)
+            else:
+                self.last_cosine = _RBFCosine(out, x2, w2, self.gamma, math.log(self.s))
         return out

@@ -155,3 +155,24 @@ def test_bad_hyperparameters(kwargs, pattern):
 def test_config(hh):
     head = hh.instantiate("rbf")
     assert isinstance(head, RBFHead) and (head.s, head.gamma) == (35.0, 16.0)
+
+
+def test_training_forward_under_torch_compile_matches_eager(hh):
+    """Under torch.compile (aot_eager: graph capture without code generation) the probe pieces are
+    computed without autograd, as in eager mode (the Function's non-differentiable marks are lost
+    there, and an in-place op on them used to fail in the backward)."""
+    torch.manual_seed(0)
+    head = hh.instantiate("rbf", in_features=4, num_classes=7).train()
+    x, labels = hh.make_batch(head, batch=6, special=False)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        head.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        forward = torch.compile(head, backend="aot_eager") if compiled else head
+        logits = forward(xx, labels)
+        F.cross_entropy(logits, labels).backward()
+        results.append((logits.detach(), xx.grad, head.weight.grad, head.last_cosine))
+    torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
