@@ -11,6 +11,7 @@ from torch import nn
 from marginlab.config.validate import check_target_node, split_head
 from marginlab.distributed.partial_fc import build_partial_fc, group_rank_and_size
 from marginlab.errors import ConfigError
+from marginlab.heads.base import MarginHead
 
 
 class MarginModel(nn.Module):
@@ -71,14 +72,43 @@ def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes:
     return MarginModel(backbone, head, regs)
 
 
+def try_optimizer(node: DictConfig) -> None:
+    """Builds the optimizer on one dummy parameter: a ConfigError with the optimizer's reason if it rejects a value."""
+    make = _instantiate(node, "optim")
+    try:
+        make([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"optim ({node.get('_target_')}) does not accept its values: {exc}") from None
+
+
 def build_optimizer(cfg: DictConfig, model: MarginModel) -> torch.optim.Optimizer:
-    """Two parameter groups: the backbone (optim.weight_decay) and head + regularizers (trainer.head_weight_decay)."""
+    """Parameter groups: the backbone (optim.weight_decay); head + regularizers (trainer.head_weight_decay,
+    null: optim.weight_decay); and, only when the head sets ``head.lr_mult`` != 1 or ``head.weight_decay``
+    (MarginHead), its class weights W on their own ("class_weight": lr = optim.lr * lr_mult, weight decay
+    head.weight_decay, null: as the head group), as a Caffe ``param { lr_mult decay_mult }`` on W would."""
     make = _instantiate(cfg.optim, "optim")
-    head_params = [p for p in list(model.head.parameters()) + list(model.regularizers.parameters()) if p.requires_grad]
+    head_wd = cfg.trainer.head_weight_decay
+    # the head that owns W: model.head itself, or the one a wrapper (Partial FC) holds
+    owner = next((m for m in model.head.modules() if isinstance(m, MarginHead)), None)
+    own_group = owner is not None and (owner.lr_mult != 1.0 or owner.weight_decay is not None)
+    class_weight = owner.weight if own_group and owner.weight.requires_grad else None
+    head_params = [p for p in list(model.head.parameters()) + list(model.regularizers.parameters())
+                   if p.requires_grad and p is not class_weight]
     groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "name": "backbone"},
               {"params": head_params, "name": "head"}]
-    if cfg.trainer.head_weight_decay is not None:
-        groups[1]["weight_decay"] = float(cfg.trainer.head_weight_decay)
+    if head_wd is not None:
+        groups[1]["weight_decay"] = float(head_wd)
+    if class_weight is not None:
+        group = {"params": [class_weight], "name": "class_weight"}
+        if owner.lr_mult != 1.0:
+            if cfg.optim.get("lr") is None:
+                raise ConfigError(f"head.lr_mult={owner.lr_mult:g} needs optim.lr to multiply, and "
+                                  f"optim ({cfg.optim.get('_target_')}) sets none: set optim.lr or head.lr_mult=1")
+            group["lr"] = float(cfg.optim.lr) * owner.lr_mult
+        decay = owner.weight_decay if owner.weight_decay is not None else head_wd
+        if decay is not None:
+            group["weight_decay"] = float(decay)
+        groups.append(group)
     return make([g for g in groups if g["params"]])
 
 

@@ -1,48 +1,149 @@
-"""Checkpoints: written atomically (temp file + rename), found again for ``resume=``."""
+"""Checkpoints: written atomically (temp file + rename), read with ``torch.load(weights_only=True)`` only (a
+checkpoint holds tensors and plain containers; reading one never runs code), found again for ``resume=``."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
-import tempfile
+import re
+import secrets
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from marginlab.errors import ConfigError
+from marginlab.errors import ConfigError, DataError
 
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_NAMES = ("last.pt", "best.pt")
+#: what ``resume=`` needs; ``marginlab eval`` needs only EVAL_KEYS
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "rng", "config")
+EVAL_KEYS = ("model", "config", "data")
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+#: the only globals a checkpoint may name, allowed by name: numpy's array reconstruction (under numpy 1's and 2's
+#: module names), which checkpoints written before the plain format need (np.random.get_state()'s ndarray)
+LEGACY_GLOBALS = [(_reconstruct, "numpy.core.multiarray._reconstruct"),
+                  (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+# ---------------------------------------------------------------- writing
+def temp_files(ckpt_dir: Path, names=CHECKPOINT_NAMES) -> list[Path]:
+    """The temp files an interrupted ``save_atomic`` left in ``ckpt_dir`` (``.last.pt.*``, ``.best.pt.*``)."""
+    return sorted(p for name in names for p in Path(ckpt_dir).glob(f".{name}.*"))
+
+
+def remove_temp_files(ckpt_dir: Path, names=CHECKPOINT_NAMES) -> None:
+    for tmp in temp_files(ckpt_dir, names):
+        tmp.unlink(missing_ok=True)
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then rename: a crash never leaves a half file."""
+    """torch.save to a temp file in the same directory, then rename: a crash never leaves a half file. The file
+    gets the permissions a plain open() gives (0o666 minus the umask); a killed save's leftovers go first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_temp_files(path.parent, (path.name,))
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
+# ---------------------------------------------------------------- reading
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """One line on why torch.load refused ``path``."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    text = str(exc)
+    forbidden = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if forbidden:
+        return f"it asks for {forbidden.group(1)}, which a checkpoint may not hold; nothing was run"
+    if "WeightsUnpickler error:" in text:
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0].split(" Check the")[0]
+        return f"it holds more than tensors and plain containers ({detail}); nothing was run"
+    if "PytorchStreamReader" in text or isinstance(exc, EOFError):
+        return "the file is truncated or corrupted (not a complete torch.save archive)"
+    first = (text.strip().splitlines() or [""])[0]
+    return f"not a torch.save file ({type(exc).__name__}: {first[:200]})"
+
+
+def read_checkpoint(path: Path, required=EVAL_KEYS, map_location="cpu", mmap: bool = False) -> dict:
+    """The one way marginlab reads a checkpoint (resume and eval): ``torch.load(weights_only=True)``, numpy's
+    array reconstruction allowed by name for old checkpoints. A DataError naming the file when it cannot."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(LEGACY_GLOBALS):
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says what matters
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a directory, not a checkpoint file") from None
+    except Exception as exc:  # weights_only: nothing ran, whatever the file held
+        raise DataError(f"{path}: not a loadable checkpoint: {_why_unreadable(path, exc)}") from None
+    missing = [k for k in required if k not in ckpt] if isinstance(ckpt, dict) else list(required)
+    if missing:
+        raise DataError(f"{path}: not a marginlab checkpoint (no {', '.join(repr(k) for k in missing)} entries)")
+    return ckpt
+
+
+def state_differences(expected: dict, saved: dict) -> list[str]:
+    """Every way ``saved`` (key -> tensor) misses a model whose state has the shapes ``expected`` (key -> shape)."""
+    shape = lambda v: list(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    lines = [f"missing keys ({len(missing)}): {', '.join(missing)}"] if missing else []
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    lines += [f"{k}: saved {shape(v)}, model {list(expected[k])}" for k, v in saved.items()
+              if k in expected and shape(v) != list(expected[k])]
+    return lines
+
+
+# ---------------------------------------------------------------- random state
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain lists: what ``torch.load(weights_only=True)`` reads."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(saved):
+    """``np.random.set_state``'s tuple from ``rng_state()``'s dict (or an old checkpoint's tuple, as it is)."""
+    if not isinstance(saved, dict):
+        return saved
+    return (saved["bit_generator"], saved["key"].cpu().numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+            saved["cached_gaussian"])
+
+
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(_numpy_state(state["numpy"]))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+# ---------------------------------------------------------------- resuming
 def find_run_dir(resume: str, outputs_root: str | os.PathLike) -> Path:
     """``latest`` (newest run under <outputs>/runs), a run directory, or a checkpoint file inside one."""
     if resume == "latest":
@@ -70,3 +171,30 @@ def resume_checkpoint(resume: str, run_dir: Path) -> Path:
     if not ckpt.is_file():
         raise ConfigError(f"resume={resume!r}: no checkpoint at {ckpt}")
     return ckpt
+
+
+def trim_epoch_records(path: Path, epoch: int) -> None:
+    """Drops the records of ``metrics.jsonl`` past ``epoch`` (written before a kill, ahead of the checkpoint
+    the run resumes from; the resumed run writes them again). Rewritten atomically, only when needed."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def prepare_resumed_run(run_dir: Path, epoch: int) -> None:
+    """Where training restarts from a checkpoint of ``epoch``: no temp file of a killed save, no record ahead."""
+    remove_temp_files(run_dir / CHECKPOINT_DIR)
+    trim_epoch_records(run_dir / "metrics.jsonl", epoch)
+
+
+def finite_weights_note(saved: tuple[Path, int] | None) -> str:
+    """Where the last finite weights are: the last checkpoint written (or resumed from) and its epoch."""
+    if saved is None:
+        return "no checkpoint of this run holds finite weights (none was written)"
+    return f"the last finite weights are in {saved[0]} (epoch {saved[1]})"

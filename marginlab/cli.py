@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 
-from marginlab.errors import MarginlabError
+from marginlab.errors import ConfigError, MarginlabError, OutputError
 
 USAGE = """usage: marginlab <command> [options] [key=value ...]
 
@@ -25,6 +26,9 @@ commands:
   plot      re-render a run's geometry figures (marginlab plot <run dir>), or compare the runs of a
             sweep side by side (marginlab plot <sweep dir> -> features_grid.png, target_angles.png)
   version   print the version
+
+exit codes: 0 done; 2 a user or environment error, one line `marginlab: error: ...` (a bad value, override or
+  option, unreadable data, a file the system refuses to write); 1 a bug (traceback), or a sweep with failed jobs
 
 examples:
   marginlab train                                   # digits default: no download, ~15 s on 2 CPU cores
@@ -51,12 +55,48 @@ def train_command(args: list[str]) -> int:
 
     if not any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in args):
         args = expand_resume(args)
+        if args is None:  # a completed run: nothing to do, nothing touched
+            return 0
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 keeps a run directory (train.py shares it)
         args = [*args, f"hydra.run.dir={tempfile.mkdtemp(prefix='marginlab-rank')}", "hydra.output_subdir=null"]
     sys.argv = ["marginlab train", *args]
     sweep.LAST_SUMMARY = None
-    hydra_main()
+    with hydra_errors_raised():
+        try:
+            hydra_main()
+        except Exception as err:  # from Hydra itself: marginlab.train.run handles everything raised in a run
+            raise as_user_error(err, args) from None
     return sweep.exit_code()  # 1 when a multirun left failed jobs
+
+
+@contextlib.contextmanager
+def hydra_errors_raised():
+    """Hydra prints its errors and exits with 1; HYDRA_FULL_ERROR makes it raise them, so they exit with 2."""
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def as_user_error(err: Exception, args: list[str]) -> Exception:
+    """The one-line error of a bad config (or of a directory that cannot be created); a bug stays itself."""
+    from marginlab import sweep
+
+    cause = sweep.marginlab_cause(err)
+    if cause is not None:
+        return cause
+    if sweep.is_environment_error(err) and not sweep.is_config_error(err):
+        return OutputError(sweep.describe(err))
+    if not sweep.is_config_error(err):
+        return err
+    if any(a in ("-m", "--multirun") for a in args):
+        return sweep.sweep_config_error(err, args)
+    return ConfigError(sweep.describe_config_error(err))
 
 
 @command("eval")

@@ -129,8 +129,7 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
             if state.nonfinite_streak >= max_nonfinite:
                 raise TrainingError(
                     f"{state.nonfinite_streak} consecutive non-finite losses (last {loss.item()}) at step {state.step}: "
-                    "training diverged. Lower optim.lr, the head's s or m, or use trainer.precision=32; "
-                    "the last checkpoint holds the last finite weights")
+                    "training diverged. Lower optim.lr, the head's s or m, or use trainer.precision=32")
             continue
         state.nonfinite_streak = 0
         optimizer.zero_grad(set_to_none=True)
@@ -167,6 +166,29 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
     if not classifies:
         del stats["acc"]
     return stats
+
+
+@torch.no_grad()
+def nonfinite_state(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers (BatchNorm's running statistics too) holding NaN or inf."""
+    named = [(k, t) for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    if not named:
+        return []
+    bad = torch.stack([~torch.isfinite(t).all() for _, t in named]).tolist()  # sync point: one per epoch
+    return [k for (k, _), b in zip(named, bad) if b]
+
+
+def check_finite_state(model: torch.nn.Module, epoch: int, dist: DistContext = DistContext()) -> None:
+    """The non-finite guard on the weights, not only the loss: a TrainingError when any rank's parameters or
+    buffers hold NaN or inf after ``epoch`` (a finite loss can hide an inf BatchNorm variance). All ranks call."""
+    bad = nonfinite_state(model)
+    device = next(model.parameters()).device
+    if dist.all_finite(torch.tensor(math.nan if bad else 0.0, device=device)):
+        return
+    where = f"{len(bad)} of the weights ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})" if bad \
+        else "another rank's weights"
+    raise TrainingError(f"training diverged in epoch {epoch}: {where} hold NaN or inf, so no checkpoint was "
+                        "written from them. Lower optim.lr, the head's s or m, or use trainer.precision=32")
 
 
 @torch.no_grad()

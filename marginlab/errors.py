@@ -15,3 +15,7 @@ class DataError(MarginlabError):
 
 class TrainingError(MarginlabError):
     """Training cannot go on (e.g. repeated non-finite losses); the message says why."""
+
+
+class OutputError(MarginlabError):
+    """A run's files cannot be written (disk full, no permission, a file in the way); the message names the path."""

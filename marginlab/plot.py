@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from marginlab.errors import DataError
+from marginlab.errors import DataError, MarginlabError
 from marginlab.figures import save_png
 from marginlab.probe import (FIGURES_DIR, features_epoch_figure, has_features, latest_with_features, list_epochs,
                              load_epoch, target_angles_figure)
@@ -42,6 +42,8 @@ def _draw(make_figure, path: Path, written: list[Path], failed: list[str]) -> No
         if fig is not None:
             save_png(fig, path)
             written.append(path)
+    except MarginlabError:  # unreadable saved data: one line and exit 2 (marginlab.cli)
+        raise
     except Exception as exc:  # noqa: BLE001 - report and go on with the other figures
         failed.append(f"{path}: {type(exc).__name__}: {exc}")
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from marginlab.errors import DataError
 from marginlab.geometry import (class_angle_stats, class_weights, is_normalized, sample_angles,
                                 weight_angle_stats, weights_are_points)
 
@@ -55,8 +56,13 @@ def list_epochs(run_dir: Path) -> list[Path]:
 
 
 def load_epoch(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
+    """One saved epoch; a DataError naming the file when it cannot be read (truncated, corrupt, not an npz)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - whatever fails while parsing the file, the file is at fault
+        raise DataError(f"{path} cannot be read, it is not a complete npz file ({type(exc).__name__}: {exc}); "
+                        "delete it (the other epochs are still drawn) or re-run the training") from None
 
 
 def save_epoch(path: Path, data: dict) -> None:

@@ -1,29 +1,78 @@
-"""``resume=<run dir | checkpoint | latest>``: rerun Hydra with the run's own overrides, in the run's own directory."""
+"""``resume=<run dir | checkpoint | latest>``: rerun Hydra with the run's own overrides, in the run's own directory.
+
+Everything a resume could refuse is checked here, before Hydra starts and before any file of the run is touched
+(``check_resume``): the config composes and validates, nothing that changes the model, the loss or the data differs
+from the checkpoint's config (``RESUMABLE`` lists what may change), and a longer ``trainer.epochs`` leaves the
+learning rate of every step already taken as it was. A completed run is left alone (``expand_resume`` returns
+None). The run's original ``.hydra/overrides.yaml`` is never rewritten: each resume that starts training appends its
+overrides to ``.hydra/resumes.yaml`` (``record_resume``), and the next resume starts from the newest entry.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from marginlab.checkpoint import find_run_dir, resume_checkpoint
+from marginlab.errors import ConfigError
+
+HISTORY_FILE = "resumes.yaml"
+
+#: per-invocation settings that a resumed run does not inherit from the original command line
+NOT_INHERITED = ("resume", "trainer.stop_after_epoch")
+
+#: config keys (and key prefixes, ending in ".") that may differ from the checkpoint's config on resume: how long
+#: and where the run goes on, how it is logged and evaluated; nothing that changes the model, the loss or the data
+RESUMABLE = ("resume", "name", "trainer.epochs", "trainer.stop_after_epoch", "trainer.device", "trainer.precision",
+             "trainer.compile", "trainer.channels_last", "trainer.eval_every_n_epochs", "trainer.checkpoint",
+             "trainer.max_nonfinite_steps", "trainer.deterministic", "logger.", "verification", "verification.",
+             "dataset.num_workers", "dataset.pin_memory", "dataset.eval_batch_size", "dataset.root")
 
 
 def outputs_root() -> Path:
     return Path(os.environ.get("MARGINLAB_OUTPUT_DIR", "outputs"))
 
 
-#: per-invocation settings that a resumed run does not inherit from the original command line
-NOT_INHERITED = ("resume", "trainer.stop_after_epoch")
-
-
 def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def expand_resume(overrides: list[str]) -> list[str]:
-    """Replaces ``resume=X`` by the original run's overrides + the new ones (later wins) + its run dir."""
+def previous_overrides(run_dir: Path) -> list[str]:
+    """The overrides the run last trained with: the newest resume's, else the original command line's."""
+    history = read_history(run_dir)
+    if history:
+        return list(history[-1]["overrides"])
+    return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / ".hydra" / HISTORY_FILE
+    return (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+
+
+def record_resume(run_dir: Path, overrides: list[str], from_epoch: int) -> None:
+    """Appends one resume (when, from which epoch, with which overrides) to ``.hydra/resumes.yaml``."""
+    entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_epoch": from_epoch, "overrides": list(overrides)}
+    with open(run_dir / ".hydra" / HISTORY_FILE, "a") as f:
+        f.write(yaml.safe_dump([entry], sort_keys=False))
+
+
+def merge_overrides(base: list[str], new: list[str]) -> list[str]:
+    """``base`` then ``new``, one entry per key (the later wins), without the per-invocation keys of ``base``."""
+    merged: dict[str, str] = {}
+    for o in [o for o in base if override_key(o) not in NOT_INHERITED] + new:
+        if override_key(o) != "resume":
+            merged[override_key(o)] = o
+    return list(merged.values())
+
+
+def expand_resume(overrides: list[str]) -> list[str] | None:
+    """Replaces ``resume=X`` by the run's last overrides + the new ones (later wins) + its run dir, after
+    ``check_resume``; None when the run has nothing left to do (the reason is printed)."""
     given = [o for o in overrides if override_key(o) == "resume"]
     if not given:
         return overrides
@@ -32,9 +81,107 @@ def expand_resume(overrides: list[str]) -> list[str]:
         return [o for o in overrides if override_key(o) != "resume"]
     run_dir = find_run_dir(value, outputs_root())
     ckpt = resume_checkpoint(value, run_dir)
-    original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    merged: dict[str, str] = {}
-    for o in [o for o in original if override_key(o) not in NOT_INHERITED] + overrides:
-        if override_key(o) != "resume":
-            merged[override_key(o)] = o
-    return list(merged.values()) + [f"resume={ckpt}", f"hydra.run.dir={run_dir}"]
+    merged = merge_overrides(previous_overrides(run_dir), overrides)
+    done = check_resume(merged, ckpt)
+    if done:
+        print(f"marginlab: {done}; {run_dir} is unchanged")
+        return None
+    # hydra.output_subdir=null: Hydra does not rewrite the run's .hydra/ files (train() records the resume)
+    return merged + [f"resume={ckpt}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+# ---------------------------------------------------------------- the checks
+def compose_train_config(overrides: list[str]):
+    """The validated config ``marginlab train <overrides>`` would run with (hydra.* overrides left out)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    import marginlab.config  # noqa: F401  (the schema and resolvers)
+    from marginlab.config.validate import apply_shorthands, validate
+
+    try:
+        with initialize_config_module("marginlab.configs", version_base="1.3"):
+            cfg = compose("train", overrides=[o for o in overrides if not override_key(o).startswith("hydra.")])
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"resume: {str(exc).strip().splitlines()[0]}") from None
+    apply_shorthands(cfg)
+    validate(cfg)
+    return cfg
+
+
+def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
+    """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns a message
+    when the run is already complete (nothing to do), else None."""
+    from omegaconf import OmegaConf
+
+    from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
+    from marginlab.engine import Precision, resolve_device, resolve_precision
+
+    cfg = compose_train_config(overrides)
+    device = resolve_device(str(cfg.trainer.device))
+    Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA
+    ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
+    new = OmegaConf.to_container(cfg, resolve=True)
+    changed = config_changes(ckpt["config"], new)
+    if changed:
+        raise ConfigError(f"resume: {ckpt_path} cannot continue with a different model, loss or data; these keys "
+                          f"differ from the run's config: {'; '.join(changed)}. Resume may change only "
+                          f"{', '.join(dict.fromkeys(k.rstrip('.') for k in RESUMABLE))}; start a new run for the rest")
+    done, epochs = int(ckpt["state"]["epoch"]), int(cfg.trainer.epochs)
+    if epochs < done:
+        raise ConfigError(f"resume: trainer.epochs={epochs} is not allowed: the run has already done {done} epochs")
+    if done == epochs:
+        return f"the run has already completed its {done} of {epochs} epochs: nothing to do (raise trainer.epochs " \
+               f"to train further)"
+    check_schedule_extension(cfg, ckpt, int(ckpt["config"]["trainer"]["epochs"]))
+    return None
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
+
+
+def config_changes(saved: dict, new: dict) -> list[str]:
+    """``key: saved -> new`` for every key outside ``RESUMABLE`` whose value differs."""
+    a, b = flatten(saved), flatten(new)
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(a.keys() | b.keys())
+            if not resumable(k) and a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+def check_schedule_extension(cfg, ckpt: dict, saved_epochs: int) -> None:
+    """A run whose ``trainer.epochs`` changes is allowed to go on only if it stays exactly a run of the new length:
+    the schedule's factor at every optimizer step already taken must be the same under both lengths."""
+    epochs = int(cfg.trainer.epochs)
+    if epochs == saved_epochs:
+        return
+    from hydra.utils import instantiate
+
+    saved = ckpt["scheduler"]["lr_lambdas"][0] or {}
+    steps_per_epoch, taken = int(saved.get("steps_per_epoch", 1)), int(ckpt["scheduler"]["last_epoch"])
+
+    def schedule(n_epochs: int):
+        return instantiate(cfg.sched, total_steps=steps_per_epoch * n_epochs, steps_per_epoch=steps_per_epoch)
+
+    old, new = schedule(saved_epochs), schedule(epochs)
+    differ = next((s for s in range(taken) if old(s) != new(s)), None)
+    if differ is None:
+        return
+    ended = old(taken) == 0  # the factor the next step would take under the saved length
+    raise ConfigError(
+        f"resume: trainer.epochs={epochs} is not allowed for this run: its schedule "
+        f"({cfg.sched._target_.rpartition('.')[2]}) depends on the run's length, so {epochs} instead of "
+        f"{saved_epochs} epochs would change the learning rate of steps already taken (from step {differ})"
+        + (" and its schedule has already ended at lr 0" if ended else "")
+        + f". To train further, start a new run (a new schedule segment), or resume with trainer.epochs="
+          f"{saved_epochs}; a length-independent schedule (sched=constant, or multistep with milestones in epochs) "
+          "can be extended on resume")

@@ -19,16 +19,19 @@ from torch.nn.parallel import DistributedDataParallel
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
 from marginlab import builders, sweep
 from marginlab.builders import MarginModel
-from marginlab.checkpoint import CHECKPOINT_DIR, rng_state, save_atomic, set_rng_state
+from marginlab.checkpoint import (CHECKPOINT_DIR, RESUME_KEYS, finite_weights_note, prepare_resumed_run,
+                                  read_checkpoint, rng_state, save_atomic, set_rng_state, state_differences)
 from marginlab.config.validate import apply_shorthands, validate
 from marginlab.distributed import sharded_state
 from marginlab.distributed.partial_fc import PartialFC
 from marginlab.distributed.runtime import DistContext
-from marginlab.engine import LoopState, Precision, evaluate, resolve_device, resolve_precision, train_one_epoch
-from marginlab.errors import ConfigError
+from marginlab.engine import (LoopState, Precision, check_finite_state, evaluate, resolve_device, resolve_precision,
+                              train_one_epoch)
+from marginlab.errors import ConfigError, TrainingError
 from marginlab.eval.during_training import run_verifiers
 from marginlab.logging import RunLog
 from marginlab.probe import GeometryProbe
+from marginlab.resume import read_history, record_resume
 
 BEST_METRIC = "test/acc"
 
@@ -56,15 +59,16 @@ def checkpoint_payload(model_state: dict, optimizer_state: dict, model, schedule
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, prec: Precision) -> LoopState:
-    ckpt = torch.load(path, map_location=prec.device, weights_only=False)
+    ckpt = read_checkpoint(path, RESUME_KEYS, map_location=prec.device)
     saved_head = ckpt["config"]["head"]["_target_"]
-    try:
-        sharded_state.load_model_state_dict(model, ckpt["model"])
-    except RuntimeError as exc:
-        raise ConfigError(f"resume: {path} does not fit this model (it was trained with {saved_head}): "
-                          f"{str(exc).splitlines()[0]}") from None
+    differences = state_differences(sharded_state.unsharded_shapes(model), ckpt["model"])
+    if differences:
+        raise ConfigError(f"resume: {path} does not fit this model (it was trained with {saved_head}):\n  "
+                          + "\n  ".join(differences))
+    sharded_state.load_model_state_dict(model, ckpt["model"])
     sharded_state.load_optimizer_state_dict(optimizer, model, ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    # the schedule is the config's (a longer run is checked in resume.py), not the saved callable's attributes
+    scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     prec.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     state = LoopState(**ckpt["state"])
@@ -115,7 +119,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     dist = DistContext.from_env(device.type)  # torchrun: one process per device; plain runs: rank 0 of 1
     device = dist.device(device)
     run_dir = Path(dist.broadcast_object(str(run_dir)))  # every rank uses rank 0's directory; only rank 0 writes
-    if dist.is_main:
+    if dist.is_main and not cfg.resume:  # a resume rewrites it only once it starts training (below)
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)  # the values actually used
     seed_everything(cfg.seed, cfg.trainer.deterministic)
@@ -142,22 +146,32 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     state = LoopState()
     if cfg.resume:
         state = load_checkpoint(Path(cfg.resume), model, optimizer, scheduler, prec)
+    if cfg.resume and dist.is_main:  # every check has passed (marginlab/resume.py): the resume starts training
+        given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+        record_resume(run_dir, [o for o in given if not o.startswith("resume=")], state.epoch)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+        prepare_resumed_run(run_dir, state.epoch)  # no temp file of a killed save, no epoch record ahead of it
 
     log = RunLog(run_dir, tensorboard=cfg.logger.tensorboard, enabled=dist.is_main)
     probe = GeometryProbe.from_config(cfg, run_dir, log)  # histograms, geometry/*.npz, figures/*.png
     progress = dist.is_main and (sys.stdout.isatty() if cfg.logger.progress is None else bool(cfg.logger.progress))
     ckpt_dir = run_dir / CHECKPOINT_DIR
+    saved = (Path(cfg.resume), state.epoch) if cfg.resume else None  # where the last finite weights are
     epochs = cfg.trainer.epochs
     last_epoch = min(epochs, cfg.trainer.get("stop_after_epoch") or epochs)
     record: dict = {}
     try:
         for epoch in range(state.epoch, last_epoch):
             data.set_epoch(epoch)
-            train_stats = train_one_epoch(
-                model, train_loader, optimizer, scheduler, prec, state, grad_clip=cfg.trainer.grad_clip,
-                max_nonfinite=cfg.trainer.max_nonfinite_steps, channels_last=channels_last,
-                log_every=cfg.logger.log_every_n_steps, log=log, progress=progress,
-                desc=f"epoch {epoch + 1}/{epochs}", forward=forward, dist=dist)
+            try:
+                train_stats = train_one_epoch(
+                    model, train_loader, optimizer, scheduler, prec, state, grad_clip=cfg.trainer.grad_clip,
+                    max_nonfinite=cfg.trainer.max_nonfinite_steps, channels_last=channels_last,
+                    log_every=cfg.logger.log_every_n_steps, log=log, progress=progress,
+                    desc=f"epoch {epoch + 1}/{epochs}", forward=forward, dist=dist)
+                check_finite_state(model, epoch + 1, dist)  # non-finite weights are never evaluated or saved
+            except TrainingError as err:
+                raise TrainingError(f"{err}; {finite_weights_note(saved)}") from None
             record = {"epoch": epoch + 1, "step": state.step, **{f"train/{k}": v for k, v in train_stats.items()}}
             evaluating = (epoch + 1) % cfg.trainer.eval_every_n_epochs == 0 or epoch + 1 == epochs
             model_state = optimizer_state = None
@@ -186,11 +200,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             is_best = record.get(best_key, -math.inf) > state.best_metric
             if is_best:
                 state.best_metric = record[best_key]
-            if cfg.trainer.checkpoint and dist.is_main:
+            if cfg.trainer.checkpoint and dist.is_main:  # best.pt first: a kill in between redoes this epoch
                 payload = checkpoint_payload(model_state, optimizer_state, model, scheduler, prec, state, cfg, data)
-                save_atomic(payload, ckpt_dir / "last.pt")
                 if is_best:
                     save_atomic(payload, ckpt_dir / "best.pt")
+                save_atomic(payload, ckpt_dir / "last.pt")
+            if cfg.trainer.checkpoint:
+                saved = (ckpt_dir / "last.pt", state.epoch)
             dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
         if dist.is_main:
             probe.end_run(state.step)  # final features, target-angle distribution, embedding projector
@@ -213,22 +229,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def run(cfg: DictConfig) -> float:
-    """The Hydra task: user errors (and out of memory) become one clear line and a failed metrics.json, never a
-    traceback. In a multirun every failure is recorded that way and the sweep goes on (marginlab/sweep.py)."""
+    """The Hydra task: every failure is recorded in a failed metrics.json. User errors, out of memory and files
+    the system refuses to write become one clear line (exit 2), a bug its traceback too (exit 1). In a multirun
+    the sweep goes on (marginlab/sweep.py)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    resumes = len(read_history(run_dir)) if cfg.resume else None
     try:
         summary = train(cfg, run_dir)
-    except Exception as err:
-        if not (multirun or sweep.is_user_error(err)):
-            raise
-        message = sweep.record_failure(run_dir, err)
+    except Exception as err:  # a resume is recorded once it starts training; until then the run stays as it was
+        message = sweep.record_failure(run_dir, err, write=resumes is None or len(read_history(run_dir)) > resumes)
+        code = 2 if sweep.is_user_error(err) else 1
     else:
         return summary.get(summary["best_metric"], float("nan"))
     sweep.free_memory()  # the failed run's tensors are unreachable once the exception is gone
     if multirun:
         return sweep.failed_job_result(message)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

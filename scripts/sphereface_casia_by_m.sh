@@ -9,7 +9,7 @@ sweep=${MARGINLAB_OUTPUT_DIR:-outputs}/sweeps/sphereface_casia_by_m/$(date +%Y-%
 status=0
 
 $ml train -m experiment=sphereface_casia backbone=sfnet64 m=1,2,3,4 hydra.sweep.dir="$sweep" "$@" || status=1
-$ml train -m experiment=sphereface_casia backbone=sfnet64 head=softmax hydra.sweep.dir="$sweep" "$@" || status=1
+$ml train -m experiment=sphereface_casia backbone=sfnet64 head=softmax "~head.mode" hydra.sweep.dir="$sweep" "$@" || status=1
 
 $ml report "$sweep" || status=1
 exit $status

@@ -6,6 +6,7 @@ downloaded; backbone, head, regularizers, optimiser, schedule and verification c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from marginlab.config.validate import import_target
 from marginlab.data.base import ClassificationData
 from marginlab.data.face import parse_image_size
 from marginlab.report import check_paper
+from marginlab.report.paper import CONFIDENCE, REPO_FILE
 
 CONFIGS = Path(marginlab.__file__).parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -96,3 +98,40 @@ def test_every_experiment_has_a_script():
     scripts = "\n".join(p.read_text() for p in SCRIPTS.glob("*.sh"))
     for name in EXPERIMENTS:
         assert f"experiment={name}" in scripts, f"no script in scripts/ runs experiment={name}"
+
+
+#: a confidence mark in an experiment's comments: [repo: <file(s)>], [cited: <who quotes it>], [unverified]
+MARK = re.compile(r"\[(repo|cited|unverified)\b([^\]]*)\]")
+FILE = re.compile(r"[\w.+-]*\w\.[A-Za-z0-9]+")  # README.md, myexamples/mnist/mnist_solver.prototxt, ...
+
+
+def comments(name: str) -> str:
+    """The experiment's comments as one text (wrapped marks joined)."""
+    lines = (CONFIGS / "experiment" / f"{name}.yaml").read_text().splitlines()
+    return " ".join(line.split("#", 1)[1].strip() for line in lines if "#" in line)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_published_number_carries_a_mark_and_a_repo_mark_names_its_file(name):
+    """The marks of shared/reference/papers.md: [repo] = read in a file of the official repository (named beside
+    it), [cited] = quoted by a third party (named), else [unverified]; in the paper: block and in the comments."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(name)
+    paper = OmegaConf.to_container(cfg.paper, resolve=True) if cfg.paper is not None else {}
+    for i, entry in enumerate(paper.get("results") or []):
+        merged = {**paper, **entry}
+        where = f"experiment={name}: paper.results[{i}] ({entry.get('value')})"
+        assert merged.get("confidence") in CONFIDENCE, f"{where} has no mark"
+        if merged["confidence"] == "repo":
+            assert REPO_FILE.search(str(merged.get("evidence") or "")), f"{where}: [repo] without the repository's file"
+        if merged["confidence"] == "cited":
+            assert str(merged.get("evidence") or "").strip(), f"{where}: [cited] without who quotes it"
+    text = comments(name)
+    for mark, beside in MARK.findall(text):
+        if mark == "repo":
+            assert beside.startswith(":") and FILE.search(beside), f"experiment={name}: [repo{beside}] names no file"
+        if mark == "cited":
+            assert beside.startswith(":") and beside[1:].strip(), f"experiment={name}: [cited{beside}] names no source"
+    loose = re.findall(r"\[(?:repo|cited|unverified)[^\]:]*/[^\]]*\]", text)  # e.g. [cited/unverified]
+    assert not loose, f"experiment={name}: ambiguous marks {loose}"

@@ -16,7 +16,8 @@ from marginlab.report import build_report, check_paper, collect, paper_values
 PAPER = {"source": "L-Softmax (Liu et al., ICML 2016)", "table": "CIFAR-10 test error (%)", "metric": "test/acc",
          "unit": "error_percent", "confidence": "unverified",
          "results": [{"match": {"head.m": 1}, "value": 9.05},
-                     {"match": {"head.m": 4}, "value": 7.58, "confidence": "cited"}]}
+                     {"match": {"head.m": 4}, "value": 7.58, "confidence": "cited",
+                      "evidence": "Some citing paper, Table 3"}]}
 
 
 def make_job(root: Path, m: float, seed: int, metrics: dict | None, num: int, head: str = "lsoftmax",
@@ -116,6 +117,7 @@ def test_paper_block_checks_and_matching():
     with pytest.raises(ConfigError, match="value"):
         check_paper({**PAPER, "results": [{"match": {}, "value": "high"}]})
     block = {"source": "ArcFace", "table": "CASIA", "unit": "percent", "confidence": "repo",
+             "evidence": "deepinsight/insightface/README.md",
              "results": [{"match": {"head": "arcface"}, "metric": "lfw/acc", "value": 99.53},
                          {"match": {"head": "arcface"}, "metric": "cfp_fp/acc", "value": 95.56},
                          {"match": {"head": "softmax"}, "metric": "lfw/acc", "value": 99.08}]}
@@ -123,3 +125,36 @@ def test_paper_block_checks_and_matching():
     values = paper_values(block, {"head": "arcface"}.get)
     assert [(v.label, v.value) for v in values] == [("lfw/acc %", 99.53), ("cfp_fp/acc %", 95.56)]
     assert values[0].convert(0.995) == pytest.approx(99.5)
+
+
+def test_a_mark_names_its_evidence():
+    with pytest.raises(ConfigError, match="confidence=repo needs evidence"):
+        check_paper({**PAPER, "confidence": "repo"})  # the m = 1 entry: repo without a file
+    with pytest.raises(ConfigError, match="confidence=repo needs evidence"):
+        check_paper({**PAPER, "confidence": "repo", "evidence": "the official repo"})  # no path
+    check_paper({**PAPER, "confidence": "repo", "evidence": "wy1iu/LargeMargin_Softmax_Loss/README.md"})
+    with pytest.raises(ConfigError, match="confidence=cited needs evidence"):
+        check_paper({**PAPER, "results": [{"match": {}, "value": 1.0, "confidence": "cited"}]})
+    with pytest.raises(ConfigError, match="compare=3"):
+        check_paper({**PAPER, "compare": 3})
+
+
+def test_compare_reads_ours_from_another_metric(tmp_path):
+    """A paper that reports the best epoch (RBF-Softmax's ImageNet table) is compared with best/test/acc."""
+    paper = {"source": "RBF-Softmax", "table": "ImageNet top-1", "metric": "test/acc", "compare": "best/test/acc",
+             "unit": "percent", "confidence": "repo",
+             "evidence": "2han9x1a0release/RBF-Softmax/docs/IMGS/imagenet_result.png",
+             "results": [{"match": {"head": "rbf"}, "value": 77.1}]}
+    check_paper(paper)
+    for seed, (final, best) in enumerate(((0.760, 0.770), (0.764, 0.772))):
+        make_job(tmp_path / "sweep", 1, seed, {"status": "completed", "test/acc": final, "best/test/acc": best}, seed,
+                 head="rbf", paper=paper)
+    report = build_report(collect([tmp_path / "sweep"]))
+    (row,) = report.rows
+    label = "test/acc % vs best/test/acc"
+    assert report.paper_labels == [label] and row.paper[0].measured == "best/test/acc"
+    assert row.ours[label].mean == pytest.approx(77.1)  # the best epochs, not the final ones (76.2)
+    assert row.stats["test/acc"].mean == pytest.approx(0.762)
+    text = report.markdown()
+    assert "+0.00" in text and "ours is best/test/acc" in text
+    assert "77.1 [repo: 2han9x1a0release/RBF-Softmax/docs/IMGS/imagenet_result.png]" in text

@@ -10,7 +10,7 @@ TIMES = ("train/images_per_s", "test/probe/seconds")  # timings differ run to ru
 
 
 def weights(run_dir):
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("extra", [[], ["head.partial_fc.sample_rate=0.5"]], ids=["plain", "partial_fc"])

@@ -44,7 +44,7 @@ class LoggerConfig:
 class TrainConfig:
     seed: int = 0
     resume: Optional[str] = None
-    m: Optional[float] = None  # shorthand for head.m
+    m: Optional[float] = None  # shorthand for head.m; a whole number reaches an integer m (L-Softmax) as int
     s: Optional[float] = None  # shorthand for head.s
     name: Optional[str] = None  # short description appended to the run directory's name
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -71,7 +71,10 @@ def name_suffix(name: str | None) -> str:
 
 
 def register_configs() -> None:
+    from marginlab.run_dirs import register_resolvers
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_resolvers()  # unique_dir / unique_subdir: train.yaml's run and sweep directories
     if not OmegaConf.has_resolver("data_root"):
         OmegaConf.register_new_resolver("data_root", data_root)
     if not OmegaConf.has_resolver("name_suffix"):

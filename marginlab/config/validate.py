@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import typing
 from typing import Any
 
@@ -12,6 +13,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from marginlab.config.schema import PRECISIONS
 from marginlab.distributed.partial_fc import check_head_class
 from marginlab.errors import ConfigError
+
+#: optimizer arguments that are rates or factors: a finite number >= 0 for every torch optimizer
+NON_NEGATIVE_OPTIM = ("lr", "momentum", "weight_decay", "dampening", "eps", "alpha", "lr_decay")
 
 #: arguments the builders pass themselves; a config must not set them
 BUILDER_ARGS = {
@@ -56,13 +60,21 @@ def signature_params(target: Any) -> tuple[dict[str, Any], bool]:
     return params, False
 
 
+def _object_class(annotation: Any, value: Any) -> bool:
+    """A class other than bool/int/float/str that ``value`` is not an instance of (e.g. ``torch.Tensor``)."""
+    return inspect.isclass(annotation) and annotation not in (bool, int, float, str) and not isinstance(value, annotation)
+
+
 def _type_ok(value: Any, annotation: Any) -> str | None:
     """None when value fits the annotation, else the name of the expected type."""
     if value is None or annotation is inspect.Parameter.empty or isinstance(annotation, str):
         return None
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        names = [_type_ok(value, a) for a in args if a is not type(None)]
+        members = [a for a in args if a is not type(None)]
+        if isinstance(value, (bool, int, float, str)):  # a config scalar never becomes a Tensor or other object
+            members = [a for a in members if not _object_class(a, value)] or members
+        names = [_type_ok(value, a) for a in members]
         return None if any(n is None for n in names) else " or ".join(n for n in names if n)
     if annotation is float:
         return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
@@ -125,6 +137,18 @@ def check_partial_fc(cfg: DictConfig) -> None:
                           "drop the regularizer or set head.partial_fc.sample_rate=null")
 
 
+def check_optimizer(cfg: DictConfig) -> None:
+    """``optim.*``: the rates and factors every torch optimizer takes are finite numbers >= 0; then the optimizer
+    is built on one dummy parameter, so its own checks (betas, nesterov, ...) fail here, before any work."""
+    from marginlab.builders import try_optimizer
+
+    for key in NON_NEGATIVE_OPTIM:
+        value = cfg.optim.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+            raise ConfigError(f"optim.{key}={value!r} is not allowed: it must be a finite number >= 0")
+    try_optimizer(cfg.optim)
+
+
 def apply_shorthands(cfg: DictConfig) -> None:
     """Top-level ``m`` / ``s`` set ``head.m`` / ``head.s``; null leaves the head's own default."""
     for short in ("m", "s"):
@@ -136,6 +160,11 @@ def apply_shorthands(cfg: DictConfig) -> None:
         if short not in params:
             raise ConfigError(f"{short}={value!r} was given but the head {head_name} has no parameter "
                               f"{short!r}; its parameters are: {', '.join(p for p in params if p not in BUILDER_ARGS['head'])}")
+        # the shorthand is typed float (m=0.35); an integer margin (L-Softmax, SphereFace: m=4) takes a whole
+        # number as int, and a fraction is left for check_target_node to refuse with the head's type
+        kinds = typing.get_args(params[short]) or (params[short],)
+        if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
+            value = int(value)
         cfg.head[short] = value
 
 
@@ -161,5 +190,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"no {key} selected: choose one with {key}=<name> (see `marginlab train --help`)")
         check_target_node(key, split_head(cfg[key])[0] if key == "head" else cfg[key])
     check_partial_fc(cfg)
+    check_optimizer(cfg)
     for name, node in (cfg.get("regularizer") or {}).items():
         check_target_node(f"regularizer.{name}", node, group="regularizer")

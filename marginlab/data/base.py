@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import get_worker_info
 
-from marginlab.errors import ConfigError, DataError
+from marginlab.errors import ConfigError, DataError, MarginlabError
 from marginlab.heads.base import check_positive_int
 
 
@@ -36,6 +39,114 @@ def missing_data_error(problem: str, fix: str) -> DataError:
     that ``dataset.root`` / ``$MARGINLAB_DATA_DIR`` choose where they are looked for."""
     return DataError(f"{problem}. To fix: {fix}, or set dataset.root=<dir> (or $MARGINLAB_DATA_DIR) "
                      "to a directory that has them")
+
+
+def check_no_link_loops(root: str | os.PathLike) -> None:
+    """DataError naming the link when a symlinked directory under ``root`` leads back to one of its own
+    ancestors (an ``os.walk(followlinks=True)`` listing, as torchvision's ImageFolder does, would repeat the
+    tree until the path is too long); links that do not loop stay followed."""
+    def visit(path: str, real: str, ancestors: frozenset) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            return  # unreadable: left for the listing itself to report
+        for entry in entries:
+            if not entry.is_dir():  # follows links; a broken link is not a directory
+                continue
+            target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+            if target in ancestors:
+                raise DataError(f"{entry.path} is a symbolic link to {target}, a folder that contains it: "
+                                f"listing {root} would go round this loop forever. To fix: remove the link")
+            visit(entry.path, target, ancestors | {target})
+
+    real_root = os.path.realpath(root)
+    if os.path.isdir(real_root):
+        visit(str(root), real_root, frozenset({real_root}))
+
+
+def no_batches_error(images: int, share: int, batch: int, world_size: int, drop_last: bool) -> MarginlabError:
+    """The error for a training loader with zero batches: the numbers and the fix."""
+    if images == 0:
+        return DataError("the training set has no images: nothing to train on")
+    where = f"{share} per process on {world_size} processes, " if world_size > 1 else ""
+    return ConfigError(f"dataset.batch_size={batch * world_size} gives 0 training batches with "
+                       f"dataset.drop_last={str(drop_last).lower()}: the training set has {images} images "
+                       f"({where}fewer than one batch of {batch}{' per process' if world_size > 1 else ''}), "
+                       f"so no optimizer step would be taken. To fix: set dataset.batch_size to at most "
+                       f"{share * world_size}, or dataset.drop_last=false")
+
+
+class WorkerError(DataError):
+    """A MarginlabError raised inside a DataLoader worker. torch re-raises it in the main process as
+    ``WorkerError("Caught WorkerError in DataLoader worker ... Original Traceback ...")``; the constructor keeps
+    only the worker's own message, so the user sees one line naming the file, not the worker's traceback."""
+
+    def __init__(self, message: str):
+        head, sep, tail = str(message).rpartition(f"{__name__}.WorkerError: ")
+        super().__init__(tail.strip() if sep and head.startswith("Caught WorkerError") else message)
+
+
+class SeededBatch(list):
+    """Sample indices of one batch plus ``key``: the (seed, rank, split, epoch, batch number) its worker seeds from."""
+
+    key: tuple = ()
+
+
+def seed_worker(key: tuple) -> None:
+    """Seeds python ``random``, numpy and torch (CPU) in this process from ``key`` alone."""
+    words = np.random.SeedSequence([int(k) % 2**64 for k in key]).generate_state(4, np.uint64)
+    random.seed(int(words[0]))
+    np.random.seed(words[1:2].view(np.uint32))
+    torch.default_generator.manual_seed(int(words[2]))  # workers draw on the CPU only (torch.manual_seed: 150 us more)
+
+
+class SeededBatchSampler(Sampler):
+    """Batches of ``sampler`` as SeededBatch; the epoch comes from ``sampler.epoch`` (DistributedSampler's
+    ``set_epoch``), 0 for an unshuffled sampler."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool, key: tuple):
+        self.batches = BatchSampler(sampler, batch_size, drop_last)
+        self.sampler, self.key = sampler, tuple(key)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)
+        for n, indices in enumerate(self.batches):
+            batch = SeededBatch(indices)
+            batch.key = (*self.key, epoch, n)
+            yield batch
+
+
+class SeededDataset(Dataset):
+    """``dataset`` as a DataLoader sees it. In a worker process each SeededBatch first reseeds ``random``,
+    numpy and torch from its key, so random augmentation is a function of (seed, epoch, rank, batch) and not
+    of which worker draws the batch or how many epochs that worker has lived (``persistent_workers``); and
+    a MarginlabError leaves the worker as a WorkerError carrying the same message."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, batch: list) -> list:
+        if get_worker_info() is None:
+            return self._fetch(batch)
+        if isinstance(batch, SeededBatch):
+            seed_worker(batch.key)
+        try:
+            return self._fetch(batch)
+        except MarginlabError as exc:
+            raise WorkerError(str(exc)) from None
+
+    def _fetch(self, batch: list) -> list:
+        many = getattr(self.dataset, "__getitems__", None)
+        return many(batch) if many else [self.dataset[i] for i in batch]
 
 
 class ClassificationData:
@@ -75,21 +186,30 @@ class ClassificationData:
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
-        """Makes the shuffle order a function of (seed, epoch) alone, so a resumed run sees the same batches."""
-        self._generator.manual_seed(self.seed * 100_003 + epoch)  # worker seeds (random augmentation)
+        """Makes the shuffle order and the workers' augmentation a function of (seed, epoch) alone, so a
+        resumed run sees the same batches."""
+        self._generator.manual_seed(self.seed * 100_003 + epoch)  # the in-memory path's draws
         if self._sampler is not None:
-            self._sampler.set_epoch(epoch)
+            self._sampler.set_epoch(epoch)  # the permutation, and (via SeededBatchSampler) the worker seeds
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = None
+        """Workers are persistent, and each batch reseeds its worker's RNGs from (seed, rank, split, epoch,
+        batch number): the stream does not depend on worker lifetime or the order of the process's history."""
         if train:  # one permutation per (seed, epoch); rank r takes every world_size-th index of it, so the
             # union of the ranks' k-th batches is the k-th batch of a single process with the same global batch
             sampler = self._sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
                                                          shuffle=True, seed=self.seed, drop_last=self.drop_last)
-        return DataLoader(dataset, batch_size=self.batch_size // self.world_size if train else self.eval_batch_size,
-                          sampler=sampler, generator=self._generator if train else None,
+        else:
+            sampler = SequentialSampler(dataset)
+        batch = self.batch_size // self.world_size if train else self.eval_batch_size
+        batches = SeededBatchSampler(sampler, batch, self.drop_last and train,
+                                     key=(self.seed, self.rank, 0 if train else 1))
+        if train and len(batches) == 0:
+            raise no_batches_error(len(dataset), len(sampler), batch, self.world_size, self.drop_last)
+        return DataLoader(SeededDataset(dataset), batch_sampler=batches,
+                          generator=self._generator if train else None,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          drop_last=self.drop_last and train, persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0)
 
     def loaders(self, device: torch.device):
         """(train, val) loaders: the in-memory path when ``in_memory`` (batches sliced and augmented as tensor

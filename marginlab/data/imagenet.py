@@ -13,7 +13,7 @@ from torchvision import transforms as T
 from torchvision.datasets import imagenet as tv_imagenet
 from torchvision.datasets.folder import default_loader
 
-from marginlab.data.base import ClassificationData, check_root, missing_data_error
+from marginlab.data.base import ClassificationData, check_no_link_loops, check_root, missing_data_error
 from marginlab.errors import DataError
 from marginlab.heads.base import check_positive_int
 
@@ -82,6 +82,7 @@ class ImageNetData(ClassificationData):
         folder = self.root / split
         kwargs = dict(transform=self.transform(split == "train"), loader=load_image)
         if folder.is_dir():
+            check_no_link_loops(folder)  # ImageFolder follows symbolic links: a loop would list images many times
             try:
                 return datasets.ImageFolder(str(folder), **kwargs)
             except OSError as err:  # FileNotFoundError: no class folders, or a class folder without images

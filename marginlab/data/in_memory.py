@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as T
 
+from marginlab.data.base import no_batches_error
 from marginlab.errors import ConfigError
 from marginlab.heads.base import check_positive_int
 
@@ -226,9 +227,13 @@ def in_memory_loader(data, train: bool, device: torch.device | str) -> InMemoryL
     padding, flip = 0, False
     if train and getattr(data, "augment", False) and hasattr(data, "augmentation"):
         padding, flip = augmentation_params(data.augmentation())
-    return InMemoryLoader(images, labels, data.batch_size if train else data.eval_batch_size,
-                          shuffle=train, drop_last=data.drop_last and train, mean=mean, std=std,
-                          crop_padding=padding, flip=flip, device=device, seed=data.seed,
-                          generator=data._generator if train else None,
-                          rank=getattr(data, "rank", 0) if train else 0,
-                          world_size=getattr(data, "world_size", 1) if train else 1)
+    loader = InMemoryLoader(images, labels, data.batch_size if train else data.eval_batch_size,
+                            shuffle=train, drop_last=data.drop_last and train, mean=mean, std=std,
+                            crop_padding=padding, flip=flip, device=device, seed=data.seed,
+                            generator=data._generator if train else None,
+                            rank=getattr(data, "rank", 0) if train else 0,
+                            world_size=getattr(data, "world_size", 1) if train else 1)
+    if train and len(loader) == 0:  # as the DataLoader path: a run that would take no optimizer step is refused
+        raise no_batches_error(images.shape[0], loader.num_samples, loader.batch_size, loader.world_size,
+                               loader.drop_last)
+    return loader

@@ -31,6 +31,18 @@ def model_state_dict(model: nn.Module) -> dict | None:
     return state
 
 
+def unsharded_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """key -> shape of ``model_state_dict(model)``'s tensors, without collectives (a shard counts every class)."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    pfc = _shard(model)
+    if pfc is None:
+        return shapes
+    shapes = {k: s for k, s in shapes.items() if not k.startswith("head.")}
+    for k, v in pfc.head.state_dict().items():
+        shapes[f"head.{k}"] = [pfc.num_classes * pfc.sub_centers, *v.shape[1:]] if k == "weight" else list(v.shape)
+    return shapes
+
+
 def load_model_state_dict(model: nn.Module, state: dict) -> None:
     pfc = _shard(model)
     if pfc is None:

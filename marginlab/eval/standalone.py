@@ -6,7 +6,6 @@ protocol and writes ``<checkpoint>.eval.json`` next to the checkpoint (plus ROC 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,11 +16,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import marginlab.config  # noqa: F401  (resolvers)
-from marginlab.checkpoint import CHECKPOINT_DIR
+from marginlab.checkpoint import CHECKPOINT_DIR, EVAL_KEYS, read_checkpoint, state_differences
 from marginlab.engine import resolve_device
+from marginlab.data.face import parse_image_size
 from marginlab.errors import ConfigError
 from marginlab.builders import build_verifiers
 from marginlab.eval.during_training import jsonable, run_verifiers
+from marginlab.logging.run_log import write_json
 
 
 def find_checkpoint(value: str) -> Path:
@@ -36,15 +37,40 @@ def find_checkpoint(value: str) -> Path:
     return path
 
 
-def load_backbone(path: Path, device: torch.device):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "data" not in ckpt or "config" not in ckpt:
-        raise ConfigError(f"{path} is not a marginlab checkpoint (no 'config'/'data' entries)")
+#: what every verification set gives the backbone: RGB face crops, fitted to the checkpoint's image_size
+VERIFICATION_CHANNELS = 3
+
+
+def check_fits_verification(path: Path, data: dict, sets: list[str] = ()) -> None:
+    """A ConfigError, before anything is computed, when the checkpoint's input cannot take verification images."""
+    channels, size = data.get("in_channels"), data.get("image_size")
+    try:
+        parse_image_size(size, "image_size")
+        fits = channels == VERIFICATION_CHANNELS
+    except ConfigError:
+        fits = False
+    if not fits:
+        named = f" ({', '.join(sets)})" if sets else ""
+        raise ConfigError(f"{path} does not fit the verification images: its model takes in_channels={channels}, "
+                          f"image_size={size!r}; the verification sets{named} give {VERIFICATION_CHANNELS}-channel "
+                          "(RGB) face crops, fitted to an image_size of one integer or [height, width]: evaluate a "
+                          "model trained on a face data set (e.g. dataset=casia)")
+
+
+def load_backbone(path: Path, device: torch.device, sets: list[str] = ()):
+    """The checkpoint's backbone in eval mode, its ``data`` entry and the checkpoint; checked against ``sets``."""
+    ckpt = read_checkpoint(path, EVAL_KEYS)
     data = ckpt["data"]
+    check_fits_verification(path, data, sets)
     backbone = instantiate(OmegaConf.create(ckpt["config"]["backbone"]), in_channels=data["in_channels"],
                            image_size=data["image_size"])
     prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    differences = state_differences({k: list(v.shape) for k, v in backbone.state_dict().items()}, state)
+    if differences:
+        raise ConfigError(f"{path}: its weights do not fit the backbone its config builds "
+                          f"({ckpt['config']['backbone'].get('_target_')}):\n  " + "\n  ".join(differences))
+    backbone.load_state_dict(state)
     return backbone.to(device).eval(), data, ckpt
 
 
@@ -58,10 +84,10 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         raise ConfigError("checkpoint is missing: marginlab eval checkpoint=<checkpoint .pt or run dir>")
     path = find_checkpoint(cfg.checkpoint)
     device = resolve_device(str(cfg.device))
-    backbone, data, ckpt = load_backbone(path, device)
-    verifiers = build_verifiers(cfg.get("verification"))
+    verifiers = build_verifiers(cfg.get("verification"))  # lazy: nothing is read yet
     if not verifiers:
         raise ConfigError("no verification set selected: verification=[lfw,cfp_fp,agedb_30]")
+    backbone, data, ckpt = load_backbone(path, device, sets=list(verifiers))
     if cfg.flip is not None:
         for target in verifiers.values():
             target.flip = bool(cfg.flip)
@@ -70,7 +96,7 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     out = {"checkpoint": str(path), "epoch": ckpt.get("state", {}).get("epoch"), **scalars,
            "results": {name: jsonable(r) for name, r in results.items()}}
     target = path.with_suffix(".eval.json")
-    target.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(target, out)  # strict JSON: NaN/inf as null, named under "nonfinite"
     for name in results:
         print(f"{name}: acc {scalars[f'{name}/acc']:.4f} +- {scalars[f'{name}/acc_std']:.4f}, "
               f"TAR@FAR=1e-3 {scalars[f'{name}/tar_at_far']:.4f}, AUC {scalars[f'{name}/auc']:.4f}, "

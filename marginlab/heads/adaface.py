@@ -23,14 +23,17 @@ class AdaFaceHead(CosineMarginHead):
     gives NormFace's logits except within 1e-3 of cos = +-1. Evaluation logits are plain s cos theta.
 
     With ``h = 0`` the head is CosFace with margin m; the probe counts violations with that additive
-    cosine margin m (the margin of a sample of average norm).
+    cosine margin m (the margin of a sample of average norm). The target cosine is taken in float64
+    from the B target rows (``cosine_and_target``), not from the (possibly bf16) product.
     """
 
     eps = 1e-3
+    # mk-minchul/AdaFace head.py: kernel.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) (unit-norm classes)
+    official_init = "uniform_unit_rows"
 
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.4,
-                 h: float = 0.333, t_alpha: float = 0.01):
-        super().__init__(in_features, num_classes, s=s)
+                 h: float = 0.333, t_alpha: float = 0.01, **common):
+        super().__init__(in_features, num_classes, s=s, **common)
         self.m = check_float("m", m, low=0.0, high=math.pi / 2)
         self.h = check_float("h", h, low=0.0, high=10.0)
         self.t_alpha = check_float("t_alpha", t_alpha, low=0.0, high=1.0, low_inclusive=False)
@@ -52,14 +55,16 @@ class AdaFaceHead(CosineMarginHead):
         return ((safe - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        cos = self.normalized_cosine(embeddings)
-        self.last_cosine = cos.detach()
         if labels is None:
+            cos = self.normalized_cosine(embeddings)
+            self.last_cosine = cos.detach()
             return cos * self.s
+        cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
+        self.last_cosine = cos.detach()
         norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
         scaler = self.margin_scaler(norms)
         cos = cos.clamp(-1.0 + self.eps, 1.0 - self.eps)
-        cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        cos_target = cos_target.clamp(-1.0 + self.eps, 1.0 - self.eps)
         # AdaFace, adaptive margins: g_angle = -m ||z||^,  g_add = m ||z||^ + m
         g_angle = -self.m * scaler
         g_add = self.m + self.m * scaler

@@ -8,10 +8,14 @@ from marginlab.heads.base import CosineMarginHead, check_float
 
 
 class AMSoftmaxHead(CosineMarginHead):
-    """Additive cosine margin; ``cosface`` is the same head under its other name."""
+    """Additive cosine margin; ``cosface`` is the same head under its other name (CosFace has no official
+    code: it gets AM-Softmax's initialisation, Caffe xavier, with ``init=official``)."""
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.35):
-        super().__init__(in_features, num_classes, s=s)
+    # happynear/AMSoftmax prototxt/face_train_test.prototxt: fc6_l2 weight_filler xavier (Caffe, fan_in)
+    official_init = "caffe_xavier"
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.35, **common):
+        super().__init__(in_features, num_classes, s=s, **common)
         self.m = check_float("m", m, low=0.0, high=2.0)
         self.probe_cosine_margin = self.m
 

@@ -10,8 +10,8 @@ from torch import Tensor
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead, check_float, cos_plus_angle_and_slope
 
-#: the two ways of applying the margin, see ArcFaceHead
-MODES = ("exact", "straight_through")
+#: the ways of applying the margin, see ArcFaceHead
+MODES = ("exact", "straight_through", "no_fallback")
 
 
 class ArcFaceHead(CosineMarginHead):
@@ -31,11 +31,22 @@ class ArcFaceHead(CosineMarginHead):
     column). Here the margin is that value, cos(acos(cos theta_y) + m), with slope 1, on the B target
     cosines only; InsightFace's round trip cos(acos(c)) on the non-target columns is the identity up
     to rounding and is skipped. ``easy_margin`` does not exist in this mode.
+
+    ``mode="no_fallback"``: InsightFace's mxnet ``margin_softmax`` (recognition/arcface_mxnet/train.py,
+    and recognition/subcenter_arcface/train_parall.py, Sub-center ArcFace's default): ``arccos`` of the
+    target cosine, ``+ m``, ``cos``, all differentiated: s cos(theta_y + m) with its exact gradient
+    ``cos m + cos theta sin m / sin theta`` and no threshold, so past theta = pi - m the logit grows
+    again with theta. ``easy_margin`` does not exist in this mode.
+
+    W starts as N(0, 0.01^2) (``init=official``), as in arcface_torch.
     """
 
+    # insightface recognition/arcface_torch/partial_fc_v2.py: torch.normal(0, 0.01, (num_local, D))
+    official_init = "normal_0.01"
+
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
-                 easy_margin: bool = False, mode: str = "exact"):
-        super().__init__(in_features, num_classes, s=s)
+                 easy_margin: bool = False, mode: str = "exact", **common):
+        super().__init__(in_features, num_classes, s=s, **common)
         self.m = check_float("m", m, low=0.0, high=math.pi / 2)
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not allowed: it must be one of {', '.join(MODES)}")
@@ -55,6 +66,8 @@ class ArcFaceHead(CosineMarginHead):
             return torch.cos(torch.acos(cos_target) + self.m), 1.0
         # ArcFace eq. 3: cos(theta + m) = cos theta cos m - sin theta sin m
         phi, slope = cos_plus_angle_and_slope(cos_target, self.cos_m, self.sin_m)
+        if self.mode == "no_fallback":
+            return phi, slope
         if self.easy_margin:
             keep = cos_target > 0
             return torch.where(keep, phi, cos_target), torch.where(keep, slope, 1.0)

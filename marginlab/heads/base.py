@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marginlab.errors import ConfigError
-from marginlab.heads.fast_cosine import LazyCosine, fused_linear, precise_cosine
+from marginlab.heads.fast_cosine import LazyCosine, fused_linear, normalize_features, precise_cosine
 from marginlab.heads.fused_margin import fused_cosine_margin, with_slope
 
 
@@ -69,23 +68,89 @@ def cos_plus_angle_and_slope(cos: Tensor, cos_m: float, sin_m: float) -> tuple[T
     return cos * cos_m - sin * sin_m, slope
 
 
+#: what ``init`` may be: the head's own official initialisation of W, or nn.Linear's (kaiming)
+INITS = ("official", "kaiming")
+#: the initialisations of W a head can declare as its official one (see ``fill_class_weight_``)
+WEIGHT_INITS = ("kaiming_uniform", "normal_0.01", "uniform_unit_rows", "gaussian_unit_rows", "caffe_xavier",
+                "caffe_msra", "xavier_uniform")
+
+
+@torch.no_grad()
+def fill_class_weight_(weight: Tensor, kind: str, generator: torch.Generator | None = None,
+                       total_rows: int | None = None) -> Tensor:
+    """Fills ``weight`` (rows x D) in place with the initialisation ``kind`` (one of WEIGHT_INITS).
+
+    Every kind but ``xavier_uniform`` draws rows independently of the row count, so a shard of rows can
+    be drawn chunk by chunk (Partial FC); ``total_rows`` is the full row count for xavier's fan_out.
+    """
+    dim = weight.shape[1]
+    if kind == "kaiming_uniform":
+        # nn.Linear's default: kaiming_uniform(a = sqrt 5) = U(-1/sqrt(D), 1/sqrt(D)); row norm ~0.58
+        return nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    if kind == "normal_0.01":
+        return weight.normal_(0.0, 0.01, generator=generator)  # N(0, 0.01^2) per entry
+    if kind == "caffe_xavier":  # Caffe XavierFiller (variance_norm FAN_IN, fan_in = D): U(-sqrt(3/D), sqrt(3/D))
+        bound = math.sqrt(3.0 / dim)
+        return weight.uniform_(-bound, bound, generator=generator)
+    if kind == "caffe_msra":  # Caffe MSRAFiller (FAN_IN): N(0, 2/D)
+        return weight.normal_(0.0, math.sqrt(2.0 / dim), generator=generator)
+    if kind == "xavier_uniform":  # torch xavier_uniform_: U(-a, a), a = sqrt(6 / (D + rows))
+        bound = math.sqrt(6.0 / (dim + (weight.shape[0] if total_rows is None else total_rows)))
+        return weight.uniform_(-bound, bound, generator=generator)
+    if kind == "uniform_unit_rows":  # uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) on the D x C kernel
+        weight.uniform_(-1.0, 1.0, generator=generator)
+    elif kind == "gaussian_unit_rows":  # Caffe GaussianUnitBallFiller: N(0, 1), then each row to unit norm
+        weight.normal_(0.0, 1.0, generator=generator)
+    else:
+        raise ConfigError(f"weight init {kind!r} is not known: it must be one of {', '.join(WEIGHT_INITS)}")
+    return weight.div_(torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min_(1e-12))
+
+
 class MarginHead(nn.Module):
-    """Base of every head: owns ``weight`` (C x D) and checks inputs; subclasses implement ``logits``."""
+    """Base of every head: owns ``weight`` (C x D) and checks inputs; subclasses implement ``logits``.
+
+    Keys every head takes (subclasses pass them on through ``**common``):
+
+    - ``init``: ``official`` (default) draws W as the head's official code does (``official_init``,
+      each head cites its source); ``kaiming`` is nn.Linear's kaiming_uniform(a = sqrt 5), U(+-1/sqrt D).
+    - ``lr_mult`` (default 1) and ``weight_decay`` (default null: ``trainer.head_weight_decay``, else the
+      optimizer's): the learning-rate multiplier and weight decay of the class weights ``weight``, as a
+      Caffe ``param { lr_mult decay_mult }``; the optimizer builder (builders.py) makes them a group.
+    """
 
     #: margin used by the geometry probe's violation count: a sample violates the margin when its
     #: target cosine does not beat the best non-target cosine by this much (additive cosine margin).
     probe_cosine_margin: float = 0.0
+    #: the initialisation of W in the head's official code (one of WEIGHT_INITS); heads without an
+    #: official code of their own keep nn.Linear's
+    official_init: str = "kaiming_uniform"
 
-    def __init__(self, in_features: int, num_classes: int):
+    def __init__(self, in_features: int, num_classes: int, init: str = "official", lr_mult: float = 1.0,
+                 weight_decay: float | None = None):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.num_classes = check_positive_int("num_classes", num_classes)
+        if init not in INITS:
+            raise ConfigError(f"init={init!r} is not allowed: it must be one of {', '.join(INITS)} "
+                              f"(official for {type(self).__name__} is {self.official_init})")
+        self.init = init
+        self.lr_mult = check_float("lr_mult", lr_mult, low=0.0, low_inclusive=False)
+        self.weight_decay = None if weight_decay is None else check_float("weight_decay", weight_decay, low=0.0)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        self.reset_weight()
         self.last_cosine = None
         #: keep the probe's cosines of each forward (``last_cosine``); the trainer turns this off on
         #: the steps that log no geometry, so heads skip the pieces they would compute for it
         self.record_cosine = True
+
+    @property
+    def weight_init(self) -> str:
+        """The initialisation ``init`` selects: ``official_init``, or ``kaiming_uniform``."""
+        return self.official_init if self.init == "official" else "kaiming_uniform"
+
+    def reset_weight(self, generator: torch.Generator | None = None) -> None:
+        """Draws ``weight`` afresh with ``weight_init`` (subclasses that reshape W call it again)."""
+        fill_class_weight_(self.weight, self.weight_init, generator)
 
     @property
     def last_cosine(self) -> Tensor | None:
@@ -121,7 +186,18 @@ class MarginHead(nn.Module):
         float64 stays float64 (gradcheck); half and bfloat16 are promoted to float32.
         """
         # fused: x/||x|| . W_j divided by ||W_j||, without materialising normalize(W) (fast_cosine.py)
-        return fused_linear(F.normalize(embeddings), self.weight, normalize_weight=True, bound=1.0).logits
+        return fused_linear(normalize_features(embeddings), self.weight, normalize_weight=True, bound=1.0).logits
+
+    def cosine_and_target(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos theta_j (B x C), cos theta_y (B)), both differentiable, for heads that edit the cosines
+        with ordinary ops. The target cosines are taken in float64 from the B target rows
+        (``precise_cosine``, as ArcFace's fused path does): under bf16/fp16 autocast the product's
+        target entry is off by up to ~1e-2, i.e. logits at s = 64 for small angles, where acos's slope
+        is large. The target entries of the B x C matrix still hold the product's value: overwrite them.
+        """
+        fused = fused_linear(normalize_features(embeddings), self.weight, labels, normalize_weight=True,
+                             bound=1.0, target_value=precise_cosine(embeddings, self.weight, labels))
+        return fused.logits, fused.target
 
     @staticmethod
     def replace_target(logits: Tensor, labels: Tensor, target_logit: Tensor) -> Tensor:
@@ -167,8 +243,8 @@ class CosineMarginHead(MarginHead):
     #: unbounded at +-1); additive cosine margins (slope 1) take them from the float32 product
     precise_target: bool = True
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 30.0):
-        super().__init__(in_features, num_classes)
+    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, **common):
+        super().__init__(in_features, num_classes, **common)
         self.s = check_float("s", s, low=0.0, low_inclusive=False)
 
     def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, Tensor | float]:
@@ -181,13 +257,17 @@ class CosineMarginHead(MarginHead):
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         if type(self).normalized_cosine is not MarginHead.normalized_cosine:  # e.g. sub-centres
-            cos = self.normalized_cosine(embeddings)
-            self.last_cosine = cos.detach()
-            logits = cos * self.s
             if labels is None:
-                return logits
-            cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
-            return self.replace_target(logits, labels, self.s * self.target_cosine(cos_target, labels))
+                cos = self.normalized_cosine(embeddings)
+                self.last_cosine = cos.detach()
+                return cos * self.s
+            if self.precise_target:  # the target cosines in float64 from the target rows
+                cos, cos_target = self.cosine_and_target(embeddings, labels)
+            else:
+                cos = self.normalized_cosine(embeddings)
+                cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+            self.last_cosine = cos.detach()
+            return self.replace_target(cos * self.s, labels, self.s * self.target_cosine(cos_target, labels))
         s = self.s
         if labels is not None and not isinstance(s, Tensor) and not torch.compiler.is_compiling():
             # the whole training forward in one Function (fused_margin.py)
@@ -200,7 +280,7 @@ class CosineMarginHead(MarginHead):
         bound = scale.abs() if isinstance(scale, Tensor) else abs(scale)
         # the target cosines (B) are computed again in float64 from the raw features (see fast_cosine.py)
         target_value = None if labels is None else precise_cosine(embeddings, self.weight, labels) * scale
-        fused = fused_linear(F.normalize(embeddings) * s, self.weight, labels, normalize_weight=True, bound=bound,
+        fused = fused_linear(normalize_features(embeddings) * s, self.weight, labels, normalize_weight=True, bound=bound,
                              target_value=target_value)
         logits = fused.logits
         if labels is not None:

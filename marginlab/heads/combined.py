@@ -9,7 +9,8 @@ from torch import Tensor
 
 from marginlab.heads.base import CosineMarginHead, check_float
 
-#: the gradient of acos is taken at cos clamped to [-1 + eps, 1 - eps], where |d acos / d cos| <= ~2.2e3
+#: the slope uses d acos / d cos = -1 / sqrt(1 - cos^2) only for |cos| <= 1 - eps (there |d acos / d cos|
+#: <= ~2.2e3); within eps of +-1 (theta < ~4.5e-4 rad, or within that of pi) the slope is 0
 _ACOS_EPS = 1e-7
 
 
@@ -19,16 +20,19 @@ class CombinedMarginHead(CosineMarginHead):
 
     As in InsightFace's ``margin_softmax`` (recognition/arcface_mxnet/train.py): when m1 = 1 and
     m2 = 0 the target is simply cos - m3 (no acos); otherwise theta_y = acos(cos theta_y) is taken of
-    the B target cosines only (never the B x C matrix; its gradient is kept finite at cos = +-1, see
-    ``target_cosine``) and the target becomes cos(m1 theta_y + m2) - m3. There is no monotonic
+    the B target cosines only (never the B x C matrix; its slope is kept finite near cos = +-1, see
+    ``margin_and_slope``) and the target becomes cos(m1 theta_y + m2) - m3. There is no monotonic
     fallback where m1 theta + m2 passes pi (InsightFace has none): use ``arcface`` for ArcFace's
     exact-gradient form, ``sphereface`` for SphereFace's psi.
     Defaults are InsightFace's ``loss.combined`` setting (s = 64, m1 = 1.0, m2 = 0.3, m3 = 0.2).
     """
 
+    # insightface recognition/arcface_torch/partial_fc_v2.py: torch.normal(0, 0.01, (num_local, D))
+    official_init = "normal_0.01"
+
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m1: float = 1.0,
-                 m2: float = 0.3, m3: float = 0.2):
-        super().__init__(in_features, num_classes, s=s)
+                 m2: float = 0.3, m3: float = 0.2, **common):
+        super().__init__(in_features, num_classes, s=s, **common)
         self.m1 = check_float("m1", m1, low=1.0, high=10.0)
         self.m2 = check_float("m2", m2, low=0.0, high=math.pi)
         self.m3 = check_float("m3", m3, low=0.0, high=2.0)

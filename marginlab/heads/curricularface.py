@@ -19,21 +19,26 @@ class CurricularFaceHead(ArcFaceHead):
     head/metrics.py, momentum 0.01, t starts at 0). Early in training t is small and hard negatives
     are damped; as t grows they are emphasised. The hard-negative test uses the raw cos(theta_y + m)
     as the official code does; the mask is the one B x C tensor this head builds (a comparison,
-    no one-hot, no acos).
+    no one-hot, no acos). The target cosine is taken in float64 from the B target rows
+    (``cosine_and_target``), not from the (possibly bf16) product.
     """
 
+    # HuangYG123/CurricularFace head/metrics.py: nn.init.normal_(self.kernel, std=0.01)
+    official_init = "normal_0.01"
+
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
-                 momentum: float = 0.01):
-        super().__init__(in_features, num_classes, s=s, m=m, easy_margin=False)
+                 momentum: float = 0.01, **common):
+        super().__init__(in_features, num_classes, s=s, m=m, easy_margin=False, **common)
         self.momentum = check_float("momentum", momentum, low=0.0, high=1.0, low_inclusive=False)
         self.register_buffer("t", torch.zeros(1))
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        cos = self.normalized_cosine(embeddings)
-        self.last_cosine = cos.detach()
         if labels is None:
+            cos = self.normalized_cosine(embeddings)
+            self.last_cosine = cos.detach()
             return cos * self.s
-        cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
+        self.last_cosine = cos.detach()
         # CurricularFace, N(t, cos theta_j): j is a hard negative when cos(theta_y + m) < cos theta_j
         boundary = cos_plus_angle(cos_target.detach(), self.cos_m, self.sin_m)
         hard = cos.detach() > boundary.unsqueeze(1)

@@ -81,14 +81,26 @@ def _precise_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
 
 
+def normalize_features(x: Tensor) -> Tensor:
+    """x / ||x|| row by row, like ``F.normalize``, except that a row with ||x|| < eps (a zero feature)
+    maps to 0 with a zero gradient: F.normalize divides by eps there, so its gradient is G / eps
+    (~1e12 G) and one zero sample would blow up the step. Elsewhere value and gradient are exact.
+    Plain autograd ops (torch.compile traces them); the mask costs B elements."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # its gradient at 0 is 0
+    # where ||x|| < eps: x * 0 (the reciprocal is of the clamped norm, so no inf meets the mask)
+    return x * (norm.clamp_min(NORM_EPS).reciprocal() * (norm >= NORM_EPS))
+
+
 @torch.no_grad()
 def precise_cosine(embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    """cos(theta_y) = x/max(||x||, eps) . W_y/max(||W_y||, eps) for the B target rows, in float64."""
+    """cos(theta_y) = x/||x|| . W_y/max(||W_y||, eps) for the B target rows, in float64; 0 for a zero
+    feature (||x|| < eps), as ``normalize_features`` gives."""
     hi = _precise_dtype(embeddings)
     x, w_y = embeddings.detach().to(hi), weight.detach()[labels.long()].to(hi)
     dot = torch.linalg.vecdot(x, w_y)
-    nx = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
-    return dot / (nx * torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS))
+    nx = torch.linalg.vector_norm(x, dim=1)
+    cos = dot / (nx.clamp_min(NORM_EPS) * torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS))
+    return cos.mul_(nx >= NORM_EPS)
 
 
 class _Handle:

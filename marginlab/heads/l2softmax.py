@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from marginlab.errors import ConfigError
 from marginlab.heads.base import MarginHead, at_least_float32, check_float
-from marginlab.heads.fast_cosine import LazyCosine
+from marginlab.heads.fast_cosine import LazyCosine, normalize_features
 
 
 def alpha_lower_bound(num_classes: int, p: float) -> float:
@@ -24,12 +24,14 @@ class L2SoftmaxHead(MarginHead):
 
     Training and evaluation logits are the same, ``alpha W x/||x|| + b``; there is no margin.
     ``alpha="auto"`` uses the paper's lower bound for target probability ``p`` (needs more than two
-    classes; the bound is marked [unverified] in papers.md).
+    classes; the bound is marked [unverified] in papers.md). No official code: ``init=official`` keeps
+    nn.Linear's kaiming_uniform(a = sqrt 5), the same as ``init=kaiming``. A zero feature maps to 0
+    with a zero gradient (``normalize_features``).
     """
 
     def __init__(self, in_features: int, num_classes: int, alpha: float | str = "auto",
-                 p: float = 0.9, bias: bool = True):
-        super().__init__(in_features, num_classes)
+                 p: float = 0.9, bias: bool = True, **common):
+        super().__init__(in_features, num_classes, **common)
         if isinstance(alpha, str):
             if alpha != "auto":
                 raise ConfigError(f"alpha={alpha!r} is not allowed: it must be a number > 0 or 'auto'")
@@ -50,7 +52,7 @@ class L2SoftmaxHead(MarginHead):
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         # L2-softmax (Ranjan et al. 2017): f = alpha * x / ||x||, then the usual W f + b
-        features = F.normalize(at_least_float32(embeddings)) * self.alpha
+        features = normalize_features(at_least_float32(embeddings)) * self.alpha
         logits = at_least_float32(F.linear(features, self.weight, self.bias))
         if not self.record_cosine:
             return logits

@@ -76,9 +76,13 @@ class LSoftmaxHead(MarginHead):
     #: SphereFace normalises the class weights every forward; L-Softmax does not
     normalize_weights: bool = False
 
+    # wy1iu/LargeMargin_Softmax_Loss myexamples/mnist/model/mnist_train_test.prototxt (and the CIFAR ones):
+    # weight_filler msra (Caffe MSRAFiller, fan_in: N(0, 2/D))
+    official_init = "caffe_msra"
+
     def __init__(self, in_features: int, num_classes: int, m: int = 4, base: float = 1000.0,
-                 gamma: float = 2.5e-5, power: float = 35.0, lambda_min: float = 0.0):
-        super().__init__(in_features, num_classes)
+                 gamma: float = 2.5e-5, power: float = 35.0, lambda_min: float = 0.0, **common):
+        super().__init__(in_features, num_classes, **common)
         self.m = check_positive_int("m", m)
         self.base = check_float("base", base, low=0.0)
         self.gamma = check_float("gamma", gamma, low=0.0)

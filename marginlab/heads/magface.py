@@ -21,13 +21,17 @@ class MagFaceHead(CosineMarginHead):
     ``easy_margin=False`` uses ArcFace's threshold cos(pi - m(a)) and fallback cos theta - m(a) sin m(a).
     Defaults are the official run/run.sh (IrvingMeng/MagFace): l_a 10, u_a 110, l_m 0.45, u_m 0.8,
     lambda_g 35, s 64. With l_m = u_m = 0 and lambda_g = 0 the head is NormFace.
-    The probe counts angular violations with the smallest margin l_m.
+    The probe counts angular violations with the smallest margin l_m. The target cosine is taken in
+    float64 from the B target rows (``cosine_and_target``), not from the (possibly bf16) product.
     """
+
+    # IrvingMeng/MagFace models/magface.py: weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) (unit rows)
+    official_init = "uniform_unit_rows"
 
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, l_a: float = 10.0,
                  u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0,
-                 easy_margin: bool = True):
-        super().__init__(in_features, num_classes, s=s)
+                 easy_margin: bool = True, **common):
+        super().__init__(in_features, num_classes, s=s, **common)
         self.l_a = check_float("l_a", l_a, low=0.0, low_inclusive=False)
         self.u_a = check_float("u_a", u_a, low=self.l_a, low_inclusive=False)
         self.l_m = check_float("l_m", l_m, low=0.0, high=math.pi / 2)
@@ -45,14 +49,15 @@ class MagFaceHead(CosineMarginHead):
         return a / (self.u_a ** 2) + 1.0 / a
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        cos = self.normalized_cosine(embeddings)
-        self.last_cosine = cos.detach()
         if labels is None:
+            cos = self.normalized_cosine(embeddings)
+            self.last_cosine = cos.detach()
             self._loss_g = None
             return cos * self.s
+        cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
+        self.last_cosine = cos.detach()
         a = torch.linalg.vector_norm(at_least_float32(embeddings), dim=1).clamp(self.l_a, self.u_a)
         margin = self.magnitude_margin(a).to(cos.dtype)
-        cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
         # MagFace, L_Mag target: cos(theta_y + m(a_i)) (official MagLinear, cos m / sin m per sample)
         phi = cos_plus_angle(cos_target, torch.cos(margin), torch.sin(margin))
         if self.easy_margin:

@@ -206,11 +206,15 @@ class RBFHead(MarginHead):
     ``||x||^2 + ||W_j||^2 - 2 x.W_j`` (clamped at 0), never a B x C x D tensor. That product runs in
     float32 even under autocast: the sum cancels badly when x is close to W_j, and bfloat16 would turn
     a distance of 1 between vectors of norm 10 into noise. Defaults s = 35, gamma = 16 are those of
-    every official config (2han9x1a0release/RBF-Softmax).
+    every official config (2han9x1a0release/RBF-Softmax); so is the initialisation (``init=official``):
+    torch's xavier_uniform, U(+-sqrt(6 / (D + C))).
     """
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 35.0, gamma: float = 16.0):
-        super().__init__(in_features, num_classes)
+    # 2han9x1a0release/RBF-Softmax pycls/losses/rbflogit.py: nn.init.xavier_uniform_(self.weight)
+    official_init = "xavier_uniform"
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 35.0, gamma: float = 16.0, **common):
+        super().__init__(in_features, num_classes, **common)
         self.s = check_float("s", s, low=0.0, low_inclusive=False)
         self.gamma = check_float("gamma", gamma, low=0.0, low_inclusive=False)
 

@@ -11,10 +11,11 @@ from marginlab.heads.fast_cosine import LazyCosine
 
 
 class SoftmaxHead(MarginHead):
-    """Linear classifier; training and evaluation logits are the same, W x (+ b)."""
+    """Linear classifier; training and evaluation logits are the same, W x (+ b). No official code of its
+    own: ``init=official`` is nn.Linear's kaiming_uniform(a = sqrt 5), the same as ``init=kaiming``."""
 
-    def __init__(self, in_features: int, num_classes: int, bias: bool = True):
-        super().__init__(in_features, num_classes)
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, **common):
+        super().__init__(in_features, num_classes, **common)
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:

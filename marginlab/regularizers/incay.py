@@ -13,7 +13,9 @@ class FeatureIncay(Regularizer):
     """``weight * mean_i h_i / (||f_i||^2 + eps)``: grows the norm of features already classified right.
 
     ``h_i`` is 1 where ``argmax(logits_i) == y_i`` and 0 otherwise (the paper's reciprocal norm loss;
-    a public Caffe FeatureIncayLoss layer computes the same batch mean, eps 1e-6). ``smooth: true``
+    happynear/caffe-windows' FeatureIncayLoss layer computes the same batch mean of 1 / ||f_i||^2, but
+    without any eps: it declares ``epsilon = 1e-6`` and never uses it, so ``eps`` here is ours, to keep
+    a zero feature finite). ``smooth: true``
     is a variant of ours, not the paper's: ``h_i = softmax(logits_i)[y_i]`` (the true-class
     probability), so the weight moves continuously instead of switching at the decision boundary.
     ``h`` is always detached: it only weighs the term. ``logits`` are whatever the engine passes

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from marginlab.errors import ConfigError
+from marginlab.logging.run_log import restore_nonfinite
 
 #: overrides that do not define a setting: the seeds of one setting are averaged; hydra.* only places files
 IGNORED_KEYS = ("seed", "resume")
@@ -76,7 +77,7 @@ def _load_yaml(path: Path) -> Any:
 
 
 def _number(value: Any) -> Any:
-    """metrics.json stores NaN/inf as strings; turn them back into floats."""
+    """Older metrics.json files kept NaN/inf as strings; turn them back into floats."""
     if isinstance(value, str) and value in ("nan", "inf", "-inf"):
         return float(value)
     return value
@@ -92,7 +93,8 @@ def read_job(path: Path) -> Job:
     choices = {k: v for k, v in choices.items() if not str(k).startswith("hydra/")}
     num = (hydra_cfg.get("job") or {}).get("num")
     try:
-        metrics = {k: _number(v) for k, v in json.loads((path / "metrics.json").read_text()).items()}
+        record = restore_nonfinite(json.loads((path / "metrics.json").read_text()))
+        metrics = {k: _number(v) for k, v in record.items()}
     except (OSError, ValueError):
         metrics = {"status": "failed", "error": "no readable metrics.json (the job crashed, was killed, or is still running)"}
     return Job(path=path, overrides=[str(o) for o in overrides], metrics=metrics, config=config,

@@ -125,6 +125,12 @@ class Report:
         sources = list(dict.fromkeys(f"{p.source}, {p.table}".strip(", ") for p in papers))
         if sources:
             notes.append("paper: " + "; ".join(sources) + ". diff = ours - paper, in the paper's unit.")
+            compared = list(dict.fromkeys(f"{p.label}: ours is {p.measured}" for p in papers if p.measured != p.metric))
+            if compared:
+                notes.append("compared: " + "; ".join(compared) + " (the paper reports that statistic).")
+            evidence = list(dict.fromkeys(f"{p.value:g} [{p.confidence}: {p.evidence}]" for p in papers if p.evidence))
+            if evidence:
+                notes.append("evidence: " + "; ".join(evidence))
             marks = list(dict.fromkeys(p.confidence for p in papers))
             notes.append("marks: " + "; ".join(f"[{m}] {CONFIDENCE.get(m, '?')}" for m in marks))
             if "unverified" in marks:
@@ -168,7 +174,7 @@ class Report:
             for label in self.paper_labels:
                 paper, ours = papers.get(label), row.ours.get(label)
                 line += [num(paper.value) if paper else "", paper.confidence if paper else "",
-                         f"{paper.source}, {paper.table}" if paper else "",
+                         "; ".join(x for x in (f"{paper.source}, {paper.table}", paper.evidence) if x) if paper else "",
                          num(ours.mean if ours else None), num(ours.std if ours else None),
                          num(ours.mean - paper.value) if (paper and ours) else ""]
             line += [int(row.best), " | ".join(str(j.error) for j in row.failed)]
@@ -199,8 +205,8 @@ def build_report(jobs: list[Job], metrics: list[str] | None = None, root: Path |
         first = row.jobs[0]
         row.paper = paper_values(first.config.get("paper"), first.value)
         for p in row.paper:
-            row.ours[p.label] = Stat.of([p.convert(float(j.metrics[p.metric])) for j in row.completed
-                                         if is_finite_number(j.metrics.get(p.metric))])
+            row.ours[p.label] = Stat.of([p.convert(float(j.metrics[p.measured])) for j in row.completed
+                                         if is_finite_number(j.metrics.get(p.measured))])
     paper_labels = list(dict.fromkeys(p.label for r in rows.values() for p in r.paper))
     best_metric = metrics[0] if metrics else "test/acc"
     scored = [r for r in rows.values() if r.stats.get(best_metric)]

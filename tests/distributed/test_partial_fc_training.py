@@ -16,7 +16,7 @@ def test_two_shards_train_as_one_and_resume_with_one_process(tmp_path, torchrun)
     torchrun.launch(0, one, *RUN)
     torchrun.launch(2, two, *RUN, "trainer.stop_after_epoch=1")
     (run_dir,) = list((two / "runs").iterdir())
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     # the checkpoint is the unsharded model's: every class's weight and momentum, gathered from both ranks
     assert ckpt["model"]["head.weight"].shape == (10, 16)
     assert not any(k.startswith("head.head.") for k in ckpt["model"])

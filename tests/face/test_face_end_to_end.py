@@ -64,7 +64,7 @@ def test_partial_fc_on_two_processes_then_eval(face_data, torchrun, tmp_path, ca
     (record,) = torchrun.epochs(out)
     assert np.isfinite(record["train/loss"]) and np.isfinite(record["lfw/acc"])
     (run_dir,) = list((out / "runs").iterdir())
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["model"]["head.weight"].shape[0] == IDENTITIES  # both ranks' classes
     assert main(["eval", f"checkpoint={run_dir}", "verification=[lfw]", f"verification.lfw.path={lfw}"]) == 0
     result = json.loads((run_dir / "checkpoints" / "best.eval.json").read_text())

@@ -24,7 +24,9 @@ HEAD_CONFIGS = Path(marginlab.__file__).parent / "configs" / "head"
 def make_batch(head, batch: int = 12, seed: int = 0, special: bool = True, scale: float = 3.0):
     """Embeddings (float32) and labels for ``head``; with ``special`` rows 0-2 are collinear with,
     opposite to, and orthogonal-by-zero to (a zero vector) their class weight."""
-    g = torch.Generator().manual_seed(seed)
+    # a stream of its own: with the global seed also 0, a head drawn N(0, sigma) (init=official) would
+    # otherwise get rows exactly parallel to these features (cos theta_y = 1 everywhere)
+    g = torch.Generator().manual_seed(10_007 + seed)
     x = torch.randn(batch, head.in_features, generator=g) * scale
     labels = torch.randint(0, head.num_classes, (batch,), generator=g)
     if special:

@@ -18,8 +18,10 @@ FUSED_HEADS = [("normface", {}), ("amsoftmax", {}), ("arcface", {}), ("arcface",
 
 
 def plain_logits(head, x, labels):
-    """The same head written with autograd ops: normalize, linear, the margin by acos/cos, scatter."""
-    cos = F.linear(F.normalize(x), F.normalize(head.weight)).clamp(-1.0, 1.0)
+    """The same head written with autograd ops: normalize, linear, the margin by acos/cos, scatter.
+    A feature of norm below F.normalize's eps (1e-12) counts as zero: unit vector 0, no gradient."""
+    unit = F.normalize(x) * (torch.linalg.vector_norm(x, dim=1, keepdim=True) >= 1e-12)
+    cos = F.linear(unit, F.normalize(head.weight)).clamp(-1.0, 1.0)
     t = cos.gather(1, labels.view(-1, 1)).squeeze(1)
     return (cos * head.s).scatter(1, labels.view(-1, 1), (head.s * head.target_cosine(t, labels)).view(-1, 1))
 
@@ -121,7 +123,8 @@ def test_combined_slope_within_eps_of_plus_minus_one(hh):
 
 @pytest.mark.parametrize("name, kwargs", [("amsoftmax", {}), ("arcface", {})])
 def test_tiny_and_zero_features_match_normalize(name, kwargs, hh):
-    """Below F.normalize's eps (1e-12) the norm's own gradient is dropped, as normalize's clamp does."""
+    """Below F.normalize's eps (1e-12) a feature counts as zero: cosines 0 and no gradient (F.normalize
+    would divide by eps and pass back ~1e12 times the gradient)."""
     head = hh.instantiate(name, in_features=4, num_classes=7, **kwargs).double().train()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 4, generator=g, dtype=torch.float64)

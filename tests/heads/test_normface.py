@@ -72,3 +72,19 @@ def test_configs(hh):
                                atol=1e-6, rtol=1e-6)
     coco = hh.instantiate("coco")  # COCO: the same formula with its own alpha
     assert isinstance(coco, NormFaceHead) and coco.s == pytest.approx(21.475)
+
+
+def test_learnt_scale_is_clamped_at_0_01(hh):
+    """NormFace prototxt/scaled_cosine_softmax.prototxt, cosine_scale: min_value 0.01."""
+    head = NormFaceHead(8, 10, s=10.0, learnable_scale=True).train()
+    x, labels = hh.make_batch(head, special=False)
+    with torch.no_grad():
+        head.s.fill_(-3.0)  # e.g. after a large step
+    logits = head(x, labels)
+    assert head.s.item() == pytest.approx(0.01)
+    torch.testing.assert_close(logits, 0.01 * hh.reference_cosine(x, head.weight.detach()).float(),
+                               atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        head.s.fill_(0.5)  # above the bound: untouched
+    head(x, labels)
+    assert head.s.item() == 0.5

@@ -116,3 +116,147 @@ def test_config_defaults(hh):
     head = hh.instantiate("sphereface")
     assert isinstance(head, SphereFaceHead) and head.normalize_weights
     assert (head.m, head.base, head.gamma, head.power, head.lambda_min) == (4, 1000.0, 0.12, 1.0, 5.0)
+
+
+# ---- mode="official": the Caffe layer (wy1iu/sphereface margin_inner_product_layer.cpp) ---------------------
+def caffe_margin_inner_product(x, weight, labels, m: int, lam: float, top_diff):
+    """float64 emulation of the Caffe layer's Forward_cpu / Backward_cpu, line by line from the source
+    (tools/caffe-sphereface/src/caffe/layers/margin_inner_product_layer.cpp): returns (top, the weight
+    after the in-place renormalisation, bottom_diff, weight_diff)."""
+    sign = torch.sign  # caffe_cpu_sign: (0 < x) - (x < 0)
+    w = weight.double().clone()
+    w = w / torch.sqrt((w * w).sum(dim=1, keepdim=True))  # normalize weight, in place in Caffe
+    x = x.double()
+    M, N = x.shape[0], w.shape[0]
+    x_norm = torch.sqrt((x * x).sum(dim=1))
+    cos = (x @ w.t()) / x_norm.unsqueeze(1)
+    s0 = sign(cos)
+    c2, c3, c4 = cos ** 2, cos ** 3, cos ** 4
+    if m == 3:
+        s1 = sign(cos.abs() - 0.5)
+        s2 = s0 * (1.0 + s1) - 2.0
+    if m == 4:
+        s3 = s0 * sign(2.0 * c2 - 1.0)
+        s4 = 2.0 * s0 + s3 - 3.0
+    top = x @ w.t()
+    if m > 1:
+        for i in range(M):
+            j = int(labels[i])
+            if m == 2:
+                top[i, j] = x_norm[i] * (2.0 * s0[i, j] * c2[i, j] - 1.0)
+            elif m == 3:
+                top[i, j] = x_norm[i] * (s1[i, j] * (4.0 * c3[i, j] - 3.0 * cos[i, j]) + s2[i, j])
+            else:
+                top[i, j] = x_norm[i] * (s3[i, j] * (8.0 * c4[i, j] - 8.0 * c2[i, j] + 1.0) + s4[i, j])
+        top = (top + lam * (x @ w.t())) / (1.0 + lam)
+    g = top_diff.double()
+    weight_diff = g.t() @ x
+    if m == 1:
+        return top, w, g @ w, weight_diff
+    bottom_diff = torch.zeros_like(x)
+    for i in range(M):
+        y = int(labels[i])
+        for j in range(N):
+            if j != y:
+                bottom_diff[i] += g[i, j] / (1.0 + lam) * w[j]
+                continue
+            if m == 2:
+                cw = 4.0 * s0[i, j] * cos[i, j]
+                cx = 1.0 / (-x_norm[i]) * (2.0 * s0[i, j] * c2[i, j] + 1.0)
+            elif m == 3:
+                cw = s1[i, j] * (12.0 * c2[i, j] - 3.0)
+                cx = 1.0 / (-x_norm[i]) * (8.0 * s1[i, j] * c3[i, j] - s2[i, j])
+            else:
+                cw = s3[i, j] * (32.0 * c3[i, j] - 16.0 * cos[i, j])
+                cx = 1.0 / (-x_norm[i]) * (s3[i, j] * (24.0 * c4[i, j] - 8.0 * c2[i, j] - 1.0) - s4[i, j])
+            norm = torch.sqrt(cw * cw + cx * cx)
+            cw, cx = cw / norm, cx / norm
+            bottom_diff[i] += g[i, j] / (1.0 + lam) * cw * w[j]
+            bottom_diff[i] += g[i, j] / (1.0 + lam) * cx * x[i]
+    bottom_diff += lam / (1.0 + lam) * (g @ w)  # + lambda / (1 + lambda) * w, every entry
+    return top, w, bottom_diff, weight_diff
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("lam", [0.0, 0.7, 5.0])
+def test_official_mode_matches_the_caffe_layer(hh, m, lam):
+    """Forward, the in-place renormalised W, the x-gradient (psi pair rescaled) and dW = G^T x against
+    the float64 emulation of margin_inner_product_layer.cpp, with features near the segment edges."""
+    torch.manual_seed(m)
+    head = SphereFaceHead(6, 7, m=m, base=lam, gamma=0.0, lambda_min=0.0, mode="official").double().train()
+    with torch.no_grad():
+        head.weight.mul_(torch.linspace(0.2, 5.0, 7, dtype=torch.float64).unsqueeze(1))  # renormalised anyway
+    weight0 = head.weight.detach().clone()
+    x, labels = hh.make_batch(head, batch=10, seed=m, special=False)
+    near = [hh.feature_at_angle(weight0[y], k * math.pi / m + 0.05, 2.0, seed=k)
+            for k, y in enumerate(labels.tolist()[:m]) if k * math.pi / m + 0.05 < math.pi]
+    x = torch.cat([x, torch.stack(near)]).double().requires_grad_(True)
+    labels = torch.cat([labels, labels[: len(near)]])
+    top_diff = torch.randn(x.shape[0], 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    logits = head(x, labels)
+    (logits * top_diff).sum().backward()
+    lam32 = float(torch.tensor(lam, dtype=torch.float32))  # lambda is a float (Dtype) in Caffe, as here
+    top, w_unit, bottom_diff, weight_diff = caffe_margin_inner_product(x.detach(), weight0, labels, m, lam32,
+                                                                       top_diff)
+    torch.testing.assert_close(head.weight.detach(), w_unit, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(logits.detach(), top, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(x.grad, bottom_diff, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(head.weight.grad, weight_diff, atol=1e-10, rtol=1e-10)
+
+
+def test_official_mode_differs_from_exact_only_in_gradients(hh):
+    exact = SphereFaceHead(8, 10, base=0.0, gamma=0.0, lambda_min=0.0).double().train()
+    official = hh.copy_weights(exact, SphereFaceHead(8, 10, base=0.0, gamma=0.0, lambda_min=0.0,
+                                                     mode="official").double().train())
+    x, labels = hh.make_batch(exact, special=False)
+    grads = []
+    for head in (exact, official):
+        xx = x.double().requires_grad_(True)
+        out = head(xx, labels)
+        F.cross_entropy(out, labels).backward()
+        grads.append((out.detach(), xx.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-10, rtol=1e-10)
+    assert not torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_official_mode_anneals_lambda_as_the_caffe_layer():
+    """iter_ += 1, then lambda = max(lambda_min, base (1 + gamma iter)^-power), once per training forward."""
+    head = SphereFaceHead(4, 5, mode="official").train()
+    x, labels = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    for it in range(1, 4):
+        head(x, labels)
+        assert head.schedule_values()["lambda"] == pytest.approx(max(5.0, 1000.0 / (1 + 0.12 * it)), rel=1e-6)
+    head.eval()(x, labels)  # evaluation forwards do not advance it
+    assert int(head.iteration) == 3
+
+
+def test_official_mode_zero_feature_is_finite():
+    head = SphereFaceHead(4, 5, mode="official").train()
+    x = torch.randn(3, 4)
+    x[1] = 0.0
+    x.requires_grad_(True)
+    labels = torch.tensor([0, 1, 2])
+    F.cross_entropy(head(x, labels), labels).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"mode": "caffe"}, ["mode='caffe'", "exact, official"]),
+    ({"mode": "official", "m": 5}, ["m=5", "mode='official'", "1, 2, 3, 4"]),
+])
+def test_bad_mode(kwargs, words):
+    with pytest.raises(ConfigError) as err:
+        SphereFaceHead(8, 10, **kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_casia_experiment_uses_the_official_mode():
+    from omegaconf import OmegaConf
+
+    from pathlib import Path
+
+    import marginlab
+
+    exp = OmegaConf.load(Path(marginlab.__file__).parent / "configs" / "experiment" / "sphereface_casia.yaml")
+    assert exp.head.mode == "official"

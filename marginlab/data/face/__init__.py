@@ -74,6 +74,29 @@ def normalize_face(x: Tensor) -> Tensor:
     return (x.float() / 255.0 - 0.5) / 0.5
 
 
+def class_count(labels: np.ndarray, counted: int, requested: int | None, describe, blame: str) -> int:
+    """The number of classes the head gets. With ``requested`` (``dataset.num_classes``): that number, and a
+    DataError naming the first record (``describe(i)``) whose label is not below it. Without: ``counted`` (what
+    the data says), unless it is far above the labels in use -- more than twice the distinct labels and more
+    than 1000 classes without an image, the mark of a corrupt label or header -- then a DataError that names
+    ``blame`` (the record the count came from)."""
+    if requested is not None:
+        over = np.flatnonzero(labels >= requested)
+        if over.size:
+            i = int(over[0])
+            raise DataError(f"{describe(i)}: label {int(labels[i])} is not below dataset.num_classes={requested} "
+                            f"({over.size} such records). To fix: raise dataset.num_classes, or repair the labels")
+        return int(requested)
+    distinct = int(np.unique(labels).size)
+    empty = counted - distinct
+    if counted > 2 * distinct and empty > 1000:
+        raise DataError(f"{blame}: that makes {counted:,} classes, but the {labels.size:,} images use only "
+                        f"{distinct:,} distinct labels ({empty:,} classes would have no image; a corrupt label?). "
+                        f"To fix: repair or remove that record, or set dataset.num_classes={counted} if the "
+                        f"classes really are that many")
+    return counted
+
+
 class FaceImageDataset(Dataset):
     """Base of the face training sets: ``(image float32 3xHxW in [-1, 1], label int64)``.
 
@@ -124,5 +147,5 @@ class FaceImageDataset(Dataset):
 
 from marginlab.data.face.casia import CasiaData  # noqa: E402  (re-export; casia imports the helpers above)
 
-__all__ = ["ARCFACE_SIZE", "SPHEREFACE_SIZE", "CasiaData", "FaceImageDataset", "decode_image", "fit_face",
-           "normalize_face", "parse_image_size", "to_uint8_chw"]
+__all__ = ["ARCFACE_SIZE", "SPHEREFACE_SIZE", "CasiaData", "FaceImageDataset", "class_count", "decode_image",
+           "fit_face", "normalize_face", "parse_image_size", "to_uint8_chw"]

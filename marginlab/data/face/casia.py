@@ -4,7 +4,8 @@ stored the same way (MS1M/faces_emore, Glint360K: same reader, point ``root`` at
 ``root`` holds either InsightFace's RecordIO pair ``train.rec`` + ``train.idx`` (the
 ``faces_webface_112x112`` release) or an ImageFolder tree ``<root>/<identity>/<image>.jpg``. The class
 count comes from the data: the header record's identity range, ``max label + 1`` for plain im2rec files,
-or the number of identity folders.
+or the number of identity folders -- refused when far above the labels in use (a corrupt label or header);
+``num_classes`` sets it explicitly (every label must be below it).
 
 Validation: there is no official split. ``val_fraction`` (default 0) holds out that fraction of the
 images (a seeded random slice, removed from training) for closed-set classification accuracy; with 0,
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from marginlab.data.base import ClassificationData, check_root, default_data_root, missing_data_error
 from marginlab.data.face import parse_image_size
 from marginlab.errors import ConfigError, DataError
-from marginlab.heads.base import check_float
+from marginlab.heads.base import check_float, check_positive_int
 
 FORMATS = ("auto", "rec", "folder")
 GET_DATA = ("unzip InsightFace's faces_webface_112x112 release (train.rec, train.idx, lfw.bin, cfp_fp.bin, "
@@ -44,7 +45,7 @@ class CasiaData(ClassificationData):
 
     def __init__(self, root: str | None = None, format: str = "auto", rec_prefix: str = "train",
                  image_size=112, flip: bool = True, skip_corrupt: bool = False, val_fraction: float = 0.0,
-                 split_seed: int = 0, **kwargs):
+                 split_seed: int = 0, num_classes: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.root = root if root else default_data_root("faces_webface_112x112")
         if format not in FORMATS:
@@ -57,6 +58,8 @@ class CasiaData(ClassificationData):
         self.skip_corrupt = bool(skip_corrupt)
         self.val_fraction = check_float("dataset.val_fraction", val_fraction, low=0.0, high=0.5)
         self.split_seed = int(split_seed)
+        self.requested_classes = None if num_classes is None else check_positive_int("dataset.num_classes",
+                                                                                      num_classes)
         self.source: str | None = None  # "rec:insightface", "rec:im2rec" or "folder" after setup
         self.skipped_records: list[str] = []
         self._index = None
@@ -88,14 +91,14 @@ class CasiaData(ClassificationData):
             for path in (rec, idx):
                 if not path.is_file():
                     raise DataError(f"{path} is missing: RecordIO data needs both {rec.name} and {idx.name}")
-            index = open_face_records(rec, idx, skip_corrupt=self.skip_corrupt)
+            index = open_face_records(rec, idx, skip_corrupt=self.skip_corrupt, num_classes=self.requested_classes)
             self.source = f"rec:{index.style}"
             self.skipped_records = index.skipped
             count = len(index.keys)
         else:
             from marginlab.data.face.imagefolder import FolderIndex
 
-            index = FolderIndex(root)
+            index = FolderIndex(root, num_classes=self.requested_classes)
             self.source = "folder"
             count = len(index.paths)
         self._index = index

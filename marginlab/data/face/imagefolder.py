@@ -11,14 +11,17 @@ import os
 import numpy as np
 from torchvision.datasets import ImageFolder
 
-from marginlab.data.face import FaceImageDataset
+from marginlab.data.base import check_no_link_loops
+from marginlab.data.face import FaceImageDataset, class_count
 from marginlab.errors import DataError
 
 
 class FolderIndex:
-    """The listing of an ImageFolder tree: paths, labels and class names."""
+    """The listing of an ImageFolder tree: paths, labels and class names (``num_classes``: the identity
+    folders, or ``num_classes`` when given, every label below it)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, num_classes: int | None = None):
+        check_no_link_loops(root)  # ImageFolder follows symbolic links: a loop would list the tree over and over
         try:
             folder = ImageFolder(str(root), loader=lambda path: path)
         except (FileNotFoundError, OSError) as exc:
@@ -28,7 +31,12 @@ class FolderIndex:
         self.classes: list[str] = list(folder.classes)
         self.paths: list[str] = [path for path, _ in folder.samples]
         self.labels = np.array([label for _, label in folder.samples], dtype=np.int64)
-        self.num_classes = len(self.classes)
+        self.num_classes = class_count(self.labels, len(self.classes), num_classes, self.describe,
+                                       f"{root} has {len(self.classes)} identity folders")
+
+    def describe(self, i: int) -> str:
+        """The file of image ``i`` and its identity folder, for messages."""
+        return f"{self.paths[i]} (identity folder {self.classes[self.labels[i]]!r})"
 
     def dataset(self, positions: np.ndarray | None, image_size: tuple[int, int], train: bool,
                 skip_corrupt: bool = False) -> "FolderFaceDataset":

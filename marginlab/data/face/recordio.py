@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marginlab.data.face import FaceImageDataset
+from marginlab.data.face import FaceImageDataset, class_count
 from marginlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -394,6 +394,10 @@ class RecordIndex:
     style: str  # "insightface" (header record at key 0) or "im2rec"
     skipped: list  # messages of the records dropped under skip_corrupt
 
+    def describe(self, i: int) -> str:
+        """The file and record of image ``i``, for messages."""
+        return f"{self.rec.path}: record {int(self.keys[i])} (offset {int(self.offsets[i])})"
+
     def dataset(self, positions: np.ndarray | None, image_size: tuple[int, int], train: bool,
                 skip_corrupt: bool = False) -> RecordFaceDataset:
         sel = slice(None) if positions is None else positions
@@ -418,14 +422,15 @@ def _header_record(rec: RecordFile, keys: np.ndarray, offsets: np.ndarray) -> tu
 
 
 def open_face_records(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
-                      skip_corrupt: bool = False) -> RecordIndex:
+                      skip_corrupt: bool = False, num_classes: int | None = None) -> RecordIndex:
     """Reads the index, finds the image records, checks each record's framing and label.
 
     InsightFace layout (key 0 is a header): images are keys 1..first-1, ``num_classes = end - first``.
     im2rec layout: every key of the ``.idx``, in its order; ``num_classes = max label + 1``. Any record
     whose offset is past the end, whose magic is wrong, that is truncated, or whose label is not a
     non-negative integer raises DataError naming the file and the key -- or, with ``skip_corrupt``, is
-    dropped, counted and logged.
+    dropped, counted and logged. The class count is then checked against the labels (``class_count``):
+    ``num_classes`` (``dataset.num_classes``), when given, replaces it.
     """
     rec = RecordFile(rec_path)
     keys, offsets = read_index(idx_path)
@@ -450,12 +455,13 @@ def open_face_records(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
         bad[i] = True
         messages.append(message)
     label = scan.label
-    wrong = ~bad & ~(np.isfinite(label) & (label >= 0) & (label == np.floor(label)))
+    wrong = ~bad & ~(np.isfinite(label) & (label >= 0) & (label < 2**31) & (label == np.floor(label)))
     if header is not None:
         wrong |= ~bad & np.isfinite(label) & (label >= header[1] - header[0])
     for i in np.nonzero(wrong)[0]:
         bad[i] = True
-        limit = f" below {header[1] - header[0]} (the header's identity count)" if header is not None else ""
+        limit = (f" below {header[1] - header[0]} (the header's identity count)" if header is not None
+                 else " below 2^31")
         messages.append(f"{rec.path}: record {int(keys[i])} (offset {int(offsets[i])}): label {float(label[i])!r} "
                         f"is not a class index (an integer >= 0{limit})")
     if messages and not skip_corrupt:
@@ -470,5 +476,12 @@ def open_face_records(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
     if not keep.any():
         raise DataError(f"{rec.path}: no readable image records")
     labels = label[keep].astype(np.int64)
-    num_classes = header[1] - header[0] if header is not None else int(labels.max()) + 1
-    return RecordIndex(rec, keys[keep], offsets[keep], scan.length[keep], labels, num_classes, style, messages)
+    index = RecordIndex(rec, keys[keep], offsets[keep], scan.length[keep], labels, 0, style, messages)
+    if header is not None:
+        counted, blame = header[1] - header[0], (f"{rec.path}: record 0 (the header) gives the identity range "
+                                                 f"{header[0]}..{header[1]}")
+    else:
+        top = int(np.argmax(labels))
+        counted, blame = int(labels[top]) + 1, f"{index.describe(top)} has label {int(labels[top])}"
+    index.num_classes = class_count(labels, counted, num_classes, index.describe, blame)
+    return index

@@ -1,0 +1,208 @@
+"""User and environment errors are one line and exit 2 everywhere; failed runs say why; JSON files are strict."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from marginlab.cli import main
+
+FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false", "backbone.width=4",
+        "backbone.embedding_dim=8", "dataset.batch_size=256"]
+
+
+def run_cli(*args: str) -> int:
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return exc.code
+
+
+def one_line_error(err: str) -> str:
+    """The error lines on stderr; there must be one, and no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("marginlab: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def strict_loads(text: str):
+    """json.loads that refuses NaN / Infinity."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# ---------------------------------------------------------------- files the system refuses to write
+def test_unwritable_outputs_is_one_line_and_exit_2(tmp_path, monkeypatch, capfd):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("outputs cannot be created below a file")
+    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(blocker / "outputs"))
+    for args in ([], ["-m", "seed=0,1"]):
+        assert run_cli("train", *args, *FAST) == 2
+        line = one_line_error(capfd.readouterr().err)
+        assert str(blocker) in line and "Not a directory (ENOTDIR)" in line
+    assert blocker.read_text() == "outputs cannot be created below a file"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_checkpoint_write_that_fails_mid_run_is_recorded(run_train, monkeypatch, capfd, metrics, code):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):  # the first epoch's checkpoints are written, the second's write fails
+        if obj["state"]["epoch"] >= 2:
+            f.write(b"partial")
+            raise OSError(code, os.strerror(code))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    exit_code, run_dir = run_train(*FAST, "trainer.checkpoint=true", "trainer.epochs=2")
+    line = one_line_error(capfd.readouterr().err)
+    assert exit_code == 2
+    assert os.strerror(code) in line and errno.errorcode[code] in line and str(run_dir) in line
+    record = metrics[0](run_dir)
+    assert record["status"] == "failed" and os.strerror(code) in record["error"]
+    assert "traceback" not in record and not (run_dir / "error.txt").exists()  # not a bug
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp file
+
+
+# ---------------------------------------------------------------- bad values, before any work
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: it must be a finite number >= 0"),
+    (["optim.lr=abc"], "optim.lr='abc' is not allowed: it must be a number"),
+    (["optim.lr=nan"], "optim.lr=nan is not allowed"),
+    (["optim.weight_decay=-5e-4"], "optim.weight_decay=-0.0005 is not allowed"),
+    (["optim.momentum=-0.9"], "optim.momentum=-0.9 is not allowed"),
+    (["optim.momentum=abc"], "optim.momentum='abc' is not allowed: it must be a number"),
+    (["optim=adamw", "optim.betas=[1.5,0.9]"], "Invalid beta parameter at index 0: 1.5"),
+    (["optim.nesterov=true", "optim.momentum=0"], "Nesterov momentum requires a momentum"),
+])
+def test_bad_optimizer_values_fail_before_any_work(run_train, monkeypatch, capfd, metrics, overrides, message):
+    import marginlab.builders
+
+    def no_data(cfg):
+        raise AssertionError("the data was built: the bad value was not caught by the validation")
+
+    monkeypatch.setattr(marginlab.builders, "build_data", no_data)
+    code, run_dir = run_train(*FAST, *overrides)
+    line = one_line_error(capfd.readouterr().err)
+    assert code == 2 and message in line
+    assert metrics[0](run_dir)["error_type"] == "ConfigError"
+
+
+def test_a_corrupt_geometry_file_is_one_line_in_plot(tmp_path, capfd):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "geometry").mkdir()
+    np.savez(run / "geometry" / "epoch_001.npz", epoch=1, features=np.zeros((4, 2), np.float32),
+             labels=np.zeros(4, np.int64), target_deg=np.zeros(4, np.float32))
+    good = (run / "geometry" / "epoch_001.npz").read_bytes()
+    (run / "geometry" / "epoch_002.npz").write_bytes(good[: len(good) // 2])  # truncated, e.g. a full disk
+    assert run_cli("plot", str(run)) == 2
+    line = one_line_error(capfd.readouterr().err)
+    assert "epoch_002.npz cannot be read" in line
+    (run / "geometry" / "epoch_002.npz").write_bytes(b"not an npz at all")
+    assert run_cli("plot", str(tmp_path)) == 2  # the same inside a sweep directory
+    assert "epoch_002.npz cannot be read" in one_line_error(capfd.readouterr().err)
+
+
+# ---------------------------------------------------------------- Hydra-level errors exit 2 too
+@pytest.mark.parametrize("overrides,message", [
+    (["head=nope"], "Could not find 'head/nope'"),
+    (["m=abc"], "m=abc (Value 'abc' of type 'str' could not be converted to Float; full_key: m)"),
+    (["trainer.epochs=[1"], "no viable alternative at input '[1'"),
+    (["trainer.nope=3"], "Key 'nope' not in 'TrainerConfig'; full_key: trainer.nope"),
+    (["+seed=1"], "Could not append to config. An item is already at 'seed'"),
+    (["head.m=${nope}"], "Interpolation key 'nope' not found"),  # read in the run, still the user's config
+])
+def test_hydra_errors_exit_2_without_traceback(run_train, capfd, overrides, message):
+    code, _ = run_train(*FAST, *overrides)
+    err = capfd.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("marginlab: error:") and message in err
+
+
+def test_a_bug_in_a_single_run_keeps_exit_1_and_is_recorded(run_train, monkeypatch, capfd, metrics):
+    import marginlab.train as train_module
+
+    def bug(cfg, run_dir):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(train_module, "train", bug)
+    code, run_dir = run_train(*FAST)
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" in err
+    record = metrics[0](run_dir)
+    assert record["status"] == "failed" and record["error_type"] == "KeyError"
+    assert (run_dir / "error.txt").read_text().startswith("Traceback")
+
+
+def test_a_sweep_with_values_that_do_not_compose_lists_them_all_and_starts_no_job(outputs_dir, capfd):
+    assert run_cli("train", "-m", "m=0.35,abc,xyz", "seed=0,1", *FAST) == 2
+    line_and_list = capfd.readouterr().err
+    assert "Traceback" not in line_and_list
+    assert "no job was started" in line_and_list
+    assert "m=abc (Value 'abc'" in line_and_list and "m=xyz (Value 'xyz'" in line_and_list
+    assert "[2 of 6 jobs]" in line_and_list
+    assert not list(outputs_dir.rglob("metrics.json"))  # the good jobs did not run either, as documented
+
+
+def test_a_sweep_value_that_composes_but_is_rejected_fails_only_its_job(outputs_dir, capsys):
+    assert run_cli("train", "-m", "optim.lr=0.1,-1", *FAST) == 1
+    records = {p.parent.parent.name: json.loads(p.read_text()) for p in outputs_dir.rglob("metrics.json")}
+    (good,) = [r for name, r in records.items() if "optim.lr=0.1" in name]
+    (bad,) = [r for name, r in records.items() if "optim.lr=-1" in name]
+    assert good["status"] == "completed"
+    assert bad["status"] == "failed" and "optim.lr=-1 is not allowed" in bad["error"]
+
+
+# ---------------------------------------------------------------- strict JSON
+def test_a_best_metric_of_minus_inf_is_null_in_metrics_json(run_train, metrics):
+    # stopped before its first evaluation: the best metric is still -inf
+    code, run_dir = run_train(*FAST, "trainer.epochs=2", "trainer.eval_every_n_epochs=2", "trainer.stop_after_epoch=1")
+    assert code == 0
+    record = strict_loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "stopped" and record["best/test/acc"] is None
+    assert record["nonfinite"] == {"best/test/acc": "-inf"}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        strict_loads(line)
+
+    from marginlab.report.jobs import read_job
+
+    assert read_job(run_dir).metrics["best/test/acc"] == -math.inf  # readers get the float back
+
+
+def test_every_json_writer_writes_nan_and_inf_as_null(tmp_path):
+    from marginlab.logging.run_log import RunLog, restore_nonfinite, write_json
+
+    log = RunLog(tmp_path, tensorboard=False)
+    log.epoch_record({"epoch": 1, "train/loss": float("nan"), "test/acc": 0.5})
+    log.final({"status": "completed", "best/test/acc": float("nan"), "test/loss": float("inf"),
+               "results": {"lfw": {"fpr": [0.0, float("nan")], "auc": np.float32("nan")}}})
+    epoch = strict_loads((tmp_path / "metrics.jsonl").read_text())
+    assert epoch["train/loss"] is None and epoch["nonfinite"] == {"train/loss": "nan"} and epoch["test/acc"] == 0.5
+    final = strict_loads((tmp_path / "metrics.json").read_text())
+    assert final["best/test/acc"] is None and final["results"]["lfw"]["fpr"] == [0.0, None]
+    assert final["nonfinite"] == {"best/test/acc": "nan", "test/loss": "inf", "results.lfw.fpr[1]": "nan",
+                                  "results.lfw.auc": "nan"}
+    assert "nan" not in {v for v in final.values() if isinstance(v, str)}
+    back = restore_nonfinite(final)
+    assert math.isnan(back["best/test/acc"]) and back["test/loss"] == math.inf
+    write_json(tmp_path / "plain.json", {"a": 1})
+    assert strict_loads((tmp_path / "plain.json").read_text()) == {"a": 1}  # no "nonfinite" key when all is finite
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_no_json_is_written_outside_run_log():
+    # every JSON file goes through marginlab.logging.run_log (write_json / dumps), which writes NaN/inf as null
+    package = Path(__file__).resolve().parents[1] / "marginlab"
+    writers = [str(p.relative_to(package)) for p in package.rglob("*.py")
+               if p.name != "run_log.py" and ("json.dump(" in p.read_text() or "json.dumps(" in p.read_text())]
+    assert writers == []

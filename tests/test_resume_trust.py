@@ -1,0 +1,115 @@
+"""resume= never destroys what a run has: it checks everything first, leaves a completed run alone, refuses a
+different model/loss/data or a longer run that would not be exact, and keeps the history of its overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from marginlab import builders
+from marginlab.errors import DataError
+
+QUICK = ["logger=quiet", "trainer.epochs=2"]
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture
+def finished(run_train):
+    """A completed 2-epoch cosine run (its schedule ends at lr 0)."""
+    code, run_dir = run_train(*QUICK, "sched=cosine")
+    assert code == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("bad", [["trainer.precision=fp16"], ["head=arcface"], ["seed=1"], ["optim.lr=0.5"],
+                                 ["head.s=20"], ["dataset.batch_size=32"], ["head=nope"], ["trainer.epochs=1"]])
+def test_a_refused_resume_leaves_every_file_byte_identical(run_train, finished, capfd, bad):
+    before = snapshot(finished)
+    code, _ = run_train("resume=latest", "trainer.epochs=3", *bad)
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "marginlab: error:" in err, err
+    assert snapshot(finished) == before
+    code, _ = run_train("resume=latest")  # and a plain resume afterwards is not poisoned by the bad one
+    assert code == 0 and snapshot(finished) == before
+
+
+def test_a_different_head_lists_every_differing_key(run_train, finished, capfd):
+    code, _ = run_train("resume=latest", "head=arcface")
+    err = capfd.readouterr().err
+    assert code == 2
+    for key in ("head._target_", "head.m: 0.35 -> 0.5", "head.s: 30.0 -> 64.0"):
+        assert key in err, err
+
+
+def test_resuming_a_completed_run_changes_nothing(run_train, finished, capsys):
+    before = snapshot(finished)
+    code, _ = run_train("resume=latest")
+    out = capsys.readouterr().out
+    assert code == 0 and "already completed its 2 of 2 epochs: nothing to do" in out
+    assert snapshot(finished) == before
+
+
+def test_a_longer_run_on_an_ended_schedule_is_refused_with_the_way_on(run_train, finished, capfd):
+    before = snapshot(finished)
+    code, _ = run_train("resume=latest", "trainer.epochs=4")
+    err = capfd.readouterr().err
+    assert code == 2 and "already ended at lr 0" in err and "start a new run" in err
+    assert snapshot(finished) == before
+
+
+@pytest.mark.parametrize("sched", [["sched=constant"], ["sched=multistep", "sched.milestones=[0.9]"]],
+                         ids=["constant", "multistep_fraction"])
+def test_a_longer_run_is_allowed_when_it_is_exactly_a_run_of_the_new_length(run_train, tmp_path, monkeypatch,
+                                                                           metrics, sched):
+    """Stopped after 1 of 2 epochs, resumed with 3: the same weights as 3 epochs straight (the schedule's factor
+    at every step taken is the same under both lengths; the resumed run follows the new length's schedule)."""
+    code, straight = run_train("logger=quiet", "trainer.epochs=3", *sched)
+    assert code == 0
+    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
+    code, split = run_train(*QUICK, *sched, "trainer.stop_after_epoch=1")
+    assert code == 0
+    code, _ = run_train("resume=latest", "trainer.epochs=3")
+    assert code == 0 and metrics[0](split)["status"] == "completed"
+    a, b = weights(straight), weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_resume_is_appended_to_the_history_and_the_original_overrides_stay(run_train, metrics):
+    code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1")
+    original = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
+    assert code == 0
+    assert run_train("resume=latest", "trainer.stop_after_epoch=2")[0] == 0
+    assert run_train("resume=latest", "trainer.epochs=3")[0] == 0
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == original
+    history = yaml.safe_load((run_dir / ".hydra" / "resumes.yaml").read_text())
+    assert [h["from_epoch"] for h in history] == [1, 2]
+    assert "trainer.stop_after_epoch=2" in history[0]["overrides"] and "trainer.epochs=3" in history[1]["overrides"]
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["trainer"]["epochs"] == 3
+    assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2, 3]
+    before = snapshot(run_dir)
+    assert run_train("resume=latest")[0] == 0  # the newest overrides (3 epochs) are the run's: nothing to do
+    assert snapshot(run_dir) == before
+
+
+def test_a_resume_that_fails_while_setting_up_leaves_the_run_as_it_was(run_train, finished, monkeypatch, capfd):
+    code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1")
+    assert code == 0
+    before = snapshot(run_dir)
+
+    def missing(cfg):
+        raise DataError("dataset.root='/gone' does not exist")
+
+    monkeypatch.setattr(builders, "build_data", missing)
+    code, _ = run_train(f"resume={run_dir}")
+    assert code == 2 and "dataset.root='/gone' does not exist" in capfd.readouterr().err
+    assert snapshot(run_dir) == before
