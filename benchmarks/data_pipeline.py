@@ -85,7 +85,7 @@ def main():
         sides = {}
         memory_data = cifar_module(root, 0, args.batch_size)
         t0 = time.perf_counter()
-        sides["in-memory (uint8 on device, batched crop/flip)"] = (memory_data, in_memory_loader(memory_data, True, device))
+        sides["in-memory (uint8 on device, batched crop/flip)"] = (memory_data, in_memory_loader(memory_data, "train", device))
         decode_s = time.perf_counter() - t0
         for workers in (0, 2):
             data = cifar_module(root, workers, args.batch_size)

@@ -122,7 +122,7 @@ def digits(batch_size=64):
     data = DigitsData(batch_size=batch_size, seed=0)
     data.setup()
     data.set_epoch(0)
-    return [(x.clone(), y.clone()) for x, y in data.train_loader()], [(x, y) for x, y in data.val_loader()]
+    return [(x.clone(), y.clone()) for x, y in data.train_loader()], [(x, y) for x, y in data.test_loader()]
 
 
 def random_images(n_batches, batch, classes, gen):

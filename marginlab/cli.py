@@ -21,6 +21,10 @@ commands:
             a sweep exits with 1 when a job failed; each job's metrics.json says why
   eval      score a saved model on face verification sets (InsightFace protocol), JSON next to it
             marginlab eval checkpoint=<checkpoint.pt or run dir> verification=[lfw,cfp_fp,agedb_30]
+  export    the backbone alone, checked, with a JSON sidecar (input size, normalisation, embedding size)
+            marginlab export checkpoint=<run dir or .pt> format=onnx|torchscript|state_dict [out=<file>]
+  embed     embeddings of an image folder, a .rec or a .bin (.npy + a .tsv index of names and labels)
+            marginlab embed checkpoint=<run dir or .pt> input=<folder|.rec|.bin> out=<file.npy> [flip=true]
   report    one table of a sweep or of run dirs: a row per setting, mean ± std over seeds, the paper's numbers
             marginlab report outputs/sweeps/train/<date_time> [--metrics test/acc,lfw/acc] [--out DIR]
   plot      re-render a run's geometry figures (marginlab plot <run dir>), or compare the runs of a
@@ -35,6 +39,7 @@ examples:
   marginlab train head=amsoftmax m=0.35 s=30
   marginlab train dataset=cifar10 backbone=resnet20 head=arcface trainer.epochs=200
   marginlab train resume=latest                     # continue the newest run in its own directory
+  marginlab train init_from=<run dir> dataset=casia  # a new run starting from a checkpoint's weights
 """
 
 COMMANDS = {}
@@ -104,6 +109,20 @@ def eval_command(args: list[str]) -> int:
     from marginlab.eval.standalone import main as eval_main
 
     return eval_main(args)
+
+
+@command("export")
+def export_command(args: list[str]) -> int:
+    from marginlab.export import main as export_main
+
+    return export_main(args)
+
+
+@command("embed")
+def embed_command(args: list[str]) -> int:
+    from marginlab.embed import main as embed_main
+
+    return embed_main(args)
 
 
 @command("report")

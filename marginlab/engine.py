@@ -59,6 +59,7 @@ class LoopState:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
     best_metric: float = -math.inf
+    best_record: dict = field(default_factory=dict)  # the selected epoch's evaluation metrics (train.py)
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
 

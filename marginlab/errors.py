@@ -19,3 +19,7 @@ class TrainingError(MarginlabError):
 
 class OutputError(MarginlabError):
     """A run's files cannot be written (disk full, no permission, a file in the way); the message names the path."""
+
+
+class ExportError(MarginlabError):
+    """A model cannot be exported faithfully (it cannot be traced, or the written file computes something else)."""

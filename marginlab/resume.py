@@ -27,9 +27,12 @@ NOT_INHERITED = ("resume", "trainer.stop_after_epoch")
 
 #: config keys (and key prefixes, ending in ".") that may differ from the checkpoint's config on resume: how long
 #: and where the run goes on, how it is logged and evaluated; nothing that changes the model, the loss or the data
-RESUMABLE = ("resume", "name", "trainer.epochs", "trainer.stop_after_epoch", "trainer.device", "trainer.precision",
+#: (init_from: a resume continues from its own checkpoint, so it neither needs nor re-applies it)
+RESUMABLE = ("resume", "init_from", "init_from_head", "name", "trainer.epochs", "trainer.stop_after_epoch",
+             "trainer.device", "trainer.precision",
              "trainer.compile", "trainer.channels_last", "trainer.eval_every_n_epochs", "trainer.checkpoint",
-             "trainer.max_nonfinite_steps", "trainer.deterministic", "logger.", "verification", "verification.",
+             "trainer.max_nonfinite_steps", "trainer.deterministic", "trainer.strict_margin", "logger.", "verification",
+             "verification.",
              "dataset.num_workers", "dataset.pin_memory", "dataset.eval_batch_size", "dataset.root")
 
 

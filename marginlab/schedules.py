@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from marginlab.checks import check_float
 from marginlab.errors import ConfigError
-from marginlab.heads.base import check_float
 
 
 class Schedule:

@@ -9,8 +9,13 @@ ml=${MARGINLAB:-marginlab}
 sweep=${MARGINLAB_OUTPUT_DIR:-outputs}/sweeps/normface_casia/$(date +%Y-%m-%d_%H-%M-%S)
 status=0
 
-$ml train -m experiment=normface_casia head=softmax,normface hydra.sweep.dir="$sweep" "$@" || status=1
-$ml train -m experiment=normface_casia head=softmax,normface regularizer=center hydra.sweep.dir="$sweep" "$@" || status=1
+# NormFace's class weights train at lr x100 without decay (head.lr_mult / head.weight_decay in the experiment);
+# the softmax baseline drops both: a plain softmax layer under the recipe's optimiser
+softmax=(head=softmax "~head.lr_mult" "~head.weight_decay")
+$ml train -m experiment=normface_casia "${softmax[@]}" hydra.sweep.dir="$sweep" "$@" || status=1
+$ml train -m experiment=normface_casia head=normface hydra.sweep.dir="$sweep" "$@" || status=1
+$ml train -m experiment=normface_casia "${softmax[@]}" regularizer=center hydra.sweep.dir="$sweep" "$@" || status=1
+$ml train -m experiment=normface_casia head=normface regularizer=center hydra.sweep.dir="$sweep" "$@" || status=1
 
 $ml report "$sweep" || status=1
 exit $status

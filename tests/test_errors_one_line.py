@@ -169,14 +169,14 @@ def test_a_best_metric_of_minus_inf_is_null_in_metrics_json(run_train, metrics):
     code, run_dir = run_train(*FAST, "trainer.epochs=2", "trainer.eval_every_n_epochs=2", "trainer.stop_after_epoch=1")
     assert code == 0
     record = strict_loads((run_dir / "metrics.json").read_text())
-    assert record["status"] == "stopped" and record["best/test/acc"] is None
-    assert record["nonfinite"] == {"best/test/acc": "-inf"}
+    assert record["status"] == "stopped" and record["best/val/acc"] is None  # chosen on the validation split
+    assert record["nonfinite"] == {"best/val/acc": "-inf"}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         strict_loads(line)
 
     from marginlab.report.jobs import read_job
 
-    assert read_job(run_dir).metrics["best/test/acc"] == -math.inf  # readers get the float back
+    assert read_job(run_dir).metrics["best/val/acc"] == -math.inf  # readers get the float back
 
 
 def test_every_json_writer_writes_nan_and_inf_as_null(tmp_path):

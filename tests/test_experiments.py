@@ -44,7 +44,7 @@ class GeneratedData(ClassificationData):
         h, w = parse_image_size(self.image_size)
         gen = torch.Generator().manual_seed(0)
         images, labels = torch.randn(2, self.in_channels, h, w, generator=gen), torch.tensor([0, 1])
-        self.train_set = self.val_set = TensorDataset(images, labels)
+        self.train_set = self.val_set = self.test_set = TensorDataset(images, labels)  # evaluated as val/ and test/
 
 
 def generated_like(cfg) -> GeneratedData:

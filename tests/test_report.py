@@ -158,3 +158,28 @@ def test_compare_reads_ours_from_another_metric(tmp_path):
     text = report.markdown()
     assert "+0.00" in text and "ours is best/test/acc" in text
     assert "77.1 [repo: 2han9x1a0release/RBF-Softmax/docs/IMGS/imagenet_result.png]" in text
+
+
+def test_columns_name_their_split_and_the_best_row_is_chosen_on_val(tmp_path):
+    """With a validation split the table leads with best/val/acc (it picks the best row), then the test accuracy of
+    best.pt and of the last epoch, each header saying which split and which epoch it is."""
+    runs = {1: (0.95, 0.90, 0.91), 4: (0.93, 0.94, 0.92)}  # m: (best val, test at best val, last test)
+    for num, (m, (val, best_test, test)) in enumerate(runs.items()):
+        make_job(tmp_path / "sweep", m, 0, {"status": "completed", "best_metric": "val/acc", "best/val/acc": val,
+                                            "best/test/acc": best_test, "test/acc": test, "val/acc": val}, num)
+    report = build_report(collect([tmp_path / "sweep"]))
+    assert report.metrics == ["best/val/acc", "best/test/acc", "test/acc"] and report.selected_on == "val/acc"
+    header = report.markdown().splitlines()[0]
+    assert "| val/acc (best) " in header and "| test/acc @ best val " in header and "| test/acc (last epoch) " in header
+    assert [r.setting["m"] for r in report.rows if r.best] == ["1"]  # the higher val/acc, not the higher test/acc
+    assert "splits: val = held out of the training images" in report.markdown()
+    assert "optimistic" not in report.markdown()
+
+
+def test_a_choice_on_the_test_split_is_labelled_optimistic(tmp_path):
+    make_job(tmp_path / "sweep", 1, 0, {"status": "completed", "best_metric": "test/acc", "best/test/acc": 0.9,
+                                        "test/acc": 0.8}, 0)
+    report = build_report(collect([tmp_path / "sweep"]), ["best/test/acc", "test/acc"])
+    assert report.markdown().splitlines()[0].count("test/acc (best) (optimistic: chosen on test)") == 1
+    assert "best.pt: chosen on test/acc" in report.markdown() and "overstates" in report.markdown()
+    assert build_report(collect([tmp_path / "sweep"])).metrics == ["test/acc"]  # no val split: the final test/acc

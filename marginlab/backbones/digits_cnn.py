@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from marginlab.heads.base import check_positive_int
+from marginlab.checks import check_positive_int
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:

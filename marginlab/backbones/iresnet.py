@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from marginlab.backbones.sphereface_net import image_hw
+from marginlab.checks import check_float, check_positive_int, image_hw
 from marginlab.errors import ConfigError
-from marginlab.heads.base import check_float, check_positive_int
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from marginlab.heads.base import check_positive_int
+from marginlab.checks import check_positive_int
 
 
 def conv_prelu(cin: int, cout: int) -> list[nn.Module]:

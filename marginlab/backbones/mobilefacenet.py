@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from marginlab.backbones.sphereface_net import image_hw
-from marginlab.heads.base import check_positive_int
+from marginlab.checks import check_positive_int, image_hw
 
 #: (expansion t, output channels c, repeats n, stride s) -- the paper's Table 1.
 BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from marginlab.checks import check_positive_int
 from marginlab.errors import ConfigError
-from marginlab.heads.base import check_positive_int
 
 ACTIVATIONS = {"prelu": nn.PReLU, "relu": nn.ReLU}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marginlab.checks import check_positive_int
 from marginlab.errors import ConfigError
-from marginlab.heads.base import check_positive_int
 
 
 class BasicBlock(nn.Module):

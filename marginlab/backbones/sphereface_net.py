@@ -13,26 +13,13 @@ import math
 
 from torch import Tensor, nn
 
+from marginlab.checks import check_positive_int, image_hw
 from marginlab.errors import ConfigError
-from marginlab.heads.base import check_positive_int
 
 #: residual units per stage. 20: sphereface_model.prototxt; 64: Sphereface-64 prototxt (3/7/16/3, 62 convs
 #: + FC -- make_spherenet.py says 3/8/16/3); 4/10/36: the paper's table, not released as prototxts.
 UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 7, 16, 3)}
 WIDTHS = (64, 128, 256, 512)
-
-
-def image_hw(image_size, key: str = "backbone.image_size") -> tuple[int, int]:
-    """``112`` -> (112, 112); ``[112, 96]`` -> (112, 96) (height, width)."""
-    if isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0:
-        return image_size, image_size
-    try:
-        h, w = (int(v) for v in image_size)
-        if h > 0 and w > 0 and all(not isinstance(v, bool) and float(v) == int(v) for v in image_size):
-            return h, w
-    except (TypeError, ValueError):
-        pass
-    raise ConfigError(f"{key}={image_size!r} is not allowed: give an integer >= 1 (square) or [height, width]")
 
 
 def _caffe_xavier(weight) -> None:

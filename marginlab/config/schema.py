@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 PRECISIONS = ("auto", "32", "bf16", "fp16")
+BEST_ON = ("auto", "val", "test", "last")  # trainer.best_on (train.py: selection_metric)
 
 
 @dataclass
@@ -26,9 +27,11 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max global grad norm; null = off
     head_weight_decay: Optional[float] = None  # null = the optimizer's weight_decay
     eval_every_n_epochs: int = 1
+    best_on: str = "auto"  # best.pt: auto (verification set, else val/acc, else last) | val | test | last
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
     checkpoint: bool = True
     deterministic: bool = False
+    strict_margin: bool = False  # refuse (ConfigError) a margin the class count and embedding cannot satisfy
 
 
 @dataclass
@@ -38,12 +41,15 @@ class LoggerConfig:
     log_every_n_steps: int = 10
     figures: bool = True
     probe_max_samples: int = 2048  # samples per epoch the geometry probe looks at
+    console: bool = True  # the per-epoch line on stdout (train.log always gets it)
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
     resume: Optional[str] = None
+    init_from: Optional[str] = None  # run dir or checkpoint: a new run from its weights (backbone, head if it fits)
+    init_from_head: Optional[bool] = None  # null: the head when its shapes fit; true: it must; false: never
     m: Optional[float] = None  # shorthand for head.m; a whole number reaches an integer m (L-Softmax) as int
     s: Optional[float] = None  # shorthand for head.s
     name: Optional[str] = None  # short description appended to the run directory's name

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from marginlab.config.schema import PRECISIONS
+from marginlab.config.schema import BEST_ON, PRECISIONS
 from marginlab.distributed.partial_fc import check_head_class
 from marginlab.errors import ConfigError
 
@@ -176,6 +176,9 @@ def validate(cfg: DictConfig) -> None:
     device = str(cfg.trainer.device)
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ConfigError(f"trainer.device={device!r} is not allowed: choose auto, cpu, cuda or cuda:N")
+    best_on = str(cfg.trainer.best_on)
+    if best_on not in BEST_ON:
+        raise ConfigError(f"trainer.best_on={best_on!r} is not allowed: choose one of {', '.join(BEST_ON)}")
     for key, low in (("trainer.epochs", 1), ("trainer.eval_every_n_epochs", 1), ("trainer.max_nonfinite_steps", 1),
                      ("logger.log_every_n_steps", 1), ("logger.probe_max_samples", 1)):
         value = OmegaConf.select(cfg, key)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import Subset, TensorDataset
 from torch.utils.data import get_worker_info
 
+from marginlab.checks import check_float, check_positive_int
 from marginlab.errors import ConfigError, DataError, MarginlabError
-from marginlab.heads.base import check_positive_int
 
 
 def default_data_root(name: str) -> str:
@@ -74,6 +77,45 @@ def no_batches_error(images: int, share: int, batch: int, world_size: int, drop_
                        f"({where}fewer than one batch of {batch}{' per process' if world_size > 1 else ''}), "
                        f"so no optimizer step would be taken. To fix: set dataset.batch_size to at most "
                        f"{share * world_size}, or dataset.drop_last=false")
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """The class label of every item: a TensorDataset's second tensor, else ``.targets`` (torchvision sets)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].numpy()
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices)]
+    return np.asarray(dataset.targets)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) sorted indices: ``round(fraction * n_c)`` random items of each class c (never all of
+    them) are held out, chosen by ``seed`` alone, so the split is the same on every run and machine."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels)
+    held = np.minimum(np.rint(fraction * counts), np.maximum(counts - 1, 0)).astype(np.int64)
+    order = np.lexsort((np.random.default_rng(seed).random(labels.size), labels))  # by class, shuffled within
+    rank = np.arange(labels.size) - (np.cumsum(counts) - counts)[labels[order]]  # position within its class
+    out = rank < held[labels[order]]
+    return np.sort(order[~out]), np.sort(order[out])
+
+
+def evaluation_copy(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of a torchvision data set that reads the same files with ``transform``."""
+    from torchvision.datasets.vision import StandardTransform
+
+    view = copy.copy(dataset)
+    view.transform = transform
+    view.transforms = StandardTransform(transform, getattr(dataset, "target_transform", None))
+    return view
+
+
+class Loaders(NamedTuple):
+    """A data set's loaders; ``val`` (held out from training) and ``test`` may be None."""
+
+    train: object
+    val: object | None
+    test: object | None
 
 
 class WorkerError(DataError):
@@ -150,7 +192,12 @@ class SeededDataset(Dataset):
 
 
 class ClassificationData:
-    """Base: subclasses set ``num_classes``, ``in_channels``, ``image_size`` and the two datasets in ``setup``."""
+    """Base: subclasses set ``num_classes``, ``in_channels``, ``image_size``, and in ``setup`` ``train_set`` and
+    ``test_set`` (None: no closed-set test split), then call ``hold_out_val`` for ``val_set``.
+
+    ``val_fraction``: the share of each class's training images held out as the validation split (best.pt and
+    sweeps select on it; 0: none), drawn with ``split_seed``; ``test_set`` is never used to select.
+    """
 
     name = "data"
     num_classes: int
@@ -158,7 +205,8 @@ class ClassificationData:
     image_size: int
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, pin_memory: bool = False, drop_last: bool = False, in_memory: bool = False):
+                 seed: int = 0, pin_memory: bool = False, drop_last: bool = False, in_memory: bool = False,
+                 val_fraction: float = 0.1, split_seed: int = 0):
         self.batch_size = check_positive_int("dataset.batch_size", batch_size)
         self.eval_batch_size = check_positive_int("dataset.eval_batch_size", eval_batch_size or batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -168,8 +216,11 @@ class ClassificationData:
         self.pin_memory = bool(pin_memory)
         self.drop_last = bool(drop_last)
         self.in_memory = bool(in_memory)  # decode once into a uint8 tensor on the device (data/in_memory.py)
+        self.val_fraction = check_float("dataset.val_fraction", val_fraction, low=0.0, high=0.5)
+        self.split_seed = int(split_seed)
         self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        self.val_set: Dataset | None = None  # held out from the training images
+        self.test_set: Dataset | None = None  # the official test (or, for ImageNet, validation) split
         self._generator = torch.Generator()
         self.rank, self.world_size = 0, 1
         self._sampler: DistributedSampler | None = None
@@ -184,6 +235,22 @@ class ClassificationData:
     def setup(self) -> None:
         """Loads (or downloads) the data; raises DataError naming the path when it cannot."""
         raise NotImplementedError
+
+    def hold_out_val(self) -> None:
+        """Moves a stratified ``val_fraction`` of ``train_set`` to ``val_set`` (with the evaluation transform)."""
+        if self.val_fraction == 0:
+            self.val_set = None
+            return
+        kept, held = stratified_split(dataset_labels(self.train_set), self.val_fraction, self.split_seed)
+        if held.size == 0:
+            raise ConfigError(f"dataset.val_fraction={self.val_fraction!r} holds out no image of the "
+                              f"{kept.size} training images: raise it, or set 0 for no validation split")
+        full = self.train_set
+        self.train_set, self.val_set = Subset(full, kept), Subset(self.evaluation_view(full), held)
+
+    def evaluation_view(self, dataset: Dataset) -> Dataset:
+        """``dataset``'s images as evaluation sees them (no augmentation); subclasses with transforms override."""
+        return dataset
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the shuffle order and the workers' augmentation a function of (seed, epoch) alone, so a
@@ -211,21 +278,31 @@ class ClassificationData:
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
-    def loaders(self, device: torch.device):
-        """(train, val) loaders: the in-memory path when ``in_memory`` (batches sliced and augmented as tensor
-        ops on ``device``), else torch DataLoaders. ``val`` may be None (a training-only data set)."""
+    def loaders(self, device: torch.device) -> Loaders:
+        """(train, val, test) loaders: the in-memory path when ``in_memory`` (batches sliced and augmented as
+        tensor ops on ``device``), else torch DataLoaders; val or test is None when the set has no such split."""
         if self.in_memory:
             from marginlab.data.in_memory import in_memory_loader
 
-            return in_memory_loader(self, True, device), in_memory_loader(self, False, device)
-        return self.train_loader(), self.val_loader()
+            if self.train_set is None:
+                self.setup()
+            sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+            return Loaders(*(None if d is None else in_memory_loader(self, split, device) for split, d in sets.items()))
+        return Loaders(self.train_loader(), self.val_loader(), self.test_loader())
 
     def train_loader(self) -> DataLoader:
         if self.train_set is None:
             self.setup()
         return self._loader(self.train_set, train=True)
 
-    def val_loader(self) -> DataLoader:
-        if self.val_set is None:
+    def val_loader(self) -> DataLoader | None:
+        """The held-out validation split's loader, None when ``val_fraction`` is 0."""
+        if self.train_set is None:
             self.setup()
-        return self._loader(self.val_set, train=False)
+        return None if self.val_set is None else self._loader(self.val_set, train=False)
+
+    def test_loader(self) -> DataLoader | None:
+        """The test split's loader, None for a set without one (face training sets)."""
+        if self.train_set is None:
+            self.setup()
+        return None if self.test_set is None else self._loader(self.test_set, train=False)

@@ -5,23 +5,23 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
+from marginlab.checks import check_float
 from marginlab.data.base import ClassificationData
-from marginlab.heads.base import check_float
 
 
 class DigitsData(ClassificationData):
-    """``sklearn.datasets.load_digits`` with a fixed stratified train/test split (``split_seed``)."""
+    """``sklearn.datasets.load_digits`` with a fixed stratified train/test split (``split_seed``); the validation
+    split is then held out of the training part (``val_fraction``, base class)."""
 
     name = "digits"
     num_classes = 10
     in_channels = 1
     image_size = 8
 
-    def __init__(self, test_fraction: float = 0.2, split_seed: int = 0, **kwargs):
+    def __init__(self, test_fraction: float = 0.2, **kwargs):
         super().__init__(**kwargs)
         self.test_fraction = check_float("dataset.test_fraction", test_fraction, low=0.0, high=0.9,
                                          low_inclusive=False)
-        self.split_seed = int(split_seed)
 
     def setup(self) -> None:
         from sklearn.datasets import load_digits
@@ -32,4 +32,5 @@ class DigitsData(ClassificationData):
             images, labels, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed)
         to_images = lambda x: (torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0 - 0.5) / 0.5
         self.train_set = TensorDataset(to_images(x_train), torch.tensor(y_train, dtype=torch.int64))
-        self.val_set = TensorDataset(to_images(x_test), torch.tensor(y_test, dtype=torch.int64))
+        self.test_set = TensorDataset(to_images(x_test), torch.tensor(y_test, dtype=torch.int64))
+        self.hold_out_val()

@@ -3,6 +3,10 @@
 Per split, ``<root>/<split>/<wnid>/*.JPEG`` is read with ``torchvision.datasets.ImageFolder``; when that
 folder is absent but the archives are in ``root``, ``torchvision.datasets.ImageNet`` unpacks them into it
 (a one-off that takes hours for the training archive). ImageNet cannot be downloaded automatically.
+
+ILSVRC's val/ has public labels and no test set does, so val/ serves as the test split (as in the papers);
+model selection uses a validation split held out of train/ (``val_fraction``, default 0.01: ~12.8k images,
+~13 per class, against 10% for the small sets: enough to rank checkpoints, 1% of the training images).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from torchvision import transforms as T
 from torchvision.datasets import imagenet as tv_imagenet
 from torchvision.datasets.folder import default_loader
 
-from marginlab.data.base import ClassificationData, check_no_link_loops, check_root, missing_data_error
+from marginlab.checks import check_positive_int
+from marginlab.data.base import (ClassificationData, check_no_link_loops, check_root, evaluation_copy,
+                                 missing_data_error)
 from marginlab.errors import DataError
-from marginlab.heads.base import check_positive_int
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet training-set RGB mean/std (torchvision's)
 DOWNLOAD_PAGE = "https://image-net.org/download-images"
@@ -42,8 +47,8 @@ class ImageNetData(ClassificationData):
     in_channels = 3
 
     def __init__(self, root: str, download: bool = False, augment: bool = True, image_size: int = 224,
-                 **kwargs):
-        super().__init__(**kwargs)
+                 val_fraction: float = 0.01, **kwargs):
+        super().__init__(val_fraction=val_fraction, **kwargs)
         self.root = check_root(root, must_exist=False)
         self.download = bool(download)  # only changes the message: ImageNet has no public download
         self.augment = bool(augment)
@@ -52,9 +57,9 @@ class ImageNetData(ClassificationData):
     @property
     def num_classes(self) -> int:
         """Counted from the data, so a subset (e.g. 100 wnids) works; sets the data up on first use."""
-        if self.train_set is None:
+        if self.test_set is None:
             self.setup()
-        return len(self.train_set.classes)
+        return len(self.test_set.classes)  # the same folders as train/ (checked in setup)
 
     def transform(self, train: bool) -> T.Compose:
         size = self.image_size
@@ -65,14 +70,19 @@ class ImageNetData(ClassificationData):
         return T.Compose([*steps, T.ToTensor(), T.Normalize(MEAN, STD)])
 
     def setup(self) -> None:
-        """Loads both splits; DataError naming the path when data is absent, corrupt or inconsistent."""
+        """Loads both splits (ImageNet's val/ is the test split here) and holds out the validation images from
+        train/; DataError naming the path when data is absent, corrupt or inconsistent."""
         train, val = self._open("train"), self._open("val")
         if _wnids(train) != _wnids(val):
             only_one = sorted(set(_wnids(train)) ^ set(_wnids(val)))
             raise DataError(f"ImageNet train/ and val/ in {self.root} have different class folders "
                             f"({len(_wnids(train))} vs {len(_wnids(val))}; e.g. {only_one[:3]} in only one), "
                             "so their labels would not match. To fix: give both the same <wnid> folders")
-        self.train_set, self.val_set = train, val
+        self.train_set, self.test_set = train, val
+        self.hold_out_val()
+
+    def evaluation_view(self, dataset: datasets.ImageFolder) -> datasets.ImageFolder:
+        return evaluation_copy(dataset, self.transform(train=False))
 
     def _archives(self, split: str) -> list[str]:
         """The archive names torchvision's ImageNet needs to build ``split``."""

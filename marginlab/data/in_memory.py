@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
+from marginlab.checks import check_positive_int
 from marginlab.data.base import no_batches_error
 from marginlab.errors import ConfigError
-from marginlab.heads.base import check_positive_int
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -204,26 +204,40 @@ class InMemoryLoader:
             yield self.normalize(images), self.labels[idx]
 
 
-def split_tensors(data, train: bool) -> tuple[Tensor, Tensor, tuple | None, tuple | None]:
-    """(images, labels, mean, std) of one split of a data module: torchvision sets give uint8 pixels
-    normalised by the module's mean/std; a ``TensorDataset`` (digits) is taken as it is (already normalised)."""
+SPLITS = ("train", "val", "test")
+
+
+def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor, bool]:
+    """(images, labels, raw): a ``TensorDataset`` as it is (raw False: already normalised), a torchvision set's
+    uint8 pixels (raw True), a ``Subset`` (the held-out split) as those rows of its data set."""
+    if isinstance(dataset, Subset):
+        images, labels, raw = dataset_tensors(dataset.dataset)
+        rows = torch.as_tensor(np.asarray(dataset.indices), dtype=torch.int64)
+        return images[rows], labels[rows], raw
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0], dataset.tensors[1], False
+    return *to_uint8_tensors(dataset), True
+
+
+def split_tensors(data, split: str) -> tuple[Tensor, Tensor, tuple | None, tuple | None]:
+    """(images, labels, mean, std) of one split (train, val or test) of a data module: torchvision sets give
+    uint8 pixels normalised by the module's mean/std; a ``TensorDataset`` (digits) is already normalised."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not allowed: it must be one of {', '.join(SPLITS)}")
     if data.train_set is None:
         data.setup()
-    dataset = data.train_set if train else data.val_set
-    if isinstance(dataset, TensorDataset):
-        images, labels = dataset.tensors[0], dataset.tensors[1]
-        return images, labels, None, None
-    images, labels = to_uint8_tensors(dataset)
-    return images, labels, tuple(data.mean), tuple(data.std)
+    images, labels, raw = dataset_tensors(getattr(data, f"{split}_set"))
+    return (images, labels, tuple(data.mean), tuple(data.std)) if raw else (images, labels, None, None)
 
 
-def in_memory_loader(data, train: bool, device: torch.device | str) -> InMemoryLoader:
-    """The in-memory loader of one split of a ``ClassificationData`` (digits, MNIST, CIFAR-10/100).
+def in_memory_loader(data, split: str, device: torch.device | str) -> InMemoryLoader:
+    """The in-memory loader of one split (train, val or test) of a ``ClassificationData`` (digits, MNIST, CIFAR).
 
     The training loader shares the module's generator, so ``data.set_epoch(epoch)`` reseeds it exactly as
     it reseeds the DataLoader path; augmentation follows ``data.augment`` and ``data.augmentation()``.
     """
-    images, labels, mean, std = split_tensors(data, train)
+    images, labels, mean, std = split_tensors(data, split)
+    train = split == "train"
     padding, flip = 0, False
     if train and getattr(data, "augment", False) and hasattr(data, "augmentation"):
         padding, flip = augmentation_params(data.augmentation())

@@ -16,7 +16,7 @@ from torchvision import transforms as T
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_integrity
 
-from marginlab.data.base import ClassificationData, check_root, missing_data_error
+from marginlab.data.base import ClassificationData, check_root, evaluation_copy, missing_data_error
 from marginlab.errors import DataError
 
 #: (path, check that the file is intact) for each file a torchvision data set reads
@@ -55,9 +55,14 @@ class TorchvisionData(ClassificationData):
         self.augment = bool(augment)
 
     def setup(self) -> None:
-        """Loads both splits (downloading them first when ``download`` is on); DataError when it cannot."""
+        """Loads both splits (downloading them first when ``download`` is on), then holds out the validation
+        images from the training split; DataError when it cannot."""
         self.train_set = self._open(train=True)
-        self.val_set = self._open(train=False)
+        self.test_set = self._open(train=False)
+        self.hold_out_val()
+
+    def evaluation_view(self, dataset: datasets.VisionDataset) -> datasets.VisionDataset:
+        return evaluation_copy(dataset, self.transform(train=False))
 
     def augmentation(self) -> list:
         """Random training transforms applied to the PIL image before ToTensor (none by default)."""

@@ -23,13 +23,17 @@ Checkpoints use the unsharded head's layout (``full_state_dict`` gathers the sha
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from marginlab.checks import check_float
+from marginlab.dtypes import at_least_float32
 from marginlab.errors import ConfigError
-from marginlab.heads.base import CosineMarginHead, at_least_float32, check_float
+from marginlab.heads.base import CosineMarginHead, fill_class_weight_
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -211,17 +215,24 @@ class PartialFC(nn.Module):
 
     @torch.no_grad()
     def init_weight_(self, seed: int, chunk_rows: int = 65_536) -> None:
-        """This rank's rows of an all-classes weight drawn U(-1/sqrt(D), 1/sqrt(D)) (nn.Linear's init, the heads'
-        too) from a generator seeded with ``seed``; drawn in row chunks, so no rank holds the whole matrix."""
+        """This rank's rows of an all-classes weight drawn with the head's own init (``head.weight_init``, as the
+        unsharded head draws it) from a generator seeded with ``seed``; in row chunks, so no rank holds the whole
+        matrix, and the rows do not depend on the number of ranks."""
         rows, dim = self.num_classes * self.sub_centers, self.weight.shape[1]
         first, last = self.class_start * self.sub_centers, self.class_end * self.sub_centers
-        bound = 1.0 / dim ** 0.5
+        # CPU normal_ draws blocks of 16 values (a tail of fewer on its own): chunks of whole blocks, the last one
+        # taking any short tail, continue the stream of one draw of all rows
+        step = 16 // math.gcd(dim, 16)
+        chunk_rows = max(step, chunk_rows // step * step)
         gen = torch.Generator().manual_seed(seed)
-        for lo in range(0, last, chunk_rows):  # the rows before this shard are drawn and dropped
-            chunk = torch.empty(min(chunk_rows, rows - lo), dim).uniform_(-bound, bound, generator=gen)
-            keep = slice(max(first, lo), min(last, lo + chunk.shape[0]))
+        lo = 0
+        while lo < last:  # the rows before this shard are drawn and dropped
+            size = rows - lo if (rows - lo - chunk_rows) * dim < 16 else chunk_rows
+            chunk = fill_class_weight_(torch.empty(size, dim), self.head.weight_init, gen, total_rows=rows)
+            keep = slice(max(first, lo), min(last, lo + size))
             if keep.start < keep.stop:
                 self.weight[keep.start - first:keep.stop - first] = chunk[keep.start - lo:keep.stop - lo]
+            lo += size
 
     @torch.no_grad()
     def sample(self, positives: Tensor) -> Tensor:

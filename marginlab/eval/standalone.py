@@ -12,29 +12,17 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import marginlab.config  # noqa: F401  (resolvers)
-from marginlab.checkpoint import CHECKPOINT_DIR, EVAL_KEYS, read_checkpoint, state_differences
+from marginlab.checkpoint import EVAL_KEYS, read_checkpoint
 from marginlab.engine import resolve_device
 from marginlab.data.face import parse_image_size
 from marginlab.errors import ConfigError
 from marginlab.builders import build_verifiers
 from marginlab.eval.during_training import jsonable, run_verifiers
 from marginlab.logging.run_log import write_json
-
-
-def find_checkpoint(value: str) -> Path:
-    path = Path(str(value)).expanduser()
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / CHECKPOINT_DIR / name).is_file():
-                return path / CHECKPOINT_DIR / name
-        raise ConfigError(f"checkpoint={value!r}: no {CHECKPOINT_DIR}/best.pt or last.pt in that run directory")
-    if not path.is_file():
-        raise ConfigError(f"checkpoint={value!r} is not allowed: give a checkpoint .pt file or a run directory")
-    return path
+from marginlab.weights import build_backbone, find_checkpoint
 
 
 #: what every verification set gives the backbone: RGB face crops, fitted to the checkpoint's image_size
@@ -60,18 +48,8 @@ def check_fits_verification(path: Path, data: dict, sets: list[str] = ()) -> Non
 def load_backbone(path: Path, device: torch.device, sets: list[str] = ()):
     """The checkpoint's backbone in eval mode, its ``data`` entry and the checkpoint; checked against ``sets``."""
     ckpt = read_checkpoint(path, EVAL_KEYS)
-    data = ckpt["data"]
-    check_fits_verification(path, data, sets)
-    backbone = instantiate(OmegaConf.create(ckpt["config"]["backbone"]), in_channels=data["in_channels"],
-                           image_size=data["image_size"])
-    prefix = "backbone."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    differences = state_differences({k: list(v.shape) for k, v in backbone.state_dict().items()}, state)
-    if differences:
-        raise ConfigError(f"{path}: its weights do not fit the backbone its config builds "
-                          f"({ckpt['config']['backbone'].get('_target_')}):\n  " + "\n  ".join(differences))
-    backbone.load_state_dict(state)
-    return backbone.to(device).eval(), data, ckpt
+    check_fits_verification(path, ckpt["data"], sets)
+    return build_backbone(path, ckpt).to(device), ckpt["data"], ckpt
 
 
 def evaluate_checkpoint(overrides: list[str]) -> dict:

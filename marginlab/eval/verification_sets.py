@@ -87,7 +87,13 @@ def load_bin(path: str | os.PathLike, image_size=112, name: str | None = None) -
     """An InsightFace ``.bin`` set; images fitted to ``image_size`` (int or [height, width])."""
     path = Path(os.path.expanduser(str(path)))
     size = parse_image_size(image_size, "image_size")
-    name = name or path.stem
+    sources, issame = read_bin(path)
+    images = _decode_all(sources, lambda i: f"{path}: image {i} (pair {i // 2})", size)
+    return VerificationSet(name or path.stem, images, issame, str(path))
+
+
+def read_bin(path: Path) -> tuple[list[bytes], np.ndarray]:
+    """The encoded images (2N, pair i = images 2i and 2i+1) and issame (N bool) of a ``.bin``, not decoded."""
     try:
         with open(path, "rb") as f:
             obj = _BinUnpickler(f, encoding="bytes").load()
@@ -113,8 +119,7 @@ def load_bin(path: str | os.PathLike, image_size=112, name: str | None = None) -
         if not isinstance(b, (bytes, bytearray)):
             raise DataError(f"{path}: image {i} is a {type(b).__name__}, not encoded image bytes")
         sources.append(bytes(b))
-    images = _decode_all(sources, lambda i: f"{path}: image {i} (pair {i // 2})", size)
-    return VerificationSet(name, images, issame, str(path))
+    return sources, issame
 
 
 # ---- raw LFW --------------------------------------------------------------------------------------------

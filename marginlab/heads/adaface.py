@@ -7,7 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from marginlab.heads.base import CosineMarginHead, at_least_float32, check_float
+from marginlab.checks import check_float
+from marginlab.dtypes import at_least_float32
+from marginlab.heads.base import CosineMarginHead
 
 
 class AdaFaceHead(CosineMarginHead):

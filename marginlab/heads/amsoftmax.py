@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from marginlab.heads.base import CosineMarginHead, check_float
+from marginlab.checks import check_float
+from marginlab.heads.base import CosineMarginHead
 
 
 class AMSoftmaxHead(CosineMarginHead):

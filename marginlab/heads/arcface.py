@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+from marginlab.checks import check_float
 from marginlab.errors import ConfigError
-from marginlab.heads.base import CosineMarginHead, check_float, cos_plus_angle_and_slope
+from marginlab.heads.base import CosineMarginHead, cos_plus_angle_and_slope
 
 #: the ways of applying the margin, see ArcFaceHead
 MODES = ("exact", "straight_through", "no_fallback")

@@ -16,34 +16,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from marginlab.checks import check_batch, check_float, check_positive_int
 from marginlab.errors import ConfigError
-from marginlab.heads.fast_cosine import LazyCosine, fused_linear, normalize_features, precise_cosine
-from marginlab.heads.fused_margin import fused_cosine_margin, with_slope
-
-
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} is not allowed: it must be an integer >= 1")
-    return value
-
-
-def check_float(name: str, value, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True) -> float:
-    """Checks a float hyperparameter against [low, high] (or (low, high] with low_inclusive=False)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} is not allowed: it must be a finite number")
-    too_low = low is not None and (value < low or (value == low and not low_inclusive))
-    if too_low or (high is not None and value > high):
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        bracket = "[" if low_inclusive else "("
-        raise ConfigError(f"{name}={value!r} is not allowed: it must lie in {bracket}{lo}, {hi}]")
-    return float(value)
-
-
-def at_least_float32(x: Tensor) -> Tensor:
-    """Promotes half/bfloat16 to float32 and keeps float32/float64 as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from marginlab.heads.kernels import (LazyCosine, fused_cosine_margin, fused_linear, normalize_features, precise_cosine,
+                                     with_slope)
 
 
 def cos_plus_angle(cos: Tensor, cos_m, sin_m) -> Tensor:
@@ -217,17 +193,7 @@ class MarginHead(nn.Module):
         return {}
 
     def _check_inputs(self, embeddings: Tensor, labels: Tensor | None) -> None:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.in_features:
-            raise ConfigError(
-                f"{type(self).__name__} expects embeddings of shape (batch, {self.in_features}), "
-                f"got {tuple(embeddings.shape)}: backbone.embedding_dim must equal the head's in_features")
-        if labels is None:
-            return
-        if labels.shape != embeddings.shape[:1]:
-            raise ConfigError(f"labels of shape {tuple(labels.shape)} do not match a batch of "
-                              f"{embeddings.shape[0]} embeddings")
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise ConfigError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        check_batch(type(self).__name__, self.in_features, embeddings, labels)
 
 
 class CosineMarginHead(MarginHead):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from marginlab.checks import check_float
 from marginlab.heads.arcface import ArcFaceHead
-from marginlab.heads.base import check_float, cos_plus_angle
+from marginlab.heads.base import cos_plus_angle
 
 
 class CurricularFaceHead(ArcFaceHead):

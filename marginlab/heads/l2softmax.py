@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marginlab.checks import check_float
+from marginlab.dtypes import at_least_float32
 from marginlab.errors import ConfigError
-from marginlab.heads.base import MarginHead, at_least_float32, check_float
-from marginlab.heads.fast_cosine import LazyCosine, normalize_features
+from marginlab.heads.base import MarginHead
+from marginlab.heads.kernels import LazyCosine, normalize_features
 
 
 def alpha_lower_bound(num_classes: int, p: float) -> float:

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from marginlab.heads.base import MarginHead, at_least_float32, check_float, check_positive_int
-from marginlab.heads.fast_cosine import LazyCosine, fused_linear
+from marginlab.checks import check_float, check_positive_int
+from marginlab.dtypes import at_least_float32
+from marginlab.heads.base import MarginHead
+from marginlab.heads.kernels import LazyCosine, fused_linear
 
 #: floor on ||x|| ||W_y|| when dividing by it, so zero-norm features give cos = 0 and finite gradients
 _NORM_EPS = 1e-12

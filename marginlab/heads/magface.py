@@ -7,7 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from marginlab.heads.base import CosineMarginHead, at_least_float32, check_float, cos_plus_angle
+from marginlab.checks import check_float
+from marginlab.dtypes import at_least_float32
+from marginlab.heads.base import CosineMarginHead, cos_plus_angle
 
 
 class MagFaceHead(CosineMarginHead):

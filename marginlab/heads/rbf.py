@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from marginlab.heads.base import MarginHead, at_least_float32, check_float
-from marginlab.heads.fast_cosine import LazyCosine, class_block, no_autocast
+from marginlab.checks import check_float
+from marginlab.dtypes import at_least_float32
+from marginlab.heads.base import MarginHead
+from marginlab.heads.kernels import LazyCosine, class_block, no_autocast
 
 
 #: the probe's cosines are recovered from the logits (see _RBFCosine) only where the estimated error

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from marginlab.heads.base import MarginHead, at_least_float32
-from marginlab.heads.fast_cosine import LazyCosine
+from marginlab.dtypes import at_least_float32
+from marginlab.heads.base import MarginHead
+from marginlab.heads.kernels import LazyCosine
 
 
 class SoftmaxHead(MarginHead):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from marginlab.dtypes import at_least_float32
 from marginlab.errors import ConfigError
-from marginlab.heads.base import at_least_float32
-from marginlab.heads.fast_cosine import fused_linear
+from marginlab.heads.kernels import fused_linear
 from marginlab.heads.lsoftmax import _NORM_EPS, LSoftmaxHead, angle_segment, psi
 
 #: the two ways of computing the gradient, see SphereFaceHead

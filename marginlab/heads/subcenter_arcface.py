@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from marginlab.checks import check_positive_int
 from marginlab.heads.arcface import ArcFaceHead
-from marginlab.heads.base import check_positive_int
-from marginlab.heads.fast_cosine import fused_linear, normalize_features, precise_cosine
+from marginlab.heads.kernels import fused_linear, normalize_features, precise_cosine
 
 
 class SubCenterArcFaceHead(ArcFaceHead):

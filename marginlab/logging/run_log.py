@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from marginlab.logging.epoch_line import append_to_log, format_epoch_line
+from marginlab.logging.hparams import config_markdown, flat_hparams
+
 #: the key that lists a record's non-finite values (path -> "nan", "inf" or "-inf")
 NONFINITE_KEY = "nonfinite"
 
@@ -75,10 +78,13 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True):
-        """``enabled=False`` (ranks other than 0 in data-parallel runs) writes nothing at all."""
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True, console: bool = True):
+        """``enabled=False`` (ranks other than 0 in data-parallel runs) writes nothing at all; ``console=False``
+        keeps the per-epoch line out of stdout (it still goes to train.log)."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
+        self.console = console
+        self.tensorboard = tensorboard
         self.writer = None
         if not enabled:
             return
@@ -100,9 +106,44 @@ class RunLog:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(dumps(record, sort_keys=True) + "\n")
 
-    def final(self, summary: dict) -> None:
+    def start(self, cfg, choices: dict | None = None) -> None:
+        """TensorBoard: the resolved config as text and the hyperparameters as an HParams session of this run.
+
+        Only the session start is written (no experiment summary, into the run's own event file, not the
+        sub-run ``SummaryWriter.add_hparams`` makes per call): the dashboard then builds its columns from the
+        hyperparameters of every run under ``--logdir``, so the jobs of a sweep compare side by side, and its
+        metrics are the runs' scalars (``test/acc``'s last value, ``best/*`` written by ``final``).
+        """
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer.add_text("config", config_markdown(cfg))
+        _, session_start, _ = hparams(flat_hparams(cfg, choices), {})
+        self.writer.file_writer.add_summary(session_start)
+        self.writer.flush()
+
+    def epoch_line(self, record: dict, epochs: int, warnings: list[str] = ()) -> str:
+        """Prints the epoch's one line (any stdout, terminal or not) and appends it to train.log."""
+        line = format_epoch_line(record, epochs, warnings)
         if self.enabled:
-            write_json(self.run_dir / "metrics.json", summary)
+            if self.console:
+                print(line, flush=True)
+            append_to_log(self.run_dir, line)
+        return line
+
+    def final(self, summary: dict) -> None:
+        """metrics.json; TensorBoard: the best/* values as scalars and the HParams session's end."""
+        if not self.enabled:
+            return
+        write_json(self.run_dir / "metrics.json", summary)
+        if self.writer is not None:
+            from torch.utils.tensorboard.summary import hparams
+
+            for tag, value in summary.items():
+                if tag.startswith("best/") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(tag, value, summary.get("steps", 0))
+            self.writer.file_writer.add_summary(hparams({}, {})[2])  # session end: STATUS_SUCCESS
 
     def close(self) -> None:
         if self.writer is not None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from marginlab.errors import ConfigError
-from marginlab.heads.base import check_float, check_positive_int
+from marginlab.checks import check_batch, check_float, check_positive_int
 
 
 class Regularizer(nn.Module):
@@ -28,10 +27,4 @@ class Regularizer(nn.Module):
         raise NotImplementedError
 
     def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> None:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.in_features:
-            raise ConfigError(
-                f"{type(self).__name__} expects embeddings of shape (batch, {self.in_features}), "
-                f"got {tuple(embeddings.shape)}: backbone.embedding_dim must equal in_features")
-        if labels.shape != embeddings.shape[:1]:
-            raise ConfigError(f"labels of shape {tuple(labels.shape)} do not match a batch of "
-                              f"{embeddings.shape[0]} embeddings")
+        check_batch(type(self).__name__, self.in_features, embeddings, labels)

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from marginlab.heads.base import at_least_float32, check_float
+from marginlab.checks import check_float
+from marginlab.dtypes import at_least_float32
 from marginlab.regularizers.base import Regularizer
 
 

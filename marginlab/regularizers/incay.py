@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from marginlab.heads.base import at_least_float32, check_float
+from marginlab.checks import check_float
+from marginlab.dtypes import at_least_float32
 from marginlab.regularizers.base import Regularizer
 
 

@@ -56,10 +56,32 @@ class Row:
 
 
 def default_metrics(jobs: list[Job]) -> list[str]:
-    """test/acc, then every other ``<set>/acc`` the jobs measured (verification sets), then test/loss."""
+    """With a validation split: best/val/acc (it picks the best row), then the test accuracy of best.pt and of the
+    last epoch; without: test/acc. Then every other ``<set>/acc`` the jobs measured (verification sets)."""
     keys = {k for j in jobs if j.status == "completed" for k, v in j.metrics.items() if is_finite_number(v)}
-    extra = sorted(k for k in keys if k.endswith("/acc") and k.partition("/")[0] not in ("test", "train", "best", "step"))
-    return ["test/acc", *extra]
+    extra = sorted(k for k in keys if k.endswith("/acc")
+                   and k.partition("/")[0] not in ("test", "val", "train", "best", "step"))
+    first = ["best/val/acc", "best/test/acc", "test/acc"] if "best/val/acc" in keys else ["test/acc"]
+    return [*first, *extra]
+
+
+def selection(jobs: list[Job]) -> str:
+    """The metric the jobs chose best.pt on (metrics.json ``best_metric``); "" when none says or they differ."""
+    found = {str(j.metrics["best_metric"]) for j in jobs if j.status == "completed" and j.metrics.get("best_metric")}
+    return found.pop() if len(found) == 1 else ""
+
+
+def column_label(metric: str, selected_on: str) -> str:
+    """Which split and epoch a column is: ``test/acc (last epoch)``, ``val/acc (best)``, ``test/acc @ best val``;
+    a selection on the test split is labelled optimistic."""
+    if not metric.startswith("best/"):
+        return f"{metric} (last epoch)" if "/" in metric else metric
+    inner = metric[len("best/"):]
+    optimistic = " (optimistic: chosen on test)" if selected_on.startswith("test/") else ""
+    if inner == selected_on:
+        return f"{inner} (best){optimistic}"
+    chosen = {"": "selected epoch", "epoch": "last epoch"}.get(selected_on, f"best {selected_on.partition('/')[0]}")
+    return f"{inner} @ {chosen}{optimistic}"
 
 
 @dataclass
@@ -71,8 +93,13 @@ class Report:
     paper_labels: list[str]
     best_metric: str
     root: Path | None = None
+    selected_on: str = ""  # the metric the runs chose best.pt on (``selection``)
 
     # ------------------------------------------------------------ cells
+    def label(self, metric: str) -> str:
+        """The column header of ``metric``: its split and epoch (``column_label``)."""
+        return column_label(metric, self.selected_on)
+
     @staticmethod
     def fmt(x: float | None, digits: int = 4) -> str:
         if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -85,7 +112,7 @@ class Report:
         return self.fmt(stat.mean, digits) + (f" ± {self.fmt(stat.std, digits)}" if stat.std is not None else "")
 
     def header(self) -> list[str]:
-        cols = ["best", *(self.keys or ["setting"]), "n", "failed", *self.metrics]
+        cols = ["best", *(self.keys or ["setting"]), "n", "failed", *map(self.label, self.metrics)]
         for label in self.paper_labels:
             cols += [f"paper {label}", f"ours {label}", "diff"]
         return cols
@@ -118,14 +145,16 @@ class Report:
     def notes(self) -> list[str]:
         direction = "lowest" if lower_is_better(self.best_metric) else "highest"
         notes = [f"n: seeds completed; mean ± sample std over them; failed jobs are counted, not averaged. "
-                 f"best: {direction} mean {self.best_metric}."]
+                 f"best: {direction} mean {self.label(self.best_metric)}."]
+        notes += self.split_notes()
         if self.common:
             notes.append("every job: " + " ".join(f"{k}={v}" for k, v in self.common.items()))
         papers = [p for r in self.rows for p in r.paper]
         sources = list(dict.fromkeys(f"{p.source}, {p.table}".strip(", ") for p in papers))
         if sources:
             notes.append("paper: " + "; ".join(sources) + ". diff = ours - paper, in the paper's unit.")
-            compared = list(dict.fromkeys(f"{p.label}: ours is {p.measured}" for p in papers if p.measured != p.metric))
+            compared = list(dict.fromkeys(f"{p.label}: ours is {p.measured} ({self.label(p.measured)})"
+                                          for p in papers if p.measured != p.metric))
             if compared:
                 notes.append("compared: " + "; ".join(compared) + " (the paper reports that statistic).")
             evidence = list(dict.fromkeys(f"{p.value:g} [{p.confidence}: {p.evidence}]" for p in papers if p.evidence))
@@ -145,6 +174,20 @@ class Report:
                 notes.append(f"failed: {self.where(job)}: {job.error}")
             for job in row.other:
                 notes.append(f"{job.status}: {self.where(job)} (not averaged)")
+        return notes
+
+    def split_notes(self) -> list[str]:
+        """What val and test are and what chose best.pt, when a column depends on it."""
+        notes = []
+        if any(m.partition("/")[0] == "val" or m.startswith("best/val/") for m in self.metrics):
+            notes.append("splits: val = held out of the training images (dataset.val_fraction), chooses best.pt; "
+                         "test = the test split, never used to choose.")
+        if any(m.startswith("best/") for m in self.metrics):
+            on = {"": "differs between runs", "epoch": "the last epoch"}.get(self.selected_on, self.selected_on)
+            notes.append(f"best.pt: chosen on {on}; best/<metric> is its value at that epoch.")
+        if self.selected_on.startswith("test/") or (self.best_metric.startswith("test/") and len(self.rows) > 1):
+            notes.append("optimistic: a choice made on the test split (best.pt or the best row) overstates its "
+                         "test accuracy.")
         return notes
 
     def where(self, job: Job) -> str:
@@ -214,4 +257,4 @@ def build_report(jobs: list[Job], metrics: list[str] | None = None, root: Path |
         sign = -1.0 if lower_is_better(best_metric) else 1.0
         max(scored, key=lambda r: sign * r.stats[best_metric].mean).best = True
     return Report(rows=list(rows.values()), metrics=metrics, keys=keys, common=common,
-                  paper_labels=paper_labels, best_metric=best_metric, root=root)
+                  paper_labels=paper_labels, best_metric=best_metric, root=root, selected_on=selection(jobs))

@@ -85,8 +85,9 @@ def register_md5s(monkeypatch, root: Path) -> None:
 
 
 def small(root: Path, **kwargs) -> ImageNetData:
+    """Two images a class: too few to hold out 1% (tests/data/test_val_split.py holds out a validation split)."""
     return ImageNetData(root=str(root), image_size=kwargs.pop("image_size", 32), batch_size=4, num_workers=0,
-                        **kwargs)
+                        val_fraction=kwargs.pop("val_fraction", 0), **kwargs)
 
 
 def test_folder_tree_gives_classes_shapes_and_labels(tmp_path):
@@ -94,12 +95,12 @@ def test_folder_tree_gives_classes_shapes_and_labels(tmp_path):
     data = small(tmp_path)
     assert data.num_classes == 3  # counted from train/, setting the data up on first use
     assert (data.in_channels, data.image_size) == (3, 32)
-    assert len(data.train_set) == len(data.val_set) == 3 * PER_CLASS
-    assert data.val_set.classes == sorted(WNIDS)
+    assert len(data.train_set) == len(data.test_set) == 3 * PER_CLASS  # val/ is the test split
+    assert data.test_set.classes == sorted(WNIDS)
     x, y = next(iter(data.train_loader()))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < 3
-    xv, yv = next(iter(data.val_loader()))
+    xv, yv = next(iter(data.test_loader()))
     assert xv.shape == (4, 3, 32, 32) and yv.tolist() == [0, 0, 1, 1]
 
 
@@ -121,10 +122,10 @@ def test_archives_are_unpacked_by_torchvision(tmp_path, monkeypatch):
     data.setup()
     assert data.num_classes == 3
     assert len(data.train_set) == 3 * PER_CLASS
-    assert [label for _, label in data.val_set.samples] == sorted(val_labels)  # samples are grouped by wnid
-    assert sorted(Path(path).name for path, label in data.val_set.samples if label == 0) == [
+    assert [label for _, label in data.test_set.samples] == sorted(val_labels)  # samples are grouped by wnid
+    assert sorted(Path(path).name for path, label in data.test_set.samples if label == 0) == [
         f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i, label in enumerate(val_labels) if label == 0]
-    x, _ = data.val_set[0]
+    x, _ = data.test_set[0]
     assert x.shape == (3, 32, 32)
 
 
@@ -177,4 +178,4 @@ def test_corrupt_image_is_named(tmp_path):
     data = small(tmp_path)
     data.setup()
     with pytest.raises(DataError, match=f"image {bad} is unreadable"):
-        data.val_set[0]
+        data.test_set[0]

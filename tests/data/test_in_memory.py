@@ -36,8 +36,8 @@ def fake_cifar_module(tmp_path, n=12, augment=True, batch_size=5):
     data = CIFAR10Data(root=str(tmp_path), download=False, augment=augment, batch_size=batch_size, seed=3)
     data.train_set = SimpleNamespace(data=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                                      targets=[i % 10 for i in range(n)])
-    data.val_set = SimpleNamespace(data=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                                   targets=[i % 10 for i in range(n)])
+    data.test_set = SimpleNamespace(data=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                                    targets=[i % 10 for i in range(n)])
     return data
 
 
@@ -169,30 +169,30 @@ def test_to_uint8_tensors_reads_mnist_and_cifar_layouts():
 
 def test_matches_torchvision_transforms_without_augmentation(tmp_path):
     data = fake_cifar_module(tmp_path)
-    loader = in_memory_loader(data, train=False, device="cpu")
+    loader = in_memory_loader(data, "test", device="cpu")
     x = torch.cat([x for x, _ in loader])
     tf = T.Compose([T.ToTensor(), T.Normalize(data.mean, data.std)])
     from PIL import Image
-    ref = torch.stack([tf(Image.fromarray(img)) for img in data.val_set.data])
+    ref = torch.stack([tf(Image.fromarray(img)) for img in data.test_set.data])
     assert torch.allclose(x, ref, atol=1e-5)
 
 
 def test_cifar_module_gets_crop_and_flip_and_its_set_epoch_reseeds_the_loader(tmp_path):
     data = fake_cifar_module(tmp_path)
-    loader = in_memory_loader(data, train=True, device="cpu")
+    loader = in_memory_loader(data, "train", device="cpu")
     assert (loader.crop_padding, loader.flip, len(loader)) == (4, True, 3)
     data.set_epoch(2)
     first = collect(loader)
     data.set_epoch(2)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, collect(loader)))
-    assert in_memory_loader(fake_cifar_module(tmp_path, augment=False), True, "cpu").crop_padding == 0
+    assert in_memory_loader(fake_cifar_module(tmp_path, augment=False), "train", "cpu").crop_padding == 0
 
 
 def test_mnist_module_is_not_augmented(tmp_path):
     data = MNISTData(root=str(tmp_path), download=False)
-    data.train_set = data.val_set = SimpleNamespace(data=torch.zeros(3, 28, 28, dtype=torch.uint8),
-                                                    targets=torch.zeros(3, dtype=torch.long))
-    loader = in_memory_loader(data, train=True, device="cpu")
+    data.train_set = data.test_set = SimpleNamespace(data=torch.zeros(3, 28, 28, dtype=torch.uint8),
+                                                     targets=torch.zeros(3, dtype=torch.long))
+    loader = in_memory_loader(data, "train", device="cpu")
     assert (loader.crop_padding, loader.flip) == (0, False)
     (x, _), = collect(loader)
     assert torch.allclose(x, torch.full_like(x, -0.1307 / 0.3081))
@@ -200,10 +200,10 @@ def test_mnist_module_is_not_augmented(tmp_path):
 
 def test_digits_module_batches_are_its_tensors():
     data = DigitsData(batch_size=64)
-    loader = in_memory_loader(data, train=False, device="cpu")
+    loader = in_memory_loader(data, "test", device="cpu")
     x = torch.cat([x for x, _ in loader])
-    assert torch.equal(x, data.val_set.tensors[0])
-    assert len(in_memory_loader(data, train=True, device="cpu")) == len(data.train_loader())
+    assert torch.equal(x, data.test_set.tensors[0])
+    assert len(in_memory_loader(data, "train", device="cpu")) == len(data.train_loader())
 
 
 def test_augmentation_params_accepts_only_what_it_can_run_on_the_device():
@@ -228,7 +228,7 @@ def test_the_engine_trains_on_the_in_memory_loader():
     from marginlab.heads.normface import NormFaceHead
 
     data = DigitsData(batch_size=64)
-    loader = in_memory_loader(data, train=True, device="cpu")
+    loader = in_memory_loader(data, "train", device="cpu")
     torch.manual_seed(0)
     model = MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 16)), NormFaceHead(16, 10), nn.ModuleDict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

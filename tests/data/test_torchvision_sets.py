@@ -113,14 +113,14 @@ def normalized(images_hwc: np.ndarray, mean, std) -> torch.Tensor:
 # ---- MNIST ------------------------------------------------------------------------------------------------
 def test_mnist_reads_idx_files(tmp_path):
     arrays = write_mnist(tmp_path)
-    data = MNISTData(root=str(tmp_path), download=False, batch_size=8, num_workers=0)
+    data = MNISTData(root=str(tmp_path), download=False, batch_size=8, num_workers=0, val_fraction=0)
     data.setup()
     assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 28)
-    assert len(data.train_set) == 20 and len(data.val_set) == 10
+    assert len(data.train_set) == 20 and len(data.test_set) == 10 and data.val_loader() is None
     x, y = next(iter(data.train_loader()))
     assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32
     assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < 10
-    xv, yv = next(iter(data.val_loader()))  # unshuffled: the file's order
+    xv, yv = next(iter(data.test_loader()))  # unshuffled: the file's order
     expected = normalized(arrays["t10k-images"][:8, :, :, None], data.mean, data.std)
     torch.testing.assert_close(xv, expected)
     assert yv.tolist() == arrays["t10k-labels"][:8].tolist()
@@ -162,17 +162,18 @@ def test_mnist_has_no_augmentation(tmp_path):
 # ---- CIFAR-10 / CIFAR-100 ----------------------------------------------------------------------------------
 def test_cifar_reads_pickled_batches(cifar, tmp_path):
     name, data_cls, test_images = cifar
-    data = data_cls(root=str(tmp_path), download=False, batch_size=4, eval_batch_size=3, num_workers=0)
+    data = data_cls(root=str(tmp_path), download=False, batch_size=4, eval_batch_size=3, num_workers=0,
+                    val_fraction=0)
     data.setup()
     n_classes = {"cifar10": 10, "cifar100": 100}[name]
     assert (data.num_classes, data.in_channels, data.image_size) == (n_classes, 3, 32)
     assert len(data.train_set) == {"cifar10": 5 * 4, "cifar100": 12}[name]  # the writers' defaults
-    assert len(data.val_set) == len(test_images)
+    assert len(data.test_set) == len(test_images)
     assert len(data.train_set.classes) == n_classes  # read from batches.meta / meta
     x, y = next(iter(data.train_loader()))  # augmented: still 32 x 32
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
     assert 0 <= int(y.min()) and int(y.max()) < n_classes
-    xv, yv = next(iter(data.val_loader()))  # not augmented: exactly ToTensor + Normalize of the pickled pixels
+    xv, yv = next(iter(data.test_loader()))  # not augmented: exactly ToTensor + Normalize of the pickled pixels
     expected = normalized(test_images[:3].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), data.mean, data.std)
     torch.testing.assert_close(xv, expected)
 

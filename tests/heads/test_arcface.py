@@ -123,8 +123,6 @@ def test_bad_hyperparameters():
         ArcFaceHead(8, 10, mode="straight_through", easy_margin=True)
     with pytest.raises(ConfigError, match=r"m=2.0 .*\[0, 1.5708\]"):
         ArcFaceHead(8, 10, m=2.0)
-    with pytest.raises(ConfigError, match=r"s=0"):
-        ArcFaceHead(8, 10, s=0)
 
 
 def test_config_defaults(hh):

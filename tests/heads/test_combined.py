@@ -107,15 +107,9 @@ def test_probe_cosine(hh):
 
 @pytest.mark.parametrize("kwargs, name", [
     ({"m1": 0.5}, "m1=0.5"), ({"m2": -0.1}, "m2=-0.1"), ({"m2": 4.0}, "m2=4.0"),
-    ({"m3": -0.2}, "m3=-0.2"), ({"s": 0.0}, "s=0.0"),
+    ({"m3": -0.2}, "m3=-0.2"),
 ])
 def test_bad_hyperparameters(kwargs, name):
     with pytest.raises(ConfigError, match="must lie in") as err:
         CombinedMarginHead(8, 10, **kwargs)
     assert name in str(err.value)
-
-
-def test_config_defaults(hh):
-    head = hh.instantiate("combined")
-    assert isinstance(head, CombinedMarginHead)
-    assert (head.s, head.m1, head.m2, head.m3) == (64.0, 1.0, 0.3, 0.2)

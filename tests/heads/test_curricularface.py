@@ -134,7 +134,6 @@ def test_t_buffer_round_trips_through_state_dict():
     ({"momentum": 0.0}, "momentum", "(0, 1]"),
     ({"momentum": 1.5}, "momentum", "(0, 1]"),
     ({"m": -0.1}, "m", "[0, 1.5708]"),
-    ({"s": 0.0}, "s", "(0, inf]"),
 ])
 def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
     with pytest.raises(ConfigError) as err:

@@ -24,7 +24,11 @@ def test_head_trains_one_epoch_and_loss_decreases(run_train, metrics, head):
     assert code == 0
     rows = metrics[1](run_dir)
     assert len(rows) == 2
-    assert rows[1]["train/loss"] < rows[0]["train/loss"], rows
+    if head == "curricularface":  # its loss rises with the curriculum's t (an EMA of the target cosine, which
+        # hardens the negatives) while the model learns: from its official init (N(0, 0.01) weights) it is learning
+        assert rows[1]["head/t"] > rows[0]["head/t"] and rows[1]["test/acc"] > rows[0]["test/acc"], rows
+    else:
+        assert rows[1]["train/loss"] < rows[0]["train/loss"], rows
     assert rows[1]["train/nonfinite_steps"] == 0
 
 

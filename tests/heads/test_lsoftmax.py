@@ -181,7 +181,6 @@ def test_probe_cosine(hh):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"m": 0}, ["m=0", "integer >= 1"]),
     ({"m": 2.5}, ["m=2.5", "integer >= 1"]),
     ({"base": -1.0}, ["base=-1.0", "[0, inf]"]),
     ({"gamma": -1e-3}, ["gamma=", "[0, inf]"]),

@@ -100,7 +100,6 @@ def test_probe_cosine(hh):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"m": 0}, ["m=0", "integer >= 1"]),
     ({"m": 1.5}, ["m=1.5", "integer >= 1"]),
     ({"lambda_min": -1.0}, ["lambda_min=-1.0", "[0, inf]"]),
     ({"gamma": -0.12}, ["gamma=-0.12", "[0, inf]"]),

@@ -121,7 +121,6 @@ def test_state_dict_round_trip():
     ({"k": 0}, "k", "integer >= 1"),
     ({"k": 1.5}, "k", "integer >= 1"),
     ({"m": -0.5}, "m", "[0, 1.5708]"),
-    ({"s": 0.0}, "s", "(0, inf]"),
 ])
 def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
     with pytest.raises(ConfigError) as err:

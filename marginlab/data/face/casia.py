@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from marginlab.checks import check_float, check_positive_int
 from marginlab.data.base import ClassificationData, check_root, default_data_root, missing_data_error
 from marginlab.data.face import parse_image_size
 from marginlab.errors import ConfigError, DataError
-from marginlab.heads.base import check_float, check_positive_int
 
 FORMATS = ("auto", "rec", "folder")
 GET_DATA = ("unzip InsightFace's faces_webface_112x112 release (train.rec, train.idx, lfw.bin, cfp_fp.bin, "

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import marginlab.heads.fast_cosine as fast
-from marginlab.heads.fast_cosine import LazyCosine, fused_linear
+import marginlab.heads.kernels.fast_cosine as fast
+from marginlab.heads.kernels import LazyCosine, fused_linear
 
 
 @pytest.fixture(params=[None, 4], ids=["one-block", "blocks"])
@@ -327,7 +327,7 @@ def test_lsoftmax_heads_match_the_unfused_formulation(name, m, hh):
 
 
 def test_plain_path_used_under_compile_matches_the_fused_values_and_gradients():
-    from marginlab.heads.fast_cosine import _plain_linear, fused_linear
+    from marginlab.heads.kernels.fast_cosine import _plain_linear, fused_linear
 
     torch.manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(6, 5, dtype=torch.float64)).requires_grad_()  # |cos| <= 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import marginlab.heads.fast_cosine as fast
+import marginlab.heads.kernels.fast_cosine as fast
 from marginlab.heads.base import cos_plus_angle, cos_plus_angle_and_slope
 
 FUSED_HEADS = [("normface", {}), ("amsoftmax", {}), ("arcface", {}), ("arcface", {"easy_margin": True}),

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from marginlab.heads.fast_cosine import NORM_EPS, _dtypes, _normalized_backward, no_autocast, precise_cosine
+from marginlab.heads.kernels.fast_cosine import NORM_EPS, _dtypes, _normalized_backward, no_autocast, precise_cosine
 
 #: the head's margin: target cosines (B) -> (phi (B), d phi / d t (B tensor or float))
 MarginAndSlope = Callable[[Tensor], "tuple[Tensor, Tensor | float]"]

@@ -54,7 +54,7 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 def class_block(batch: int, elements: int | None = None) -> int:
-    """Classes per block in the blocked backwards (here and in rbf.py): ``elements`` per block."""
+    """Classes per block in the blocked backwards (here and in heads/rbf.py): ``elements`` per block."""
     elements = BLOCK_ELEMENTS if elements is None else elements
     return max(1, elements // max(1, batch))
 

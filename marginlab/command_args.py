@@ -1,0 +1,72 @@
+"""``key=value`` arguments of the small commands (``export``, ``embed``): known keys only, one-line errors."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from marginlab.errors import ConfigError
+
+REQUIRED = object()
+
+
+def as_bool(key: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise ConfigError(f"{key}={value!r} is not allowed: give true or false")
+
+
+def as_optional_bool(key: str, value: str) -> bool | None:
+    return None if value.strip().lower() in ("null", "none", "auto") else as_bool(key, value)
+
+
+def as_positive_int(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{key}={value!r} is not allowed: give an integer >= 1")
+    return number
+
+
+def as_count(key: str, value: str) -> int:
+    """An integer >= 0."""
+    if not value.strip().isdigit():
+        raise ConfigError(f"{key}={value!r} is not allowed: give an integer >= 0")
+    return int(value)
+
+
+def one_of(*choices: str) -> Callable[[str, str], str]:
+    def convert(key: str, value: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(choices)}")
+        return value
+    return convert
+
+
+def parse(command: str, args: list[str], spec: dict[str, tuple[Any, Callable[[str, str], Any]]]) -> dict:
+    """``spec``: key -> (default or REQUIRED, converter(key, text)). A ConfigError for an unknown, repeated,
+    malformed or missing argument, naming the command's keys."""
+    known = ", ".join(f"{k}=" for k in spec)
+    given: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{command}: {arg!r} is not allowed: give key=value arguments ({known})")
+        if key not in spec:
+            raise ConfigError(f"{command}: unknown key {key!r}; the keys are {known}")
+        if key in given:
+            raise ConfigError(f"{command}: {key}= is given twice")
+        given[key] = value
+    out = {}
+    for key, (default, convert) in spec.items():
+        if key in given:
+            out[key] = convert(key, given[key])
+        elif default is REQUIRED:
+            raise ConfigError(f"{command}: {key}= is missing; the keys are {known}")
+        else:
+            out[key] = default
+    return out

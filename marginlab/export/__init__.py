@@ -1,0 +1,77 @@
+"""``marginlab export checkpoint=<run dir | .pt> [format=onnx|torchscript|state_dict] [out=<file>]``: the backbone alone.
+
+Writes the checkpoint's backbone (not its head: a face model is its embedding) in eval mode with fp32 weights,
+and ``<file>.json`` beside it: input size, channels, colour order, normalisation, embedding size, the training
+config's head and data set, and the self-check. The written file is read back and run on a random batch; when
+it differs from PyTorch by more than 1e-4 (relative) nothing is kept and the command fails. Without ``out=`` the
+file goes next to the checkpoint (``checkpoints/best.onnx``); an existing file is never overwritten: a default
+name that is taken becomes ``best-1.onnx``, ``-2``, ...; a given ``out=`` that exists is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from marginlab.checks import image_hw
+from marginlab.command_args import REQUIRED, one_of, parse
+from marginlab.export.files import free_path, put_in_place, refuse_existing, staged, write_text
+from marginlab.export.formats import FORMATS, insightface_problems, random_batch
+from marginlab.export.model_card import FACE_DATA, model_card
+from marginlab.logging.run_log import dumps
+from marginlab.weights import load_backbone
+
+SIDECAR = ".json"
+SPEC = {"checkpoint": (REQUIRED, lambda k, v: v), "format": ("onnx", one_of(*FORMATS)), "out": (None, lambda k, v: v)}
+
+
+def destination(out: str | None, checkpoint: Path, suffix: str) -> tuple[Path, str | None]:
+    """Where the export goes, and a note when the default name was taken."""
+    if out is not None:
+        path = Path(out).expanduser()
+        refuse_existing(path, Path(f"{path}{SIDECAR}"))
+        return path, None
+    default = checkpoint.with_name(checkpoint.stem + suffix)
+    path = free_path(default, suffix, companions=(SIDECAR,))
+    return path, None if path == default else f"{default} exists; writing {path.name} instead"
+
+
+def export(args: list[str]) -> dict:
+    """Runs the command; returns the sidecar it wrote."""
+    opts = parse("export", args, SPEC)
+    backbone, ckpt, path = load_backbone(opts["checkpoint"])
+    backbone = backbone.float()
+    name = f"backbone {ckpt['config']['backbone'].get('_target_')}"
+    height, width = image_hw(ckpt["data"]["image_size"])
+    example = random_batch(2, (int(ckpt["data"]["in_channels"]), height, width), seed=0)
+    with torch.no_grad():
+        embedding_size = int(backbone(example).shape[1])
+    suffix, writer = FORMATS[opts["format"]]
+    target, note = destination(opts["out"], path, suffix)
+    if note:
+        print(f"marginlab: {note}")
+    start = time.perf_counter()
+    with staged(target) as tmp:
+        check = writer(backbone, example, tmp, name)
+        check["seconds"] = round(time.perf_counter() - start, 3)
+        if opts["format"] == "onnx" and str(ckpt["config"]["dataset"].get("_target_", "")).startswith(FACE_DATA):
+            problems = insightface_problems(tmp, height, width)
+            check["insightface_recognition_model"] = not problems
+            check["insightface_problems"] = problems
+        card = model_card(opts["format"], target.name, ckpt, str(path), embedding_size, check)
+        put_in_place(tmp, target)
+    write_text(Path(f"{target}{SIDECAR}"), dumps(card, indent=2) + "\n")  # strict JSON (run_log)
+    print(f"marginlab: wrote {target} and {target.name}{SIDECAR} ({opts['format']}, input "
+          f"[N, {card['input']['channels']}, {height}, {width}], embedding {embedding_size}; checked: max relative "
+          f"error {check['max_relative_error']:.1e}, {check['seconds']:.1f} s)")
+    return card
+
+
+def main(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    export(args)
+    return 0

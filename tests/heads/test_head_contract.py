@@ -1,0 +1,132 @@
+"""The head contract, one table over every configs/head/*.yaml: built with its defaults as the trainer
+builds it; a bad value refused, naming the key, on the trainer's own path (``check_target_node`` for a
+wrong type, the constructor's range check at build time); evaluation logits without labels are
+(B, C) and finite; state a head keeps (annealing counters, running statistics) moves only in training.
+
+What every head shares is checked here; each tests/heads/test_<head>.py checks what is its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import marginlab
+from marginlab.builders import build_head
+from marginlab.config.validate import check_target_node, split_head
+from marginlab.errors import ConfigError
+
+HEAD_CONFIGS = Path(marginlab.__file__).parent / "configs" / "head"
+HEADS = sorted(p.stem for p in HEAD_CONFIGS.glob("*.yaml"))
+D, C, B = 8, 10, 12
+
+#: config -> (key, an out-of-range value, the allowed range the message names)
+OUT_OF_RANGE = {
+    "adaface": ("s", 0.0, "(0, inf]"),
+    "amsoftmax": ("s", 0.0, "(0, inf]"),
+    "arcface": ("s", 0.0, "(0, inf]"),
+    "coco": ("s", 0.0, "(0, inf]"),
+    "combined": ("s", 0.0, "(0, inf]"),
+    "cosface": ("s", 0.0, "(0, inf]"),
+    "cosine": ("s", 0.0, "(0, inf]"),
+    "curricularface": ("s", 0.0, "(0, inf]"),
+    "l2softmax": ("p", 0.0, "(0, 1]"),
+    "lsoftmax": ("m", 0, "integer >= 1"),
+    "magface": ("s", 0.0, "(0, inf]"),
+    "normface": ("s", 0.0, "(0, inf]"),
+    "rbf": ("s", 0.0, "(0, inf]"),
+    "softmax": ("lr_mult", 0.0, "(0, inf]"),  # its only own key is a bool: the common key of every head
+    "sphereface": ("m", 0, "integer >= 1"),
+    "subcenter_arcface": ("s", 0.0, "(0, inf]"),
+}
+#: keys whose stored attribute is derived from the config value rather than the value itself
+DERIVED = {("l2softmax", "alpha"), ("l2softmax", "bias"), ("softmax", "bias")}
+
+
+def head_node(name: str, **overrides):
+    """configs/head/<name>.yaml without ``partial_fc`` (as ``split_head`` gives it to the builder)."""
+    node = OmegaConf.load(HEAD_CONFIGS / f"{name}.yaml")
+    for key, value in overrides.items():
+        node[key] = value
+    return split_head(node)[0]
+
+
+def own_keys(name: str) -> list[str]:
+    return [k for k in head_node(name) if not str(k).startswith("_")]
+
+
+def wrong_type(default):
+    """A value of another type than the default: a string for numbers and flags, else a flag."""
+    return "abc" if not isinstance(default, str) else True
+
+
+def test_every_config_is_in_the_table():
+    assert set(OUT_OF_RANGE) == set(HEADS)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_builds_with_its_defaults(name):
+    node = head_node(name)
+    check_target_node("head", node)  # the defaults pass the trainer's validation
+    head = instantiate(node, in_features=D, num_classes=C)
+    assert type(head).__name__ == node._target_.rpartition(".")[2]
+    assert (head.in_features, head.num_classes) == (D, C)
+    for key in own_keys(name):
+        if (name, key) in DERIVED:
+            continue
+        value = getattr(head, key)
+        value = value.item() if isinstance(value, torch.Tensor) else value  # a learnable scale
+        assert value == pytest.approx(node[key]) if isinstance(node[key], float) else value == node[key], key
+
+
+@pytest.mark.parametrize("name, key", [(n, k) for n in HEADS for k in own_keys(n)])
+def test_wrong_type_is_refused_naming_the_key(name, key):
+    bad = wrong_type(head_node(name)[key])
+    with pytest.raises(ConfigError, match=rf"^head\.{key}={bad!r} is not allowed: it must be "):
+        check_target_node("head", head_node(name, **{key: bad}))
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_out_of_range_is_refused_at_build_naming_the_key(name):
+    key, bad, allowed = OUT_OF_RANGE[name]
+    node = head_node(name, **{key: bad})
+    check_target_node("head", node)  # well typed: the constructor refuses the range
+    with pytest.raises(ConfigError) as err:
+        build_head(OmegaConf.create({"head": node, "seed": 0}), D, C)
+    assert str(err.value).startswith(f"{key}={bad!r} is not allowed") and allowed in str(err.value)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_eval_logits_without_labels_are_b_by_c_and_finite(name, hh):
+    head = instantiate(head_node(name), in_features=D, num_classes=C).eval()
+    x, _ = hh.make_batch(head, batch=B)  # with a feature collinear with its class, one opposite, one zero
+    with torch.no_grad():
+        logits = head(x)
+    assert logits.shape == (B, C) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_state_moves_only_in_training(name, hh):
+    head = instantiate(head_node(name), in_features=D, num_classes=C)
+    x, labels = hh.make_batch(head, batch=B)
+
+    def state():
+        return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+    start = state()
+    head.eval()
+    with torch.no_grad():
+        head(x, labels)
+        head(x)
+    for key, value in state().items():
+        torch.testing.assert_close(value, start[key], atol=0, rtol=0, msg=f"eval forward changed {key}")
+    head.train()
+    head(x, labels)
+    after = state()
+    moved = {k for k in start if not torch.equal(after[k], start[k])}
+    buffers = {k for k, _ in head.named_buffers()}
+    assert moved == buffers, f"a training forward moved {sorted(moved)}, the head's buffers are {sorted(buffers)}"
