@@ -52,13 +52,20 @@ def command(name):
     return register
 
 
+#: Hydra options that only print (help, config, completion): `marginlab train` answers them without importing torch
+PRINT_ONLY = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
+
+
 @command("train")
 def train_command(args: list[str]) -> int:
     from marginlab import sweep
-    from marginlab.resume import expand_resume
-    from marginlab.train import hydra_main
+    from marginlab.train_main import hydra_main  # Hydra + the config schema; marginlab.train (torch) on demand
 
-    if not any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in args):
+    if not any(a in PRINT_ONLY for a in args):
+        import marginlab.train  # noqa: F401  (torch and the trainer, before Hydra starts, as a run always did)
+    if not any(a in ("-m", "--multirun", *PRINT_ONLY) for a in args):
+        from marginlab.resume import expand_resume
+
         args = expand_resume(args)
         if args is None:  # a completed run: nothing to do, nothing touched
             return 0

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -315,8 +314,3 @@ def run(cfg: DictConfig) -> float:
     if multirun:
         return sweep.failed_job_result(message)
     raise SystemExit(code)
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def hydra_main(cfg: DictConfig) -> float:
-    return run(cfg)

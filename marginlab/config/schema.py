@@ -42,6 +42,7 @@ class LoggerConfig:
     figures: bool = True
     probe_max_samples: int = 2048  # samples per epoch the geometry probe looks at
     console: bool = True  # the per-epoch line on stdout (train.log always gets it)
+    mlflow: Optional[Dict[str, Any]] = None  # logger=mlflow: {tracking_uri, experiment}; null = no MLflow run
 
 
 @dataclass

@@ -11,7 +11,6 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from marginlab.config.schema import BEST_ON, PRECISIONS
-from marginlab.distributed.partial_fc import check_head_class
 from marginlab.errors import ConfigError
 
 #: optimizer arguments that are rates or factors: a finite number >= 0 for every torch optimizer
@@ -130,6 +129,8 @@ def check_partial_fc(cfg: DictConfig) -> None:
     """Partial FC (``head.partial_fc.sample_rate``) shards a cosine margin head; the loss is computed inside it."""
     if split_head(cfg.head)[1] is None:
         return
+    from marginlab.distributed.partial_fc import check_head_class  # imports torch: not on `--help`'s path
+
     check_head_class(import_target(cfg.head._target_, "head"))
     if cfg.get("regularizer"):
         raise ConfigError(f"regularizer={list(cfg.regularizer)} cannot be combined with head.partial_fc: the sharded "

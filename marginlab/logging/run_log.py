@@ -1,4 +1,5 @@
-"""One object that writes a run's scalars to TensorBoard and its epoch records to metrics.jsonl.
+"""One object that writes a run's scalars to TensorBoard and its epoch records to metrics.jsonl (and, with
+``logger=mlflow``, to an MLflow run: mlflow_tracker.py).
 
 Every JSON file marginlab writes (metrics.json, metrics.jsonl, sweep_summary.json, ``*.eval.json``) is strict
 JSON: a NaN or infinite value is written as ``null`` and named, with what it was, under the record's
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,7 @@ class RunLog:
         self.console = console
         self.tensorboard = tensorboard
         self.writer = None
+        self.tracker = None  # logger=mlflow: an MlflowTracker, made by start() (it needs the config)
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +108,8 @@ class RunLog:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(dumps(record, sort_keys=True) + "\n")
+        if self.tracker is not None:
+            self.tracker.epoch_record(record)
 
     def start(self, cfg, choices: dict | None = None) -> None:
         """TensorBoard: the resolved config as text and the hyperparameters as an HParams session of this run.
@@ -113,7 +118,15 @@ class RunLog:
         sub-run ``SummaryWriter.add_hparams`` makes per call): the dashboard then builds its columns from the
         hyperparameters of every run under ``--logdir``, so the jobs of a sweep compare side by side, and its
         metrics are the runs' scalars (``test/acc``'s last value, ``best/*`` written by ``final``).
+
+        ``logger.mlflow`` set: an MLflow run too (mlflow_tracker.py), with the same hyperparameters as params.
         """
+        if self.enabled and self.tracker is None:
+            from marginlab.logging.mlflow_tracker import MlflowTracker
+
+            self.tracker = MlflowTracker.from_config(cfg, self.run_dir)
+            if self.tracker is not None:
+                self.tracker.start(cfg, choices)
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams
@@ -144,9 +157,19 @@ class RunLog:
                 if tag.startswith("best/") and isinstance(value, (int, float)):
                     self.writer.add_scalar(tag, value, summary.get("steps", 0))
             self.writer.file_writer.add_summary(hparams({}, {})[2])  # session end: STATUS_SUCCESS
+        if self.tracker is not None:
+            self.tracker.final(summary)  # best/*, figures and checkpoints as artifacts, FINISHED
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
             self.writer = None
+        if self.tracker is not None:
+            tracker, self.tracker = self.tracker, None
+            failing = sys.exc_info()[0] is not None
+            try:
+                tracker.close()  # not finalized: FAILED (KILLED on Ctrl-C)
+            except Exception:
+                if not failing:  # an error of the store never hides the one that ended the run
+                    raise

@@ -1,0 +1,76 @@
+"""logger=mlflow: a run's params, epoch metrics, checkpoints and status in a local MLflow store (no server)."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+
+pytest.importorskip("mlflow")
+
+FAST = ("logger.tensorboard=false", "logger.progress=false", "logger.console=false", "logger.figures=false",
+        "logger.probe_max_samples=64")
+
+
+def test_logger_mlflow_writes_a_finished_run_to_the_local_store(run_train, outputs_dir, metrics):
+    from mlflow.tracking import MlflowClient
+
+    code, run_dir = run_train("logger=mlflow", "trainer.epochs=2", *FAST, "optim.lr=0.05")
+    assert code == 0
+    assert (outputs_dir / "mlflow.db").is_file()  # the default store: under the outputs root
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs_dir.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("marginlab")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert run.data.params["head"] == "amsoftmax" and float(run.data.params["optim.lr"]) == 0.05
+    assert "logger.tensorboard" not in run.data.params
+    history = client.get_metric_history(run.info.run_id, "test/acc")
+    records = metrics[1](run_dir)
+    assert [m.step for m in history] == [r["step"] for r in records] and len(history) == 2
+    assert history[-1].value == pytest.approx(records[-1]["test/acc"])
+    assert "best/" + metrics[0](run_dir)["best_metric"] in run.data.metrics
+    checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"checkpoints/last.pt", "checkpoints/best.pt"} <= checkpoints
+    assert "metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_failed_run_ends_failed(tmp_path, outputs_dir):
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from marginlab.logging import RunLog
+
+    cfg = OmegaConf.create({"seed": 0, "optim": {"lr": 0.1}, "logger": {"mlflow": {"tracking_uri": None,
+                                                                                    "experiment": "x"}}})
+    log = RunLog(tmp_path / "run", tensorboard=False, console=False)
+    log.start(cfg)
+    log.epoch_record({"epoch": 1, "step": 5, "test/acc": 0.5, "train/loss": float("nan"), "warnings": ["w"]})
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.close()
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs_dir.resolve() / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
+    assert run.info.status == "FAILED" and run.data.params == {"seed": "0", "optim.lr": "0.1"}
+    assert run.data.metrics["test/acc"] == 0.5
+
+
+def test_logger_mlflow_without_mlflow_is_a_one_line_config_error(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from marginlab.errors import ConfigError
+    from marginlab.logging.mlflow_tracker import MISSING, MlflowTracker
+
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    cfg = OmegaConf.create({"logger": {"mlflow": {"tracking_uri": None, "experiment": "marginlab"}}})
+    with pytest.raises(ConfigError, match="marginlab\\[mlflow\\]") as err:
+        MlflowTracker.from_config(cfg, tmp_path)
+    assert str(err.value) == MISSING and "\n" not in MISSING
+    assert MlflowTracker.from_config(OmegaConf.create({"logger": {"mlflow": None}}), tmp_path) is None
