@@ -28,12 +28,16 @@ NOT_INHERITED = ("resume", "trainer.stop_after_epoch")
 #: config keys (and key prefixes, ending in ".") that may differ from the checkpoint's config on resume: how long
 #: and where the run goes on, how it is logged and evaluated; nothing that changes the model, the loss or the data
 #: (init_from: a resume continues from its own checkpoint, so it neither needs nor re-applies it)
-RESUMABLE = ("resume", "init_from", "init_from_head", "name", "trainer.epochs", "trainer.stop_after_epoch",
-             "trainer.device", "trainer.precision",
-             "trainer.compile", "trainer.channels_last", "trainer.eval_every_n_epochs", "trainer.checkpoint",
-             "trainer.max_nonfinite_steps", "trainer.deterministic", "trainer.strict_margin", "logger.", "verification",
-             "verification.",
+RESUMABLE = ("resume", "init_from", "init_from_head", "name", "head.init",  # head.init: the weights come from the checkpoint
+             "trainer.epochs", "trainer.stop_after_epoch", "trainer.device", "trainer.precision", "trainer.compile",
+             "trainer.channels_last", "trainer.eval_every_n_epochs", "trainer.checkpoint", "trainer.max_nonfinite_steps",
+             "trainer.deterministic", "trainer.strict_margin", "logger.", "verification", "verification.",
              "dataset.num_workers", "dataset.pin_memory", "dataset.eval_batch_size", "dataset.root")
+
+#: keys added after checkpoints were first written, with the value that reproduces a checkpoint saved without them
+#: (no validation split, best.pt chosen on test, the class count from the data); resuming such a run with other
+#: values is refused like any other change, and the message names the value to pass
+ADDED_LATER = {"dataset.val_fraction": 0.0, "dataset.num_classes": None, "trainer.best_on": "test"}
 
 
 def outputs_root() -> Path:
@@ -157,6 +161,7 @@ def resumable(key: str) -> bool:
 def config_changes(saved: dict, new: dict) -> list[str]:
     """``key: saved -> new`` for every key outside ``RESUMABLE`` whose value differs."""
     a, b = flatten(saved), flatten(new)
+    a.update({k: v for k, v in ADDED_LATER.items() if k in b and k not in a})
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(a.keys() | b.keys())
             if not resumable(k) and a.get(k, "<unset>") != b.get(k, "<unset>")]
 

@@ -113,3 +113,28 @@ def test_a_resume_that_fails_while_setting_up_leaves_the_run_as_it_was(run_train
     code, _ = run_train(f"resume={run_dir}")
     assert code == 2 and "dataset.root='/gone' does not exist" in capfd.readouterr().err
     assert snapshot(run_dir) == before
+
+
+def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it(run_train, capfd):
+    """A checkpoint written before dataset.val_fraction / trainer.best_on / head.init existed: resuming it with
+    today's defaults would change its data, so it is refused naming the keys; with the old values it goes on."""
+    from marginlab.checkpoint import read_checkpoint
+
+    code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1", "dataset.val_fraction=0",
+                              "trainer.best_on=test")
+    assert code == 0
+    path = run_dir / "checkpoints" / "last.pt"
+    ckpt = read_checkpoint(path)
+    for group, key in (("dataset", "val_fraction"), ("trainer", "best_on"), ("head", "init")):
+        del ckpt["config"][group][key]
+    torch.save(ckpt, path)
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    overrides.write_text(yaml.safe_dump([o for o in yaml.safe_load(overrides.read_text())
+                                         if not o.startswith(("dataset.val_fraction", "trainer.best_on"))]))
+    before = snapshot(run_dir)
+    code, _ = run_train("resume=latest")
+    err = capfd.readouterr().err
+    assert code == 2 and "dataset.val_fraction: 0.0 -> 0.1" in err and "trainer.best_on: 'test' -> 'auto'" in err
+    assert "head.init:" not in err and snapshot(run_dir) == before  # the init is not a difference on resume
+    code, _ = run_train("resume=latest", "dataset.val_fraction=0", "trainer.best_on=test")
+    assert code == 0
