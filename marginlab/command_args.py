@@ -1,4 +1,4 @@
-"""``key=value`` arguments of the small commands (``export``, ``embed``): known keys only, one-line errors."""
+"""``key=value`` arguments of the small commands (``eval``, ``export``, ``embed``): known keys only, one-line errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ from typing import Any, Callable
 from marginlab.errors import ConfigError
 
 REQUIRED = object()
+
+
+def run_command(doc: str, func: Callable[[list[str]], Any], args: list[str]) -> int:
+    """A small command's ``main``: ``-h``/``--help`` prints its docstring, anything else runs ``func(args)``."""
+    if any(a in ("-h", "--help") for a in args):
+        print(doc)
+        return 0
+    func(args)
+    return 0
 
 
 def as_bool(key: str, value: str) -> bool:

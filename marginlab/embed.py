@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from marginlab.command_args import REQUIRED, as_bool, as_count, as_optional_bool, as_positive_int, parse
+from marginlab.command_args import REQUIRED, as_bool, as_count, as_optional_bool, as_positive_int, parse, run_command
 from marginlab.data.face import FaceImageDataset, parse_image_size
 from marginlab.errors import ConfigError
 from marginlab.eval.verification import embed_images
@@ -123,8 +123,4 @@ def embed(args: list[str]) -> Path:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    embed(args)
-    return 0
+    return run_command(__doc__, embed, args)

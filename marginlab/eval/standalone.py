@@ -15,6 +15,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 import marginlab.config  # noqa: F401  (resolvers)
+from marginlab.command_args import run_command
 from marginlab.checkpoint import EVAL_KEYS, read_checkpoint
 from marginlab.engine import resolve_device
 from marginlab.data.face import parse_image_size
@@ -84,11 +85,7 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    evaluate_checkpoint(args)
-    return 0
+    return run_command(__doc__, evaluate_checkpoint, args)
 
 
 if __name__ == "__main__":

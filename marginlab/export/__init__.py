@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from marginlab.checks import image_hw
-from marginlab.command_args import REQUIRED, one_of, parse
+from marginlab.command_args import REQUIRED, one_of, parse, run_command
 from marginlab.export.files import free_path, put_in_place, refuse_existing, staged, write_text
 from marginlab.export.formats import FORMATS, insightface_problems, random_batch
 from marginlab.export.model_card import FACE_DATA, model_card
@@ -70,8 +70,4 @@ def export(args: list[str]) -> dict:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    export(args)
-    return 0
+    return run_command(__doc__, export, args)
