@@ -1,4 +1,4 @@
-"""Cost of the geometry probe (marginlab/probe.py) per epoch (not a test).
+"""Cost of the geometry probe (marginlab/geometry/probe.py) per epoch (not a test).
 
 One epoch = ``engine.train_one_epoch`` + ``engine.evaluate`` (TensorBoard on), run with the probe
 (``evaluate(..., probe=...)`` + ``probe.end_epoch``: histograms, npz, scalars, and for 2-D features the
@@ -33,7 +33,7 @@ from marginlab.engine import LoopState, Precision, evaluate, train_one_epoch
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
-from marginlab.probe import GeometryProbe
+from marginlab.geometry.probe import GeometryProbe
 
 PROBE_SAMPLES = 2048
 
@@ -107,7 +107,7 @@ def large_head(tmp: Path, num_classes=85_742, dim=512, batch=256):
             for x, y in batches:
                 logits = head(x)  # the forward evaluate runs anyway (not probe cost)
                 t0 = time.perf_counter()
-                probe.collect(x, head.last_cosine, y, logits.argmax(1))
+                probe.collect(x, head.probe_record.cosine, y, logits.argmax(1))
                 collect += time.perf_counter() - t0
             t0 = time.perf_counter()
             probe.end_epoch(epoch + 1, epoch, head)

@@ -32,11 +32,12 @@ from marginlab.backbones.digits_cnn import DigitsCNN
 from marginlab.backbones.resnet_cifar import ResNetCifar
 from marginlab.builders import MarginModel
 from marginlab.data.digits import DigitsData
-from marginlab.engine import LoopState, Precision, compute_loss, train_one_epoch
-from marginlab.geometry import batch_geometry
+from marginlab.engine import LoopState, Precision, train_one_epoch
+from marginlab.geometry.stats import batch_geometry
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
+from marginlab.losses import criterion_for
 
 LOG_EVERY = 10
 
@@ -129,11 +130,12 @@ def engine_pieces(model, batches):
     log = RunLog(log_dir, tensorboard=True)
     prec = Precision(torch.device("cpu"), "32")
     opt, _ = make_optimizer(model)
+    criterion = criterion_for(model)  # what train_one_epoch builds once per epoch
 
     def log_step():  # engine.py: the `if state.step % log_every == 0` block
         stats = {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item(),
                  "lr": opt.param_groups[0]["lr"]}
-        stats.update(batch_geometry(embeddings.detach(), model.head.last_cosine, labels, model.head))
+        stats.update(batch_geometry(embeddings.detach(), model.head.probe_record.cosine, labels, model.head))
         log.scalars(stats, 1, prefix="step/")
 
     def accumulate():
@@ -148,7 +150,8 @@ def engine_pieces(model, batches):
     pieces = {
         "if not torch.isfinite(loss)  (non-finite check, sync)": lambda: bool(torch.isfinite(loss)),
         "dist.all_finite(loss)  (current engine, 1 process)": all_finite,
-        "compute_loss  (vs F.cross_entropy alone)": lambda: compute_loss(model, embeddings, logits, labels),
+        "criterion.from_head_output  (vs F.cross_entropy alone)": lambda: criterion.from_head_output(
+            embeddings, logits, labels),
         "F.cross_entropy alone": lambda: F.cross_entropy(logits.float(), labels),
         "loss_sum += ...; correct += ...  (accumulation)": accumulate,
         "prec.autocast() enter/exit  (precision 32)": lambda: prec.autocast().__enter__(),

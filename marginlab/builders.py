@@ -1,14 +1,14 @@
-"""Every ``hydra.utils.instantiate`` call lives here: config in, objects out."""
+"""Every object made from the config is made here (``hydra.utils.instantiate``, or the head from the HeadSpec
+that validation resolved): config in, objects out."""
 
 from __future__ import annotations
-
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from marginlab.config.validate import check_target_node, split_head
+from marginlab.config.validate import HeadSpec, check_target_node
 from marginlab.distributed.partial_fc import build_partial_fc, group_rank_and_size
 from marginlab.errors import ConfigError
 from marginlab.heads.base import MarginHead
@@ -44,41 +44,39 @@ def build_data(cfg: DictConfig):
     return _instantiate(cfg.dataset, "dataset")
 
 
-def build_head(cfg: DictConfig, in_features: int, num_classes: int, *, shard: bool = True) -> nn.Module:
-    """The margin head; with ``head.partial_fc.sample_rate`` set (and ``shard``), this rank's Partial FC shard."""
-    node, sample_rate = split_head(cfg.head)
+def build_head(spec: HeadSpec, in_features: int, num_classes: int, *, seed: int = 0, shard: bool = True) -> nn.Module:
+    """The margin head ``validate`` resolved; with ``spec.sample_rate`` set (and ``shard``), this rank's Partial FC
+    shard, its class weights drawn from ``seed``."""
 
     def make(num_classes: int) -> nn.Module:
-        return _instantiate(node, "head", in_features=in_features, num_classes=num_classes)
+        try:
+            return spec.cls(**spec.kwargs, in_features=in_features, num_classes=num_classes)
+        except ConfigError:
+            raise
+        except Exception as exc:  # one line naming the head, not a stack trace
+            raise ConfigError(f"cannot build head ({spec.cls.__module__}.{spec.name}): {exc}") from exc
 
-    if sample_rate is None or not shard:
+    if spec.sample_rate is None or not shard:
         return make(num_classes)
     # the shard's own random init is replaced by rows of a seeded all-classes draw (the same for any number of
     # ranks) and must not move the global random stream, which would then depend on the number of ranks
     with torch.random.fork_rng(devices=[]):
         # under torchrun the backbone is wrapped in DDP (train.py), which averages its gradients over the ranks
-        return build_partial_fc(make, num_classes, sample_rate, seed=cfg.seed, init_seed=cfg.seed,
+        return build_partial_fc(make, num_classes, spec.sample_rate, seed=seed, init_seed=seed,
                                 backbone_grads_averaged=group_rank_and_size()[1] > 1)
 
 
-def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes: int) -> MarginModel:
+def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes: int, *,
+                head: HeadSpec) -> MarginModel:
+    """Backbone, the head ``validate(cfg)`` returned, and the regularizers."""
     backbone = _instantiate(cfg.backbone, "backbone", in_channels=in_channels, image_size=image_size)
     dim = getattr(backbone, "embedding_dim", None)
     if dim is None:
         raise ConfigError(f"backbone {cfg.backbone._target_} must expose `embedding_dim`")
-    head = build_head(cfg, dim, num_classes)
+    model_head = build_head(head, dim, num_classes, seed=cfg.seed)  # before the regularizers: the random stream
     regs = nn.ModuleDict({name: _instantiate(node, f"regularizer.{name}", in_features=dim, num_classes=num_classes)
                           for name, node in (cfg.get("regularizer") or {}).items()})
-    return MarginModel(backbone, head, regs)
-
-
-def try_optimizer(node: DictConfig) -> None:
-    """Builds the optimizer on one dummy parameter: a ConfigError with the optimizer's reason if it rejects a value."""
-    make = _instantiate(node, "optim")
-    try:
-        make([nn.Parameter(torch.zeros(1))])
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"optim ({node.get('_target_')}) does not accept its values: {exc}") from None
+    return MarginModel(backbone, model_head, regs)
 
 
 def build_optimizer(cfg: DictConfig, model: MarginModel) -> torch.optim.Optimizer:

@@ -1,14 +1,18 @@
-"""Checkpoints: written atomically (temp file + rename), read with ``torch.load(weights_only=True)`` only (a
-checkpoint holds tensors and plain containers; reading one never runs code), found again for ``resume=``."""
+"""Checkpoints, the one module that owns their format: what one holds (``checkpoint_payload``, ``LoopState``), how it
+is written (atomically: temp file + rename), read (``torch.load(weights_only=True)`` only: a checkpoint holds tensors
+and plain containers; reading one never runs code), restored into a training job (``load_training_state``) and found
+again (``find_checkpoint`` for eval/export/init_from, ``find_run_dir`` and ``resume_checkpoint`` for ``resume=``)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import secrets
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,36 @@ except ImportError:  # numpy < 2
 #: the only globals a checkpoint may name, allowed by name: numpy's array reconstruction (under numpy 1's and 2's
 #: module names), which checkpoints written before the plain format need (np.random.get_state()'s ndarray)
 LEGACY_GLOBALS = [(_reconstruct, "numpy.core.multiarray._reconstruct"),
-                  (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+                  (_reconstruct, "numpy._core.multiarray._reconstruct"),
+                  np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+# ---------------------------------------------------------------- the format
+@dataclass
+class LoopState:
+    """What a checkpoint must carry besides the weights to continue exactly."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
+    best_metric: float = -math.inf
+    best_record: dict = field(default_factory=dict)  # the selected epoch's evaluation metrics (train.py)
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+
+
+def checkpoint_payload(model_state: dict, optimizer_state: dict, scheduler, scaler, state: LoopState, config,
+                       data, extras: dict | None = None) -> dict:
+    """What ``last.pt``/``best.pt`` hold; model and optimizer state in the unsharded layout (sharded_state.py).
+
+    ``config``: the run's DictConfig (saved resolved); ``data``: the data module (what ``marginlab eval`` needs to
+    rebuild the backbone); ``extras``: the loss's own entries (``criterion.checkpoint_entries()``)."""
+    from omegaconf import OmegaConf
+
+    return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "state": vars(state).copy(), "rng": rng_state(),
+            "config": OmegaConf.to_container(config, resolve=True),
+            "data": {"in_channels": data.in_channels, "image_size": data.image_size,
+                     "num_classes": data.num_classes}, **(extras or {})}
 
 
 # ---------------------------------------------------------------- writing
@@ -59,6 +92,14 @@ def save_atomic(obj: dict, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_checkpoints(payload: dict, ckpt_dir: Path, is_best: bool) -> Path:
+    """``best.pt`` first (when this epoch is the best), then ``last.pt``: a kill in between redoes this epoch."""
+    if is_best:
+        save_atomic(payload, ckpt_dir / "best.pt")
+    save_atomic(payload, ckpt_dir / "last.pt")
+    return ckpt_dir / "last.pt"
 
 
 # ---------------------------------------------------------------- reading
@@ -112,6 +153,31 @@ def state_differences(expected: dict, saved: dict) -> list[str]:
     return lines
 
 
+def load_training_state(path: Path, model, optimizer, scheduler, scaler, criterion=None,
+                        map_location="cpu") -> LoopState:
+    """Restores a ``resume=`` checkpoint into a freshly built job (model, optimizer, schedule, GradScaler, random
+    generators, the loss's own entries); returns its LoopState. A ConfigError listing every difference when the
+    checkpoint's weights do not fit ``model``."""
+    from marginlab.distributed import sharded_state  # the layout of a Partial FC shard
+
+    ckpt = read_checkpoint(path, RESUME_KEYS, map_location=map_location)
+    saved_head = ckpt["config"]["head"]["_target_"]
+    differences = state_differences(sharded_state.unsharded_shapes(model), ckpt["model"])
+    if differences:
+        raise ConfigError(f"resume: {path} does not fit this model (it was trained with {saved_head}):\n  "
+                          + "\n  ".join(differences))
+    sharded_state.load_model_state_dict(model, ckpt["model"])
+    sharded_state.load_optimizer_state_dict(optimizer, model, ckpt["optimizer"])
+    # the schedule is the config's (a longer run is checked in resume.py), not the saved callable's attributes
+    scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    state = LoopState(**ckpt["state"])
+    if criterion is not None:
+        criterion.restore_checkpoint_entries(ckpt, state.step)
+    return state
+
+
 # ---------------------------------------------------------------- random state
 def rng_state() -> dict:
     """Every generator's state as tensors and plain lists: what ``torch.load(weights_only=True)`` reads."""
@@ -143,11 +209,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-# ---------------------------------------------------------------- resuming
+# ---------------------------------------------------------------- finding
+def find_checkpoint(value, key: str = "checkpoint") -> Path:
+    """A checkpoint file as given, or a run directory's ``checkpoints/best.pt`` (else ``last.pt``)."""
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / CHECKPOINT_DIR / name).is_file():
+                return path / CHECKPOINT_DIR / name
+        raise ConfigError(f"{key}={value!r}: no {CHECKPOINT_DIR}/best.pt or last.pt in that run directory")
+    if not path.is_file():
+        raise ConfigError(f"{key}={value!r} is not allowed: give a checkpoint .pt file or a run directory")
+    return path
+
+
 def find_run_dir(resume: str, outputs_root: str | os.PathLike) -> Path:
     """``latest`` (newest run under <outputs>/runs), a run directory, or a checkpoint file inside one."""
     if resume == "latest":
-        runs = sorted((p for p in (Path(outputs_root) / "runs").glob("*") if (p / CHECKPOINT_DIR / "last.pt").is_file()),
+        runs = sorted((p for p in (Path(outputs_root) / "runs").glob("*")
+                       if (p / CHECKPOINT_DIR / "last.pt").is_file()),
                       key=lambda p: (p / CHECKPOINT_DIR / "last.pt").stat().st_mtime)
         if not runs:
             raise ConfigError(f"resume=latest: no run with a checkpoint under {Path(outputs_root) / 'runs'}")

@@ -22,14 +22,20 @@ commands:
   eval      score a saved model on face verification sets (InsightFace protocol), JSON next to it
             marginlab eval checkpoint=<checkpoint.pt or run dir> verification=[lfw,cfp_fp,agedb_30]
   export    the backbone alone, checked, with a JSON sidecar (input size, normalisation, embedding size)
-            marginlab export checkpoint=<run dir or .pt> format=onnx|torchscript|state_dict [out=<file>]
+            marginlab export checkpoint=<run dir or .pt> format=onnx|torchscript|state_dict|insightface [out=<file>]
   embed     embeddings of an image folder, a .rec or a .bin (.npy + a .tsv index of names and labels)
             marginlab embed checkpoint=<run dir or .pt> input=<folder|.rec|.bin> out=<file.npy> [flip=true]
+  align     112x112 ArcFace crops of your photos, from five landmarks per image (eyes, nose, mouth corners)
+            marginlab align input=<image folder> landmarks=<file: path x1 y1 ... x5 y5> out=<folder>
   report    one table of a sweep or of run dirs: a row per setting, mean ± std over seeds, the paper's numbers
             marginlab report outputs/sweeps/train/<date_time> [--metrics test/acc,lfw/acc] [--out DIR]
+  reproduce a paper's table: every sweep of an experiment into one sweep dir, then its report (exit 1: a job failed)
+            marginlab reproduce <experiment> [overrides] ; marginlab reproduce --list
   plot      re-render a run's geometry figures (marginlab plot <run dir>), or compare the runs of a
             sweep side by side (marginlab plot <sweep dir> -> features_grid.png, target_angles.png)
   version   print the version
+
+tab completion (bash; zsh with install=zsh): eval "$(marginlab train --shell-completion install=bash)"
 
 exit codes: 0 done; 2 a user or environment error, one line `marginlab: error: ...` (a bad value, override or
   option, unreadable data, a file the system refuses to write); 1 a bug (traceback), or a sweep with failed jobs
@@ -58,8 +64,22 @@ PRINT_ONLY = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--
 
 @command("train")
 def train_command(args: list[str]) -> int:
-    from marginlab import sweep
+    if args in (["--help"], ["-h"]):  # Hydra's page without Hydra's slow group listing (marginlab/help_page.py)
+        from marginlab.help_page import train_help
+
+        page = train_help(args)
+        if page is not None:
+            print(page)
+            return 0
+    from marginlab import completion, sweep
     from marginlab.train_main import hydra_main  # Hydra + the config schema; marginlab.train (torch) on demand
+
+    request = completion.completion_request(args)  # -sc install=bash: our script (Hydra's calls `marginlab -sc`)
+    if request is not None and request[0] != "query":
+        print(completion.script(*request, commands=list(COMMANDS)), end="")
+        return 0
+    if request is not None:
+        completion.drop_command_word()  # Hydra's query reads COMP_LINE as `<app> <overrides>`
 
     if not any(a in PRINT_ONLY for a in args):
         import marginlab.train  # noqa: F401  (torch and the trainer, before Hydra starts, as a run always did)
@@ -108,7 +128,9 @@ def as_user_error(err: Exception, args: list[str]) -> Exception:
         return err
     if any(a in ("-m", "--multirun") for a in args):
         return sweep.sweep_config_error(err, args)
-    return ConfigError(sweep.describe_config_error(err))
+    from marginlab.override_hints import with_hint  # did you mean 'trainer.epochs'?
+
+    return ConfigError(with_hint(err, sweep.describe_config_error(err)))
 
 
 @command("eval")
@@ -132,11 +154,25 @@ def embed_command(args: list[str]) -> int:
     return embed_main(args)
 
 
+@command("align")
+def align_command(args: list[str]) -> int:
+    from marginlab.align import main as align_main
+
+    return align_main(args)
+
+
 @command("report")
 def report_command(args: list[str]) -> int:
     from marginlab.report import main as report_main
 
     return report_main(args)
+
+
+@command("reproduce")
+def reproduce_command(args: list[str]) -> int:
+    from marginlab.reproduce import main as reproduce_main
+
+    return reproduce_main(args, COMMANDS)
 
 
 @command("plot")

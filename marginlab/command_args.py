@@ -48,6 +48,23 @@ def as_count(key: str, value: str) -> int:
     return int(value)
 
 
+def as_text(key: str, value: str) -> str:
+    return value
+
+
+def as_image_size(key: str, value: str) -> int | list[int]:
+    """``112``, ``[112,96]`` or ``112,96`` (height, width)."""
+    fields = [f for f in value.strip().strip("[]").replace(",", " ").split()]
+    if len(fields) in (1, 2) and all(f.isdigit() and int(f) > 0 for f in fields):
+        sizes = [int(f) for f in fields]
+        return sizes[0] if len(sizes) == 1 else sizes
+    raise ConfigError(f"{key}={value!r} is not allowed: give one integer or [height,width], e.g. {key}=112")
+
+
+#: the options of a command that reads a bare backbone state dict (``marginlab.weights.state_dict_checkpoint``)
+STATE_DICT_OPTIONS = {"backbone": (None, as_text), "image_size": (None, as_image_size)}
+
+
 def one_of(*choices: str) -> Callable[[str, str], str]:
     def convert(key: str, value: str) -> str:
         if value not in choices:

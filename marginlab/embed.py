@@ -1,8 +1,10 @@
-"""``marginlab embed checkpoint=<run dir | .pt> input=<image folder | .rec | .bin> out=<file.npy>``: embeddings.
+"""``marginlab embed checkpoint=<run dir | .pt | .pth> input=<image folder | .rec | .bin> out=<file.npy>``: embeddings.
 
 Rows are L2-normalised, as in verification. Options: ``flip=true`` (the embedding of an image plus that of its
 mirror image, as verification; ``flip=false``: the image alone), ``batch_size=256``, ``num_workers=0``,
-``device=auto``, ``progress=auto`` (a progress bar on a terminal).
+``device=auto``, ``progress=auto`` (a progress bar on a terminal). A bare backbone state dict (InsightFace
+arcface_torch's ``backbone.pth``, ``marginlab export format=state_dict``) needs ``backbone=<name>`` (e.g.
+``iresnet50``) unless an export's ``.json`` sidecar lies beside it; ``image_size=`` (default 112) its input.
 Images are read as in training (``marginlab.data.face``: decoded to RGB, fitted to the model's input size,
 ``(x / 255 - 0.5) / 0.5``) and embedded in batches straight into ``out`` (float32, N x D, a memory-mapped .npy:
 never all images in memory). ``<out stem>.tsv`` lists the rows in the same order: an image folder gives each
@@ -18,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from marginlab.command_args import REQUIRED, as_bool, as_count, as_optional_bool, as_positive_int, parse, run_command
+from marginlab.command_args import (REQUIRED, STATE_DICT_OPTIONS, as_bool, as_count, as_optional_bool, as_positive_int,
+                                    parse, run_command)
 from marginlab.data.face import FaceImageDataset, parse_image_size
 from marginlab.errors import ConfigError
 from marginlab.eval.verification import embed_images
@@ -27,7 +30,7 @@ from marginlab.export.files import put_in_place, refuse_existing, staged, write_
 _text = lambda k, v: v  # noqa: E731
 SPEC = {"checkpoint": (REQUIRED, _text), "input": (REQUIRED, _text), "out": (REQUIRED, _text),
         "flip": (True, as_bool), "batch_size": (256, as_positive_int), "num_workers": (0, as_count),
-        "device": ("auto", _text), "progress": (None, as_optional_bool)}
+        "device": ("auto", _text), "progress": (None, as_optional_bool), **STATE_DICT_OPTIONS}
 
 
 class EncodedImages(FaceImageDataset):
@@ -83,7 +86,8 @@ def embed(args: list[str]) -> Path:
 
     from marginlab.engine import resolve_device
     from marginlab.eval.standalone import check_fits_verification
-    from marginlab.weights import find_checkpoint, load_backbone
+    from marginlab.checkpoint import find_checkpoint
+    from marginlab.weights import load_backbone
 
     opts = parse("embed", args, SPEC)
     out = Path(opts["out"]).expanduser()
@@ -93,7 +97,7 @@ def embed(args: list[str]) -> Path:
     refuse_existing(out, index_path(out))
     device = resolve_device(str(opts["device"]))
     path = find_checkpoint(opts["checkpoint"])
-    backbone, ckpt, _ = load_backbone(path)
+    backbone, ckpt, _ = load_backbone(path, backbone=opts["backbone"], image_size=opts["image_size"])
     check_fits_verification(path, ckpt["data"])
     backbone = backbone.to(device)
     size = parse_image_size(ckpt["data"]["image_size"], "image_size")

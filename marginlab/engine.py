@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from marginlab.builders import MarginModel
+from marginlab.checkpoint import LoopState
 from marginlab.distributed.runtime import DistContext
 from marginlab.errors import ConfigError, TrainingError
-from marginlab.geometry import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
+from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
+from marginlab.heads.probe_record import recorded_cosine, set_recording
+from marginlab.losses import MarginLoss, criterion_for
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,18 +55,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-@dataclass
-class LoopState:
-    """What a checkpoint must carry besides the weights to continue exactly."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
-    best_metric: float = -math.inf
-    best_record: dict = field(default_factory=dict)  # the selected epoch's evaluation metrics (train.py)
-    nonfinite_total: int = 0
-    nonfinite_streak: int = 0
-
-
 def to_device(batch, device: torch.device, channels_last: bool):
     images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
     if channels_last and images.dim() == 4:
@@ -71,30 +62,15 @@ def to_device(batch, device: torch.device, channels_last: bool):
     return images, labels
 
 
-def head_returns_loss(model: MarginModel) -> bool:
-    """True for a head that computes the loss itself (Partial FC: no rank holds all the logits)."""
-    return bool(getattr(model.head, "returns_loss", False))
-
-
-def compute_loss(model: MarginModel, embeddings, logits, labels):
-    """Cross-entropy on the head's logits (the same loss code for every head) + regularizers + the head's own term.
-
-    A head that returns the loss itself (``returns_loss``) hands it over as ``logits``."""
-    loss = logits.float() if head_returns_loss(model) else F.cross_entropy(logits.float(), labels)
-    for reg in model.regularizers.values():
-        loss = loss + reg(embeddings, labels, logits)
-    extra = model.head.extra_loss()
-    return loss if extra is None else loss + extra
-
-
-def clip_gradients(model: MarginModel, max_norm: float, dist: DistContext) -> None:
-    """Clips the global gradient norm. With a sharded head the norm sums the squares of every rank's shard, so
-    all ranks scale by the same factor (the backbone's gradients, identical on every rank, count once)."""
+def clip_gradients(model: MarginModel, max_norm: float, dist: DistContext, sharded=()) -> None:
+    """Clips the global gradient norm. ``sharded``: the parameters each rank holds a different shard of
+    (``criterion.sharded_parameters()``); their norm sums the squares of every rank's shard, so all ranks scale by
+    the same factor (the backbone's gradients, identical on every rank, count once)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if not (dist.enabled and head_returns_loss(model)):
+    if not (dist.enabled and sharded):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
-    sharded = {id(p) for p in model.head.parameters()}
+    sharded = {id(p) for p in sharded}
     shard_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in sharded]) ** 2
     dist.all_reduce_sum(shard_sq)
     rest = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in sharded])
@@ -104,12 +80,15 @@ def clip_gradients(model: MarginModel, max_norm: float, dist: DistContext) -> No
 def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Precision, state: LoopState, *,
                     grad_clip: float | None, max_nonfinite: int, channels_last: bool, log_every: int,
                     log=None, progress: bool = False, desc: str = "", forward=None,
-                    dist: DistContext = DistContext()) -> dict[str, float]:
+                    dist: DistContext = DistContext(), criterion: MarginLoss | None = None) -> dict[str, float]:
     """One pass over ``loader``; with ``dist`` enabled the epoch's loss/accuracy are summed over the ranks.
 
-    A head that returns the loss (Partial FC) yields no training accuracy: no rank holds all the logits."""
+    ``criterion`` (default ``criterion_for(model)``) turns the head's output into the loss; one whose head
+    returns the loss itself (Partial FC) yields no training accuracy: no rank holds all the logits."""
     model.train()
-    classifies = not head_returns_loss(model)
+    criterion = criterion_for(model) if criterion is None else criterion
+    classifies = criterion.classifies
+    sharded = criterion.sharded_parameters() if dist.enabled else []
     forward = model if forward is None else forward
     loss_sum = torch.zeros((), device=prec.device)
     correct = torch.zeros((), device=prec.device, dtype=torch.long)
@@ -118,10 +97,10 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
     for batch in bar:
         images, labels = to_device(batch, prec.device, channels_last)
         # the probe's cosines only on the steps that log geometry (the heads skip their pieces otherwise)
-        model.head.record_cosine = (state.step + 1) % log_every == 0
+        set_recording(model.head, (state.step + 1) % log_every == 0)
         with prec.autocast():  # forward under AMP; heads do their margin arithmetic in float32
             embeddings, logits = forward(images, labels)
-            loss = compute_loss(model, embeddings, logits, labels)
+            loss = criterion.from_head_output(embeddings, logits, labels)
         if not dist.all_finite(loss):  # sync point: a non-finite loss (on any rank) skips the step
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
@@ -137,7 +116,7 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
         prec.scaler.scale(loss).backward()
         if grad_clip:
             prec.scaler.unscale_(optimizer)
-            clip_gradients(model, grad_clip, dist)
+            clip_gradients(model, grad_clip, dist, sharded)
         prec.scaler.step(optimizer)
         prec.scaler.update()
         scheduler.step()
@@ -150,13 +129,14 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
             step_stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
             if classifies:
                 step_stats["acc"] = (logits.argmax(1) == labels).float().mean().item()
-            if model.head.last_cosine is not None:
-                step_stats.update(batch_geometry(embeddings.detach(), model.head.last_cosine, labels, model.head))
+            cos = recorded_cosine(model.head)
+            if cos is not None:
+                step_stats.update(batch_geometry(embeddings.detach(), cos, labels, model.head))
             if log is not None:
                 log.scalars(step_stats, state.step, prefix="step/")
             bar.set_postfix({k: f"{step_stats[k]:.3f}" for k in ("loss", "acc") if k in step_stats})
     bar.close()
-    model.head.record_cosine = True
+    set_recording(model.head, True)
     elapsed = time.perf_counter() - start
     totals = dist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
                                               torch.tensor(float(seen), device=prec.device, dtype=torch.float64)]))
@@ -197,10 +177,10 @@ def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool
              probe_max_samples: int, forward=None, probe=None) -> dict[str, float]:
     """Plain (margin-free) logits: loss, accuracy and the geometry of at most ``probe_max_samples`` samples.
 
-    ``probe`` (a marginlab.probe.GeometryProbe) is handed a bounded sample of features, cosines and predictions.
+    ``probe`` (a marginlab.geometry.probe.GeometryProbe) is handed a bounded sample of features, cosines and predictions.
     """
     model.eval()
-    model.head.record_cosine = True
+    set_recording(model.head, True)
     forward = model if forward is None else forward
     loss_sum, correct, seen = 0.0, 0, 0
     meter = GeometryMeter()
@@ -211,7 +191,7 @@ def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
-        cos = model.head.last_cosine
+        cos = recorded_cosine(model.head)
         if cos is not None and meter.n < probe_max_samples:
             keep = min(labels.numel(), probe_max_samples - meter.n)
             cos, labels_kept = cos[:keep], labels[:keep]

@@ -10,8 +10,8 @@ of the known optima for C = 7..30 in 3-D), above it the Gilbert-Varshamov bound 
 radius alpha cannot cover the sphere). Both are codes that exist, i.e. lower bounds on alpha*; an upper bound
 (Rankin's 90 deg, and the packing bound: C caps of radius alpha/2 are disjoint) is reported beside them.
 
-**The criterion.** A head states its margin as ``margin_violation(cos_target, cos_other)`` (the probe's
-per-sample test, heads/base.py). Put the classes at the best code, the nearest other class at alpha. A
+**The criterion.** A head states its margin as ``probe_margin.violation(cos_target, cos_other)`` (the
+probe's per-sample test, heads/probe_record.py). Put the classes at the best code, the nearest other class at alpha. A
 feature at angle theta from its own class direction, moved towards that nearest class, has theta_y = theta
 and theta_j = alpha - theta, the worst case (by the triangle inequality every other class is at least
 alpha - theta away). The margin holds in a cap of angular radius rho around each class direction: the
@@ -25,7 +25,7 @@ largest theta for which (cos theta, cos(alpha - theta)) is no violation. Without
 
 What it does not check: the optimisation. With a large scale s in a tiny embedding a geometrically
 feasible margin can still collapse the class weights (README: ``backbone=lenet_pp head=arcface``); the
-probe's collapse detection reports that during training (marginlab/probe.py).
+probe's collapse detection reports that during training (marginlab/collapse.py).
 """
 
 from __future__ import annotations
@@ -135,22 +135,22 @@ def best_code_angle(num_classes: int, dim: int) -> CodeAngle:
 
 
 def has_margin(head) -> bool:
-    """Whether the head enforces an angular margin: its own ``margin_violation`` or a cosine margin > 0."""
-    from marginlab.geometry import weights_are_points
-    from marginlab.heads.base import MarginHead
+    """Whether the head enforces a margin (its ``probe_margin``, heads/probe_record.py) on directions."""
+    from marginlab.heads.probe_record import probe_margin
 
-    if weights_are_points(head) or not hasattr(head, "margin_violation"):
+    if getattr(head, "weights_are_points", False):
         return False  # RBF-Softmax: prototypes are points, not directions
-    own = type(head).margin_violation is not MarginHead.margin_violation
-    return own or float(getattr(head, "probe_cosine_margin", 0.0)) > 0.0
+    return probe_margin(head).enforced
 
 
 @torch.no_grad()
 def cap_radius(head, alpha_deg: float) -> float:
     """rho (degrees): the largest theta with no margin violation at (cos theta, cos(alpha - theta)), theta from 0."""
+    from marginlab.heads.probe_record import probe_margin
+
     alpha = math.radians(alpha_deg)
     theta = torch.linspace(0.0, alpha / 2, GRID, dtype=torch.float64)
-    bad = head.margin_violation(torch.cos(theta), torch.cos(alpha - theta))
+    bad = probe_margin(head).violation(torch.cos(theta), torch.cos(alpha - theta))
     first = int(torch.nonzero(bad)[0]) if bool(bad.any()) else GRID
     return 0.0 if first == 0 else math.degrees(theta[first - 1].item())
 
@@ -242,7 +242,12 @@ def suggest_dim(num_classes: int, needed_deg: float) -> int:
 
 def check_margin(head, strict: bool) -> MarginAdvice | None:
     """Logs a warning for a tight or infeasible margin; with ``strict`` (trainer.strict_margin) it is a ConfigError."""
-    advice = advise(head)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~80 ops on 4,001-point grids: on a busy CPU the thread pool made them ~1 s (#16)
+    try:
+        advice = advise(head)
+    finally:
+        torch.set_num_threads(threads)
     if advice is None or advice.verdict == "ok":
         return advice
     if strict:

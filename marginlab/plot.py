@@ -21,8 +21,8 @@ import yaml
 
 from marginlab.errors import DataError, MarginlabError
 from marginlab.figures import save_png
-from marginlab.probe import (FIGURES_DIR, features_epoch_figure, has_features, latest_with_features, list_epochs,
-                             load_epoch, target_angles_figure)
+from marginlab.geometry.render import FIGURES_DIR, features_epoch_figure, final_features_title, target_angles_figure
+from marginlab.geometry.store import has_features, latest_with_features, list_epochs, load_epoch
 
 
 def is_run(path: Path) -> bool:
@@ -60,7 +60,7 @@ def plot_run(run_dir: Path) -> tuple[list[Path], list[str]]:
                   written, failed)
     final = latest_with_features(run_dir)
     if final is not None:
-        title = f"{final['head']}, final (epoch {final['epoch']})"
+        title = final_features_title(final)
         _draw(lambda: features_epoch_figure(final, title=title), figures / "features_final.png", written, failed)
     _draw(lambda: target_angles_figure(run_dir), figures / "target_angles.png", written, failed)
     return written, failed
@@ -114,14 +114,22 @@ def plot_sweep(root: Path, runs: list[Path]) -> tuple[list[Path], list[str]]:
                                weights_are_points=bool(data.get("weights_are_points", False))))
     written: list[Path] = []
     failed: list[str] = []
-    name = root.name
+    from marginlab.figures.grid import sweep_name, sweep_title
+    from marginlab.report import read_job
+    from marginlab.report.table import distinguishing_keys
+
+    # what the sweep is: its name (not its time stamp) and the keys that differ between its runs (as in the report)
+    name, varying = sweep_name(root), distinguishing_keys([read_job(r) for r in runs])
+    drawn = sum(p.features is not None and p.features.shape[1] in (2, 3) for p in panels)
     if any(p.features is not None for p in panels):
-        _draw(lambda: features_grid_figure(panels, title=f"{name}: features"), root / "features_grid.png",
+        _draw(lambda: features_grid_figure(panels, title=sweep_title(name, varying, "features", drawn)),
+              root / "features_grid.png", written, failed)
+        _draw(lambda: features_grid_figure(panels, unit=True, title=sweep_title(
+            name, varying, "features on the unit circle / sphere", drawn)), root / "features_grid_unit.png",
               written, failed)
-        _draw(lambda: features_grid_figure(panels, unit=True, title=f"{name}: features on the unit circle / sphere"),
-              root / "features_grid_unit.png", written, failed)
-    _draw(lambda: target_angles_grid_figure(panels, title=f"{name}: target angle at the last epoch"),
-          root / "target_angles.png", written, failed)
+    _draw(lambda: target_angles_grid_figure(panels, title=sweep_title(name, varying, "target angle at the last epoch",
+                                                                      len(panels))), root / "target_angles.png",
+          written, failed)
     return written, failed
 
 

@@ -32,7 +32,9 @@ RESUMABLE = ("resume", "init_from", "init_from_head", "name", "head.init",  # he
              "trainer.epochs", "trainer.stop_after_epoch", "trainer.device", "trainer.precision", "trainer.compile",
              "trainer.channels_last", "trainer.eval_every_n_epochs", "trainer.checkpoint", "trainer.max_nonfinite_steps",
              "trainer.deterministic", "trainer.strict_margin", "logger.", "verification", "verification.",
-             "dataset.num_workers", "dataset.pin_memory", "dataset.eval_batch_size", "dataset.root")
+             "dataset.num_workers", "dataset.pin_memory", "dataset.eval_batch_size", "dataset.root",
+             "dataset.decode",  # who decodes face JPEGs: pil and cpu give the same pixels, cuda nvJPEG's
+             "reproduce", "reproduce.")  # how the experiment's table is run, not this run's model or data
 
 #: keys added after checkpoints were first written, with the value that reproduces a checkpoint saved without them
 #: (no validation split, best.pt chosen on test, the class count from the data); resuming such a run with other
@@ -105,15 +107,14 @@ def compose_train_config(overrides: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     import marginlab.config  # noqa: F401  (the schema and resolvers)
-    from marginlab.config.validate import apply_shorthands, validate
+    from marginlab.config.validate import validate
 
     try:
         with initialize_config_module("marginlab.configs", version_base="1.3"):
             cfg = compose("train", overrides=[o for o in overrides if not override_key(o).startswith("hydra.")])
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"resume: {str(exc).strip().splitlines()[0]}") from None
-    apply_shorthands(cfg)
-    validate(cfg)
+    validate(cfg)  # also writes the top-level m / s into cfg.head
     return cfg
 
 

@@ -171,6 +171,8 @@ def bad_jobs(overrides: list[str]) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from marginlab.override_hints import with_hint  # did you mean 'trainer.epochs'?
+
     try:
         parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
         (jobs,) = BasicSweeper.split_arguments(parsed, None)
@@ -184,7 +186,7 @@ def bad_jobs(overrides: list[str]) -> list[str]:
                 try:
                     compose("train", overrides=job, return_hydra_config=True)
                 except Exception as err:  # noqa: BLE001 - every kind of composition error is listed
-                    message = describe_config_error(err, compact=True)
+                    message = with_hint(err, describe_config_error(err, compact=True))
                     errors[message] = errors.get(message, 0) + 1
     finally:
         GlobalHydra.instance().clear()
@@ -212,7 +214,10 @@ def record_failure(run_dir: Path, err: BaseException, write: bool = True) -> str
         trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         print(trace, file=sys.stderr, end="")
         record["traceback"] = str(run_dir / "error.txt")
-    print(f"marginlab: error: {message}", file=sys.stderr)
+    never_trained = write and not (run_dir / "metrics.jsonl").exists()  # no epoch record: its dir holds only this
+    kept = f" (the run never trained: {run_dir} holds only its config and this failure, in metrics.json)" \
+        if never_trained else ""
+    print(f"marginlab: error: {message}{kept}", file=sys.stderr)
     if not write:
         return message
     try:  # the run directory itself may be what failed (disk full, no permission)

@@ -1,4 +1,9 @@
-"""``marginlab train``: compose the config, validate it, build, loop over epochs, log, checkpoint."""
+"""``marginlab train``: compose the config, validate it, build, loop over epochs, log, checkpoint.
+
+``train()`` is the recipe, each phase one function below: set up the run (config, device, ranks, precision, seeds),
+build the job (data, model, loss, evaluation plan, optimizer), start or resume, then per epoch train, evaluate,
+log, select and checkpoint, and finally summarise. The checkpoint format is checkpoint.py's, the loss losses/'s.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +24,21 @@ from torch.nn.parallel import DistributedDataParallel
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
 from marginlab import builders, sweep
 from marginlab.builders import MarginModel
-from marginlab.checkpoint import (CHECKPOINT_DIR, RESUME_KEYS, finite_weights_note, prepare_resumed_run,
-                                  read_checkpoint, rng_state, save_atomic, set_rng_state, state_differences)
+from marginlab.checkpoint import (CHECKPOINT_DIR, LoopState, checkpoint_payload, finite_weights_note,
+                                  load_training_state, prepare_resumed_run, save_checkpoints)
 from marginlab.collapse import CollapseWatch
-from marginlab.config.validate import apply_shorthands, validate
+from marginlab.config.validate import HeadSpec, validate
 from marginlab.distributed import sharded_state
-from marginlab.distributed.partial_fc import PartialFC
 from marginlab.distributed.runtime import DistContext
-from marginlab.engine import (LoopState, Precision, check_finite_state, evaluate, resolve_device, resolve_precision,
+from marginlab.engine import (Precision, check_finite_state, evaluate, resolve_device, resolve_precision,
                               train_one_epoch)
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.eval.during_training import run_verifiers
+from marginlab.finished_line import finished_line
 from marginlab.logging import RunLog
+from marginlab.losses import MarginLoss, criterion_for
 from marginlab.margin_feasibility import check_margin
-from marginlab.probe import GeometryProbe
+from marginlab.geometry.probe import GeometryProbe
 from marginlab.resume import read_history, record_resume
 from marginlab.weights import init_from
 
@@ -75,49 +82,177 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def checkpoint_payload(model_state: dict, optimizer_state: dict, model, scheduler, prec: Precision,
-                       state: LoopState, cfg: DictConfig, data) -> dict:
-    """What ``last.pt``/``best.pt`` hold; model and optimizer state in the unsharded layout (sharded_state.py)."""
-    payload = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-               "scaler": prec.scaler.state_dict(), "state": vars(state).copy(), "rng": rng_state(),
-               "config": OmegaConf.to_container(cfg, resolve=True),
-               "data": {"in_channels": data.in_channels, "image_size": data.image_size,
-                        "num_classes": data.num_classes}}  # what `marginlab eval` needs to rebuild
-    if isinstance(model.head, PartialFC):
-        payload["partial_fc"] = {"step": model.head.step}  # its negatives are drawn per (seed, rank, step)
-    return payload
+@dataclass
+class Run:
+    """Where and how this process runs: the run directory (rank 0's), device, ranks, arithmetic, console."""
+
+    dir: Path
+    device: torch.device
+    dist: DistContext
+    prec: Precision
+    channels_last: bool
+    progress: bool  # the tqdm bar within an epoch
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, prec: Precision) -> LoopState:
-    ckpt = read_checkpoint(path, RESUME_KEYS, map_location=prec.device)
-    saved_head = ckpt["config"]["head"]["_target_"]
-    differences = state_differences(sharded_state.unsharded_shapes(model), ckpt["model"])
-    if differences:
-        raise ConfigError(f"resume: {path} does not fit this model (it was trained with {saved_head}):\n  "
-                          + "\n  ".join(differences))
-    sharded_state.load_model_state_dict(model, ckpt["model"])
-    sharded_state.load_optimizer_state_dict(optimizer, model, ckpt["optimizer"])
-    # the schedule is the config's (a longer run is checked in resume.py), not the saved callable's attributes
-    scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    prec.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    state = LoopState(**ckpt["state"])
-    if isinstance(model.head, PartialFC):
-        model.head.step = ckpt.get("partial_fc", {}).get("step", state.step)
-    return state
+@dataclass
+class Job:
+    """What the run trains and evaluates, built from the config."""
+
+    data: object
+    model: MarginModel
+    criterion: MarginLoss  # the training loss (cross-entropy + regularizers + the head's term, or Partial FC's)
+    train_loader: object
+    evaluated: list  # [(split, loader)]: val and/or test
+    probe_split: str | None  # the split the geometry probe looks at: test, else val
+    best_key: str  # the record key best.pt is chosen on
+    verifiers: dict
+    forward: object  # the (compiled, DDP-wrapped) model the training steps call
+    eval_model: MarginModel
+    eval_forward: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    watch: CollapseWatch
+    warnings: list[str]  # said before training (the margin advisor), repeated in the summary
+
+    sharded: bool  # the head's weights differ per rank (Partial FC over several processes)
+
+    @property
+    def syncs_eval_head(self) -> bool:
+        """Rank 0 evaluates a sharded head with an unsharded copy, which takes the gathered weights."""
+        return self.sharded and bool(self.evaluated)
 
 
-def training_views(cfg: DictConfig, model: MarginModel, dist: DistContext, device: torch.device, num_classes: int,
-                   classifies: bool):
+# ---------------------------------------------------------------- the recipe
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run from a composed config into ``run_dir``; returns the summary written to metrics.json."""
+    start = time.perf_counter()
+    head_spec = validate(cfg)  # the head resolved once (top-level m / s applied); the builder consumes it
+    run = set_up_run(cfg, run_dir)  # device, ranks, precision, seeds; the config actually used
+    job = build_job(cfg, run, head_spec)  # data, model, loss, evaluation plan, optimizer, schedule
+    state = start_or_resume(cfg, run, job)  # LoopState(), or the checkpoint's weights, optimizer and generators
+    log = RunLog(run.dir, tensorboard=cfg.logger.tensorboard, enabled=run.dist.is_main, console=cfg.logger.console)
+    log.start(cfg, dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None)  # config, hparams
+    probe = GeometryProbe.from_config(cfg, run.dir, log)  # histograms, geometry/*.npz, figures/*.png
+    try:
+        record = train_epochs(cfg, run, job, state, log, probe)
+    except BaseException:
+        log.close()
+        raise
+    finally:
+        run.dist.shutdown()
+    summary = run_summary(cfg, run, job, state, record, wall_time_s=time.perf_counter() - start)
+    try:
+        log.final(summary)  # metrics.json; TensorBoard's best/* and the HParams session end
+    finally:
+        log.close()
+    if run.dist.is_main:
+        print(finished_line(summary, cfg.trainer.epochs, job.best_key, run.dir))  # metrics it has, best.pt, the dir
+    return summary
+
+
+def train_epochs(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, probe) -> dict:
+    """From ``state.epoch`` to the last epoch of this invocation; returns the last epoch's record."""
+    epochs = cfg.trainer.epochs
+    saved = (Path(cfg.resume), state.epoch) if cfg.resume else None  # where the last finite weights are
+    record: dict = {}
+    for epoch in range(state.epoch, min(epochs, cfg.trainer.get("stop_after_epoch") or epochs)):
+        epoch_start = time.perf_counter()
+        record = train_epoch(cfg, run, job, state, log, epoch, saved)
+        evaluating = (epoch + 1) % cfg.trainer.eval_every_n_epochs == 0 or epoch + 1 == epochs
+        model_state, optimizer_state = gather_state(cfg, job, syncing=evaluating and job.syncs_eval_head)
+        if run.dist.is_main and evaluating:
+            record.update(evaluate_epoch(cfg, run, job, state, log, probe, model_state, epoch))
+        record.update({f"head/{k}": v for k, v in job.model.head.schedule_values().items()})
+        state.epoch = epoch + 1
+        record["time/epoch_s"] = time.perf_counter() - epoch_start  # training + evaluation
+        log_epoch(record, job.watch, log, state.step, epochs)
+        is_best = select_best(record, job.best_key, state)
+        if cfg.trainer.checkpoint:
+            saved = (save_epoch(cfg, run, job, state, model_state, optimizer_state, is_best), state.epoch)
+        run.dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
+    if run.dist.is_main:
+        probe.end_run(state.step)  # final features, target-angle distribution, embedding projector
+    return record
+
+
+# ---------------------------------------------------------------- setting up
+def set_up_run(cfg: DictConfig, run_dir: Path) -> Run:
+    """Picks the device and this process's rank, saves the config actually used, seeds every generator."""
+    device = resolve_device(str(cfg.trainer.device))
+    dist = DistContext.from_env(device.type)  # torchrun: one process per device; plain runs: rank 0 of 1
+    device = dist.device(device)
+    run_dir = Path(dist.broadcast_object(str(run_dir)))  # every rank uses rank 0's directory; only rank 0 writes
+    if dist.is_main and not cfg.resume:  # a resume rewrites it only once it starts training (start_or_resume)
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)  # the values actually used
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    prec = Precision(device, resolve_precision(str(cfg.trainer.precision), device))
+    progress = dist.is_main and (sys.stdout.isatty() if cfg.logger.progress is None else bool(cfg.logger.progress))
+    return Run(run_dir, device, dist, prec, bool(cfg.trainer.channels_last) and device.type == "cuda", progress)
+
+
+def build_job(cfg: DictConfig, run: Run, head_spec: HeadSpec) -> Job:
+    """Everything the epochs need, in the order that fixes the random stream (model init before the loaders)."""
+    verifiers = builders.build_verifiers(cfg.get("verification"))  # lazy: sets are read at the first evaluation
+    data = builders.build_data(cfg)
+    data.distribute(run.dist.rank, run.dist.world_size)
+    data.setup()
+    model = builders.build_model(cfg, data.in_channels, data.image_size, data.num_classes, head=head_spec)
+    model = model.to(run.device)
+    criterion = criterion_for(model)  # the same head and regularizer modules, as the loss
+    # before any work: can C classes in embedding_dim dimensions satisfy the margin? (margin_feasibility.py)
+    margin = check_margin(criterion.margin_head, bool(cfg.trainer.get("strict_margin", False)))
+    warnings = [f"margin {margin.verdict}: {margin.message}"] if margin and margin.verdict != "ok" else []
+    watch = CollapseWatch(data.num_classes, margin.code.deg if margin else None)
+    if cfg.get("init_from") and not cfg.resume:  # a new run from a checkpoint's weights; a resume has its own
+        message = init_from(model, cfg.init_from, cfg.get("init_from_head"))
+        if run.dist.is_main:
+            print(message)
+    if run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader, val_loader, test_loader = data.loaders(run.device)
+    best_key = selection_metric(str(cfg.trainer.best_on), verifiers, val_loader is not None,
+                                test_loader is not None)
+    if run.dist.is_main:
+        say_selection(best_key, has_val=val_loader is not None)
+    evaluated = [(split, loader) for split, loader in (("val", val_loader), ("test", test_loader))
+                 if loader is not None]
+    sharded = criterion.sharded and run.dist.enabled  # the head's weights differ per rank
+    if sharded and run.prec.name == "fp16":  # GradScaler would decide to skip a step per rank, from its own shard
+        raise ConfigError("trainer.precision='fp16' is not allowed with head.partial_fc on several processes: "
+                          "use trainer.precision=bf16 (no loss scaling) or 32")
+    forward, eval_model, eval_forward = training_views(cfg, model, criterion, run, data.num_classes,
+                                                       classifies=bool(evaluated), head_spec=head_spec)
+    optimizer = builders.build_optimizer(cfg, model)
+    scheduler = builders.build_scheduler(cfg, optimizer, len(train_loader))
+    return Job(data, model, criterion, train_loader, evaluated,
+               probe_split=evaluated[-1][0] if evaluated else None, best_key=best_key, verifiers=verifiers,
+               forward=forward, eval_model=eval_model, eval_forward=eval_forward, optimizer=optimizer,
+               scheduler=scheduler, watch=watch, warnings=warnings, sharded=sharded)
+
+
+def say_selection(best_key: str, has_val: bool) -> None:
+    """What best.pt is chosen on, when it is not a validation metric."""
+    if best_key == "test/acc":
+        print("marginlab: warning: trainer.best_on=test: best.pt and best/* are chosen on the test split, so "
+              "best/test/acc is optimistic; use a validation split (dataset.val_fraction > 0) for a table")
+    elif best_key == "epoch" and not has_val:
+        print("marginlab: no validation split: best.pt is the last epoch and a sweep has no objective "
+              "(set dataset.val_fraction > 0, or trainer.best_on=test to select on test, labelled optimistic)")
+
+
+def training_views(cfg: DictConfig, model: MarginModel, criterion: MarginLoss, run: Run, num_classes: int,
+                   classifies: bool, head_spec: HeadSpec):
     """(forward for training, model for evaluation, forward for evaluation).
 
-    Plain heads: the whole model is compiled and/or wrapped in DDP. A Partial FC head synchronises itself and
-    holds a different shard on every rank, so only the backbone is; when there is a validation set
+    Plain heads: the whole model is compiled and/or wrapped in DDP. A sharded head (Partial FC) synchronises itself
+    and holds a different shard on every rank, so only the backbone is; when there is a validation set
     (``classifies``) rank 0 evaluates with an unsharded copy of the head, its weights gathered each evaluated
     epoch (``sync_eval_head``). Face data sets have none: verification needs the backbone alone.
     """
+    dist, device = run.dist, run.device
     ddp_args = {"device_ids": [device.index] if device.type == "cuda" else None}
-    if not isinstance(model.head, PartialFC):
+    if not criterion.sharded:
         forward = torch.compile(model) if cfg.trainer.compile else model
         if dist.enabled:  # gradients averaged across ranks; evaluation runs on rank 0 without DDP's collectives
             return DistributedDataParallel(forward, **ddp_args), model, model
@@ -125,14 +260,82 @@ def training_views(cfg: DictConfig, model: MarginModel, dist: DistContext, devic
     body = torch.compile(model.backbone) if cfg.trainer.compile else model.backbone
     forward = MarginModel(DistributedDataParallel(body, **ddp_args) if dist.enabled else body, model.head,
                           model.regularizers)
-    eval_head = model.head.head  # one rank: its shard is every class
+    eval_head = criterion.margin_head  # one rank: its shard is every class
     if dist.enabled:
         eval_head = None
         if classifies and dist.is_main:
             with torch.random.fork_rng(devices=[]):  # the copy's random init must not shift rank 0's random stream
-                eval_head = builders.build_head(cfg, model.head.head.in_features, num_classes, shard=False).to(device)
+                eval_head = builders.build_head(head_spec, criterion.margin_head.in_features, num_classes,
+                                                shard=False).to(device)
     eval_model = MarginModel(model.backbone, eval_head, model.regularizers)
     return forward, eval_model, eval_model
+
+
+def start_or_resume(cfg: DictConfig, run: Run, job: Job) -> LoopState:
+    """A fresh LoopState, or (``resume=``) the checkpoint's, its weights, optimizer, schedule and random state
+    restored; a resume that gets here starts training, so it is recorded and its run directory tidied."""
+    if not cfg.resume:
+        return LoopState()
+    state = load_training_state(Path(cfg.resume), job.model, job.optimizer, job.scheduler, run.prec.scaler,
+                                job.criterion, map_location=run.prec.device)
+    if run.dist.is_main:  # every check has passed (marginlab/resume.py): the resume starts training
+        given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+        record_resume(run.dir, [o for o in given if not o.startswith("resume=")], state.epoch)
+        OmegaConf.save(cfg, run.dir / ".hydra" / "config.yaml", resolve=True)
+        prepare_resumed_run(run.dir, state.epoch)  # no temp file of a killed save, no epoch record ahead of it
+    return state
+
+
+# ---------------------------------------------------------------- one epoch
+def train_epoch(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, epoch: int,
+                saved: tuple[Path, int] | None) -> dict:
+    """One pass over the training set; the epoch's record so far. Non-finite weights stop the run (and are never
+    evaluated or saved), the message saying where the last finite ones are."""
+    job.data.set_epoch(epoch)
+    try:
+        stats = train_one_epoch(
+            job.model, job.train_loader, job.optimizer, job.scheduler, run.prec, state,
+            grad_clip=cfg.trainer.grad_clip, max_nonfinite=cfg.trainer.max_nonfinite_steps,
+            channels_last=run.channels_last, log_every=cfg.logger.log_every_n_steps, log=log, progress=run.progress,
+            desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", forward=job.forward, dist=run.dist,
+            criterion=job.criterion)
+        check_finite_state(job.model, epoch + 1, run.dist)
+    except TrainingError as err:
+        raise TrainingError(f"{err}; {finite_weights_note(saved)}") from None
+    return {"epoch": epoch + 1, "step": state.step, **{f"train/{k}": v for k, v in stats.items()}}
+
+
+def gather_state(cfg: DictConfig, job: Job, syncing: bool) -> tuple[dict | None, dict | None]:
+    """(model state, optimizer state) in the unsharded layout, when a checkpoint or the evaluation head needs
+    them; collectives when sharded (every rank calls), None off rank 0 then."""
+    if not (cfg.trainer.checkpoint or syncing):
+        return None, None
+    model_state = sharded_state.model_state_dict(job.model)
+    optimizer_state = sharded_state.optimizer_state_dict(job.optimizer, job.model) if cfg.trainer.checkpoint else None
+    return model_state, optimizer_state
+
+
+def evaluate_epoch(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, probe,
+                   model_state: dict | None, epoch: int) -> dict:
+    """Rank 0: each split's loss and accuracy (the probe's split: its geometry too), each verification set."""
+    if job.syncs_eval_head:
+        sync_eval_head(job.eval_model, model_state)
+    record = {}
+    for split, loader in job.evaluated:
+        probed = split == job.probe_split
+        stats = evaluate(job.eval_model, loader, run.prec, channels_last=run.channels_last,
+                         probe_max_samples=cfg.logger.probe_max_samples if probed else 0,
+                         forward=job.eval_forward, probe=probe if probed else None)
+        if probed:
+            stats.update(probe.end_epoch(epoch + 1, state.step, job.eval_model.head))
+        else:
+            stats = {"loss": stats["loss"], "acc": stats["acc"]}
+        record.update({f"{split}/{k}": v for k, v in stats.items()})
+    if job.verifiers:  # lfw/acc, lfw/auc, ... and figures/roc_<name>.png
+        record.update(run_verifiers(job.verifiers, job.model.backbone, job.data.image_size, run.device,
+                                    figures_dir=run.dir / "figures" if cfg.logger.figures else None,
+                                    writer=log.writer, step=state.step, epoch=epoch + 1)[0])
+    return record
 
 
 def sync_eval_head(eval_model: MarginModel, model_state: dict) -> None:
@@ -140,160 +343,44 @@ def sync_eval_head(eval_model: MarginModel, model_state: dict) -> None:
     eval_model.head.load_state_dict({k[len("head."):]: v for k, v in model_state.items() if k.startswith("head.")})
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """One run from a composed config into ``run_dir``; returns the summary written to metrics.json."""
-    start = time.perf_counter()
-    apply_shorthands(cfg)
-    validate(cfg)
-    device = resolve_device(str(cfg.trainer.device))
-    dist = DistContext.from_env(device.type)  # torchrun: one process per device; plain runs: rank 0 of 1
-    device = dist.device(device)
-    run_dir = Path(dist.broadcast_object(str(run_dir)))  # every rank uses rank 0's directory; only rank 0 writes
-    if dist.is_main and not cfg.resume:  # a resume rewrites it only once it starts training (below)
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)  # the values actually used
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    prec = Precision(device, resolve_precision(str(cfg.trainer.precision), device))
-    channels_last = bool(cfg.trainer.channels_last) and device.type == "cuda"
+def log_epoch(record: dict, watch: CollapseWatch, log: RunLog, step: int, epochs: int) -> None:
+    """TensorBoard scalars, the collapse watch's warnings, metrics.jsonl and the per-epoch line."""
+    log.scalars({k: v for k, v in record.items() if k not in ("epoch", "step")}, step)
+    warnings = watch.check(record)  # collapse: class weights, chance accuracy, feature norms (collapse.py)
+    if warnings:
+        record["warnings"] = warnings
+    log.epoch_record(record)
+    log.epoch_line(record, epochs, warnings)  # console (terminal or not) and train.log
 
-    verifiers = builders.build_verifiers(cfg.get("verification"))  # lazy: sets are read at the first evaluation
-    data = builders.build_data(cfg)
-    data.distribute(dist.rank, dist.world_size)
-    data.setup()
-    model = builders.build_model(cfg, data.in_channels, data.image_size, data.num_classes).to(device)
-    # before any work: can C classes in embedding_dim dimensions satisfy the margin? (margin_feasibility.py)
-    margin = check_margin(model.head.head if isinstance(model.head, PartialFC) else model.head,
-                          bool(cfg.trainer.get("strict_margin", False)))
-    run_warnings = [f"margin {margin.verdict}: {margin.message}"] if margin and margin.verdict != "ok" else []
-    watch = CollapseWatch(data.num_classes, margin.code.deg if margin else None)
-    if cfg.get("init_from") and not cfg.resume:  # a new run from a checkpoint's weights; a resume has its own
-        message = init_from(model, cfg.init_from, cfg.get("init_from_head"))
-        if dist.is_main:
-            print(message)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    train_loader, val_loader, test_loader = data.loaders(device)
-    best_key = selection_metric(str(cfg.trainer.best_on), verifiers, val_loader is not None,
-                                test_loader is not None)
-    if best_key == "test/acc" and dist.is_main:
-        print("marginlab: warning: trainer.best_on=test: best.pt and best/* are chosen on the test split, so "
-              "best/test/acc is optimistic; use a validation split (dataset.val_fraction > 0) for a table")
-    elif best_key == "epoch" and val_loader is None and dist.is_main:
-        print("marginlab: no validation split: best.pt is the last epoch and a sweep has no objective "
-              "(set dataset.val_fraction > 0, or trainer.best_on=test to select on test, labelled optimistic)")
-    evaluated = [(split, loader) for split, loader in (("val", val_loader), ("test", test_loader))
-                 if loader is not None]
-    probe_split = evaluated[-1][0] if evaluated else None  # the geometry probe looks at test, else val
-    sharded = isinstance(model.head, PartialFC) and dist.enabled  # the head's weights differ per rank
-    if sharded and prec.name == "fp16":  # GradScaler would decide to skip a step per rank, from its own shard
-        raise ConfigError("trainer.precision='fp16' is not allowed with head.partial_fc on several processes: "
-                          "use trainer.precision=bf16 (no loss scaling) or 32")
-    forward, eval_model, eval_forward = training_views(cfg, model, dist, device, data.num_classes,
-                                                       classifies=bool(evaluated))
-    optimizer = builders.build_optimizer(cfg, model)
-    scheduler = builders.build_scheduler(cfg, optimizer, len(train_loader))
-    state = LoopState()
-    if cfg.resume:
-        state = load_checkpoint(Path(cfg.resume), model, optimizer, scheduler, prec)
-    if cfg.resume and dist.is_main:  # every check has passed (marginlab/resume.py): the resume starts training
-        given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-        record_resume(run_dir, [o for o in given if not o.startswith("resume=")], state.epoch)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
-        prepare_resumed_run(run_dir, state.epoch)  # no temp file of a killed save, no epoch record ahead of it
 
-    log = RunLog(run_dir, tensorboard=cfg.logger.tensorboard, enabled=dist.is_main, console=cfg.logger.console)
-    log.start(cfg, dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None)  # config, hparams
-    probe = GeometryProbe.from_config(cfg, run_dir, log)  # histograms, geometry/*.npz, figures/*.png
-    progress = dist.is_main and (sys.stdout.isatty() if cfg.logger.progress is None else bool(cfg.logger.progress))
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    saved = (Path(cfg.resume), state.epoch) if cfg.resume else None  # where the last finite weights are
-    epochs = cfg.trainer.epochs
-    last_epoch = min(epochs, cfg.trainer.get("stop_after_epoch") or epochs)
-    record: dict = {}
-    try:
-        for epoch in range(state.epoch, last_epoch):
-            epoch_start = time.perf_counter()
-            data.set_epoch(epoch)
-            try:
-                train_stats = train_one_epoch(
-                    model, train_loader, optimizer, scheduler, prec, state, grad_clip=cfg.trainer.grad_clip,
-                    max_nonfinite=cfg.trainer.max_nonfinite_steps, channels_last=channels_last,
-                    log_every=cfg.logger.log_every_n_steps, log=log, progress=progress,
-                    desc=f"epoch {epoch + 1}/{epochs}", forward=forward, dist=dist)
-                check_finite_state(model, epoch + 1, dist)  # non-finite weights are never evaluated or saved
-            except TrainingError as err:
-                raise TrainingError(f"{err}; {finite_weights_note(saved)}") from None
-            record = {"epoch": epoch + 1, "step": state.step, **{f"train/{k}": v for k, v in train_stats.items()}}
-            evaluating = (epoch + 1) % cfg.trainer.eval_every_n_epochs == 0 or epoch + 1 == epochs
-            model_state = optimizer_state = None
-            syncing = evaluating and sharded and bool(evaluated)
-            if cfg.trainer.checkpoint or syncing:  # collectives when sharded: every rank calls
-                model_state = sharded_state.model_state_dict(model)  # None off rank 0 when sharded
-                if cfg.trainer.checkpoint:
-                    optimizer_state = sharded_state.optimizer_state_dict(optimizer, model)
-            if dist.is_main and evaluating:
-                if syncing:
-                    sync_eval_head(eval_model, model_state)
-                for split, loader in evaluated:  # val: loss and accuracy; the probe's split: its geometry too
-                    probed = split == probe_split
-                    stats = evaluate(eval_model, loader, prec, channels_last=channels_last,
-                                     probe_max_samples=cfg.logger.probe_max_samples if probed else 0,
-                                     forward=eval_forward, probe=probe if probed else None)
-                    if probed:
-                        stats.update(probe.end_epoch(epoch + 1, state.step, eval_model.head))
-                    else:
-                        stats = {"loss": stats["loss"], "acc": stats["acc"]}
-                    record.update({f"{split}/{k}": v for k, v in stats.items()})
-                if verifiers:  # lfw/acc, lfw/auc, ... and figures/roc_<name>.png
-                    record.update(run_verifiers(verifiers, model.backbone, data.image_size, device,
-                                                figures_dir=run_dir / "figures" if cfg.logger.figures else None,
-                                                writer=log.writer, step=state.step, epoch=epoch + 1)[0])
-            record.update({f"head/{k}": v for k, v in model.head.schedule_values().items()})
-            state.epoch = epoch + 1
-            record["time/epoch_s"] = time.perf_counter() - epoch_start  # training + evaluation
-            log.scalars({k: v for k, v in record.items() if k not in ("epoch", "step")}, state.step)
-            warnings = watch.check(record)  # collapse: class weights, chance accuracy, feature norms (collapse.py)
-            if warnings:
-                record["warnings"] = warnings
-            log.epoch_record(record)
-            log.epoch_line(record, epochs, warnings)  # console (terminal or not) and train.log
-            is_best = record.get(best_key, -math.inf) > state.best_metric
-            if is_best:
-                state.best_metric, state.best_record = record[best_key], selected_metrics(record)
-            if cfg.trainer.checkpoint and dist.is_main:  # best.pt first: a kill in between redoes this epoch
-                payload = checkpoint_payload(model_state, optimizer_state, model, scheduler, prec, state, cfg, data)
-                if is_best:
-                    save_atomic(payload, ckpt_dir / "best.pt")
-                save_atomic(payload, ckpt_dir / "last.pt")
-            if cfg.trainer.checkpoint:
-                saved = (ckpt_dir / "last.pt", state.epoch)
-            dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
-        if dist.is_main:
-            probe.end_run(state.step)  # final features, target-angle distribution, embedding projector
-    except BaseException:
-        log.close()
-        raise
-    finally:
-        dist.shutdown()
-    summary = {"status": "completed" if state.epoch >= epochs else "stopped", "run_dir": str(run_dir),
-               "epochs_done": state.epoch, "steps": state.step, "best_metric": best_key,
-               "best/" + best_key: state.best_metric, **{f"best/{k}": v for k, v in state.best_record.items()},
-               "nonfinite_steps": state.nonfinite_total, "device": str(device), "precision": prec.name,
-               "wall_time_s": time.perf_counter() - start, **record,
-               "warnings": run_warnings + watch.first_warnings()}
-    try:
-        log.final(summary)  # metrics.json; TensorBoard's best/* and the HParams session end
-    finally:
-        log.close()
-    if not dist.is_main:
-        return summary
-    keys = ("val/acc", "test/acc", "test/loss", f"best/{best_key}", "best/test/acc")
-    shown = ", ".join(f"{k} {summary[k]:.4f}" for k in dict.fromkeys(keys) if k in summary and k != "best/epoch")
-    chosen = "the last epoch" if best_key == "epoch" else f"best {best_key}"
-    shown += f"; best.pt: epoch {summary['best/epoch']} ({chosen})" if "best/epoch" in summary else ""
-    print(f"marginlab: {summary['status']} {state.epoch}/{epochs} epochs in {summary['wall_time_s']:.1f} s; "
-          f"{shown}; {run_dir}")
-    return summary
+def select_best(record: dict, best_key: str, state: LoopState) -> bool:
+    """True when this epoch is the best so far on ``best_key`` (kept in ``state``)."""
+    if not record.get(best_key, -math.inf) > state.best_metric:
+        return False
+    state.best_metric, state.best_record = record[best_key], selected_metrics(record)
+    return True
+
+
+def save_epoch(cfg: DictConfig, run: Run, job: Job, state: LoopState, model_state: dict | None,
+               optimizer_state: dict | None, is_best: bool) -> Path:
+    """Rank 0 writes last.pt (and best.pt); returns where last.pt is."""
+    ckpt_dir = run.dir / CHECKPOINT_DIR
+    if not run.dist.is_main:
+        return ckpt_dir / "last.pt"
+    payload = checkpoint_payload(model_state, optimizer_state, job.scheduler, run.prec.scaler, state, cfg, job.data,
+                                 job.criterion.checkpoint_entries())
+    return save_checkpoints(payload, ckpt_dir, is_best)
+
+
+# ---------------------------------------------------------------- the end
+def run_summary(cfg: DictConfig, run: Run, job: Job, state: LoopState, record: dict, wall_time_s: float) -> dict:
+    """What metrics.json holds: status, the selected epoch's metrics, the last epoch's record, the warnings."""
+    key = job.best_key
+    return {"status": "completed" if state.epoch >= cfg.trainer.epochs else "stopped", "run_dir": str(run.dir),
+            "epochs_done": state.epoch, "steps": state.step, "best_metric": key, "best/" + key: state.best_metric,
+            **{f"best/{k}": v for k, v in state.best_record.items()}, "nonfinite_steps": state.nonfinite_total,
+            "device": str(run.device), "precision": run.prec.name, "wall_time_s": wall_time_s, **record,
+            "warnings": job.warnings + job.watch.first_warnings()}
 
 
 def run(cfg: DictConfig) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,23 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from marginlab.checkpoint import CHECKPOINT_DIR, EVAL_KEYS, read_checkpoint, state_differences
+from marginlab.checkpoint import EVAL_KEYS, find_checkpoint, read_checkpoint, state_differences
 from marginlab.errors import ConfigError, DataError
 
 BACKBONE = "backbone."
-
-
-def find_checkpoint(value, key: str = "checkpoint") -> Path:
-    """A checkpoint file as given, or a run directory's ``checkpoints/best.pt`` (else ``last.pt``)."""
-    path = Path(str(value)).expanduser()
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / CHECKPOINT_DIR / name).is_file():
-                return path / CHECKPOINT_DIR / name
-        raise ConfigError(f"{key}={value!r}: no {CHECKPOINT_DIR}/best.pt or last.pt in that run directory")
-    if not path.is_file():
-        raise ConfigError(f"{key}={value!r} is not allowed: give a checkpoint .pt file or a run directory")
-    return path
 
 
 def strip_prefix(state: dict, prefix: str) -> dict:
@@ -47,11 +35,132 @@ def build_backbone(path: Path, ckpt: dict) -> nn.Module:
     return backbone.eval()
 
 
-def load_backbone(value, key: str = "checkpoint") -> tuple[nn.Module, dict, Path]:
-    """(backbone in eval mode on the CPU, the checkpoint, its path) from a checkpoint file or a run directory."""
+def load_backbone(value, key: str = "checkpoint", backbone=None, image_size=None) -> tuple[nn.Module, dict, Path]:
+    """(backbone in eval mode on the CPU, the checkpoint, its path) from a checkpoint file, a run directory, or a
+    bare backbone state dict (InsightFace arcface_torch's ``.pth``, ``marginlab export format=state_dict``) with
+    ``backbone`` naming its architecture (see ``state_dict_checkpoint``)."""
     path = find_checkpoint(value, key)
-    ckpt = read_checkpoint(path, EVAL_KEYS)
+    ckpt = read_checkpoint(path, required=())
+    if is_state_dict(ckpt):
+        ckpt = state_dict_checkpoint(path, ckpt, backbone, image_size)
+    else:
+        if backbone is not None or image_size is not None:
+            given = "backbone=" if backbone is not None else "image_size="
+            raise ConfigError(f"{given} is only for a bare state dict; {path} is a marginlab checkpoint that names "
+                              f"its own architecture and input: leave {given} out")
+        missing = [k for k in EVAL_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise DataError(f"{path}: not a marginlab checkpoint (no {', '.join(repr(k) for k in missing)} entries) "
+                            f"nor a state dict of tensors")
     return build_backbone(path, ckpt), ckpt, path
+
+
+# ---------------------------------------------------------------- bare state dicts
+#: the input of a bare state dict that has no sidecar: InsightFace's models take 112x112 RGB crops
+STATE_DICT_INPUT = {"in_channels": 3, "image_size": 112}
+SIDECAR = ".json"  # marginlab export's card beside the file: the backbone config and the input
+
+
+def is_state_dict(obj) -> bool:
+    """A bare state dict: a non-empty mapping of names to tensors (no ``model`` / ``config`` entries)."""
+    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def backbone_configs() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "configs" / "backbone").glob("*.yaml"))
+
+
+def backbone_node(name: str) -> dict:
+    """``configs/backbone/<name>.yaml`` as a plain dict; a ConfigError naming the choices for an unknown name."""
+    path = Path(__file__).parent / "configs" / "backbone" / f"{name}.yaml"
+    if not str(name).replace("_", "").isalnum() or not path.is_file():
+        raise ConfigError(f"backbone={name!r} is not allowed: choose one of {', '.join(backbone_configs())}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def _sidecar(path: Path) -> dict | None:
+    """The card ``marginlab export`` wrote beside a state dict, when there is one naming its backbone."""
+    card_path = Path(f"{path}{SIDECAR}")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) and isinstance(card.get("backbone"), dict) else None
+
+
+def state_dict_checkpoint(path: Path, state: dict, backbone=None, image_size=None) -> dict:
+    """A checkpoint-shaped record (``model``, ``config``, ``data``) for a bare backbone state dict, so that
+    ``eval``, ``embed`` and ``export`` treat it as a checkpoint. Its architecture: ``backbone`` (a name of
+    ``configs/backbone``, or a config node), else the sidecar ``marginlab export`` wrote beside it; its keys:
+    ours, or InsightFace arcface_torch's (``backbones/insightface_keys.py``), whichever fits more of them. Input:
+    ``image_size`` (default the sidecar's, else 112: InsightFace's), RGB. One line when it does not fit."""
+    from marginlab.backbones.insightface_keys import from_insightface
+
+    card = _sidecar(path) if backbone is None else None
+    if backbone is None and card is None:
+        raise ConfigError(f"{path} is a bare state dict (no config names its architecture): give backbone=<name>, "
+                          f"e.g. backbone=iresnet50 for InsightFace's ms1mv3_arcface_r50 backbone.pth (one of "
+                          f"{', '.join(backbone_configs())})")
+    if card is not None:
+        node, label = card["backbone"], f"the backbone of {path.name}{SIDECAR}"
+        channels = int(card.get("input", {}).get("channels", 3))
+        size = image_size or [card["input"]["height"], card["input"]["width"]]
+        dataset = card.get("dataset")
+    else:
+        node = backbone_node(backbone) if isinstance(backbone, str) else OmegaConf.to_container(
+            OmegaConf.create(backbone), resolve=True)
+        label = f"backbone={backbone}" if isinstance(backbone, str) else f"backbone ({node.get('_target_')})"
+        channels, size, dataset = STATE_DICT_INPUT["in_channels"], image_size or STATE_DICT_INPUT["image_size"], None
+    from marginlab.data.face import parse_image_size
+
+    height, width = parse_image_size(size, "image_size")
+    size = height if height == width else [height, width]
+    try:
+        module = instantiate(OmegaConf.create(node), in_channels=channels, image_size=size)
+    except Exception as exc:  # noqa: BLE001 - one line naming the architecture
+        raise ConfigError(f"{label} cannot be built for a {channels}x{height}x{width} input: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    expected = {k: list(v.shape) for k, v in module.state_dict().items()}
+    theirs = from_insightface(state)
+    layout, keys = max((("marginlab", state), ("insightface", theirs)), key=lambda c: len(expected.keys() & c[1]))
+    counters = {k: v for k, v in module.state_dict().items() if k.endswith("num_batches_tracked") and k not in keys}
+    mapped, keys = keys, {**keys, **counters}  # BatchNorm's step counters, which some files leave out, play no part
+    differences = state_differences(expected, keys)
+    if differences:
+        from marginlab.backbones.insightface_keys import mobilefacenet_blocks
+
+        first = key_mismatch(expected, mapped) or differences[0]
+        first = first if len(first) <= 300 else first[:300] + " ..."
+        count = f"{len(differences)} difference{'s' if len(differences) > 1 else ''}"
+        mbf = (" (InsightFace's get_mbf is backbone=mbf, get_mbf_large backbone=mbf_large)"
+               if mobilefacenet_blocks(state) else "")
+        raise ConfigError(f"{path} does not fit {label} at a {height}x{width} input ({count}, e.g. {first}): give "
+                          f"the backbone= and image_size= these weights were trained with{mbf}")
+    return {"model": {BACKBONE + k: v for k, v in keys.items()},
+            "config": {"backbone": node, "dataset": dataset, "head": None},
+            "data": {"in_channels": channels, "image_size": size, "num_classes": None}, "state": {},
+            "weights": {"file": str(path), "layout": layout, "face": card is None}}
+
+
+def _first_keys(keys: list[str], first: int) -> str:
+    return ", ".join(keys[:first]) + (", ..." if len(keys) > first else "")
+
+
+def key_mismatch(expected: dict, saved: dict, first: int = 3) -> str | None:
+    """What a ``saved`` state whose keys (read as ours or as InsightFace arcface_torch's) are not the model's
+    ``expected`` ones lacks and has too, naming the first keys of each; None when the keys are the same. BatchNorm's
+    step counters are left out (they play no part in eval, and some files leave them out)."""
+    expected = [k for k in expected if not k.endswith("num_batches_tracked")]
+    saved = [k for k in saved if not k.endswith("num_batches_tracked")]
+    unmatched = [k for k in saved if k not in set(expected)]
+    missing = [k for k in expected if k not in set(saved)]
+    parts = []
+    if unmatched:
+        parts.append(f"{len(unmatched)} of its {len(saved)} keys, neither marginlab's nor InsightFace's names of the "
+                     f"model's tensors: {_first_keys(unmatched, first)}")
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(expected)} tensors not in it: {_first_keys(missing, first)}")
+    return "; ".join(parts) or None
 
 
 # ---------------------------------------------------------------- init_from
@@ -106,11 +215,14 @@ def init_from(model: nn.Module, value, head: bool | None = None) -> str:
     want = {k: s for k, s in expected.items() if k.startswith(BACKBONE)}
     if not fits & set(want):
         raise DataError(f"{path}: none of its {len(saved)} tensors fits this model's backbone "
-                        f"({type(model.backbone).__name__}): not a checkpoint of this architecture")
-    differences = state_differences(want, {k: v for k, v in saved.items() if k.startswith(BACKBONE)})
+                        f"({type(model.backbone).__name__}): not a checkpoint of this architecture "
+                        f"({key_mismatch(want, saved)})")
+    saved_backbone = {k: v for k, v in saved.items() if k.startswith(BACKBONE)}
+    differences = state_differences(want, saved_backbone)
     if differences:
         raise ConfigError(f"init_from={value!r}: the backbone in {path} does not fit this model's "
-                          f"({type(model.backbone).__name__}; {len(differences)} differences): {differences[0]}")
+                          f"({type(model.backbone).__name__}; {len(differences)} differences): "
+                          f"{key_mismatch(want, saved_backbone) or differences[0]}")
     model.backbone.load_state_dict(strip_prefix(saved, BACKBONE))
     loaded, skipped = [f"backbone ({len(want)} tensors)"], []
     for prefix in _module_groups(expected):

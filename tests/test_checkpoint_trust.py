@@ -166,9 +166,7 @@ class Killed(BaseException):
 
 def test_kill_while_saving_leaves_no_temp_file_and_no_duplicate_record(run_train, metrics, outputs_dir,
                                                                        monkeypatch):
-    import marginlab.train
-
-    real = marginlab.train.save_atomic
+    real = checkpoint.save_atomic
 
     def killed_on_epoch_2(obj, path):
         if obj["state"]["epoch"] == 2 and path.name == "last.pt":
@@ -176,12 +174,12 @@ def test_kill_while_saving_leaves_no_temp_file_and_no_duplicate_record(run_train
             raise Killed
         real(obj, path)
 
-    monkeypatch.setattr(marginlab.train, "save_atomic", killed_on_epoch_2)
+    monkeypatch.setattr(checkpoint, "save_atomic", killed_on_epoch_2)
     with pytest.raises(Killed):
         run_train(*FAST, "trainer.epochs=3")
     (run_dir,) = (outputs_dir / "runs").iterdir()
     assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2]  # the record came before the checkpoint
-    monkeypatch.setattr(marginlab.train, "save_atomic", real)
+    monkeypatch.setattr(checkpoint, "save_atomic", real)
     code, _ = run_train(f"resume={run_dir}")
     assert code == 0
     assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2, 3]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import yaml
 
 from marginlab.cli import main
+from marginlab.help_catalog import CONFIGS, catalog
 
 FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false"]
 
@@ -30,6 +32,67 @@ def test_train_help_lists_groups_and_options():
         assert group in out.stdout
     for option in ("amsoftmax", "arcface", "softmax", "digits", "lenet_pp"):
         assert option in out.stdout
+    # one line per head / backbone, from its module's docstring (marginlab.help_catalog)
+    assert re.search(r"^  arcface +ArcFace \(Deng et al\., CVPR 2019\)$", out.stdout, re.MULTILINE)
+    assert re.search(r"^  iresnet50 +IResNet-18/34/50/100 .*\[depth=50\]$", out.stdout, re.MULTILINE)
+
+
+def hydra_help_page() -> str:
+    """The page Hydra's own `marginlab train --help` prints (Hydra.app_help -> get_help), its group listing read from
+    one config repository instead of a fresh one per group and option (the same repository each call builds)."""
+    import copy
+
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    import marginlab.train_main  # noqa: F401  (schema, resolvers)
+
+    with initialize_config_module("marginlab.configs", version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        loader = hydra.config_loader
+        _, repo = loader._parse_overrides_and_create_caching_repo(None, [])
+        loader.get_group_options = lambda group_name, results_filter=ObjectType.CONFIG: \
+            repo.get_group_options(group_name, results_filter)
+        cfg = compose("train", return_hydra_config=True)
+        clean = hydra.get_sanitized_cfg(copy.deepcopy(cfg), "job")
+        return hydra.get_help(cfg.hydra.help, clean, get_args_parser(), resolve=False)
+
+
+def test_plain_train_help_is_hydras_page_without_hydras_listing():
+    from marginlab.help_page import train_help
+
+    page = train_help(["--help"])
+    assert page is not None  # the fast page, not a fall-back to Hydra
+    assert page == hydra_help_page()  # every group, option, catalog line and default value Hydra would print
+    assert train_help(["-h"]) == page
+    assert train_help(["--help", "head=arcface"]) is None  # overrides: Hydra composes the page itself
+
+
+def test_train_help_falls_back_to_hydra_on_configs_it_does_not_read(tmp_path, monkeypatch):
+    import shutil
+
+    from marginlab import help_page
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    monkeypatch.setattr(help_page, "CONFIGS", configs)
+    assert help_page.train_help(["--help"]) is not None
+    head = configs / "head" / "amsoftmax.yaml"
+    head.write_text("# @package _global_\n" + head.read_text())  # Hydra would place it elsewhere
+    assert help_page.train_help(["--help"]) is None
+
+
+def test_help_catalog_has_a_line_for_every_head_and_backbone():
+    for group in ("head", "backbone"):
+        options = {p.stem for p in (CONFIGS / group).glob("*.yaml")}
+        lines = dict(catalog(group))
+        assert set(lines) == options
+        assert all(lines.values()), [o for o, line in lines.items() if not line]
+    heads = dict(catalog("head"))
+    assert heads["sphereface"] == "SphereFace / A-Softmax (Liu et al., CVPR 2017)"
+    assert heads["cosine"].startswith("NormFace") and heads["cosine"].endswith("[s=1.0]")  # same class, told apart
 
 
 def test_unknown_command_is_a_clear_error(capsys):
@@ -61,3 +124,49 @@ def test_cosface_is_amsoftmax_under_its_other_name(run_train):
 def test_run_name_goes_into_the_directory(run_train):
     _, run_dir = run_train("name=trial", *FAST)
     assert run_dir.name.endswith("_trial")
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("marginlab: error: "), err
+    return lines[0]
+
+
+def test_misspelled_key_suggests_the_close_one_and_lists_the_keys(run_train, capfd):
+    code, _ = run_train("trainer.epoch=1", *FAST)
+    line = one_error_line(capfd.readouterr().err)
+    assert code == 2
+    assert "unknown key 'trainer.epoch'" in line and "did you mean 'trainer.epochs'?" in line
+    assert "keys of trainer: epochs, " in line and "+trainer.epoch" not in line  # not Hydra's advice to append it
+
+
+def test_misspelled_group_and_option_suggest_the_close_one(run_train, capfd):
+    code, _ = run_train("haed=arcface", *FAST)
+    line = one_error_line(capfd.readouterr().err)
+    assert code == 2 and "did you mean 'head'?" in line and "config groups: " in line
+    code, _ = run_train("head=arcfac", *FAST)
+    err = capfd.readouterr().err
+    assert code == 2 and "Could not find 'head/arcfac'; did you mean 'head=arcface'?" in err.splitlines()[0]
+
+
+def test_help_catalog_reads_the_same_docstring_as_ast():
+    import ast
+
+    from marginlab.help_catalog import PACKAGE, module_docstring
+
+    for path in sorted((PACKAGE / "heads").glob("*.py")) + sorted((PACKAGE / "backbones").glob("*.py")):
+        assert module_docstring(path) == (ast.get_docstring(ast.parse(path.read_text())) or ""), path
+
+
+def test_misspelled_key_in_a_sweep_suggests_the_close_one(run_train, capfd):
+    code, _ = run_train("-m", "trainer.epoch=1,2", *FAST)
+    err = capfd.readouterr().err
+    assert code == 2 and "did you mean 'trainer.epochs'? keys of trainer: epochs, " in err and "[2 of 2 jobs]" in err
+
+
+def test_a_run_that_never_trained_says_where_its_failure_record_is(run_train, capfd):
+    code, run_dir = run_train("optim.lr=abc", *FAST)
+    line = one_error_line(capfd.readouterr().err)
+    assert code == 2 and "optim.lr='abc'" in line
+    assert f"(the run never trained: {run_dir} holds only its config and this failure, in metrics.json)" in line
+    assert not (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.json").exists()

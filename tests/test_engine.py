@@ -103,7 +103,7 @@ def test_probe_cosines_are_recorded_only_on_the_steps_that_log_geometry():
     real_logits = model.head.logits
 
     def spy(embeddings, labels):
-        seen.append(model.head.record_cosine)
+        seen.append(model.head.probe_record.enabled)
         return real_logits(embeddings, labels)
 
     model.head.logits = spy
@@ -116,4 +116,4 @@ def test_probe_cosines_are_recorded_only_on_the_steps_that_log_geometry():
     run_epoch(model, batches(), log_every=3, log=Log())
     assert seen == [False, False, True, False, False, True]  # steps 1..6, logged at 3 and 6
     assert logged == [(3, True), (6, True)]  # and those steps log the geometry
-    assert model.head.record_cosine  # back on after the epoch: evaluation and other callers get the probe
+    assert model.head.probe_record.enabled  # back on after the epoch: evaluation and other callers get the probe

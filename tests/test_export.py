@@ -22,7 +22,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "marginlab" / "configs" / "backb
 FACE = "marginlab.data.face.casia.CasiaData"
 #: backbone config -> (channels, image size, data set) at the smallest size each architecture takes
 FACE_BACKBONES = {name: (3, 16, FACE) for name in ("sfnet4", "sfnet10", "sfnet20", "sfnet36", "sfnet64", "iresnet18",
-                                                    "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")}
+                                                    "iresnet34", "iresnet50", "iresnet100", "mobilefacenet",
+                                                    "mbf", "mbf_large")}
 CLASSIFICATION_BACKBONES = {
     "digits_cnn": (1, 8, "marginlab.data.digits.DigitsData"),
     "lenet_pp": (1, 28, "marginlab.data.torchvision_sets.MNISTData"),
@@ -36,7 +37,7 @@ CLASSIFICATION_BACKBONES = {
 }
 BACKBONES = {**FACE_BACKBONES, **CLASSIFICATION_BACKBONES}
 #: deeper variants of the classes above (20-65M parameters, 20-80 s each on two busy cores): opt-in
-DEEP = ("iresnet34", "iresnet50", "iresnet100", "sfnet36", "sfnet64", "resnet50")
+DEEP = ("iresnet34", "iresnet50", "iresnet100", "sfnet36", "sfnet64", "resnet50", "mbf", "mbf_large")
 SLOW = pytest.mark.skipif(not os.environ.get("MARGINLAB_SLOW_TESTS"),
                           reason="a deep variant of a backbone class exported above: set MARGINLAB_SLOW_TESTS=1")
 

@@ -76,3 +76,28 @@ def test_sweep_grids_skip_runs_without_drawable_features(tmp_path):
         assert_png(tmp_path / name)
     with pytest.raises(ValueError):
         features_grid_figure(panels[3:])
+
+
+def test_sweep_grid_title_names_the_sweep_and_its_varying_keys_with_labelled_axes(tmp_path):
+    from marginlab.figures.grid import PANEL_SIZE, sweep_name, sweep_title
+
+    assert sweep_name(tmp_path / "sweeps" / "margins" / "2026-12-02_08-31-51") == "margins"  # not the time stamp
+    assert sweep_name(tmp_path / "sweeps" / "margins" / "2026-12-02_08-31-51-1") == "margins"
+    assert sweep_name(tmp_path / "my_runs") == "my_runs"
+    panels = []
+    for i, dim in enumerate([2, 3]):
+        feats, labels, weights = clusters(dim, seed=i)
+        panels.append(RunPanel(title=f"m={i}", features=feats, labels=labels, target_deg=feats[:, 0], weights=weights))
+    title = sweep_title("margins", ["head", "head.m"], "features", 2)
+    assert title == "sweep margins: features of 2 runs, varying head, head.m"
+    fig = features_grid_figure(panels, title=title)
+    assert fig.get_suptitle() == title and fig._suptitle.get_fontsize() >= 12
+    flat, deep = fig.axes
+    assert (flat.get_xlabel(), flat.get_ylabel()) == ("feature dim 1", "feature dim 2")
+    assert deep.get_zlabel() == "feature dim 3"
+    for ax in fig.axes:  # readable at the saved size: no 7- or 8-point titles and labels
+        assert ax.title.get_fontsize() >= PANEL_SIZE and ax.xaxis.label.get_fontsize() >= PANEL_SIZE
+    unit = features_grid_figure(panels, unit=True, title=title)
+    assert unit.axes[0].get_xlabel() == "unit feature dim 1"
+    angles = target_angles_grid_figure(panels, title=title)
+    assert angles.axes[0].get_title() == title and angles.axes[0].get_xlabel().startswith("target angle")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from marginlab import builders
+from marginlab.config.validate import resolve_head
 from marginlab.resume import compose_train_config
 from marginlab.weights import init_from
 
@@ -23,7 +24,8 @@ def trained(run_train):
 
 def build(num_classes: int, *overrides: str):
     torch.manual_seed(1)
-    return builders.build_model(compose_train_config(list(overrides)), 1, 8, num_classes)
+    cfg = compose_train_config(list(overrides))  # validated: the top-level m / s are in cfg.head
+    return builders.build_model(cfg, 1, 8, num_classes, head=resolve_head(cfg.head))
 
 
 def test_new_run_starts_from_the_backbone_and_lists_the_head_it_did_not_load(trained, run_train, monkeypatch,

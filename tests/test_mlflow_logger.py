@@ -34,6 +34,20 @@ def test_logger_mlflow_writes_a_finished_run_to_the_local_store(run_train, outpu
     assert "metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+def test_a_resumed_run_continues_its_mlflow_run(run_train, outputs_dir, metrics):
+    from mlflow.tracking import MlflowClient
+
+    code, run_dir = run_train("logger=mlflow", "trainer.epochs=2", "trainer.stop_after_epoch=1", *FAST)
+    assert code == 0
+    code, resumed = run_train("logger=mlflow", f"resume={run_dir}", *FAST)
+    assert code == 0 and resumed == run_dir
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs_dir.resolve() / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("marginlab").experiment_id])  # one run, not two
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "test/acc")
+    assert [m.step for m in history] == [r["step"] for r in metrics[1](run_dir)] and len(history) == 2
+
+
 def test_a_failed_run_ends_failed(tmp_path, outputs_dir):
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf

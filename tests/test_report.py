@@ -183,3 +183,52 @@ def test_a_choice_on_the_test_split_is_labelled_optimistic(tmp_path):
     assert report.markdown().splitlines()[0].count("test/acc (best) (optimistic: chosen on test)") == 1
     assert "best.pt: chosen on test/acc" in report.markdown() and "overstates" in report.markdown()
     assert build_report(collect([tmp_path / "sweep"])).metrics == ["test/acc"]  # no val split: the final test/acc
+
+
+def make_run(root: Path, name: str, overrides: list[str], head: str, m: float, seed: int = 0, workers: int = 2,
+             logger: str = "default", metrics: dict | None = None) -> Path:
+    """A single run's directory (``marginlab train``, no sweep): hydra.job.num is ??? there."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {"seed": seed, "m": None, "name": None, "head": {"_target_": f"x.{head}", "m": m, "s": 30.0},
+              "dataset": {"_target_": "x.Digits", "num_workers": workers, "batch_size": 64, "seed": seed},
+              "logger": {"tensorboard": logger == "default"}, "trainer": {"epochs": 3, "device": "auto"}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    choices = {"head": head, "dataset": "digits", "logger": logger, "hydra/launcher": "basic"}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": "???"},
+                                                                         "runtime": {"choices": choices}}}))
+    (run / "metrics.json").write_text(json.dumps(metrics or {"status": "completed", "test/acc": 0.9 + m / 10}))
+    if (metrics or {}).get("status", "completed") == "completed":
+        (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    return run
+
+
+def test_runs_without_overrides_are_labelled_by_what_differs_in_their_saved_configs(tmp_path, capsys):
+    make_run(tmp_path, "a", ["head=arcface"], "arcface", 0.5, workers=0, logger="quiet")
+    make_run(tmp_path, "b", [], "amsoftmax", 0.35, seed=0)
+    make_run(tmp_path, "c", [], "amsoftmax", 0.35, seed=1, workers=8)  # another seed of b's setting
+    make_run(tmp_path, "d", [], "amsoftmax", 0.2)  # same overrides as b, another margin in its config
+    report = build_report(collect([tmp_path]))
+    # not dataset.num_workers, logger, the seed (nor dataset.seed, the seed by interpolation); head.s is the same
+    assert report.keys == ["head", "head.m"]
+    labels = {tuple(report.cells(r)[1:3]): len(r.completed) for r in report.rows}
+    assert labels == {("arcface", "0.5"): 1, ("amsoftmax", "0.35"): 2, ("amsoftmax", "0.2"): 1}
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| best | head      | head.m |" in out and "num_workers" not in out.split("\n\n")[0]
+
+
+def test_runs_that_never_trained_are_skipped_with_a_count(tmp_path, capsys):
+    make_run(tmp_path, "ok", [], "arcface", 0.5)
+    failed = {"status": "failed", "error": "optim.lr='abc' is not allowed", "error_type": "ConfigError"}
+    make_run(tmp_path, "bad1", ["optim.lr=abc"], "arcface", 0.5, metrics=failed)
+    make_run(tmp_path, "bad2", ["optim.lr=x"], "arcface", 0.5, metrics=failed)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 run dirs that never trained" in out and "report of 1 jobs in 1 rows" in out
+    assert "optim.lr" not in out.split("skipped")[1]  # no row, column or failure note of theirs
+    (tmp_path / "ok" / "metrics.json").write_text(json.dumps(failed))
+    (tmp_path / "ok" / "metrics.jsonl").unlink()  # now it never trained either
+    assert main(["report", str(tmp_path)]) == 2
+    assert "except 3 that never trained" in capsys.readouterr().err

@@ -46,3 +46,15 @@ def test_resume_by_checkpoint_path_and_extended_epochs(run_train, metrics):
 def test_resume_latest_without_runs_is_a_clear_error(run_train, capfd):
     code, _ = run_train("resume=latest")
     assert code == 2 and "resume=latest: no run with a checkpoint" in capfd.readouterr().err
+
+
+def test_finished_line_leaves_out_missing_metrics_without_empty_parts():
+    from marginlab.finished_line import finished_line
+
+    bare = {"status": "completed", "epochs_done": 3, "wall_time_s": 1.25, "best/val/acc": float("-inf")}
+    line = finished_line(bare, 3, "val/acc", "/runs/r")
+    assert line == "marginlab: completed 3/3 epochs in 1.2 s; /runs/r"  # no "; ;" for what the run did not measure
+    full = {**bare, "test/acc": 0.5, "test/loss": float("nan"), "best/val/acc": 0.75, "best/epoch": 2}
+    assert finished_line(full, 3, "val/acc", "/runs/r") == ("marginlab: completed 3/3 epochs in 1.2 s; test/acc 0.5000, "
+                                                            "test/loss nan, best/val/acc 0.7500; best.pt: epoch 2 "
+                                                            "(best val/acc); /runs/r")

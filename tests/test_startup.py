@@ -24,8 +24,8 @@ print("HEAVY", heavy)
                                   ["train", "--cfg", "job"], ["train", "-sc", "install=bash"]],
                          ids=lambda a: " ".join(a) or "none")
 def test_help_paths_leave_torch_unimported(argv, tmp_path):
-    result = subprocess.run([sys.executable, "-c", CHECK.format(argv=argv)], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=120)
+    result = subprocess.run([sys.executable, "-c", CHECK.format(argv=argv)], check=False, capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout[-2000:]
     assert not (tmp_path / "outputs").exists()  # printing help creates no run directory
@@ -34,6 +34,16 @@ def test_help_paths_leave_torch_unimported(argv, tmp_path):
 def test_importing_the_cli_leaves_torch_unimported():
     code = "import sys, marginlab.cli, marginlab.config, marginlab.config.validate, marginlab.train_main; " \
            "print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_importing_the_trainer_leaves_scipy_stack_unimported():
+    """`marginlab train` reaches its first step without sklearn / SciPy / pandas (seconds of import): the
+    verification metrics import sklearn when they are computed (marginlab/eval/verification.py)."""
+    heavy = "{'sklearn', 'scipy', 'pandas', 'matplotlib', 'mlflow'}"
+    code = f"import sys, marginlab.train; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

@@ -56,3 +56,61 @@ def test_dataset_root_that_is_a_file(run_train, capfd, tmp_path):
     code, _ = run_train("dataset=mnist", f"dataset.root={bogus}", "dataset.download=false", *FAST)
     err = capfd.readouterr().err
     assert code == 2 and "is not a directory" in err and str(bogus) in err
+
+
+# ---- the path of a config value: validate() resolves the head once; the builder consumes that (issue #17)
+
+@pytest.fixture(scope="module")
+def compose_train():
+    """``compose_train(*overrides)``: the composed ``marginlab train`` config, not yet validated."""
+    from hydra import compose, initialize_config_module
+
+    import marginlab.config  # noqa: F401  (the schema and resolvers)
+
+    with initialize_config_module("marginlab.configs", version_base="1.3"):
+        yield lambda *overrides: compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides, m", [(["head=sphereface", "m=3.0"], 3), (["head=lsoftmax", "m=2"], 2),
+                                          (["head=amsoftmax", "m=0.3", "s=10"], 0.3)])
+def test_validate_returns_the_resolved_head_the_builder_consumes(compose_train, overrides, m):
+    from marginlab.builders import build_head
+
+    cfg = compose_train(*overrides)
+    spec = validate_config(cfg)
+    assert spec.cls.__name__ == cfg.head._target_.rpartition(".")[2] and spec.sample_rate is None
+    assert spec.kwargs["m"] == m and type(spec.kwargs["m"]) is type(m)  # an integer margin takes a whole m as int
+    assert cfg.head.m == m and type(cfg.head.m) is type(m)  # the saved config records what the head got
+    assert "partial_fc" not in spec.kwargs and "_target_" not in spec.kwargs
+    head = build_head(spec, in_features=4, num_classes=3)
+    assert type(head) is spec.cls and head.m == m
+
+
+def test_a_fractional_m_for_an_integer_margin_is_refused_with_the_heads_message(compose_train):
+    from marginlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^head\.m=2\.5 is not allowed: it must be an integer \(LSoftmaxHead\.m\)$"):
+        validate_config(compose_train("head=lsoftmax", "m=2.5"))
+
+
+def test_partial_fc_is_split_off_once_into_the_spec(compose_train):
+    spec = validate_config(compose_train("head=arcface", "head.partial_fc.sample_rate=0.5"))
+    assert spec.sample_rate == 0.5 and "partial_fc" not in spec.kwargs
+
+
+def test_the_head_is_imported_and_its_signature_read_once(compose_train, monkeypatch):
+    """Shorthands, key and type checks and Partial FC's check share one import and one signature of the head."""
+    from marginlab.config import validate as validation
+
+    head_reads, imports = [], []
+    real_signature, real_import = validation.signature_params, validation.import_target
+    monkeypatch.setattr(validation, "signature_params", lambda t: head_reads.append(t) or real_signature(t))
+    monkeypatch.setattr(validation, "import_target", lambda p, k: imports.append(k) or real_import(p, k))
+    spec = validate_config(compose_train("head=arcface", "m=0.4", "s=32", "head.partial_fc.sample_rate=0.5"))
+    assert head_reads.count(spec.cls) == 1 and imports.count("head") == 1
+
+
+def validate_config(cfg):
+    from marginlab.config.validate import validate
+
+    return validate(cfg)

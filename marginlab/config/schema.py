@@ -1,5 +1,10 @@
 """Structured configs (typed dataclasses in Hydra's ConfigStore) for the fixed sections of a run.
 
+The defaults of the top-level keys, ``trainer.*`` and ``logger.*`` are written here and only here:
+configs/trainer/default.yaml and configs/logger/default.yaml select them and set nothing, and the other
+options of those groups (logger/quiet.yaml, logger/mlflow.yaml) hold only what they change
+(tests/test_config_defaults.py keeps it so). `marginlab train --cfg job` prints the values in effect.
+
 Group nodes with a ``_target_`` (backbone, head, dataset, optim, sched, regularizer) are typed by the
 signature of the class they name; see validate.py.
 """
@@ -18,8 +23,8 @@ BEST_ON = ("auto", "val", "test", "last")  # trainer.best_on (train.py: selectio
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 30
-    stop_after_epoch: Optional[int] = None  # stop early (the schedule still spans `epochs`); resume later
+    epochs: int = 10
+    stop_after_epoch: Optional[int] = None  # stop after this epoch (the schedule still spans `epochs`); resume later
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, 32 on CPU) | 32 | bf16 | fp16 (CUDA, with GradScaler)
     channels_last: bool = True  # only applied on CUDA, where it helps convolutions
@@ -27,11 +32,13 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max global grad norm; null = off
     head_weight_decay: Optional[float] = None  # null = the optimizer's weight_decay
     eval_every_n_epochs: int = 1
-    best_on: str = "auto"  # best.pt: auto (verification set, else val/acc, else last) | val | test | last
+    # best.pt and the sweep objective: auto (the first verification set, else val/acc, else the last epoch)
+    # | val | test | last
+    best_on: str = "auto"
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
     checkpoint: bool = True
     deterministic: bool = False
-    strict_margin: bool = False  # refuse (ConfigError) a margin the class count and embedding cannot satisfy
+    strict_margin: bool = False  # true: refuse a margin C classes in embedding_dim dims cannot satisfy (else: warn)
 
 
 @dataclass
@@ -41,14 +48,14 @@ class LoggerConfig:
     log_every_n_steps: int = 10
     figures: bool = True
     probe_max_samples: int = 2048  # samples per epoch the geometry probe looks at
-    console: bool = True  # the per-epoch line on stdout (train.log always gets it)
+    console: bool = True  # one line per epoch on stdout (train.log always gets it)
     mlflow: Optional[Dict[str, Any]] = None  # logger=mlflow: {tracking_uri, experiment}; null = no MLflow run
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # run dir, checkpoint file, or `latest`
     init_from: Optional[str] = None  # run dir or checkpoint: a new run from its weights (backbone, head if it fits)
     init_from_head: Optional[bool] = None  # null: the head when its shapes fit; true: it must; false: never
     m: Optional[float] = None  # shorthand for head.m; a whole number reaches an integer m (L-Softmax) as int
@@ -64,6 +71,7 @@ class TrainConfig:
     regularizer: Dict[str, Any] = field(default_factory=dict)
     verification: Dict[str, Any] = field(default_factory=dict)
     paper: Any = None
+    reproduce: Any = None  # an experiment's sweeps and table steps: marginlab reproduce <name> (reproduce.py)
 
 
 def data_root(name: str) -> str:

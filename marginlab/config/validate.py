@@ -1,4 +1,8 @@
-"""Validation before any work: every bad value fails with the key, the value and what is allowed."""
+"""Validation before any work: every bad value fails with the key, the value and what is allowed.
+
+``validate(cfg)`` returns the head resolved once (``HeadSpec``: its class, its arguments with the top-level
+``m`` / ``s`` applied and typed, Partial FC's sample rate), which ``builders.build_model`` consumes as it is.
+Nothing here imports the builder or the training loop: validation sits below them."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import importlib
 import inspect
 import math
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -36,7 +41,10 @@ def import_target(path: str, key: str) -> Any:
 def signature_params(target: Any) -> tuple[dict[str, Any], bool]:
     """Parameter annotations of a class's constructor (following **kwargs up the MRO) or of a function."""
     params: dict[str, Any] = {}
-    chain = [c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)] if inspect.isclass(target) else [target]
+    if inspect.isclass(target):
+        chain = [c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)]
+    else:
+        chain = [target]
     for func in chain:
         try:
             sig = inspect.signature(func)
@@ -61,7 +69,8 @@ def signature_params(target: Any) -> tuple[dict[str, Any], bool]:
 
 def _object_class(annotation: Any, value: Any) -> bool:
     """A class other than bool/int/float/str that ``value`` is not an instance of (e.g. ``torch.Tensor``)."""
-    return inspect.isclass(annotation) and annotation not in (bool, int, float, str) and not isinstance(value, annotation)
+    scalar = annotation in (bool, int, float, str)
+    return inspect.isclass(annotation) and not scalar and not isinstance(value, annotation)
 
 
 def _type_ok(value: Any, annotation: Any) -> str | None:
@@ -90,8 +99,14 @@ def check_target_node(key: str, node: DictConfig, group: str | None = None) -> N
     """Checks a ``_target_`` node's keys and value types against the signature of what it names."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"{key} must be a config with a _target_, got {node!r}")
-    target = import_target(node._target_, key)
-    params, open_kwargs = signature_params(target)
+    check_arguments(key, node, import_target(node._target_, key), group)
+
+
+def check_arguments(key: str, node: DictConfig, target: Any, group: str | None = None,
+                    signature: tuple[dict[str, Any], bool] | None = None) -> None:
+    """Checks the keys and value types of ``node`` against ``signature_params(target)`` (``signature``: already
+    read)."""
+    params, open_kwargs = signature or signature_params(target)
     reserved = BUILDER_ARGS.get(group or key, ())
     name = getattr(target, "__name__", str(target))
     for k in node:
@@ -125,52 +140,78 @@ def split_head(node: DictConfig) -> tuple[DictConfig, float | None]:
     return plain, float(rate)
 
 
-def check_partial_fc(cfg: DictConfig) -> None:
-    """Partial FC (``head.partial_fc.sample_rate``) shards a cosine margin head; the loss is computed inside it."""
-    if split_head(cfg.head)[1] is None:
-        return
-    from marginlab.distributed.partial_fc import check_head_class  # imports torch: not on `--help`'s path
+@dataclass(frozen=True)
+class HeadSpec:
+    """The head as validation resolved it, and all the builder needs: ``cls(**kwargs, in_features=D,
+    num_classes=C)``, sharded by Partial FC when ``sample_rate`` is set (None: off)."""
 
-    check_head_class(import_target(cfg.head._target_, "head"))
-    if cfg.get("regularizer"):
-        raise ConfigError(f"regularizer={list(cfg.regularizer)} cannot be combined with head.partial_fc: the sharded "
-                          "head computes the loss itself and no rank holds all logits or class centres; "
-                          "drop the regularizer or set head.partial_fc.sample_rate=null")
+    cls: type
+    kwargs: dict[str, Any]  # plain Python values, the top-level m / s applied and typed
+    sample_rate: float | None = None
 
-
-def check_optimizer(cfg: DictConfig) -> None:
-    """``optim.*``: the rates and factors every torch optimizer takes are finite numbers >= 0; then the optimizer
-    is built on one dummy parameter, so its own checks (betas, nesterov, ...) fail here, before any work."""
-    from marginlab.builders import try_optimizer
-
-    for key in NON_NEGATIVE_OPTIM:
-        value = cfg.optim.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
-            raise ConfigError(f"optim.{key}={value!r} is not allowed: it must be a finite number >= 0")
-    try_optimizer(cfg.optim)
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
 
 
-def apply_shorthands(cfg: DictConfig) -> None:
-    """Top-level ``m`` / ``s`` set ``head.m`` / ``head.s``; null leaves the head's own default."""
-    for short in ("m", "s"):
-        value = cfg.get(short)
+def shorthand_value(value: Any, annotation: Any) -> Any:
+    """The top-level ``m`` / ``s`` as the head's parameter takes it.
+
+    The shorthand is typed float (m=0.35); an integer margin (L-Softmax, SphereFace: m=4) takes a whole number
+    as int, and a fraction is left as it is for the signature check to refuse with the head's type."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def resolve_head(node: DictConfig, m: float | None = None, s: float | None = None) -> HeadSpec:
+    """``head`` (and the top-level ``m`` / ``s``, null: the head's own value) -> the HeadSpec the builder
+    consumes. The head class is imported and its signature read once; a shorthand is written into ``node``
+    too, so the saved config records what the head got."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"head must be a config with a _target_, got {node!r}")
+    cls = import_target(node._target_, "head")
+    signature = signature_params(cls)
+    params = signature[0]
+    for short, value in (("m", m), ("s", s)):
         if value is None:
             continue
-        head_name = cfg.head.get("_target_", "?").rpartition(".")[2]
-        params, _ = signature_params(import_target(cfg.head._target_, "head"))
         if short not in params:
-            raise ConfigError(f"{short}={value!r} was given but the head {head_name} has no parameter "
-                              f"{short!r}; its parameters are: {', '.join(p for p in params if p not in BUILDER_ARGS['head'])}")
-        # the shorthand is typed float (m=0.35); an integer margin (L-Softmax, SphereFace: m=4) takes a whole
-        # number as int, and a fraction is left for check_target_node to refuse with the head's type
-        kinds = typing.get_args(params[short]) or (params[short],)
-        if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        cfg.head[short] = value
+            allowed = ", ".join(p for p in params if p not in BUILDER_ARGS["head"])
+            raise ConfigError(f"{short}={value!r} was given but the head {cls.__name__} has no parameter "
+                              f"{short!r}; its parameters are: {allowed}")
+        node[short] = shorthand_value(value, params[short])
+    plain, sample_rate = split_head(node)
+    check_arguments("head", plain, cls, signature=signature)
+    if sample_rate is not None:
+        from marginlab.distributed.partial_fc import check_head_class  # imports torch: not on `--help`'s path
+
+        check_head_class(cls)
+    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+              if k != "partial_fc" and not str(k).startswith("_")}
+    return HeadSpec(cls, kwargs, sample_rate)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks the whole config; raises ConfigError on the first bad value."""
+def check_optimizer(node: DictConfig) -> None:
+    """``optim.*``: the rates and factors every torch optimizer takes are finite numbers >= 0; then the optimizer
+    is made on one dummy parameter, so its own checks (betas, nesterov, ...) fail here, before any work."""
+    for key in NON_NEGATIVE_OPTIM:
+        value = node.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+            raise ConfigError(f"optim.{key}={value!r} is not allowed: it must be a finite number >= 0")
+    import torch  # not on `--help`'s path
+
+    make = import_target(node._target_, "optim")
+    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
+    try:
+        make([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"optim ({node.get('_target_')}) does not accept its values: {exc}") from None
+
+
+def validate(cfg: DictConfig) -> HeadSpec:
+    """Checks the whole config (raising ConfigError on the first bad value) and returns the resolved head."""
     precision = str(cfg.trainer.precision)
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
@@ -192,8 +233,15 @@ def validate(cfg: DictConfig) -> None:
     for key in ("backbone", "head", "dataset", "optim", "sched"):
         if cfg.get(key) is None:
             raise ConfigError(f"no {key} selected: choose one with {key}=<name> (see `marginlab train --help`)")
-        check_target_node(key, split_head(cfg[key])[0] if key == "head" else cfg[key])
-    check_partial_fc(cfg)
-    check_optimizer(cfg)
+    check_target_node("backbone", cfg.backbone)
+    head = resolve_head(cfg.head, m=cfg.get("m"), s=cfg.get("s"))
+    for key in ("dataset", "optim", "sched"):
+        check_target_node(key, cfg[key])
+    if head.sample_rate is not None and cfg.get("regularizer"):
+        raise ConfigError(f"regularizer={list(cfg.regularizer)} cannot be combined with head.partial_fc: the sharded "
+                          "head computes the loss itself and no rank holds all logits or class centres; "
+                          "drop the regularizer or set head.partial_fc.sample_rate=null")
+    check_optimizer(cfg.optim)
     for name, node in (cfg.get("regularizer") or {}).items():
         check_target_node(f"regularizer.{name}", node, group="regularizer")
+    return head

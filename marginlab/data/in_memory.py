@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
-from torchvision import transforms as T
 
 from marginlab.checks import check_positive_int
 from marginlab.data.base import no_batches_error
@@ -64,6 +63,8 @@ def augmentation_params(transforms: Sequence) -> tuple[int, bool]:
     ``RandomHorizontalFlip(0.5)``: the standard CIFAR augmentation. Anything else is a ConfigError
     (use the DataLoader path for it).
     """
+    from torchvision import transforms as T  # here, not at the top: data without augmentation never needs it
+
     padding, flip = 0, False
     for t in transforms:
         if isinstance(t, T.RandomCrop) and not t.pad_if_needed and t.fill == 0 and t.padding_mode == "constant":

@@ -34,6 +34,7 @@ from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead, fill_class_weight_
+from marginlab.heads.kernels import normalize_features
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -254,9 +255,10 @@ class PartialFC(nn.Module):
         if classes is not None:
             weight = weight.view(self.num_local, self.sub_centers, -1)[classes].flatten(0, 1)
         # <x/|x|, w/|w|> as linear(x/|x|, w) / |w|: no normalised copy of the (large) weight shard and no
-        # weight-sized buffers in its backward; equal to F.normalize's result up to rounding
+        # weight-sized buffers in its backward; equal to F.normalize's result up to rounding. The features are
+        # normalised as the heads do (heads/kernels: a near-zero feature's gradient stays bounded)
         inv_norm = 1.0 / torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12)
-        cos = at_least_float32(F.linear(F.normalize(embeddings), weight)) * at_least_float32(inv_norm)
+        cos = at_least_float32(F.linear(normalize_features(embeddings), weight)) * at_least_float32(inv_norm)
         cos = cos.clamp(-1.0, 1.0)
         if self.sub_centers > 1:
             cos = cos.view(cos.shape[0], -1, self.sub_centers).amax(dim=2)
@@ -277,6 +279,10 @@ class PartialFC(nn.Module):
             local = torch.where(owned, torch.searchsorted(classes, local.clamp(0, self.num_local - 1)), local)
         self.last_sampled = classes
         self.step += 1
+        if self.head.chunked:  # the same loss in class blocks, never the B x n logits (head.chunked_loss)
+            weight = self.weight if classes is None else self.weight[classes]
+            return self.head.chunked_loss(all_embeddings, torch.where(owned, local, torch.full_like(local, -1)),
+                                          weight, self._row_reduce)
         cos = self.cosines(all_embeddings, classes)
         logits = cos * self.head.s
         rows = owned.nonzero().squeeze(1)
@@ -285,6 +291,11 @@ class PartialFC(nn.Module):
         target = self.head.target_cosine(cos[rows, cols], all_labels[rows] - self.class_start)
         logits.index_put_((rows, cols), (self.head.s * target).to(logits.dtype))  # fresh tensor: autograd-safe
         return dist_cross_entropy(logits, torch.where(owned, local, torch.full_like(local, -1)), self.group)
+
+    def _row_reduce(self, tensor: Tensor, op: str) -> None:
+        """All-reduces the chunked loss's row statistics in place (``max`` or ``sum``); one rank: nothing."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
 
     def extra_loss(self) -> Tensor | None:
         return self.head.extra_loss()

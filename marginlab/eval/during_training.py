@@ -21,7 +21,8 @@ def run_verifiers(verifiers: dict, backbone, image_size, device, *, figures_dir:
     for name, target in verifiers.items():
         result = target.run(backbone, image_size=image_size, device=device)
         results[name] = result
-        scalars.update({f"{name}/{short}": float(result[key]) for short, key in SCALARS.items()})
+        scalars.update({f"{name}/{short}": float(result[key]) for short, key in SCALARS.items() if key in result})
+        scalars.update({f"{name}/{short}": float(value) for short, value in result.get("scalars", {}).items()})
         if figures_dir is not None:
             draw_roc(result, name, figures_dir / f"roc_{name}.png", writer, step, epoch)
     return scalars, results
@@ -31,10 +32,11 @@ def draw_roc(result: dict, name: str, path: Path, writer=None, step: int = 0, ep
     """The ROC figure as a PNG (and a TensorBoard image); a figure never fails a run."""
     try:
         from marginlab.figures import save_png
-        from marginlab.figures.roc import roc_figure
+        from marginlab.figures.ijb_roc import ijb_roc_figure
+        from marginlab.figures.roc import verification_roc_figure
 
-        rgba = save_png(roc_figure(np.asarray(result["fpr"]), np.asarray(result["tpr"]), name, result["accuracy"],
-                                   result["auc"], epoch), path)
+        figure = ijb_roc_figure if "tar_at_fars" in result else verification_roc_figure  # IJB-B/C: no accuracy
+        rgba = save_png(figure(result, name, epoch), path)
         if writer is not None:
             writer.add_image(f"verification/{name}_roc", rgba[..., :3], step, dataformats="HWC")
     except Exception as exc:  # noqa: BLE001 - figures are optional

@@ -1,12 +1,22 @@
 """``marginlab eval checkpoint=<path or run dir> verification=[lfw,cfp_fp,agedb_30]``: score a saved model.
 
-Rebuilds the backbone from the checkpoint's own config, runs each verification set with the InsightFace
-protocol and writes ``<checkpoint>.eval.json`` next to the checkpoint (plus ROC figures beside it).
+Rebuilds the backbone from the checkpoint's own config (a bare state dict -- InsightFace arcface_torch's
+``backbone.pth``, ``marginlab export format=state_dict`` -- with ``backbone=<name>``, e.g. ``backbone=iresnet50``,
+and ``image_size=`` its input, default 112) and runs each verification set with the InsightFace protocol.
+
+Nothing is overwritten: each set's result goes to its own file, ``<checkpoint stem>.eval/<set>-<UTC time>.json``
+(with the options it ran with) and its ROC figure beside it (``.png``); ``<checkpoint stem>.eval.json`` is the
+merged record, rebuilt from every file in that folder: the latest result of each set (``<set>/acc``, ...,
+``results``) and every evaluation under ``evaluations`` (set, time, file). Strict JSON: NaN never appears (null,
+with the reason under ``undefined`` / ``nonfinite``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -16,14 +26,15 @@ from omegaconf import OmegaConf
 
 import marginlab.config  # noqa: F401  (resolvers)
 from marginlab.command_args import run_command
-from marginlab.checkpoint import EVAL_KEYS, read_checkpoint
 from marginlab.engine import resolve_device
 from marginlab.data.face import parse_image_size
 from marginlab.errors import ConfigError
 from marginlab.builders import build_verifiers
-from marginlab.eval.during_training import jsonable, run_verifiers
-from marginlab.logging.run_log import write_json
-from marginlab.weights import build_backbone, find_checkpoint
+from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
+from marginlab.export.files import free_path, write_text
+from marginlab.logging.run_log import NONFINITE_KEY, dumps, write_json
+from marginlab.checkpoint import find_checkpoint
+from marginlab.weights import load_backbone as load_weights
 
 
 #: what every verification set gives the backbone: RGB face crops, fitted to the checkpoint's image_size
@@ -46,11 +57,64 @@ def check_fits_verification(path: Path, data: dict, sets: list[str] = ()) -> Non
                           "model trained on a face data set (e.g. dataset=casia)")
 
 
-def load_backbone(path: Path, device: torch.device, sets: list[str] = ()):
-    """The checkpoint's backbone in eval mode, its ``data`` entry and the checkpoint; checked against ``sets``."""
-    ckpt = read_checkpoint(path, EVAL_KEYS)
+def load_backbone(path: Path, device: torch.device, sets: list[str] = (), backbone=None, image_size=None):
+    """The checkpoint's backbone in eval mode, its ``data`` entry and the checkpoint; checked against ``sets``.
+    ``backbone`` / ``image_size``: the architecture and input of a bare state dict (``weights.load_backbone``)."""
+    module, ckpt, _ = load_weights(path, backbone=backbone, image_size=image_size)
     check_fits_verification(path, ckpt["data"], sets)
-    return build_backbone(path, ckpt).to(device), ckpt["data"], ckpt
+    return module.to(device), ckpt["data"], ckpt
+
+
+# ---- results that never overwrite earlier ones ------------------------------------------------------------------
+def eval_dir(path: Path) -> Path:
+    """Where each evaluation of checkpoint ``path`` goes: ``<stem>.eval/`` beside it."""
+    return path.with_name(f"{path.stem}.eval")
+
+
+def options(target) -> dict:
+    """A set's settings as plain JSON values (its dataclass fields, private ones left out)."""
+    if not dataclasses.is_dataclass(target):
+        return {}
+    plain = (str, int, float, bool, type(None))
+    return {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
+            if not f.name.startswith("_") and isinstance(getattr(target, f.name), (*plain, list, tuple))}
+
+
+def write_record(path: Path, name: str, record: dict, stamp: str) -> Path:
+    """``<stem>.eval/<name>-<stamp>.json``, never over an existing file (a taken name gets ``-1``, ``-2``, ...)."""
+    target = free_path(eval_dir(path) / f"{name}-{stamp}.json", ".json", companions=())
+    write_text(target, dumps(record, indent=2, sort_keys=True) + "\n")  # strict JSON (run_log)
+    return target
+
+
+def merged_record(path: Path) -> dict:
+    """The record of every evaluation of ``path``: the latest per set at the top, all of them under
+    ``evaluations``, rebuilt from the files in ``<stem>.eval/`` (so a lost update loses nothing)."""
+    records = []
+    for file in sorted(eval_dir(path).glob("*.json")):
+        try:
+            record = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue  # a file being written by another evaluation, or not ours
+        if isinstance(record, dict) and "set" in record and "time" in record:
+            records.append((record["time"], file.name, record))
+    records.sort(key=lambda r: (r[0], r[1]))
+    latest = {record["set"]: (file, record) for _, file, record in records}
+    out = {"checkpoint": str(path), "results": {}, "files": {},
+           "evaluations": [{"set": r["set"], "time": r["time"], "file": f"{eval_dir(path).name}/{file}"}
+                           for _, file, r in records]}
+    nonfinite = {}
+    for name, (file, record) in latest.items():
+        out.update(record.get("scalars", {}))
+        out["results"][name] = record.get("result")
+        out["files"][name] = f"{eval_dir(path).name}/{file}"
+        out["epoch"] = record.get("epoch")
+        for key, what in (record.get(NONFINITE_KEY) or {}).items():  # where the record has null for NaN/inf
+            key = key.removeprefix("scalars.")
+            nonfinite[f"results.{name}.{key.removeprefix('result.')}" if key.startswith("result.") else key] = what
+    if nonfinite:
+        out[NONFINITE_KEY] = nonfinite
+    return out
 
 
 def evaluate_checkpoint(overrides: list[str]) -> dict:
@@ -66,21 +130,39 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     verifiers = build_verifiers(cfg.get("verification"))  # lazy: nothing is read yet
     if not verifiers:
         raise ConfigError("no verification set selected: verification=[lfw,cfp_fp,agedb_30]")
-    backbone, data, ckpt = load_backbone(path, device, sets=list(verifiers))
+    size = cfg.get("image_size")  # a bare state dict's input (None: its own, 112)
+    size = OmegaConf.to_container(size) if OmegaConf.is_config(size) else size
+    backbone, data, ckpt = load_backbone(path, device, sets=list(verifiers), backbone=cfg.get("backbone"),
+                                         image_size=size)
     if cfg.flip is not None:
         for target in verifiers.values():
             target.flip = bool(cfg.flip)
-    scalars, results = run_verifiers(verifiers, backbone, data["image_size"], device, figures_dir=path.parent,
-                                     epoch=ckpt.get("state", {}).get("epoch"))
-    out = {"checkpoint": str(path), "epoch": ckpt.get("state", {}).get("epoch"), **scalars,
-           "results": {name: jsonable(r) for name, r in results.items()}}
+    for target in verifiers.values():
+        if hasattr(target, "use_checkpoint"):  # IJB: image features cached beside the checkpoint
+            target.use_checkpoint(path)
+    epoch = ckpt.get("state", {}).get("epoch")
+    scalars, results = run_verifiers(verifiers, backbone, data["image_size"], device, epoch=epoch)
+    now = datetime.now(timezone.utc)
+    written = []
+    for name, result in results.items():
+        record = {"checkpoint": str(path), "set": name, "time": now.isoformat(), "epoch": epoch,
+                  "options": options(verifiers[name]), "weights": ckpt.get("weights"),
+                  "scalars": {k: v for k, v in scalars.items() if k.startswith(f"{name}/")},
+                  "result": jsonable(result)}
+        file = write_record(path, name, record, now.strftime("%Y%m%dT%H%M%SZ"))
+        draw_roc(result, name, file.with_suffix(".png"), epoch=epoch)
+        written.append(file)
+    out = merged_record(path)
     target = path.with_suffix(".eval.json")
     write_json(target, out)  # strict JSON: NaN/inf as null, named under "nonfinite"
     for name in results:
+        if "summary" in results[name]:  # IJB-B/C: TAR at each FAR, AUC and the protocol's flags
+            print(results[name]["summary"])
+            continue
         print(f"{name}: acc {scalars[f'{name}/acc']:.4f} +- {scalars[f'{name}/acc_std']:.4f}, "
               f"TAR@FAR=1e-3 {scalars[f'{name}/tar_at_far']:.4f}, AUC {scalars[f'{name}/auc']:.4f}, "
               f"EER {scalars[f'{name}/eer']:.4f}")
-    print(f"marginlab: wrote {target}")
+    print(f"marginlab: wrote {', '.join(str(f) for f in written)} (ROC figures beside them) and {target}")
     return out
 
 

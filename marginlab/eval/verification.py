@@ -5,15 +5,20 @@ score is the squared Euclidean distance of its two embeddings (in [0, 4]); "same
 ``dist < threshold``. Accuracy: the pairs are cut into ``nfolds`` contiguous folds (sklearn ``KFold``
 without shuffling); for each fold the threshold of ``arange(0, 4, 0.01)`` with the best accuracy on the
 other folds (first best) is applied to it; the mean and population std of the fold accuracies are
-reported. The ROC curve is the fold average of the test-fold (TPR, FPR) at each threshold.
+reported (a warning, in the result and the log, when the grid is too coarse for the distances). ``tpr`` /
+``fpr``: the fold average of the test-fold (TPR, FPR) at each grid threshold (InsightFace's); ``exact_tpr`` /
+``exact_fpr``: sklearn's exact ROC over every distinct distance, which the ROC figure draws.
 
 Differences, each stated where computed: TAR@FAR picks, per fold, the largest threshold of
 ``arange(0, 4, 0.001)`` whose training FAR is <= the target (InsightFace interpolates the inverse of the
 FAR step function with ``scipy.interpolate.interp1d``, which fails when FAR values repeat); AUC and EER
-are exact, from every distinct distance, not from the threshold grid.
+are exact (sklearn ``roc_curve`` / ``auc`` over every distinct distance), not from the threshold grid. When
+every pair is of one kind they are undefined: NaN, with the reason under ``undefined``.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -25,6 +30,9 @@ from marginlab.errors import ConfigError
 
 ACC_THRESHOLDS = np.arange(0, 4, 0.01)  # evaluate(): thresholds = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # evaluate(): thresholds = np.arange(0, 4, 0.001) for calculate_val
+GRID_LOSS = 0.01  # grid_warning: the accuracy the 0.01 grid may lose against an exact threshold before it warns
+
+log = logging.getLogger(__name__)
 
 
 # ---- embeddings -----------------------------------------------------------------------------------------
@@ -69,17 +77,17 @@ def embed_pairs(backbone: nn.Module, images: Tensor, batch_size: int = 256, flip
 
 # ---- the protocol ---------------------------------------------------------------------------------------
 def kfold(n: int, nfolds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """sklearn ``KFold(n_splits, shuffle=False)``: contiguous test folds, the first ``n % k`` one larger.
-    ``nfolds == 1`` gives (all, all), as InsightFace's ``LFold``."""
+    """sklearn ``KFold(n_splits, shuffle=False)`` (InsightFace's ``LFold``): contiguous test folds, the first
+    ``n % k`` one larger. ``nfolds == 1`` gives (all, all), as ``LFold``."""
     if isinstance(nfolds, bool) or not isinstance(nfolds, int) or nfolds < 1 or nfolds > n:
         raise ConfigError(f"nfolds={nfolds!r} is not allowed: it must be an integer in [1, {n}] (the pair count)")
     idx = np.arange(n)
     if nfolds == 1:
         return [(idx, idx)]
-    sizes = np.full(nfolds, n // nfolds)
-    sizes[: n % nfolds] += 1
-    bounds = np.concatenate(([0], np.cumsum(sizes)))
-    return [(np.concatenate((idx[:lo], idx[hi:])), idx[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    # imported here: sklearn (SciPy) cost `marginlab train` seconds of start-up (#16)
+    from sklearn.model_selection import KFold
+
+    return list(KFold(n_splits=nfolds, shuffle=False).split(idx))
 
 
 def _counts(thresholds: np.ndarray, dist: np.ndarray, issame: np.ndarray):
@@ -130,30 +138,54 @@ def calculate_val(dist: np.ndarray, issame: np.ndarray, far_target: float = 1e-3
     return float(val.mean()), float(val.std()), float(far.mean())
 
 
-def exact_roc(dist: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC over every distinct distance (accept ``dist <= d``), from (0, 0): (fpr, tpr, thresholds)."""
-    order = np.argsort(dist, kind="mergesort")
-    d, same = dist[order], issame[order]
-    tp, fp = np.cumsum(same), np.cumsum(~same)
-    last = np.concatenate((np.flatnonzero(np.diff(d)), [len(d) - 1]))  # last index of each distinct value
-    n_pos, n_neg = max(int(same.sum()), 1), max(int((~same).sum()), 1)
-    return (np.concatenate(([0.0], fp[last] / n_neg)), np.concatenate(([0.0], tp[last] / n_pos)),
-            np.concatenate(([-np.inf], d[last])))
+def exact_roc(dist: np.ndarray, issame: np.ndarray, drop_intermediate: bool = False):
+    """sklearn's exact ROC over every distinct distance (accept ``dist <= d``, i.e. score ``-dist``), from (0, 0):
+    (fpr, tpr, distance thresholds, the first -inf). ``drop_intermediate`` drops the collinear points (sklearn)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, scores = roc_curve(issame, -dist, drop_intermediate=drop_intermediate)
+    return fpr, tpr, -scores
 
 
 def auc_eer(dist: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
-    """Exact ROC AUC (trapezoids over the exact ROC = Mann-Whitney with half credit for ties) and the equal
-    error rate (FPR = 1 - TPR, linearly interpolated between the two ROC points around the crossing)."""
+    """Exact ROC AUC (sklearn ``auc``: trapezoids over the exact ROC = Mann-Whitney with half credit for ties) and
+    the equal error rate (FPR = 1 - TPR, linearly interpolated between the two ROC points around the crossing)."""
     if issame.all() or not issame.any():
         return float("nan"), float("nan")
     fpr, tpr, _ = exact_roc(dist, issame)
-    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    from sklearn.metrics import auc
+
+    area = float(auc(fpr, tpr))
     gap = fpr - (1 - tpr)  # rises from -1 at (0, 0) to 0 at (1, 1)
     k = int(np.argmax(gap >= 0))
     if gap[k] == 0 or k == 0:
-        return auc, float(fpr[k])
+        return area, float(fpr[k])
     t = -gap[k - 1] / (gap[k] - gap[k - 1])
-    return auc, float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+    return area, float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+
+
+def best_accuracies(dist: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
+    """(best accuracy over all pairs at a threshold of the protocol's grid, best at any exact threshold)."""
+    grid = float(_rates(ACC_THRESHOLDS, dist, issame)[2].max())
+    n_pos = int(issame.sum())
+    n_neg = len(issame) - n_pos
+    if not n_pos or not n_neg:
+        return grid, 1.0
+    fpr, tpr, _ = exact_roc(dist, issame)
+    return grid, float(np.max(tpr * n_pos + (1 - fpr) * n_neg) / len(dist))
+
+
+def grid_warning(dist: np.ndarray, issame: np.ndarray) -> str | None:
+    """A warning when the accuracy grid (step 0.01) is too coarse for these distances: its best accuracy over all
+    pairs is more than ``GRID_LOSS`` below what an exact threshold reaches (e.g. every distance below 0.01)."""
+    grid, exact = best_accuracies(dist, issame)
+    if exact - grid <= GRID_LOSS:
+        return None
+    step = float(ACC_THRESHOLDS[1] - ACC_THRESHOLDS[0])
+    return (f"the pair distances (range [{dist.min():.4g}, {dist.max():.4g}]) fall below the resolution of the "
+            f"accuracy protocol's threshold grid (step {step:g}): its best accuracy over all pairs is {grid:.4f}, "
+            f"an exact threshold reaches {exact:.4f}; the k-fold accuracy is limited by the grid (AUC, EER and the "
+            f"ROC figure are exact)")
 
 
 def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3) -> dict:
@@ -164,14 +196,25 @@ def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3)
         raise ConfigError(f"distances ({dist.size}) and issame ({issame.size}) must be non-empty and of equal length")
     tpr, fpr, accuracy, best = calculate_roc(dist, issame, nfolds)
     tar, tar_std, far = calculate_val(dist, issame, far_target, nfolds)
-    auc, eer = auc_eer(dist, issame)
-    return {
+    area, eer = auc_eer(dist, issame)
+    result = {
         "accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
         "accuracies": accuracy, "threshold": float(best.mean()), "thresholds": best,
         "tar_at_far": tar, "tar_at_far_std": tar_std, "far": far, "far_target": float(far_target),
-        "auc": auc, "eer": eer, "tpr": tpr, "fpr": fpr, "roc_thresholds": ACC_THRESHOLDS.copy(),
-        "nfolds": int(nfolds), "num_pairs": int(dist.size),
+        "auc": area, "eer": eer, "tpr": tpr, "fpr": fpr, "roc_thresholds": ACC_THRESHOLDS.copy(),
+        "nfolds": int(nfolds), "num_pairs": int(dist.size), "warnings": [],
     }
+    if issame.all() or not issame.any():
+        kind = "same-identity" if issame.all() else "different-identity"
+        why = f"undefined: every one of the {dist.size} pairs is a {kind} pair (an ROC needs both kinds)"
+        result["undefined"] = {"auc": why, "eer": why}
+    else:  # the exact ROC (sklearn roc_curve), collinear points dropped: what the ROC figure draws
+        result["exact_fpr"], result["exact_tpr"], _ = exact_roc(dist, issame, drop_intermediate=True)
+        warning = grid_warning(dist, issame)
+        if warning:
+            result["warnings"].append(warning)
+            log.warning("verification: %s", warning)
+    return result
 
 
 def evaluate(emb1, emb2, issame, nfolds: int = 10, far_target: float = 1e-3, normalize: bool = True) -> dict:

@@ -5,6 +5,11 @@
 (InsightFace ``eval/verification.py`` ``load_bin``, read with ``pickle.load(f, encoding='bytes')``).
 ``pairs.txt`` (LFW, Huang et al. 2007): a header ``<folds> <n>``, then per fold ``n`` matched lines
 ``name i j`` and ``n`` mismatched lines ``name1 i name2 j``; image ``<root>/<name>/<name>_<iiii>.jpg``.
+A pairs file for your own data (``verification=[pairs]``): one pair a line, ``path1 path2 label`` separated by
+spaces or tabs, label 1 (same identity) or 0, paths relative to the image root (or absolute, without spaces);
+blank lines and lines starting with ``#`` are skipped. Its pairs are cut into 10 contiguous folds in file order
+(InsightFace's protocol: mix the two kinds through the file). A file whose first line does not have 3 fields is
+read as LFW's ``pairs.txt``.
 Raw LFW images are 250x250 and unaligned: give aligned crops (the same alignment as the training data)
 or accuracy will be poor; any other size is resized.
 
@@ -168,22 +173,74 @@ def read_pairs(pairs_path: str | os.PathLike, root: str | os.PathLike, ext: str 
     return paths, np.array(issame, dtype=bool), folds
 
 
+# ---- your own pairs ---------------------------------------------------------------------------------------
+PATH_PAIRS_FOLDS = 10  # InsightFace's 10-fold protocol
+LABELS = {"1": True, "0": False}
+
+
+def _content_lines(pairs_path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every line that is not blank nor a ``#`` comment."""
+    try:
+        lines = pairs_path.read_text().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{pairs_path}: pairs file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{pairs_path}: cannot read the pairs file ({exc})") from None
+    return [(n, line) for n, line in enumerate(lines, start=1) if line.strip() and not line.lstrip().startswith("#")]
+
+
+def is_lfw_pairs(pairs_path: Path) -> bool:
+    """LFW's ``pairs.txt`` (its first line a header ``<folds> <n>``) unless that line has the 3 fields of a
+    ``path1 path2 label`` line."""
+    body = _content_lines(pairs_path)
+    return bool(body) and len(body[0][1].split()) != 3
+
+
+def read_path_pairs(pairs_path: str | os.PathLike, root: str | os.PathLike):
+    """Parses a ``path1 path2 label`` pairs file into (image paths 2N, issame N, folds); every line checked,
+    every image must exist."""
+    pairs_path, root = Path(pairs_path), Path(root)
+    body = _content_lines(pairs_path)
+    if not body:
+        raise DataError(f"{pairs_path}: no pair in the pairs file (one 'path1 path2 label' a line, label 1 or 0; "
+                        f"or LFW's pairs.txt)")
+    paths, issame = [], []
+    for n, line in body:
+        fields = line.split()
+        if len(fields) != 3:
+            raise DataError(f"{pairs_path}, line {n}: expected 3 fields 'path1 path2 label', got {len(fields)}: "
+                            f"{line!r}")
+        if fields[2] not in LABELS:
+            raise DataError(f"{pairs_path}, line {n}: label {fields[2]!r} is not allowed: 1 (same identity) or 0")
+        for field_ in fields[:2]:
+            image = root / os.path.expanduser(field_)  # an absolute path stays as it is
+            if not image.is_file():
+                raise DataError(f"{pairs_path}, line {n}: image {image} does not exist")
+            paths.append(str(image))
+        issame.append(LABELS[fields[2]])
+    return paths, np.array(issame, dtype=bool), PATH_PAIRS_FOLDS
+
+
 def load_lfw_folder(root: str | os.PathLike, pairs: str | os.PathLike | None = None, image_size=112,
                     name: str = "lfw", ext: str = "jpg") -> VerificationSet:
-    """Raw LFW: ``root/<name>/<name>_<nnnn>.<ext>`` with ``pairs`` (default ``root/pairs.txt``)."""
+    """Images under ``root`` with a pairs file ``pairs`` (default ``root/pairs.txt``): LFW's ``pairs.txt``
+    (``root/<name>/<name>_<nnnn>.<ext>``) or a ``path1 path2 label`` file (paths relative to ``root``)."""
     root = Path(os.path.expanduser(str(root)))
     size = parse_image_size(image_size, "image_size")
     pairs_path = Path(os.path.expanduser(str(pairs))) if pairs else root / "pairs.txt"
     if not root.is_dir():
-        raise DataError(f"{root}: LFW image folder not found")
-    paths, issame, folds = read_pairs(pairs_path, root, ext)
+        raise DataError(f"{root}: image folder of the verification set {name!r} not found")
+    if is_lfw_pairs(pairs_path):
+        paths, issame, folds = read_pairs(pairs_path, root, ext)
+    else:
+        paths, issame, folds = read_path_pairs(pairs_path, root)
     images = _decode_all(paths, lambda i: paths[i], size)
     return VerificationSet(name, images, issame, str(root), folds)
 
 
 def load_verification_set(path: str | os.PathLike, image_size=112, name: str | None = None,
                           pairs: str | os.PathLike | None = None) -> VerificationSet:
-    """A ``.bin`` file, or a raw-LFW directory (with ``pairs``, default ``<dir>/pairs.txt``)."""
+    """A ``.bin`` file, or an image directory with a pairs file (``pairs``, default ``<dir>/pairs.txt``)."""
     p = Path(os.path.expanduser(str(path)))
     if p.is_dir():
         return load_lfw_folder(p, pairs, image_size, name or p.name)

@@ -1,4 +1,4 @@
-"""``marginlab export checkpoint=<run dir | .pt> [format=onnx|torchscript|state_dict] [out=<file>]``: the backbone alone.
+"""``marginlab export checkpoint=<run dir | .pt | .pth> [format=onnx|torchscript|state_dict|insightface] [out=<file>]``.
 
 Writes the checkpoint's backbone (not its head: a face model is its embedding) in eval mode with fp32 weights,
 and ``<file>.json`` beside it: input size, channels, colour order, normalisation, embedding size, the training
@@ -6,6 +6,11 @@ config's head and data set, and the self-check. The written file is read back an
 it differs from PyTorch by more than 1e-4 (relative) nothing is kept and the command fails. Without ``out=`` the
 file goes next to the checkpoint (``checkpoints/best.onnx``); an existing file is never overwritten: a default
 name that is taken becomes ``best-1.onnx``, ``-2``, ...; a given ``out=`` that exists is refused.
+``format=insightface``: an IResNet's state dict under InsightFace arcface_torch's key names (``conv1``, ``bn1``,
+``prelu``, ``layer1.0.bn1``, ..., ``fc``, ``features``), what their ``iresnet50().load_state_dict`` takes (a
+MobileFaceNet's under theirs, for ``get_mbf(...).load_state_dict``). A bare
+backbone state dict as ``checkpoint=`` (InsightFace's ``backbone.pth``) needs ``backbone=<name>`` (e.g. iresnet50)
+and ``image_size=`` (default 112).
 """
 
 from __future__ import annotations
@@ -16,15 +21,16 @@ from pathlib import Path
 import torch
 
 from marginlab.checks import image_hw
-from marginlab.command_args import REQUIRED, one_of, parse, run_command
+from marginlab.command_args import REQUIRED, STATE_DICT_OPTIONS, one_of, parse, run_command
 from marginlab.export.files import free_path, put_in_place, refuse_existing, staged, write_text
 from marginlab.export.formats import FORMATS, insightface_problems, random_batch
-from marginlab.export.model_card import FACE_DATA, model_card
+from marginlab.export.model_card import is_face_model, model_card
 from marginlab.logging.run_log import dumps
 from marginlab.weights import load_backbone
 
 SIDECAR = ".json"
-SPEC = {"checkpoint": (REQUIRED, lambda k, v: v), "format": ("onnx", one_of(*FORMATS)), "out": (None, lambda k, v: v)}
+SPEC = {"checkpoint": (REQUIRED, lambda k, v: v), "format": ("onnx", one_of(*FORMATS)), "out": (None, lambda k, v: v),
+        **STATE_DICT_OPTIONS}
 
 
 def destination(out: str | None, checkpoint: Path, suffix: str) -> tuple[Path, str | None]:
@@ -41,7 +47,7 @@ def destination(out: str | None, checkpoint: Path, suffix: str) -> tuple[Path, s
 def export(args: list[str]) -> dict:
     """Runs the command; returns the sidecar it wrote."""
     opts = parse("export", args, SPEC)
-    backbone, ckpt, path = load_backbone(opts["checkpoint"])
+    backbone, ckpt, path = load_backbone(opts["checkpoint"], backbone=opts["backbone"], image_size=opts["image_size"])
     backbone = backbone.float()
     name = f"backbone {ckpt['config']['backbone'].get('_target_')}"
     height, width = image_hw(ckpt["data"]["image_size"])
@@ -56,7 +62,7 @@ def export(args: list[str]) -> dict:
     with staged(target) as tmp:
         check = writer(backbone, example, tmp, name)
         check["seconds"] = round(time.perf_counter() - start, 3)
-        if opts["format"] == "onnx" and str(ckpt["config"]["dataset"].get("_target_", "")).startswith(FACE_DATA):
+        if opts["format"] == "onnx" and is_face_model(ckpt):
             problems = insightface_problems(tmp, height, width)
             check["insightface_recognition_model"] = not problems
             check["insightface_problems"] = problems

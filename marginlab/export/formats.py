@@ -110,9 +110,36 @@ def write_state_dict(backbone: nn.Module, example: Tensor, path: Path, name: str
     return {"max_relative_error": 0.0, "tolerance": 0.0, "runtime": f"torch {torch.__version__}"}
 
 
+def write_insightface(backbone: nn.Module, example: Tensor, path: Path, name: str) -> dict:
+    """An IResNet's or a MobileFaceNet's state dict under InsightFace arcface_torch's key names
+    (``marginlab.export.insightface``, ``backbones.insightface_keys.mobilefacenet_to_insightface``): what their
+    ``iresnet50().load_state_dict`` / ``get_mbf(...).load_state_dict`` takes; read back and mapped to ours again, it
+    must be the backbone's."""
+    from marginlab.backbones.insightface_keys import from_insightface, mobilefacenet_to_insightface
+    from marginlab.backbones.iresnet import IResNet
+    from marginlab.backbones.mobilefacenet import MobileFaceNet
+    from marginlab.export.insightface import to_insightface
+
+    if not isinstance(backbone, (IResNet, MobileFaceNet)):
+        raise ConfigError(f"format=insightface is for IResNet backbones (iresnet18/34/50/100) and MobileFaceNets "
+                          f"(mobilefacenet, mbf, mbf_large: InsightFace's key layouts), not {name}: choose "
+                          f"format=state_dict")
+    ours = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    iresnet = isinstance(backbone, IResNet)
+    theirs, left = to_insightface(ours) if iresnet else mobilefacenet_to_insightface(ours, backbone.blocks)
+    if left:
+        raise ExportError(f"{name}: {len(left)} tensors have no InsightFace name ({', '.join(left[:3])}); not written")
+    torch.save(theirs, path)
+    back = from_insightface(read_checkpoint(path, required=()))
+    if set(back) != set(ours) or any(not torch.equal(back[k], v) for k, v in ours.items()):
+        raise ExportError(f"{name}: the InsightFace state dict read back from {path} differs from the backbone's")
+    return {"max_relative_error": 0.0, "tolerance": 0.0, "runtime": f"torch {torch.__version__}",
+            "key_layout": f"insightface arcface_torch backbones/{'iresnet' if iresnet else 'mobilefacenet'}.py"}
+
+
 #: format -> (file suffix, writer)
 FORMATS = {"onnx": (".onnx", write_onnx), "torchscript": (".torchscript.pt", write_torchscript),
-           "state_dict": (".state_dict.pt", write_state_dict)}
+           "state_dict": (".state_dict.pt", write_state_dict), "insightface": (".insightface.pth", write_insightface)}
 
 
 def insightface_problems(path: Path, height: int, width: int) -> list[str]:

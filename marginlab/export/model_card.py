@@ -15,10 +15,17 @@ def _normalisation(pixel_max: float, mean, std, note: str) -> dict:
             "input_std": [round(s * pixel_max, 6) for s in std], "note": note}
 
 
-def preprocessing(dataset: dict, channels: int) -> dict:
-    """The normalisation marginlab's data pipeline applied for the checkpoint's data set (``dataset._target_``)."""
+def is_face_model(ckpt: dict) -> bool:
+    """Trained on a face data set (``marginlab.data.face.*``), or a bare state dict taken for InsightFace's."""
+    target = str((ckpt["config"].get("dataset") or {}).get("_target_", ""))
+    return target.startswith(FACE_DATA) or bool((ckpt.get("weights") or {}).get("face"))
+
+
+def preprocessing(dataset: dict, channels: int, face: bool = False) -> dict:
+    """The normalisation marginlab's data pipeline applied for the checkpoint's data set (``dataset._target_``);
+    ``face``: InsightFace's face crops (a bare state dict names no data set)."""
     target = str(dataset.get("_target_", ""))
-    if target.startswith(FACE_DATA):  # marginlab.data.face.normalize_face
+    if face or target.startswith(FACE_DATA):  # marginlab.data.face.normalize_face
         return _normalisation(255, [0.5] * channels, [0.5] * channels,
                               "an aligned face crop, RGB, (x / 255 - 0.5) / 0.5 = (x - 127.5) / 127.5 in [-1, 1] "
                               "(InsightFace's); a crop of another size is first fitted as marginlab.data.face.fit_face")
@@ -54,10 +61,11 @@ def model_card(fmt: str, file: str, ckpt: dict, source: str, embedding_size: int
         "format": fmt, "file": file, "source": source, "epoch": ckpt.get("state", {}).get("epoch"),
         "input": {"name": "input", "layout": "NCHW", "shape": ["N", channels, height, width], "dtype": "float32",
                   "channels": channels, "height": height, "width": width, "colour_order": colour,
-                  "normalisation": preprocessing(config.get("dataset") or {}, channels)},
+                  "normalisation": preprocessing(config.get("dataset") or {}, channels, is_face_model(ckpt))},
         "output": {"name": "embedding", "shape": ["N", embedding_size], "embedding_size": embedding_size,
                    "l2_normalised": False},
         "backbone": config.get("backbone"), "head": config.get("head"), "dataset": config.get("dataset"),
-        "num_classes": data.get("num_classes"), "check": check,
+        "num_classes": data.get("num_classes"), "check": check, **({"weights": ckpt["weights"]} if "weights" in ckpt
+                                                                     else {}),
         "versions": {"marginlab": __version__, "torch": torch.__version__},
     }

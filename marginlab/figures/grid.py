@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from marginlab.figures import new_figure
 from marginlab.figures.angles import BINS
 from marginlab.figures.features import draw_features
+
+
+#: font sizes (points) readable at the saved size (figures.DPI): the figure title, panel titles and axis labels, ticks
+TITLE_SIZE, PANEL_SIZE, TICK_SIZE = 13, 10, 8
+
+#: a sweep directory's time stamp (``2026-12-02_08-31-51``, ``-1`` when taken): not what the sweep is
+TIME_STAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(-\d+)?")
+
+
+def sweep_name(root: Path) -> str:
+    """``outputs/sweeps/<name>/<date_time>`` -> ``<name>``; any other directory: its own name."""
+    root = Path(root).resolve()
+    return root.parent.name if TIME_STAMP.fullmatch(root.name) and root.parent.name else root.name
+
+
+def sweep_title(name: str, varying: list[str], what: str, runs: int) -> str:
+    """``sweep margins: features of 4 runs, varying head, head.m``."""
+    return f"sweep {name}: {what} of {runs} run{'s' if runs != 1 else ''}" + (
+        f", varying {', '.join(varying)}" if varying else "")
 
 
 @dataclass
@@ -33,14 +54,21 @@ def features_grid_figure(panels: list[RunPanel], unit: bool = False, title: str 
         raise ValueError("no run has 2-D or 3-D features to draw")
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = new_figure(3.6 * cols, 3.8 * rows, layout="constrained")
+    fig = new_figure(4.0 * cols, 4.4 * rows + (0.4 if title else 0.0), layout="constrained")
     for i, p in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, i + 1, projection="3d" if p.features.shape[1] == 3 else None)
+        dim = p.features.shape[1]
+        ax = fig.add_subplot(rows, cols, i + 1, projection="3d" if dim == 3 else None)
         draw_features(ax, p.features, p.labels, p.weights, num_classes=p.num_classes, unit=unit,
                       weights_are_points=p.weights_are_points, class_ids=p.class_ids, legend=i == 0)
-        ax.set_title(p.title, fontsize=8)
+        ax.set_title(p.title, fontsize=PANEL_SIZE)
+        name = "unit feature" if unit else "feature"
+        ax.set_xlabel(f"{name} dim 1", fontsize=PANEL_SIZE)
+        ax.set_ylabel(f"{name} dim 2", fontsize=PANEL_SIZE)
+        if dim == 3:
+            ax.set_zlabel(f"{name} dim 3", fontsize=PANEL_SIZE)
+        ax.tick_params(labelsize=TICK_SIZE)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=TITLE_SIZE)
     return fig
 
 
@@ -58,8 +86,9 @@ def target_angles_grid_figure(panels: list[RunPanel], title: str = ""):
         ax.hist(np.asarray(p.target_deg), bins=BINS, density=True, histtype="step", lw=1.5, color=color,
                 label=p.title)
     ax.set_xlim(0, 180)
-    ax.set_xlabel("target angle (degrees), last epoch")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=6)
-    ax.set_title(title or "target angle distribution per run", fontsize=10)
+    ax.set_xlabel("target angle (degrees), last epoch", fontsize=PANEL_SIZE)
+    ax.set_ylabel("density", fontsize=PANEL_SIZE)
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.legend(fontsize=TICK_SIZE)
+    ax.set_title(title or "target angle distribution per run", fontsize=TITLE_SIZE)
     return fig

@@ -10,6 +10,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead
+from marginlab.heads.probe_record import ProbeMargin
 
 
 class AdaFaceHead(CosineMarginHead):
@@ -39,7 +40,7 @@ class AdaFaceHead(CosineMarginHead):
         self.m = check_float("m", m, low=0.0, high=math.pi / 2)
         self.h = check_float("h", h, low=0.0, high=10.0)
         self.t_alpha = check_float("t_alpha", t_alpha, low=0.0, high=1.0, low_inclusive=False)
-        self.probe_cosine_margin = self.m
+        self.probe_margin = ProbeMargin(m3=self.m)  # CosFace with margin m (h = 0)
         self.register_buffer("batch_mean", torch.full((1,), 20.0))
         self.register_buffer("batch_std", torch.full((1,), 100.0))
 
@@ -59,10 +60,10 @@ class AdaFaceHead(CosineMarginHead):
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None:
             cos = self.normalized_cosine(embeddings)
-            self.last_cosine = cos.detach()
+            self.probe_record.keep(cos.detach())
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
-        self.last_cosine = cos.detach()
+        self.probe_record.keep(cos.detach())
         norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
         scaler = self.margin_scaler(norms)
         cos = cos.clamp(-1.0 + self.eps, 1.0 - self.eps)

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from marginlab.checks import check_float
 from marginlab.heads.base import CosineMarginHead
+from marginlab.heads.probe_record import ProbeMargin
 
 
 class AMSoftmaxHead(CosineMarginHead):
@@ -18,7 +19,7 @@ class AMSoftmaxHead(CosineMarginHead):
     def __init__(self, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.35, **common):
         super().__init__(in_features, num_classes, s=s, **common)
         self.m = check_float("m", m, low=0.0, high=2.0)
-        self.probe_cosine_margin = self.m
+        self.probe_margin = ProbeMargin(m3=self.m)  # additive cosine margin
 
     precise_target = False  # slope 1: rounding in cos theta_y moves the logit no more than any other's
 

@@ -10,6 +10,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead, cos_plus_angle_and_slope
+from marginlab.heads.probe_record import ProbeMargin
 
 #: the ways of applying the margin, see ArcFaceHead
 MODES = ("exact", "straight_through", "no_fallback")
@@ -49,6 +50,7 @@ class ArcFaceHead(CosineMarginHead):
                  easy_margin: bool = False, mode: str = "exact", **common):
         super().__init__(in_features, num_classes, s=s, **common)
         self.m = check_float("m", m, low=0.0, high=math.pi / 2)
+        self.probe_margin = ProbeMargin(m2=self.m)  # theta_y + m must stay below the nearest non-target angle
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not allowed: it must be one of {', '.join(MODES)}")
         self.mode = mode
@@ -74,7 +76,3 @@ class ArcFaceHead(CosineMarginHead):
             return torch.where(keep, phi, cos_target), torch.where(keep, slope, 1.0)
         keep = cos_target > self.threshold  # else the fallback cos theta - m sin m, slope 1
         return torch.where(keep, phi, cos_target - self.fallback), torch.where(keep, slope, 1.0)
-
-    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
-        # angular margin: theta_y + m must stay below the nearest non-target angle
-        return torch.acos(cos_target.clamp(-1, 1)) + self.m >= torch.acos(cos_other.clamp(-1, 1))

@@ -2,11 +2,14 @@
 
 A head owns the class weights ``W`` (C x D) and maps embeddings (B x D) to logits (B x C):
 ``head(x, labels)`` gives the training logits with the margin applied to the target column only,
-``head(x)`` the plain evaluation logits of its geometry. Cross-entropy is applied by the engine.
+``head(x)`` the plain evaluation logits of its geometry. Cross-entropy is applied by the engine (a ``chunked``
+cosine-margin head's training forward returns it instead, never building the logits: ``CosineMarginHead``).
 Margins are applied by gathering the target cosine, transforming it and scattering it back; no head
 builds a B x C one-hot or takes ``acos`` of the whole B x C matrix. Margin arithmetic runs in float32
-even under autocast. Each head keeps the (detached) cosines it computed in ``last_cosine`` so the
-geometry probe can reuse them (unless ``record_cosine`` is off: the trainer's steps that log nothing).
+even under autocast. What a head offers the geometry probe is declared in heads/probe_record.py: it keeps
+the (detached) cosines it computed in its ``probe_record`` so the probe can reuse them (unless the record
+is off: the trainer's steps that log nothing), and sets ``normalized_features``, ``weights_are_points``
+and ``probe_margin``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from torch import Tensor, nn
 
 from marginlab.checks import check_batch, check_float, check_positive_int
 from marginlab.errors import ConfigError
-from marginlab.heads.kernels import (LazyCosine, fused_cosine_margin, fused_linear, normalize_features, precise_cosine,
-                                     with_slope)
+from marginlab.heads.kernels import (RowReduce, chunked_margin_cross_entropy, fused_cosine_margin, fused_linear,
+                                    normalize_features, precise_cosine, with_slope)
+from marginlab.heads.probe_record import LazyCosine, ProbeMargin, ProbeRecord
 
 
 def cos_plus_angle(cos: Tensor, cos_m, sin_m) -> Tensor:
@@ -94,9 +98,12 @@ class MarginHead(nn.Module):
       Caffe ``param { lr_mult decay_mult }``; the optimizer builder (builders.py) makes them a group.
     """
 
-    #: margin used by the geometry probe's violation count: a sample violates the margin when its
-    #: target cosine does not beat the best non-target cosine by this much (additive cosine margin).
-    probe_cosine_margin: float = 0.0
+    #: for the geometry probe (heads/probe_record.py): whether the head classifies normalised features,
+    #: whether its class weights are points in feature space (not directions), and the margin its
+    #: violation count uses (heads with a margin set their own, in ``__init__`` when it depends on m)
+    normalized_features: bool = False
+    weights_are_points: bool = False
+    probe_margin: ProbeMargin = ProbeMargin()
     #: the initialisation of W in the head's official code (one of WEIGHT_INITS); heads without an
     #: official code of their own keep nn.Linear's
     official_init: str = "kaiming_uniform"
@@ -114,10 +121,9 @@ class MarginHead(nn.Module):
         self.weight_decay = None if weight_decay is None else check_float("weight_decay", weight_decay, low=0.0)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         self.reset_weight()
-        self.last_cosine = None
-        #: keep the probe's cosines of each forward (``last_cosine``); the trainer turns this off on
-        #: the steps that log no geometry, so heads skip the pieces they would compute for it
-        self.record_cosine = True
+        #: the probe's cosines of each forward; the trainer turns ``probe_record.enabled`` off on the
+        #: steps that log no geometry, so heads skip the pieces they would compute for it
+        self.probe_record = ProbeRecord()
 
     @property
     def weight_init(self) -> str:
@@ -128,28 +134,11 @@ class MarginHead(nn.Module):
         """Draws ``weight`` afresh with ``weight_init`` (subclasses that reshape W call it again)."""
         fill_class_weight_(self.weight, self.weight_init, generator)
 
-    @property
-    def last_cosine(self) -> Tensor | None:
-        """The (detached, B x C) cosines of the last forward, or None.
-
-        Heads may store a ``LazyCosine`` recipe instead of the tensor; it is computed (once) on first
-        read, so steps that never read it skip the B x C pass.
-        """
-        value = self.__dict__.get("_last_cosine")
-        if isinstance(value, LazyCosine):
-            value = value.compute()
-            self.__dict__["_last_cosine"] = value
-        return value
-
-    @last_cosine.setter
-    def last_cosine(self, value: Tensor | LazyCosine | None) -> None:
-        self.__dict__["_last_cosine"] = value
-
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         self._check_inputs(embeddings, labels)
         logits = self.logits(embeddings, labels)
-        if not self.record_cosine:
-            self.__dict__["_last_cosine"] = None
+        if not self.probe_record.enabled:
+            self.probe_record.clear()
         return logits
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
@@ -180,10 +169,6 @@ class MarginHead(nn.Module):
         """Writes the target column (B) into logits (B x C) in place; autograd-safe for fresh tensors."""
         return logits.scatter_(1, labels.view(-1, 1), target_logit.view(-1, 1).to(logits.dtype))
 
-    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
-        """True where the target cosine does not beat the nearest non-target cosine by the margin."""
-        return cos_target - cos_other <= self.probe_cosine_margin
-
     def extra_loss(self) -> Tensor | None:
         """A loss term the head adds itself (e.g. MagFace's g); None for most heads."""
         return None
@@ -205,13 +190,35 @@ class CosineMarginHead(MarginHead):
     to heads and wrappers that edit the cosines with ordinary ops (sub-centres, Partial FC).
     """
 
+    normalized_features = True  # it classifies x / ||x|| (heads/probe_record.py)
     #: take the target cosines in float64 from the target rows (angular margins: acos's slope is
     #: unbounded at +-1); additive cosine margins (slope 1) take them from the float32 product
     precise_target: bool = True
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, **common):
+    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, chunked: bool = False,
+                 chunk_size: int | None = None, **common):
         super().__init__(in_features, num_classes, **common)
         self.s = check_float("s", s, low=0.0, low_inclusive=False)
+        #: ``chunked``: a training forward (with labels, in train mode) returns the mean cross-entropy itself
+        #: (a 0-dim tensor, which ``MarginLoss`` takes as the loss), computed in blocks of ``chunk_size``
+        #: classes (default: ``default_block`` in that module) with an online log-sum-exp, never the B x C logits
+        #: (kernels/chunked_margin_ce.py): peak memory dW plus a few B x block blocks, one more B x C x D
+        #: product. A step whose geometry the probe records falls back to the logits (``probe_record``).
+        self.chunked = bool(chunked)
+        self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+        if self.chunked:
+            check_chunkable(self)
+
+    def chunked_loss(self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None,
+                     reduce: RowReduce | None = None) -> Tensor:
+        """The mean cross-entropy of ``head(x, labels)``'s logits, in class blocks (kernels/chunked_margin_ce.py).
+
+        Partial FC passes its sampled rows as ``weight``, -1 in ``labels`` for classes other ranks hold and
+        its all-reduce as ``reduce``."""
+        check_chunkable(self)
+        self.probe_record.clear()  # no cosines were made
+        return _chunked_loss(embeddings, self.weight if weight is None else weight, labels, self.s,
+                             self.margin_and_slope, self.precise_target, self.chunk_size, reduce)
 
     def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, Tensor | float]:
         """(phi(cos theta_y), d phi / d cos theta_y) for the B target cosines; called without autograd."""
@@ -222,24 +229,27 @@ class CosineMarginHead(MarginHead):
         return with_slope(cos_target, self.margin_and_slope)
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        if self.chunked and labels is not None and self.training and not self.probe_record.enabled:
+            return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (see ``chunked``)
         if type(self).normalized_cosine is not MarginHead.normalized_cosine:  # e.g. sub-centres
             if labels is None:
                 cos = self.normalized_cosine(embeddings)
-                self.last_cosine = cos.detach()
+                self.probe_record.keep(cos.detach())
                 return cos * self.s
             if self.precise_target:  # the target cosines in float64 from the target rows
                 cos, cos_target = self.cosine_and_target(embeddings, labels)
             else:
                 cos = self.normalized_cosine(embeddings)
                 cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
-            self.last_cosine = cos.detach()
+            self.probe_record.keep(cos.detach())
             return self.replace_target(cos * self.s, labels, self.s * self.target_cosine(cos_target, labels))
         s = self.s
         if labels is not None and not isinstance(s, Tensor) and not torch.compiler.is_compiling():
             # the whole training forward in one Function (fused_margin.py)
             logits, target = fused_cosine_margin(embeddings, self.weight, labels, s, s, self.margin_and_slope,
                                                  self.precise_target)
-            self.last_cosine = LazyCosine(logits, col_scale=1.0 / s, labels=labels, target_raw=target)
+            self.probe_record.keep(LazyCosine(logits, col_scale=1.0 / s, labels=labels,
+                                              target_raw=target))
             return logits
         # s cos theta_j in one fused product: (s x/||x||) . W_j / ||W_j||, clamped to [-s, s]
         scale = s.detach().clone() if isinstance(s, Tensor) else s  # as of this forward (s may be learnt)
@@ -252,6 +262,25 @@ class CosineMarginHead(MarginHead):
         if labels is not None:
             cos_target = fused.target / s
             logits = fused.replace_target(labels, s * self.target_cosine(cos_target, labels))
-        self.last_cosine = LazyCosine(logits, col_scale=1.0 / scale, labels=labels,
-                                      target_raw=None if labels is None else fused.target.detach())
+        self.probe_record.keep(LazyCosine(logits, col_scale=1.0 / scale, labels=labels,
+                                          target_raw=None if labels is None else fused.target.detach()))
         return logits
+
+
+def check_chunkable(head: nn.Module) -> None:
+    """``chunked=True`` needs a margin that is ``margin_and_slope`` of the target cosine alone and a fixed s."""
+    cls = type(head)
+    name = cls.__name__
+    if (cls.margin_and_slope is CosineMarginHead.margin_and_slope or cls.logits is not CosineMarginHead.logits
+            or cls.normalized_cosine is not MarginHead.normalized_cosine):
+        raise ConfigError(f"chunked=true is not allowed with {name}: its logits are not s cos theta with a margin "
+                          "on the target cosine alone (state, feature norms or sub-centres); use chunked=false")
+    if isinstance(getattr(head, "s", None), Tensor):
+        raise ConfigError(f"chunked=true is not allowed with {name}(learnable_scale=true): the chunked loss takes "
+                          "a fixed s; use learnable_scale=false or chunked=false")
+
+
+@torch.compiler.disable
+def _chunked_loss(embeddings, weight, labels, s, margin_and_slope, precise, block, reduce):
+    # eager: a Python loop over class blocks, with the head's margin passed as a callable
+    return chunked_margin_cross_entropy(embeddings, weight, labels, s, margin_and_slope, precise, block, reduce)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from marginlab.checks import check_float
 from marginlab.heads.base import CosineMarginHead
+from marginlab.heads.probe_record import ProbeMargin
 
 #: the slope uses d acos / d cos = -1 / sqrt(1 - cos^2) only for |cos| <= 1 - eps (there |d acos / d cos|
 #: <= ~2.2e3); within eps of +-1 (theta < ~4.5e-4 rad, or within that of pi) the slope is 0
@@ -37,6 +38,8 @@ class CombinedMarginHead(CosineMarginHead):
         self.m1 = check_float("m1", m1, low=1.0, high=10.0)
         self.m2 = check_float("m2", m2, low=0.0, high=math.pi)
         self.m3 = check_float("m3", m3, low=0.0, high=2.0)
+        # the probe's margin: cos(m1 theta_y + m2) - m3 (angle capped at pi) must beat the nearest non-target
+        self.probe_margin = ProbeMargin(m1=self.m1, m2=self.m2, m3=self.m3)
         self.precise_target = not (self.m1 == 1.0 and self.m2 == 0.0)  # an angular margin: acos below
 
     def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, Tensor | float]:
@@ -54,9 +57,3 @@ class CombinedMarginHead(CosineMarginHead):
         # d/dcos = m1 sin(m1 theta + m2) / sqrt(1 - cos^2)
         slope = (self.m1 * torch.sin(angle) * inside) / torch.sqrt((1.0 - cos_target * cos_target).clamp_min(_ACOS_EPS))
         return torch.cos(angle) - self.m3, slope
-
-    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
-        # the target's margined cosine (angle capped at pi) must beat the nearest non-target cosine
-        theta = torch.acos(cos_target.clamp(-1.0, 1.0))
-        margined = torch.cos((self.m1 * theta + self.m2).clamp_max(math.pi)) - self.m3
-        return margined <= cos_other

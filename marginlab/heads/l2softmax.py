@@ -12,7 +12,8 @@ from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.errors import ConfigError
 from marginlab.heads.base import MarginHead
-from marginlab.heads.kernels import LazyCosine, normalize_features
+from marginlab.heads.kernels import normalize_features
+from marginlab.heads.probe_record import LazyCosine
 
 
 def alpha_lower_bound(num_classes: int, p: float) -> float:
@@ -56,12 +57,12 @@ class L2SoftmaxHead(MarginHead):
         # L2-softmax (Ranjan et al. 2017): f = alpha * x / ||x||, then the usual W f + b
         features = normalize_features(at_least_float32(embeddings)) * self.alpha
         logits = at_least_float32(F.linear(features, self.weight, self.bias))
-        if not self.record_cosine:
+        if not self.probe_record.enabled:
             return logits
         with torch.no_grad():  # cosines for the geometry probe: (logit - b) / (alpha ||W_j||), computed
-            # from these pieces (taken now: the step may change W and b) when last_cosine is read
+            # from these pieces (taken now: the step may change W and b) when probe_record.cosine is read
             w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)
-            self.last_cosine = LazyCosine(
+            self.probe_record.keep(LazyCosine(
                 logits, col_scale=w_norms.clamp_min_(1e-12).mul_(self.alpha).reciprocal_(),
-                bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True))
+                bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True)))
         return logits

@@ -18,7 +18,8 @@ from torch import Tensor
 from marginlab.checks import check_float, check_positive_int
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import MarginHead
-from marginlab.heads.kernels import LazyCosine, fused_linear
+from marginlab.heads.kernels import fused_linear
+from marginlab.heads.probe_record import LazyCosine, ProbeMargin
 
 #: floor on ||x|| ||W_y|| when dividing by it, so zero-norm features give cos = 0 and finite gradients
 _NORM_EPS = 1e-12
@@ -86,6 +87,8 @@ class LSoftmaxHead(MarginHead):
                  gamma: float = 2.5e-5, power: float = 35.0, lambda_min: float = 0.0, **common):
         super().__init__(in_features, num_classes, **common)
         self.m = check_positive_int("m", m)
+        # the probe's margin: multiplicative angular, m theta_y must stay below the nearest non-target angle
+        self.probe_margin = ProbeMargin(m1=float(self.m))
         self.base = check_float("base", base, low=0.0)
         self.gamma = check_float("gamma", gamma, low=0.0)
         self.power = check_float("power", power, low=0.0)
@@ -110,7 +113,7 @@ class LSoftmaxHead(MarginHead):
         wx = fused.logits  # B x C, float32 at least; the matmul may run under autocast
         x = at_least_float32(embeddings)
         x_norm = torch.linalg.vector_norm(x, dim=1)  # B (norm's gradient at 0 is 0)
-        w_norms = self._used_weight_norms(fused) if self.normalize_weights or self.record_cosine else None
+        w_norms = self._used_weight_norms(fused) if self.normalize_weights or self.probe_record.enabled else None
         if labels is None:
             self._set_probe(wx, x_norm, w_norms)
             return wx
@@ -136,19 +139,14 @@ class LSoftmaxHead(MarginHead):
         return torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=fused.logits.dtype)
 
     def _set_probe(self, logits, x_norm, w_norms, labels=None, target=None) -> None:
-        """Cosines for the geometry probe, W_j x / (||W_j|| ||x||), computed when last_cosine is read."""
-        if not self.record_cosine:
+        """Cosines for the geometry probe, W_j x / (||W_j|| ||x||), computed when probe_record.cosine is read."""
+        if not self.probe_record.enabled:
             return
         with torch.no_grad():
-            self.last_cosine = LazyCosine(
+            self.probe_record.keep(LazyCosine(
                 logits, row_scale=x_norm.detach().clamp_min(_NORM_EPS).reciprocal_(),
                 col_scale=w_norms.clamp_min(_NORM_EPS).reciprocal_(), labels=labels,
-                target_raw=None if target is None else target.detach())
-
-    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
-        # multiplicative angular margin: m theta_y must stay below the nearest non-target angle
-        theta_y = torch.acos(cos_target.clamp(-1.0, 1.0))
-        return self.m * theta_y >= torch.acos(cos_other.clamp(-1.0, 1.0))
+                target_raw=None if target is None else target.detach()))
 
     def schedule_values(self) -> dict[str, float]:
         return {"lambda": float(self.current_lambda())}

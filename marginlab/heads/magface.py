@@ -10,6 +10,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead, cos_plus_angle
+from marginlab.heads.probe_record import ProbeMargin
 
 
 class MagFaceHead(CosineMarginHead):
@@ -38,6 +39,7 @@ class MagFaceHead(CosineMarginHead):
         self.u_a = check_float("u_a", u_a, low=self.l_a, low_inclusive=False)
         self.l_m = check_float("l_m", l_m, low=0.0, high=math.pi / 2)
         self.u_m = check_float("u_m", u_m, low=self.l_m, high=math.pi / 2)
+        self.probe_margin = ProbeMargin(m2=self.l_m)  # angular, with the smallest magnitude-aware margin l_m
         self.lambda_g = check_float("lambda_g", lambda_g, low=0.0)
         self.easy_margin = bool(easy_margin)
         self._loss_g: Tensor | None = None
@@ -53,11 +55,11 @@ class MagFaceHead(CosineMarginHead):
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None:
             cos = self.normalized_cosine(embeddings)
-            self.last_cosine = cos.detach()
+            self.probe_record.keep(cos.detach())
             self._loss_g = None
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
-        self.last_cosine = cos.detach()
+        self.probe_record.keep(cos.detach())
         a = torch.linalg.vector_norm(at_least_float32(embeddings), dim=1).clamp(self.l_a, self.u_a)
         margin = self.magnitude_margin(a).to(cos.dtype)
         # MagFace, L_Mag target: cos(theta_y + m(a_i)) (official MagLinear, cos m / sin m per sample)
@@ -74,7 +76,3 @@ class MagFaceHead(CosineMarginHead):
     def extra_loss(self) -> Tensor | None:
         """lambda_g * mean(g(a)) from the last training forward; None after an evaluation forward."""
         return self._loss_g
-
-    def margin_violation(self, cos_target: Tensor, cos_other: Tensor) -> Tensor:
-        # angular margin with the smallest magnitude-aware margin l_m
-        return torch.acos(cos_target.clamp(-1, 1)) + self.l_m >= torch.acos(cos_other.clamp(-1, 1))

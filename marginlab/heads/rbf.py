@@ -11,7 +11,8 @@ from torch.autograd.function import once_differentiable
 from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import MarginHead
-from marginlab.heads.kernels import LazyCosine, class_block, no_autocast
+from marginlab.heads.kernels import class_block, no_autocast
+from marginlab.heads.probe_record import LazyCosine
 
 
 #: the probe's cosines are recovered from the logits (see _RBFCosine) only where the estimated error
@@ -214,6 +215,7 @@ class RBFHead(MarginHead):
 
     # 2han9x1a0release/RBF-Softmax pycls/losses/rbflogit.py: nn.init.xavier_uniform_(self.weight)
     official_init = "xavier_uniform"
+    weights_are_points = True  # prototypes in feature space, not directions (heads/probe_record.py)
 
     def __init__(self, in_features: int, num_classes: int, s: float = 35.0, gamma: float = 16.0, **common):
         super().__init__(in_features, num_classes, **common)
@@ -223,15 +225,15 @@ class RBFHead(MarginHead):
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         x = at_least_float32(embeddings)
         w = at_least_float32(self.weight)
-        out, product, x2, w2 = _RBFLogits.apply(x, w, self.s, self.gamma, self.record_cosine)
+        out, product, x2, w2 = _RBFLogits.apply(x, w, self.s, self.gamma, self.probe_record.enabled)
         # cosines for the geometry probe, x.W_j / (||x|| ||W_j||), computed when read
-        if not self.record_cosine:
+        if not self.probe_record.enabled:
             return out
         with torch.no_grad():  # probe pieces only (under torch.compile the non-differentiable marks are lost)
             if product.numel():
                 inv_x = x2.sqrt().clamp_min_(1e-12).reciprocal_()
                 inv_w = w2.sqrt().clamp_min_(1e-12).reciprocal_()
-                self.last_cosine = LazyCosine(product, row_scale=inv_x, col_scale=inv_w)
+                self.probe_record.keep(LazyCosine(product, row_scale=inv_x, col_scale=inv_w))
             else:
-                self.last_cosine = _RBFCosine(out, x2, w2, self.gamma, math.log(self.s))
+                self.probe_record.keep(_RBFCosine(out, x2, w2, self.gamma, math.log(self.s)))
         return out

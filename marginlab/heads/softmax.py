@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import MarginHead
-from marginlab.heads.kernels import LazyCosine
+from marginlab.heads.probe_record import LazyCosine
 
 
 class SoftmaxHead(MarginHead):
@@ -21,14 +21,14 @@ class SoftmaxHead(MarginHead):
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         logits = at_least_float32(F.linear(embeddings, self.weight, self.bias))  # float32 under autocast
-        if not self.record_cosine:
+        if not self.probe_record.enabled:
             return logits
         with torch.no_grad():  # cosines only for the geometry probe: cos = (logits - b) / (||W|| ||x||),
-            # computed from these pieces (taken now: the step may change W and b) when last_cosine is read
+            # computed from these pieces (taken now: the step may change W and b) when probe_record.cosine is read
             x_norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
             w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)
-            self.last_cosine = LazyCosine(
+            self.probe_record.keep(LazyCosine(
                 logits, row_scale=x_norms.clamp_min_(1e-12).reciprocal_(),
                 col_scale=w_norms.clamp_min_(1e-12).reciprocal_(),
-                bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True))
+                bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True)))
         return logits

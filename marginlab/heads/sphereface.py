@@ -84,7 +84,7 @@ class SphereFaceHead(LSoftmaxHead):
         x = at_least_float32(embeddings)
         x_norm = torch.linalg.vector_norm(x, dim=1)
         w_norms = (torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=wx.dtype)
-                   if self.record_cosine else None)
+                   if self.probe_record.enabled else None)
         if labels is None:
             self._set_probe(wx, x_norm, w_norms)
             return wx

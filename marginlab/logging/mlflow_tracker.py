@@ -77,10 +77,20 @@ class MlflowTracker:
                 if found is None:
                     raise
                 experiment_id = found.experiment_id
-        run = self.client.create_run(experiment_id, run_name=self.run_dir.name,
-                                     tags={"marginlab.run_dir": str(self.run_dir.resolve())})
-        self.run_id = run.info.run_id
+        self.run_id = self._resumed_run(experiment_id) or self.client.create_run(
+            experiment_id, run_name=self.run_dir.name, tags={"marginlab.run_dir": str(self.run_dir.resolve())}
+        ).info.run_id
         self.done = False
+
+    def _resumed_run(self, experiment_id: str) -> str | None:
+        """The MLflow run this run dir logged to before (``train resume=``), reopened; None for a new run dir."""
+        run_dir = str(self.run_dir.resolve()).replace("'", "\\'")
+        found = self.client.search_runs([experiment_id], f"tags.`marginlab.run_dir` = '{run_dir}'", max_results=1,
+                                        order_by=["attributes.start_time DESC"])
+        if not found:
+            return None
+        self.client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
 
     @classmethod
     def from_config(cls, cfg, run_dir: Path) -> "MlflowTracker | None":

@@ -1,8 +1,11 @@
 """``marginlab report <sweep dir | run dirs>``: one table of a sweep, a row per setting, beside the paper's numbers.
 
-Each job's overrides (``.hydra/overrides.yaml``) minus the seed define its setting; each metric is the mean
+A job's row is set, and labelled, by the keys whose values differ between the jobs: each read from the job's
+override (``.hydra/overrides.yaml``) or else its saved config (``.hydra/config.yaml``), the seed and run
+management left out (``report.table.distinguishing_keys``); each metric is the mean
 +- sample std over the setting's completed seeds; failed jobs are counted, never averaged. The table is
-printed and written as ``report.md`` and ``report.csv`` (into the sweep dir, or ``--out``).
+printed and written as ``report.md`` and ``report.csv`` (into the sweep dir, or ``--out``). Single runs that
+failed before their first epoch (only a failure record in their directory) are skipped, with a count.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ def default_out(paths: list[str]) -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="marginlab report",
-        description="Join each job's overrides with its metrics.json into one table: a row per setting "
-                    "(overrides minus seed), mean ± std over seeds, the best row marked, the paper's numbers "
-                    "beside ours when the experiment config has a paper: block.")
+        description="Join each job's config with its metrics.json into one table: a row per setting "
+                    "(the values that differ between the runs, seed aside), mean ± std over seeds, the best row "
+                    "marked, the paper's numbers beside ours when the experiment config has a paper: block.")
     p.add_argument("paths", nargs="+", help="a sweep directory, or several run/job directories")
     p.add_argument("--metrics", help="comma-separated metrics.json keys (default: test/acc and any <set>/acc); "
                                      "the first one picks the best row")
@@ -58,9 +61,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(args: list[str]) -> int:
     opts = parser().parse_args(args)
-    jobs = collect(opts.paths)
+    found = collect(opts.paths)
+    jobs = [j for j in found if not j.never_trained]  # failed before the first epoch: only a failure record
+    skipped = len(found) - len(jobs)
+    if skipped:
+        print(f"marginlab: report: skipped {skipped} run dir{'s' if skipped > 1 else ''} that never trained "
+              f"(failed before the first epoch; metrics.json says why)")
     if not jobs:
-        raise ConfigError(f"report: no job directories (with .hydra/) under {', '.join(opts.paths)}")
+        raise ConfigError(f"report: no job directories (with .hydra/) under {', '.join(opts.paths)}"
+                          + (f" except {skipped} that never trained" if skipped else ""))
     metrics = [m.strip() for m in opts.metrics.split(",") if m.strip()] if opts.metrics else None
     out = Path(opts.out) if opts.out else default_out(opts.paths)
     report = build_report(jobs, metrics, root=default_out(opts.paths))

@@ -17,6 +17,38 @@ from marginlab.logging.run_log import restore_nonfinite
 #: overrides that do not define a setting: the seeds of one setting are averaged; hydra.* only places files
 IGNORED_KEYS = ("seed", "resume")
 
+#: run management, not the experiment: never a row label (a key, or a prefix followed by "." or "/")
+NOISE = ("hydra", "logger", "launcher", "hparams_search", "paper", "reproduce", "resume", "name", "init_from",
+         "dataset.num_workers", "dataset.pin_memory", "dataset.eval_batch_size", "dataset.root", "dataset.download",
+         "trainer.device", "trainer.checkpoint", "trainer.compile", "trainer.channels_last")
+
+#: config groups whose choice (``head`` -> ``arcface``) can label a row, before the config's own values
+CHOICE_KEYS = ("experiment", "dataset", "backbone", "head", "regularizer", "optim", "sched", "verification")
+
+
+def is_noise(key: str) -> bool:
+    return key in IGNORED_KEYS or any(key == n or key.startswith((n + ".", n + "/")) for n in NOISE)
+
+
+def as_text(value: Any) -> str:
+    """A config value as an override writes it (true, null, 0.5, [a, b])."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(as_text(v) for v in value) + "]"
+    return str(value)
+
+
+def leaves(node: dict, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of every value under ``node`` that is not a (non-empty) dict."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        out.update(leaves(value, name + ".") if isinstance(value, dict) and value else {name: value})
+    return out
+
 
 @dataclass
 class Job:
@@ -39,16 +71,42 @@ class Job:
     def seed(self) -> Any:
         return self.config.get("seed")
 
+    @property
+    def never_trained(self) -> bool:
+        """A single run that failed before its first epoch: its directory holds only the failure record (a failed
+        job of a sweep stays in the report, counted in its setting's row; a run still starting is not skipped)."""
+        return (self.status == "failed" and self.num is None and (self.path / "metrics.json").exists()
+                and not (self.path / "metrics.jsonl").exists())  # metrics.jsonl: a line per epoch trained
+
     def setting(self) -> dict[str, str]:
-        """The job's overrides minus the seed (and resume, hydra.*): the key its row is grouped by."""
+        """The job's overrides minus the seed and run management (``NOISE``): what its row is grouped by."""
         out = {}
         for item in self.overrides:
             key, sep, value = item.partition("=")
             key = key.lstrip("+~")
-            if not sep or key in IGNORED_KEYS or key.startswith("hydra.") or key.startswith("hydra/"):
+            if not sep or is_noise(key):
                 continue
             out[key] = value
         return out
+
+    def label(self, key: str) -> str | None:
+        """``key``'s value in this job as text: its override when it has one, else its saved config's value (or
+        config-group choice); None when neither has the key."""
+        given = self.setting()
+        if key in given:
+            return given[key]
+        value = self.value(key)
+        if value is None and key not in self.choices and key.split(".")[0] not in self.config:
+            return None
+        return as_text(value)
+
+    def group_keys(self) -> list[str]:
+        """The config groups whose choice may label its row (``head``, ``dataset`` ...)."""
+        return [k for k in CHOICE_KEYS if k in self.choices or k in self.config]
+
+    def config_keys(self) -> list[str]:
+        """Its saved config's dotted keys that may label its row (no run management, no ``_target_``)."""
+        return [k for k in leaves(self.config) if not is_noise(k) and not k.endswith("._target_")]
 
     def value(self, key: str) -> Any:
         """A config-group choice (``head`` -> ``arcface``), the names of a group of named entries (``regularizer``

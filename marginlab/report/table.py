@@ -1,4 +1,5 @@
-"""Jobs -> one row per setting (overrides minus seed): mean +- std over seeds, failures, the paper's numbers."""
+"""Jobs -> one row per setting (the keys that differ between jobs, seed aside): mean +- std over seeds, failures,
+the paper's numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from marginlab.report.jobs import Job, is_finite_number
+from marginlab.report.jobs import Job, as_text, is_finite_number
 from marginlab.report.paper import CONFIDENCE, PaperValue, paper_values
 
 #: metric names in which smaller is better (the best row is chosen by the first metric)
@@ -232,15 +233,33 @@ class Report:
         return md, csv_path
 
 
+def distinguishing_keys(jobs: list[Job]) -> list[str]:
+    """The keys that tell the jobs' settings apart, each read from a job's override or else its saved config:
+    overrides first, then config-group choices, then config values; a key is kept only when it splits jobs that
+    the keys before it left together (``head.m`` adds nothing after ``m``). Seeds (and keys equal to the seed in
+    every job) are averaged over, not labels; run management (``jobs.NOISE``) is left out."""
+    candidates = list(dict.fromkeys([*(k for j in jobs for k in j.setting()), *(k for j in jobs for k in j.group_keys()),
+                                     *(k for j in jobs for k in j.config_keys())]))
+    keys: list[str] = []
+    groups = 1 if jobs else 0
+    for key in candidates:
+        if all(j.label(key) == as_text(j.seed) for j in jobs):
+            continue  # the seed under another name (dataset.seed: ${seed}): averaged over, like the seed
+        split = len({tuple(j.label(k) for k in (*keys, key)) for j in jobs})
+        if split > groups:
+            keys.append(key)
+            groups = split
+    return keys
+
+
 def build_report(jobs: list[Job], metrics: list[str] | None = None, root: Path | None = None) -> Report:
     """Groups ``jobs`` (in sweep order) by setting and averages each metric over the completed seeds."""
+    keys = distinguishing_keys(jobs)
     rows: dict[tuple, Row] = {}
     for job in jobs:
-        setting = job.setting()
-        rows.setdefault(tuple(sorted(setting.items())), Row(setting=setting)).jobs.append(job)
+        labels = {k: job.label(k) or "-" for k in keys}
+        rows.setdefault(tuple(labels.values()), Row(setting={**job.setting(), **labels})).jobs.append(job)
     metrics = list(metrics or default_metrics(jobs))
-    all_keys = list(dict.fromkeys(k for r in rows.values() for k in r.setting))
-    keys = [k for k in all_keys if len({r.setting.get(k) for r in rows.values()}) > 1]
     common = {k: v for k, v in next(iter(rows.values())).setting.items() if k not in keys} if rows else {}
     for row in rows.values():
         for m in metrics:

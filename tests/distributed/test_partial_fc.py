@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from functools import partial
 
@@ -299,3 +300,21 @@ def test_unsharded_state_loads_into_one_process():
     assert sharded_state.model_state_dict(model).keys() == state.keys()
     with pytest.raises(RuntimeError, match="unexpected keys"):
         sharded_state.load_model_state_dict(model, {**state, "extra": torch.zeros(1)})
+
+
+def test_a_near_zero_feature_gets_a_bounded_gradient():
+    """Issue #13: Partial FC normalises features as the heads do, so a feature of norm 1e-11 cannot blow up a step
+    (F.normalize's eps of 1e-12 passed back ~1e11 times the gradient); a zero feature gets none."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dim, num_classes = 8, 12
+    torch.manual_seed(0)
+    for norm in (0.0, 1e-11, 1e-6):
+        pfc = PartialFC(ArcFaceHead(dim, num_classes), num_classes, sample_rate=1.0, init_seed=0)
+        x = torch.randn(4, dim, dtype=torch.float64)
+        x[0] = x[0] / x[0].norm() * norm
+        x.requires_grad_(True)
+        pfc.double()(x, torch.tensor([0, 1, 2, 3])).backward()
+        grad = x.grad[0].norm().item()
+        assert math.isfinite(grad) and grad < 1e4 * pfc.head.s, (norm, grad)
+        assert (grad == 0.0) == (norm == 0.0), (norm, grad)

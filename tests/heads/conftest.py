@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import marginlab
 from marginlab.builders import build_head
+from marginlab.config.validate import resolve_head
 
 HEAD_CONFIGS = Path(marginlab.__file__).parent / "configs" / "head"
 
@@ -102,11 +103,11 @@ def gradcheck_head(head, x, labels, with_labels: bool = True):
 
 
 def check_probe_cosine(head, x, labels=None):
-    """The head's ``last_cosine`` equals the float64 cosines between features and class weights."""
+    """The head's ``probe_record.cosine`` equals the float64 cosines between features and class weights."""
     head.eval()
     head(x, labels)
     expected = reference_cosine(x, head.weight.detach())
-    torch.testing.assert_close(head.last_cosine.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head.probe_record.cosine.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def instantiate(name: str, in_features: int = 8, num_classes: int = 10, **overrides):
@@ -114,7 +115,7 @@ def instantiate(name: str, in_features: int = 8, num_classes: int = 10, **overri
     cfg = OmegaConf.load(HEAD_CONFIGS / f"{name}.yaml")
     for key, value in overrides.items():
         cfg[key] = value
-    return build_head(OmegaConf.create({"head": cfg, "seed": 0}), in_features, num_classes)
+    return build_head(resolve_head(cfg), in_features, num_classes)
 
 
 def acos_sizes(head, x, labels) -> list[int]:

@@ -45,7 +45,7 @@ def test_probe_cosine_and_margin(hh):
     head = AMSoftmaxHead(8, 10, m=0.35)
     x, labels = hh.make_batch(head)
     hh.check_probe_cosine(head, x, labels)
-    assert head.margin_violation(torch.tensor([0.9, 0.9]), torch.tensor([0.5, 0.6])).tolist() == [False, True]
+    assert head.probe_margin.violation(torch.tensor([0.9, 0.9]), torch.tensor([0.5, 0.6])).tolist() == [False, True]
 
 
 @pytest.mark.parametrize("kwargs, pattern", [({"m": -0.1}, r"m=-0.1 .*\[0, 2\]"), ({"m": 2.5}, r"m=2.5")])

@@ -96,7 +96,7 @@ def test_acos_only_on_the_target_column(hh):
 def test_margin_violation():
     head = CombinedMarginHead(4, 3, m1=1.0, m2=0.3, m3=0.0)
     theta_y, theta_o = torch.tensor([0.2, 0.2]), torch.tensor([0.6, 0.4])
-    assert head.margin_violation(torch.cos(theta_y), torch.cos(theta_o)).tolist() == [False, True]
+    assert head.probe_margin.violation(torch.cos(theta_y), torch.cos(theta_o)).tolist() == [False, True]
 
 
 def test_probe_cosine(hh):

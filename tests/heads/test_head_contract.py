@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 import marginlab
 from marginlab.builders import build_head
-from marginlab.config.validate import check_target_node, split_head
+from marginlab.config.validate import check_target_node, resolve_head, split_head
 from marginlab.errors import ConfigError
 
 HEAD_CONFIGS = Path(marginlab.__file__).parent / "configs" / "head"
@@ -96,7 +96,7 @@ def test_out_of_range_is_refused_at_build_naming_the_key(name):
     node = head_node(name, **{key: bad})
     check_target_node("head", node)  # well typed: the constructor refuses the range
     with pytest.raises(ConfigError) as err:
-        build_head(OmegaConf.create({"head": node, "seed": 0}), D, C)
+        build_head(resolve_head(node), D, C)
     assert str(err.value).startswith(f"{key}={bad!r} is not allowed") and allowed in str(err.value)
 
 

@@ -33,8 +33,8 @@ def test_head_trains_one_epoch_and_loss_decreases(run_train, metrics, head):
 
 
 @pytest.mark.parametrize("name", HEADS)
-def test_record_cosine_off_keeps_logits_and_gradients_and_drops_the_probe(name, hh):
-    """With record_cosine=False (the trainer's steps that log no geometry) a head gives the same
+def test_probe_record_off_keeps_logits_and_gradients_and_drops_the_probe(name, hh):
+    """With probe_record.enabled off (the trainer's steps that log no geometry) a head gives the same
     logits and gradients and keeps no probe cosines; switched back on, it records them again."""
     head = hh.instantiate(name, in_features=6, num_classes=9).train()
     x, labels = hh.make_batch(head, batch=10, special=False)
@@ -42,7 +42,7 @@ def test_record_cosine_off_keeps_logits_and_gradients_and_drops_the_probe(name, 
     results = []
     for record in (True, False):
         head.load_state_dict(start)
-        head.record_cosine = record
+        head.probe_record.enabled = record
         head.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
         logits = head(xx, labels)
@@ -50,9 +50,9 @@ def test_record_cosine_off_keeps_logits_and_gradients_and_drops_the_probe(name, 
         extra = head.extra_loss()
         (loss if extra is None else loss + extra).backward()
         results.append([logits.detach(), xx.grad] + [p.grad for p in head.parameters() if p.requires_grad])
-        assert (head.last_cosine is None) == (not record)
+        assert (head.probe_record.cosine is None) == (not record)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    head.record_cosine = True
+    head.probe_record.enabled = True
     head(x, labels)
-    assert head.last_cosine is not None
+    assert head.probe_record.cosine is not None

@@ -171,7 +171,7 @@ def test_margin_violation_is_angular():
     head = LSoftmaxHead(4, 3, m=3)
     theta_y = torch.tensor([0.2, 0.2])
     theta_o = torch.tensor([0.7, 0.5])  # 3 * 0.2 = 0.6: beats 0.7, fails 0.5
-    assert head.margin_violation(torch.cos(theta_y), torch.cos(theta_o)).tolist() == [False, True]
+    assert head.probe_margin.violation(torch.cos(theta_y), torch.cos(theta_o)).tolist() == [False, True]
 
 
 def test_probe_cosine(hh):

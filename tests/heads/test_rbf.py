@@ -71,9 +71,9 @@ def test_probe_cosines_recovered_where_features_dwarf_prototypes():
     head = RBFHead(64, 50)
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)) * 2.5
     head.train()(x, torch.zeros(32, dtype=torch.long))
-    assert type(head.__dict__["_last_cosine"]).__name__ == "_RBFCosine"
+    assert type(head.probe_record.pending).__name__ == "_RBFCosine"
     expected = F.normalize(x.double()) @ F.normalize(head.weight.detach().double()).T
-    torch.testing.assert_close(head.last_cosine.double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(head.probe_record.cosine.double(), expected, atol=1e-6, rtol=0)
 
 
 def test_recovery_estimate_holds_where_recovery_is_used():
@@ -166,7 +166,7 @@ def test_training_forward_under_torch_compile_matches_eager(hh):
         forward = torch.compile(head, backend="aot_eager") if compiled else head
         logits = forward(xx, labels)
         F.cross_entropy(logits, labels).backward()
-        results.append((logits.detach(), xx.grad, head.weight.grad, head.last_cosine))
+        results.append((logits.detach(), xx.grad, head.weight.grad, head.probe_record.cosine))
     torch._dynamo.reset()
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -44,3 +44,51 @@ def test_zero_and_tiny_features_get_bounded_gradients(hh, name, overrides, autoc
     assert x.grad.norm(dim=1).max() <= 2.0 * s
     for pname, p in head.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+def _step(head, x, labels, autocast=False):
+    """Logits and every gradient (x first) of one cross-entropy step (with the head's own loss term)."""
+    x = x.clone().requires_grad_(True)
+    head.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = head(x, labels)
+        loss = F.cross_entropy(logits, labels)
+    extra = head.extra_loss()
+    (loss if extra is None else loss + extra).backward()
+    return [logits.detach(), x.grad] + [p.grad for p in head.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name, overrides", NORMALISED, ids=[f"{n}{o}" for n, o in NORMALISED])
+@pytest.mark.parametrize("tiny", [1e-11, 1e-6])
+def test_near_zero_features_get_gradients_bounded_by_the_feature_eps(hh, name, overrides, tiny):
+    """Issue #13: a feature of norm 1e-11 passed F.normalize's eps (1e-12) and got ~1e11 times the gradient;
+    below FEATURE_EPS the normalisation is x / FEATURE_EPS in the forward and the backward alike."""
+    from marginlab.heads.kernels import FEATURE_EPS
+
+    head = hh.instantiate(name, in_features=8, num_classes=10, **overrides).train()
+    x, labels = hh.make_batch(head, batch=4, special=False)
+    x[1] = 0.0
+    x[2] *= tiny / x[2].norm()
+    grads = _step(head, x, labels)
+    s = scale_of(head)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert x[2].norm() < FEATURE_EPS and grads[1].norm(dim=1).max() < 1e4 * s
+    assert (grads[1][1] == 0).all()  # a zero feature still has no gradient
+
+
+@pytest.mark.parametrize("name, overrides", NORMALISED, ids=[f"{n}{o}" for n, o in NORMALISED])
+def test_normal_features_are_bitwise_unchanged_by_the_feature_eps(hh, name, overrides, monkeypatch):
+    """Features above FEATURE_EPS give the very bits of F.normalize's eps (1e-12, the code before the floor)."""
+    import copy
+
+    import marginlab.heads.kernels.fast_cosine as fast
+
+    head = hh.instantiate(name, in_features=8, num_classes=10, **overrides).train()
+    x, labels = hh.make_batch(head, batch=6, special=False)
+    x[3] *= 2e-3 / x[3].norm()  # small, but above the floor
+    before = copy.deepcopy(head)  # buffers a training forward advances (EMAs, counters)
+    floored = _step(head, x, labels)
+    monkeypatch.setattr(fast, "FEATURE_EPS", fast.NORM_EPS)
+    plain = _step(before, x, labels)
+    for a, b in zip(floored, plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

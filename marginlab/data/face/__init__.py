@@ -119,30 +119,40 @@ class FaceImageDataset(Dataset):
     def describe(self, index: int) -> str:
         raise NotImplementedError
 
-    def load(self, index: int) -> tuple[Tensor, int]:
+    def load_uint8(self, index: int) -> tuple[Tensor, int]:
+        """The decoded, fitted image as uint8 (3, H, W), unflipped, and its label."""
         data, label = self.raw(index)
-        img = fit_face(decode_image(data, self.describe(index)), self.image_size)
-        x = to_uint8_chw(img)
+        return to_uint8_chw(fit_face(decode_image(data, self.describe(index)), self.image_size)), label
+
+    def load(self, index: int) -> tuple[Tensor, int]:
+        x, label = self.load_uint8(index)
         if self.train and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return normalize_face(x), label
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def first_readable(self, index: int, load):
+        """``load(j)`` for the first j = index, index + 1, ... (mod len) that does not raise DataError: only
+        ``index`` itself unless ``skip_corrupt``, where each failure is counted and logged."""
         n = len(self)
         attempts = min(n, 64)
         for step in range(attempts):
             j = (index + step) % n
             try:
-                x, label = self.load(j)
-                return x, torch.tensor(label, dtype=torch.int64)
+                return load(j)
             except DataError as exc:
                 if not self.skip_corrupt:
                     raise
-                self.skipped += 1
-                log.warning("skip_corrupt: skipped %s (%d skipped so far in process %d)",
-                            exc, self.skipped, os.getpid())
+                self.note_skipped(exc)
         raise DataError(f"{self.describe(index)}: this sample and the next {attempts - 1} cannot be read "
                         f"(skip_corrupt gave up); the data set looks broken")
+
+    def note_skipped(self, exc: Exception) -> None:
+        self.skipped += 1
+        log.warning("skip_corrupt: skipped %s (%d skipped so far in process %d)", exc, self.skipped, os.getpid())
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, label = self.first_readable(index, self.load)
+        return x, torch.tensor(label, dtype=torch.int64)
 
 
 from marginlab.data.face.casia import CasiaData  # noqa: E402  (re-export; casia imports the helpers above)

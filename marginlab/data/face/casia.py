@@ -11,6 +11,11 @@ Validation: there is no official split. ``val_fraction`` (default 0) holds out t
 images (a seeded random slice, removed from training) for closed-set classification accuracy; with 0,
 ``val_set`` is None and ``val_loader()`` returns None -- face models are judged by verification
 (LFW/CFP-FP/AgeDB-30, ``marginlab.eval``) instead.
+
+Decoding (``decode``, see ``on_device.py``): by default the workers decode each batch with one
+``torchvision.io.decode_jpeg`` call and ship uint8 images; flip and normalisation run on the training device
+(the loaders yield float32 batches on it). ``decode=pil`` is the per-image PIL path, ``cuda`` decodes on the GPU,
+``auto`` (the default) picks ``cuda`` on CUDA when a timed trial says it is faster, else ``cpu``.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from marginlab.checks import check_float, check_positive_int
-from marginlab.data.base import ClassificationData, check_root, default_data_root, missing_data_error
+from marginlab.data.base import ClassificationData, Loaders, check_root, default_data_root, missing_data_error
 from marginlab.data.face import parse_image_size
 from marginlab.errors import ConfigError, DataError
 
@@ -45,7 +51,7 @@ class CasiaData(ClassificationData):
 
     def __init__(self, root: str | None = None, format: str = "auto", rec_prefix: str = "train",
                  image_size=112, flip: bool = True, skip_corrupt: bool = False, val_fraction: float = 0.0,
-                 split_seed: int = 0, num_classes: int | None = None, **kwargs):
+                 split_seed: int = 0, num_classes: int | None = None, decode: str = "auto", **kwargs):
         super().__init__(**kwargs)
         self.root = root if root else default_data_root("faces_webface_112x112")
         if format not in FORMATS:
@@ -60,6 +66,11 @@ class CasiaData(ClassificationData):
         self.split_seed = int(split_seed)
         self.requested_classes = None if num_classes is None else check_positive_int("dataset.num_classes",
                                                                                       num_classes)
+        from marginlab.data.face.on_device import check_decode
+
+        self.decode = check_decode(decode)
+        self.device = torch.device("cuda" if self.decode == "cuda" else "cpu")  # where loaders finish batches
+        self.decoder: str | None = None  # what ``decode`` resolved to (cpu, cuda or pil), set by the first loader
         self.source: str | None = None  # "rec:insightface", "rec:im2rec" or "folder" after setup
         self.skipped_records: list[str] = []
         self._index = None
@@ -125,6 +136,29 @@ class CasiaData(ClassificationData):
         return self._num_classes
 
     # ---- loaders ---------------------------------------------------------------------------------------
+    def loaders(self, device: torch.device) -> Loaders:
+        """(train, val, None): batches finished on ``device`` (see ``decode``); no closed-set test split."""
+        if self.in_memory:
+            return super().loaders(device)
+        if self._index is None:
+            self.setup()
+        self.device, self.decoder = torch.device(device), None
+        return Loaders(self.train_loader(), self.val_loader(), None)
+
+    def _loader(self, dataset, train: bool):
+        from marginlab.data.face.batched import BatchedFaces, collate_decoded, collate_encoded
+        from marginlab.data.face.on_device import DeviceFaceLoader, choose_decode
+
+        if self.decoder is None:
+            self.decoder = choose_decode(self.decode, self.device, self.train_set, self.num_workers,
+                                         self.batch_size // self.world_size)
+        if self.decoder == "pil":
+            return super()._loader(dataset, train)
+        encoded = self.decoder == "cuda"
+        loader = super()._loader(BatchedFaces(dataset, encoded), train)
+        loader.collate_fn = collate_encoded if encoded else collate_decoded
+        return DeviceFaceLoader(loader, dataset, self.device, encoded)
+
     def train_loader(self) -> DataLoader:
         if self.train_set is None:
             self.setup()

@@ -1,14 +1,20 @@
 """The heads' fused autograd kernels, one unit: ``fast_cosine`` (the B x C product ``x W^T``, optionally
-over the class-weight norms, with a blocked hand-written backward) and ``fused_margin`` (a cosine-margin
-head's whole training forward as one Function, built on fast_cosine's backward).
+over the class-weight norms, with a blocked hand-written backward, and the feature normalisation every
+normalising head shares) and ``fused_margin`` (a cosine-margin head's whole training forward as one
+Function, built on fast_cosine's blocked backward ``normalized_backward``)), and ``chunked_margin_ce`` (the same
+head's cross-entropy in blocks of classes with an online log-sum-exp, never the B x C logits).
 
-The heads import only the names below; everything else (``_dtypes``, ``_normalized_backward``,
-``BLOCK_ELEMENTS`` ...) is private to this package. Nothing outside ``marginlab/heads`` imports it.
+The public surface is ``__all__`` below; the heads import only these names, from this package. Inside
+the unit, fused_margin uses fast_cosine's public kernel pieces (``matmul_dtypes``,
+``normalized_backward``, ``feature_scale``); the rest (``_FusedLinear``, ``_Handle`` ...) is private to
+its module. Nothing outside ``marginlab/heads`` (and Partial FC, a head wrapper) imports it.
 """
 
-from marginlab.heads.kernels.fast_cosine import (LazyCosine, class_block, fused_linear, no_autocast, normalize_features,
-                                                 precise_cosine)
-from marginlab.heads.kernels.fused_margin import fused_cosine_margin, with_slope
+from marginlab.heads.kernels.chunked_margin_ce import RowReduce, chunked_margin_cross_entropy
+from marginlab.heads.kernels.fast_cosine import (FEATURE_EPS, NORM_EPS, FusedLogits, class_block, feature_scale,
+                                                 fused_linear, no_autocast, normalize_features, precise_cosine)
+from marginlab.heads.kernels.fused_margin import MarginAndSlope, fused_cosine_margin, with_slope
 
-__all__ = ["LazyCosine", "class_block", "fused_linear", "fused_cosine_margin", "no_autocast",
-           "normalize_features", "precise_cosine", "with_slope"]
+__all__ = ["FEATURE_EPS", "NORM_EPS", "FusedLogits", "MarginAndSlope", "RowReduce", "chunked_margin_cross_entropy",
+           "class_block", "feature_scale",
+           "fused_cosine_margin", "fused_linear", "no_autocast", "normalize_features", "precise_cosine", "with_slope"]

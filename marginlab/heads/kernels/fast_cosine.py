@@ -47,8 +47,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-#: F.normalize's eps: ||W_j|| is floored here before dividing
+#: F.normalize's eps: ||W_j|| is floored here before dividing; a feature below it is a zero feature
 NORM_EPS = 1e-12
+#: the feature-norm floor of every head that normalises features: x / max(||x||, FEATURE_EPS), as
+#: F.normalize does with its eps, in the forward and the backward alike, so a near-zero feature
+#: (||x|| < FEATURE_EPS) gets a gradient of at most ||G|| / FEATURE_EPS (F.normalize's 1e-12 gives
+#: ~1e11 G at ||x|| = 1e-11). 1e-3 is AdaFace's norm floor (mk-minchul/AdaFace head.py:
+#: ``torch.clip(norms, min=0.001, max=100)``); features of a trained backbone are orders larger.
+FEATURE_EPS = 1e-3
 #: elements of G' per block of classes in the backward (B x block, 16 MiB in float32)
 BLOCK_ELEMENTS = 1 << 22
 
@@ -66,7 +72,7 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _dtypes(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
+def matmul_dtypes(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(matmul dtype, output dtype): the autocast dtype where autocast applies, float32 at least out."""
     dev = x.device.type
     floating = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,25 +87,33 @@ def _precise_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
 
 
+def feature_scale(norm: Tensor) -> Tensor:
+    """1 / max(||x||, FEATURE_EPS) per row, and 0 for a zero feature (||x|| < NORM_EPS, no direction:
+    no gradient either). Where ||x|| < FEATURE_EPS the clamp makes it a constant, so x times it has
+    the bounded gradient G / FEATURE_EPS, as ``F.normalize`` with that eps; elsewhere it is exact."""
+    # (the reciprocal is of the clamped norm, so no inf meets the mask)
+    return norm.clamp_min(FEATURE_EPS).reciprocal() * (norm >= NORM_EPS)
+
+
 def normalize_features(x: Tensor) -> Tensor:
-    """x / ||x|| row by row, like ``F.normalize``, except that a row with ||x|| < eps (a zero feature)
-    maps to 0 with a zero gradient: F.normalize divides by eps there, so its gradient is G / eps
-    (~1e12 G) and one zero sample would blow up the step. Elsewhere value and gradient are exact.
-    Plain autograd ops (torch.compile traces them); the mask costs B elements."""
+    """x / max(||x||, FEATURE_EPS) row by row, like ``F.normalize`` with eps = FEATURE_EPS, except that
+    a zero feature (||x|| < NORM_EPS) maps to 0 with a zero gradient. With F.normalize's own eps (1e-12)
+    a feature of norm 1e-11 would pass back ~1e11 times the gradient and blow up the step; here any
+    feature's gradient is at most ||G|| / FEATURE_EPS. Above FEATURE_EPS value and gradient are exact.
+    Plain autograd ops (torch.compile traces them); the clamp and the mask cost B elements."""
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # its gradient at 0 is 0
-    # where ||x|| < eps: x * 0 (the reciprocal is of the clamped norm, so no inf meets the mask)
-    return x * (norm.clamp_min(NORM_EPS).reciprocal() * (norm >= NORM_EPS))
+    return x * feature_scale(norm)
 
 
 @torch.no_grad()
 def precise_cosine(embeddings: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    """cos(theta_y) = x/||x|| . W_y/max(||W_y||, eps) for the B target rows, in float64; 0 for a zero
-    feature (||x|| < eps), as ``normalize_features`` gives."""
+    """cos(theta_y) = x/max(||x||, FEATURE_EPS) . W_y/max(||W_y||, eps) for the B target rows, in
+    float64; 0 for a zero feature, as ``normalize_features`` gives."""
     hi = _precise_dtype(embeddings)
     x, w_y = embeddings.detach().to(hi), weight.detach()[labels.long()].to(hi)
     dot = torch.linalg.vecdot(x, w_y)
     nx = torch.linalg.vector_norm(x, dim=1)
-    cos = dot / (nx.clamp_min(NORM_EPS) * torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS))
+    cos = dot / (nx.clamp_min(FEATURE_EPS) * torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS))
     return cos.mul_(nx >= NORM_EPS)
 
 
@@ -117,7 +131,7 @@ class _Handle:
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, labels, normalize, bound, target_value, handle):
-        mm_dtype, out_dtype = _dtypes(x, weight)
+        mm_dtype, out_dtype = matmul_dtypes(x, weight)
         dev = x.device.type
         with no_autocast(dev):
             xc, wc = x.to(mm_dtype), weight.to(mm_dtype)
@@ -186,7 +200,7 @@ class _FusedLinear(torch.autograd.Function):
                     gt = gt + g_by
             w_y = rows = None  # updates of the B rows W_y of dW, summed first: one gather, one scatter-add
             if ctx.normalize:
-                grad_x, grad_w = _normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact,
+                grad_x, grad_w = normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact,
                                                       labels if targets else None,
                                                       gt * inv[labels] if targets else None, raw_target,
                                                       mm_dtype, out_dtype)
@@ -209,7 +223,7 @@ class _FusedLinear(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None, None, None
 
 
-def _normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact, labels, g_target, raw_target,
+def normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact, labels, g_target, raw_target,
                          mm_dtype, out_dtype):
     """dx, dW of out = x W^T / ||W||, in blocks of classes (see the module doc).
 
@@ -350,56 +364,3 @@ def fused_linear(x: Tensor, weight: Tensor, labels: Tensor | None = None, *, nor
     if labels is None:
         target = target_norm = None
     return FusedLogits(out, target, target_norm, norms if normalize_weight else None, handle)
-
-
-class LazyCosine:
-    """Recipe for a head's probe cosines, computed only when ``head.last_cosine`` is read.
-
-    ``cos = (raw - bias) * row_scale[:, None] * col_scale[None, :]`` clamped to [-1, 1], with the
-    target column taken from ``target_raw`` (the raw values before a margin replaced them). Every
-    piece is captured at forward time (detached), so an optimizer step in between changes nothing;
-    ``raw`` is an alias of the logits, checked against in-place edits made after the forward (not
-    when it was made inside a torch.compile'd forward: the version seen while tracing is not the
-    compiled output's).
-    """
-
-    __slots__ = ("raw", "version", "row_scale", "col_scale", "bias", "labels", "target_raw")
-
-    def __init__(self, raw: Tensor, *, row_scale=None, col_scale=None, bias=None, labels=None,
-                 target_raw=None):
-        self.raw = raw.detach()
-        self.version = None if torch.compiler.is_compiling() else raw._version
-        self.row_scale, self.col_scale, self.bias = row_scale, col_scale, bias
-        self.labels, self.target_raw = labels, target_raw
-
-    def check_intact(self) -> None:
-        if self.version is not None and self.raw._version != self.version:
-            raise RuntimeError("the head's logits were modified in place after its forward, so its probe "
-                               "cosines (last_cosine) can no longer be computed from them")
-
-    @torch.no_grad()
-    def compute(self) -> Tensor:
-        self.check_intact()
-        raw = self.raw
-        cos = raw - self.bias if self.bias is not None else None
-        for scale, dim in ((self.col_scale, 0), (self.row_scale, 1)):
-            if scale is None:
-                continue
-            if isinstance(scale, Tensor) and scale.dim() == 1:
-                scale = scale.unsqueeze(dim)
-            cos = raw * scale if cos is None else cos.mul_(scale)
-        if cos is None:
-            cos = raw.clone()
-        if self.labels is not None:
-            idx = self.labels.view(-1, 1)
-            t = self.target_raw.view(-1, 1).to(cos.dtype)
-            if self.bias is not None:
-                t = t - self.bias[self.labels].view(-1, 1)
-            for scale, pick in ((self.col_scale, True), (self.row_scale, False)):
-                if scale is None:
-                    continue
-                if isinstance(scale, Tensor) and scale.dim() == 1:
-                    scale = (scale[self.labels] if pick else scale).view(-1, 1)
-                t = t * scale
-            cos.scatter_(1, idx, t)
-        return cos.clamp_(-1.0, 1.0)

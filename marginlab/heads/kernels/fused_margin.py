@@ -10,9 +10,10 @@ computes, without recording any autograd op:
 
 and the backward by hand: the B target entries of the incoming gradient are multiplied by the
 slope, the matmuls and the weight-norm term are fast_cosine.py's blocked backward, and the feature
-normalisation's backward is ``dx = (g - xs (g . xs) / s^2) s / ||x||`` with ``xs = s x^``. A feature
-with ||x|| < eps (a zero feature) gets x^ = 0 and dx = 0, as ``normalize_features`` (fast_cosine.py)
-gives: F.normalize would divide by eps there and pass back ~1e12 times the gradient. The weight-norm term
+normalisation's backward is ``dx = (g - xs (g . xs) / s^2) s / ||x||`` with ``xs = s x^``. As
+``normalize_features`` (fast_cosine.py) gives: a zero feature gets x^ = 0 and dx = 0; a near-zero one
+(||x|| < FEATURE_EPS) x^ = x / FEATURE_EPS and dx = g s / FEATURE_EPS, bounded (F.normalize's eps of
+1e-12 would pass back ~1e11 times the gradient at ||x|| = 1e-11). The weight-norm term
 S_j is read off the logits (B x C) or, when D <= B, off W and dW (C x D, the smaller read, and it
 needs no target values: with a slope of 1 the target entries need no fix-up at all).
 
@@ -36,7 +37,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from marginlab.heads.kernels.fast_cosine import NORM_EPS, _dtypes, _normalized_backward, no_autocast, precise_cosine
+from marginlab.heads.kernels.fast_cosine import (FEATURE_EPS, NORM_EPS, feature_scale, matmul_dtypes, no_autocast,
+                                                 normalized_backward, precise_cosine)
 
 #: the head's margin: target cosines (B) -> (phi (B), d phi / d t (B tensor or float))
 MarginAndSlope = Callable[[Tensor], "tuple[Tensor, Tensor | float]"]
@@ -45,12 +47,13 @@ MarginAndSlope = Callable[[Tensor], "tuple[Tensor, Tensor | float]"]
 class _FusedCosineMargin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, labels, s, bound, margin_and_slope, precise):
-        mm_dtype, out_dtype = _dtypes(x, weight)
+        mm_dtype, out_dtype = matmul_dtypes(x, weight)
         with no_autocast(x.device.type):
             xf = x.to(out_dtype)
             x_norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
-            # s / ||x||, and 0 for a zero feature (||x|| < eps): x^ = 0 and no gradient (normalize_features)
-            scale_x = x_norm.clamp_min(NORM_EPS).reciprocal_().mul_(s).mul_(x_norm >= NORM_EPS)
+            # s / max(||x||, FEATURE_EPS), and 0 for a zero feature: x^ = 0 and no gradient (normalize_features)
+            scale_x = feature_scale(x_norm).mul_(s)
+            exact = x_norm >= FEATURE_EPS  # below the floor x^ = x / FEATURE_EPS: no projection in the backward
             xs = xf * scale_x  # s x / ||x||
             xc, wc = xs.to(mm_dtype), weight.to(mm_dtype)
             inv = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype).clamp_min_(NORM_EPS).reciprocal_()
@@ -75,7 +78,7 @@ class _FusedCosineMargin(torch.autograd.Function):
         ctx.s, ctx.dtypes, ctx.x_dtype = s, (mm_dtype, out_dtype), x.dtype
         slope = slope * kept if kept is not None else slope
         ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
-        ctx.save_for_backward(xs, xc, weight, wc, inv, scale_x, labels, target,
+        ctx.save_for_backward(xs, xc, weight, wc, inv, scale_x, exact, labels, target,
                               slope if isinstance(slope, Tensor) else None)
         ctx.mark_non_differentiable(target)
         ctx.set_materialize_grads(False)
@@ -84,7 +87,7 @@ class _FusedCosineMargin(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_target):
-        xs, xc, weight, wc, inv, scale_x, labels, target, slope = ctx.saved_tensors
+        xs, xc, weight, wc, inv, scale_x, exact, labels, target, slope = ctx.saved_tensors
         mm_dtype, out_dtype = ctx.dtypes
         if grad_out is None:
             return None, None, None, None, None, None, None
@@ -103,10 +106,11 @@ class _FusedCosineMargin(torch.autograd.Function):
                 if not unit_slope:
                     g_target = g_target.mul_(slope if slope is not None else ctx.scalar_slope)
                 g_target.mul_(inv[labels])
-            grad_xs, grad_w = _normalized_backward(grad_out, xs, xc, weight, wc, inv, ctx.out, from_logits,
+            grad_xs, grad_w = normalized_backward(grad_out, xs, xc, weight, wc, inv, ctx.out, from_logits,
                                                    fix_labels, g_target, target, mm_dtype, out_dtype)
-            # xs = x s / ||x||: dx = (g - xs (g . xs) / s^2) s / ||x||; scale_x is 0 for a zero feature
-            along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1)
+            # xs = x s / ||x||: dx = (g - xs (g . xs) / s^2) s / ||x||; scale_x is 0 for a zero feature.
+            # Below FEATURE_EPS xs = x s / FEATURE_EPS, a constant scale: dx = g s / FEATURE_EPS (no projection)
+            along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).mul_(exact)
             grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / ctx.s ** 2).mul_(scale_x)
         return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, None
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import marginlab.heads.kernels.fast_cosine as fast
-from marginlab.heads.kernels import LazyCosine, fused_linear
+from marginlab.heads.kernels import fused_linear
+from marginlab.heads.probe_record import LazyCosine
 
 
 @pytest.fixture(params=[None, 4], ids=["one-block", "blocks"])
@@ -186,7 +187,7 @@ def test_lazy_cosine_refuses_edited_logits():
         lazy.compute()
 
 
-def test_last_cosine_is_computed_once_and_survives_a_weight_update():
+def test_probe_cosine_is_computed_once_and_survives_a_weight_update():
     from marginlab.heads.amsoftmax import AMSoftmaxHead
 
     head = AMSoftmaxHead(8, 10, s=20.0, m=0.3)
@@ -197,8 +198,8 @@ def test_last_cosine_is_computed_once_and_survives_a_weight_update():
     loss.backward()
     with torch.no_grad():
         head.weight.add_(1.0)  # an optimizer step between the forward and the probe
-    cos = head.last_cosine
-    assert cos is head.last_cosine and not cos.requires_grad
+    cos = head.probe_record.cosine
+    assert cos is head.probe_record.cosine and not cos.requires_grad
     torch.testing.assert_close(cos, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -255,9 +256,9 @@ def test_rbf_probe_cosines(near):
     x = head.weight.detach()[labels] + 0.3 * torch.randn(12, 8) if near else 200.0 * torch.randn(12, 8)
     x[2] = 0.0
     head(x, labels)
-    assert type(head.__dict__["_last_cosine"]).__name__ == ("_RBFCosine" if near else "LazyCosine")
+    assert type(head.probe_record.pending).__name__ == ("_RBFCosine" if near else "LazyCosine")
     expected = F.normalize(x.double()) @ F.normalize(head.weight.detach().double()).T
-    torch.testing.assert_close(head.last_cosine.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head.probe_record.cosine.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def _unfused(head_cls):
@@ -365,5 +366,5 @@ def test_probe_cosines_of_a_compiled_evaluation_forward(name, hh):
     with torch.no_grad():
         torch.compile(head, backend=_writes_its_outputs)(x)
     expected = hh.reference_cosine(x, head.weight.detach())
-    torch.testing.assert_close(head.last_cosine.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head.probe_record.cosine.double(), expected, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()

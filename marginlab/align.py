@@ -1,0 +1,81 @@
+"""``marginlab align input=<image folder> landmarks=<file> out=<folder>``: 112x112 ArcFace crops of your photos.
+
+``landmarks``: one image per line, its path (relative to ``input``, or absolute; no spaces) then ten numbers
+``x1 y1 ... x5 y5``: left eye, right eye, nose tip, left and right mouth corners, in pixels of that image (any
+five-point detector gives them, e.g. ``insightface.app.FaceAnalysis`` -> ``face.kps``). Each image is warped by the
+similarity transform that puts its five points on the ArcFace template (``marginlab.data.face.align``; the
+alignment of InsightFace's training sets and of its IJB evaluation) and written to ``out`` under the same
+relative path and format: ``input/alice/1.jpg`` -> ``out/alice/1.jpg``, so an ``<identity>/<image>`` tree stays
+one and ``dataset=imagefolder`` can train on it. Options: ``progress=auto``. Existing files are never overwritten.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from marginlab.command_args import REQUIRED, as_optional_bool, parse, run_command
+from marginlab.errors import ConfigError, DataError, OutputError
+
+_text = lambda k, v: v
+SPEC = {"input": (REQUIRED, _text), "landmarks": (REQUIRED, _text), "out": (REQUIRED, _text),
+        "progress": (None, as_optional_bool)}
+
+
+def plan(input_dir: Path, landmarks: Path, out_dir: Path) -> list[tuple[str, Path, Path, object]]:
+    """(where, source image, target crop, landmarks) per line; every line checked before anything is written."""
+    from marginlab.data.face.align import read_landmarks_file
+
+    jobs, seen = [], {}
+    for n, image, points, _ in read_landmarks_file(landmarks):
+        where = f"{landmarks}, line {n}"
+        source = Path(image) if Path(image).is_absolute() else input_dir / image
+        try:
+            relative = source.resolve().relative_to(input_dir.resolve())
+        except ValueError:
+            raise DataError(f"{where}: image {image} is not inside input={input_dir}") from None
+        target = out_dir / relative
+        if target in seen:
+            raise DataError(f"{where}: image {image} is listed twice (also on line {seen[target]})")
+        seen[target] = n
+        if target.exists():
+            raise OutputError(f"{target} exists; marginlab never overwrites a file: remove it or give another out=")
+        jobs.append((where, source, target, points))
+    return jobs
+
+
+def align_folder(args: list[str]) -> Path:
+    """Runs the command; returns the output folder."""
+    from tqdm import tqdm
+
+    from marginlab.data.face.align import align_face, opencv, read_image_rgb
+
+    opts = parse("align", args, SPEC)
+    input_dir, landmarks = Path(opts["input"]).expanduser(), Path(opts["landmarks"]).expanduser()
+    out_dir = Path(opts["out"]).expanduser()
+    if not input_dir.is_dir():
+        raise ConfigError(f"input={opts['input']!r} is not allowed: give the folder of the images to align")
+    if out_dir.resolve() == input_dir.resolve():
+        raise ConfigError(f"out={opts['out']!r} is not allowed: it is the input folder; give another folder")
+    jobs = plan(input_dir, landmarks, out_dir)
+    cv2 = opencv()
+    progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
+    for where, source, target, points in tqdm(jobs, desc="align", unit="image", disable=not progress):
+        image = read_image_rgb(source, where)
+        try:
+            crop = align_face(image, points)
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = cv2.imwrite(str(target), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+        except (OSError, cv2.error) as exc:
+            raise OutputError(f"{target}: cannot write ({exc})") from None
+        if not written:
+            raise OutputError(f"{target}: cannot write (OpenCV knows no image format for {target.suffix!r})")
+    print(f"marginlab: aligned {len(jobs)} image{'s' if len(jobs) != 1 else ''} to 112x112 in {out_dir}")
+    return out_dir
+
+
+def main(args: list[str]) -> int:
+    return run_command(__doc__, align_folder, args)

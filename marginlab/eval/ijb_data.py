@@ -1,0 +1,317 @@
+"""IJB-B / IJB-C as InsightFace releases them, read and checked; image features embedded in a streaming pass and
+cached on disk.
+
+Layout (``<root>`` = the release folder, ``<p>`` = ``ijbb`` or ``ijbc``; eval_ijbc.py reads the same files):
+``meta/<p>_face_tid_mid.txt``       one image per line: ``<image> <template id> <media id>``
+``meta/<p>_name_5pts_score.txt``    the same images in the same order: ``<image> x1 y1 ... x5 y5 <faceness>``
+``meta/<p>_template_pair_label.txt`` one pair per line: ``<template id> <template id> <1 same | 0 different>``
+``loose_crop/<image>``              the loosely cropped photos and frames the landmarks refer to
+
+Features: each image is aligned to the ArcFace template (``marginlab.data.face.align``), embedded in batches
+(and its mirror image, with ``flip``), and written row by row into a memory-mapped ``.npy`` -- never all images in
+memory. With a ``cache_dir`` the file is kept, named by a key of the weights, ``flip``, the input size and the
+landmarks file, and reused by the next run with the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from marginlab.data.base import WorkerError
+from marginlab.data.face import parse_image_size
+from marginlab.data.face.align import (
+    ARCFACE_CROP,
+    align_face,
+    parse_landmark_line,
+    read_image_rgb,
+)
+from marginlab.errors import DataError, OutputError
+from marginlab.logging.run_log import dumps, write_json
+
+RELEASE = "InsightFace's IJB release (IJB_release.tar: meta/, loose_crop/)"
+
+
+@dataclass
+class IJBMeta:
+    """The checked meta files of one IJB set: per image (N) and per template pair (P)."""
+
+    root: Path
+    name: str
+    images: list[str]  # N image names under loose_crop/
+    lines: np.ndarray  # N: each image's line in the 5pts file (error messages)
+    landmarks: np.ndarray  # N x 5 x 2 float32
+    faceness: np.ndarray  # N float32
+    templates: np.ndarray  # N int64
+    medias: np.ndarray  # N int64
+    t1: np.ndarray  # P int64
+    t2: np.ndarray  # P int64
+    labels: np.ndarray  # P int64 (1 same, 0 different)
+
+    def meta_file(self, kind: str) -> Path:
+        return meta_path(self.root, self.name, kind)
+
+    @property
+    def crops(self) -> Path:
+        return self.root / "loose_crop"
+
+
+def meta_path(root: Path, name: str, kind: str) -> Path:
+    return Path(root) / "meta" / f"{name}_{kind}.txt"
+
+
+def _lines(path: Path, what: str) -> list[tuple[int, str]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: IJB meta file not found ({what}; from {RELEASE})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the IJB meta file ({exc})") from None
+    rows = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not rows:
+        raise DataError(f"{path}: empty IJB meta file ({what})")
+    return rows
+
+
+def read_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[int]]:
+    """``<image> <template id> <media id>`` per line -> (images, templates, medias, line numbers)."""
+    images, ids, numbers = [], [], []
+    for n, line in _lines(path, "'<image> <template id> <media id>' per line"):
+        fields = line.split()
+        if len(fields) != 3:
+            raise DataError(f"{path}, line {n}: expected 3 fields '<image> <template id> <media id>', "
+                            f"got {len(fields)}")
+        try:
+            ids.append((int(fields[1]), int(fields[2])))
+        except ValueError:
+            raise DataError(f"{path}, line {n}: template and media ids must be integers, got "
+                            f"{fields[1]!r} {fields[2]!r}") from None
+        images.append(fields[0])
+        numbers.append(n)
+    pairs = np.array(ids, dtype=np.int64)
+    return images, pairs[:, 0], pairs[:, 1], numbers
+
+
+def read_landmarks_scores(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """``<image> x1 y1 ... x5 y5 <faceness>`` per line -> (images, landmarks N x 5 x 2, faceness N, line numbers);
+    numbers converted in one numpy call, a DataError naming the first bad line (``parse_landmark_line``)."""
+    rows = _lines(path, "'<image> x1 y1 ... x5 y5 <faceness score>' per line")
+    fields = [line.split() for _, line in rows]
+    try:
+        if any(len(f) != 12 for f in fields):
+            raise ValueError
+        numbers = np.fromiter(map(float, chain.from_iterable(f[1:] for f in fields)), np.float64).reshape(-1, 11)
+        if not np.all(np.isfinite(numbers)):
+            raise ValueError
+    except ValueError:
+        for n, line in rows:  # the slow path only to name the line
+            parse_landmark_line(line, f"{path}, line {n}", extra=1)
+        raise
+    return ([f[0] for f in fields], numbers[:, :10].astype(np.float32).reshape(-1, 5, 2),
+            numbers[:, 10].astype(np.float32), np.array([n for n, _ in rows], dtype=np.int64))
+
+
+def _data_line(path: Path, row: int) -> int:
+    """The file line of the ``row``-th (0-based) non-empty line."""
+    with open(path) as f:
+        k = -1
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                k += 1
+                if k == row:
+                    return n
+    return n
+
+
+def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``<template> <template> <label>`` per line (IJB-C: 15.7M lines, read by numpy's C parser) -> (t1, t2,
+    label); a DataError naming the first bad line."""
+    if not path.is_file():
+        raise DataError(f"{path}: IJB meta file not found ('<template id> <template id> <label>' per line; "
+                        f"from {RELEASE})")
+    try:
+        pairs = np.loadtxt(path, dtype=np.int64, ndmin=2)
+    except ValueError:
+        pairs = None
+    if pairs is None or pairs.shape[1] != 3 or pairs.shape[0] == 0:
+        for n, line in _lines(path, "'<template id> <template id> <label>' per line"):
+            fields = line.split()
+            if len(fields) != 3:
+                raise DataError(f"{path}, line {n}: expected 3 fields '<template id> <template id> <label>', "
+                                f"got {len(fields)}")
+            if not all(f.lstrip("-").isdigit() for f in fields):
+                raise DataError(f"{path}, line {n}: template ids and label must be integers, got {line.strip()!r}")
+        raise DataError(f"{path}: not a table of '<template id> <template id> <label>' lines")
+    bad = np.flatnonzero((pairs[:, 2] != 0) & (pairs[:, 2] != 1))
+    if bad.size:
+        raise DataError(f"{path}, line {_data_line(path, int(bad[0]))}: label {int(pairs[bad[0], 2])} is not "
+                        f"allowed: 1 (same identity) or 0 (different)")
+    return pairs[:, 0], pairs[:, 1], pairs[:, 2]
+
+
+def read_meta(root: str | os.PathLike, name: str) -> IJBMeta:
+    """Reads and cross-checks the three meta files of ``<root>`` (nothing is embedded yet)."""
+    root = Path(os.path.expanduser(str(root)))
+    if not root.is_dir():
+        raise DataError(f"{root}: IJB folder not found (the folder of {RELEASE}, holding meta/ and loose_crop/)")
+    tid_path, lmk_path = meta_path(root, name, "face_tid_mid"), meta_path(root, name, "name_5pts_score")
+    pair_path = meta_path(root, name, "template_pair_label")
+    for path in (tid_path, lmk_path, pair_path):  # every missing file named before the long reads
+        if not path.is_file():
+            raise DataError(f"{path}: IJB meta file not found (from {RELEASE})")
+    images, templates, medias, tid_lines = read_tid_mid(tid_path)
+    lmk_images, landmarks, faceness, lines = read_landmarks_scores(lmk_path)
+    if len(lmk_images) != len(images):
+        raise DataError(f"{lmk_path}: {len(lmk_images)} images, but {tid_path.name} has {len(images)}; the two "
+                        "files list the same images in the same order")
+    for i, (a, b) in enumerate(zip(images, lmk_images)):
+        if a != b:
+            raise DataError(f"{lmk_path}, line {lines[i]}: image {b!r}, but {tid_path.name} line {tid_lines[i]} "
+                            f"has {a!r}; the two files list the same images in the same order")
+    t1, t2, labels = read_pairs(pair_path)
+    known = np.unique(templates)
+    for side in (t1, t2):
+        unknown = np.flatnonzero(~np.isin(side, known))
+        if unknown.size:
+            row = int(unknown[0])
+            raise DataError(f"{pair_path}, line {_data_line(pair_path, row)}: template {int(side[row])} is not in "
+                            f"{tid_path.name} (no image of it); {unknown.size} pair(s) name unknown templates")
+    return IJBMeta(root, name, images, lines, landmarks, faceness, templates, medias, t1, t2, labels)
+
+
+class AlignedCrops(Dataset):
+    """Image ``i`` of an IJB set aligned to the ArcFace template, fitted to ``image_size``: uint8 3 x H x W RGB."""
+
+    def __init__(self, meta: IJBMeta, image_size=ARCFACE_CROP):
+        self.meta = meta
+        self.size = parse_image_size(image_size, "image_size")
+        self.where = str(meta.meta_file("name_5pts_score"))
+
+    def __len__(self) -> int:
+        return len(self.meta.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        try:
+            return self.crop(index)
+        except DataError as exc:
+            if get_worker_info() is None:
+                raise
+            raise WorkerError(str(exc)) from None  # one line in the main process, not the worker's traceback
+
+    def crop(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        from marginlab.data.face import fit_face, to_uint8_chw
+
+        where = f"{self.where}, line {int(self.meta.lines[index])}"
+        image = read_image_rgb(self.meta.crops / self.meta.images[index], where)
+        try:
+            crop = align_face(image, self.meta.landmarks[index], ARCFACE_CROP)
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        if self.size != ARCFACE_CROP:  # 112x96: the SphereFace crop inside it; else a resize (fit_face)
+            return to_uint8_chw(fit_face(Image.fromarray(crop), self.size))
+        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).contiguous()
+
+
+@torch.no_grad()
+def raw_features(backbone, images: torch.Tensor, flip: bool, device) -> np.ndarray:
+    """The backbone's output (not normalised: its norm is a quality score) on uint8 crops, plus that of the
+    mirrored crops with ``flip`` (eval_ijbc.py: ``img_feats[:, :D] + img_feats[:, D:]``)."""
+    from marginlab.data.face import normalize_face
+
+    x = normalize_face(images.to(device, non_blocking=True))  # (x / 255 - 0.5) / 0.5, as forward_db
+    feats = backbone(x).float()
+    if flip:
+        feats = feats + backbone(x.flip(-1)).float()
+    return feats.cpu().numpy()
+
+
+def weights_key(backbone) -> str:
+    """A SHA-1 of the backbone's class and every tensor of its state: the same weights give the same key."""
+    digest = hashlib.sha1(type(backbone).__qualname__.encode())
+    for key, tensor in sorted(backbone.state_dict().items()):
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(meta: IJBMeta, backbone, image_size, flip: bool) -> tuple[str, dict]:
+    lmk = meta.meta_file("name_5pts_score")
+    stat = lmk.stat()
+    about = {"set": meta.name, "weights_sha1": weights_key(backbone), "flip": bool(flip),
+             "image_size": list(parse_image_size(image_size, "image_size")),
+             "landmarks": {"path": str(lmk.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
+    return hashlib.sha1(dumps(about, sort_keys=True).encode()).hexdigest()[:16], about
+
+
+def extract_features(meta: IJBMeta, backbone, image_size, out: Path, flip: bool = True, batch_size: int = 128,
+                     num_workers: int = 0, device=None, progress: bool | None = None) -> Path:
+    """Embeds every image into ``out`` (float32 N x D ``.npy``), batch by batch through a staged file that is
+    renamed into place only when complete."""
+    from tqdm import tqdm
+
+    from marginlab.export.files import staged
+
+    if device is None:
+        param = next(backbone.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    dataset = AlignedCrops(meta, image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    show = sys.stderr.isatty() if progress is None else progress
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with staged(out) as tmp:
+            matrix, done = None, 0
+            for images in tqdm(loader, desc=f"{meta.name} features", unit="batch", disable=not show):
+                feats = raw_features(backbone, images, flip, device)
+                if matrix is None:
+                    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                                       shape=(len(dataset), feats.shape[1]))
+                matrix[done:done + len(feats)] = feats
+                done += len(feats)
+            matrix.flush()
+            del matrix
+            os.replace(tmp, out)
+    finally:
+        backbone.train(was_training)
+    return out
+
+
+def image_features_cached(meta: IJBMeta, backbone, image_size, flip: bool = True, batch_size: int = 128,
+                          num_workers: int = 0, device=None, cache_dir: str | os.PathLike | None = None,
+                          progress: bool | None = None) -> tuple[np.ndarray, Path | None]:
+    """(image features N x D, memory-mapped, and the cache file or None). With ``cache_dir``: the cached
+    features of these weights / flip / input size when present, else embedded and kept there."""
+    if cache_dir is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="marginlab-ijb-") as tmp:
+            path = extract_features(meta, backbone, image_size, Path(tmp) / "features.npy", flip, batch_size,
+                                    num_workers, device, progress)
+            return np.array(np.load(path, mmap_mode="r")), None
+    key, about = cache_key(meta, backbone, image_size, flip)
+    folder = Path(os.path.expanduser(str(cache_dir)))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the IJB feature cache ({exc.strerror or exc}); give "
+                          f"verification.{meta.name}.cache_dir=<a writable folder>") from None
+    path = folder / f"{meta.name}-{key}.npy"
+    if not path.is_file():
+        extract_features(meta, backbone, image_size, path, flip, batch_size, num_workers, device, progress)
+        write_json(path.with_suffix(".json"), about)
+    features = np.load(path, mmap_mode="r")
+    if features.ndim != 2 or features.shape[0] != len(meta.images):
+        raise DataError(f"{path}: cached features of shape {features.shape} do not fit {len(meta.images)} images; "
+                        "remove the file to embed again")
+    return features, path

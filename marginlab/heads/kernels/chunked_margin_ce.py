@@ -1,0 +1,184 @@
+"""A cosine-margin head's cross-entropy in blocks of classes, without the B x C logits: one autograd Function.
+
+The loss is the mean over the B rows of
+
+    -log softmax_y(l_b),   l_bj = s x^_b . W_j / max(||W_j||, eps),   l_by = s phi(t_b)   (t_b clamped to [-1, 1])
+
+(``x^ = x / max(||x||, FEATURE_EPS)`` as ``normalize_features``, ``phi`` the head's
+``margin_and_slope``), which is ``F.cross_entropy`` on the fused head's logits (fused_margin.py). Here the
+classes are walked in blocks of ``block`` columns:
+
+- forward: each block's logits (B x block) are computed, the target entries of the rows whose class lies
+  in the block overwritten by ``s phi(t)``, and folded into a running row log-sum-exp, the online
+  normaliser of Milakov & Gimelshein 2018 ("Online normalizer calculation for softmax"):
+  ``lse' = log(e^lse + sum_j e^(l_bj))``, taken as ``logaddexp(lse, logsumexp_j l_bj)`` (each term
+  max-shifted, so nothing overflows); the block is then dropped. Only B-element tensors (the log-sum-exp,
+  the target logit) and the C class-weight norms (1/B of the logits) outlive a block.
+- backward: each block's logits are computed again, ``G_bj = (softmax_bj - [j = y_b]) g / B`` from the
+  saved log-sum-exp, the target entries times ``phi'(t_b)``, and the blocked derivative of
+  ``x . W_j / ||W_j||`` (fast_cosine.py's module doc) writes that block's rows of dW and adds to dx:
+
+      G' = G / ||W||,   dxs += G' W,   dW_j = G'^T xs - (S_j / ||W_j||) W_j,   S_j = sum_b G'_bj out_bj
+
+  with ``out_by`` the raw (pre-margin) target logit ``s t_b``; the feature normalisation's backward is
+  fused_margin.py's ``dx = (g - xs (g . xs) / s^2) s / ||x||``.
+
+The price is one more B x C x D product than the fused head (the logits are made twice), for a peak of
+dW (C x D, which every path writes) plus a few B x block temporaries instead of several B x C tensors.
+
+``labels`` may hold -1 for rows whose class is not among these columns (Partial FC: another rank owns it);
+``reduce(tensor, op)`` ("max" or "sum", in place) then combines the row statistics over the ranks, as
+Partial FC's ``dist_cross_entropy`` does with its full logits. Autocast: the matmuls run in the autocast
+dtype, the rest in float32; float64 stays float64 (gradcheck). Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from marginlab.heads.kernels.fast_cosine import (FEATURE_EPS, NORM_EPS, class_block, feature_scale, matmul_dtypes,
+                                                 no_autocast, precise_cosine)
+from marginlab.heads.kernels.fused_margin import MarginAndSlope
+
+#: combines B-element row statistics over ranks in place: ``reduce(tensor, "max" | "sum")``; None: one rank
+RowReduce = Callable[[Tensor, str], None]
+
+
+def _block_logits(xc: Tensor, weight: Tensor, inv: Tensor, c0: int, c1: int, mm_dtype, out_dtype) -> Tensor:
+    """The logits s x^ . W_j / ||W_j|| of classes [c0, c1) (B x (c1 - c0)). Unlike the fused head's they are not
+    clamped to [-s, s]: the clamp only removes rounding (fast_cosine.py) and costs a pass per block."""
+    return torch.mm(xc, weight[c0:c1].to(mm_dtype).t()).to(out_dtype).mul_(inv[c0:c1])
+
+
+def default_block(batch: int, num_classes: int) -> int:
+    """Classes per block: at least 1M elements (B x block, 4 MiB in float32: the matmuls stay efficient), and
+    at most 1/16 of the classes beyond that, so the few B x block temporaries stay well under the B x C logits."""
+    return max(class_block(batch, 1 << 20), -(-num_classes // 16))
+
+
+def _put_targets(block: Tensor, labels: Tensor, c0: int, c1: int, values: Tensor) -> None:
+    """block[b, y_b - c0] = values[b] for the rows whose class lies in [c0, c1), without a host sync:
+    the other rows rewrite one entry of their own with its value (fast_cosine.py's ``_set_targets``)."""
+    col = (labels - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
+    inside = (labels >= c0) & (labels < c1)
+    block.scatter_(1, col, torch.where(inside, values.to(block.dtype), block.gather(1, col).squeeze(1)).unsqueeze(1))
+
+
+class _ChunkedMarginCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, labels, s, margin_and_slope, precise, block, reduce):
+        mm_dtype, out_dtype = matmul_dtypes(x, weight)
+        num_classes = weight.shape[0]
+        with no_autocast(x.device.type):
+            xf = x.to(out_dtype)
+            x_norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+            scale_x = feature_scale(x_norm).mul_(s)  # s / max(||x||, FEATURE_EPS), 0 for a zero feature
+            exact = x_norm >= FEATURE_EPS  # below the floor: a constant scale, no projection in the backward
+            xs = xf * scale_x  # s x / ||x||
+            xc = xs.to(mm_dtype)
+            owned = labels >= 0
+            rows = labels.clamp_min(0)
+            # t: the target cosines (B), clamped to [-1, 1] as the logits are; kept: the clamp's gradient mask
+            if precise:  # in float64 from the B target rows (fused_margin.py: acos's slope is unbounded at +-1)
+                raw = precise_cosine(x, weight, rows).to(out_dtype)
+            else:  # as the product gives it
+                w_y = weight[rows].to(out_dtype)
+                raw = torch.linalg.vecdot(xs, w_y) / torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS) / s
+            # the clamp's gradient mask where t is taken apart from the product (the fused head keeps the
+            # slope of a product entry: cos = +-1 is a stationary point, its gradient ~0 anyway)
+            kept = (raw >= -1.0) & (raw <= 1.0) if precise else None
+            t = raw.clamp(-1.0, 1.0)
+            value, slope = margin_and_slope(t)
+            target_logit = (value * s).to(out_dtype)
+            # 1 / ||W_j|| (C floats, 1/B of the logits): kept for the backward rather than a second C x D pass
+            inv = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype).clamp_min_(NORM_EPS).reciprocal_()
+            labels = torch.where(owned, rows, -1)
+            lse = None
+            for c0 in range(0, num_classes, block):
+                c1 = min(c0 + block, num_classes)
+                logits = _block_logits(xc, weight, inv, c0, c1, mm_dtype, out_dtype)
+                _put_targets(logits, labels, c0, c1, target_logit)
+                # online log-sum-exp (Milakov & Gimelshein 2018), as the running (max, sum) pair folded into one
+                # value: lse' = log(e^lse + sum_j e^(l_j)); each block's own log-sum-exp is max-shifted by torch
+                block_lse = torch.logsumexp(logits, dim=1)
+                lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
+                del logits  # before the next block's is made: one B x block tensor at a time, not two
+            own_target = target_logit * owned
+            if reduce is not None:  # the other ranks' columns: global max, rescaled sums, the owner's target
+                top = lse.clone()
+                reduce(top, "max")
+                total = (lse - top).exp_()
+                reduce(total, "sum")
+                lse = total.log_().add_(top)
+                reduce(own_target, "sum")
+            loss = (lse - own_target).mean()  # -log softmax_y = lse - l_y
+        ctx.s, ctx.block, ctx.dtypes, ctx.x_dtype = s, block, (mm_dtype, out_dtype), x.dtype
+        slope = kept.to(out_dtype).mul_(slope) if kept is not None else slope  # (a float slope: out_dtype)
+        ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
+        ctx.save_for_backward(xs, xc, weight, inv, scale_x, exact, labels, lse, target_logit, t * s,
+                              slope if isinstance(slope, Tensor) else None)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        xs, xc, weight, inv, scale_x, exact, labels, lse, target_logit, raw_target, slope = ctx.saved_tensors
+        mm_dtype, out_dtype = ctx.dtypes
+        s, block = ctx.s, ctx.block
+        batch, num_classes = xs.shape[0], weight.shape[0]
+        with no_autocast(xs.device.type):
+            g = grad_loss.to(out_dtype) / batch  # d mean / d loss_b
+            slope = (slope if slope is not None else ctx.scalar_slope) * g  # d loss / d (s t_b) per unit (p_by - 1)
+            grad_xs = torch.zeros(xs.shape, dtype=out_dtype, device=xs.device)
+            grad_w = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
+            lse_col, raw_target = lse.unsqueeze(1).neg(), raw_target / inv[labels.clamp_min(0)]  # (s t ||W_y||)
+            for c0 in range(0, num_classes, block):
+                c1 = min(c0 + block, num_classes)
+                w_b, inv_b = weight[c0:c1], inv[c0:c1]
+                wc_b = w_b.to(mm_dtype)
+                raw = torch.mm(xc, wc_b.t()).to(out_dtype)  # xs . W_j: the logits times ||W_j||
+                # softmax of the margin logits (the target entries hold s phi(t)): e^(l_bj - lse_b)
+                grad = torch.addcmul(lse_col, raw, inv_b)
+                _put_targets(grad, labels, c0, c1, target_logit - lse)
+                grad.exp_()
+                # d CE / d l_bj = (softmax_bj - [j = y_b]) g / B; at the target entries times d phi / d t
+                col = (labels - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
+                g_target = (grad.gather(1, col).squeeze(1) - 1.0).mul_(slope).mul_(inv[labels.clamp_min(0)])
+                grad.mul_(inv_b * g)  # G' = G / ||W||
+                _put_targets(grad, labels, c0, c1, g_target)
+                gc = grad.to(mm_dtype)
+                dw = grad_w[c0:c1]
+                if mm_dtype == out_dtype:
+                    grad_xs.addmm_(gc, wc_b)
+                    torch.mm(gc.t(), xc, out=dw)
+                else:
+                    grad_xs.add_(torch.mm(gc, wc_b))
+                    dw.copy_(torch.mm(gc.t(), xc))
+                # S_j = sum_b G'_bj out_bj = (sum_b G'_bj raw_bj) / ||W_j||, the target entries at their raw
+                # value s t (fast_cosine.py); dW_j -= S_j W_j / ||W_j||
+                _put_targets(raw, labels, c0, c1, raw_target)
+                weight_norm_term = grad.mul_(raw).sum(dim=0).mul_(inv_b.square())
+                dw.addcmul_(weight_norm_term.unsqueeze(1), w_b, value=-1.0)
+                del raw, grad, gc  # before the next block's are made
+            # xs = x s / ||x||: dx = (g - xs (g . xs) / s^2) s / ||x|| (fused_margin.py)
+            along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).mul_(exact)
+            grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / s ** 2).mul_(scale_x)
+        return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
+
+
+def chunked_margin_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, s: float, margin_and_slope: MarginAndSlope,
+                                 precise: bool = True, block: int | None = None,
+                                 reduce: RowReduce | None = None) -> Tensor:
+    """Mean cross-entropy of a cosine-margin head's training logits, never holding them (see the module doc).
+
+    ``x``: raw features (B x D); ``weight``: class weights (C x D); ``labels``: class indices (B), -1 for a
+    row whose class another rank holds; ``block``: classes per block (default: ``default_block``); ``precise``: the target cosines in float64 from the target rows (the head's ``precise_target``).
+    """
+    if block is None:
+        block = default_block(x.shape[0], weight.shape[0])
+    return _ChunkedMarginCE.apply(x, weight, labels.long(), float(s), margin_and_slope, bool(precise), int(block),
+                                  reduce)

@@ -1,0 +1,144 @@
+"""``MarginLoss``: cross-entropy on a margin head's logits + regularizers + the head's own loss term."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from marginlab.errors import ConfigError
+from marginlab.heads.base import check_chunkable
+
+
+def _regularizer_dict(regularizers) -> nn.ModuleDict:
+    """``None``, a mapping name -> module (an ``nn.ModuleDict`` is kept as it is) or an iterable of modules."""
+    if isinstance(regularizers, nn.ModuleDict):
+        return regularizers
+    if regularizers is None:
+        return nn.ModuleDict()
+    if isinstance(regularizers, nn.Module):
+        regularizers = [regularizers]
+    items = regularizers.items() if isinstance(regularizers, Mapping) else (
+        (type(r).__name__, r) for r in regularizers) if isinstance(regularizers, Iterable) else None
+    if items is None:
+        raise TypeError(f"MarginLoss(regularizers=...) takes a regularizer module, a list or a dict of them; "
+                        f"got {type(regularizers).__name__}")
+    out = nn.ModuleDict()
+    for name, reg in items:
+        if not isinstance(reg, nn.Module):
+            raise TypeError(f"MarginLoss(regularizers=...): {name!r} is a {type(reg).__name__}, not a regularizer "
+                            "module (e.g. marginlab.regularizers.center.CenterLoss)")
+        out[name if name not in out else f"{name}_{len(out)}"] = reg
+    return out
+
+
+def check_chunked(head: nn.Module, regularizers: nn.ModuleDict) -> None:
+    """A ``chunked`` head's training output is its loss, not logits: its margin must be chunkable and no
+    regularizer may need the logits (those whose ``forward`` takes ``logits`` without a default, e.g. Incay)."""
+    check_chunkable(head)
+    for name, reg in regularizers.items():
+        param = inspect.signature(reg.forward).parameters.get("logits")
+        if param is not None and param.default is inspect.Parameter.empty:
+            raise ConfigError(f"regularizer {name!r} needs the logits, which head.chunked=true never builds: "
+                              "use head.chunked=false with it")
+
+
+class MarginLoss(nn.Module):
+    """``loss = criterion(embeddings, labels)``: the head's margin logits, their cross-entropy, plus each
+    regularizer's weighted term and the head's own (``head.extra_loss()``: MagFace's g, easy to forget by hand).
+
+    ``head``: a margin head (``marginlab.heads``), which owns the class weights: pass ``criterion.parameters()``
+    (or the head's) to the optimizer. ``regularizers``: a regularizer module, a list or a dict of them
+    (``marginlab.regularizers``), each called as ``reg(embeddings, labels, logits)``.
+
+    The trainer calls ``from_head_output`` instead, with the logits its (compiled, DDP-wrapped) model made.
+    With a ``chunked`` head (heads/base.py) the training loss never builds the B x C logits: ``forward`` takes
+    the head's ``chunked_loss``; in the trainer the head returns it (0-dim) except on the steps whose geometry
+    the probe records, which fall back to the logits; there is no training accuracy (``classifies``).
+    """
+
+    @property
+    def classifies(self) -> bool:
+        """The head's output holds every class's logits: accuracy is computed from it. Not so for a
+        ``chunked`` head, whose training output is the loss itself (heads/base.py, ``CosineMarginHead``)."""
+        return not getattr(self.head, "chunked", False)
+    #: the class weights are split over the ranks and the head runs its own collectives (Partial FC)
+    sharded = False
+
+    def __init__(self, head: nn.Module, regularizers=None):
+        super().__init__()
+        if not isinstance(head, nn.Module):
+            raise TypeError(f"MarginLoss(head=...) takes a margin head module (e.g. marginlab.heads.ArcFace("
+                            f"in_features, num_classes)); got {type(head).__name__} {head!r:.60}")
+        self.head = head
+        self.regularizers = _regularizer_dict(regularizers)
+        if getattr(head, "chunked", False):
+            check_chunked(head, self.regularizers)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The scalar training loss of a batch: ``embeddings`` (B x D), ``labels`` (B) class indices."""
+        self._check_arguments(embeddings, labels)
+        if getattr(self.head, "chunked", False) and self.head.training:  # always chunked: no probe record here
+            self.head._check_inputs(embeddings, labels)
+            return self.from_head_output(embeddings, self.head.chunked_loss(embeddings, labels), labels)
+        return self.from_head_output(embeddings, self.head(embeddings, labels), labels)
+
+    def from_head_output(self, embeddings: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss given the head's output for this batch (the trainer's hot path: no checks, no sync).
+
+        A 0-dim output is a ``chunked`` head's cross-entropy, made without the logits (kernels/chunked_margin_ce.py).
+        """
+        if logits.dim() == 0:
+            return self.add_terms(logits.float(), embeddings, logits, labels)
+        return self.add_terms(F.cross_entropy(logits.float(), labels), embeddings, logits, labels)
+
+    def add_terms(self, loss: Tensor, embeddings: Tensor, output: Tensor, labels: Tensor) -> Tensor:
+        """``loss`` + each regularizer's weighted term + the head's own term (None for most heads)."""
+        for reg in self.regularizers.values():
+            loss = loss + reg(embeddings, labels, output)
+        extra = self.head.extra_loss()
+        return loss if extra is None else loss + extra
+
+    # ---- what the trainer asks of a criterion ------------------------------------------------------------------
+    @property
+    def margin_head(self) -> nn.Module:
+        """The head whose margin acts (the feasibility check, an evaluation copy): the head itself."""
+        return self.head
+
+    def sharded_parameters(self) -> list[nn.Parameter]:
+        """The parameters every rank holds a different shard of (their gradient norm sums over the ranks)."""
+        return []
+
+    def checkpoint_entries(self) -> dict:
+        """What a checkpoint must hold besides the weights for this loss to continue exactly."""
+        return {}
+
+    def restore_checkpoint_entries(self, checkpoint: dict, step: int) -> None:
+        """Takes back ``checkpoint_entries`` (``step``: the optimizer steps taken, for checkpoints without them)."""
+
+    # ---- library use: one line naming the argument ----------------------------------------------------------
+    def _check_arguments(self, embeddings, labels) -> None:
+        for name, value in (("embeddings", embeddings), ("labels", labels)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"MarginLoss: {name} must be a tensor, got {type(value).__name__}")
+        in_features = getattr(self.margin_head, "in_features", None)
+        if embeddings.dim() != 2 or (in_features is not None and embeddings.shape[1] != in_features):
+            raise ConfigError(f"MarginLoss: embeddings of shape {tuple(embeddings.shape)} do not fit "
+                              f"{type(self.margin_head).__name__}(in_features={in_features}): give (batch, "
+                              f"{in_features}), e.g. a backbone whose output size is the head's in_features")
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ConfigError(f"MarginLoss: labels of shape {tuple(labels.shape)} do not match embeddings of "
+                              f"shape {tuple(embeddings.shape)}: give one class index per embedding, shape "
+                              f"({embeddings.shape[0]},)")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"MarginLoss: labels must be integer class indices, got dtype {labels.dtype}")
+        num_classes = getattr(self, "num_classes", None) or getattr(self.margin_head, "num_classes", None)
+        if labels.device.type == "cpu" and num_classes is not None and labels.numel():  # on a GPU: no sync
+            low, high = labels.min().item(), labels.max().item()
+            if low < 0 or high >= num_classes:
+                bad = low if low < 0 else high
+                raise ConfigError(f"MarginLoss: labels hold class {bad}, but the head has num_classes="
+                                  f"{num_classes}: labels must lie in [0, {num_classes - 1}]")

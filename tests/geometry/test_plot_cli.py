@@ -1,0 +1,92 @@
+"""`marginlab plot`: re-render a run's figures from its saved geometry; compare a sweep's runs in a grid."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from PIL import Image
+
+from marginlab.cli import main
+from marginlab.geometry.store import list_epochs
+from marginlab.plot import find_runs, run_titles
+
+FAST = ["backbone.embedding_dim=2", "trainer.epochs=2", "trainer.checkpoint=false", "logger.progress=false",
+        "logger.tensorboard=false"]
+
+
+def assert_png(path):
+    assert path.is_file() and path.stat().st_size > 1024, path
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 2-epoch run of the digits default with a 2-D embedding (figures off: `plot` must draw them)."""
+    out = tmp_path_factory.mktemp("outputs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MARGINLAB_OUTPUT_DIR", str(out))
+        assert main(["train", *FAST, "logger.figures=false"]) == 0
+    (run_dir,) = (out / "runs").iterdir()
+    return run_dir
+
+
+def test_figures_false_writes_no_figures_but_keeps_the_data(trained):
+    assert not (trained / "figures").exists()
+    assert len(list_epochs(trained)) == 2  # what `marginlab plot` draws from
+
+
+def test_plot_rerenders_a_run(trained, tmp_path, capsys):
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    assert main(["plot", str(run_dir)]) == 0
+    names = sorted(p.name for p in (run_dir / "figures").iterdir())
+    assert names == ["features_epoch_001.png", "features_epoch_002.png", "features_final.png", "target_angles.png"]
+    for name in names:
+        assert_png(run_dir / "figures" / name)
+    assert "4 figure(s) written" in capsys.readouterr().out
+
+
+def make_sweep(trained, root, heads):
+    """A Hydra-multirun-shaped sweep: <root>/<date_time>/<override_dirname>/ per run."""
+    for head in heads:
+        run_dir = shutil.copytree(trained, root / "2026-01-01_00-00-00" / f"head={head},seed=0")
+        (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"head={head}", "seed=0"]))
+    return root
+
+
+def test_plot_draws_a_grid_of_the_runs_of_a_sweep(trained, tmp_path):
+    sweep = make_sweep(trained, tmp_path / "sweep", ["arcface", "softmax"])
+    assert len(find_runs(sweep)) == 2
+    assert main(["plot", str(sweep)]) == 0
+    for name in ("features_grid.png", "features_grid_unit.png", "target_angles.png"):
+        assert_png(sweep / name)
+    assert not list(sweep.rglob("features_epoch_*.png"))  # a sweep gets the comparison, runs are left alone
+
+
+def test_panel_titles_are_the_overrides_that_differ(trained, tmp_path):
+    sweep = make_sweep(trained, tmp_path / "sweep", ["arcface", "softmax"])
+    titles = run_titles(find_runs(sweep), sweep)
+    assert [t.splitlines()[0] for t in titles] == ["head=arcface", "head=softmax"]
+    assert all(t.splitlines()[1].startswith("test/acc ") for t in titles)
+
+
+def test_plot_of_a_directory_without_runs_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty")]) == 2
+    assert "no run with saved geometry" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_plot_depends_on_the_store_and_the_renderer_only():
+    """``marginlab plot`` draws from disk: it loads neither the training-time probe nor torch (issue #17)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, marginlab.plot, marginlab.figures.features, marginlab.figures.angles, "
+            "marginlab.figures.grid\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('marginlab.geometry', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "['marginlab.geometry', 'marginlab.geometry.render', 'marginlab.geometry.store']"

@@ -1,0 +1,256 @@
+"""The chunked margin cross-entropy (heads/kernels/chunked_margin_ce.py): the unfused head's loss and gradients
+in float64 for every cosine-margin head, any block size, with and without Partial FC; no B x C tensor saved."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marginlab.distributed.partial_fc import PartialFC
+from marginlab.errors import ConfigError
+from marginlab.heads.adaface import AdaFaceHead
+from marginlab.heads.amsoftmax import AMSoftmaxHead
+from marginlab.heads.arcface import ArcFaceHead
+from marginlab.heads.combined import CombinedMarginHead
+from marginlab.heads.curricularface import CurricularFaceHead
+from marginlab.heads.kernels import chunked_margin_cross_entropy
+from marginlab.heads.magface import MagFaceHead
+from marginlab.heads.normface import NormFaceHead
+from marginlab.heads.probe_record import set_recording
+from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
+from marginlab.losses import MarginLoss, criterion_for
+from marginlab.regularizers.center import CenterLoss
+from marginlab.regularizers.incay import FeatureIncay
+
+DIM, CLASSES = 6, 11
+
+#: every head whose margin is ``margin_and_slope`` of the target cosine (configs/head: normface, cosine and
+#: coco are NormFace at their s; cosface is AM-Softmax at s 64)
+HEADS = {
+    "normface": partial(NormFaceHead, s=16.0),
+    "cosine": partial(NormFaceHead, s=1.0),
+    "coco": partial(NormFaceHead, s=21.475),
+    "amsoftmax": partial(AMSoftmaxHead, s=30.0, m=0.35),
+    "cosface": partial(AMSoftmaxHead, s=64.0, m=0.35),
+    "arcface": partial(ArcFaceHead, s=64.0, m=0.5),
+    "arcface_easy_margin": partial(ArcFaceHead, s=64.0, m=0.5, easy_margin=True),
+    "arcface_straight_through": partial(ArcFaceHead, s=64.0, m=0.5, mode="straight_through"),
+    "arcface_no_fallback": partial(ArcFaceHead, s=64.0, m=0.5, mode="no_fallback"),
+    "combined": partial(CombinedMarginHead, s=64.0, m1=1.0, m2=0.3, m3=0.2),
+    "combined_sphere": partial(CombinedMarginHead, s=30.0, m1=2.0, m2=0.0, m3=0.0),
+    "combined_cosine_only": partial(CombinedMarginHead, s=64.0, m1=1.0, m2=0.0, m3=0.35),
+}
+#: 1 class per block, one not dividing C, and blocks of C and more (one block)
+BLOCKS = (1, 4, CLASSES, 64)
+
+
+def batch(head, size=9, seed=0):
+    """float64 features and labels in every block; rows 0-2 collinear with, opposite to and zero for their class."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, DIM, generator=gen, dtype=torch.float64) * 3
+    labels = torch.tensor([0, 3, 10, 5, 5, 7, 9, 1, 4])[:size]
+    w = head.weight.detach()
+    x[0], x[1], x[2] = 2.5 * w[labels[0]], -1.7 * w[labels[1]], 0.0
+    return x, labels
+
+
+def reference(head, x, labels):
+    """The unfused head + F.cross_entropy: loss, d loss / dx, d loss / dW."""
+    x = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(head(x, labels), labels)
+    return (loss.detach(), *torch.autograd.grad(loss, [x, head.weight]))
+
+
+def chunked(head, x, labels, block, weight=None):
+    x = x.clone().requires_grad_(True)
+    weight = head.weight if weight is None else weight
+    loss = chunked_margin_cross_entropy(x, weight, labels, head.s, head.margin_and_slope, head.precise_target, block)
+    return (loss.detach(), *torch.autograd.grad(loss, [x, head.weight]))
+
+
+def assert_close(actual, expected, msg):
+    for name, a, e in zip(("loss", "dx", "dW"), actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11, msg=f"{msg} {name}")
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_values_and_gradients_equal_the_unfused_head_for_every_block_size(name):
+    torch.manual_seed(0)
+    head = HEADS[name](DIM, CLASSES).double()
+    x, labels = batch(head)
+    expected = reference(head, x, labels)
+    for block in BLOCKS:
+        assert_close(chunked(head, x, labels, block), expected, f"{name} block={block}")
+
+
+def test_under_bfloat16_autocast_the_matmuls_run_in_bfloat16_and_the_rest_in_float32():
+    torch.manual_seed(0)
+    head = ArcFaceHead(DIM, CLASSES)
+    x, labels = batch(head.double())
+    head.float()
+    x = x.float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(head(x, labels).float(), labels)
+        loss = chunked_margin_cross_entropy(x, head.weight, labels, head.s, head.margin_and_slope, True, 4)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)  # both in bfloat16's matmul precision
+    loss.backward()
+    assert x.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+
+
+def test_the_head_returns_its_chunked_loss_only_on_training_steps_the_probe_does_not_record():
+    torch.manual_seed(0)
+    plain = ArcFaceHead(DIM, CLASSES).double()
+    head = ArcFaceHead(DIM, CLASSES, chunked=True, chunk_size=4).double()
+    head.load_state_dict(plain.state_dict())
+    x, labels = batch(head)
+    expected = F.cross_entropy(plain(x, labels), labels)
+    set_recording(head, False)
+    out = head(x, labels)
+    assert out.dim() == 0 and head.probe_record.cosine is None
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=0)
+    set_recording(head, True)  # a step that logs geometry: the logits, and the probe's cosines
+    out = head(x, labels)
+    assert out.shape == (9, CLASSES) and head.probe_record.cosine is not None
+    head.eval()
+    assert head(x, labels).shape == (9, CLASSES) and head(x).shape == (9, CLASSES)
+
+
+def test_margin_loss_takes_the_chunked_path_and_reports_no_accuracy():
+    torch.manual_seed(0)
+    plain = CombinedMarginHead(DIM, CLASSES).double()
+    head = CombinedMarginHead(DIM, CLASSES, chunked=True).double()
+    head.load_state_dict(plain.state_dict())
+    centre = CenterLoss(DIM, CLASSES).double()
+    x, labels = batch(head)
+    criterion = MarginLoss(head, [centre])
+    assert not criterion.classifies and MarginLoss(plain).classifies
+    expected = MarginLoss(plain, [copy.deepcopy(centre)])(x, labels)  # (the centres move each call)
+    loss = criterion(x, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # (MarginLoss takes the cross-entropy in float32)
+    # the trainer's path: the head's 0-dim output is the cross-entropy already
+    set_recording(head, False)
+    plain_loss = F.cross_entropy(plain(x, labels), labels)
+    torch.testing.assert_close(MarginLoss(head).from_head_output(x, head(x, labels), labels), plain_loss.float(),
+                               rtol=1e-6, atol=0)
+
+
+def test_no_saved_tensor_has_a_column_per_class():
+    """The forward keeps B-element row statistics, x, W and its C norms, never anything B x C."""
+    torch.manual_seed(0)
+    classes, rows = 1000, 16
+    head = ArcFaceHead(DIM, classes)
+    x = torch.randn(rows, DIM, requires_grad=True)
+    labels = torch.randint(0, classes, (rows,))
+
+    def saved_shapes(fn):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn()
+        loss.backward()
+        return shapes
+
+    def has_class_columns(shapes):  # a matrix with a column per class (the C weight norms are a vector)
+        return any(len(shape) == 2 and shape[-1] == classes for shape in shapes)
+
+    assert has_class_columns(saved_shapes(lambda: F.cross_entropy(head(x, labels), labels)))  # the old path does
+    shapes = saved_shapes(lambda: chunked_margin_cross_entropy(x, head.weight, labels, head.s, head.margin_and_slope,
+                                                               True, 64))
+    assert not has_class_columns(shapes), shapes
+    assert max(torch.Size(s).numel() for s in shapes) == classes * DIM  # the largest is W itself
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5], ids=["all classes", "sampled"])
+def test_partial_fc_with_a_chunked_head_equals_partial_fc_without(sample_rate):
+    torch.manual_seed(0)
+    plain = ArcFaceHead(DIM, CLASSES).double()
+    head = ArcFaceHead(DIM, CLASSES, chunked=True, chunk_size=3).double()
+    head.load_state_dict(plain.state_dict())
+    x, labels = batch(head)
+    x[2] = 1.0  # Partial FC's own cosines use F.normalize, whose gradient at a zero feature is ~1e12 (the heads': 0)
+    grads = []
+    for h in (plain, head):
+        pfc = PartialFC(h, CLASSES, sample_rate=sample_rate, seed=5)
+        emb = x.clone().requires_grad_(True)
+        loss = criterion_for(_Model(pfc))(emb, labels)
+        grads.append((loss.detach(), *torch.autograd.grad(loss, [emb, h.weight])))
+        if sample_rate < 1:
+            assert pfc.last_sampled.numel() < CLASSES
+    assert_close(grads[1], grads[0], f"partial fc sample_rate={sample_rate}")
+
+
+class _Model(torch.nn.Module):
+    """What ``criterion_for`` reads: a model with a ``head`` and ``regularizers``."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.regularizers = head, None
+
+
+@pytest.mark.parametrize("make", [CurricularFaceHead, AdaFaceHead, MagFaceHead,
+                                  partial(SubCenterArcFaceHead, k=2)],
+                         ids=["curricularface", "adaface", "magface", "subcenter_arcface"])
+def test_heads_whose_margin_is_not_the_target_cosine_alone_refuse_chunked(make):
+    with pytest.raises(ConfigError, match="chunked=true is not allowed with"):
+        make(DIM, CLASSES, chunked=True)
+
+
+def test_bad_chunked_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match="learnable_scale"):
+        MarginLoss(NormFaceHead(DIM, CLASSES, learnable_scale=True, chunked=True))
+    with pytest.raises(ConfigError, match="regularizer 'FeatureIncay' needs the logits"):
+        MarginLoss(ArcFaceHead(DIM, CLASSES, chunked=True), [FeatureIncay(DIM, CLASSES)])
+    with pytest.raises(ConfigError, match="chunk_size"):
+        ArcFaceHead(DIM, CLASSES, chunked=True, chunk_size=0)
+
+
+def _two_rank_check(rank, port):
+    """Rank ``rank`` of 2: Partial FC with a chunked head equals the unsharded head + F.cross_entropy."""
+    import torch.distributed as dist
+
+    from marginlab.distributed.partial_fc import shard_range
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        full = CombinedMarginHead(DIM, CLASSES).double()
+        start, end = shard_range(CLASSES, rank, 2)
+        local = CombinedMarginHead(DIM, end - start, chunked=True, chunk_size=2).double()
+        with torch.no_grad():
+            local.weight.copy_(full.weight[start:end])
+        x, labels = batch(full)
+        x[2] = 1.0  # (Partial FC's F.normalize at a zero feature, see above)
+        mine = slice(rank * 4, rank * 4 + 4)  # 4 of the 8 rows per rank
+        emb = x[:8][mine].clone().requires_grad_(True)
+        ref_x8 = x[:8].clone().requires_grad_(True)
+        ref = F.cross_entropy(full(ref_x8, labels[:8]), labels[:8])
+        ref.backward()
+        loss = PartialFC(local, CLASSES)(emb, labels[:8][mine])
+        loss.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-9, atol=0)
+        torch.testing.assert_close(emb.grad, ref_x8.grad[mine], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(local.weight.grad, full.weight.grad[start:end], rtol=1e-9, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_partial_fc_over_two_ranks_all_reduces_the_row_statistics():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_two_rank_check, args=(port,), nprocs=2, join=True, start_method=method)
