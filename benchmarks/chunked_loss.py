@@ -18,7 +18,8 @@ without it ("beyond dW": the loss's own temporaries, what chunking removes).
 Targets (issue 16): peak memory <= 0.3x the floor's and time <= 1.15x, at (128, 512, 85,742) and
 (256, 512, 1,000,000). ``--quick`` runs smaller shapes that fit a loaded 2-core CPU.
 
-Usage: ``python benchmarks/chunked_loss.py [--quick] [--shapes casia,1m] [--repeats N] [--threads N] [--chunk-size N] [--device cpu|cuda]``.
+Usage: ``python benchmarks/chunked_loss.py [--quick] [--shapes casia,1m] [--repeats N] [--threads N]
+[--chunk-size N] [--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def peak_memory(step, params, device: str) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events()
-                    if ev.name() == "[memory]")
+    events = sorted(
+        (ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events() if ev.name() == "[memory]"
+    )
     current = peak = 0
     for _, nbytes in events:
         current += nbytes
@@ -113,7 +115,7 @@ def measure(shape, repeats: int, device: str, chunk_size: int | None) -> dict:
         reset(params)
         steps[name]()
     for r in range(repeats):
-        order = CONTENDERS[r % 3:] + CONTENDERS[:r % 3]
+        order = CONTENDERS[r % 3 :] + CONTENDERS[: r % 3]
         for name in order:
             reset(params)
             sync(device)
@@ -134,18 +136,22 @@ def report(label: str, shape, result: dict) -> None:
     b, d, c = shape
     times, memory, grad_w = result["times"], result["memory"], result["grad_w"]
     floor = times["floor"]
-    mib = 2 ** 20
+    mib = 2**20
     print(f"\n(B, D, C) = ({b}, {d}, {c:,}) [{label}]  dW = {grad_w / mib:.0f} MiB")
-    print(f"  {'':8s} {'time ms':>16s} {'time / floor':>22s} {'peak MiB':>9s} {'/ floor':>8s} "
-          f"{'beyond dW':>10s} {'/ floor':>8s}")
+    print(
+        f"  {'':8s} {'time ms':>16s} {'time / floor':>22s} {'peak MiB':>9s} {'/ floor':>8s} "
+        f"{'beyond dW':>10s} {'/ floor':>8s}"
+    )
     for name in CONTENDERS:
         ms = [1e3 * t for t in times[name]]
         ratios = [t / f for t, f in zip(times[name], floor)]
         peak, beyond = memory[name], memory[name] - grad_w
         floor_beyond = memory["floor"] - grad_w
-        print(f"  {name:8s} {statistics.median(ms):8.1f} ({min(ms):.0f}-{max(ms):.0f}) {ratio_text(ratios):>22s} "
-              f"{peak / mib:9.0f} {peak / memory['floor']:7.2f}x {beyond / mib:10.0f} "
-              f"{beyond / max(floor_beyond, 1):7.2f}x")
+        print(
+            f"  {name:8s} {statistics.median(ms):8.1f} ({min(ms):.0f}-{max(ms):.0f}) {ratio_text(ratios):>22s} "
+            f"{peak / mib:9.0f} {peak / memory['floor']:7.2f}x {beyond / mib:10.0f} "
+            f"{beyond / max(floor_beyond, 1):7.2f}x"
+        )
 
 
 def main(argv=None) -> None:
@@ -166,8 +172,10 @@ def main(argv=None) -> None:
         if unknown:
             parser.error(f"--shapes {','.join(unknown)}: not a shape; choose from {', '.join(known)}")
         shapes = {k: known[k] for k in args.shapes.split(",")}
-    print(f"device {args.device}, {torch.get_num_threads()} threads, {args.repeats} repeats; "
-          "time ratios: median (min-max) of per-repeat ratios to the floor; targets: memory <= 0.3x, time <= 1.15x")
+    print(
+        f"device {args.device}, {torch.get_num_threads()} threads, {args.repeats} repeats; "
+        "time ratios: median (min-max) of per-repeat ratios to the floor; targets: memory <= 0.3x, time <= 1.15x"
+    )
     for label, shape in shapes.items():
         report(label, shape, measure(shape, args.repeats, args.device, args.chunk_size))
 

@@ -43,8 +43,9 @@ def write_fake_cifar10(root: Path, n_train: int, n_test: int = 1000) -> None:
     per_batch = n_train // 5
     for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         "labels": rng.integers(0, 10, n).tolist()}, f)
+            pickle.dump(
+                {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}, f
+            )
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
 
@@ -85,7 +86,10 @@ def main():
         sides = {}
         memory_data = cifar_module(root, 0, args.batch_size)
         t0 = time.perf_counter()
-        sides["in-memory (uint8 on device, batched crop/flip)"] = (memory_data, in_memory_loader(memory_data, "train", device))
+        sides["in-memory (uint8 on device, batched crop/flip)"] = (
+            memory_data,
+            in_memory_loader(memory_data, "train", device),
+        )
         decode_s = time.perf_counter() - t0
         for workers in (0, 2):
             data = cifar_module(root, workers, args.batch_size)
@@ -100,8 +104,10 @@ def main():
                 data, loader = sides[name]
                 seconds, count[name] = epoch_time(data, loader, r + 1, device)
                 times[name].append(seconds)
-    print(f"fake CIFAR-10 ({args.images} train images, pickle format), batch {args.batch_size}, crop 32 pad 4 + flip + "
-          f"normalise, {args.repeats} epochs per side, device {device}, {args.threads} torch thread(s)")
+    print(
+        f"fake CIFAR-10 ({args.images} train images, pickle format), batch {args.batch_size}, crop 32 pad 4 + flip + "
+        f"normalise, {args.repeats} epochs per side, device {device}, {args.threads} torch thread(s)"
+    )
     print(f"in-memory setup (decode to a uint8 tensor, move to the device): {decode_s * 1e3:.0f} ms")
     rates = {name: count[name] / statistics.median(ts) for name, ts in times.items()}
     ours = next(iter(rates))

@@ -78,8 +78,9 @@ class PilRecords(Dataset):
         return len(self.index.keys)
 
     def __getitem__(self, i: int):
-        record = self.index.rec.read_record(int(self.index.offsets[i]), int(self.index.keys[i]),
-                                            int(self.index.lengths[i]))
+        record = self.index.rec.read_record(
+            int(self.index.offsets[i]), int(self.index.keys[i]), int(self.index.lengths[i])
+        )
         _, payload = unpack(record)
         with Image.open(io.BytesIO(payload)) as img:
             return self.transform(img.convert("RGB")), int(self.index.labels[i])
@@ -107,16 +108,19 @@ def main(argv=None):
         mean_bytes = write_records(root, args.images, args.identities)
 
         def casia(decode: str):
-            data = CasiaData(root=str(root), decode=decode, batch_size=args.batch_size, num_workers=0,
-                             drop_last=False)
+            data = CasiaData(root=str(root), decode=decode, batch_size=args.batch_size, num_workers=0, drop_last=False)
             data.setup()
             return data
 
         baseline = "PIL + torchvision transforms DataLoader (baseline)"
         pil, cpu = casia("pil"), casia("cpu")
         cpu_loader = cpu.train_loader()
-        encoded = DataLoader(BatchedFaces(cpu.train_set, encoded=True), batch_size=args.batch_size, shuffle=True,
-                             collate_fn=collate_encoded)
+        encoded = DataLoader(
+            BatchedFaces(cpu.train_set, encoded=True),
+            batch_size=args.batch_size,
+            shuffle=True,
+            collate_fn=collate_encoded,
+        )
         sides = {
             baseline: DataLoader(PilRecords(root), batch_size=args.batch_size, shuffle=True),
             "marginlab decode=pil (per-image PIL path)": pil.train_loader(),
@@ -134,20 +138,33 @@ def main(argv=None):
             for name in order:
                 seconds, n = epoch(sides[name])
                 times[name].append(n / seconds)
-    print(f"synthetic faces_webface-style train.rec: {args.images} JPEG images 112x112 (mean {mean_bytes / 1e3:.1f} kB), "
-          f"batch {args.batch_size}, random flip + normalise to [-1, 1]; one process, 1 torch thread, num_workers=0, "
-          f"{args.repeats} epochs per side, alternating; machine: {os.cpu_count()} CPU(s), torch {torch.__version__}")
+    print(
+        f"synthetic faces_webface-style train.rec: {args.images} JPEG images 112x112 (mean {mean_bytes / 1e3:.1f} kB), "
+        f"batch {args.batch_size}, random flip + normalise to [-1, 1]; one process, 1 torch thread, num_workers=0, "
+        f"{args.repeats} epochs per side, alternating; machine: {os.cpu_count()} CPU(s), torch {torch.__version__}"
+    )
     base = times[baseline]
     for name, rates in times.items():
         ratios = [a / b for a, b in zip(rates, base)]
-        print(f"  {statistics.median(rates):8.0f} images/s per core ({min(rates):.0f}-{max(rates):.0f})"
-              + ("" if name == baseline else f"   {statistics.median(ratios):.2f}x baseline "
-                                             f"({min(ratios):.2f}-{max(ratios):.2f})") + f"   {name}")
-    for name in ("marginlab decode=cpu, worker side (uint8 batches)",
-                 "marginlab decode=cuda, worker side (read only; the GPU decodes)", baseline):
+        print(
+            f"  {statistics.median(rates):8.0f} images/s per core ({min(rates):.0f}-{max(rates):.0f})"
+            + (
+                ""
+                if name == baseline
+                else f"   {statistics.median(ratios):.2f}x baseline ({min(ratios):.2f}-{max(ratios):.2f})"
+            )
+            + f"   {name}"
+        )
+    for name in (
+        "marginlab decode=cpu, worker side (uint8 batches)",
+        "marginlab decode=cuda, worker side (read only; the GPU decodes)",
+        baseline,
+    ):
         rate = statistics.median(times[name])
-        print(f"{args.target:.0f} images/s needs {math.ceil(args.target / rate)} worker core(s) at "
-              f"{rate:.0f} images/s per core: {name}")
+        print(
+            f"{args.target:.0f} images/s needs {math.ceil(args.target / rate)} worker core(s) at "
+            f"{rate:.0f} images/s per core: {name}"
+        )
     print(f"({time.perf_counter() - started:.0f} s)")
 
 

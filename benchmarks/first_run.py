@@ -30,9 +30,19 @@ import time
 from pathlib import Path
 
 #: the default of 2026-12-02 (issue #16), every value that the new default changes spelled out
-OLD_DEFAULT = ["backbone=digits_cnn", "backbone.width=32", "backbone.embedding_dim=64", "head=amsoftmax",
-               "dataset=digits", "dataset.batch_size=64", "dataset.in_memory=false", "optim=sgd", "optim.lr=0.1",
-               "sched=cosine", "trainer.epochs=30"]
+OLD_DEFAULT = [
+    "backbone=digits_cnn",
+    "backbone.width=32",
+    "backbone.embedding_dim=64",
+    "head=amsoftmax",
+    "dataset=digits",
+    "dataset.batch_size=64",
+    "dataset.in_memory=false",
+    "optim=sgd",
+    "optim.lr=0.1",
+    "sched=cosine",
+    "trainer.epochs=30",
+]
 
 
 def cpu_name() -> str:
@@ -50,15 +60,22 @@ def run_once(overrides: list[str], seed: int, root: Path) -> dict:
     env = {**os.environ, "MARGINLAB_OUTPUT_DIR": str(root)}
     argv = [sys.executable, "-m", "marginlab", "train", *overrides, f"seed={seed}"]
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    proc = subprocess.run(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          check=False)
+    proc = subprocess.run(
+        argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False
+    )
     wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # user + system, all threads
     if proc.returncode != 0:
         raise SystemExit(f"first_run: {shlex.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     (summary,) = [json.loads(p.read_text()) for p in root.glob("runs/*/metrics.json")]
-    return {"seed": seed, "wall_s": wall, "cpu_s": cpu, "test_acc": summary["test/acc"], "best_test_acc": summary["best/test/acc"],
-            "epochs": summary["epochs_done"]}
+    return {
+        "seed": seed,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "test_acc": summary["test/acc"],
+        "best_test_acc": summary["best/test/acc"],
+        "epochs": summary["epochs_done"],
+    }
 
 
 def spread(values: list[float], fmt: str = "{:.3f}") -> str:
@@ -73,35 +90,46 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     args = parser.parse_args()
     configs = {"old": OLD_DEFAULT, "new": shlex.split(args.new)}
-    print(f"first run: {os.cpu_count()} CPUs ({cpu_name()}), load average {os.getloadavg()[0]:.2f} at start, "
-          f"{sys.executable}")
+    print(
+        f"first run: {os.cpu_count()} CPUs ({cpu_name()}), load average {os.getloadavg()[0]:.2f} at start, "
+        f"{sys.executable}"
+    )
     print(f"old: marginlab train {' '.join(configs['old'])}\nnew: marginlab train {' '.join(configs['new'])}")
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
         i = 0
         for _ in range(args.rounds):
             for seed in args.seeds:
-                for name in (("old", "new") if i % 2 == 0 else ("new", "old")):
+                for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
                     root = Path(tmp) / f"{name}-{i}"
                     root.mkdir()
                     result = run_once(configs[name], seed, root)
                     runs[name].append(result)
-                    print(f"  {name} seed {seed}: test/acc {result['test_acc']:.4f}  best/test/acc "
-                          f"{result['best_test_acc']:.4f}  wall {result['wall_s']:6.2f} s  cpu {result['cpu_s']:6.2f} s", flush=True)
+                    print(
+                        f"  {name} seed {seed}: test/acc {result['test_acc']:.4f}  best/test/acc "
+                        f"{result['best_test_acc']:.4f}  wall {result['wall_s']:6.2f} s  cpu {result['cpu_s']:6.2f} s",
+                        flush=True,
+                    )
                 i += 1
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     for name, rs in runs.items():
-        print(f"{name}: mean test/acc {statistics.mean(r['test_acc'] for r in rs):.4f}, mean best/test/acc "
-              f"{statistics.mean(r['best_test_acc'] for r in rs):.4f} over {len(rs)} runs; wall s "
-              f"{spread([r['wall_s'] for r in rs], '{:.2f}')}; cpu s {spread([r['cpu_s'] for r in rs], '{:.2f}')}")
+        print(
+            f"{name}: mean test/acc {statistics.mean(r['test_acc'] for r in rs):.4f}, mean best/test/acc "
+            f"{statistics.mean(r['best_test_acc'] for r in rs):.4f} over {len(rs)} runs; wall s "
+            f"{spread([r['wall_s'] for r in rs], '{:.2f}')}; cpu s {spread([r['cpu_s'] for r in rs], '{:.2f}')}"
+        )
     ratios = [n["wall_s"] / o["wall_s"] for o, n in zip(runs["old"], runs["new"])]
     mean_new = statistics.mean(r["test_acc"] for r in runs["new"])
     print(f"wall ratio new/old (per seed): {spread(ratios)}")
-    print(f"cpu ratio new/old (per seed): {spread([n['cpu_s'] / o['cpu_s'] for o, n in zip(runs['old'], runs['new'])])}"
-          " (less sensitive than wall to other jobs on the machine)")
-    print(f"targets: mean test/acc {mean_new:.4f} >= 0.99: {'met' if mean_new >= 0.99 else 'MISSED'}; "
-          f"median ratio {statistics.median(ratios):.3f} <= 0.5: "
-          f"{'met' if statistics.median(ratios) <= 0.5 else 'MISSED'}")
+    print(
+        f"cpu ratio new/old (per seed): {spread([n['cpu_s'] / o['cpu_s'] for o, n in zip(runs['old'], runs['new'])])}"
+        " (less sensitive than wall to other jobs on the machine)"
+    )
+    print(
+        f"targets: mean test/acc {mean_new:.4f} >= 0.99: {'met' if mean_new >= 0.99 else 'MISSED'}; "
+        f"median ratio {statistics.median(ratios):.3f} <= 0.5: "
+        f"{'met' if statistics.median(ratios) <= 0.5 else 'MISSED'}"
+    )
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "ratios": ratios, "configs": configs}, indent=1))
 

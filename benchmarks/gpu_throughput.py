@@ -41,7 +41,7 @@ from marginlab.distributed.partial_fc import build_partial_fc
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.losses import criterion_for
 
-MB = 2 ** 20
+MB = 2**20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -121,8 +121,15 @@ def synthetic_batches(args, classes: int, device: torch.device):
 
 
 def recordio_batches(args, root: Path, device: torch.device):
-    data = CasiaData(root=str(root), image_size=args.size, batch_size=args.batch_size, num_workers=args.workers,
-                     drop_last=True, decode="auto", pin_memory=device.type == "cuda")
+    data = CasiaData(
+        root=str(root),
+        image_size=args.size,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        drop_last=True,
+        decode="auto",
+        pin_memory=device.type == "cuda",
+    )
     loader = data.loaders(device).train
     epoch = 0
     while True:
@@ -185,8 +192,10 @@ def main(argv=None) -> int:
         name = "CPU (tiny smoke run; the figures mean nothing)"
     compiles = {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]
     sources = {"both": ("synthetic", "recordio"), "synthetic": ("synthetic",), "recordio": ("recordio",)}[args.data]
-    print(f"IResNet-{args.depth} ({args.dim}-d) at {args.size}x{args.size}, batch {args.batch_size}, bf16 autocast, "
-          f"channels_last, SGD; {args.warmup} warm-up + {args.steps} timed steps; {name}, torch {torch.__version__}")
+    print(
+        f"IResNet-{args.depth} ({args.dim}-d) at {args.size}x{args.size}, batch {args.batch_size}, bf16 autocast, "
+        f"channels_last, SGD; {args.warmup} warm-up + {args.steps} timed steps; {name}, torch {torch.__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if "recordio" in sources:
@@ -194,13 +203,18 @@ def main(argv=None) -> int:
         for head, classes in (("arcface", args.classes), ("partial_fc_0.1", args.pfc_classes)):
             for compiled in compiles:
                 for source in sources:
-                    batches = (synthetic_batches(args, classes, device) if source == "synthetic"
-                               else recordio_batches(args, root, device))
+                    batches = (
+                        synthetic_batches(args, classes, device)
+                        if source == "synthetic"
+                        else recordio_batches(args, root, device)
+                    )
                     rate, peak = run_row(args, head, compiled, batches, device)
                     batches.close()
                     memory = "n/a" if peak is None else f"{peak / MB:,.0f} MiB"
-                    print(f"  {rate:9.1f} images/s   peak {memory:>12}   {head} ({classes:,} classes), "
-                          f"compile {'on ' if compiled else 'off'}, {source} data")
+                    print(
+                        f"  {rate:9.1f} images/s   peak {memory:>12}   {head} ({classes:,} classes), "
+                        f"compile {'on ' if compiled else 'off'}, {source} data"
+                    )
     return 0
 
 

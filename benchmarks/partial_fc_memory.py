@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from marginlab.distributed import build_partial_fc
 from marginlab.heads.arcface import ArcFaceHead
 
-MB = 2 ** 20
+MB = 2**20
 
 
 def proc_status_kb(key: str) -> int:
@@ -57,9 +57,13 @@ def worker(rank, world, port, args, rate, out_dir):
         loss = pfc(emb, labels)
         loss.backward()
         n_cols = pfc.num_local if rate == 1.0 else pfc.num_sample
-        result = {"shard_bytes": pfc.weight.nbytes, "grad_bytes": pfc.weight.grad.nbytes,
-                  "logits_bytes": args.batch * world * n_cols * 4,
-                  "peak_added_bytes": (proc_status_kb("VmHWM") - before) * 1024, "loss": loss.item()}
+        result = {
+            "shard_bytes": pfc.weight.nbytes,
+            "grad_bytes": pfc.weight.grad.nbytes,
+            "logits_bytes": args.batch * world * n_cols * 4,
+            "peak_added_bytes": (proc_status_kb("VmHWM") - before) * 1024,
+            "loss": loss.item(),
+        }
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -81,20 +85,28 @@ def main():
     args = parser.parse_args()
     start = time.perf_counter()
     full = args.classes * args.dim * 4
-    print(f"ArcFace head, {args.classes} classes x {args.dim} dims: full weight {full / MB:.1f} MiB; "
-          f"{args.batch} embeddings per rank; float32; peak = VmHWM - VmRSS before (per rank, max over ranks)")
-    print(f"{'N':>3} {'rate':>5} {'weight shard':>13} {'+ its grad':>11} {'local logits':>13} {'peak added':>11} "
-          f"{'shard / full':>13}")
+    print(
+        f"ArcFace head, {args.classes} classes x {args.dim} dims: full weight {full / MB:.1f} MiB; "
+        f"{args.batch} embeddings per rank; float32; peak = VmHWM - VmRSS before (per rank, max over ranks)"
+    )
+    print(
+        f"{'N':>3} {'rate':>5} {'weight shard':>13} {'+ its grad':>11} {'local logits':>13} {'peak added':>11} "
+        f"{'shard / full':>13}"
+    )
     for world in args.worlds:
         for rate in args.sample_rates:  # fresh processes for each: freed memory kept by malloc would hide peaks
             with tempfile.TemporaryDirectory() as out:
-                mp.start_processes(worker, args=(world, free_port(), args, rate, out), nprocs=world, join=True,
-                                   start_method="fork")
+                mp.start_processes(
+                    worker, args=(world, free_port(), args, rate, out), nprocs=world, join=True, start_method="fork"
+                )
                 ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
-            shard, grad, logits, peak = (max(r[key] for r in ranks) for key in
-                                         ("shard_bytes", "grad_bytes", "logits_bytes", "peak_added_bytes"))
-            print(f"{world:>3} {rate:>5g} {shard / MB:>9.1f} MiB {grad / MB:>7.1f} MiB {logits / MB:>9.1f} MiB "
-                  f"{peak / MB:>7.1f} MiB {shard / full:>13.3f}")
+            shard, grad, logits, peak = (
+                max(r[key] for r in ranks) for key in ("shard_bytes", "grad_bytes", "logits_bytes", "peak_added_bytes")
+            )
+            print(
+                f"{world:>3} {rate:>5g} {shard / MB:>9.1f} MiB {grad / MB:>7.1f} MiB {logits / MB:>9.1f} MiB "
+                f"{peak / MB:>7.1f} MiB {shard / full:>13.3f}"
+            )
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

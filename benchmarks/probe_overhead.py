@@ -30,10 +30,10 @@ from marginlab.backbones.resnet_cifar import ResNetCifar
 from marginlab.builders import MarginModel
 from marginlab.data.digits import DigitsData
 from marginlab.engine import LoopState, Precision, evaluate, train_one_epoch
+from marginlab.geometry.probe import GeometryProbe
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
-from marginlab.geometry.probe import GeometryProbe
 
 PROBE_SAMPLES = 2048
 
@@ -50,8 +50,19 @@ class Side:
 
     def epoch(self, train, val, prec):
         w0, c0 = time.perf_counter(), time.process_time()
-        train_one_epoch(self.model, train, self.opt, self.sched, prec, self.state, grad_clip=None, max_nonfinite=10,
-                        channels_last=False, log_every=10, log=self.log)
+        train_one_epoch(
+            self.model,
+            train,
+            self.opt,
+            self.sched,
+            prec,
+            self.state,
+            grad_clip=None,
+            max_nonfinite=10,
+            channels_last=False,
+            log_every=10,
+            log=self.log,
+        )
         evaluate(self.model, val, prec, channels_last=False, probe_max_samples=PROBE_SAMPLES, probe=self.probe)
         if self.probe is not None:
             self.state.epoch += 1
@@ -74,7 +85,7 @@ def compare(title, model, train, val, repeats, tmp: Path):
     for side in (off, on):
         side.wall.clear(), side.cpu.clear(), side.probe_s.clear()
     for i in range(repeats):
-        for side in ((off, on) if i % 2 == 0 else (on, off)):
+        for side in (off, on) if i % 2 == 0 else (on, off):
             side.epoch(train, val, prec)
     figure_s = on.probe.figure_seconds
     on.close(), off.close()
@@ -82,24 +93,30 @@ def compare(title, model, train, val, repeats, tmp: Path):
     print(f"\n{title}: {n_train} train + {n_val} val images per epoch, {repeats} epochs per side")
     for side in (off, on):
         wall, cpu = statistics.median(side.wall), statistics.median(side.cpu)
-        print(f"  {side.name:9s} epoch {wall:7.3f} s wall, {cpu:7.3f} s CPU"
-              f"  (medians; wall spread {min(side.wall):.3f}-{max(side.wall):.3f})")
+        print(
+            f"  {side.name:9s} epoch {wall:7.3f} s wall, {cpu:7.3f} s CPU"
+            f"  (medians; wall spread {min(side.wall):.3f}-{max(side.wall):.3f})"
+        )
     wall = statistics.median(on.wall) / statistics.median(off.wall) - 1
     cpu = statistics.median(on.cpu) / statistics.median(off.cpu) - 1
     fastest = min(on.wall) / min(off.wall) - 1  # the least disturbed epoch of each side
     own = statistics.median(on.probe_s) / statistics.median(on.wall)
-    print(f"  probe overhead: {100 * wall:+.1f}% wall, {100 * cpu:+.1f}% CPU (ratio of medians), {100 * fastest:+.1f}% "
-          f"wall (fastest epochs); probe's own timer {1000 * statistics.median(on.probe_s):.1f} ms/epoch (median) = "
-          f"{100 * own:.2f}% of the median epoch, {100 * min(on.probe_s) / min(on.wall):.2f}% of the fastest; "
-          f"figures {1000 * figure_s / (repeats + 1):.0f} ms/epoch on the background thread")
+    print(
+        f"  probe overhead: {100 * wall:+.1f}% wall, {100 * cpu:+.1f}% CPU (ratio of medians), {100 * fastest:+.1f}% "
+        f"wall (fastest epochs); probe's own timer {1000 * statistics.median(on.probe_s):.1f} ms/epoch (median) = "
+        f"{100 * own:.2f}% of the median epoch, {100 * min(on.probe_s) / min(on.wall):.2f}% of the fastest; "
+        f"figures {1000 * figure_s / (repeats + 1):.0f} ms/epoch on the background thread"
+    )
 
 
 def large_head(tmp: Path, num_classes=85_742, dim=512, batch=256):
     head = AMSoftmaxHead(dim, num_classes).eval()
     probe = GeometryProbe(tmp / "large", PROBE_SAMPLES)
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(batch, dim, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen))
-               for _ in range(PROBE_SAMPLES // batch)]
+    batches = [
+        (torch.randn(batch, dim, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen))
+        for _ in range(PROBE_SAMPLES // batch)
+    ]
     times = []
     with torch.no_grad():
         for epoch in range(3):
@@ -113,9 +130,11 @@ def large_head(tmp: Path, num_classes=85_742, dim=512, batch=256):
             probe.end_epoch(epoch + 1, epoch, head)
             times.append((collect, time.perf_counter() - t0))
     collect, end = min(times, key=sum)
-    print(f"\nlarge head {num_classes} x {dim}, {PROBE_SAMPLES} probe samples: collect {1000 * collect:.0f} ms "
-          f"(B x C gather + top-2 per batch), end_epoch {1000 * end:.0f} ms (pairwise angles of 2048 sampled "
-          f"classes, histograms, npz) per epoch")
+    print(
+        f"\nlarge head {num_classes} x {dim}, {PROBE_SAMPLES} probe samples: collect {1000 * collect:.0f} ms "
+        f"(B x C gather + top-2 per batch), end_epoch {1000 * end:.0f} ms (pairwise angles of 2048 sampled "
+        f"classes, histograms, npz) per epoch"
+    )
 
 
 def digits(batch_size=64):
@@ -126,8 +145,10 @@ def digits(batch_size=64):
 
 
 def random_images(n_batches, batch, classes, gen):
-    return [(torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, classes, (batch,), generator=gen))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, classes, (batch,), generator=gen))
+        for _ in range(n_batches)
+    ]
 
 
 def main():
@@ -141,15 +162,33 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train, val = digits()
-        compare("digits default: DigitsCNN (D=64) + AM-Softmax", MarginModel(DigitsCNN(64, 1, 8), AMSoftmaxHead(64, 10),
-                nn.ModuleDict()), train, val, repeats, tmp)
-        compare("digits 2-D: DigitsCNN (D=2) + AM-Softmax, per-epoch scatter figure",
-                MarginModel(DigitsCNN(2, 1, 8), AMSoftmaxHead(2, 10), nn.ModuleDict()), train, val, repeats, tmp)
+        compare(
+            "digits default: DigitsCNN (D=64) + AM-Softmax",
+            MarginModel(DigitsCNN(64, 1, 8), AMSoftmaxHead(64, 10), nn.ModuleDict()),
+            train,
+            val,
+            repeats,
+            tmp,
+        )
+        compare(
+            "digits 2-D: DigitsCNN (D=2) + AM-Softmax, per-epoch scatter figure",
+            MarginModel(DigitsCNN(2, 1, 8), AMSoftmaxHead(2, 10), nn.ModuleDict()),
+            train,
+            val,
+            repeats,
+            tmp,
+        )
         gen = torch.Generator().manual_seed(0)
         steps = 10 if args.quick else 40
-        compare(f"ResNet-20 (D=128) + ArcFace, 100 classes, random 3x32x32: {steps} train steps of 128 (a CIFAR "
-                "epoch is 391), 2048 val", MarginModel(ResNetCifar(128, 20), ArcFaceHead(128, 100), nn.ModuleDict()),
-                random_images(steps, 128, 100, gen), random_images(16, 128, 100, gen), max(2, repeats - 2), tmp)
+        compare(
+            f"ResNet-20 (D=128) + ArcFace, 100 classes, random 3x32x32: {steps} train steps of 128 (a CIFAR "
+            "epoch is 391), 2048 val",
+            MarginModel(ResNetCifar(128, 20), ArcFaceHead(128, 100), nn.ModuleDict()),
+            random_images(steps, 128, 100, gen),
+            random_images(16, 128, 100, gen),
+            max(2, repeats - 2),
+            tmp,
+        )
         large_head(tmp)
 
 

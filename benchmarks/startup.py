@@ -95,8 +95,9 @@ def timed(argv: list[str], cwd: str) -> tuple[float, str]:
     """(wall seconds, stdout) of one process; the run directories land under ``cwd``."""
     env = {**os.environ, "MARGINLAB_OUTPUT_DIR": cwd}
     start = time.perf_counter()
-    proc = subprocess.run(argv, cwd=cwd, env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          text=True)
+    proc = subprocess.run(
+        argv, cwd=cwd, env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     return time.perf_counter() - start, proc.stdout
 
 
@@ -113,8 +114,10 @@ def rounds(cmds: dict[str, list[str]], repeats: int, cwd: str) -> dict[str, list
 
 def row(name: str, times: list[float], base: list[float]) -> str:
     ratios = [a / b for a, b in zip(times, base)]
-    return (f"{name:34s} {statistics.median(times):9.3f} {min(times):6.3f}-{max(times):6.3f} "
-            f"{statistics.median(ratios):6.2f}x {min(ratios):6.2f}-{max(ratios):5.2f}x")
+    return (
+        f"{name:34s} {statistics.median(times):9.3f} {min(times):6.3f}-{max(times):6.3f} "
+        f"{statistics.median(ratios):6.2f}x {min(ratios):6.2f}-{max(ratios):5.2f}x"
+    )
 
 
 HEADER = f"{'command':34s} {'median s':>9s} {'min-max s':>13s} {'ratio':>7s} {'ratio min-max':>14s}"
@@ -136,8 +139,10 @@ def first_step_section(repeats: int, cwd: str) -> None:
     load = [float(out.strip().splitlines()[-1]) for _, out in results["data set load (in-process)"]]
     first = [t for t, _ in results["marginlab train, 1st step"]]
     base = [a + b for a, b in zip(imports, load)]
-    print(f"\nfirst optimizer step, {repeats} rounds; ratio to `import torch, torchvision` + the data set's load "
-          "(target <= 1.3x)")
+    print(
+        f"\nfirst optimizer step, {repeats} rounds; ratio to `import torch, torchvision` + the data set's load "
+        "(target <= 1.3x)"
+    )
     print(HEADER)
     print(row("import torch, torchvision", imports, base))
     print(row("data set load (digits, in-process)", load, base))

@@ -84,8 +84,20 @@ def compare(title, model, batches, repeats, log_dir: Path, warmup=None, fixed_us
     todo = [batches]
 
     def marginlab_run(side):
-        train_one_epoch(side.model, todo[0], side.opt, side.sched, prec, state, grad_clip=None, max_nonfinite=10,
-                        channels_last=False, log_every=LOG_EVERY, log=log, progress=False)
+        train_one_epoch(
+            side.model,
+            todo[0],
+            side.opt,
+            side.sched,
+            prec,
+            state,
+            grad_clip=None,
+            max_nonfinite=10,
+            channels_last=False,
+            log_every=LOG_EVERY,
+            log=log,
+            progress=False,
+        )
 
     plain = Side("plain loop", model, lambda side: plain_epoch(side.model, todo[0], side.opt, side.sched))
     ours = Side("marginlab", model, marginlab_run)
@@ -94,27 +106,35 @@ def compare(title, model, batches, repeats, log_dir: Path, warmup=None, fixed_us
     todo[0] = batches
     plain.wall.clear(), plain.cpu.clear(), ours.wall.clear(), ours.cpu.clear()
     for i in range(repeats):
-        for side in ((plain, ours) if i % 2 == 0 else (ours, plain)):  # A B B A ...: no side always goes first
+        for side in (plain, ours) if i % 2 == 0 else (ours, plain):  # A B B A ...: no side always goes first
             side.time_once()
     log.close()
     print(f"\n{title}: chunks of {len(batches)} steps ({n_images} images) x {repeats} per side")
     for side in (plain, ours):
         w, c = statistics.median(side.wall), statistics.median(side.cpu)
-        print(f"  {side.name:11s} {n_images / w:9.1f} images/s (wall, median)   {n_images / c:9.1f} images/s (CPU time)"
-              f"   spread {min(side.wall):.3f}-{max(side.wall):.3f} s")
+        print(
+            f"  {side.name:11s} {n_images / w:9.1f} images/s (wall, median)   {n_images / c:9.1f} images/s (CPU time)"
+            f"   spread {min(side.wall):.3f}-{max(side.wall):.3f} s"
+        )
     wall_ratio = statistics.median(ours.wall) / statistics.median(plain.wall)
     cpu_ratio = statistics.median(ours.cpu) / statistics.median(plain.cpu)
     paired_wall = statistics.median(o / p for o, p in zip(ours.wall, plain.wall))
     paired_cpu = statistics.median(o / p for o, p in zip(ours.cpu, plain.cpu))
     per_step_us = statistics.median(o - p for o, p in zip(ours.cpu, plain.cpu)) / len(batches) * 1e6
-    print(f"  time ratio marginlab / plain, median of paired chunks: wall {paired_wall:.3f}, CPU {paired_cpu:.3f} "
-          f"(ratio of medians: wall {wall_ratio:.3f}, CPU {cpu_ratio:.3f})")
-    print(f"  -> overhead {100 * (paired_cpu - 1):+.1f}% (CPU), {100 * (paired_wall - 1):+.1f}% (wall); "
-          f"{per_step_us:+.0f} us CPU per step")
+    print(
+        f"  time ratio marginlab / plain, median of paired chunks: wall {paired_wall:.3f}, CPU {paired_cpu:.3f} "
+        f"(ratio of medians: wall {wall_ratio:.3f}, CPU {cpu_ratio:.3f})"
+    )
+    print(
+        f"  -> overhead {100 * (paired_cpu - 1):+.1f}% (CPU), {100 * (paired_wall - 1):+.1f}% (wall); "
+        f"{per_step_us:+.0f} us CPU per step"
+    )
     if fixed_us is not None:
         step_us = statistics.median(plain.cpu) / len(batches) * 1e6
-        print(f"  expected from the fixed cost per step ({fixed_us:.0f} us over a {step_us / 1e3:.1f} ms step): "
-              f"{100 * fixed_us / step_us:+.2f}%")
+        print(
+            f"  expected from the fixed cost per step ({fixed_us:.0f} us over a {step_us / 1e3:.1f} ms step): "
+            f"{100 * fixed_us / step_us:+.2f}%"
+        )
     return per_step_us
 
 
@@ -133,8 +153,11 @@ def engine_pieces(model, batches):
     criterion = criterion_for(model)  # what train_one_epoch builds once per epoch
 
     def log_step():  # engine.py: the `if state.step % log_every == 0` block
-        stats = {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item(),
-                 "lr": opt.param_groups[0]["lr"]}
+        stats = {
+            "loss": loss.item(),
+            "acc": (logits.argmax(1) == labels).float().mean().item(),
+            "lr": opt.param_groups[0]["lr"],
+        }
         stats.update(batch_geometry(embeddings.detach(), model.head.probe_record.cosine, labels, model.head))
         log.scalars(stats, 1, prefix="step/")
 
@@ -151,13 +174,16 @@ def engine_pieces(model, batches):
         "if not torch.isfinite(loss)  (non-finite check, sync)": lambda: bool(torch.isfinite(loss)),
         "dist.all_finite(loss)  (current engine, 1 process)": all_finite,
         "criterion.from_head_output  (vs F.cross_entropy alone)": lambda: criterion.from_head_output(
-            embeddings, logits, labels),
+            embeddings, logits, labels
+        ),
         "F.cross_entropy alone": lambda: F.cross_entropy(logits.float(), labels),
         "loss_sum += ...; correct += ...  (accumulation)": accumulate,
         "prec.autocast() enter/exit  (precision 32)": lambda: prec.autocast().__enter__(),
         "scaler.scale(loss) + scaler.update()  (disabled)": lambda: (prec.scaler.scale(loss), prec.scaler.update()),
-        "to_device(batch)  (CPU, no copy)": lambda: (images.to("cpu", non_blocking=True),
-                                                    labels.to("cpu", non_blocking=True)),
+        "to_device(batch)  (CPU, no copy)": lambda: (
+            images.to("cpu", non_blocking=True),
+            labels.to("cpu", non_blocking=True),
+        ),
         f"log block (2 .item(), batch_geometry, 13 TensorBoard scalars) / {LOG_EVERY}": log_step,
     }
     print(f"\nengine.py pieces the plain loop does not run (DigitsCNN batch {labels.numel()}; us per step):")
@@ -169,6 +195,7 @@ def engine_pieces(model, batches):
             us /= LOG_EVERY
         print(f"  {us:8.1f}  {name}")
     from tqdm import tqdm
+
     t0 = time.perf_counter()
     for _ in tqdm(range(10_000), disable=True):
         pass
@@ -185,8 +212,10 @@ def digits_batches(batch_size=64):
 
 def cifar_batches(steps, batch_size=128):
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch_size, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
-            for _ in range(steps)]
+    return [
+        (torch.randn(batch_size, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
+        for _ in range(steps)
+    ]
 
 
 def main():
@@ -203,14 +232,27 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         digits = digits_batches()[:20]  # 20 steps: 2 logging steps per chunk
         tiny = MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 16)), AMSoftmaxHead(16, 10), nn.ModuleDict())
-        fixed_us = compare("Linear 64->16 + AM-Softmax (almost no compute: the fixed cost per step)", tiny,
-                           digits * 5, repeats, Path(tmp))
+        fixed_us = compare(
+            "Linear 64->16 + AM-Softmax (almost no compute: the fixed cost per step)",
+            tiny,
+            digits * 5,
+            repeats,
+            Path(tmp),
+        )
         model = MarginModel(DigitsCNN(64, 1, 8), AMSoftmaxHead(64, 10), nn.ModuleDict())
-        compare("DigitsCNN + AM-Softmax, digits (in memory), batch 64", model, digits, repeats, Path(tmp),
-                fixed_us=fixed_us)
+        compare(
+            "DigitsCNN + AM-Softmax, digits (in memory), batch 64", model, digits, repeats, Path(tmp), fixed_us=fixed_us
+        )
         model = MarginModel(ResNetCifar(128, 20), ArcFaceHead(128, 10), nn.ModuleDict())
-        compare("ResNet-20 + ArcFace, random 3x32x32, batch 128 (2 pairs: the ratio is within noise)", model,
-                cifar_batches(LOG_EVERY), 1 if args.quick else 2, Path(tmp), warmup=1, fixed_us=fixed_us)
+        compare(
+            "ResNet-20 + ArcFace, random 3x32x32, batch 128 (2 pairs: the ratio is within noise)",
+            model,
+            cifar_batches(LOG_EVERY),
+            1 if args.quick else 2,
+            Path(tmp),
+            warmup=1,
+            fixed_us=fixed_us,
+        )
         engine_pieces(MarginModel(DigitsCNN(64, 1, 8), AMSoftmaxHead(64, 10), nn.ModuleDict()), digits)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 

@@ -18,8 +18,12 @@ from marginlab.command_args import REQUIRED, as_optional_bool, parse, run_comman
 from marginlab.errors import ConfigError, DataError, OutputError
 
 _text = lambda k, v: v
-SPEC = {"input": (REQUIRED, _text), "landmarks": (REQUIRED, _text), "out": (REQUIRED, _text),
-        "progress": (None, as_optional_bool)}
+SPEC = {
+    "input": (REQUIRED, _text),
+    "landmarks": (REQUIRED, _text),
+    "out": (REQUIRED, _text),
+    "progress": (None, as_optional_bool),
+}
 
 
 def plan(input_dir: Path, landmarks: Path, out_dir: Path) -> list[tuple[str, Path, Path, object]]:

@@ -62,20 +62,29 @@ def build_head(spec: HeadSpec, in_features: int, num_classes: int, *, seed: int 
     # ranks) and must not move the global random stream, which would then depend on the number of ranks
     with torch.random.fork_rng(devices=[]):
         # under torchrun the backbone is wrapped in DDP (train.py), which averages its gradients over the ranks
-        return build_partial_fc(make, num_classes, spec.sample_rate, seed=seed, init_seed=seed,
-                                backbone_grads_averaged=group_rank_and_size()[1] > 1)
+        return build_partial_fc(
+            make,
+            num_classes,
+            spec.sample_rate,
+            seed=seed,
+            init_seed=seed,
+            backbone_grads_averaged=group_rank_and_size()[1] > 1,
+        )
 
 
-def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes: int, *,
-                head: HeadSpec) -> MarginModel:
+def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes: int, *, head: HeadSpec) -> MarginModel:
     """Backbone, the head ``validate(cfg)`` returned, and the regularizers."""
     backbone = _instantiate(cfg.backbone, "backbone", in_channels=in_channels, image_size=image_size)
     dim = getattr(backbone, "embedding_dim", None)
     if dim is None:
         raise ConfigError(f"backbone {cfg.backbone._target_} must expose `embedding_dim`")
     model_head = build_head(head, dim, num_classes, seed=cfg.seed)  # before the regularizers: the random stream
-    regs = nn.ModuleDict({name: _instantiate(node, f"regularizer.{name}", in_features=dim, num_classes=num_classes)
-                          for name, node in (cfg.get("regularizer") or {}).items()})
+    regs = nn.ModuleDict(
+        {
+            name: _instantiate(node, f"regularizer.{name}", in_features=dim, num_classes=num_classes)
+            for name, node in (cfg.get("regularizer") or {}).items()
+        }
+    )
     return MarginModel(backbone, model_head, regs)
 
 
@@ -90,18 +99,25 @@ def build_optimizer(cfg: DictConfig, model: MarginModel) -> torch.optim.Optimize
     owner = next((m for m in model.head.modules() if isinstance(m, MarginHead)), None)
     own_group = owner is not None and (owner.lr_mult != 1.0 or owner.weight_decay is not None)
     class_weight = owner.weight if own_group and owner.weight.requires_grad else None
-    head_params = [p for p in list(model.head.parameters()) + list(model.regularizers.parameters())
-                   if p.requires_grad and p is not class_weight]
-    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "name": "backbone"},
-              {"params": head_params, "name": "head"}]
+    head_params = [
+        p
+        for p in list(model.head.parameters()) + list(model.regularizers.parameters())
+        if p.requires_grad and p is not class_weight
+    ]
+    groups = [
+        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "name": "backbone"},
+        {"params": head_params, "name": "head"},
+    ]
     if head_wd is not None:
         groups[1]["weight_decay"] = float(head_wd)
     if class_weight is not None:
         group = {"params": [class_weight], "name": "class_weight"}
         if owner.lr_mult != 1.0:
             if cfg.optim.get("lr") is None:
-                raise ConfigError(f"head.lr_mult={owner.lr_mult:g} needs optim.lr to multiply, and "
-                                  f"optim ({cfg.optim.get('_target_')}) sets none: set optim.lr or head.lr_mult=1")
+                raise ConfigError(
+                    f"head.lr_mult={owner.lr_mult:g} needs optim.lr to multiply, and "
+                    f"optim ({cfg.optim.get('_target_')}) sets none: set optim.lr or head.lr_mult=1"
+                )
             group["lr"] = float(cfg.optim.lr) * owner.lr_mult
         decay = owner.weight_decay if owner.weight_decay is not None else head_wd
         if decay is not None:
@@ -120,6 +136,7 @@ def build_verifiers(nodes: DictConfig | None) -> dict:
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    schedule = _instantiate(cfg.sched, "sched", total_steps=steps_per_epoch * cfg.trainer.epochs,
-                            steps_per_epoch=steps_per_epoch)
+    schedule = _instantiate(
+        cfg.sched, "sched", total_steps=steps_per_epoch * cfg.trainer.epochs, steps_per_epoch=steps_per_epoch
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

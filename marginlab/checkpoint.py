@@ -32,9 +32,13 @@ except ImportError:  # numpy < 2
 
 #: the only globals a checkpoint may name, allowed by name: numpy's array reconstruction (under numpy 1's and 2's
 #: module names), which checkpoints written before the plain format need (np.random.get_state()'s ndarray)
-LEGACY_GLOBALS = [(_reconstruct, "numpy.core.multiarray._reconstruct"),
-                  (_reconstruct, "numpy._core.multiarray._reconstruct"),
-                  np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+LEGACY_GLOBALS = [
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    (_reconstruct, "numpy._core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
 
 
 # ---------------------------------------------------------------- the format
@@ -50,19 +54,33 @@ class LoopState:
     nonfinite_streak: int = 0
 
 
-def checkpoint_payload(model_state: dict, optimizer_state: dict, scheduler, scaler, state: LoopState, config,
-                       data, extras: dict | None = None) -> dict:
+def checkpoint_payload(
+    model_state: dict,
+    optimizer_state: dict,
+    scheduler,
+    scaler,
+    state: LoopState,
+    config,
+    data,
+    extras: dict | None = None,
+) -> dict:
     """What ``last.pt``/``best.pt`` hold; model and optimizer state in the unsharded layout (sharded_state.py).
 
     ``config``: the run's DictConfig (saved resolved); ``data``: the data module (what ``marginlab eval`` needs to
     rebuild the backbone); ``extras``: the loss's own entries (``criterion.checkpoint_entries()``)."""
     from omegaconf import OmegaConf
 
-    return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "state": vars(state).copy(), "rng": rng_state(),
-            "config": OmegaConf.to_container(config, resolve=True),
-            "data": {"in_channels": data.in_channels, "image_size": data.image_size,
-                     "num_classes": data.num_classes}, **(extras or {})}
+    return {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "state": vars(state).copy(),
+        "rng": rng_state(),
+        "config": OmegaConf.to_container(config, resolve=True),
+        "data": {"in_channels": data.in_channels, "image_size": data.image_size, "num_classes": data.num_classes},
+        **(extras or {}),
+    }
 
 
 # ---------------------------------------------------------------- writing
@@ -148,13 +166,17 @@ def state_differences(expected: dict, saved: dict) -> list[str]:
     lines = [f"missing keys ({len(missing)}): {', '.join(missing)}"] if missing else []
     if unexpected:
         lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    lines += [f"{k}: saved {shape(v)}, model {list(expected[k])}" for k, v in saved.items()
-              if k in expected and shape(v) != list(expected[k])]
+    lines += [
+        f"{k}: saved {shape(v)}, model {list(expected[k])}"
+        for k, v in saved.items()
+        if k in expected and shape(v) != list(expected[k])
+    ]
     return lines
 
 
-def load_training_state(path: Path, model, optimizer, scheduler, scaler, criterion=None,
-                        map_location="cpu") -> LoopState:
+def load_training_state(
+    path: Path, model, optimizer, scheduler, scaler, criterion=None, map_location="cpu"
+) -> LoopState:
     """Restores a ``resume=`` checkpoint into a freshly built job (model, optimizer, schedule, GradScaler, random
     generators, the loss's own entries); returns its LoopState. A ConfigError listing every difference when the
     checkpoint's weights do not fit ``model``."""
@@ -164,8 +186,9 @@ def load_training_state(path: Path, model, optimizer, scheduler, scaler, criteri
     saved_head = ckpt["config"]["head"]["_target_"]
     differences = state_differences(sharded_state.unsharded_shapes(model), ckpt["model"])
     if differences:
-        raise ConfigError(f"resume: {path} does not fit this model (it was trained with {saved_head}):\n  "
-                          + "\n  ".join(differences))
+        raise ConfigError(
+            f"resume: {path} does not fit this model (it was trained with {saved_head}):\n  " + "\n  ".join(differences)
+        )
     sharded_state.load_model_state_dict(model, ckpt["model"])
     sharded_state.load_optimizer_state_dict(optimizer, model, ckpt["optimizer"])
     # the schedule is the config's (a longer run is checked in resume.py), not the saved callable's attributes
@@ -183,10 +206,17 @@ def rng_state() -> dict:
     """Every generator's state as tensors and plain lists: what ``torch.load(weights_only=True)`` reads."""
     version, internal, gauss = random.getstate()
     name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {"python": [version, list(internal), gauss],
-             "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "bit_generator": str(name),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -196,8 +226,13 @@ def _numpy_state(saved):
     """``np.random.set_state``'s tuple from ``rng_state()``'s dict (or an old checkpoint's tuple, as it is)."""
     if not isinstance(saved, dict):
         return saved
-    return (saved["bit_generator"], saved["key"].cpu().numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
-            saved["cached_gaussian"])
+    return (
+        saved["bit_generator"],
+        saved["key"].cpu().numpy().astype(np.uint32),
+        saved["pos"],
+        saved["has_gauss"],
+        saved["cached_gaussian"],
+    )
 
 
 def set_rng_state(state: dict) -> None:
@@ -226,9 +261,10 @@ def find_checkpoint(value, key: str = "checkpoint") -> Path:
 def find_run_dir(resume: str, outputs_root: str | os.PathLike) -> Path:
     """``latest`` (newest run under <outputs>/runs), a run directory, or a checkpoint file inside one."""
     if resume == "latest":
-        runs = sorted((p for p in (Path(outputs_root) / "runs").glob("*")
-                       if (p / CHECKPOINT_DIR / "last.pt").is_file()),
-                      key=lambda p: (p / CHECKPOINT_DIR / "last.pt").stat().st_mtime)
+        runs = sorted(
+            (p for p in (Path(outputs_root) / "runs").glob("*") if (p / CHECKPOINT_DIR / "last.pt").is_file()),
+            key=lambda p: (p / CHECKPOINT_DIR / "last.pt").stat().st_mtime,
+        )
         if not runs:
             raise ConfigError(f"resume=latest: no run with a checkpoint under {Path(outputs_root) / 'runs'}")
         return runs[-1].resolve()

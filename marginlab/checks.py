@@ -19,8 +19,9 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
-def check_float(name: str, value, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True) -> float:
+def check_float(
+    name: str, value, low: float | None = None, high: float | None = None, low_inclusive: bool = True
+) -> float:
     """Checks a float hyperparameter against [low, high] (or (low, high] with low_inclusive=False)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name}={value!r} is not allowed: it must be a finite number")
@@ -52,12 +53,14 @@ def check_batch(owner: str, in_features: int, embeddings, labels=None) -> None:
     if embeddings.dim() != 2 or embeddings.shape[1] != in_features:
         raise ConfigError(
             f"{owner} expects embeddings of shape (batch, {in_features}), "
-            f"got {tuple(embeddings.shape)}: backbone.embedding_dim must equal {owner}'s in_features")
+            f"got {tuple(embeddings.shape)}: backbone.embedding_dim must equal {owner}'s in_features"
+        )
     if labels is None:
         return
     if labels.shape != embeddings.shape[:1]:
-        raise ConfigError(f"labels of shape {tuple(labels.shape)} do not match a batch of "
-                          f"{embeddings.shape[0]} embeddings")
+        raise ConfigError(
+            f"labels of shape {tuple(labels.shape)} do not match a batch of {embeddings.shape[0]} embeddings"
+        )
     import torch  # the caller handed us tensors: torch is loaded already
 
     if labels.dtype not in (torch.int64, torch.int32):

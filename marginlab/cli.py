@@ -55,6 +55,7 @@ def command(name):
     def register(func):
         COMMANDS[name] = func
         return func
+
     return register
 
 

@@ -66,8 +66,10 @@ class CollapseWatch:
         (e0, l0), (_, l1) = self.chance_run[0], self.chance_run[-1]
         if len(self.chance_run) < CHANCE_EPOCHS or not l1 < l0:
             return None
-        return (f"collapse: test/acc {record['test/acc']:.3f} is at chance ({chance:.3f}) since epoch {e0} "
-                f"while train/loss fell {l0:.4g} -> {l1:.4g}")
+        return (
+            f"collapse: test/acc {record['test/acc']:.3f} is at chance ({chance:.3f}) since epoch {e0} "
+            f"while train/loss fell {l0:.4g} -> {l1:.4g}"
+        )
 
     def _norms(self, record: dict) -> str | None:
         norm = record.get("test/feature_norm/mean")

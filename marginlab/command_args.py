@@ -70,6 +70,7 @@ def one_of(*choices: str) -> Callable[[str, str], str]:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(choices)}")
         return value
+
     return convert
 
 

@@ -63,8 +63,10 @@ def completion_request(args: list[str]) -> tuple[str, str] | None:
         request = value if eq else (args[i + 1] if i + 1 < len(args) else "")
         action, _, shell = request.partition("=")
         if action not in ("install", "uninstall", "query") or shell not in SHELLS:
-            raise ConfigError(f"shell completion: {request!r} is not one of install=<shell>, uninstall=<shell>, "
-                              f"query=<shell> with <shell> one of {', '.join(SHELLS)}")
+            raise ConfigError(
+                f"shell completion: {request!r} is not one of install=<shell>, uninstall=<shell>, "
+                f"query=<shell> with <shell> one of {', '.join(SHELLS)}"
+            )
         return action, shell
     return None
 

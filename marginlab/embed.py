@@ -20,17 +20,33 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from marginlab.command_args import (REQUIRED, STATE_DICT_OPTIONS, as_bool, as_count, as_optional_bool, as_positive_int,
-                                    parse, run_command)
+from marginlab.command_args import (
+    REQUIRED,
+    STATE_DICT_OPTIONS,
+    as_bool,
+    as_count,
+    as_optional_bool,
+    as_positive_int,
+    parse,
+    run_command,
+)
 from marginlab.data.face import FaceImageDataset, parse_image_size
 from marginlab.errors import ConfigError
 from marginlab.eval.verification import embed_images
 from marginlab.export.files import put_in_place, refuse_existing, staged, write_text
 
 _text = lambda k, v: v  # noqa: E731
-SPEC = {"checkpoint": (REQUIRED, _text), "input": (REQUIRED, _text), "out": (REQUIRED, _text),
-        "flip": (True, as_bool), "batch_size": (256, as_positive_int), "num_workers": (0, as_count),
-        "device": ("auto", _text), "progress": (None, as_optional_bool), **STATE_DICT_OPTIONS}
+SPEC = {
+    "checkpoint": (REQUIRED, _text),
+    "input": (REQUIRED, _text),
+    "out": (REQUIRED, _text),
+    "flip": (True, as_bool),
+    "batch_size": (256, as_positive_int),
+    "num_workers": (0, as_count),
+    "device": ("auto", _text),
+    "progress": (None, as_optional_bool),
+    **STATE_DICT_OPTIONS,
+}
 
 
 class EncodedImages(FaceImageDataset):
@@ -57,8 +73,10 @@ def open_input(value: str, image_size: tuple[int, int]) -> tuple[FaceImageDatase
         from marginlab.data.face.imagefolder import FolderIndex
 
         index = FolderIndex(path)
-        rows = [f"{i}\t{Path(p).relative_to(path).as_posix()}\t{label}\t{index.classes[label]}"
-                for i, (p, label) in enumerate(zip(index.paths, index.labels))]
+        rows = [
+            f"{i}\t{Path(p).relative_to(path).as_posix()}\t{label}\t{index.classes[label]}"
+            for i, (p, label) in enumerate(zip(index.paths, index.labels))
+        ]
         return index.dataset(None, image_size, train=False), ["index", "path", "label", "identity"], rows
     if path.suffix == ".rec":
         from marginlab.data.face.recordio import open_face_records
@@ -72,8 +90,10 @@ def open_input(value: str, image_size: tuple[int, int]) -> tuple[FaceImageDatase
         sources, issame = read_bin(path)
         rows = [f"{i}\t{i // 2}\t{int(issame[i // 2])}" for i in range(len(sources))]
         return EncodedImages(sources, path, image_size), ["index", "pair", "issame"], rows
-    raise ConfigError(f"input={value!r} is not allowed: give an image folder (<root>/<identity>/<image>), a .rec "
-                      f"(with its .idx beside it) or a verification .bin")
+    raise ConfigError(
+        f"input={value!r} is not allowed: give an image folder (<root>/<identity>/<image>), a .rec "
+        f"(with its .idx beside it) or a verification .bin"
+    )
 
 
 def index_path(out: Path) -> Path:
@@ -84,16 +104,18 @@ def embed(args: list[str]) -> Path:
     """Runs the command; returns the .npy it wrote."""
     from tqdm import tqdm
 
+    from marginlab.checkpoint import find_checkpoint
     from marginlab.engine import resolve_device
     from marginlab.eval.standalone import check_fits_verification
-    from marginlab.checkpoint import find_checkpoint
     from marginlab.weights import load_backbone
 
     opts = parse("embed", args, SPEC)
     out = Path(opts["out"]).expanduser()
     if out.suffix != ".npy":
-        raise ConfigError(f"out={opts['out']!r} is not allowed: give a .npy file (the index goes to "
-                          f"{index_path(out.with_suffix('.npy')).name} beside it)")
+        raise ConfigError(
+            f"out={opts['out']!r} is not allowed: give a .npy file (the index goes to "
+            f"{index_path(out.with_suffix('.npy')).name} beside it)"
+        )
     refuse_existing(out, index_path(out))
     device = resolve_device(str(opts["device"]))
     path = find_checkpoint(opts["checkpoint"])
@@ -113,7 +135,7 @@ def embed(args: list[str]) -> Path:
             if matrix is None:
                 dim = emb.shape[1]
                 matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), dim))
-            matrix[done:done + len(emb)] = emb
+            matrix[done : done + len(emb)] = emb
             done += len(emb)
         if matrix is None:
             raise ConfigError(f"input={opts['input']!r} holds no image")
@@ -121,8 +143,10 @@ def embed(args: list[str]) -> Path:
         del matrix
         put_in_place(tmp, out)
     write_text(index_path(out), "\t".join(header) + "\n" + "".join(f"{row}\n" for row in rows))
-    print(f"marginlab: wrote {out} ({done} x {dim} float32, L2-normalised, flip={str(opts['flip']).lower()}) "
-          f"and {index_path(out).name}")
+    print(
+        f"marginlab: wrote {out} ({done} x {dim} float32, L2-normalised, flip={str(opts['flip']).lower()}) "
+        f"and {index_path(out).name}"
+    )
     return out
 
 

@@ -74,13 +74,28 @@ def clip_gradients(model: MarginModel, max_norm: float, dist: DistContext, shard
     shard_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in sharded]) ** 2
     dist.all_reduce_sum(shard_sq)
     rest = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in sharded])
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, (rest ** 2 + shard_sq).sqrt())
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, (rest**2 + shard_sq).sqrt())
 
 
-def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Precision, state: LoopState, *,
-                    grad_clip: float | None, max_nonfinite: int, channels_last: bool, log_every: int,
-                    log=None, progress: bool = False, desc: str = "", forward=None,
-                    dist: DistContext = DistContext(), criterion: MarginLoss | None = None) -> dict[str, float]:
+def train_one_epoch(
+    model: MarginModel,
+    loader,
+    optimizer,
+    scheduler,
+    prec: Precision,
+    state: LoopState,
+    *,
+    grad_clip: float | None,
+    max_nonfinite: int,
+    channels_last: bool,
+    log_every: int,
+    log=None,
+    progress: bool = False,
+    desc: str = "",
+    forward=None,
+    dist: DistContext = DistContext(),
+    criterion: MarginLoss | None = None,
+) -> dict[str, float]:
     """One pass over ``loader``; with ``dist`` enabled the epoch's loss/accuracy are summed over the ranks.
 
     ``criterion`` (default ``criterion_for(model)``) turns the head's output into the loss; one whose head
@@ -108,8 +123,10 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
             state.nonfinite_streak += 1
             if state.nonfinite_streak >= max_nonfinite:
                 raise TrainingError(
-                    f"{state.nonfinite_streak} consecutive non-finite losses (last {loss.item()}) at step {state.step}: "
-                    "training diverged. Lower optim.lr, the head's s or m, or use trainer.precision=32")
+                    f"{state.nonfinite_streak} consecutive non-finite losses (last {loss.item()}) "
+                    f"at step {state.step}: "
+                    "training diverged. Lower optim.lr, the head's s or m, or use trainer.precision=32"
+                )
             continue
         state.nonfinite_streak = 0
         optimizer.zero_grad(set_to_none=True)
@@ -138,12 +155,19 @@ def train_one_epoch(model: MarginModel, loader, optimizer, scheduler, prec: Prec
     bar.close()
     set_recording(model.head, True)
     elapsed = time.perf_counter() - start
-    totals = dist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
-                                              torch.tensor(float(seen), device=prec.device, dtype=torch.float64)]))
+    totals = dist.all_reduce_sum(
+        torch.stack(
+            [loss_sum.double(), correct.double(), torch.tensor(float(seen), device=prec.device, dtype=torch.float64)]
+        )
+    )
     loss_total, correct_total, seen = totals.tolist()
-    stats = {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1),
-             "nonfinite_steps": skipped, "images_per_s": seen / max(elapsed, 1e-9),
-             "lr": optimizer.param_groups[0]["lr"]}
+    stats = {
+        "loss": loss_total / max(seen, 1),
+        "acc": correct_total / max(seen, 1),
+        "nonfinite_steps": skipped,
+        "images_per_s": seen / max(elapsed, 1e-9),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
     if not classifies:
         del stats["acc"]
     return stats
@@ -166,18 +190,32 @@ def check_finite_state(model: torch.nn.Module, epoch: int, dist: DistContext = D
     device = next(model.parameters()).device
     if dist.all_finite(torch.tensor(math.nan if bad else 0.0, device=device)):
         return
-    where = f"{len(bad)} of the weights ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})" if bad \
+    where = (
+        f"{len(bad)} of the weights ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})"
+        if bad
         else "another rank's weights"
-    raise TrainingError(f"training diverged in epoch {epoch}: {where} hold NaN or inf, so no checkpoint was "
-                        "written from them. Lower optim.lr, the head's s or m, or use trainer.precision=32")
+    )
+    raise TrainingError(
+        f"training diverged in epoch {epoch}: {where} hold NaN or inf, so no checkpoint was "
+        "written from them. Lower optim.lr, the head's s or m, or use trainer.precision=32"
+    )
 
 
 @torch.no_grad()
-def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool,
-             probe_max_samples: int, forward=None, probe=None) -> dict[str, float]:
+def evaluate(
+    model: MarginModel,
+    loader,
+    prec: Precision,
+    *,
+    channels_last: bool,
+    probe_max_samples: int,
+    forward=None,
+    probe=None,
+) -> dict[str, float]:
     """Plain (margin-free) logits: loss, accuracy and the geometry of at most ``probe_max_samples`` samples.
 
-    ``probe`` (a marginlab.geometry.probe.GeometryProbe) is handed a bounded sample of features, cosines and predictions.
+    ``probe`` (a marginlab.geometry.probe.GeometryProbe) is handed a bounded sample of features, cosines and
+    predictions.
     """
     model.eval()
     set_recording(model.head, True)
@@ -198,8 +236,9 @@ def evaluate(model: MarginModel, loader, prec: Precision, *, channels_last: bool
             nearest = target_and_nearest_other(cos.float(), labels_kept)  # once, for the meter and the probe
             meter.update(embeddings[:keep], cos, labels_kept, model.head, nearest=nearest)
             if probe is not None and probe.wants_more:
-                probe.collect(embeddings[:keep], cos, labels_kept, logits[:keep].argmax(1), images[:keep],
-                              nearest=nearest)
+                probe.collect(
+                    embeddings[:keep], cos, labels_kept, logits[:keep].argmax(1), images[:keep], nearest=nearest
+                )
     stats = {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
     stats.update(meter.compute())
     stats.update(weight_stats(model.head.weight))

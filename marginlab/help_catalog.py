@@ -68,8 +68,11 @@ def catalog(group: str) -> list[tuple[str, str]]:
         line = module_summary(module)
         siblings = [c for c in configs.values() if c["_target_"] == cfg["_target_"] and c is not cfg]
         if siblings:  # the values that tell this option apart from the others on the same class
-            differ = [k for k, v in cfg.items() if k != "_target_" and not isinstance(v, (dict, list))
-                      and any(s.get(k) != v for s in siblings)]
+            differ = [
+                k
+                for k, v in cfg.items()
+                if k != "_target_" and not isinstance(v, (dict, list)) and any(s.get(k) != v for s in siblings)
+            ]
             if differ:
                 line += " [" + ", ".join(f"{k}={scalar(cfg[k])}" for k in differ) + "]"
         lines.append((option, line))

@@ -50,7 +50,7 @@ def file_groups(root: Path | None = None) -> dict[str, set[str]]:
     root = CONFIGS if root is None else root
     groups: dict[str, set[str]] = {}
     for folder in sorted(p for p in root.rglob("*") if p.is_dir() and "__pycache__" not in p.parts):
-        options = {p.name[:p.name.rfind(".")] for p in folder.iterdir() if p.is_file() and p.name.endswith(".yaml")}
+        options = {p.name[: p.name.rfind(".")] for p in folder.iterdir() if p.is_file() and p.name.endswith(".yaml")}
         if options:
             groups[folder.relative_to(root).as_posix()] = options
     return groups
@@ -76,8 +76,11 @@ def app_config_groups() -> str:
     groups = file_groups()
     for group, options in store_groups().items():
         groups.setdefault(group, set()).update(options)
-    return "".join(f"{group}: {', '.join(sorted(options))}\n"
-                   for group, options in sorted(groups.items()) if not is_hydra_group(group))
+    return "".join(
+        f"{group}: {', '.join(sorted(options))}\n"
+        for group, options in sorted(groups.items())
+        if not is_hydra_group(group)
+    )
 
 
 def load_yaml(path: Path) -> dict:
@@ -182,8 +185,10 @@ def train_help(args: list[str]) -> str | None:
     try:
         defaults, primary = primary_config()
         template = string.Template(help_template(defaults))
-        return template.substitute(APP_CONFIG_GROUPS=app_config_groups(),
-                                   CONFIG=OmegaConf.to_yaml(default_config(defaults, primary), resolve=False))
+        return template.substitute(
+            APP_CONFIG_GROUPS=app_config_groups(),
+            CONFIG=OmegaConf.to_yaml(default_config(defaults, primary), resolve=False),
+        )
     except KeyError:  # $FLAGS_HELP or $HYDRA_CONFIG_GROUPS in the template: Hydra fills those
         return None
     except (NeedsHydra, OmegaConfBaseException, yaml.YAMLError):

@@ -96,8 +96,9 @@ def gilbert_varshamov(num_classes: int, dim: int) -> float:
 def numeric_code(num_classes: int, dim: int, steps: int = 600, restarts: int = 8, seed: int = 0) -> float:
     """Degrees: the min angle of the best of ``restarts`` seeded codes found by repulsion (a lower bound)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(restarts, num_classes, dim, generator=gen, dtype=torch.float64),
-                                      dim=2)
+    x = torch.nn.functional.normalize(
+        torch.randn(restarts, num_classes, dim, generator=gen, dtype=torch.float64), dim=2
+    )
     eye = torch.eye(num_classes, dtype=torch.bool)
     for i in range(steps):
         temp = 5.0 * 2000.0 ** (i / (steps - 1))  # the soft maximum sharpens from 5 to 1e4
@@ -106,8 +107,9 @@ def numeric_code(num_classes: int, dim: int, steps: int = 600, restarts: int = 8
         grad = 2 * weights @ x  # d/dx of logsumexp(temp * cos_ij) / temp (the weights are symmetric)
         grad = grad - (grad * x).sum(2, keepdim=True) * x  # tangent to the sphere
         size = 0.2 * 0.01 ** (i / (steps - 1))  # the step shrinks from 0.2 to 0.002 rad
-        x = torch.nn.functional.normalize(x - size * grad / grad.norm(dim=2, keepdim=True).amax(1, keepdim=True)
-                                          .clamp_min(1e-12), dim=2)
+        x = torch.nn.functional.normalize(
+            x - size * grad / grad.norm(dim=2, keepdim=True).amax(1, keepdim=True).clamp_min(1e-12), dim=2
+        )
     gram = (x @ x.transpose(1, 2)).masked_fill(eye, -2.0)
     return math.degrees(math.acos(min(1.0, gram.flatten(1).amax(1).min().item())))
 
@@ -157,9 +159,11 @@ def cap_radius(head, alpha_deg: float) -> float:
 
 def needed_angle(head, share: float) -> float:
     """Degrees: the smallest code angle alpha with cap radius >= share * alpha/2 (bisection; 180 if none)."""
+
     def fits(a):
         rho = cap_radius(head, a)
         return rho > 0 and rho >= share * a / 2
+
     if not fits(180.0):
         return 180.0
     lo, hi = 0.0, 180.0
@@ -211,20 +215,26 @@ def advise(head, num_classes: int | None = None, dim: int | None = None) -> Marg
     verdict = "infeasible" if rho <= 0 else ("tight" if rho < TIGHT_SHARE * free else "ok")
     needed = needed_angle(head, TIGHT_SHARE)
     head_name = type(head).__name__
-    text = (f"{head_name} with {c} classes in {d} dimensions: the class directions can be at most "
-            f"{code.deg:.2f} deg apart ({code.how}; upper bound {code.upper_deg:.2f} deg); ")
+    text = (
+        f"{head_name} with {c} classes in {d} dimensions: the class directions can be at most "
+        f"{code.deg:.2f} deg apart ({code.how}; upper bound {code.upper_deg:.2f} deg); "
+    )
     if verdict == "infeasible":
         text += "even a feature exactly at its class direction violates the margin"
         floor = loss_floor(head, code.deg)
         if floor is not None:
             text += f", so no sample's loss can fall below {floor:.3g} nats at s={head.s:g}"
     else:
-        text += (f"the margin holds within {rho:.2f} deg of each class direction, "
-                 f"{rho / free:.0%} of the {free:.2f} deg a margin-free head has")
+        text += (
+            f"the margin holds within {rho:.2f} deg of each class direction, "
+            f"{rho / free:.0%} of the {free:.2f} deg a margin-free head has"
+        )
     text += "."
     if verdict != "ok":
-        text += (f" To leave each class a quarter of its margin-free cap the margin needs the classes {needed:.2f} deg"
-                 " apart. Use a smaller margin m")
+        text += (
+            f" To leave each class a quarter of its margin-free cap the margin needs the classes {needed:.2f} deg"
+            " apart. Use a smaller margin m"
+        )
         if needed < 180.0:
             text += f" or a larger backbone.embedding_dim (>= {suggest_dim(c, needed)} gives {c} classes enough room)"
         text += "."
@@ -251,7 +261,9 @@ def check_margin(head, strict: bool) -> MarginAdvice | None:
     if advice is None or advice.verdict == "ok":
         return advice
     if strict:
-        raise ConfigError(f"trainer.strict_margin=true refuses this margin ({advice.verdict}): {advice.message} "
-                          "(trainer.strict_margin=false only warns)")
+        raise ConfigError(
+            f"trainer.strict_margin=true refuses this margin ({advice.verdict}): {advice.message} "
+            "(trainer.strict_margin=false only warns)"
+        )
     log.warning("margin %s: %s", advice.verdict, advice.message)
     return advice

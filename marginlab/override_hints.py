@@ -47,8 +47,11 @@ def unknown_option_hint(err: BaseException) -> str | None:
 def with_hint(err: BaseException, text: str) -> str:
     """``text`` (Hydra's message, as ``sweep.describe_config_error`` puts it) with the did-you-mean added."""
     cause = err.__cause__ if err.__cause__ is not None else err
-    own_words = "; ".join(line.strip() for line in str(cause).splitlines()
-                          if line.strip() and not line.strip().startswith(("object_type=", "reference_type=")))
+    own_words = "; ".join(
+        line.strip()
+        for line in str(cause).splitlines()
+        if line.strip() and not line.strip().startswith(("object_type=", "reference_type="))
+    )
     message = unknown_key_message(err, own_words)
     if message is not None:
         return message

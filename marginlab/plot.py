@@ -56,8 +56,12 @@ def plot_run(run_dir: Path) -> tuple[list[Path], list[str]]:
     for path in list_epochs(run_dir):
         data = load_epoch(path)
         if has_features(data):
-            _draw(lambda: features_epoch_figure(data), figures / f"features_epoch_{int(data['epoch']):03d}.png",
-                  written, failed)
+            _draw(
+                lambda: features_epoch_figure(data),
+                figures / f"features_epoch_{int(data['epoch']):03d}.png",
+                written,
+                failed,
+            )
     final = latest_with_features(run_dir)
     if final is not None:
         title = final_features_title(final)
@@ -107,11 +111,19 @@ def plot_sweep(root: Path, runs: list[Path]) -> tuple[list[Path], list[str]]:
     panels = []
     for run, title in zip(runs, run_titles(runs, root)):
         data = load_epoch(list_epochs(run)[-1])
-        panels.append(RunPanel(title=title, features=data["features"] if has_features(data) else None,
-                               labels=data["labels"], target_deg=data["target_deg"], weights=data.get("weights"),
-                               class_ids=data.get("class_ids"), num_classes=int(data.get("num_classes", 0)) or None,
-                               normalized=bool(data.get("normalized", False)),
-                               weights_are_points=bool(data.get("weights_are_points", False))))
+        panels.append(
+            RunPanel(
+                title=title,
+                features=data["features"] if has_features(data) else None,
+                labels=data["labels"],
+                target_deg=data["target_deg"],
+                weights=data.get("weights"),
+                class_ids=data.get("class_ids"),
+                num_classes=int(data.get("num_classes", 0)) or None,
+                normalized=bool(data.get("normalized", False)),
+                weights_are_points=bool(data.get("weights_are_points", False)),
+            )
+        )
     written: list[Path] = []
     failed: list[str] = []
     from marginlab.figures.grid import sweep_name, sweep_title
@@ -122,21 +134,37 @@ def plot_sweep(root: Path, runs: list[Path]) -> tuple[list[Path], list[str]]:
     name, varying = sweep_name(root), distinguishing_keys([read_job(r) for r in runs])
     drawn = sum(p.features is not None and p.features.shape[1] in (2, 3) for p in panels)
     if any(p.features is not None for p in panels):
-        _draw(lambda: features_grid_figure(panels, title=sweep_title(name, varying, "features", drawn)),
-              root / "features_grid.png", written, failed)
-        _draw(lambda: features_grid_figure(panels, unit=True, title=sweep_title(
-            name, varying, "features on the unit circle / sphere", drawn)), root / "features_grid_unit.png",
-              written, failed)
-    _draw(lambda: target_angles_grid_figure(panels, title=sweep_title(name, varying, "target angle at the last epoch",
-                                                                      len(panels))), root / "target_angles.png",
-          written, failed)
+        _draw(
+            lambda: features_grid_figure(panels, title=sweep_title(name, varying, "features", drawn)),
+            root / "features_grid.png",
+            written,
+            failed,
+        )
+        _draw(
+            lambda: features_grid_figure(
+                panels, unit=True, title=sweep_title(name, varying, "features on the unit circle / sphere", drawn)
+            ),
+            root / "features_grid_unit.png",
+            written,
+            failed,
+        )
+    _draw(
+        lambda: target_angles_grid_figure(
+            panels, title=sweep_title(name, varying, "target angle at the last epoch", len(panels))
+        ),
+        root / "target_angles.png",
+        written,
+        failed,
+    )
     return written, failed
 
 
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="marginlab plot", description="Re-render a run's geometry figures from <run>/geometry/, or draw the "
-        "runs under a sweep directory side by side (features_grid.png, target_angles.png).")
+        prog="marginlab plot",
+        description="Re-render a run's geometry figures from <run>/geometry/, or draw the "
+        "runs under a sweep directory side by side (features_grid.png, target_angles.png).",
+    )
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="a run directory or a sweep directory")
     opts = parser.parse_args(args)
     failures: list[str] = []
@@ -145,8 +173,10 @@ def main(args: list[str]) -> int:
             raise DataError(f"{str(root)!r} is not a directory: give a run directory or a sweep directory")
         runs = find_runs(root)
         if not runs:
-            raise DataError(f"no run with saved geometry (.hydra/ and geometry/epoch_*.npz) under {str(root)!r}; "
-                            "runs save it at every evaluated epoch")
+            raise DataError(
+                f"no run with saved geometry (.hydra/ and geometry/epoch_*.npz) under {str(root)!r}; "
+                "runs save it at every evaluated epoch"
+            )
         written, failed = plot_run(root) if runs == [root] else plot_sweep(root, runs)
         what = "run" if runs == [root] else f"sweep of {len(runs)} run(s)"
         print(f"marginlab plot: {root} ({what}): {len(written)} figure(s) written")

@@ -69,15 +69,18 @@ def sweep_overrides(name: str, index: int, params: Any) -> list[str]:
     """``experiment=<name>`` (or the sweep's own ``experiment``) and the sweep's axes as overrides."""
     where = f"experiment={name}: reproduce.sweeps[{index}]"
     if not isinstance(params, dict) or not params:
-        raise ConfigError(f"{where} must be a mapping of override keys to values (as hydra.sweeper.params, e.g. "
-                          f"{{m: \"1,2,3,4\", seed: \"0,1,2\"}}), got {params!r}")
+        raise ConfigError(
+            f"{where} must be a mapping of override keys to values (as hydra.sweeper.params, e.g. "
+            f'{{m: "1,2,3,4", seed: "0,1,2"}}), got {params!r}'
+        )
     bad = [k for k, v in params.items() if not isinstance(k, str) or isinstance(v, dict)]
     if bad:
         raise ConfigError(f"{where}: {bad[0]!r} is not allowed: give each key one value or a comma-separated list")
     experiment = params.get("experiment", name)
     if experiment not in experiment_names():
-        raise ConfigError(f"{where}: experiment={experiment!r} does not exist; choose one of "
-                          f"{', '.join(experiment_names())}")
+        raise ConfigError(
+            f"{where}: experiment={experiment!r} does not exist; choose one of {', '.join(experiment_names())}"
+        )
     return [f"experiment={experiment}", *(override(k, v) for k, v in params.items() if k != "experiment")]
 
 
@@ -106,8 +109,10 @@ def read_specs(names: list[str]) -> list[Spec]:
 
     unknown = [name for name in names if name not in experiment_names()]
     if unknown:
-        raise ConfigError(f"unknown experiment {unknown[0]!r}; choose one of {', '.join(experiment_names())} "
-                          "(marginlab reproduce --list)")
+        raise ConfigError(
+            f"unknown experiment {unknown[0]!r}; choose one of {', '.join(experiment_names())} "
+            "(marginlab reproduce --list)"
+        )
     specs = []
     GlobalHydra.instance().clear()
     try:
@@ -126,8 +131,10 @@ def spec_of(name: str, block: Any, paper: Any = None) -> Spec:
     """Checks a ``reproduce:`` block (ConfigError naming the key) and turns its sweeps into overrides."""
     where = f"experiment={name}: reproduce"
     if not isinstance(block, dict) or not block.get("sweeps"):
-        raise ConfigError(f"{where}.sweeps is missing: the experiment lists no sweep to run "
-                          f"(a list of mappings such as {{m: \"1,2,3,4\", seed: \"0,1,2\"}})")
+        raise ConfigError(
+            f"{where}.sweeps is missing: the experiment lists no sweep to run "
+            f'(a list of mappings such as {{m: "1,2,3,4", seed: "0,1,2"}})'
+        )
     unknown = sorted(set(block) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {', '.join(SPEC_KEYS)}")
@@ -173,8 +180,9 @@ def check_jobs(commands: list[list[str]]) -> None:
 
     bad = [f"sweep {i}: {line}" for i, command in enumerate(commands, 1) for line in bad_jobs(command)]
     if bad:
-        raise ConfigError("the experiment's sweeps have values that do not fit the config; no job was "
-                          "started:\n  " + "\n  ".join(bad))
+        raise ConfigError(
+            "the experiment's sweeps have values that do not fit the config; no job was started:\n  " + "\n  ".join(bad)
+        )
 
 
 def selected(spec: Spec, which: str | None) -> list[int]:
@@ -186,8 +194,10 @@ def selected(spec: Spec, which: str | None) -> list[int]:
     except ValueError:
         chosen = []
     if not chosen or any(not 1 <= i <= len(spec.sweeps) for i in chosen):
-        raise ConfigError(f"--sweeps {which!r} is not allowed: give sweep numbers from 1 to {len(spec.sweeps)} "
-                          f"separated by commas (marginlab reproduce {spec.name} --dry-run lists them)")
+        raise ConfigError(
+            f"--sweeps {which!r} is not allowed: give sweep numbers from 1 to {len(spec.sweeps)} "
+            f"separated by commas (marginlab reproduce {spec.name} --dry-run lists them)"
+        )
     return sorted(set(chosen))
 
 
@@ -203,26 +213,34 @@ def print_list() -> None:
 
 def print_plan(spec: Spec, chosen: list[int], commands: list[list[str]]) -> None:
     jobs = [len(expand(command)) for command in commands]
-    print(f"marginlab reproduce {spec.name}: {len(commands)} sweep(s), {sum(jobs)} jobs"
-          + (f" ({spec.paper})" if spec.paper else ""))
+    print(
+        f"marginlab reproduce {spec.name}: {len(commands)} sweep(s), {sum(jobs)} jobs"
+        + (f" ({spec.paper})" if spec.paper else "")
+    )
     for i, command, n in zip(chosen, commands, jobs):
         print(f"  {i}. marginlab train -m {shlex.join(command)}   # {n} job(s)")
     then = ["marginlab report <sweep dir>", *(["marginlab plot <sweep dir>"] if spec.plot else [])]
-    print(f"  into {Path(os.environ.get('MARGINLAB_OUTPUT_DIR', 'outputs')) / 'sweeps' / spec.name}/<date_time>, "
-          f"then {'; '.join(then)}")
+    print(
+        f"  into {Path(os.environ.get('MARGINLAB_OUTPUT_DIR', 'outputs')) / 'sweeps' / spec.name}/<date_time>, "
+        f"then {'; '.join(then)}"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="marginlab reproduce",
         description="Run every sweep of an experiment (its reproduce.sweeps) into one sweep directory, "
-                    "outputs/sweeps/<experiment>/<date_time>, then marginlab report on it (and marginlab plot "
-                    "for the feature figures). Exit 1 when a job failed.",
+        "outputs/sweeps/<experiment>/<date_time>, then marginlab report on it (and marginlab plot "
+        "for the feature figures). Exit 1 when a job failed.",
         epilog="examples: marginlab reproduce --list; marginlab reproduce lsoftmax_mnist trainer.device=cuda:1; "
-               "marginlab reproduce digits_2d_comparison trainer.epochs=5 --dry-run")
+        "marginlab reproduce digits_2d_comparison trainer.epochs=5 --dry-run",
+    )
     p.add_argument("experiment", nargs="?", help="an experiment name (configs/experiment/<name>.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides for every job (one replacing a swept key "
-                                                "replaces that axis, e.g. seed=0)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides for every job (one replacing a swept key replaces that axis, e.g. seed=0)",
+    )
     p.add_argument("--list", action="store_true", help="list the experiments, their job counts and paper tables")
     p.add_argument("--dry-run", action="store_true", help="print the sweeps' commands and job counts; run nothing")
     p.add_argument("--sweeps", metavar="N[,N...]", help="run only these sweeps (numbered as --dry-run shows them)")

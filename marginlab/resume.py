@@ -28,13 +28,34 @@ NOT_INHERITED = ("resume", "trainer.stop_after_epoch")
 #: config keys (and key prefixes, ending in ".") that may differ from the checkpoint's config on resume: how long
 #: and where the run goes on, how it is logged and evaluated; nothing that changes the model, the loss or the data
 #: (init_from: a resume continues from its own checkpoint, so it neither needs nor re-applies it)
-RESUMABLE = ("resume", "init_from", "init_from_head", "name", "head.init",  # head.init: the weights come from the checkpoint
-             "trainer.epochs", "trainer.stop_after_epoch", "trainer.device", "trainer.precision", "trainer.compile",
-             "trainer.channels_last", "trainer.eval_every_n_epochs", "trainer.checkpoint", "trainer.max_nonfinite_steps",
-             "trainer.deterministic", "trainer.strict_margin", "logger.", "verification", "verification.",
-             "dataset.num_workers", "dataset.pin_memory", "dataset.eval_batch_size", "dataset.root",
-             "dataset.decode",  # who decodes face JPEGs: pil and cpu give the same pixels, cuda nvJPEG's
-             "reproduce", "reproduce.")  # how the experiment's table is run, not this run's model or data
+RESUMABLE = (
+    "resume",
+    "init_from",
+    "init_from_head",
+    "name",
+    "head.init",  # head.init: the weights come from the checkpoint
+    "trainer.epochs",
+    "trainer.stop_after_epoch",
+    "trainer.device",
+    "trainer.precision",
+    "trainer.compile",
+    "trainer.channels_last",
+    "trainer.eval_every_n_epochs",
+    "trainer.checkpoint",
+    "trainer.max_nonfinite_steps",
+    "trainer.deterministic",
+    "trainer.strict_margin",
+    "logger.",
+    "verification",
+    "verification.",
+    "dataset.num_workers",
+    "dataset.pin_memory",
+    "dataset.eval_batch_size",
+    "dataset.root",
+    "dataset.decode",  # who decodes face JPEGs: pil and cpu give the same pixels, cuda nvJPEG's
+    "reproduce",
+    "reproduce.",
+)  # how the experiment's table is run, not this run's model or data
 
 #: keys added after checkpoints were first written, with the value that reproduces a checkpoint saved without them
 #: (no validation split, best.pt chosen on test, the class count from the data); resuming such a run with other
@@ -133,15 +154,19 @@ def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
     new = OmegaConf.to_container(cfg, resolve=True)
     changed = config_changes(ckpt["config"], new)
     if changed:
-        raise ConfigError(f"resume: {ckpt_path} cannot continue with a different model, loss or data; these keys "
-                          f"differ from the run's config: {'; '.join(changed)}. Resume may change only "
-                          f"{', '.join(dict.fromkeys(k.rstrip('.') for k in RESUMABLE))}; start a new run for the rest")
+        raise ConfigError(
+            f"resume: {ckpt_path} cannot continue with a different model, loss or data; these keys "
+            f"differ from the run's config: {'; '.join(changed)}. Resume may change only "
+            f"{', '.join(dict.fromkeys(k.rstrip('.') for k in RESUMABLE))}; start a new run for the rest"
+        )
     done, epochs = int(ckpt["state"]["epoch"]), int(cfg.trainer.epochs)
     if epochs < done:
         raise ConfigError(f"resume: trainer.epochs={epochs} is not allowed: the run has already done {done} epochs")
     if done == epochs:
-        return f"the run has already completed its {done} of {epochs} epochs: nothing to do (raise trainer.epochs " \
-               f"to train further)"
+        return (
+            f"the run has already completed its {done} of {epochs} epochs: nothing to do (raise trainer.epochs "
+            f"to train further)"
+        )
     check_schedule_extension(cfg, ckpt, int(ckpt["config"]["trainer"]["epochs"]))
     return None
 
@@ -163,8 +188,11 @@ def config_changes(saved: dict, new: dict) -> list[str]:
     """``key: saved -> new`` for every key outside ``RESUMABLE`` whose value differs."""
     a, b = flatten(saved), flatten(new)
     a.update({k: v for k, v in ADDED_LATER.items() if k in b and k not in a})
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(a.keys() | b.keys())
-            if not resumable(k) and a.get(k, "<unset>") != b.get(k, "<unset>")]
+    return [
+        f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+        for k in sorted(a.keys() | b.keys())
+        if not resumable(k) and a.get(k, "<unset>") != b.get(k, "<unset>")
+    ]
 
 
 def check_schedule_extension(cfg, ckpt: dict, saved_epochs: int) -> None:
@@ -192,5 +220,6 @@ def check_schedule_extension(cfg, ckpt: dict, saved_epochs: int) -> None:
         f"{saved_epochs} epochs would change the learning rate of steps already taken (from step {differ})"
         + (" and its schedule has already ended at lr 0" if ended else "")
         + f". To train further, start a new run (a new schedule segment), or resume with trainer.epochs="
-          f"{saved_epochs}; a length-independent schedule (sched=constant, or multistep with milestones in epochs) "
-          "can be extended on resume")
+        f"{saved_epochs}; a length-independent schedule (sched=constant, or multistep with milestones in epochs) "
+        "can be extended on resume"
+    )

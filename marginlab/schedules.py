@@ -53,8 +53,14 @@ class CosineSchedule(Schedule):
 class MultiStepSchedule(Schedule):
     """lr x gamma at each milestone; a milestone < 1 is a fraction of the run, >= 1 an epoch."""
 
-    def __init__(self, total_steps: int, steps_per_epoch: int, milestones: Sequence[float] = (0.5, 0.75),
-                 gamma: float = 0.1, warmup_epochs: float = 0.0):
+    def __init__(
+        self,
+        total_steps: int,
+        steps_per_epoch: int,
+        milestones: Sequence[float] = (0.5, 0.75),
+        gamma: float = 0.1,
+        warmup_epochs: float = 0.0,
+    ):
         super().__init__(total_steps, steps_per_epoch, warmup_epochs)
         self.gamma = check_float("sched.gamma", gamma, low=0.0, high=1.0)
         steps = []

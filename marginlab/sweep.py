@@ -81,7 +81,8 @@ def is_out_of_memory(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    )
 
 
 def is_environment_error(err: BaseException) -> bool:
@@ -99,8 +100,12 @@ def is_unresolved_value(err: BaseException) -> bool:
 
 def is_user_error(err: BaseException) -> bool:
     """Errors reported as one line (no traceback): the user's input or the machine, not a bug."""
-    return (isinstance(err, MarginlabError) or is_out_of_memory(err) or is_environment_error(err)
-            or is_unresolved_value(err))
+    return (
+        isinstance(err, MarginlabError)
+        or is_out_of_memory(err)
+        or is_environment_error(err)
+        or is_unresolved_value(err)
+    )
 
 
 def describe(err: BaseException, run_dir: Path | None = None) -> str:
@@ -109,8 +114,9 @@ def describe(err: BaseException, run_dir: Path | None = None) -> str:
         return str(err)
     first = (str(err).strip().splitlines() or [""])[0]
     if is_out_of_memory(err):
-        return (f"out of memory ({first}); lower dataset.batch_size, use trainer.precision=bf16, "
-                f"or pick a smaller backbone")
+        return (
+            f"out of memory ({first}); lower dataset.batch_size, use trainer.precision=bf16, or pick a smaller backbone"
+        )
     if is_unresolved_value(err):
         lines = [line.strip() for line in str(err).strip().splitlines()]
         return "; ".join(line for line in lines if line and not line.startswith(TYPE_LINES))
@@ -215,8 +221,11 @@ def record_failure(run_dir: Path, err: BaseException, write: bool = True) -> str
         print(trace, file=sys.stderr, end="")
         record["traceback"] = str(run_dir / "error.txt")
     never_trained = write and not (run_dir / "metrics.jsonl").exists()  # no epoch record: its dir holds only this
-    kept = f" (the run never trained: {run_dir} holds only its config and this failure, in metrics.json)" \
-        if never_trained else ""
+    kept = (
+        f" (the run never trained: {run_dir} holds only its config and this failure, in metrics.json)"
+        if never_trained
+        else ""
+    )
     print(f"marginlab: error: {message}{kept}", file=sys.stderr)
     if not write:
         return message
@@ -257,18 +266,31 @@ def summarize(sweep_dir: Path) -> dict:
     root = sweep_dir.resolve()
     jobs = [read_job(d) for d in find_job_dirs([sweep_dir])]
     failed = [j for j in jobs if j.status == "failed"]
-    return {"sweep_dir": str(sweep_dir), "jobs": len(jobs),
-            "completed": sum(j.status == "completed" for j in jobs), "failed": len(failed),
-            "other": sum(j.status not in ("completed", "failed") for j in jobs),
-            "failed_jobs": [{"dir": str(j.path.relative_to(root)) if j.path.is_relative_to(root) else str(j.path),
-                             "overrides": j.overrides, "error": j.error} for j in failed],
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "sweep_dir": str(sweep_dir),
+        "jobs": len(jobs),
+        "completed": sum(j.status == "completed" for j in jobs),
+        "failed": len(failed),
+        "other": sum(j.status not in ("completed", "failed") for j in jobs),
+        "failed_jobs": [
+            {
+                "dir": str(j.path.relative_to(root)) if j.path.is_relative_to(root) else str(j.path),
+                "overrides": j.overrides,
+                "error": j.error,
+            }
+            for j in failed
+        ],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"marginlab: sweep: {summary['jobs']} jobs, {summary['completed']} completed, "
-             f"{summary['failed']} failed" + (f", {summary['other']} stopped or running" if summary["other"] else "")
-             + f"; {summary['sweep_dir']}"]
+    lines = [
+        f"marginlab: sweep: {summary['jobs']} jobs, {summary['completed']} completed, "
+        f"{summary['failed']} failed"
+        + (f", {summary['other']} stopped or running" if summary["other"] else "")
+        + f"; {summary['sweep_dir']}"
+    ]
     lines += [f"  failed: {job['dir']}: {job['error']}" for job in summary["failed_jobs"]]
     if summary["jobs"]:
         lines.append(f"  table: marginlab report {summary['sweep_dir']}")

@@ -24,21 +24,27 @@ from torch.nn.parallel import DistributedDataParallel
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
 from marginlab import builders, sweep
 from marginlab.builders import MarginModel
-from marginlab.checkpoint import (CHECKPOINT_DIR, LoopState, checkpoint_payload, finite_weights_note,
-                                  load_training_state, prepare_resumed_run, save_checkpoints)
+from marginlab.checkpoint import (
+    CHECKPOINT_DIR,
+    LoopState,
+    checkpoint_payload,
+    finite_weights_note,
+    load_training_state,
+    prepare_resumed_run,
+    save_checkpoints,
+)
 from marginlab.collapse import CollapseWatch
 from marginlab.config.validate import HeadSpec, validate
 from marginlab.distributed import sharded_state
 from marginlab.distributed.runtime import DistContext
-from marginlab.engine import (Precision, check_finite_state, evaluate, resolve_device, resolve_precision,
-                              train_one_epoch)
+from marginlab.engine import Precision, check_finite_state, evaluate, resolve_device, resolve_precision, train_one_epoch
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.eval.during_training import run_verifiers
 from marginlab.finished_line import finished_line
+from marginlab.geometry.probe import GeometryProbe
 from marginlab.logging import RunLog
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.margin_feasibility import check_margin
-from marginlab.geometry.probe import GeometryProbe
 from marginlab.resume import read_history, record_resume
 from marginlab.weights import init_from
 
@@ -61,8 +67,11 @@ def selection_metric(best_on: str, verifiers: dict, has_val: bool, has_test: boo
 
 def selected_metrics(record: dict) -> dict:
     """What the summary reports of the selected epoch: its number and its evaluation sets' accuracy and loss."""
-    return {k: v for k, v in record.items()
-            if k == "epoch" or (k.endswith(("/acc", "/loss")) and not k.startswith(("train/", "head/")))}
+    return {
+        k: v
+        for k, v in record.items()
+        if k == "epoch" or (k.endswith(("/acc", "/loss")) and not k.startswith(("train/", "head/")))
+    }
 
 
 def objective(summary: dict) -> float:
@@ -211,38 +220,66 @@ def build_job(cfg: DictConfig, run: Run, head_spec: HeadSpec) -> Job:
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, test_loader = data.loaders(run.device)
-    best_key = selection_metric(str(cfg.trainer.best_on), verifiers, val_loader is not None,
-                                test_loader is not None)
+    best_key = selection_metric(str(cfg.trainer.best_on), verifiers, val_loader is not None, test_loader is not None)
     if run.dist.is_main:
         say_selection(best_key, has_val=val_loader is not None)
-    evaluated = [(split, loader) for split, loader in (("val", val_loader), ("test", test_loader))
-                 if loader is not None]
+    evaluated = [
+        (split, loader) for split, loader in (("val", val_loader), ("test", test_loader)) if loader is not None
+    ]
     sharded = criterion.sharded and run.dist.enabled  # the head's weights differ per rank
     if sharded and run.prec.name == "fp16":  # GradScaler would decide to skip a step per rank, from its own shard
-        raise ConfigError("trainer.precision='fp16' is not allowed with head.partial_fc on several processes: "
-                          "use trainer.precision=bf16 (no loss scaling) or 32")
-    forward, eval_model, eval_forward = training_views(cfg, model, criterion, run, data.num_classes,
-                                                       classifies=bool(evaluated), head_spec=head_spec)
+        raise ConfigError(
+            "trainer.precision='fp16' is not allowed with head.partial_fc on several processes: "
+            "use trainer.precision=bf16 (no loss scaling) or 32"
+        )
+    forward, eval_model, eval_forward = training_views(
+        cfg, model, criterion, run, data.num_classes, classifies=bool(evaluated), head_spec=head_spec
+    )
     optimizer = builders.build_optimizer(cfg, model)
     scheduler = builders.build_scheduler(cfg, optimizer, len(train_loader))
-    return Job(data, model, criterion, train_loader, evaluated,
-               probe_split=evaluated[-1][0] if evaluated else None, best_key=best_key, verifiers=verifiers,
-               forward=forward, eval_model=eval_model, eval_forward=eval_forward, optimizer=optimizer,
-               scheduler=scheduler, watch=watch, warnings=warnings, sharded=sharded)
+    return Job(
+        data,
+        model,
+        criterion,
+        train_loader,
+        evaluated,
+        probe_split=evaluated[-1][0] if evaluated else None,
+        best_key=best_key,
+        verifiers=verifiers,
+        forward=forward,
+        eval_model=eval_model,
+        eval_forward=eval_forward,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        watch=watch,
+        warnings=warnings,
+        sharded=sharded,
+    )
 
 
 def say_selection(best_key: str, has_val: bool) -> None:
     """What best.pt is chosen on, when it is not a validation metric."""
     if best_key == "test/acc":
-        print("marginlab: warning: trainer.best_on=test: best.pt and best/* are chosen on the test split, so "
-              "best/test/acc is optimistic; use a validation split (dataset.val_fraction > 0) for a table")
+        print(
+            "marginlab: warning: trainer.best_on=test: best.pt and best/* are chosen on the test split, so "
+            "best/test/acc is optimistic; use a validation split (dataset.val_fraction > 0) for a table"
+        )
     elif best_key == "epoch" and not has_val:
-        print("marginlab: no validation split: best.pt is the last epoch and a sweep has no objective "
-              "(set dataset.val_fraction > 0, or trainer.best_on=test to select on test, labelled optimistic)")
+        print(
+            "marginlab: no validation split: best.pt is the last epoch and a sweep has no objective "
+            "(set dataset.val_fraction > 0, or trainer.best_on=test to select on test, labelled optimistic)"
+        )
 
 
-def training_views(cfg: DictConfig, model: MarginModel, criterion: MarginLoss, run: Run, num_classes: int,
-                   classifies: bool, head_spec: HeadSpec):
+def training_views(
+    cfg: DictConfig,
+    model: MarginModel,
+    criterion: MarginLoss,
+    run: Run,
+    num_classes: int,
+    classifies: bool,
+    head_spec: HeadSpec,
+):
     """(forward for training, model for evaluation, forward for evaluation).
 
     Plain heads: the whole model is compiled and/or wrapped in DDP. A sharded head (Partial FC) synchronises itself
@@ -258,15 +295,17 @@ def training_views(cfg: DictConfig, model: MarginModel, criterion: MarginLoss, r
             return DistributedDataParallel(forward, **ddp_args), model, model
         return forward, model, forward
     body = torch.compile(model.backbone) if cfg.trainer.compile else model.backbone
-    forward = MarginModel(DistributedDataParallel(body, **ddp_args) if dist.enabled else body, model.head,
-                          model.regularizers)
+    forward = MarginModel(
+        DistributedDataParallel(body, **ddp_args) if dist.enabled else body, model.head, model.regularizers
+    )
     eval_head = criterion.margin_head  # one rank: its shard is every class
     if dist.enabled:
         eval_head = None
         if classifies and dist.is_main:
             with torch.random.fork_rng(devices=[]):  # the copy's random init must not shift rank 0's random stream
-                eval_head = builders.build_head(head_spec, criterion.margin_head.in_features, num_classes,
-                                                shard=False).to(device)
+                eval_head = builders.build_head(
+                    head_spec, criterion.margin_head.in_features, num_classes, shard=False
+                ).to(device)
     eval_model = MarginModel(model.backbone, eval_head, model.regularizers)
     return forward, eval_model, eval_model
 
@@ -276,8 +315,15 @@ def start_or_resume(cfg: DictConfig, run: Run, job: Job) -> LoopState:
     restored; a resume that gets here starts training, so it is recorded and its run directory tidied."""
     if not cfg.resume:
         return LoopState()
-    state = load_training_state(Path(cfg.resume), job.model, job.optimizer, job.scheduler, run.prec.scaler,
-                                job.criterion, map_location=run.prec.device)
+    state = load_training_state(
+        Path(cfg.resume),
+        job.model,
+        job.optimizer,
+        job.scheduler,
+        run.prec.scaler,
+        job.criterion,
+        map_location=run.prec.device,
+    )
     if run.dist.is_main:  # every check has passed (marginlab/resume.py): the resume starts training
         given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
         record_resume(run.dir, [o for o in given if not o.startswith("resume=")], state.epoch)
@@ -287,18 +333,31 @@ def start_or_resume(cfg: DictConfig, run: Run, job: Job) -> LoopState:
 
 
 # ---------------------------------------------------------------- one epoch
-def train_epoch(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, epoch: int,
-                saved: tuple[Path, int] | None) -> dict:
+def train_epoch(
+    cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, epoch: int, saved: tuple[Path, int] | None
+) -> dict:
     """One pass over the training set; the epoch's record so far. Non-finite weights stop the run (and are never
     evaluated or saved), the message saying where the last finite ones are."""
     job.data.set_epoch(epoch)
     try:
         stats = train_one_epoch(
-            job.model, job.train_loader, job.optimizer, job.scheduler, run.prec, state,
-            grad_clip=cfg.trainer.grad_clip, max_nonfinite=cfg.trainer.max_nonfinite_steps,
-            channels_last=run.channels_last, log_every=cfg.logger.log_every_n_steps, log=log, progress=run.progress,
-            desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", forward=job.forward, dist=run.dist,
-            criterion=job.criterion)
+            job.model,
+            job.train_loader,
+            job.optimizer,
+            job.scheduler,
+            run.prec,
+            state,
+            grad_clip=cfg.trainer.grad_clip,
+            max_nonfinite=cfg.trainer.max_nonfinite_steps,
+            channels_last=run.channels_last,
+            log_every=cfg.logger.log_every_n_steps,
+            log=log,
+            progress=run.progress,
+            desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}",
+            forward=job.forward,
+            dist=run.dist,
+            criterion=job.criterion,
+        )
         check_finite_state(job.model, epoch + 1, run.dist)
     except TrainingError as err:
         raise TrainingError(f"{err}; {finite_weights_note(saved)}") from None
@@ -315,32 +374,48 @@ def gather_state(cfg: DictConfig, job: Job, syncing: bool) -> tuple[dict | None,
     return model_state, optimizer_state
 
 
-def evaluate_epoch(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, probe,
-                   model_state: dict | None, epoch: int) -> dict:
+def evaluate_epoch(
+    cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, probe, model_state: dict | None, epoch: int
+) -> dict:
     """Rank 0: each split's loss and accuracy (the probe's split: its geometry too), each verification set."""
     if job.syncs_eval_head:
         sync_eval_head(job.eval_model, model_state)
     record = {}
     for split, loader in job.evaluated:
         probed = split == job.probe_split
-        stats = evaluate(job.eval_model, loader, run.prec, channels_last=run.channels_last,
-                         probe_max_samples=cfg.logger.probe_max_samples if probed else 0,
-                         forward=job.eval_forward, probe=probe if probed else None)
+        stats = evaluate(
+            job.eval_model,
+            loader,
+            run.prec,
+            channels_last=run.channels_last,
+            probe_max_samples=cfg.logger.probe_max_samples if probed else 0,
+            forward=job.eval_forward,
+            probe=probe if probed else None,
+        )
         if probed:
             stats.update(probe.end_epoch(epoch + 1, state.step, job.eval_model.head))
         else:
             stats = {"loss": stats["loss"], "acc": stats["acc"]}
         record.update({f"{split}/{k}": v for k, v in stats.items()})
     if job.verifiers:  # lfw/acc, lfw/auc, ... and figures/roc_<name>.png
-        record.update(run_verifiers(job.verifiers, job.model.backbone, job.data.image_size, run.device,
-                                    figures_dir=run.dir / "figures" if cfg.logger.figures else None,
-                                    writer=log.writer, step=state.step, epoch=epoch + 1)[0])
+        record.update(
+            run_verifiers(
+                job.verifiers,
+                job.model.backbone,
+                job.data.image_size,
+                run.device,
+                figures_dir=run.dir / "figures" if cfg.logger.figures else None,
+                writer=log.writer,
+                step=state.step,
+                epoch=epoch + 1,
+            )[0]
+        )
     return record
 
 
 def sync_eval_head(eval_model: MarginModel, model_state: dict) -> None:
     """Rank 0's unsharded evaluation head takes the gathered weights of the Partial FC shards."""
-    eval_model.head.load_state_dict({k[len("head."):]: v for k, v in model_state.items() if k.startswith("head.")})
+    eval_model.head.load_state_dict({k[len("head.") :]: v for k, v in model_state.items() if k.startswith("head.")})
 
 
 def log_epoch(record: dict, watch: CollapseWatch, log: RunLog, step: int, epochs: int) -> None:
@@ -361,14 +436,29 @@ def select_best(record: dict, best_key: str, state: LoopState) -> bool:
     return True
 
 
-def save_epoch(cfg: DictConfig, run: Run, job: Job, state: LoopState, model_state: dict | None,
-               optimizer_state: dict | None, is_best: bool) -> Path:
+def save_epoch(
+    cfg: DictConfig,
+    run: Run,
+    job: Job,
+    state: LoopState,
+    model_state: dict | None,
+    optimizer_state: dict | None,
+    is_best: bool,
+) -> Path:
     """Rank 0 writes last.pt (and best.pt); returns where last.pt is."""
     ckpt_dir = run.dir / CHECKPOINT_DIR
     if not run.dist.is_main:
         return ckpt_dir / "last.pt"
-    payload = checkpoint_payload(model_state, optimizer_state, job.scheduler, run.prec.scaler, state, cfg, job.data,
-                                 job.criterion.checkpoint_entries())
+    payload = checkpoint_payload(
+        model_state,
+        optimizer_state,
+        job.scheduler,
+        run.prec.scaler,
+        state,
+        cfg,
+        job.data,
+        job.criterion.checkpoint_entries(),
+    )
     return save_checkpoints(payload, ckpt_dir, is_best)
 
 
@@ -376,11 +466,21 @@ def save_epoch(cfg: DictConfig, run: Run, job: Job, state: LoopState, model_stat
 def run_summary(cfg: DictConfig, run: Run, job: Job, state: LoopState, record: dict, wall_time_s: float) -> dict:
     """What metrics.json holds: status, the selected epoch's metrics, the last epoch's record, the warnings."""
     key = job.best_key
-    return {"status": "completed" if state.epoch >= cfg.trainer.epochs else "stopped", "run_dir": str(run.dir),
-            "epochs_done": state.epoch, "steps": state.step, "best_metric": key, "best/" + key: state.best_metric,
-            **{f"best/{k}": v for k, v in state.best_record.items()}, "nonfinite_steps": state.nonfinite_total,
-            "device": str(run.device), "precision": run.prec.name, "wall_time_s": wall_time_s, **record,
-            "warnings": job.warnings + job.watch.first_warnings()}
+    return {
+        "status": "completed" if state.epoch >= cfg.trainer.epochs else "stopped",
+        "run_dir": str(run.dir),
+        "epochs_done": state.epoch,
+        "steps": state.step,
+        "best_metric": key,
+        "best/" + key: state.best_metric,
+        **{f"best/{k}": v for k, v in state.best_record.items()},
+        "nonfinite_steps": state.nonfinite_total,
+        "device": str(run.device),
+        "precision": run.prec.name,
+        "wall_time_s": wall_time_s,
+        **record,
+        "warnings": job.warnings + job.watch.first_warnings(),
+    }
 
 
 def run(cfg: DictConfig) -> float:

@@ -18,19 +18,22 @@ BACKBONE = "backbone."
 
 def strip_prefix(state: dict, prefix: str) -> dict:
     """The entries of ``state`` under ``prefix``, without it."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def build_backbone(path: Path, ckpt: dict) -> nn.Module:
     """The backbone a marginlab checkpoint's own config builds, holding its weights, on the CPU in eval mode."""
     data = ckpt["data"]
-    backbone = instantiate(OmegaConf.create(ckpt["config"]["backbone"]), in_channels=data["in_channels"],
-                           image_size=data["image_size"])
+    backbone = instantiate(
+        OmegaConf.create(ckpt["config"]["backbone"]), in_channels=data["in_channels"], image_size=data["image_size"]
+    )
     state = strip_prefix(ckpt["model"], BACKBONE)
     differences = state_differences({k: list(v.shape) for k, v in backbone.state_dict().items()}, state)
     if differences:
-        raise ConfigError(f"{path}: its weights do not fit the backbone its config builds "
-                          f"({ckpt['config']['backbone'].get('_target_')}):\n  " + "\n  ".join(differences))
+        raise ConfigError(
+            f"{path}: its weights do not fit the backbone its config builds "
+            f"({ckpt['config']['backbone'].get('_target_')}):\n  " + "\n  ".join(differences)
+        )
     backbone.load_state_dict(state)
     return backbone.eval()
 
@@ -46,12 +49,16 @@ def load_backbone(value, key: str = "checkpoint", backbone=None, image_size=None
     else:
         if backbone is not None or image_size is not None:
             given = "backbone=" if backbone is not None else "image_size="
-            raise ConfigError(f"{given} is only for a bare state dict; {path} is a marginlab checkpoint that names "
-                              f"its own architecture and input: leave {given} out")
+            raise ConfigError(
+                f"{given} is only for a bare state dict; {path} is a marginlab checkpoint that names "
+                f"its own architecture and input: leave {given} out"
+            )
         missing = [k for k in EVAL_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
         if missing:
-            raise DataError(f"{path}: not a marginlab checkpoint (no {', '.join(repr(k) for k in missing)} entries) "
-                            f"nor a state dict of tensors")
+            raise DataError(
+                f"{path}: not a marginlab checkpoint (no {', '.join(repr(k) for k in missing)} entries) "
+                f"nor a state dict of tensors"
+            )
     return build_backbone(path, ckpt), ckpt, path
 
 
@@ -98,17 +105,22 @@ def state_dict_checkpoint(path: Path, state: dict, backbone=None, image_size=Non
 
     card = _sidecar(path) if backbone is None else None
     if backbone is None and card is None:
-        raise ConfigError(f"{path} is a bare state dict (no config names its architecture): give backbone=<name>, "
-                          f"e.g. backbone=iresnet50 for InsightFace's ms1mv3_arcface_r50 backbone.pth (one of "
-                          f"{', '.join(backbone_configs())})")
+        raise ConfigError(
+            f"{path} is a bare state dict (no config names its architecture): give backbone=<name>, "
+            f"e.g. backbone=iresnet50 for InsightFace's ms1mv3_arcface_r50 backbone.pth (one of "
+            f"{', '.join(backbone_configs())})"
+        )
     if card is not None:
         node, label = card["backbone"], f"the backbone of {path.name}{SIDECAR}"
         channels = int(card.get("input", {}).get("channels", 3))
         size = image_size or [card["input"]["height"], card["input"]["width"]]
         dataset = card.get("dataset")
     else:
-        node = backbone_node(backbone) if isinstance(backbone, str) else OmegaConf.to_container(
-            OmegaConf.create(backbone), resolve=True)
+        node = (
+            backbone_node(backbone)
+            if isinstance(backbone, str)
+            else OmegaConf.to_container(OmegaConf.create(backbone), resolve=True)
+        )
         label = f"backbone={backbone}" if isinstance(backbone, str) else f"backbone ({node.get('_target_')})"
         channels, size, dataset = STATE_DICT_INPUT["in_channels"], image_size or STATE_DICT_INPUT["image_size"], None
     from marginlab.data.face import parse_image_size
@@ -118,8 +130,10 @@ def state_dict_checkpoint(path: Path, state: dict, backbone=None, image_size=Non
     try:
         module = instantiate(OmegaConf.create(node), in_channels=channels, image_size=size)
     except Exception as exc:  # noqa: BLE001 - one line naming the architecture
-        raise ConfigError(f"{label} cannot be built for a {channels}x{height}x{width} input: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ConfigError(
+            f"{label} cannot be built for a {channels}x{height}x{width} input: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     expected = {k: list(v.shape) for k, v in module.state_dict().items()}
     theirs = from_insightface(state)
     layout, keys = max((("marginlab", state), ("insightface", theirs)), key=lambda c: len(expected.keys() & c[1]))
@@ -132,14 +146,22 @@ def state_dict_checkpoint(path: Path, state: dict, backbone=None, image_size=Non
         first = key_mismatch(expected, mapped) or differences[0]
         first = first if len(first) <= 300 else first[:300] + " ..."
         count = f"{len(differences)} difference{'s' if len(differences) > 1 else ''}"
-        mbf = (" (InsightFace's get_mbf is backbone=mbf, get_mbf_large backbone=mbf_large)"
-               if mobilefacenet_blocks(state) else "")
-        raise ConfigError(f"{path} does not fit {label} at a {height}x{width} input ({count}, e.g. {first}): give "
-                          f"the backbone= and image_size= these weights were trained with{mbf}")
-    return {"model": {BACKBONE + k: v for k, v in keys.items()},
-            "config": {"backbone": node, "dataset": dataset, "head": None},
-            "data": {"in_channels": channels, "image_size": size, "num_classes": None}, "state": {},
-            "weights": {"file": str(path), "layout": layout, "face": card is None}}
+        mbf = (
+            " (InsightFace's get_mbf is backbone=mbf, get_mbf_large backbone=mbf_large)"
+            if mobilefacenet_blocks(state)
+            else ""
+        )
+        raise ConfigError(
+            f"{path} does not fit {label} at a {height}x{width} input ({count}, e.g. {first}): give "
+            f"the backbone= and image_size= these weights were trained with{mbf}"
+        )
+    return {
+        "model": {BACKBONE + k: v for k, v in keys.items()},
+        "config": {"backbone": node, "dataset": dataset, "head": None},
+        "data": {"in_channels": channels, "image_size": size, "num_classes": None},
+        "state": {},
+        "weights": {"file": str(path), "layout": layout, "face": card is None},
+    }
 
 
 def _first_keys(keys: list[str], first: int) -> str:
@@ -156,8 +178,10 @@ def key_mismatch(expected: dict, saved: dict, first: int = 3) -> str | None:
     missing = [k for k in expected if k not in set(saved)]
     parts = []
     if unmatched:
-        parts.append(f"{len(unmatched)} of its {len(saved)} keys, neither marginlab's nor InsightFace's names of the "
-                     f"model's tensors: {_first_keys(unmatched, first)}")
+        parts.append(
+            f"{len(unmatched)} of its {len(saved)} keys, neither marginlab's nor InsightFace's names of the "
+            f"model's tensors: {_first_keys(unmatched, first)}"
+        )
     if missing:
         parts.append(f"{len(missing)} of the model's {len(expected)} tensors not in it: {_first_keys(missing, first)}")
     return "; ".join(parts) or None
@@ -171,7 +195,7 @@ def _module_groups(keys) -> list[str]:
         if k.startswith(BACKBONE):
             continue
         parts = k.split(".")
-        prefix = ".".join(parts[:2 if parts[0] == "regularizers" else 1]) + "."
+        prefix = ".".join(parts[: 2 if parts[0] == "regularizers" else 1]) + "."
         if prefix not in groups:
             groups.append(prefix)
     return groups
@@ -214,15 +238,19 @@ def init_from(model: nn.Module, value, head: bool | None = None) -> str:
     fits = {k for k, v in saved.items() if torch.is_tensor(v) and k in expected and list(v.shape) == expected[k]}
     want = {k: s for k, s in expected.items() if k.startswith(BACKBONE)}
     if not fits & set(want):
-        raise DataError(f"{path}: none of its {len(saved)} tensors fits this model's backbone "
-                        f"({type(model.backbone).__name__}): not a checkpoint of this architecture "
-                        f"({key_mismatch(want, saved)})")
+        raise DataError(
+            f"{path}: none of its {len(saved)} tensors fits this model's backbone "
+            f"({type(model.backbone).__name__}): not a checkpoint of this architecture "
+            f"({key_mismatch(want, saved)})"
+        )
     saved_backbone = {k: v for k, v in saved.items() if k.startswith(BACKBONE)}
     differences = state_differences(want, saved_backbone)
     if differences:
-        raise ConfigError(f"init_from={value!r}: the backbone in {path} does not fit this model's "
-                          f"({type(model.backbone).__name__}; {len(differences)} differences): "
-                          f"{key_mismatch(want, saved_backbone) or differences[0]}")
+        raise ConfigError(
+            f"init_from={value!r}: the backbone in {path} does not fit this model's "
+            f"({type(model.backbone).__name__}; {len(differences)} differences): "
+            f"{key_mismatch(want, saved_backbone) or differences[0]}"
+        )
     model.backbone.load_state_dict(strip_prefix(saved, BACKBONE))
     loaded, skipped = [f"backbone ({len(want)} tensors)"], []
     for prefix in _module_groups(expected):
@@ -230,8 +258,10 @@ def init_from(model: nn.Module, value, head: bool | None = None) -> str:
         group_fits = all(k in fits for k in keys)
         if head and not group_fits:
             bad = next(k for k in keys if k not in fits)
-            raise ConfigError(f"init_from_head=true: {prefix.rstrip('.')} of {path} does not fit this model: "
-                              f"{_describe(bad, saved, expected)}; set init_from_head=false to start it afresh")
+            raise ConfigError(
+                f"init_from_head=true: {prefix.rstrip('.')} of {path} does not fit this model: "
+                f"{_describe(bad, saved, expected)}; set init_from_head=false to start it afresh"
+            )
         if head is False or not group_fits:
             skipped += [_describe(k, saved, expected) for k in keys]
             continue

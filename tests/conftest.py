@@ -58,6 +58,7 @@ def metrics():
 
 # ---- torchrun on CPU (gloo) for the data-parallel tests ----
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,10 +69,21 @@ def launch(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProces
     """``torchrun --nproc_per_node=nproc -m marginlab train *overrides`` writing under ``out``; nproc=0 runs
     ``marginlab train`` as a plain process (no torchrun, no process group)."""
     env = {**os.environ, "MARGINLAB_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
-    runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-              f"--master_port={free_port()}"] if nproc else [sys.executable]
-    res = subprocess.run([*runner, "-m", "marginlab", "train", *overrides], env=env, capture_output=True, text=True,
-                         timeout=300)
+    runner = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+        ]
+        if nproc
+        else [sys.executable]
+    )
+    res = subprocess.run(
+        [*runner, "-m", "marginlab", "train", *overrides], env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -114,10 +126,10 @@ def py2_bin_pickle(bins: list[bytes], issame: list[bool]) -> bytes:
     """``cPickle.dump((bins, issame), f, protocol=2)`` as Python 2 writes it: str as (SHORT_)BINSTRING --
     the format of InsightFace's released lfw.bin / cfp_fp.bin / agedb_30.bin."""
     out = bytearray(b"\x80\x02")  # PROTO 2
-    out += b"](" # EMPTY_LIST, MARK
+    out += b"]("  # EMPTY_LIST, MARK
     for b in bins:
         out += (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))) + b
-    out += b"e](" # APPENDS, EMPTY_LIST, MARK
+    out += b"e]("  # APPENDS, EMPTY_LIST, MARK
     out += b"".join(b"\x88" if s else b"\x89" for s in issame)  # NEWTRUE / NEWFALSE
     out += b"e\x86."  # APPENDS, TUPLE2, STOP
     return bytes(out)
@@ -163,13 +175,20 @@ def photo(seed: int, size=(120, 100)) -> np.ndarray:
     """A deterministic H x W x 3 uint8 'photo' of smooth blocks, asymmetric left/right (a face to align)."""
     h, w = size
     rng = np.random.default_rng(seed)
-    img = np.ascontiguousarray(rng.integers(0, 256, (h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8)
-                               .repeat(10, 0).repeat(10, 1)[:h, :w])
+    img = np.ascontiguousarray(
+        rng.integers(0, 256, (h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8).repeat(10, 0).repeat(10, 1)[:h, :w]
+    )
     img[:, : w // 5] = seed * 29 % 256
     return img
 
 
 @pytest.fixture
 def face():
-    return SimpleNamespace(image=face_image, encode=encode, normalized=normalized, py2_bin_pickle=py2_bin_pickle,
-                           write_lfw=write_lfw, photo=photo)
+    return SimpleNamespace(
+        image=face_image,
+        encode=encode,
+        normalized=normalized,
+        py2_bin_pickle=py2_bin_pickle,
+        write_lfw=write_lfw,
+        photo=photo,
+    )

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SLOW = pytest.mark.skipif(not os.environ.get("MARGINLAB_SLOW_TESTS"),
-                          reason="torch.compile rows of the tiny GPU benchmark: set MARGINLAB_SLOW_TESTS=1")
+SLOW = pytest.mark.skipif(
+    not os.environ.get("MARGINLAB_SLOW_TESTS"),
+    reason="torch.compile rows of the tiny GPU benchmark: set MARGINLAB_SLOW_TESTS=1",
+)
 
 
 def load(name: str):
@@ -22,16 +24,20 @@ def load(name: str):
 
 
 def rows(text: str) -> list[tuple[float, str]]:
-    return [(float(rate), rest) for rate, rest in re.findall(r"^\s+([\d.]+) images/s\s+peak\s+(.*)$", text, re.MULTILINE)]
+    return [
+        (float(rate), rest) for rate, rest in re.findall(r"^\s+([\d.]+) images/s\s+peak\s+(.*)$", text, re.MULTILINE)
+    ]
 
 
 def test_gpu_throughput_tiny_runs_every_head_and_data_path(capsys):
     assert load("gpu_throughput").main(["--tiny", "--compile", "off"]) == 0
     found = rows(capsys.readouterr().out)
     assert [rest.split("   ", 1)[1] for _, rest in found] == [
-        "arcface (20 classes), compile off, synthetic data", "arcface (20 classes), compile off, recordio data",
+        "arcface (20 classes), compile off, synthetic data",
+        "arcface (20 classes), compile off, recordio data",
         "partial_fc_0.1 (200 classes), compile off, synthetic data",
-        "partial_fc_0.1 (200 classes), compile off, recordio data"]
+        "partial_fc_0.1 (200 classes), compile off, recordio data",
+    ]
     assert all(rate > 0 for rate, _ in found)
 
 

@@ -12,8 +12,7 @@ from torch import nn
 
 from marginlab import checkpoint
 from marginlab.builders import MarginModel
-from marginlab.checkpoint import (LoopState, checkpoint_payload, find_checkpoint, load_training_state,
-                                  save_checkpoints)
+from marginlab.checkpoint import LoopState, checkpoint_payload, find_checkpoint, load_training_state, save_checkpoints
 from marginlab.distributed import sharded_state
 from marginlab.distributed.partial_fc import PartialFC
 from marginlab.errors import ConfigError
@@ -27,11 +26,13 @@ CONFIG = OmegaConf.create({"head": {"_target_": "marginlab.heads.amsoftmax.AMSof
 def job(seed: int):
     """A Partial FC model (its sampling step is the loss's own checkpoint entry), its optimizer and schedule."""
     torch.manual_seed(seed)
-    model = MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)),
-                        PartialFC(AMSoftmaxHead(4, 5), 5, sample_rate=0.6), nn.ModuleDict())
+    model = MarginModel(
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 4)),
+        PartialFC(AMSoftmaxHead(4, 5), 5, sample_rate=0.6),
+        nn.ModuleDict(),
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5), torch.amp.GradScaler("cpu",
-                                                                                                 enabled=False)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5), torch.amp.GradScaler("cpu", enabled=False)
 
 
 def test_a_saved_job_is_restored_exactly(tmp_path):
@@ -44,8 +45,16 @@ def test_a_saved_job_is_restored_exactly(tmp_path):
         opt.step()
         sched.step()
     state = LoopState(epoch=1, step=2, best_metric=0.5, best_record={"epoch": 1})
-    payload = checkpoint_payload(sharded_state.model_state_dict(model), sharded_state.optimizer_state_dict(opt, model),
-                                 sched, scaler, state, CONFIG, DATA, criterion.checkpoint_entries())
+    payload = checkpoint_payload(
+        sharded_state.model_state_dict(model),
+        sharded_state.optimizer_state_dict(opt, model),
+        sched,
+        scaler,
+        state,
+        CONFIG,
+        DATA,
+        criterion.checkpoint_entries(),
+    )
     assert payload["data"] == {"in_channels": 1, "image_size": 2, "num_classes": 5}
     assert payload["partial_fc"] == {"step": 2} and payload["config"]["seed"] == 0
     assert save_checkpoints(payload, tmp_path, is_best=False) == tmp_path / "last.pt"
@@ -63,15 +72,17 @@ def test_a_saved_job_is_restored_exactly(tmp_path):
 
 def test_a_checkpoint_of_another_model_is_refused_with_every_difference(tmp_path):
     model, opt, sched, scaler = job(0)
-    payload = checkpoint_payload(sharded_state.model_state_dict(model), opt.state_dict(), sched, scaler, LoopState(),
-                                 CONFIG, DATA)
+    payload = checkpoint_payload(
+        sharded_state.model_state_dict(model), opt.state_dict(), sched, scaler, LoopState(), CONFIG, DATA
+    )
     save_checkpoints(payload, tmp_path, is_best=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
     other = MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(4, 6)), AMSoftmaxHead(6, 5), nn.ModuleDict())
     other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match=r"does not fit this model \(it was trained with .*AMSoftmaxHead\)"):
-        load_training_state(tmp_path / "best.pt", other, other_opt,
-                            torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1.0), scaler)
+        load_training_state(
+            tmp_path / "best.pt", other, other_opt, torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1.0), scaler
+        )
 
 
 def test_find_checkpoint_lives_with_the_format(tmp_path):

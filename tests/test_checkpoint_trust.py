@@ -92,10 +92,17 @@ def test_rng_state_round_trips_through_weights_only_loading(tmp_path):
 def todays_rng(saved: dict) -> dict:
     """The ``rng`` entry exactly as marginlab's first release wrote it (random.getstate(), np.random.get_state())."""
     numpy = saved["numpy"]
-    return {"python": (saved["python"][0], tuple(saved["python"][1]), saved["python"][2]),
-            "numpy": (numpy["bit_generator"], numpy["key"].numpy().astype(np.uint32), numpy["pos"],
-                      numpy["has_gauss"], numpy["cached_gaussian"]),
-            "torch": saved["torch"]}
+    return {
+        "python": (saved["python"][0], tuple(saved["python"][1]), saved["python"][2]),
+        "numpy": (
+            numpy["bit_generator"],
+            numpy["key"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        ),
+        "torch": saved["torch"],
+    }
 
 
 def test_checkpoint_in_todays_format_loads_and_resumes(run_dir, run_train, metrics):
@@ -117,10 +124,12 @@ def bad_files(tmp_path, good: pathlib.Path) -> dict[str, bytes]:
     """The reason each error must give -> the file's content."""
     marker = tmp_path / MARKER
     torch.save({"model": Touch(marker), "config": {}, "data": {}}, tmp_path / "evil.pt")
-    return {"which a checkpoint may not hold; nothing was run": (tmp_path / "evil.pt").read_bytes(),
-            "the file is empty (0 bytes)": b"",
-            "truncated or corrupted": good.read_bytes()[: good.stat().st_size // 2],
-            "not a torch.save file": b"epoch,acc\n1,0.5\n"}
+    return {
+        "which a checkpoint may not hold; nothing was run": (tmp_path / "evil.pt").read_bytes(),
+        "the file is empty (0 bytes)": b"",
+        "truncated or corrupted": good.read_bytes()[: good.stat().st_size // 2],
+        "not a torch.save file": b"epoch,acc\n1,0.5\n",
+    }
 
 
 def test_hostile_or_broken_checkpoint_runs_nothing(run_dir, tmp_path, capfd):
@@ -164,8 +173,7 @@ class Killed(BaseException):
     """SIGKILL-like: nothing in the trainer catches it."""
 
 
-def test_kill_while_saving_leaves_no_temp_file_and_no_duplicate_record(run_train, metrics, outputs_dir,
-                                                                       monkeypatch):
+def test_kill_while_saving_leaves_no_temp_file_and_no_duplicate_record(run_train, metrics, outputs_dir, monkeypatch):
     real = checkpoint.save_atomic
 
     def killed_on_epoch_2(obj, path):
@@ -197,8 +205,9 @@ def all_finite(path) -> bool:
     return all(torch.isfinite(v).all() for v in load(path)["model"].values() if v.is_floating_point())
 
 
-def test_inf_batchnorm_statistics_stop_the_run_and_keep_the_good_checkpoint(run_train, metrics, outputs_dir,
-                                                                            monkeypatch, capfd):
+def test_inf_batchnorm_statistics_stop_the_run_and_keep_the_good_checkpoint(
+    run_train, metrics, outputs_dir, monkeypatch, capfd
+):
     import marginlab.train
 
     real = marginlab.train.train_one_epoch

@@ -20,9 +20,11 @@ PACKAGES = ["marginlab.backbones", "marginlab.data", "marginlab.regularizers"]
 
 def _loaded_after_import(modules: list[str]) -> set[str]:
     """The marginlab/torch modules a fresh interpreter holds after importing ``modules``."""
-    code = ("import importlib, sys\n"
-            f"for m in {modules!r}: importlib.import_module(m)\n"
-            "print('\\n'.join(m for m in sys.modules if m.startswith(('marginlab', 'torch'))))")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print('\\n'.join(m for m in sys.modules if m.startswith(('marginlab', 'torch'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return set(out.stdout.split())
@@ -63,8 +65,11 @@ def test_check_batch_names_owner_shape_and_dtype():
     x = torch.zeros(4, 3)
     check_batch("Head", 3, x)
     check_batch("Head", 3, x, torch.zeros(4, dtype=torch.int32))
-    with pytest.raises(ConfigError, match=r"Head expects embeddings of shape \(batch, 5\), got \(4, 3\).*"
-                                          r"embedding_dim must equal Head's in_features"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Head expects embeddings of shape \(batch, 5\), got \(4, 3\).*"
+        r"embedding_dim must equal Head's in_features",
+    ):
         check_batch("Head", 5, x)
     with pytest.raises(ConfigError, match=r"labels of shape \(3,\) do not match a batch of 4"):
         check_batch("Head", 3, x, torch.zeros(3, dtype=torch.long))

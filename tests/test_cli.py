@@ -25,8 +25,9 @@ def test_top_level_help_lists_commands(capsys):
 
 
 def test_train_help_lists_groups_and_options():
-    out = subprocess.run([sys.executable, "-m", "marginlab", "train", "--help"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "marginlab", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     for group in ("head:", "backbone:", "dataset:", "optim:", "sched:"):
         assert group in out.stdout
@@ -53,8 +54,9 @@ def hydra_help_page() -> str:
         hydra = GlobalHydra.instance().hydra
         loader = hydra.config_loader
         _, repo = loader._parse_overrides_and_create_caching_repo(None, [])
-        loader.get_group_options = lambda group_name, results_filter=ObjectType.CONFIG: \
-            repo.get_group_options(group_name, results_filter)
+        loader.get_group_options = lambda group_name, results_filter=ObjectType.CONFIG: repo.get_group_options(
+            group_name, results_filter
+        )
         cfg = compose("train", return_hydra_config=True)
         clean = hydra.get_sanitized_cfg(copy.deepcopy(cfg), "job")
         return hydra.get_help(cfg.hydra.help, clean, get_args_parser(), resolve=False)

@@ -33,14 +33,17 @@ try "marginlab train head=arc" marginlab train head=arc
 def completed_lines(tmp_path: Path) -> list[tuple[str, list[str]]]:
     """COMP_LINE -> the line after bash puts each reply in place of the word under the cursor."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    out = subprocess.run([BASH, "-c", DRIVER], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
-                         check=False)
+    out = subprocess.run(
+        [BASH, "-c", DRIVER], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr
     return [(line.partition("|")[0], line.partition("|")[2].split()) for line in out.stdout.splitlines()]
 
 
-@pytest.mark.skipif(BASH is None or not Path(sys.executable).with_name("marginlab").exists(),
-                    reason="needs bash and the installed marginlab script")
+@pytest.mark.skipif(
+    BASH is None or not Path(sys.executable).with_name("marginlab").exists(),
+    reason="needs bash and the installed marginlab script",
+)
 def test_bash_completion_function_completes_commands_groups_options_and_keys(tmp_path):
     (_, cmd_reply), (_, group_reply), (option, option_reply), (_, key_reply), (_, zsh_reply) = completed_lines(tmp_path)
     assert cmd_reply == ["train"]
@@ -69,12 +72,15 @@ def test_unknown_shell_is_one_line_error(capsys):
 
 
 def test_query_leaves_torch_unimported(tmp_path):
-    check = ("import sys, marginlab.cli\n"
-             "try:\n    code = marginlab.cli.main(['train', '-sc', 'query=bash'])\n"
-             "except SystemExit as e:\n    code = e.code or 0\n"
-             "print('CODE', code, 'TORCH', 'torch' in sys.modules)")
+    check = (
+        "import sys, marginlab.cli\n"
+        "try:\n    code = marginlab.cli.main(['train', '-sc', 'query=bash'])\n"
+        "except SystemExit as e:\n    code = e.code or 0\n"
+        "print('CODE', code, 'TORCH', 'torch' in sys.modules)"
+    )
     env = {**os.environ, "COMP_LINE": "marginlab train head=arc", "COMP_POINT": "24"}
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert "head=arcface" in out.stdout and "CODE 0 TORCH False" in out.stdout

@@ -22,8 +22,9 @@ GROUPS = {"trainer": TrainerConfig, "logger": LoggerConfig}
 
 
 #: the top-level keys with a scalar default (seed, resume, m, s, ...), not the groups
-TOP_LEVEL = [f.name for f in dataclasses.fields(TrainConfig) if f.default_factory is dataclasses.MISSING
-             and f.type != "Any"]
+TOP_LEVEL = [
+    f.name for f in dataclasses.fields(TrainConfig) if f.default_factory is dataclasses.MISSING and f.type != "Any"
+]
 
 
 def defaults(schema) -> dict:
@@ -47,8 +48,9 @@ def test_the_default_option_only_selects_the_schema_defaults(group):
     assert not restated, f"configs/{group}/default.yaml restates {restated}: set them in {GROUPS[group].__name__}"
 
 
-@pytest.mark.parametrize("path", sorted(p for g in GROUPS for p in (CONFIGS / g).glob("*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path", sorted(p for g in GROUPS for p in (CONFIGS / g).glob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
+)
 def test_every_option_sets_only_known_keys_to_other_values_than_the_default(path):
     schema = defaults(GROUPS[path.parent.name])
     for key, value in own_keys(path).items():

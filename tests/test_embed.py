@@ -38,11 +38,16 @@ def checkpoint(tmp_path):
     """A face checkpoint (3 x 112 x 112 input) of a small backbone, and that backbone in eval mode."""
     torch.manual_seed(0)
     model = DigitsCNN(embedding_dim=16, in_channels=3, image_size=SIZE, width=4).eval()
-    ckpt = {"model": {f"backbone.{k}": v for k, v in model.state_dict().items()},
-            "config": {"backbone": {"_target_": "marginlab.backbones.digits_cnn.DigitsCNN", "embedding_dim": 16,
-                                    "width": 4},
-                       "dataset": {"_target_": "marginlab.data.face.casia.CasiaData"}, "head": {}},
-            "data": {"in_channels": 3, "image_size": SIZE, "num_classes": 3}, "state": {"epoch": 1}}
+    ckpt = {
+        "model": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+        "config": {
+            "backbone": {"_target_": "marginlab.backbones.digits_cnn.DigitsCNN", "embedding_dim": 16, "width": 4},
+            "dataset": {"_target_": "marginlab.data.face.casia.CasiaData"},
+            "head": {},
+        },
+        "data": {"in_channels": 3, "image_size": SIZE, "num_classes": 3},
+        "state": {"epoch": 1},
+    }
     path = tmp_path / "run" / "checkpoints" / "last.pt"
     path.parent.mkdir(parents=True)
     torch.save(ckpt, path)
@@ -70,8 +75,19 @@ def test_image_folder(checkpoint, tmp_path, flip):
             (tmp_path / "faces" / identity / f"{seed}.png").write_bytes(png(face(seed)))
             images[f"{identity}/{seed}.png"] = face(seed)
     out = tmp_path / "emb.npy"
-    assert main(["embed", f"checkpoint={ckpt.parent.parent}", f"input={tmp_path / 'faces'}", f"out={out}",
-                 f"flip={str(flip).lower()}", "batch_size=2"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                f"checkpoint={ckpt.parent.parent}",
+                f"input={tmp_path / 'faces'}",
+                f"out={out}",
+                f"flip={str(flip).lower()}",
+                "batch_size=2",
+            ]
+        )
+        == 0
+    )
     header, *rows = read_index(tmp_path / "emb.tsv")
     assert header == ["index", "path", "label", "identity"]
     assert [r[1] for r in rows] == list(images) and [r[3] for r in rows] == ["alice"] * 2 + ["bob"] + ["carol"] * 2
@@ -88,8 +104,12 @@ def test_recordio(checkpoint, tmp_path):
     out = tmp_path / "rec.npy"
     assert main(["embed", f"checkpoint={ckpt}", f"input={rec}", f"out={out}", "batch_size=3"]) == 0
     header, *rows = read_index(tmp_path / "rec.tsv")
-    assert header == ["index", "key", "label"] and [r[1:] for r in rows] == [["1", "0"], ["2", "0"], ["3", "1"],
-                                                                            ["4", "2"]]
+    assert header == ["index", "key", "label"] and [r[1:] for r in rows] == [
+        ["1", "0"],
+        ["2", "0"],
+        ["3", "1"],
+        ["4", "2"],
+    ]
     order = [face(2), face(4), face(3), face(1)]  # by label, as written
     np.testing.assert_allclose(np.load(out), expected(model, order, flip=True), rtol=1e-5, atol=1e-6)
 
@@ -100,8 +120,13 @@ def test_verification_bin(checkpoint, tmp_path):
     (tmp_path / "pairs.bin").write_bytes(pickle.dumps(([png(i) for i in images], [True, False]), protocol=2))
     out = tmp_path / "bin.npy"
     assert main(["embed", f"checkpoint={ckpt}", f"input={tmp_path / 'pairs.bin'}", f"out={out}"]) == 0
-    assert read_index(tmp_path / "bin.tsv") == [["index", "pair", "issame"], ["0", "0", "1"], ["1", "0", "1"],
-                                                 ["2", "1", "0"], ["3", "1", "0"]]
+    assert read_index(tmp_path / "bin.tsv") == [
+        ["index", "pair", "issame"],
+        ["0", "0", "1"],
+        ["1", "0", "1"],
+        ["2", "1", "0"],
+        ["3", "1", "0"],
+    ]
     np.testing.assert_allclose(np.load(out), expected(model, images, flip=True), rtol=1e-5, atol=1e-6)
 
 
@@ -111,10 +136,12 @@ def test_errors_are_one_line_and_nothing_is_overwritten(checkpoint, tmp_path, ca
     (tmp_path / "faces" / "a" / "1.png").write_bytes(png(face(1)))
     taken = tmp_path / "taken.npy"
     taken.write_text("mine")
-    cases = [([f"input={tmp_path / 'faces'}", f"out={taken}"], f"{taken} exists"),
-             ([f"input={tmp_path / 'faces.txt'}", f"out={tmp_path / 'x.npy'}"], "input="),
-             ([f"input={tmp_path / 'faces'}", f"out={tmp_path / 'x.csv'}"], "give a .npy file"),
-             ([f"input={tmp_path / 'faces'}", f"out={tmp_path / 'x.npy'}", "flip=maybe"], "flip='maybe'")]
+    cases = [
+        ([f"input={tmp_path / 'faces'}", f"out={taken}"], f"{taken} exists"),
+        ([f"input={tmp_path / 'faces.txt'}", f"out={tmp_path / 'x.npy'}"], "input="),
+        ([f"input={tmp_path / 'faces'}", f"out={tmp_path / 'x.csv'}"], "give a .npy file"),
+        ([f"input={tmp_path / 'faces'}", f"out={tmp_path / 'x.npy'}", "flip=maybe"], "flip='maybe'"),
+    ]
     for args, message in cases:
         capsys.readouterr()
         assert main(["embed", f"checkpoint={ckpt}", *args]) == 2
@@ -127,10 +154,16 @@ def test_errors_are_one_line_and_nothing_is_overwritten(checkpoint, tmp_path, ca
 def test_a_model_that_does_not_take_face_crops_is_refused(tmp_path, capsys):
     model = DigitsCNN(embedding_dim=8, in_channels=1, image_size=8, width=4)
     path = tmp_path / "digits.pt"
-    torch.save({"model": {f"backbone.{k}": v for k, v in model.state_dict().items()},
-                "config": {"backbone": {"_target_": "marginlab.backbones.digits_cnn.DigitsCNN", "embedding_dim": 8,
-                                        "width": 4}},
-                "data": {"in_channels": 1, "image_size": 8, "num_classes": 10}}, path)
+    torch.save(
+        {
+            "model": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+            "config": {
+                "backbone": {"_target_": "marginlab.backbones.digits_cnn.DigitsCNN", "embedding_dim": 8, "width": 4}
+            },
+            "data": {"in_channels": 1, "image_size": 8, "num_classes": 10},
+        },
+        path,
+    )
     (tmp_path / "faces" / "a").mkdir(parents=True)
     (tmp_path / "faces" / "a" / "1.png").write_bytes(png(face(1)))
     assert main(["embed", f"checkpoint={path}", f"input={tmp_path / 'faces'}", f"out={tmp_path / 'e.npy'}"]) == 2

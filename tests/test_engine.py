@@ -33,9 +33,19 @@ def run_epoch(model, loader, max_nonfinite=3, log_every=2, log=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     state = LoopState()
-    stats = train_one_epoch(model, loader, opt, sched, Precision(torch.device("cpu"), "32"), state,
-                            grad_clip=None, max_nonfinite=max_nonfinite, channels_last=False, log_every=log_every,
-                            log=log)
+    stats = train_one_epoch(
+        model,
+        loader,
+        opt,
+        sched,
+        Precision(torch.device("cpu"), "32"),
+        state,
+        grad_clip=None,
+        max_nonfinite=max_nonfinite,
+        channels_last=False,
+        log_every=log_every,
+        log=log,
+    )
     return stats, state
 
 
@@ -55,8 +65,9 @@ def test_repeated_nonfinite_losses_stop_with_a_clear_message():
 
 
 def test_diverging_run_fails_cleanly_and_keeps_finite_checkpoint(run_train, capfd, metrics):
-    code, run_dir = run_train("logger=quiet", "trainer.epochs=2", "optim.lr=1e30", "trainer.max_nonfinite_steps=2",
-                              "head=softmax")
+    code, run_dir = run_train(
+        "logger=quiet", "trainer.epochs=2", "optim.lr=1e30", "trainer.max_nonfinite_steps=2", "head=softmax"
+    )
     err = capfd.readouterr().err
     assert code == 2 and "consecutive non-finite losses" in err and "Traceback" not in err
     assert metrics[0](run_dir)["status"] == "failed"
@@ -90,8 +101,12 @@ def test_head_weight_decay_is_a_separate_group():
 
     from marginlab.builders import build_optimizer
 
-    cfg = OmegaConf.create({"optim": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "weight_decay": 5e-4},
-                            "trainer": {"head_weight_decay": 0.0}})
+    cfg = OmegaConf.create(
+        {
+            "optim": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "weight_decay": 5e-4},
+            "trainer": {"head_weight_decay": 0.0},
+        }
+    )
     opt = build_optimizer(cfg, tiny_model())
     assert [g["name"] for g in opt.param_groups] == ["backbone", "head"]
     assert opt.param_groups[0]["weight_decay"] == 5e-4 and opt.param_groups[1]["weight_decay"] == 0.0

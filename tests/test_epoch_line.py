@@ -6,21 +6,40 @@ import sys
 
 from marginlab.logging.epoch_line import format_epoch_line
 
-FAST = ["trainer.epochs=2", "trainer.checkpoint=false", "logger.tensorboard=false", "logger.figures=false",
-        "logger.progress=false", "logger.probe_max_samples=64"]
+FAST = [
+    "trainer.epochs=2",
+    "trainer.checkpoint=false",
+    "logger.tensorboard=false",
+    "logger.figures=false",
+    "logger.progress=false",
+    "logger.probe_max_samples=64",
+]
 
 
 def epoch_lines(text: str) -> list[str]:
-    return [line[line.index("epoch "):] for line in text.splitlines() if "epoch " in line and "img/s" in line]
+    return [line[line.index("epoch ") :] for line in text.splitlines() if "epoch " in line and "img/s" in line]
 
 
 def test_line_holds_the_headline_numbers_verification_sets_and_warnings():
-    record = {"epoch": 3, "train/loss": 0.41234, "train/acc": 0.953, "test/acc": 0.9667, "train/lr": 0.0976,
-              "test/feature_norm/mean": 21.3, "test/angle/target_deg": 31.24, "test/margin/violation_frac": 0.041,
-              "lfw/acc": 0.98123, "lfw/auc": 0.99, "train/images_per_s": 1234.4, "time/epoch_s": 2.06}
+    record = {
+        "epoch": 3,
+        "train/loss": 0.41234,
+        "train/acc": 0.953,
+        "test/acc": 0.9667,
+        "train/lr": 0.0976,
+        "test/feature_norm/mean": 21.3,
+        "test/angle/target_deg": 31.24,
+        "test/margin/violation_frac": 0.041,
+        "lfw/acc": 0.98123,
+        "lfw/auc": 0.99,
+        "train/images_per_s": 1234.4,
+        "time/epoch_s": 2.06,
+    }
     line = format_epoch_line(record, 30, ["collapse: x"])
-    assert line == ("epoch 3/30  loss 0.4123  acc 0.9530  test/acc 0.9667  lr 0.0976  norm 21.3  theta_y 31.2deg  "
-                    "viol 0.041  lfw/acc 0.9812  1234 img/s  2.1 s  WARNING collapse: x")
+    assert line == (
+        "epoch 3/30  loss 0.4123  acc 0.9530  test/acc 0.9667  lr 0.0976  norm 21.3  theta_y 31.2deg  "
+        "viol 0.041  lfw/acc 0.9812  1234 img/s  2.1 s  WARNING collapse: x"
+    )
     # an epoch without evaluation shows what it has
     assert format_epoch_line({"epoch": 1, "train/loss": 1.0}, 2) == "epoch 1/2  loss 1.0000"
 

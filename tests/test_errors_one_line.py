@@ -14,8 +14,14 @@ import torch
 
 from marginlab.cli import main
 
-FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false", "backbone.width=4",
-        "backbone.embedding_dim=8", "dataset.batch_size=256"]
+FAST = [
+    "logger=quiet",
+    "trainer.epochs=1",
+    "trainer.checkpoint=false",
+    "backbone.width=4",
+    "backbone.embedding_dim=8",
+    "dataset.batch_size=256",
+]
 
 
 def run_cli(*args: str) -> int:
@@ -35,8 +41,10 @@ def one_line_error(err: str) -> str:
 
 def strict_loads(text: str):
     """json.loads that refuses NaN / Infinity."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -74,16 +82,19 @@ def test_a_checkpoint_write_that_fails_mid_run_is_recorded(run_train, monkeypatc
 
 
 # ---------------------------------------------------------------- bad values, before any work
-@pytest.mark.parametrize("overrides,message", [
-    (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: it must be a finite number >= 0"),
-    (["optim.lr=abc"], "optim.lr='abc' is not allowed: it must be a number"),
-    (["optim.lr=nan"], "optim.lr=nan is not allowed"),
-    (["optim.weight_decay=-5e-4"], "optim.weight_decay=-0.0005 is not allowed"),
-    (["optim.momentum=-0.9"], "optim.momentum=-0.9 is not allowed"),
-    (["optim.momentum=abc"], "optim.momentum='abc' is not allowed: it must be a number"),
-    (["optim=adamw", "optim.betas=[1.5,0.9]"], "Invalid beta parameter at index 0: 1.5"),
-    (["optim.nesterov=true", "optim.momentum=0"], "Nesterov momentum requires a momentum"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: it must be a finite number >= 0"),
+        (["optim.lr=abc"], "optim.lr='abc' is not allowed: it must be a number"),
+        (["optim.lr=nan"], "optim.lr=nan is not allowed"),
+        (["optim.weight_decay=-5e-4"], "optim.weight_decay=-0.0005 is not allowed"),
+        (["optim.momentum=-0.9"], "optim.momentum=-0.9 is not allowed"),
+        (["optim.momentum=abc"], "optim.momentum='abc' is not allowed: it must be a number"),
+        (["optim=adamw", "optim.betas=[1.5,0.9]"], "Invalid beta parameter at index 0: 1.5"),
+        (["optim.nesterov=true", "optim.momentum=0"], "Nesterov momentum requires a momentum"),
+    ],
+)
 def test_bad_optimizer_values_fail_before_any_work(run_train, monkeypatch, capfd, metrics, overrides, message):
     import marginlab.builders
 
@@ -101,8 +112,13 @@ def test_a_corrupt_geometry_file_is_one_line_in_plot(tmp_path, capfd):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / "geometry").mkdir()
-    np.savez(run / "geometry" / "epoch_001.npz", epoch=1, features=np.zeros((4, 2), np.float32),
-             labels=np.zeros(4, np.int64), target_deg=np.zeros(4, np.float32))
+    np.savez(
+        run / "geometry" / "epoch_001.npz",
+        epoch=1,
+        features=np.zeros((4, 2), np.float32),
+        labels=np.zeros(4, np.int64),
+        target_deg=np.zeros(4, np.float32),
+    )
     good = (run / "geometry" / "epoch_001.npz").read_bytes()
     (run / "geometry" / "epoch_002.npz").write_bytes(good[: len(good) // 2])  # truncated, e.g. a full disk
     assert run_cli("plot", str(run)) == 2
@@ -114,14 +130,17 @@ def test_a_corrupt_geometry_file_is_one_line_in_plot(tmp_path, capfd):
 
 
 # ---------------------------------------------------------------- Hydra-level errors exit 2 too
-@pytest.mark.parametrize("overrides,message", [
-    (["head=nope"], "Could not find 'head/nope'"),
-    (["m=abc"], "m=abc (Value 'abc' of type 'str' could not be converted to Float; full_key: m)"),
-    (["trainer.epochs=[1"], "no viable alternative at input '[1'"),
-    (["trainer.nope=3"], "Key 'nope' not in 'TrainerConfig'; full_key: trainer.nope"),
-    (["+seed=1"], "Could not append to config. An item is already at 'seed'"),
-    (["head.m=${nope}"], "Interpolation key 'nope' not found"),  # read in the run, still the user's config
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["head=nope"], "Could not find 'head/nope'"),
+        (["m=abc"], "m=abc (Value 'abc' of type 'str' could not be converted to Float; full_key: m)"),
+        (["trainer.epochs=[1"], "no viable alternative at input '[1'"),
+        (["trainer.nope=3"], "Key 'nope' not in 'TrainerConfig'; full_key: trainer.nope"),
+        (["+seed=1"], "Could not append to config. An item is already at 'seed'"),
+        (["head.m=${nope}"], "Interpolation key 'nope' not found"),  # read in the run, still the user's config
+    ],
+)
 def test_hydra_errors_exit_2_without_traceback(run_train, capfd, overrides, message):
     code, _ = run_train(*FAST, *overrides)
     err = capfd.readouterr().err
@@ -184,14 +203,24 @@ def test_every_json_writer_writes_nan_and_inf_as_null(tmp_path):
 
     log = RunLog(tmp_path, tensorboard=False)
     log.epoch_record({"epoch": 1, "train/loss": float("nan"), "test/acc": 0.5})
-    log.final({"status": "completed", "best/test/acc": float("nan"), "test/loss": float("inf"),
-               "results": {"lfw": {"fpr": [0.0, float("nan")], "auc": np.float32("nan")}}})
+    log.final(
+        {
+            "status": "completed",
+            "best/test/acc": float("nan"),
+            "test/loss": float("inf"),
+            "results": {"lfw": {"fpr": [0.0, float("nan")], "auc": np.float32("nan")}},
+        }
+    )
     epoch = strict_loads((tmp_path / "metrics.jsonl").read_text())
     assert epoch["train/loss"] is None and epoch["nonfinite"] == {"train/loss": "nan"} and epoch["test/acc"] == 0.5
     final = strict_loads((tmp_path / "metrics.json").read_text())
     assert final["best/test/acc"] is None and final["results"]["lfw"]["fpr"] == [0.0, None]
-    assert final["nonfinite"] == {"best/test/acc": "nan", "test/loss": "inf", "results.lfw.fpr[1]": "nan",
-                                  "results.lfw.auc": "nan"}
+    assert final["nonfinite"] == {
+        "best/test/acc": "nan",
+        "test/loss": "inf",
+        "results.lfw.fpr[1]": "nan",
+        "results.lfw.auc": "nan",
+    }
     assert "nan" not in {v for v in final.values() if isinstance(v, str)}
     back = restore_nonfinite(final)
     assert math.isnan(back["best/test/acc"]) and back["test/loss"] == math.inf
@@ -203,6 +232,9 @@ def test_every_json_writer_writes_nan_and_inf_as_null(tmp_path):
 def test_no_json_is_written_outside_run_log():
     # every JSON file goes through marginlab.logging.run_log (write_json / dumps), which writes NaN/inf as null
     package = Path(__file__).resolve().parents[1] / "marginlab"
-    writers = [str(p.relative_to(package)) for p in package.rglob("*.py")
-               if p.name != "run_log.py" and ("json.dump(" in p.read_text() or "json.dumps(" in p.read_text())]
+    writers = [
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name != "run_log.py" and ("json.dump(" in p.read_text() or "json.dumps(" in p.read_text())
+    ]
     assert writers == []

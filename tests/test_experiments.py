@@ -25,8 +25,15 @@ CONFIGS = Path(marginlab.__file__).parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 GROUPS = {"backbone", "head", "dataset", "optim", "sched", "regularizer", "verification"}
 # one step on CPU: float32, no checkpoint, quiet logging, no verification sets (they need downloaded .bin files)
-FAST = ["trainer.epochs=1", "trainer.checkpoint=false", "logger=quiet", "trainer.device=cpu",
-        "trainer.precision=32", "trainer.compile=false", "verification=[]"]
+FAST = [
+    "trainer.epochs=1",
+    "trainer.checkpoint=false",
+    "logger=quiet",
+    "trainer.device=cpu",
+    "trainer.precision=32",
+    "trainer.compile=false",
+    "verification=[]",
+]
 
 
 class GeneratedData(ClassificationData):
@@ -65,10 +72,24 @@ def compose(name: str, *overrides: str):
 
 
 def test_there_is_an_experiment_per_paper_table():
-    assert {"lsoftmax_mnist", "lsoftmax_cifar10", "lsoftmax_cifar10plus", "lsoftmax_cifar100", "lsoftmax_mnist_2d",
-            "sphereface_casia", "amsoftmax_casia", "center_casia", "center_mnist_2d", "normface_mnist",
-            "normface_casia", "rbf_mnist_2d", "rbf_cifar10", "rbf_imagenet", "arcface_casia",
-            "digits_2d_comparison"} <= set(EXPERIMENTS)
+    assert {
+        "lsoftmax_mnist",
+        "lsoftmax_cifar10",
+        "lsoftmax_cifar10plus",
+        "lsoftmax_cifar100",
+        "lsoftmax_mnist_2d",
+        "sphereface_casia",
+        "amsoftmax_casia",
+        "center_casia",
+        "center_mnist_2d",
+        "normface_mnist",
+        "normface_casia",
+        "rbf_mnist_2d",
+        "rbf_cifar10",
+        "rbf_imagenet",
+        "arcface_casia",
+        "digits_2d_comparison",
+    } <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

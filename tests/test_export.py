@@ -21,9 +21,23 @@ ort = pytest.importorskip("onnxruntime")
 CONFIGS = Path(__file__).resolve().parents[1] / "marginlab" / "configs" / "backbone"
 FACE = "marginlab.data.face.casia.CasiaData"
 #: backbone config -> (channels, image size, data set) at the smallest size each architecture takes
-FACE_BACKBONES = {name: (3, 16, FACE) for name in ("sfnet4", "sfnet10", "sfnet20", "sfnet36", "sfnet64", "iresnet18",
-                                                    "iresnet34", "iresnet50", "iresnet100", "mobilefacenet",
-                                                    "mbf", "mbf_large")}
+FACE_BACKBONES = {
+    name: (3, 16, FACE)
+    for name in (
+        "sfnet4",
+        "sfnet10",
+        "sfnet20",
+        "sfnet36",
+        "sfnet64",
+        "iresnet18",
+        "iresnet34",
+        "iresnet50",
+        "iresnet100",
+        "mobilefacenet",
+        "mbf",
+        "mbf_large",
+    )
+}
 CLASSIFICATION_BACKBONES = {
     "digits_cnn": (1, 8, "marginlab.data.digits.DigitsData"),
     "lenet_pp": (1, 28, "marginlab.data.torchvision_sets.MNISTData"),
@@ -38,8 +52,10 @@ CLASSIFICATION_BACKBONES = {
 BACKBONES = {**FACE_BACKBONES, **CLASSIFICATION_BACKBONES}
 #: deeper variants of the classes above (20-65M parameters, 20-80 s each on two busy cores): opt-in
 DEEP = ("iresnet34", "iresnet50", "iresnet100", "sfnet36", "sfnet64", "resnet50", "mbf", "mbf_large")
-SLOW = pytest.mark.skipif(not os.environ.get("MARGINLAB_SLOW_TESTS"),
-                          reason="a deep variant of a backbone class exported above: set MARGINLAB_SLOW_TESTS=1")
+SLOW = pytest.mark.skipif(
+    not os.environ.get("MARGINLAB_SLOW_TESTS"),
+    reason="a deep variant of a backbone class exported above: set MARGINLAB_SLOW_TESTS=1",
+)
 
 
 def test_every_backbone_config_is_covered():
@@ -60,10 +76,17 @@ def make_checkpoint(directory: Path, backbone: str, channels: int, size, dataset
     with torch.no_grad():
         for _ in range(2):
             model(torch.rand(4, channels, *hw) * 2 - 1)
-    config = {"backbone": OmegaConf.to_container(node), "dataset": {"_target_": dataset, "image_size": size},
-              "head": {"_target_": "marginlab.heads.arcface.ArcFace", "s": 64.0, "m": 0.5}}
-    ckpt = {"model": {f"backbone.{k}": v for k, v in model.state_dict().items()}, "config": config,
-            "data": {"in_channels": channels, "image_size": size, "num_classes": 5}, "state": {"epoch": 3}}
+    config = {
+        "backbone": OmegaConf.to_container(node),
+        "dataset": {"_target_": dataset, "image_size": size},
+        "head": {"_target_": "marginlab.heads.arcface.ArcFace", "s": 64.0, "m": 0.5},
+    }
+    ckpt = {
+        "model": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+        "config": config,
+        "data": {"in_channels": channels, "image_size": size, "num_classes": 5},
+        "state": {"epoch": 3},
+    }
     path = directory / "checkpoints" / "best.pt"
     path.parent.mkdir(parents=True)
     torch.save(ckpt, path)
@@ -104,9 +127,15 @@ def test_backbone_exports_to_onnx_and_matches_torch(backbone, tmp_path, capsys):
         assert card["check"]["insightface_recognition_model"] is False
 
 
-@pytest.mark.parametrize("dataset,channels", [(FACE, 3), ("marginlab.data.torchvision_sets.MNISTData", 1),
-                                              ("marginlab.data.torchvision_sets.CIFAR10Data", 3),
-                                              ("marginlab.data.imagenet.ImageNetData", 3)])
+@pytest.mark.parametrize(
+    "dataset,channels",
+    [
+        (FACE, 3),
+        ("marginlab.data.torchvision_sets.MNISTData", 1),
+        ("marginlab.data.torchvision_sets.CIFAR10Data", 3),
+        ("marginlab.data.imagenet.ImageNetData", 3),
+    ],
+)
 def test_sidecar_normalisation_is_what_the_data_pipeline_does(dataset, channels, tmp_path):
     from hydra.utils import get_class
 
@@ -125,7 +154,8 @@ def test_sidecar_normalisation_is_what_the_data_pipeline_does(dataset, channels,
 
         cls = get_class(dataset)
         if dataset.endswith("ImageNetData"):
-            from marginlab.data.imagenet import MEAN as cls_mean, STD as cls_std
+            from marginlab.data.imagenet import MEAN as cls_mean
+            from marginlab.data.imagenet import STD as cls_std
         else:
             cls_mean, cls_std = cls.mean, cls.std
         expected = TF.normalize(pixels.float() / 255, cls_mean, cls_std)
@@ -174,9 +204,16 @@ def _constant_forward(self, x):  # the numpy detour is traced as a constant: rig
     return x.flatten(1)[:, :1] * 0 + torch.tensor([[float(np.asarray(x.detach()).sum())]])
 
 
-@pytest.mark.parametrize("forward,message", [(_fft_forward, "backbone marginlab.backbones.digits_cnn.DigitsCNN cannot be "
-                                                            "exported to ONNX (UnsupportedOperatorError"),
-                                             (_constant_forward, "differs from PyTorch by")])
+@pytest.mark.parametrize(
+    "forward,message",
+    [
+        (
+            _fft_forward,
+            "backbone marginlab.backbones.digits_cnn.DigitsCNN cannot be exported to ONNX (UnsupportedOperatorError",
+        ),
+        (_constant_forward, "differs from PyTorch by"),
+    ],
+)
 def test_a_backbone_that_does_not_export_faithfully_fails_in_one_line(forward, message, tmp_path, monkeypatch, capfd):
     from marginlab.backbones.digits_cnn import DigitsCNN
 

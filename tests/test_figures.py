@@ -64,9 +64,16 @@ def test_sweep_grids_skip_runs_without_drawable_features(tmp_path):
     panels = []
     for i, dim in enumerate([2, 2, 3, 16]):
         feats, labels, weights = clusters(dim, seed=i)
-        panels.append(RunPanel(title=f"run {i}", features=feats if dim <= 3 else None, labels=labels,
-                               target_deg=np.random.default_rng(i).uniform(0, 90, len(labels)), weights=weights,
-                               normalized=i % 2 == 0))
+        panels.append(
+            RunPanel(
+                title=f"run {i}",
+                features=feats if dim <= 3 else None,
+                labels=labels,
+                target_deg=np.random.default_rng(i).uniform(0, 90, len(labels)),
+                weights=weights,
+                normalized=i % 2 == 0,
+            )
+        )
     fig = features_grid_figure(panels)
     assert [ax.get_title() for ax in fig.axes] == ["run 0", "run 1", "run 2"]
     save_png(fig, tmp_path / "grid.png")

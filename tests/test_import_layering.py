@@ -30,8 +30,10 @@ def imported_modules(path: Path) -> list[tuple[str, str | None]]:
 
 
 def test_importing_config_loads_neither_torch_nor_the_builder():
-    code = ("import sys, marginlab.config, marginlab.config.schema, marginlab.config.validate; "
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in {ABOVE_CONFIG!r}))")
+    code = (
+        "import sys, marginlab.config, marginlab.config.schema, marginlab.config.validate; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in {ABOVE_CONFIG!r}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
@@ -80,8 +82,11 @@ def marginlab_imports(path: Path) -> set[str]:
 
 def test_the_bottom_modules_import_no_other_marginlab_module():
     bottom = {"marginlab.errors", "marginlab.checks", "marginlab.dtypes"}
-    offenders = {f"{name}.py imports {sorted(marginlab_imports(PACKAGE / f'{name}.py') - bottom)}"
-                 for name in ("errors", "checks", "dtypes") if marginlab_imports(PACKAGE / f"{name}.py") - bottom}
+    offenders = {
+        f"{name}.py imports {sorted(marginlab_imports(PACKAGE / f'{name}.py') - bottom)}"
+        for name in ("errors", "checks", "dtypes")
+        if marginlab_imports(PACKAGE / f"{name}.py") - bottom
+    }
     assert not offenders, offenders
 
 

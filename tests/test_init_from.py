@@ -28,8 +28,7 @@ def build(num_classes: int, *overrides: str):
     return builders.build_model(cfg, 1, 8, num_classes, head=resolve_head(cfg.head))
 
 
-def test_new_run_starts_from_the_backbone_and_lists_the_head_it_did_not_load(trained, run_train, monkeypatch,
-                                                                               capsys):
+def test_new_run_starts_from_the_backbone_and_lists_the_head_it_did_not_load(trained, run_train, monkeypatch, capsys):
     run_dir, saved = trained
     at_start = {}
     build_optimizer = builders.build_optimizer
@@ -91,9 +90,11 @@ def test_files_that_are_not_checkpoints_or_fit_nothing_are_one_line(run_train, t
     text.write_text("hello")
     foreign = tmp_path / "foreign.pt"
     torch.save({"encoder.weight": torch.zeros(3, 3)}, foreign)
-    for path, message in ((text, f"{text}: not a loadable checkpoint"),
-                          (foreign, f"{foreign}: none of its 1 tensors fits this model's backbone (DigitsCNN)"),
-                          (tmp_path / "missing.pt", "init_from=")):
+    for path, message in (
+        (text, f"{text}: not a loadable checkpoint"),
+        (foreign, f"{foreign}: none of its 1 tensors fits this model's backbone (DigitsCNN)"),
+        (tmp_path / "missing.pt", "init_from="),
+    ):
         capfd.readouterr()
         code, _ = run_train(*QUIET, f"init_from={path}")
         assert code == 2

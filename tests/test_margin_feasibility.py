@@ -13,8 +13,7 @@ from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.combined import CombinedMarginHead
 from marginlab.heads.normface import NormFaceHead
 from marginlab.heads.sphereface import SphereFaceHead
-from marginlab.margin_feasibility import (advise, best_code_angle, check_margin, gilbert_varshamov,
-                                         packing_upper_bound)
+from marginlab.margin_feasibility import advise, best_code_angle, check_margin, gilbert_varshamov, packing_upper_bound
 
 
 @pytest.mark.parametrize("classes", [3, 5, 10, 12])
@@ -79,8 +78,14 @@ def test_strict_margin_refuses_and_otherwise_warns(caplog):
 
 
 def test_strict_margin_stops_the_run_before_training(run_train, metrics):
-    code, run_dir = run_train("logger=quiet", "trainer.checkpoint=false", "backbone=lenet_pp", "head=arcface",
-                              "m=0.7", "trainer.strict_margin=true")
+    code, run_dir = run_train(
+        "logger=quiet",
+        "trainer.checkpoint=false",
+        "backbone=lenet_pp",
+        "head=arcface",
+        "m=0.7",
+        "trainer.strict_margin=true",
+    )
     assert code == 2
     summary = metrics[0](run_dir)
     assert summary["status"] == "failed" and "strict_margin" in str(summary)

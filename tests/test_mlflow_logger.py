@@ -8,8 +8,13 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-FAST = ("logger.tensorboard=false", "logger.progress=false", "logger.console=false", "logger.figures=false",
-        "logger.probe_max_samples=64")
+FAST = (
+    "logger.tensorboard=false",
+    "logger.progress=false",
+    "logger.console=false",
+    "logger.figures=false",
+    "logger.probe_max_samples=64",
+)
 
 
 def test_logger_mlflow_writes_a_finished_run_to_the_local_store(run_train, outputs_dir, metrics):
@@ -54,8 +59,9 @@ def test_a_failed_run_ends_failed(tmp_path, outputs_dir):
 
     from marginlab.logging import RunLog
 
-    cfg = OmegaConf.create({"seed": 0, "optim": {"lr": 0.1}, "logger": {"mlflow": {"tracking_uri": None,
-                                                                                    "experiment": "x"}}})
+    cfg = OmegaConf.create(
+        {"seed": 0, "optim": {"lr": 0.1}, "logger": {"mlflow": {"tracking_uri": None, "experiment": "x"}}}
+    )
     log = RunLog(tmp_path / "run", tensorboard=False, console=False)
     log.start(cfg)
     log.epoch_record({"epoch": 1, "step": 5, "test/acc": 0.5, "train/loss": float("nan"), "warnings": ["w"]})

@@ -64,7 +64,7 @@ def test_head_weight_decay_falls_back_to_trainer_head_weight_decay():
 def test_the_multiplier_survives_the_schedule():
     head = NormFaceHead(4, 5, lr_mult=100.0)
     opt = build_optimizer(cfg(), model_with(head))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     opt.step()
     sched.step()
     g = groups(opt)

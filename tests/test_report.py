@@ -13,15 +13,29 @@ from marginlab.cli import main
 from marginlab.errors import ConfigError
 from marginlab.report import build_report, check_paper, collect, paper_values
 
-PAPER = {"source": "L-Softmax (Liu et al., ICML 2016)", "table": "CIFAR-10 test error (%)", "metric": "test/acc",
-         "unit": "error_percent", "confidence": "unverified",
-         "results": [{"match": {"head.m": 1}, "value": 9.05},
-                     {"match": {"head.m": 4}, "value": 7.58, "confidence": "cited",
-                      "evidence": "Some citing paper, Table 3"}]}
+PAPER = {
+    "source": "L-Softmax (Liu et al., ICML 2016)",
+    "table": "CIFAR-10 test error (%)",
+    "metric": "test/acc",
+    "unit": "error_percent",
+    "confidence": "unverified",
+    "results": [
+        {"match": {"head.m": 1}, "value": 9.05},
+        {"match": {"head.m": 4}, "value": 7.58, "confidence": "cited", "evidence": "Some citing paper, Table 3"},
+    ],
+}
 
 
-def make_job(root: Path, m: float, seed: int, metrics: dict | None, num: int, head: str = "lsoftmax",
-             paper: dict | None = PAPER, extra: tuple[str, ...] = ("trainer.epochs=1",)) -> Path:
+def make_job(
+    root: Path,
+    m: float,
+    seed: int,
+    metrics: dict | None,
+    num: int,
+    head: str = "lsoftmax",
+    paper: dict | None = PAPER,
+    extra: tuple[str, ...] = ("trainer.epochs=1",),
+) -> Path:
     """A job directory as a sweep leaves it: .hydra/{overrides,config,hydra}.yaml and metrics.json."""
     job = root / f"head={head},m={m}" / f"seed={seed}"
     (job / ".hydra").mkdir(parents=True)
@@ -29,8 +43,12 @@ def make_job(root: Path, m: float, seed: int, metrics: dict | None, num: int, he
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     config = {"seed": seed, "m": m, "head": {"_target_": "x.LSoftmaxHead", "m": m}, "paper": paper}
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    hydra = {"hydra": {"job": {"num": num}, "runtime": {"choices": {"head": head, "regularizer": None,
-                                                                    "hydra/launcher": "basic"}}}}
+    hydra = {
+        "hydra": {
+            "job": {"num": num},
+            "runtime": {"choices": {"head": head, "regularizer": None, "hydra/launcher": "basic"}},
+        }
+    }
     (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     if metrics is not None:
         (job / "metrics.json").write_text(json.dumps(metrics))
@@ -43,8 +61,9 @@ def sweep(tmp_path) -> Path:
     num = 0
     for m, accs in ((1, (0.90, 0.92)), (4, (0.925, 0.915, 0.92)), (2, ())):
         for seed, acc in enumerate(accs):
-            make_job(root, m, seed, {"status": "completed", "test/acc": acc, "test/loss": acc - 0.5, "lfw/acc": 0.9},
-                     num)
+            make_job(
+                root, m, seed, {"status": "completed", "test/acc": acc, "test/loss": acc - 0.5, "lfw/acc": 0.9}, num
+            )
             num += 1
     make_job(root, 2, 0, {"status": "failed", "error": "m=2 diverged", "error_type": "TrainingError"}, num)
     make_job(root, 4, 9, None, num + 1)  # a job that died before writing metrics.json
@@ -116,11 +135,18 @@ def test_paper_block_checks_and_matching():
         check_paper({**PAPER, "reults": []})
     with pytest.raises(ConfigError, match="value"):
         check_paper({**PAPER, "results": [{"match": {}, "value": "high"}]})
-    block = {"source": "ArcFace", "table": "CASIA", "unit": "percent", "confidence": "repo",
-             "evidence": "deepinsight/insightface/README.md",
-             "results": [{"match": {"head": "arcface"}, "metric": "lfw/acc", "value": 99.53},
-                         {"match": {"head": "arcface"}, "metric": "cfp_fp/acc", "value": 95.56},
-                         {"match": {"head": "softmax"}, "metric": "lfw/acc", "value": 99.08}]}
+    block = {
+        "source": "ArcFace",
+        "table": "CASIA",
+        "unit": "percent",
+        "confidence": "repo",
+        "evidence": "deepinsight/insightface/README.md",
+        "results": [
+            {"match": {"head": "arcface"}, "metric": "lfw/acc", "value": 99.53},
+            {"match": {"head": "arcface"}, "metric": "cfp_fp/acc", "value": 95.56},
+            {"match": {"head": "softmax"}, "metric": "lfw/acc", "value": 99.08},
+        ],
+    }
     check_paper(block)
     values = paper_values(block, {"head": "arcface"}.get)
     assert [(v.label, v.value) for v in values] == [("lfw/acc %", 99.53), ("cfp_fp/acc %", 95.56)]
@@ -141,14 +167,27 @@ def test_a_mark_names_its_evidence():
 
 def test_compare_reads_ours_from_another_metric(tmp_path):
     """A paper that reports the best epoch (RBF-Softmax's ImageNet table) is compared with best/test/acc."""
-    paper = {"source": "RBF-Softmax", "table": "ImageNet top-1", "metric": "test/acc", "compare": "best/test/acc",
-             "unit": "percent", "confidence": "repo",
-             "evidence": "2han9x1a0release/RBF-Softmax/docs/IMGS/imagenet_result.png",
-             "results": [{"match": {"head": "rbf"}, "value": 77.1}]}
+    paper = {
+        "source": "RBF-Softmax",
+        "table": "ImageNet top-1",
+        "metric": "test/acc",
+        "compare": "best/test/acc",
+        "unit": "percent",
+        "confidence": "repo",
+        "evidence": "2han9x1a0release/RBF-Softmax/docs/IMGS/imagenet_result.png",
+        "results": [{"match": {"head": "rbf"}, "value": 77.1}],
+    }
     check_paper(paper)
     for seed, (final, best) in enumerate(((0.760, 0.770), (0.764, 0.772))):
-        make_job(tmp_path / "sweep", 1, seed, {"status": "completed", "test/acc": final, "best/test/acc": best}, seed,
-                 head="rbf", paper=paper)
+        make_job(
+            tmp_path / "sweep",
+            1,
+            seed,
+            {"status": "completed", "test/acc": final, "best/test/acc": best},
+            seed,
+            head="rbf",
+            paper=paper,
+        )
     report = build_report(collect([tmp_path / "sweep"]))
     (row,) = report.rows
     label = "test/acc % vs best/test/acc"
@@ -165,8 +204,20 @@ def test_columns_name_their_split_and_the_best_row_is_chosen_on_val(tmp_path):
     best.pt and of the last epoch, each header saying which split and which epoch it is."""
     runs = {1: (0.95, 0.90, 0.91), 4: (0.93, 0.94, 0.92)}  # m: (best val, test at best val, last test)
     for num, (m, (val, best_test, test)) in enumerate(runs.items()):
-        make_job(tmp_path / "sweep", m, 0, {"status": "completed", "best_metric": "val/acc", "best/val/acc": val,
-                                            "best/test/acc": best_test, "test/acc": test, "val/acc": val}, num)
+        make_job(
+            tmp_path / "sweep",
+            m,
+            0,
+            {
+                "status": "completed",
+                "best_metric": "val/acc",
+                "best/val/acc": val,
+                "best/test/acc": best_test,
+                "test/acc": test,
+                "val/acc": val,
+            },
+            num,
+        )
     report = build_report(collect([tmp_path / "sweep"]))
     assert report.metrics == ["best/val/acc", "best/test/acc", "test/acc"] and report.selected_on == "val/acc"
     header = report.markdown().splitlines()[0]
@@ -177,27 +228,48 @@ def test_columns_name_their_split_and_the_best_row_is_chosen_on_val(tmp_path):
 
 
 def test_a_choice_on_the_test_split_is_labelled_optimistic(tmp_path):
-    make_job(tmp_path / "sweep", 1, 0, {"status": "completed", "best_metric": "test/acc", "best/test/acc": 0.9,
-                                        "test/acc": 0.8}, 0)
+    make_job(
+        tmp_path / "sweep",
+        1,
+        0,
+        {"status": "completed", "best_metric": "test/acc", "best/test/acc": 0.9, "test/acc": 0.8},
+        0,
+    )
     report = build_report(collect([tmp_path / "sweep"]), ["best/test/acc", "test/acc"])
     assert report.markdown().splitlines()[0].count("test/acc (best) (optimistic: chosen on test)") == 1
     assert "best.pt: chosen on test/acc" in report.markdown() and "overstates" in report.markdown()
     assert build_report(collect([tmp_path / "sweep"])).metrics == ["test/acc"]  # no val split: the final test/acc
 
 
-def make_run(root: Path, name: str, overrides: list[str], head: str, m: float, seed: int = 0, workers: int = 2,
-             logger: str = "default", metrics: dict | None = None) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    overrides: list[str],
+    head: str,
+    m: float,
+    seed: int = 0,
+    workers: int = 2,
+    logger: str = "default",
+    metrics: dict | None = None,
+) -> Path:
     """A single run's directory (``marginlab train``, no sweep): hydra.job.num is ??? there."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    config = {"seed": seed, "m": None, "name": None, "head": {"_target_": f"x.{head}", "m": m, "s": 30.0},
-              "dataset": {"_target_": "x.Digits", "num_workers": workers, "batch_size": 64, "seed": seed},
-              "logger": {"tensorboard": logger == "default"}, "trainer": {"epochs": 3, "device": "auto"}}
+    config = {
+        "seed": seed,
+        "m": None,
+        "name": None,
+        "head": {"_target_": f"x.{head}", "m": m, "s": 30.0},
+        "dataset": {"_target_": "x.Digits", "num_workers": workers, "batch_size": 64, "seed": seed},
+        "logger": {"tensorboard": logger == "default"},
+        "trainer": {"epochs": 3, "device": "auto"},
+    }
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     choices = {"head": head, "dataset": "digits", "logger": logger, "hydra/launcher": "basic"}
-    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": "???"},
-                                                                         "runtime": {"choices": choices}}}))
+    (run / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"job": {"num": "???"}, "runtime": {"choices": choices}}})
+    )
     (run / "metrics.json").write_text(json.dumps(metrics or {"status": "completed", "test/acc": 0.9 + m / 10}))
     if (metrics or {}).get("status", "completed") == "completed":
         (run / "metrics.jsonl").write_text('{"epoch": 1}\n')

@@ -36,8 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = Path(marginlab.__file__).parent / "configs" / "experiment"
 NAMES = reproduce.experiment_names()
 #: CPU, float32, no checkpoint, quiet: the parts of a run these tests do not exercise
-FAST = ["trainer.device=cpu", "trainer.precision=32", "trainer.compile=false", "trainer.checkpoint=false",
-        "logger=quiet"]
+FAST = [
+    "trainer.device=cpu",
+    "trainer.precision=32",
+    "trainer.compile=false",
+    "trainer.checkpoint=false",
+    "logger=quiet",
+]
 #: the published class counts of the data sets whose count is read from the data (CASIA-WebFace, ImageNet)
 NUM_CLASSES = {"CasiaData": 10572, "ImageNetData": 1000}
 
@@ -126,9 +131,10 @@ def test_the_sweeps_expand_into_every_job():
     center = distinct_settings(experiment_jobs("center_casia"))  # softmax alone runs another experiment's recipe
     assert center == [["experiment=center_casia", "seed=0"], ["experiment=amsoftmax_casia", "head=softmax", "seed=0"]]
     # the shipped tables keep their size: as many jobs as the scripts/*.sh that ran them
-    assert {n: len(experiment_jobs(n)) for n in ("amsoftmax_casia", "arcface_casia", "normface_casia",
-                                                "lsoftmax_mnist", "rbf_mnist_2d")} == {
-        "amsoftmax_casia": 10, "arcface_casia": 5, "normface_casia": 4, "lsoftmax_mnist": 12, "rbf_mnist_2d": 12}
+    assert {
+        n: len(experiment_jobs(n))
+        for n in ("amsoftmax_casia", "arcface_casia", "normface_casia", "lsoftmax_mnist", "rbf_mnist_2d")
+    } == {"amsoftmax_casia": 10, "arcface_casia": 5, "normface_casia": 4, "lsoftmax_mnist": 12, "rbf_mnist_2d": 12}
 
 
 @pytest.fixture
@@ -197,29 +203,54 @@ def test_the_readme_names_commands_that_exist():
 
 
 # ---------------------------------------------------------------- the reproduce: block
-@pytest.mark.parametrize("block, message", [
-    (None, "reproduce.sweeps is missing"),
-    ({"sweeps": []}, "reproduce.sweeps is missing"),
-    ({"sweeps": [{"m": "1,2"}], "plots": True}, "unknown keys ['plots']; allowed: sweeps, plot, num_threads"),
-    ({"sweeps": {"m": "1,2"}}, "reproduce.sweeps must be a list of mappings"),
-    ({"sweeps": ["m=1,2"]}, "reproduce.sweeps[0] must be a mapping of override keys to values"),
-    ({"sweeps": [{"m": "1,2"}, {}]}, "reproduce.sweeps[1] must be a mapping"),
-    ({"sweeps": [{"head": {"m": 1}}]}, "reproduce.sweeps[0]: 'head' is not allowed"),
-    ({"sweeps": [{"experiment": "nope"}]}, "reproduce.sweeps[0]: experiment='nope' does not exist"),
-    ({"sweeps": [{"seed": "0,1"}], "plot": "yes"}, "reproduce.plot='yes' is not allowed: give true or false"),
-    ({"sweeps": [{"seed": "0,1"}], "num_threads": 0}, "reproduce.num_threads=0 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        (None, "reproduce.sweeps is missing"),
+        ({"sweeps": []}, "reproduce.sweeps is missing"),
+        ({"sweeps": [{"m": "1,2"}], "plots": True}, "unknown keys ['plots']; allowed: sweeps, plot, num_threads"),
+        ({"sweeps": {"m": "1,2"}}, "reproduce.sweeps must be a list of mappings"),
+        ({"sweeps": ["m=1,2"]}, "reproduce.sweeps[0] must be a mapping of override keys to values"),
+        ({"sweeps": [{"m": "1,2"}, {}]}, "reproduce.sweeps[1] must be a mapping"),
+        ({"sweeps": [{"head": {"m": 1}}]}, "reproduce.sweeps[0]: 'head' is not allowed"),
+        ({"sweeps": [{"experiment": "nope"}]}, "reproduce.sweeps[0]: experiment='nope' does not exist"),
+        ({"sweeps": [{"seed": "0,1"}], "plot": "yes"}, "reproduce.plot='yes' is not allowed: give true or false"),
+        ({"sweeps": [{"seed": "0,1"}], "num_threads": 0}, "reproduce.num_threads=0 is not allowed"),
+    ],
+)
 def test_a_bad_reproduce_block_is_refused_naming_the_key(block, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         reproduce.spec_of("lsoftmax_mnist", block)
 
 
 def test_a_sweep_entry_becomes_hydra_overrides():
-    spec = reproduce.spec_of("x", {"sweeps": [{"experiment": "lsoftmax_mnist", "m": "1,2", "head.m2": 0.0,
-                                               "~head.mode": None, "trainer.compile": True, "verification": ["lfw"],
-                                               "regularizer": None}]})
-    assert spec.sweeps == [["experiment=lsoftmax_mnist", "m=1,2", "head.m2=0.0", "~head.mode", "trainer.compile=true",
-                            "verification=[lfw]", "regularizer=null"]]
+    spec = reproduce.spec_of(
+        "x",
+        {
+            "sweeps": [
+                {
+                    "experiment": "lsoftmax_mnist",
+                    "m": "1,2",
+                    "head.m2": 0.0,
+                    "~head.mode": None,
+                    "trainer.compile": True,
+                    "verification": ["lfw"],
+                    "regularizer": None,
+                }
+            ]
+        },
+    )
+    assert spec.sweeps == [
+        [
+            "experiment=lsoftmax_mnist",
+            "m=1,2",
+            "head.m2=0.0",
+            "~head.mode",
+            "trainer.compile=true",
+            "verification=[lfw]",
+            "regularizer=null",
+        ]
+    ]
 
 
 # ---------------------------------------------------------------- the command
@@ -258,18 +289,42 @@ def test_reproduce_runs_every_sweep_into_one_dir_then_the_report_and_the_plot(ou
     (sweep_dir,) = (outputs_dir / "sweeps" / "rbf_mnist_2d").iterdir()
     where = f"hydra.sweep.dir={sweep_dir}"
     assert rec.calls == [
-        ("train", ["-m", "experiment=rbf_mnist_2d", "head=softmax,normface,rbf", "seed=0,1,2", "trainer.epochs=1",
-                   "seed=0", where]),
-        ("train", ["-m", "experiment=rbf_mnist_2d", "head=softmax", "regularizer=center", "seed=0,1,2",
-                   "trainer.epochs=1", "seed=0", where]),
-        ("report", [str(sweep_dir)]), ("plot", [str(sweep_dir)])]
+        (
+            "train",
+            [
+                "-m",
+                "experiment=rbf_mnist_2d",
+                "head=softmax,normface,rbf",
+                "seed=0,1,2",
+                "trainer.epochs=1",
+                "seed=0",
+                where,
+            ],
+        ),
+        (
+            "train",
+            [
+                "-m",
+                "experiment=rbf_mnist_2d",
+                "head=softmax",
+                "regularizer=center",
+                "seed=0,1,2",
+                "trainer.epochs=1",
+                "seed=0",
+                where,
+            ],
+        ),
+        ("report", [str(sweep_dir)]),
+        ("plot", [str(sweep_dir)]),
+    ]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", sweep_dir.name)
 
     rec = Recorder()  # --sweeps picks some; no plot for a table without figures
     assert reproduce.main(["sphereface_casia", "--sweeps", "3,2"], rec.commands) == 0
     assert [c[1][1:4] for c in rec.calls if c[0] == "train"] == [
         ["experiment=sphereface_casia", "backbone=sfnet64", "m=1,2,3,4"],
-        ["experiment=sphereface_casia", "backbone=sfnet64", "head=softmax"]]
+        ["experiment=sphereface_casia", "backbone=sfnet64", "head=softmax"],
+    ]
     assert [c[0] for c in rec.calls] == ["train", "train", "report"]
 
 
@@ -300,9 +355,11 @@ def test_the_cli_lists_plans_and_refuses_in_one_line(monkeypatch, capsys):
     plan = capsys.readouterr().out
     assert "3 sweep(s), 10 jobs" in plan
     assert "2. marginlab train -m experiment=sphereface_casia backbone=sfnet64 m=1,2,3,4 trainer.epochs=2   # 4" in plan
-    for args, message in [(["nope"], "unknown experiment 'nope'; choose one of lsoftmax_cifar10, sphereface_casia"),
-                          (["sphereface_casia", "--sweeps", "4"], "--sweeps '4' is not allowed"),
-                          ([], "reproduce: name an experiment")]:
+    for args, message in [
+        (["nope"], "unknown experiment 'nope'; choose one of lsoftmax_cifar10, sphereface_casia"),
+        (["sphereface_casia", "--sweeps", "4"], "--sweeps '4' is not allowed"),
+        ([], "reproduce: name an experiment"),
+    ]:
         assert main(["reproduce", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -334,17 +391,31 @@ def test_reproduce_runs_the_sweeps_into_one_sweep_dir_and_reports_them(outputs_d
     assert "| 98.00 " in softmax_center and "-1.03" in softmax_center and "softmax" in softmax_center
 
 
-@pytest.mark.skipif(not os.environ.get("MARGINLAB_SLOW_TESTS"),
-                    reason="two digits trainings, their report and figures (10-25 s): set MARGINLAB_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("MARGINLAB_SLOW_TESTS"),
+    reason="two digits trainings, their report and figures (10-25 s): set MARGINLAB_SLOW_TESTS=1",
+)
 def test_reproduce_trains_reports_and_plots_a_small_experiment(outputs_dir, capsys):
     """Two sweeps of the digits comparison, one epoch, one seed: amsoftmax trains, arcface m=1.8 (> pi/2) fails."""
-    code = main(["reproduce", "digits_2d_comparison", "--sweeps", "5,6", "seed=0", "m=1.8", "trainer.epochs=1",
-                 "dataset.batch_size=256"])
+    code = main(
+        [
+            "reproduce",
+            "digits_2d_comparison",
+            "--sweeps",
+            "5,6",
+            "seed=0",
+            "m=1.8",
+            "trainer.epochs=1",
+            "dataset.batch_size=256",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1  # a job failed
     (sweep_dir,) = (outputs_dir / "sweeps" / "digits_2d_comparison").iterdir()
     assert sorted(re.search(r"head=\w+", p.parent.parent.name).group() for p in sweep_dir.rglob(".hydra")) == [
-        "head=amsoftmax", "head=arcface"]
+        "head=amsoftmax",
+        "head=arcface",
+    ]
     table = (sweep_dir / "report.md").read_text()
     assert re.search(r"\| amsoftmax +\| 1 +\| 0 ", table) and re.search(r"\| arcface +\| 0 +\| 1 ", table)
     assert "sweep: 2 jobs, 1 completed, 1 failed" in out  # the summary counts both sweeps
@@ -352,8 +423,15 @@ def test_reproduce_trains_reports_and_plots_a_small_experiment(outputs_dir, caps
 
 
 # ---------------------------------------------------------------- the m shorthand
-@pytest.mark.parametrize("overrides, m", [(["head=lsoftmax", "m=2"], 2), (["head=sphereface", "m=4"], 4),
-                                          (["head=sphereface", "m=3.0"], 3), (["head=amsoftmax", "m=0.3"], 0.3)])
+@pytest.mark.parametrize(
+    "overrides, m",
+    [
+        (["head=lsoftmax", "m=2"], 2),
+        (["head=sphereface", "m=4"], 4),
+        (["head=sphereface", "m=3.0"], 3),
+        (["head=amsoftmax", "m=0.3"], 0.3),
+    ],
+)
 def test_the_m_shorthand_reaches_integer_and_fractional_margins(overrides, m):
     with hydra_configs():
         cfg = compose(overrides)

@@ -55,6 +55,8 @@ def test_finished_line_leaves_out_missing_metrics_without_empty_parts():
     line = finished_line(bare, 3, "val/acc", "/runs/r")
     assert line == "marginlab: completed 3/3 epochs in 1.2 s; /runs/r"  # no "; ;" for what the run did not measure
     full = {**bare, "test/acc": 0.5, "test/loss": float("nan"), "best/val/acc": 0.75, "best/epoch": 2}
-    assert finished_line(full, 3, "val/acc", "/runs/r") == ("marginlab: completed 3/3 epochs in 1.2 s; test/acc 0.5000, "
-                                                            "test/loss nan, best/val/acc 0.7500; best.pt: epoch 2 "
-                                                            "(best val/acc); /runs/r")
+    assert finished_line(full, 3, "val/acc", "/runs/r") == (
+        "marginlab: completed 3/3 epochs in 1.2 s; test/acc 0.5000, "
+        "test/loss nan, best/val/acc 0.7500; best.pt: epoch 2 "
+        "(best val/acc); /runs/r"
+    )

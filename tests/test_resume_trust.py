@@ -31,8 +31,19 @@ def finished(run_train):
     return run_dir
 
 
-@pytest.mark.parametrize("bad", [["trainer.precision=fp16"], ["head=arcface"], ["seed=1"], ["optim.lr=0.5"],
-                                 ["head.s=20"], ["dataset.batch_size=32"], ["head=nope"], ["trainer.epochs=1"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["trainer.precision=fp16"],
+        ["head=arcface"],
+        ["seed=1"],
+        ["optim.lr=0.5"],
+        ["head.s=20"],
+        ["dataset.batch_size=32"],
+        ["head=nope"],
+        ["trainer.epochs=1"],
+    ],
+)
 def test_a_refused_resume_leaves_every_file_byte_identical(run_train, finished, capfd, bad):
     before = snapshot(finished)
     code, _ = run_train("resume=latest", "trainer.epochs=3", *bad)
@@ -67,10 +78,12 @@ def test_a_longer_run_on_an_ended_schedule_is_refused_with_the_way_on(run_train,
     assert snapshot(finished) == before
 
 
-@pytest.mark.parametrize("sched", [["sched=constant"], ["sched=multistep", "sched.milestones=[0.9]"]],
-                         ids=["constant", "multistep_fraction"])
-def test_a_longer_run_is_allowed_when_it_is_exactly_a_run_of_the_new_length(run_train, tmp_path, monkeypatch,
-                                                                           metrics, sched):
+@pytest.mark.parametrize(
+    "sched", [["sched=constant"], ["sched=multistep", "sched.milestones=[0.9]"]], ids=["constant", "multistep_fraction"]
+)
+def test_a_longer_run_is_allowed_when_it_is_exactly_a_run_of_the_new_length(
+    run_train, tmp_path, monkeypatch, metrics, sched
+):
     """Stopped after 1 of 2 epochs, resumed with 3: the same weights as 3 epochs straight (the schedule's factor
     at every step taken is the same under both lengths; the resumed run follows the new length's schedule)."""
     code, straight = run_train("logger=quiet", "trainer.epochs=3", *sched)
@@ -120,8 +133,9 @@ def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it
     today's defaults would change its data, so it is refused naming the keys; with the old values it goes on."""
     from marginlab.checkpoint import read_checkpoint
 
-    code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1", "dataset.val_fraction=0",
-                              "trainer.best_on=test")
+    code, run_dir = run_train(
+        *QUICK, "sched=constant", "trainer.stop_after_epoch=1", "dataset.val_fraction=0", "trainer.best_on=test"
+    )
     assert code == 0
     path = run_dir / "checkpoints" / "last.pt"
     ckpt = read_checkpoint(path)
@@ -129,8 +143,15 @@ def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it
         del ckpt["config"][group][key]
     torch.save(ckpt, path)
     overrides = run_dir / ".hydra" / "overrides.yaml"
-    overrides.write_text(yaml.safe_dump([o for o in yaml.safe_load(overrides.read_text())
-                                         if not o.startswith(("dataset.val_fraction", "trainer.best_on"))]))
+    overrides.write_text(
+        yaml.safe_dump(
+            [
+                o
+                for o in yaml.safe_load(overrides.read_text())
+                if not o.startswith(("dataset.val_fraction", "trainer.best_on"))
+            ]
+        )
+    )
     before = snapshot(run_dir)
     code, _ = run_train("resume=latest")
     err = capfd.readouterr().err

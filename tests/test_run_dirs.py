@@ -16,8 +16,14 @@ import yaml
 
 from marginlab.cli import main
 
-FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false", "backbone.width=4",
-        "backbone.embedding_dim=8", "dataset.batch_size=256"]
+FAST = [
+    "logger=quiet",
+    "trainer.epochs=1",
+    "trainer.checkpoint=false",
+    "backbone.width=4",
+    "backbone.embedding_dim=8",
+    "dataset.batch_size=256",
+]
 STAMP = "2030-01-02_03-04-05"
 #: runs `marginlab <args>` with Hydra's ${now:...} frozen at 2030-01-02 03:04:05 (the same second for every run)
 FROZEN_CLI = """
@@ -83,7 +89,9 @@ def test_claim_under_a_race_gives_each_claimant_its_own_directory(tmp_path):
     with ThreadPoolExecutor(n) as pool:
         claimed = list(pool.map(claim, range(n)))
     assert len(set(claimed)) == n
-    assert sorted(claimed) == sorted(str(tmp_path / "runs" / ("same_second" + (f"-{i}" if i else ""))) for i in range(n))
+    assert sorted(claimed) == sorted(
+        str(tmp_path / "runs" / ("same_second" + (f"-{i}" if i else ""))) for i in range(n)
+    )
 
 
 def test_claim_of_an_unwritable_place_is_an_output_error(tmp_path):
@@ -98,8 +106,16 @@ def test_claim_of_an_unwritable_place_is_an_output_error(tmp_path):
 def test_two_runs_started_in_the_same_second_never_share_a_directory(tmp_path):
     out = tmp_path / "outputs"
     env = {**os.environ, "MARGINLAB_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", FROZEN_CLI, "train", *FAST, f"seed={seed}"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FROZEN_CLI, "train", *FAST, f"seed={seed}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
     assert [code for code, _, _ in results] == [0, 0], results
     runs = sorted((out / "runs").iterdir())
@@ -124,7 +140,9 @@ def test_a_run_leaves_an_existing_directory_untouched(outputs_dir, frozen_now, m
     assert snapshot(taken) == before
     new = taken.with_name(taken.name + "-1")
     assert metrics[0](new)["status"] == "completed" and sorted(p.name for p in (outputs_dir / "runs").iterdir()) == [
-        taken.name, new.name]
+        taken.name,
+        new.name,
+    ]
 
 
 def test_explicit_run_dir_is_used_as_is(outputs_dir, tmp_path):

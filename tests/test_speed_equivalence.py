@@ -20,8 +20,10 @@ STEPS = 6
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # torch.compile (inductor) on CPU generates and builds C++ (gcc): on two busy cores ~50 s for the engine test and
 # ~85 s for the CLI run (train and eval graphs), over 2 min with a cold inductor cache
-SLOW = pytest.mark.skipif(not os.environ.get("MARGINLAB_SLOW_TESTS"),
-                          reason="torch.compile takes minutes on a cold cache: set MARGINLAB_SLOW_TESTS=1")
+SLOW = pytest.mark.skipif(
+    not os.environ.get("MARGINLAB_SLOW_TESTS"),
+    reason="torch.compile takes minutes on a cold cache: set MARGINLAB_SLOW_TESTS=1",
+)
 
 
 class StepLosses:
@@ -48,8 +50,9 @@ def initial_model():
     return MarginModel(DigitsCNN(32, 1, 8, width=16), ArcFaceHead(32, 10, s=30.0, m=0.3), nn.ModuleDict())
 
 
-def train_steps(initial_model, batches, device="cpu", precision="32", channels_last=False, compile=False,
-                backend="inductor"):
+def train_steps(
+    initial_model, batches, device="cpu", precision="32", channels_last=False, compile=False, backend="inductor"
+):
     """STEPS optimizer steps through engine.train_one_epoch; (step losses, final parameters on the CPU)."""
     device = torch.device(device)
     model = copy.deepcopy(initial_model).to(device)
@@ -59,8 +62,20 @@ def train_steps(initial_model, batches, device="cpu", precision="32", channels_l
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     log = StepLosses()
-    train_one_epoch(model, batches, opt, sched, Precision(device, precision), LoopState(), grad_clip=None,
-                    max_nonfinite=1, channels_last=channels_last, log_every=1, log=log, forward=forward)
+    train_one_epoch(
+        model,
+        batches,
+        opt,
+        sched,
+        Precision(device, precision),
+        LoopState(),
+        grad_clip=None,
+        max_nonfinite=1,
+        channels_last=channels_last,
+        log_every=1,
+        log=log,
+        forward=forward,
+    )
     return torch.tensor(log.losses), {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
 
 
@@ -84,8 +99,11 @@ def eager_cpu(initial_model, batches):
 def test_the_reference_run_moves_the_weights(initial_model, eager_cpu):
     # the comparisons below are between runs whose steps change the weights well beyond their tolerances
     _, weights = eager_cpu
-    moved = max((weights[k] - v.detach()).abs().max().item() for k, v in initial_model.state_dict().items()
-                if v.is_floating_point())
+    moved = max(
+        (weights[k] - v.detach()).abs().max().item()
+        for k, v in initial_model.state_dict().items()
+        if v.is_floating_point()
+    )
     assert moved > 0.1
 
 

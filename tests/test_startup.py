@@ -20,20 +20,37 @@ print("HEAVY", heavy)
 """
 
 
-@pytest.mark.parametrize("argv", [[], ["--help"], ["train", "--help"], ["train", "--hydra-help"],
-                                  ["train", "--cfg", "job"], ["train", "-sc", "install=bash"]],
-                         ids=lambda a: " ".join(a) or "none")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--help"],
+        ["train", "--help"],
+        ["train", "--hydra-help"],
+        ["train", "--cfg", "job"],
+        ["train", "-sc", "install=bash"],
+    ],
+    ids=lambda a: " ".join(a) or "none",
+)
 def test_help_paths_leave_torch_unimported(argv, tmp_path):
-    result = subprocess.run([sys.executable, "-c", CHECK.format(argv=argv)], check=False, capture_output=True,
-                            text=True, cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK.format(argv=argv)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout[-2000:]
     assert not (tmp_path / "outputs").exists()  # printing help creates no run directory
 
 
 def test_importing_the_cli_leaves_torch_unimported():
-    code = "import sys, marginlab.cli, marginlab.config, marginlab.config.validate, marginlab.train_main; " \
-           "print('torch' in sys.modules)"
+    code = (
+        "import sys, marginlab.cli, marginlab.config, marginlab.config.validate, marginlab.train_main; "
+        "print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -14,8 +14,14 @@ from marginlab.cli import main
 from marginlab.errors import TrainingError
 
 # tiny and fast: the digits default with a narrow net, one epoch of large batches
-FAST = ["trainer.epochs=1", "logger=quiet", "trainer.checkpoint=false", "backbone.width=4", "backbone.embedding_dim=8",
-        "dataset.batch_size=256"]
+FAST = [
+    "trainer.epochs=1",
+    "logger=quiet",
+    "trainer.checkpoint=false",
+    "backbone.width=4",
+    "backbone.embedding_dim=8",
+    "dataset.batch_size=256",
+]
 
 
 def run_cli(*args: str) -> int:
@@ -40,7 +46,11 @@ def test_sweep_runs_every_job_records_the_failure_and_reports(outputs_dir, capsy
     jobs = sorted(p.parent for p in sweep_dir.rglob(".hydra"))
     head = lambda job: next(part for part in job.parent.name.split(",") if part.startswith("head="))
     assert [(head(j), j.name) for j in jobs] == [
-        ("head=amsoftmax", "seed=0"), ("head=amsoftmax", "seed=1"), ("head=arcface", "seed=0"), ("head=arcface", "seed=1")]
+        ("head=amsoftmax", "seed=0"),
+        ("head=amsoftmax", "seed=1"),
+        ("head=arcface", "seed=0"),
+        ("head=arcface", "seed=1"),
+    ]
     assert "seed" not in jobs[0].parent.name and "m=1.8" in jobs[0].parent.name  # grouped by overrides minus seed
     for job in jobs:
         assert (job / ".hydra" / "overrides.yaml").is_file() and (job / "metrics.json").is_file()
@@ -57,10 +67,19 @@ def test_sweep_runs_every_job_records_the_failure_and_reports(outputs_dir, capsy
     assert run_cli("report", str(sweep_dir)) == 0
     table = capsys.readouterr().out
     assert "| best | head" in table and "failed" in table
-    rows = {line.split("|")[2].strip(): line.split("|") for line in table.splitlines() if "| amsoftmax" in line
-            or "| arcface" in line}
-    assert rows["amsoftmax"][1].strip() == "best" and rows["amsoftmax"][3].strip() == "2" and "±" in rows["amsoftmax"][5]
-    assert rows["arcface"][3].strip() == "0" and rows["arcface"][4].strip() == "2" and rows["arcface"][5].strip() == "failed"
+    rows = {
+        line.split("|")[2].strip(): line.split("|")
+        for line in table.splitlines()
+        if "| amsoftmax" in line or "| arcface" in line
+    }
+    assert (
+        rows["amsoftmax"][1].strip() == "best" and rows["amsoftmax"][3].strip() == "2" and "±" in rows["amsoftmax"][5]
+    )
+    assert (
+        rows["arcface"][3].strip() == "0"
+        and rows["arcface"][4].strip() == "2"
+        and rows["arcface"][5].strip() == "failed"
+    )
     assert (sweep_dir / "report.md").read_text().startswith("| best")
     assert (sweep_dir / "report.csv").read_text().startswith("head,n,failed,")
 
@@ -129,8 +148,13 @@ def test_directory_resolvers():
 def test_optuna_search_records_failed_trials(outputs_dir, capsys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     # TPE with seed 1234 draws m = 5, 0.2, 5: AM-Softmax allows m <= 2, so two trials fail
-    code = run_cli("train", "hparams_search=amsoftmax_optuna", "hydra.sweeper.params={head.m:'choice(0.2,5)'}",
-                   "hydra.sweeper.n_trials=3", *FAST)
+    code = run_cli(
+        "train",
+        "hparams_search=amsoftmax_optuna",
+        "hydra.sweeper.params={head.m:'choice(0.2,5)'}",
+        "hydra.sweeper.n_trials=3",
+        *FAST,
+    )
     out = capsys.readouterr().out
     sweep_dir = only_dir(outputs_dir / "sweeps" / "amsoftmax_optuna")
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
@@ -145,8 +169,9 @@ def test_optuna_search_records_failed_trials(outputs_dir, capsys):
 
 def test_launcher_config_composes_when_installed():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    import marginlab.config  # noqa: F401
     from hydra import compose, initialize_config_module
+
+    import marginlab.config  # noqa: F401
 
     with initialize_config_module("marginlab.configs", version_base="1.3"):
         cfg = compose("train", overrides=["launcher=slurm"], return_hydra_config=True)

@@ -9,8 +9,16 @@ from marginlab.logging.hparams import flat_hparams
 
 
 def test_config_text_and_hparams_session_are_in_the_run_event_files(run_train, metrics):
-    code, run_dir = run_train("trainer.epochs=1", "trainer.checkpoint=false", "logger.figures=false",
-                              "logger.probe_max_samples=64", "head=arcface", "m=0.3", "s=16", "optim.lr=0.05")
+    code, run_dir = run_train(
+        "trainer.epochs=1",
+        "trainer.checkpoint=false",
+        "logger.figures=false",
+        "logger.probe_max_samples=64",
+        "head=arcface",
+        "m=0.3",
+        "s=16",
+        "optim.lr=0.05",
+    )
     assert code == 0
     assert list((run_dir / "tensorboard").glob("*/events.out.tfevents.*")) == []  # no sub-run per call
     acc = EventAccumulator(str(run_dir / "tensorboard"))
@@ -31,8 +39,13 @@ def test_config_text_and_hparams_session_are_in_the_run_event_files(run_train, m
 def test_flat_hparams_keeps_scalars_and_names_groups():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"seed": 1, "head": {"_target_": "marginlab.heads.arcface.ArcFaceHead", "m": 0.5,
-                                                  "partial_fc": {"sample_rate": None}},
-                            "dataset": {"root": "/x", "image_size": [28, 28]}, "logger": {"tensorboard": True}})
+    cfg = OmegaConf.create(
+        {
+            "seed": 1,
+            "head": {"_target_": "marginlab.heads.arcface.ArcFaceHead", "m": 0.5, "partial_fc": {"sample_rate": None}},
+            "dataset": {"root": "/x", "image_size": [28, 28]},
+            "logger": {"tensorboard": True},
+        }
+    )
     assert flat_hparams(cfg) == {"seed": 1, "head": "ArcFaceHead", "head.m": 0.5, "dataset.image_size": "[28, 28]"}
     assert flat_hparams(cfg, {"head": "arcface", "hydra/help": "x"})["head"] == "arcface"

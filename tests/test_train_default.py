@@ -8,10 +8,24 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import marginlab.config  # noqa: F401  (the schema and resolvers)
 
-GEOMETRY_TAGS = ["train/loss", "train/acc", "train/lr", "test/acc", "test/feature_norm/mean", "test/feature_norm/std",
-                 "test/feature_norm/min", "test/feature_norm/max", "test/angle/target_deg",
-                 "test/angle/nearest_other_deg", "test/margin/violation_frac", "test/weight_norm/mean",
-                 "test/weight_norm/std", "step/loss", "step/feature_norm/mean", "step/angle/target_deg"]
+GEOMETRY_TAGS = [
+    "train/loss",
+    "train/acc",
+    "train/lr",
+    "test/acc",
+    "test/feature_norm/mean",
+    "test/feature_norm/std",
+    "test/feature_norm/min",
+    "test/feature_norm/max",
+    "test/angle/target_deg",
+    "test/angle/nearest_other_deg",
+    "test/margin/violation_frac",
+    "test/weight_norm/mean",
+    "test/weight_norm/std",
+    "step/loss",
+    "step/feature_norm/mean",
+    "step/angle/target_deg",
+]
 
 
 def test_the_default_is_the_fast_first_run():

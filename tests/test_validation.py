@@ -23,8 +23,10 @@ CASES = [
     (["head=softmax", "+head.partial_fc.sample_rate=0.5"], "Partial FC needs a cosine margin head"),
     (["head=curricularface", "+head.partial_fc.sample_rate=0.5"], "Partial FC cannot shard CurricularFaceHead"),
     (["head.partial_fc.sample_rate=0.5", "regularizer=center"], "cannot be combined with head.partial_fc"),
-    (["head=normface", "head.learnable_scale=true", "head.partial_fc.sample_rate=0.5"],
-     "use a fixed s with Partial FC"),
+    (
+        ["head=normface", "head.learnable_scale=true", "head.partial_fc.sample_rate=0.5"],
+        "use a fixed s with Partial FC",
+    ),
 ]
 
 
@@ -60,6 +62,7 @@ def test_dataset_root_that_is_a_file(run_train, capfd, tmp_path):
 
 # ---- the path of a config value: validate() resolves the head once; the builder consumes that (issue #17)
 
+
 @pytest.fixture(scope="module")
 def compose_train():
     """``compose_train(*overrides)``: the composed ``marginlab train`` config, not yet validated."""
@@ -71,8 +74,10 @@ def compose_train():
         yield lambda *overrides: compose("train", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("overrides, m", [(["head=sphereface", "m=3.0"], 3), (["head=lsoftmax", "m=2"], 2),
-                                          (["head=amsoftmax", "m=0.3", "s=10"], 0.3)])
+@pytest.mark.parametrize(
+    "overrides, m",
+    [(["head=sphereface", "m=3.0"], 3), (["head=lsoftmax", "m=2"], 2), (["head=amsoftmax", "m=0.3", "s=10"], 0.3)],
+)
 def test_validate_returns_the_resolved_head_the_builder_consumes(compose_train, overrides, m):
     from marginlab.builders import build_head
 

@@ -19,8 +19,13 @@ class DigitsCNN(nn.Module):
         self.embedding_dim = check_positive_int("backbone.embedding_dim", embedding_dim)
         w = check_positive_int("backbone.width", width)
         self.features = nn.Sequential(
-            conv_bn_relu(in_channels, w), conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
-            conv_bn_relu(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            conv_bn_relu(in_channels, w),
+            conv_bn_relu(w, 2 * w),
+            nn.MaxPool2d(2),
+            conv_bn_relu(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.embed = nn.Linear(4 * w, self.embedding_dim)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -19,8 +19,15 @@ from __future__ import annotations
 import re
 
 STEM = {"conv1": "stem.0", "bn1": "stem.1", "prelu": "stem.2"}
-BLOCK = {"bn1": "body.0", "conv1": "body.1", "bn2": "body.2", "prelu": "body.3", "conv2": "body.4", "bn3": "body.5",
-         "downsample": "downsample"}
+BLOCK = {
+    "bn1": "body.0",
+    "conv1": "body.1",
+    "bn2": "body.2",
+    "prelu": "body.3",
+    "conv2": "body.4",
+    "bn3": "body.5",
+    "downsample": "downsample",
+}
 SAME = ("bn2", "fc", "features")
 _BLOCK_KEY = re.compile(r"layer([1-4])\.(\d+)\.([a-z0-9]+)\.(.+)")
 
@@ -72,8 +79,9 @@ def mobilefacenet_units(blocks) -> dict[str, str]:
         units.update({f"layers.{depthwise}.layers.{j}.layers": f"features.{n}.body.{j}" for j in range(3)})
         n += 1
         for k in range(repeats):
-            units.update({f"layers.{residual}.layers.{k}.layers.{j}.layers": f"features.{n + k}.body.{j}"
-                          for j in range(3)})
+            units.update(
+                {f"layers.{residual}.layers.{k}.layers.{j}.layers": f"features.{n + k}.body.{j}" for j in range(3)}
+            )
         n += repeats
     units["conv_sep.layers"] = f"features.{n}"
     units.update({"features.layers.0.layers": "gdc", "features.layers.2": "embed", "features.layers.3": "bn"})

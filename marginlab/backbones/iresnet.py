@@ -22,8 +22,13 @@ class IBasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(cin, eps=1e-5), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout, eps=1e-5),
-            nn.PReLU(cout), nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
+            nn.BatchNorm2d(cin, eps=1e-5),
+            nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout, eps=1e-5),
+            nn.PReLU(cout),
+            nn.Conv2d(cout, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout, eps=1e-5),
+        )
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
@@ -38,8 +43,15 @@ class IResNet(nn.Module):
 
     paper_image_size = (112, 112)
 
-    def __init__(self, embedding_dim: int = 512, in_channels: int = 3, image_size=112, depth: int = 50,
-                 dropout: float = 0.0, zero_init_residual: bool = False):
+    def __init__(
+        self,
+        embedding_dim: int = 512,
+        in_channels: int = 3,
+        image_size=112,
+        depth: int = 50,
+        dropout: float = 0.0,
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
         self.embedding_dim = check_positive_int("backbone.embedding_dim", embedding_dim)
         check_positive_int("backbone.in_channels", in_channels)
@@ -47,13 +59,15 @@ class IResNet(nn.Module):
             raise ConfigError(f"backbone.depth={depth!r} is not allowed: choose one of {', '.join(map(str, LAYERS))}")
         p = check_float("backbone.dropout", dropout, low=0.0, high=1.0)
         h, w = image_hw(image_size)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64, eps=1e-5),
-                                  nn.PReLU(64))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64, eps=1e-5), nn.PReLU(64)
+        )
         stages: list[nn.Module] = []
         cin = 64
         for cout, n in zip((64, 128, 256, 512), LAYERS[depth]):
-            stages.append(nn.Sequential(*[IBasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1)
-                                          for i in range(n)]))
+            stages.append(
+                nn.Sequential(*[IBasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(n)])
+            )
             cin = cout
         self.stages = nn.Sequential(*stages)
         for _ in range(4):

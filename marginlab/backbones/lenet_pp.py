@@ -18,8 +18,7 @@ class LeNetPP(nn.Module):
     ``batch_norm`` adds BN after each conv (as most reimplementations do; the paper has none).
     """
 
-    def __init__(self, embedding_dim: int = 2, in_channels: int = 1, image_size: int = 28,
-                 batch_norm: bool = True):
+    def __init__(self, embedding_dim: int = 2, in_channels: int = 1, image_size: int = 28, batch_norm: bool = True):
         super().__init__()
         self.embedding_dim = check_positive_int("backbone.embedding_dim", embedding_dim)
         layers: list[nn.Module] = []

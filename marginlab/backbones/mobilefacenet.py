@@ -28,12 +28,15 @@ PAPER_BLOCKS = (1, 4, 6, 2)
 STAGES = (((128, 64), (128, 64)), ((256, 128), (256, 128)), ((512, 128), (256, 128)))
 
 
-def conv_bn(cin: int, cout: int, kernel, stride: int = 1, groups: int = 1, prelu: bool = True,
-            padding=None) -> nn.Sequential:
+def conv_bn(
+    cin: int, cout: int, kernel, stride: int = 1, groups: int = 1, prelu: bool = True, padding=None
+) -> nn.Sequential:
     """Conv (no bias) + BN (+ PReLU); "same" padding for odd square kernels unless ``padding`` is given."""
     padding = kernel // 2 if padding is None else padding
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
-                               nn.BatchNorm2d(cout)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if prelu:
         layers.append(nn.PReLU(cout))
     return nn.Sequential(*layers)
@@ -43,8 +46,11 @@ class Bottleneck(nn.Module):
     def __init__(self, cin: int, cout: int, hidden: int, stride: int):
         super().__init__()
         self.residual = stride == 1 and cin == cout
-        self.body = nn.Sequential(conv_bn(cin, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
-                                  conv_bn(hidden, cout, 1, prelu=False))
+        self.body = nn.Sequential(
+            conv_bn(cin, hidden, 1),
+            conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            conv_bn(hidden, cout, 1, prelu=False),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x) if self.residual else self.body(x)
@@ -56,8 +62,10 @@ def check_blocks(blocks) -> tuple[int, ...]:
     except TypeError:
         values = ()
     if len(values) != 4 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in values):
-        raise ConfigError(f"backbone.blocks={blocks!r} is not allowed: it must be 4 integers >= 1, e.g. "
-                          f"[1, 4, 6, 2] (the paper's, InsightFace's mbf) or [2, 8, 12, 4] (InsightFace's mbf_large)")
+        raise ConfigError(
+            f"backbone.blocks={blocks!r} is not allowed: it must be 4 integers >= 1, e.g. "
+            f"[1, 4, 6, 2] (the paper's, InsightFace's mbf) or [2, 8, 12, 4] (InsightFace's mbf_large)"
+        )
     return values
 
 
@@ -66,8 +74,9 @@ class MobileFaceNet(nn.Module):
 
     paper_image_size = (112, 112)
 
-    def __init__(self, embedding_dim: int = 128, in_channels: int = 3, image_size=112, width: int = 1,
-                 blocks=PAPER_BLOCKS):
+    def __init__(
+        self, embedding_dim: int = 128, in_channels: int = 3, image_size=112, width: int = 1, blocks=PAPER_BLOCKS
+    ):
         super().__init__()
         self.embedding_dim = check_positive_int("backbone.embedding_dim", embedding_dim)
         check_positive_int("backbone.in_channels", in_channels)

@@ -24,22 +24,36 @@ class PlainCNN(nn.Module):
     (their ``ip1`` -> ``bn_ip`` -> ``relu_ip``); the paper's Table 1 lists only the FC layer.
     """
 
-    def __init__(self, stages: Sequence[Sequence[int]] = ((64, 3), (64, 3), (64, 3)), conv0: int | None = 64,
-                 embedding_dim: int = 256, kernel_size: int = 3, batch_norm: bool = True, activation: str = "prelu",
-                 fc_bn_act: bool = False, in_channels: int = 1, image_size: int = 28):
+    def __init__(
+        self,
+        stages: Sequence[Sequence[int]] = ((64, 3), (64, 3), (64, 3)),
+        conv0: int | None = 64,
+        embedding_dim: int = 256,
+        kernel_size: int = 3,
+        batch_norm: bool = True,
+        activation: str = "prelu",
+        fc_bn_act: bool = False,
+        in_channels: int = 1,
+        image_size: int = 28,
+    ):
         super().__init__()
         self.embedding_dim = check_positive_int("backbone.embedding_dim", embedding_dim)
         k = check_positive_int("backbone.kernel_size", kernel_size)
         if activation not in ACTIVATIONS:
-            raise ConfigError(f"backbone.activation={activation!r} is not allowed: choose one of {', '.join(ACTIVATIONS)}")
+            raise ConfigError(
+                f"backbone.activation={activation!r} is not allowed: choose one of {', '.join(ACTIVATIONS)}"
+            )
         stages = [list(s) for s in stages]
         if not stages or any(len(s) != 2 for s in stages):
             raise ConfigError(f"backbone.stages={stages!r} is not allowed: it must be a list of [channels, convs]")
         act = ACTIVATIONS[activation]
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=not batch_norm),
-                    *([nn.BatchNorm2d(cout)] if batch_norm else []), act(cout) if act is nn.PReLU else act()]
+            return [
+                nn.Conv2d(cin, cout, k, padding=k // 2, bias=not batch_norm),
+                *([nn.BatchNorm2d(cout)] if batch_norm else []),
+                act(cout) if act is nn.PReLU else act(),
+            ]
 
         layers: list[nn.Module] = []
         cin = in_channels
@@ -57,8 +71,7 @@ class PlainCNN(nn.Module):
             flat = self.features(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
         embed: list[nn.Module] = [nn.Linear(flat, self.embedding_dim)]
         if fc_bn_act:
-            embed += [nn.BatchNorm1d(self.embedding_dim),
-                      act(self.embedding_dim) if act is nn.PReLU else act()]
+            embed += [nn.BatchNorm1d(self.embedding_dim), act(self.embedding_dim) if act is nn.PReLU else act()]
         self.embed = nn.Sequential(*embed)
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d):  # "msra" fillers in the official prototxt

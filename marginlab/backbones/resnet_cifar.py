@@ -32,9 +32,13 @@ class ResNetCifar(nn.Module):
         super().__init__()
         self.embedding_dim = check_positive_int("backbone.embedding_dim", embedding_dim)
         if depth < 8 or (depth - 2) % 6:
-            raise ConfigError(f"backbone.depth={depth!r} is not allowed: CIFAR ResNets have depth 6n+2 (20, 32, 44, 56, 110)")
+            raise ConfigError(
+                f"backbone.depth={depth!r} is not allowed: CIFAR ResNets have depth 6n+2 (20, 32, 44, 56, 110)"
+            )
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
         blocks: list[nn.Module] = []
         cin = 16
         for i, cout in enumerate((16, 32, 64)):

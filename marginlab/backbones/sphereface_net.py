@@ -31,8 +31,12 @@ def _caffe_xavier(weight) -> None:
 class ResidualUnit(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.PReLU(channels),
-                                  nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.PReLU(channels))
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+            nn.PReLU(channels),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+            nn.PReLU(channels),
+        )
         for m in self.body:
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.01)
@@ -46,16 +50,24 @@ class SphereFaceNet(nn.Module):
 
     paper_image_size = (112, 96)
 
-    def __init__(self, embedding_dim: int = 512, in_channels: int = 3, image_size=(112, 96), depth: int = 20,
-                 units: list[int] | None = None):
+    def __init__(
+        self,
+        embedding_dim: int = 512,
+        in_channels: int = 3,
+        image_size=(112, 96),
+        depth: int = 20,
+        units: list[int] | None = None,
+    ):
         super().__init__()
         self.embedding_dim = check_positive_int("backbone.embedding_dim", embedding_dim)
         check_positive_int("backbone.in_channels", in_channels)
         h, w = image_hw(image_size)
         if units is None:
             if depth not in UNITS:
-                raise ConfigError(f"backbone.depth={depth!r} is not allowed: choose one of "
-                                  f"{', '.join(map(str, UNITS))} (or give backbone.units)")
+                raise ConfigError(
+                    f"backbone.depth={depth!r} is not allowed: choose one of "
+                    f"{', '.join(map(str, UNITS))} (or give backbone.units)"
+                )
             units = UNITS[depth]
         units = list(units)
         if len(units) != 4 or any(isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in units):

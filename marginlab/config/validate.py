@@ -102,8 +102,13 @@ def check_target_node(key: str, node: DictConfig, group: str | None = None) -> N
     check_arguments(key, node, import_target(node._target_, key), group)
 
 
-def check_arguments(key: str, node: DictConfig, target: Any, group: str | None = None,
-                    signature: tuple[dict[str, Any], bool] | None = None) -> None:
+def check_arguments(
+    key: str,
+    node: DictConfig,
+    target: Any,
+    group: str | None = None,
+    signature: tuple[dict[str, Any], bool] | None = None,
+) -> None:
     """Checks the keys and value types of ``node`` against ``signature_params(target)`` (``signature``: already
     read)."""
     params, open_kwargs = signature or signature_params(target)
@@ -135,8 +140,10 @@ def split_head(node: DictConfig) -> tuple[DictConfig, float | None]:
     if rate is None:
         return plain, None
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
-        raise ConfigError(f"head.partial_fc.sample_rate={rate!r} is not allowed: it must lie in (0, 1] "
-                          "(the share of each rank's classes in the softmax; null turns Partial FC off)")
+        raise ConfigError(
+            f"head.partial_fc.sample_rate={rate!r} is not allowed: it must lie in (0, 1] "
+            "(the share of each rank's classes in the softmax; null turns Partial FC off)"
+        )
     return plain, float(rate)
 
 
@@ -179,8 +186,10 @@ def resolve_head(node: DictConfig, m: float | None = None, s: float | None = Non
             continue
         if short not in params:
             allowed = ", ".join(p for p in params if p not in BUILDER_ARGS["head"])
-            raise ConfigError(f"{short}={value!r} was given but the head {cls.__name__} has no parameter "
-                              f"{short!r}; its parameters are: {allowed}")
+            raise ConfigError(
+                f"{short}={value!r} was given but the head {cls.__name__} has no parameter "
+                f"{short!r}; its parameters are: {allowed}"
+            )
         node[short] = shorthand_value(value, params[short])
     plain, sample_rate = split_head(node)
     check_arguments("head", plain, cls, signature=signature)
@@ -188,8 +197,11 @@ def resolve_head(node: DictConfig, m: float | None = None, s: float | None = Non
         from marginlab.distributed.partial_fc import check_head_class  # imports torch: not on `--help`'s path
 
         check_head_class(cls)
-    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-              if k != "partial_fc" and not str(k).startswith("_")}
+    kwargs = {
+        k: v
+        for k, v in OmegaConf.to_container(node, resolve=True).items()
+        if k != "partial_fc" and not str(k).startswith("_")
+    }
     return HeadSpec(cls, kwargs, sample_rate)
 
 
@@ -221,8 +233,13 @@ def validate(cfg: DictConfig) -> HeadSpec:
     best_on = str(cfg.trainer.best_on)
     if best_on not in BEST_ON:
         raise ConfigError(f"trainer.best_on={best_on!r} is not allowed: choose one of {', '.join(BEST_ON)}")
-    for key, low in (("trainer.epochs", 1), ("trainer.eval_every_n_epochs", 1), ("trainer.max_nonfinite_steps", 1),
-                     ("logger.log_every_n_steps", 1), ("logger.probe_max_samples", 1)):
+    for key, low in (
+        ("trainer.epochs", 1),
+        ("trainer.eval_every_n_epochs", 1),
+        ("trainer.max_nonfinite_steps", 1),
+        ("logger.log_every_n_steps", 1),
+        ("logger.probe_max_samples", 1),
+    ):
         value = OmegaConf.select(cfg, key)
         if value < low:
             raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer >= {low}")
@@ -238,9 +255,11 @@ def validate(cfg: DictConfig) -> HeadSpec:
     for key in ("dataset", "optim", "sched"):
         check_target_node(key, cfg[key])
     if head.sample_rate is not None and cfg.get("regularizer"):
-        raise ConfigError(f"regularizer={list(cfg.regularizer)} cannot be combined with head.partial_fc: the sharded "
-                          "head computes the loss itself and no rank holds all logits or class centres; "
-                          "drop the regularizer or set head.partial_fc.sample_rate=null")
+        raise ConfigError(
+            f"regularizer={list(cfg.regularizer)} cannot be combined with head.partial_fc: the sharded "
+            "head computes the loss itself and no rank holds all logits or class centres; "
+            "drop the regularizer or set head.partial_fc.sample_rate=null"
+        )
     check_optimizer(cfg.optim)
     for name, node in (cfg.get("regularizer") or {}).items():
         check_target_node(f"regularizer.{name}", node, group="regularizer")

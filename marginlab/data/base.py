@@ -10,9 +10,17 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
-from torch.utils.data import Subset, TensorDataset
-from torch.utils.data import get_worker_info
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+    get_worker_info,
+)
 
 from marginlab.checks import check_float, check_positive_int
 from marginlab.errors import ConfigError, DataError, MarginlabError
@@ -40,14 +48,16 @@ def check_root(root: str | os.PathLike, must_exist: bool) -> Path:
 def missing_data_error(problem: str, fix: str) -> DataError:
     """The DataError for data that is absent or cannot be fetched: what is wrong, how to get the files, and
     that ``dataset.root`` / ``$MARGINLAB_DATA_DIR`` choose where they are looked for."""
-    return DataError(f"{problem}. To fix: {fix}, or set dataset.root=<dir> (or $MARGINLAB_DATA_DIR) "
-                     "to a directory that has them")
+    return DataError(
+        f"{problem}. To fix: {fix}, or set dataset.root=<dir> (or $MARGINLAB_DATA_DIR) to a directory that has them"
+    )
 
 
 def check_no_link_loops(root: str | os.PathLike) -> None:
     """DataError naming the link when a symlinked directory under ``root`` leads back to one of its own
     ancestors (an ``os.walk(followlinks=True)`` listing, as torchvision's ImageFolder does, would repeat the
     tree until the path is too long); links that do not loop stay followed."""
+
     def visit(path: str, real: str, ancestors: frozenset) -> None:
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
@@ -58,8 +68,10 @@ def check_no_link_loops(root: str | os.PathLike) -> None:
                 continue
             target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
             if target in ancestors:
-                raise DataError(f"{entry.path} is a symbolic link to {target}, a folder that contains it: "
-                                f"listing {root} would go round this loop forever. To fix: remove the link")
+                raise DataError(
+                    f"{entry.path} is a symbolic link to {target}, a folder that contains it: "
+                    f"listing {root} would go round this loop forever. To fix: remove the link"
+                )
             visit(entry.path, target, ancestors | {target})
 
     real_root = os.path.realpath(root)
@@ -72,11 +84,13 @@ def no_batches_error(images: int, share: int, batch: int, world_size: int, drop_
     if images == 0:
         return DataError("the training set has no images: nothing to train on")
     where = f"{share} per process on {world_size} processes, " if world_size > 1 else ""
-    return ConfigError(f"dataset.batch_size={batch * world_size} gives 0 training batches with "
-                       f"dataset.drop_last={str(drop_last).lower()}: the training set has {images} images "
-                       f"({where}fewer than one batch of {batch}{' per process' if world_size > 1 else ''}), "
-                       f"so no optimizer step would be taken. To fix: set dataset.batch_size to at most "
-                       f"{share * world_size}, or dataset.drop_last=false")
+    return ConfigError(
+        f"dataset.batch_size={batch * world_size} gives 0 training batches with "
+        f"dataset.drop_last={str(drop_last).lower()}: the training set has {images} images "
+        f"({where}fewer than one batch of {batch}{' per process' if world_size > 1 else ''}), "
+        f"so no optimizer step would be taken. To fix: set dataset.batch_size to at most "
+        f"{share * world_size}, or dataset.drop_last=false"
+    )
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -204,9 +218,18 @@ class ClassificationData:
     in_channels: int
     image_size: int
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, pin_memory: bool = False, drop_last: bool = False, in_memory: bool = False,
-                 val_fraction: float = 0.1, split_seed: int = 0):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        in_memory: bool = False,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+    ):
         self.batch_size = check_positive_int("dataset.batch_size", batch_size)
         self.eval_batch_size = check_positive_int("dataset.eval_batch_size", eval_batch_size or batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -228,8 +251,10 @@ class ClassificationData:
     def distribute(self, rank: int, world_size: int) -> None:
         """Data parallel: ``batch_size`` stays the global batch, each of ``world_size`` ranks gets its share."""
         if self.batch_size % world_size:
-            raise ConfigError(f"dataset.batch_size={self.batch_size} is not allowed with {world_size} processes: "
-                              f"the global batch must divide evenly (e.g. {self.batch_size // world_size * world_size})")
+            raise ConfigError(
+                f"dataset.batch_size={self.batch_size} is not allowed with {world_size} processes: "
+                f"the global batch must divide evenly (e.g. {self.batch_size // world_size * world_size})"
+            )
         self.rank, self.world_size = rank, world_size
 
     def setup(self) -> None:
@@ -243,8 +268,10 @@ class ClassificationData:
             return
         kept, held = stratified_split(dataset_labels(self.train_set), self.val_fraction, self.split_seed)
         if held.size == 0:
-            raise ConfigError(f"dataset.val_fraction={self.val_fraction!r} holds out no image of the "
-                              f"{kept.size} training images: raise it, or set 0 for no validation split")
+            raise ConfigError(
+                f"dataset.val_fraction={self.val_fraction!r} holds out no image of the "
+                f"{kept.size} training images: raise it, or set 0 for no validation split"
+            )
         full = self.train_set
         self.train_set, self.val_set = Subset(full, kept), Subset(self.evaluation_view(full), held)
 
@@ -264,19 +291,30 @@ class ClassificationData:
         batch number): the stream does not depend on worker lifetime or the order of the process's history."""
         if train:  # one permutation per (seed, epoch); rank r takes every world_size-th index of it, so the
             # union of the ranks' k-th batches is the k-th batch of a single process with the same global batch
-            sampler = self._sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
-                                                         shuffle=True, seed=self.seed, drop_last=self.drop_last)
+            sampler = self._sampler = DistributedSampler(
+                dataset,
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=True,
+                seed=self.seed,
+                drop_last=self.drop_last,
+            )
         else:
             sampler = SequentialSampler(dataset)
         batch = self.batch_size // self.world_size if train else self.eval_batch_size
-        batches = SeededBatchSampler(sampler, batch, self.drop_last and train,
-                                     key=(self.seed, self.rank, 0 if train else 1))
+        batches = SeededBatchSampler(
+            sampler, batch, self.drop_last and train, key=(self.seed, self.rank, 0 if train else 1)
+        )
         if train and len(batches) == 0:
             raise no_batches_error(len(dataset), len(sampler), batch, self.world_size, self.drop_last)
-        return DataLoader(SeededDataset(dataset), batch_sampler=batches,
-                          generator=self._generator if train else None,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            SeededDataset(dataset),
+            batch_sampler=batches,
+            generator=self._generator if train else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def loaders(self, device: torch.device) -> Loaders:
         """(train, val, test) loaders: the in-memory path when ``in_memory`` (batches sliced and augmented as

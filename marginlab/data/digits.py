@@ -26,8 +26,9 @@ def digits_file() -> Path:
     """``digits.csv.gz`` inside the installed scikit-learn package, found without importing the package."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("dataset=digits reads its images from scikit-learn, which is not installed: "
-                        "pip install scikit-learn")
+        raise DataError(
+            "dataset=digits reads its images from scikit-learn, which is not installed: pip install scikit-learn"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
         raise DataError(f"dataset=digits: {path} does not exist; reinstall scikit-learn")
@@ -75,8 +76,10 @@ def stratified_train_test_split(labels: np.ndarray, test_fraction: float, seed: 
     n_train = labels.size - n_test
     classes, y_indices, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
     if min(n_train, n_test) < classes.size or class_counts.min() < 2:
-        raise ConfigError(f"dataset.test_fraction={test_fraction!r} is not allowed: it leaves {n_train} training "
-                          f"and {n_test} test images for {classes.size} classes; each split needs one of each")
+        raise ConfigError(
+            f"dataset.test_fraction={test_fraction!r} is not allowed: it leaves {n_train} training "
+            f"and {n_test} test images for {classes.size} classes; each split needs one of each"
+        )
     class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
     rng = np.random.RandomState(seed)
     n_i = approximate_mode(class_counts, n_train, rng)
@@ -85,8 +88,8 @@ def stratified_train_test_split(labels: np.ndarray, test_fraction: float, seed: 
     test: list[int] = []
     for i in range(classes.size):
         permuted = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
-        train.extend(permuted[:n_i[i]])
-        test.extend(permuted[n_i[i]:n_i[i] + t_i[i]])
+        train.extend(permuted[: n_i[i]])
+        test.extend(permuted[n_i[i] : n_i[i] + t_i[i]])
     return rng.permutation(train), rng.permutation(test)
 
 
@@ -101,8 +104,7 @@ class DigitsData(ClassificationData):
 
     def __init__(self, test_fraction: float = 0.2, **kwargs):
         super().__init__(**kwargs)
-        self.test_fraction = check_float("dataset.test_fraction", test_fraction, low=0.0, high=0.9,
-                                         low_inclusive=False)
+        self.test_fraction = check_float("dataset.test_fraction", test_fraction, low=0.0, high=0.9, low_inclusive=False)
 
     def setup(self) -> None:
         images, labels = load_digits_arrays()

@@ -18,8 +18,7 @@ from torchvision.datasets import imagenet as tv_imagenet
 from torchvision.datasets.folder import default_loader
 
 from marginlab.checks import check_positive_int
-from marginlab.data.base import (ClassificationData, check_no_link_loops, check_root, evaluation_copy,
-                                 missing_data_error)
+from marginlab.data.base import ClassificationData, check_no_link_loops, check_root, evaluation_copy, missing_data_error
 from marginlab.errors import DataError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet training-set RGB mean/std (torchvision's)
@@ -31,8 +30,9 @@ def load_image(path: str) -> Image.Image:
     try:
         return default_loader(path)
     except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError and "image file is truncated" are OSErrors
-        raise DataError(f"ImageNet image {path} is unreadable or corrupted ({err}). To fix: delete or replace it"
-                        ) from err
+        raise DataError(
+            f"ImageNet image {path} is unreadable or corrupted ({err}). To fix: delete or replace it"
+        ) from err
 
 
 def _wnids(dataset: datasets.ImageFolder) -> list[str]:
@@ -46,8 +46,15 @@ class ImageNetData(ClassificationData):
     name = "imagenet"
     in_channels = 3
 
-    def __init__(self, root: str, download: bool = False, augment: bool = True, image_size: int = 224,
-                 val_fraction: float = 0.01, **kwargs):
+    def __init__(
+        self,
+        root: str,
+        download: bool = False,
+        augment: bool = True,
+        image_size: int = 224,
+        val_fraction: float = 0.01,
+        **kwargs,
+    ):
         super().__init__(val_fraction=val_fraction, **kwargs)
         self.root = check_root(root, must_exist=False)
         self.download = bool(download)  # only changes the message: ImageNet has no public download
@@ -75,9 +82,11 @@ class ImageNetData(ClassificationData):
         train, val = self._open("train"), self._open("val")
         if _wnids(train) != _wnids(val):
             only_one = sorted(set(_wnids(train)) ^ set(_wnids(val)))
-            raise DataError(f"ImageNet train/ and val/ in {self.root} have different class folders "
-                            f"({len(_wnids(train))} vs {len(_wnids(val))}; e.g. {only_one[:3]} in only one), "
-                            "so their labels would not match. To fix: give both the same <wnid> folders")
+            raise DataError(
+                f"ImageNet train/ and val/ in {self.root} have different class folders "
+                f"({len(_wnids(train))} vs {len(_wnids(val))}; e.g. {only_one[:3]} in only one), "
+                "so their labels would not match. To fix: give both the same <wnid> folders"
+            )
         self.train_set, self.test_set = train, val
         self.hold_out_val()
 
@@ -96,8 +105,10 @@ class ImageNetData(ClassificationData):
             try:
                 return datasets.ImageFolder(str(folder), **kwargs)
             except OSError as err:  # FileNotFoundError: no class folders, or a class folder without images
-                raise DataError(f"ImageNet {split} folder {folder} is unusable ({err}). To fix: it must hold "
-                                f"one folder per class with its images ({split}/<wnid>/*.JPEG)") from err
+                raise DataError(
+                    f"ImageNet {split} folder {folder} is unusable ({err}). To fix: it must hold "
+                    f"one folder per class with its images ({split}/<wnid>/*.JPEG)"
+                ) from err
         if not all((self.root / name).is_file() for name in self._archives(split)):
             raise self._not_found(split)
         try:
@@ -105,8 +116,10 @@ class ImageNetData(ClassificationData):
         # RuntimeError names an archive that fails its md5 check; OSError / tarfile errors come from unpacking
         except Exception as err:
             partly = f", and delete the partly unpacked {folder}" if folder.exists() else ""
-            raise DataError(f"could not unpack the ImageNet {split} archives in {self.root} ({err}). "
-                            f"To fix: replace the corrupt archive{partly}") from err
+            raise DataError(
+                f"could not unpack the ImageNet {split} archives in {self.root} ({err}). "
+                f"To fix: replace the corrupt archive{partly}"
+            ) from err
 
     def _not_found(self, split: str) -> DataError:
         archives = ", ".join(name for name, _md5 in tv_imagenet.ARCHIVE_META.values())
@@ -116,4 +129,5 @@ class ImageNetData(ClassificationData):
             f"{', '.join(self._archives(split))}), and ImageNet cannot be downloaded automatically{no_download}",
             f"get {archives} from {DOWNLOAD_PAGE} (free registration) and put them in {self.root}, where "
             "torchvision unpacks them on first use; or put unpacked train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
-            "folders there")
+            "folders there",
+        )

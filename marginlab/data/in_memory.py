@@ -50,8 +50,9 @@ def to_uint8_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
     elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.permute(0, 3, 1, 2)  # N x H x W x C (CIFAR) -> N x C x H x W
     elif images.dim() != 4:
-        raise ConfigError(f"{type(dataset).__name__}.data has shape {tuple(images.shape)}; expected N x H x W "
-                          "or N x H x W x C")
+        raise ConfigError(
+            f"{type(dataset).__name__}.data has shape {tuple(images.shape)}; expected N x H x W or N x H x W x C"
+        )
     labels = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
     return images.contiguous(), labels
 
@@ -71,13 +72,17 @@ def augmentation_params(transforms: Sequence) -> tuple[int, bool]:
             pad = t.padding
             pads = {pad} if isinstance(pad, int) else set(pad)
             if len(pads) != 1:
-                raise ConfigError(f"in-memory data: {t} has unequal padding; only one padding on every side is supported")
+                raise ConfigError(
+                    f"in-memory data: {t} has unequal padding; only one padding on every side is supported"
+                )
             padding = int(next(iter(pads)))
         elif isinstance(t, T.RandomHorizontalFlip) and t.p == 0.5:
             flip = True
         else:
-            raise ConfigError(f"in-memory data cannot apply the transform {t} on the device; "
-                              "set dataset.in_memory=false to use the DataLoader path")
+            raise ConfigError(
+                f"in-memory data cannot apply the transform {t} on the device; "
+                "set dataset.in_memory=false to use the DataLoader path"
+            )
     return padding, flip
 
 
@@ -117,10 +122,24 @@ class InMemoryLoader:
     ``batch_size // world_size``: the union of the ranks' k-th batches is the k-th batch of one process.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, shuffle: bool = True,
-                 drop_last: bool = False, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 crop_padding: int = 0, flip: bool = False, device: torch.device | str = "cpu", seed: int = 0,
-                 generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        crop_padding: int = 0,
+        flip: bool = False,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if images.dim() != 4:
             raise ConfigError(f"in-memory images must be N x C x H x W, got shape {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
@@ -132,8 +151,10 @@ class InMemoryLoader:
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {rank} is not allowed with world_size {world_size}")
         if batch_size % self.world_size:
-            raise ConfigError(f"dataset.batch_size={batch_size} is not allowed with {world_size} processes: "
-                              "the global batch must divide evenly")
+            raise ConfigError(
+                f"dataset.batch_size={batch_size} is not allowed with {world_size} processes: "
+                "the global batch must divide evenly"
+            )
         self.batch_size = check_positive_int("dataset.batch_size", batch_size // self.world_size)  # per rank
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.crop_padding = int(crop_padding)
@@ -175,8 +196,9 @@ class InMemoryLoader:
         if not self.shuffle:
             return torch.arange(n, device=self.device), None, None
         order = torch.randperm(n, generator=self.generator)
-        offsets = (torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=self.generator)
-                   if self.crop_padding else None)
+        offsets = (
+            torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=self.generator) if self.crop_padding else None
+        )
         flips = torch.rand(n, generator=self.generator) < 0.5 if self.flip else None
 
         def mine(t: Tensor | None) -> Tensor | None:
@@ -184,8 +206,9 @@ class InMemoryLoader:
                 return None
             if self.world_size > 1:  # this rank's positions of the (padded or cut) permutation
                 total = self.num_samples * self.world_size
-                t = torch.cat([t] * -(-total // n))[:total][self.rank::self.world_size]
+                t = torch.cat([t] * -(-total // n))[:total][self.rank :: self.world_size]
             return t.to(self.device, non_blocking=True)
+
         return mine(order), mine(offsets), mine(flips)
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -242,13 +265,24 @@ def in_memory_loader(data, split: str, device: torch.device | str) -> InMemoryLo
     padding, flip = 0, False
     if train and getattr(data, "augment", False) and hasattr(data, "augmentation"):
         padding, flip = augmentation_params(data.augmentation())
-    loader = InMemoryLoader(images, labels, data.batch_size if train else data.eval_batch_size,
-                            shuffle=train, drop_last=data.drop_last and train, mean=mean, std=std,
-                            crop_padding=padding, flip=flip, device=device, seed=data.seed,
-                            generator=data._generator if train else None,
-                            rank=getattr(data, "rank", 0) if train else 0,
-                            world_size=getattr(data, "world_size", 1) if train else 1)
+    loader = InMemoryLoader(
+        images,
+        labels,
+        data.batch_size if train else data.eval_batch_size,
+        shuffle=train,
+        drop_last=data.drop_last and train,
+        mean=mean,
+        std=std,
+        crop_padding=padding,
+        flip=flip,
+        device=device,
+        seed=data.seed,
+        generator=data._generator if train else None,
+        rank=getattr(data, "rank", 0) if train else 0,
+        world_size=getattr(data, "world_size", 1) if train else 1,
+    )
     if train and len(loader) == 0:  # as the DataLoader path: a run that would take no optimizer step is refused
-        raise no_batches_error(images.shape[0], loader.num_samples, loader.batch_size, loader.world_size,
-                               loader.drop_last)
+        raise no_batches_error(
+            images.shape[0], loader.num_samples, loader.batch_size, loader.world_size, loader.drop_last
+        )
     return loader

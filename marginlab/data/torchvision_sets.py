@@ -30,12 +30,14 @@ def _one_line(err: BaseException) -> str:
 
 def _parses(reader: Callable[[str], object]) -> Callable[[Path], bool]:
     """A check that torchvision's ``reader`` can parse a file (used only to name a corrupt file)."""
+
     def check(path: Path) -> bool:
         try:
             reader(str(path))
         except Exception:
             return False
         return True
+
     return check
 
 
@@ -78,8 +80,9 @@ class TorchvisionData(ClassificationData):
 
     def _open(self, train: bool) -> datasets.VisionDataset:
         try:
-            return self.dataset_cls(str(self.root), train=train, transform=self.transform(train),
-                                    download=self.download)
+            return self.dataset_cls(
+                str(self.root), train=train, transform=self.transform(train), download=self.download
+            )
         # torchvision raises RuntimeError (not found / md5 mismatch / MNIST download), URLError and other
         # OSErrors (CIFAR download, disk), and pickle / ValueError / AssertionError on a corrupt file.
         except Exception as err:
@@ -95,15 +98,19 @@ class TorchvisionData(ClassificationData):
             return missing_data_error(
                 f"could not download {self.title} into {self.root} ({_one_line(err)})",
                 f"check the network connection, or download {self.title} from {self.url} yourself "
-                f"and put its files ({names}) in {folder}")
+                f"and put its files ({names}) in {folder}",
+            )
         if missing:
             return missing_data_error(
                 f"{self.title} not found in {folder} (missing: {', '.join(missing)})",
-                "set dataset.download=true to download it there, or put the files there yourself")
+                "set dataset.download=true to download it there, or put the files there yourself",
+            )
         bad = next((path for path, intact in files if not intact(path)), None)
         what, it = (f"file {bad} is", "it") if bad else (f"files in {folder} are", "them")
-        return DataError(f"{self.title} {what} unreadable or corrupted ({_one_line(err)}). To fix: delete "
-                         f"{it} and set dataset.download=true to fetch a fresh copy, or replace {it} by hand")
+        return DataError(
+            f"{self.title} {what} unreadable or corrupted ({_one_line(err)}). To fix: delete "
+            f"{it} and set dataset.download=true to fetch a fresh copy, or replace {it} by hand"
+        )
 
 
 class MNISTData(TorchvisionData):
@@ -124,8 +131,7 @@ class MNISTData(TorchvisionData):
     def expected_files(self) -> ExpectedFiles:
         raw = self.root / "MNIST" / "raw"  # torchvision's MNIST.raw_folder
         names = [os.path.splitext(archive)[0] for archive, _ in datasets.MNIST.resources]  # minus .gz
-        return [(raw / name, _parses(read_image_file if "images" in name else read_label_file))
-                for name in names]
+        return [(raw / name, _parses(read_image_file if "images" in name else read_label_file)) for name in names]
 
 
 class CIFAR10Data(TorchvisionData):

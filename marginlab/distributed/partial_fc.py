@@ -41,8 +41,9 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     """[start, end) of the classes rank ``rank`` owns: contiguous shards, the first ``num_classes % world_size``
     ranks one class larger (as InsightFace splits them)."""
     if num_classes < world_size:
-        raise ConfigError(f"num_classes={num_classes} is not allowed with {world_size} ranks: "
-                          "every rank must own at least one class")
+        raise ConfigError(
+            f"num_classes={num_classes} is not allowed with {world_size} ranks: every rank must own at least one class"
+        )
     base, extra = divmod(num_classes, world_size)
     start = base * rank + min(rank, extra)
     return start, start + base + int(rank < extra)
@@ -76,7 +77,7 @@ class _AllGather(torch.autograd.Function):
             dist.reduce_scatter_tensor(out, grad, group=ctx.group)
         else:  # gloo has no reduce-scatter: all-reduce and keep this rank's rows
             dist.all_reduce(grad, group=ctx.group)
-            out = grad[rank * rows:(rank + 1) * rows]
+            out = grad[rank * rows : (rank + 1) * rows]
         if ctx.grad_scale != 1.0:
             out = out * ctx.grad_scale
         return out, None, None
@@ -151,11 +152,15 @@ def check_head_class(cls: type) -> None:
     """Partial FC needs a head whose margin is ``target_cosine`` on the plain cosines (see module doc)."""
     name = getattr(cls, "__name__", str(cls))
     if not (isinstance(cls, type) and issubclass(cls, CosineMarginHead)):
-        raise ConfigError(f"Partial FC needs a cosine margin head (normface, amsoftmax/cosface, arcface, combined, "
-                          f"subcenter_arcface); {name} is not one")
+        raise ConfigError(
+            f"Partial FC needs a cosine margin head (normface, amsoftmax/cosface, arcface, combined, "
+            f"subcenter_arcface); {name} is not one"
+        )
     if cls.margin_and_slope is CosineMarginHead.margin_and_slope or cls.logits is not CosineMarginHead.logits:
-        raise ConfigError(f"Partial FC cannot shard {name}: its margin is not a transform of the target cosine "
-                          "alone (it changes other columns or needs the feature norms); use it without Partial FC")
+        raise ConfigError(
+            f"Partial FC cannot shard {name}: its margin is not a transform of the target cosine "
+            "alone (it changes other columns or needs the feature norms); use it without Partial FC"
+        )
 
 
 def check_head(head: nn.Module) -> None:
@@ -163,8 +168,10 @@ def check_head(head: nn.Module) -> None:
     name = type(head).__name__
     others = sorted(set(head.state_dict()) - {"weight"})
     if others:  # e.g. a learnable s: its gradient would be this rank's share only
-        raise ConfigError(f"Partial FC shards only the class weights; {name} also holds {', '.join(others)} "
-                          "(a learnable scale?): use a fixed s with Partial FC")
+        raise ConfigError(
+            f"Partial FC shards only the class weights; {name} also holds {', '.join(others)} "
+            "(a learnable scale?): use a fixed s with Partial FC"
+        )
 
 
 class PartialFC(nn.Module):
@@ -185,8 +192,17 @@ class PartialFC(nn.Module):
 
     returns_loss = True  # the engine must not apply cross-entropy to the output
 
-    def __init__(self, head: CosineMarginHead, num_classes: int, sample_rate: float = 1.0, *, group=None,
-                 backbone_grads_averaged: bool = False, seed: int = 0, init_seed: int | None = None):
+    def __init__(
+        self,
+        head: CosineMarginHead,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        *,
+        group=None,
+        backbone_grads_averaged: bool = False,
+        seed: int = 0,
+        init_seed: int | None = None,
+    ):
         super().__init__()
         check_head(head)
         self.group = group
@@ -195,8 +211,10 @@ class PartialFC(nn.Module):
         self.class_start, self.class_end = shard_range(self.num_classes, self.rank, self.world_size)
         self.num_local = self.class_end - self.class_start
         if head.num_classes != self.num_local:
-            raise ConfigError(f"rank {self.rank} owns classes [{self.class_start}, {self.class_end}) "
-                              f"({self.num_local}); its head was built with num_classes={head.num_classes}")
+            raise ConfigError(
+                f"rank {self.rank} owns classes [{self.class_start}, {self.class_end}) "
+                f"({self.num_local}); its head was built with num_classes={head.num_classes}"
+            )
         self.head = head
         self.sample_rate = check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_inclusive=False)
         self.num_sample = max(1, int(self.sample_rate * self.num_local))
@@ -232,7 +250,7 @@ class PartialFC(nn.Module):
             chunk = fill_class_weight_(torch.empty(size, dim), self.head.weight_init, gen, total_rows=rows)
             keep = slice(max(first, lo), min(last, lo + size))
             if keep.start < keep.stop:
-                self.weight[keep.start - first:keep.stop - first] = chunk[keep.start - lo:keep.stop - lo]
+                self.weight[keep.start - first : keep.stop - first] = chunk[keep.start - lo : keep.stop - lo]
             lo += size
 
     @torch.no_grad()
@@ -266,8 +284,10 @@ class PartialFC(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         if labels is None:
-            raise ConfigError("PartialFC computes the training loss; evaluate with the embeddings "
-                              "(verification) or the unsharded head")
+            raise ConfigError(
+                "PartialFC computes the training loss; evaluate with the embeddings "
+                "(verification) or the unsharded head"
+            )
         self.head._check_inputs(embeddings, labels)
         all_embeddings = all_gather_with_grad(embeddings, self.group, self.grad_scale)
         all_labels = all_gather_no_grad(labels.to(torch.int64), self.group)
@@ -281,8 +301,9 @@ class PartialFC(nn.Module):
         self.step += 1
         if self.head.chunked:  # the same loss in class blocks, never the B x n logits (head.chunked_loss)
             weight = self.weight if classes is None else self.weight[classes]
-            return self.head.chunked_loss(all_embeddings, torch.where(owned, local, torch.full_like(local, -1)),
-                                          weight, self._row_reduce)
+            return self.head.chunked_loss(
+                all_embeddings, torch.where(owned, local, torch.full_like(local, -1)), weight, self._row_reduce
+            )
         cos = self.cosines(all_embeddings, classes)
         logits = cos * self.head.s
         rows = owned.nonzero().squeeze(1)
@@ -305,8 +326,10 @@ class PartialFC(nn.Module):
 
     # ---- checkpoints in the unsharded layout -----------------------------------------------------------------
     def _row_counts(self) -> list[int]:
-        return [(end - start) * self.sub_centers
-                for start, end in (shard_range(self.num_classes, r, self.world_size) for r in range(self.world_size))]
+        return [
+            (end - start) * self.sub_centers
+            for start, end in (shard_range(self.num_classes, r, self.world_size) for r in range(self.world_size))
+        ]
 
     @torch.no_grad()
     def gather_rows(self, shard: Tensor) -> Tensor | None:
@@ -315,7 +338,7 @@ class PartialFC(nn.Module):
             return shard.detach().cpu().clone()
         counts = self._row_counts()
         padded = shard.new_zeros((max(counts), *shard.shape[1:]))  # gather needs equal shapes
-        padded[:shard.shape[0]] = shard
+        padded[: shard.shape[0]] = shard
         parts = [torch.empty_like(padded) for _ in counts] if self.rank == 0 else None
         dist.gather(padded, parts, dst=0, group=self.group)
         if self.rank != 0:
@@ -326,9 +349,11 @@ class PartialFC(nn.Module):
         """This rank's rows of a weight-shaped tensor of all classes."""
         expected = self.num_classes * self.sub_centers
         if full.shape[0] != expected:
-            raise ConfigError(f"a class weight of {full.shape[0]} rows cannot be sharded for {self.num_classes} "
-                              f"classes ({expected} rows): the checkpoint belongs to another data set")
-        return full[self.class_start * self.sub_centers:self.class_end * self.sub_centers]
+            raise ConfigError(
+                f"a class weight of {full.shape[0]} rows cannot be sharded for {self.num_classes} "
+                f"classes ({expected} rows): the checkpoint belongs to another data set"
+            )
+        return full[self.class_start * self.sub_centers : self.class_end * self.sub_centers]
 
     def full_state_dict(self) -> dict | None:
         """Collective: the unsharded head's state dict on rank 0, None on the other ranks."""
@@ -342,8 +367,10 @@ class PartialFC(nn.Module):
         self.head.load_state_dict({**state, "weight": self.shard_rows(state["weight"])})
 
     def extra_repr(self) -> str:
-        return (f"classes [{self.class_start}, {self.class_end}) of {self.num_classes}, rank {self.rank}/"
-                f"{self.world_size}, sample_rate={self.sample_rate:g}")
+        return (
+            f"classes [{self.class_start}, {self.class_end}) of {self.num_classes}, rank {self.rank}/"
+            f"{self.world_size}, sample_rate={self.sample_rate:g}"
+        )
 
 
 def build_partial_fc(make_head, num_classes: int, sample_rate: float = 1.0, **kwargs) -> PartialFC:

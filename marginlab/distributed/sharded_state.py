@@ -48,9 +48,10 @@ def load_model_state_dict(model: nn.Module, state: dict) -> None:
     if pfc is None:
         model.load_state_dict(state)
         return
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")},
-                                                strict=False)
+    head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("head.")}, strict=False
+    )
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:  # the message torch's strict loading would give
         raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected}")
@@ -94,7 +95,14 @@ def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module
         full_rows = pfc.num_classes * pfc.sub_centers
         per_param = state["state"].get(index)
         if per_param:
-            state = {**state, "state": {**state["state"], index: {
-                k: pfc.shard_rows(v) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == full_rows else v
-                for k, v in per_param.items()}}}
+            state = {
+                **state,
+                "state": {
+                    **state["state"],
+                    index: {
+                        k: pfc.shard_rows(v) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == full_rows else v
+                        for k, v in per_param.items()
+                    },
+                },
+            }
     optimizer.load_state_dict(state)

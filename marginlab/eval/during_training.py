@@ -10,12 +10,27 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 #: what goes into metrics.jsonl / TensorBoard per set: <name>/<key>
-SCALARS = {"acc": "accuracy", "acc_std": "accuracy_std", "threshold": "threshold", "tar_at_far": "tar_at_far",
-           "auc": "auc", "eer": "eer"}
+SCALARS = {
+    "acc": "accuracy",
+    "acc_std": "accuracy_std",
+    "threshold": "threshold",
+    "tar_at_far": "tar_at_far",
+    "auc": "auc",
+    "eer": "eer",
+}
 
 
-def run_verifiers(verifiers: dict, backbone, image_size, device, *, figures_dir: Path | None = None,
-                  writer=None, step: int = 0, epoch: int | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+def run_verifiers(
+    verifiers: dict,
+    backbone,
+    image_size,
+    device,
+    *,
+    figures_dir: Path | None = None,
+    writer=None,
+    step: int = 0,
+    epoch: int | None = None,
+) -> tuple[dict[str, float], dict[str, dict]]:
     """Embeds and scores each set; returns the flat scalars (``lfw/acc``, ...) and each set's full result."""
     scalars, results = {}, {}
     for name, target in verifiers.items():

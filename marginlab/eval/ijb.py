@@ -36,14 +36,15 @@ HEADLINE_FAR = 1e-4
 CHUNK_ROWS = 65536
 
 
-def image_features(features: np.ndarray, faceness: np.ndarray | None = None, norm_score: bool = True,
-                   detector_score: bool = True) -> np.ndarray:
+def image_features(
+    features: np.ndarray, faceness: np.ndarray | None = None, norm_score: bool = True, detector_score: bool = True
+) -> np.ndarray:
     """The per-image features that go into the templates (float64): ``features`` (N x D, flip already summed),
     L2-normalised unless ``norm_score`` (eval_ijbc.py ``use_norm_score``), times ``faceness`` when
     ``detector_score`` (``use_detector_score``: ``img_input_feats * faceness_scores[:, np.newaxis]``)."""
     feats = np.asarray(features, dtype=np.float64)
     if not norm_score:  # eval_ijbc.py: img_input_feats / sqrt(sum(img_input_feats ** 2, -1))
-        feats = feats / np.sqrt(np.sum(feats ** 2, -1, keepdims=True))
+        feats = feats / np.sqrt(np.sum(feats**2, -1, keepdims=True))
     if detector_score:
         if faceness is None:
             raise ConfigError("detector_score=true needs the faceness scores (the last column of the 5pts file)")
@@ -51,9 +52,15 @@ def image_features(features: np.ndarray, faceness: np.ndarray | None = None, nor
     return feats
 
 
-def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray,
-                      faceness: np.ndarray | None = None, norm_score: bool = True, detector_score: bool = True,
-                      chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def template_features(
+    features: np.ndarray,
+    templates: np.ndarray,
+    medias: np.ndarray,
+    faceness: np.ndarray | None = None,
+    norm_score: bool = True,
+    detector_score: bool = True,
+    chunk_rows: int = CHUNK_ROWS,
+) -> tuple[np.ndarray, np.ndarray]:
     """(L2-normalised template features T x D float64, the sorted template ids T) from image ``features``
     (N x D, e.g. a memory-mapped .npy, read ``chunk_rows`` rows at a time) and each image's template and media.
 
@@ -65,16 +72,19 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
     medias = np.asarray(medias, dtype=np.int64).ravel()
     n = len(templates)
     if features.ndim != 2 or features.shape[0] != n or len(medias) != n:
-        raise ConfigError(f"features {features.shape}, templates ({n}) and medias ({len(medias)}) must agree: "
-                          "one template and one media id per image")
+        raise ConfigError(
+            f"features {features.shape}, templates ({n}) and medias ({len(medias)}) must agree: "
+            "one template and one media id per image"
+        )
     unique_templates, t_index = np.unique(templates, return_inverse=True)
     _, group, counts = np.unique(np.stack([t_index, medias]), axis=1, return_inverse=True, return_counts=True)
     weight = 1.0 / counts[group.ravel()]  # mean within a media (np.mean in image2template_feature)
     out = np.zeros((len(unique_templates), features.shape[1]), dtype=np.float64)
     for lo in range(0, n, chunk_rows):
         hi = min(lo + chunk_rows, n)
-        feats = image_features(features[lo:hi], None if faceness is None else faceness[lo:hi], norm_score,
-                               detector_score)
+        feats = image_features(
+            features[lo:hi], None if faceness is None else faceness[lo:hi], norm_score, detector_score
+        )
         pool = csr_matrix((weight[lo:hi], (t_index[lo:hi], np.arange(hi - lo))), shape=(len(out), hi - lo))
         out += pool @ feats  # sum over medias of the media means (np.sum(media_norm_feats) in the script)
     return normalize(out), unique_templates
@@ -91,8 +101,9 @@ def template_rows(unique_templates: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return rows
 
 
-def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, t1: np.ndarray, t2: np.ndarray,
-                block: int = 1024) -> np.ndarray:
+def pair_scores(
+    template_feats: np.ndarray, unique_templates: np.ndarray, t1: np.ndarray, t2: np.ndarray, block: int = 1024
+) -> np.ndarray:
     """Cosine of each template pair: the dot product of the L2-normalised template features (eval_ijbc.py
     ``verification``: ``np.sum(feat1 * feat2, -1)``). Read from ``block`` rows of the template Gram matrix at a
     time: IJB-C's 15.7M pairs among 23k templates cost one matrix product, not 31M gathered rows."""
@@ -101,9 +112,9 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, t1: np
     order = np.argsort(r1, kind="stable")
     bounds = np.searchsorted(r1[order], np.arange(0, len(unique_templates) + block, block))
     for b, lo in enumerate(range(0, len(unique_templates), block)):
-        pairs = order[bounds[b]:bounds[b + 1]]
+        pairs = order[bounds[b] : bounds[b + 1]]
         if pairs.size:
-            gram = template_feats[lo:lo + block] @ template_feats.T
+            gram = template_feats[lo : lo + block] @ template_feats.T
             score[pairs] = gram[r1[pairs] - lo, r2[pairs]]
     return score
 
@@ -138,8 +149,9 @@ def equal_error_rate(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
 
 
-def evaluate_scores(labels: np.ndarray, scores: np.ndarray, far_targets=FAR_TARGETS,
-                    headline_far: float = HEADLINE_FAR) -> dict:
+def evaluate_scores(
+    labels: np.ndarray, scores: np.ndarray, far_targets=FAR_TARGETS, headline_far: float = HEADLINE_FAR
+) -> dict:
     """TAR at each FAR (``tar_at_fars``, keyed ``"1e-06"``...), ``tar_at_far`` at ``headline_far``, AUC
     (sklearn ``auc`` of ``roc_curve``, as eval_ijbc.py), EER, and a sampled ROC (``fpr``, ``tpr``)."""
     labels = np.asarray(labels).astype(int).ravel()
@@ -152,10 +164,17 @@ def evaluate_scores(labels: np.ndarray, scores: np.ndarray, far_targets=FAR_TARG
     tars = tar_at_far(labels, scores, targets)
     fpr, tpr, _ = roc_curve(labels, scores)
     roc_fpr, roc_tpr = sampled_roc(fpr, tpr)
-    return {"tar_at_fars": {f"{t:.0e}": tars[t] for t in sorted(far_targets)}, "tar_at_far": tars[headline_far],
-            "far_target": float(headline_far), "auc": float(auc(fpr, tpr)),
-            "eer": equal_error_rate(fpr, tpr), "fpr": roc_fpr, "tpr": roc_tpr,
-            "num_pairs": int(labels.size), "num_genuine": int(labels.sum())}
+    return {
+        "tar_at_fars": {f"{t:.0e}": tars[t] for t in sorted(far_targets)},
+        "tar_at_far": tars[headline_far],
+        "far_target": float(headline_far),
+        "auc": float(auc(fpr, tpr)),
+        "eer": equal_error_rate(fpr, tpr),
+        "fpr": roc_fpr,
+        "tpr": roc_tpr,
+        "num_pairs": int(labels.size),
+        "num_genuine": int(labels.sum()),
+    }
 
 
 @dataclass
@@ -184,18 +203,24 @@ class IJBTarget:
 
     def __post_init__(self) -> None:
         if self.name not in ("ijbb", "ijbc"):
-            raise ConfigError(f"verification.{self.name}.name={self.name!r} is not allowed: choose ijbb or ijbc "
-                              "(the prefix of the meta files)")
+            raise ConfigError(
+                f"verification.{self.name}.name={self.name!r} is not allowed: choose ijbb or ijbc "
+                "(the prefix of the meta files)"
+            )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"verification.{self.name}.batch_size={self.batch_size!r} is not allowed: "
-                              "an integer >= 1")
+            raise ConfigError(
+                f"verification.{self.name}.batch_size={self.batch_size!r} is not allowed: an integer >= 1"
+            )
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ConfigError(f"verification.{self.name}.num_workers={self.num_workers!r} is not allowed: "
-                              "an integer >= 0")
+            raise ConfigError(
+                f"verification.{self.name}.num_workers={self.num_workers!r} is not allowed: an integer >= 0"
+            )
         self.far_targets = [float(t) for t in self.far_targets]
         if not all(0 < t < 1 for t in [*self.far_targets, float(self.headline_far)]):
-            raise ConfigError(f"verification.{self.name}.far_targets={self.far_targets} / headline_far="
-                              f"{self.headline_far} are not allowed: FARs in (0, 1)")
+            raise ConfigError(
+                f"verification.{self.name}.far_targets={self.far_targets} / headline_far="
+                f"{self.headline_far} are not allowed: FARs in (0, 1)"
+            )
 
     def use_checkpoint(self, path: Path) -> None:
         """``marginlab eval``: cache the features beside the checkpoint unless ``cache_dir`` is set."""
@@ -203,8 +228,11 @@ class IJBTarget:
             self.cache_dir = str(Path(path).parent / "ijb_features")
 
     def flags(self) -> dict:
-        return {"flip": bool(self.flip), "norm_score": bool(self.norm_score),
-                "detector_score": bool(self.detector_score)}
+        return {
+            "flip": bool(self.flip),
+            "norm_score": bool(self.norm_score),
+            "detector_score": bool(self.detector_score),
+        }
 
     def load(self):
         """The set's meta files, read and checked once (``ijb_data.IJBMeta``)."""
@@ -218,20 +246,41 @@ class IJBTarget:
         from marginlab.eval.ijb_data import image_features_cached
 
         meta = self.load()
-        features, cached = image_features_cached(meta, backbone, image_size, flip=bool(self.flip),
-                                                 batch_size=self.batch_size, num_workers=self.num_workers,
-                                                 device=device, cache_dir=self.cache_dir, progress=self.progress)
-        feats, ids = template_features(features, meta.templates, meta.medias, meta.faceness,
-                                       norm_score=bool(self.norm_score), detector_score=bool(self.detector_score))
+        features, cached = image_features_cached(
+            meta,
+            backbone,
+            image_size,
+            flip=bool(self.flip),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=device,
+            cache_dir=self.cache_dir,
+            progress=self.progress,
+        )
+        feats, ids = template_features(
+            features,
+            meta.templates,
+            meta.medias,
+            meta.faceness,
+            norm_score=bool(self.norm_score),
+            detector_score=bool(self.detector_score),
+        )
         scores = pair_scores(feats, ids, meta.t1, meta.t2)
         result = evaluate_scores(meta.labels, scores, self.far_targets, self.headline_far)
-        result.update(name=self.name, protocol="IJB 1:1, InsightFace eval_ijbc.py", flags=self.flags(),
-                      num_images=len(meta.images), num_templates=len(ids),
-                      features=str(cached) if cached else None)
+        result.update(
+            name=self.name,
+            protocol="IJB 1:1, InsightFace eval_ijbc.py",
+            flags=self.flags(),
+            num_images=len(meta.images),
+            num_templates=len(ids),
+            features=str(cached) if cached else None,
+        )
         result["scalars"] = {f"tar_at_far_{key}": value for key, value in result["tar_at_fars"].items()}
         flags = ", ".join(f"{k}={str(v).lower()}" for k, v in self.flags().items())
-        result["summary"] = (f"{self.name}: TAR@FAR " + ", ".join(f"{k} {v:.4f}" for k, v in
-                                                               result["tar_at_fars"].items())
-                             + f"; AUC {result['auc']:.4f} ({flags})")
+        result["summary"] = (
+            f"{self.name}: TAR@FAR "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result["tar_at_fars"].items())
+            + f"; AUC {result['auc']:.4f} ({flags})"
+        )
         log.info("%s", result["summary"])
         return result

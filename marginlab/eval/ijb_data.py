@@ -87,13 +87,15 @@ def read_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[in
     for n, line in _lines(path, "'<image> <template id> <media id>' per line"):
         fields = line.split()
         if len(fields) != 3:
-            raise DataError(f"{path}, line {n}: expected 3 fields '<image> <template id> <media id>', "
-                            f"got {len(fields)}")
+            raise DataError(
+                f"{path}, line {n}: expected 3 fields '<image> <template id> <media id>', got {len(fields)}"
+            )
         try:
             ids.append((int(fields[1]), int(fields[2])))
         except ValueError:
-            raise DataError(f"{path}, line {n}: template and media ids must be integers, got "
-                            f"{fields[1]!r} {fields[2]!r}") from None
+            raise DataError(
+                f"{path}, line {n}: template and media ids must be integers, got {fields[1]!r} {fields[2]!r}"
+            ) from None
         images.append(fields[0])
         numbers.append(n)
     pairs = np.array(ids, dtype=np.int64)
@@ -115,8 +117,12 @@ def read_landmarks_scores(path: Path) -> tuple[list[str], np.ndarray, np.ndarray
         for n, line in rows:  # the slow path only to name the line
             parse_landmark_line(line, f"{path}, line {n}", extra=1)
         raise
-    return ([f[0] for f in fields], numbers[:, :10].astype(np.float32).reshape(-1, 5, 2),
-            numbers[:, 10].astype(np.float32), np.array([n for n, _ in rows], dtype=np.int64))
+    return (
+        [f[0] for f in fields],
+        numbers[:, :10].astype(np.float32).reshape(-1, 5, 2),
+        numbers[:, 10].astype(np.float32),
+        np.array([n for n, _ in rows], dtype=np.int64),
+    )
 
 
 def _data_line(path: Path, row: int) -> int:
@@ -135,8 +141,9 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``<template> <template> <label>`` per line (IJB-C: 15.7M lines, read by numpy's C parser) -> (t1, t2,
     label); a DataError naming the first bad line."""
     if not path.is_file():
-        raise DataError(f"{path}: IJB meta file not found ('<template id> <template id> <label>' per line; "
-                        f"from {RELEASE})")
+        raise DataError(
+            f"{path}: IJB meta file not found ('<template id> <template id> <label>' per line; from {RELEASE})"
+        )
     try:
         pairs = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except ValueError:
@@ -145,15 +152,18 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         for n, line in _lines(path, "'<template id> <template id> <label>' per line"):
             fields = line.split()
             if len(fields) != 3:
-                raise DataError(f"{path}, line {n}: expected 3 fields '<template id> <template id> <label>', "
-                                f"got {len(fields)}")
+                raise DataError(
+                    f"{path}, line {n}: expected 3 fields '<template id> <template id> <label>', got {len(fields)}"
+                )
             if not all(f.lstrip("-").isdigit() for f in fields):
                 raise DataError(f"{path}, line {n}: template ids and label must be integers, got {line.strip()!r}")
         raise DataError(f"{path}: not a table of '<template id> <template id> <label>' lines")
     bad = np.flatnonzero((pairs[:, 2] != 0) & (pairs[:, 2] != 1))
     if bad.size:
-        raise DataError(f"{path}, line {_data_line(path, int(bad[0]))}: label {int(pairs[bad[0], 2])} is not "
-                        f"allowed: 1 (same identity) or 0 (different)")
+        raise DataError(
+            f"{path}, line {_data_line(path, int(bad[0]))}: label {int(pairs[bad[0], 2])} is not "
+            f"allowed: 1 (same identity) or 0 (different)"
+        )
     return pairs[:, 0], pairs[:, 1], pairs[:, 2]
 
 
@@ -170,20 +180,26 @@ def read_meta(root: str | os.PathLike, name: str) -> IJBMeta:
     images, templates, medias, tid_lines = read_tid_mid(tid_path)
     lmk_images, landmarks, faceness, lines = read_landmarks_scores(lmk_path)
     if len(lmk_images) != len(images):
-        raise DataError(f"{lmk_path}: {len(lmk_images)} images, but {tid_path.name} has {len(images)}; the two "
-                        "files list the same images in the same order")
+        raise DataError(
+            f"{lmk_path}: {len(lmk_images)} images, but {tid_path.name} has {len(images)}; the two "
+            "files list the same images in the same order"
+        )
     for i, (a, b) in enumerate(zip(images, lmk_images)):
         if a != b:
-            raise DataError(f"{lmk_path}, line {lines[i]}: image {b!r}, but {tid_path.name} line {tid_lines[i]} "
-                            f"has {a!r}; the two files list the same images in the same order")
+            raise DataError(
+                f"{lmk_path}, line {lines[i]}: image {b!r}, but {tid_path.name} line {tid_lines[i]} "
+                f"has {a!r}; the two files list the same images in the same order"
+            )
     t1, t2, labels = read_pairs(pair_path)
     known = np.unique(templates)
     for side in (t1, t2):
         unknown = np.flatnonzero(~np.isin(side, known))
         if unknown.size:
             row = int(unknown[0])
-            raise DataError(f"{pair_path}, line {_data_line(pair_path, row)}: template {int(side[row])} is not in "
-                            f"{tid_path.name} (no image of it); {unknown.size} pair(s) name unknown templates")
+            raise DataError(
+                f"{pair_path}, line {_data_line(pair_path, row)}: template {int(side[row])} is not in "
+                f"{tid_path.name} (no image of it); {unknown.size} pair(s) name unknown templates"
+            )
     return IJBMeta(root, name, images, lines, landmarks, faceness, templates, medias, t1, t2, labels)
 
 
@@ -247,14 +263,27 @@ def weights_key(backbone) -> str:
 def cache_key(meta: IJBMeta, backbone, image_size, flip: bool) -> tuple[str, dict]:
     lmk = meta.meta_file("name_5pts_score")
     stat = lmk.stat()
-    about = {"set": meta.name, "weights_sha1": weights_key(backbone), "flip": bool(flip),
-             "image_size": list(parse_image_size(image_size, "image_size")),
-             "landmarks": {"path": str(lmk.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
+    about = {
+        "set": meta.name,
+        "weights_sha1": weights_key(backbone),
+        "flip": bool(flip),
+        "image_size": list(parse_image_size(image_size, "image_size")),
+        "landmarks": {"path": str(lmk.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+    }
     return hashlib.sha1(dumps(about, sort_keys=True).encode()).hexdigest()[:16], about
 
 
-def extract_features(meta: IJBMeta, backbone, image_size, out: Path, flip: bool = True, batch_size: int = 128,
-                     num_workers: int = 0, device=None, progress: bool | None = None) -> Path:
+def extract_features(
+    meta: IJBMeta,
+    backbone,
+    image_size,
+    out: Path,
+    flip: bool = True,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device=None,
+    progress: bool | None = None,
+) -> Path:
     """Embeds every image into ``out`` (float32 N x D ``.npy``), batch by batch through a staged file that is
     renamed into place only when complete."""
     from tqdm import tqdm
@@ -275,9 +304,10 @@ def extract_features(meta: IJBMeta, backbone, image_size, out: Path, flip: bool 
             for images in tqdm(loader, desc=f"{meta.name} features", unit="batch", disable=not show):
                 feats = raw_features(backbone, images, flip, device)
                 if matrix is None:
-                    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                                       shape=(len(dataset), feats.shape[1]))
-                matrix[done:done + len(feats)] = feats
+                    matrix = np.lib.format.open_memmap(
+                        tmp, mode="w+", dtype=np.float32, shape=(len(dataset), feats.shape[1])
+                    )
+                matrix[done : done + len(feats)] = feats
                 done += len(feats)
             matrix.flush()
             del matrix
@@ -287,31 +317,44 @@ def extract_features(meta: IJBMeta, backbone, image_size, out: Path, flip: bool 
     return out
 
 
-def image_features_cached(meta: IJBMeta, backbone, image_size, flip: bool = True, batch_size: int = 128,
-                          num_workers: int = 0, device=None, cache_dir: str | os.PathLike | None = None,
-                          progress: bool | None = None) -> tuple[np.ndarray, Path | None]:
+def image_features_cached(
+    meta: IJBMeta,
+    backbone,
+    image_size,
+    flip: bool = True,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device=None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, Path | None]:
     """(image features N x D, memory-mapped, and the cache file or None). With ``cache_dir``: the cached
     features of these weights / flip / input size when present, else embedded and kept there."""
     if cache_dir is None:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="marginlab-ijb-") as tmp:
-            path = extract_features(meta, backbone, image_size, Path(tmp) / "features.npy", flip, batch_size,
-                                    num_workers, device, progress)
+            path = extract_features(
+                meta, backbone, image_size, Path(tmp) / "features.npy", flip, batch_size, num_workers, device, progress
+            )
             return np.array(np.load(path, mmap_mode="r")), None
     key, about = cache_key(meta, backbone, image_size, flip)
     folder = Path(os.path.expanduser(str(cache_dir)))
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the IJB feature cache ({exc.strerror or exc}); give "
-                          f"verification.{meta.name}.cache_dir=<a writable folder>") from None
+        raise OutputError(
+            f"{folder}: cannot create the IJB feature cache ({exc.strerror or exc}); give "
+            f"verification.{meta.name}.cache_dir=<a writable folder>"
+        ) from None
     path = folder / f"{meta.name}-{key}.npy"
     if not path.is_file():
         extract_features(meta, backbone, image_size, path, flip, batch_size, num_workers, device, progress)
         write_json(path.with_suffix(".json"), about)
     features = np.load(path, mmap_mode="r")
     if features.ndim != 2 or features.shape[0] != len(meta.images):
-        raise DataError(f"{path}: cached features of shape {features.shape} do not fit {len(meta.images)} images; "
-                        "remove the file to embed again")
+        raise DataError(
+            f"{path}: cached features of shape {features.shape} do not fit {len(meta.images)} images; "
+            "remove the file to embed again"
+        )
     return features, path

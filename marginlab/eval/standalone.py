@@ -25,17 +25,16 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 import marginlab.config  # noqa: F401  (resolvers)
-from marginlab.command_args import run_command
-from marginlab.engine import resolve_device
-from marginlab.data.face import parse_image_size
-from marginlab.errors import ConfigError
 from marginlab.builders import build_verifiers
+from marginlab.checkpoint import find_checkpoint
+from marginlab.command_args import run_command
+from marginlab.data.face import parse_image_size
+from marginlab.engine import resolve_device
+from marginlab.errors import ConfigError
 from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
 from marginlab.export.files import free_path, write_text
 from marginlab.logging.run_log import NONFINITE_KEY, dumps, write_json
-from marginlab.checkpoint import find_checkpoint
 from marginlab.weights import load_backbone as load_weights
-
 
 #: what every verification set gives the backbone: RGB face crops, fitted to the checkpoint's image_size
 VERIFICATION_CHANNELS = 3
@@ -51,10 +50,12 @@ def check_fits_verification(path: Path, data: dict, sets: list[str] = ()) -> Non
         fits = False
     if not fits:
         named = f" ({', '.join(sets)})" if sets else ""
-        raise ConfigError(f"{path} does not fit the verification images: its model takes in_channels={channels}, "
-                          f"image_size={size!r}; the verification sets{named} give {VERIFICATION_CHANNELS}-channel "
-                          "(RGB) face crops, fitted to an image_size of one integer or [height, width]: evaluate a "
-                          "model trained on a face data set (e.g. dataset=casia)")
+        raise ConfigError(
+            f"{path} does not fit the verification images: its model takes in_channels={channels}, "
+            f"image_size={size!r}; the verification sets{named} give {VERIFICATION_CHANNELS}-channel "
+            "(RGB) face crops, fitted to an image_size of one integer or [height, width]: evaluate a "
+            "model trained on a face data set (e.g. dataset=casia)"
+        )
 
 
 def load_backbone(path: Path, device: torch.device, sets: list[str] = (), backbone=None, image_size=None):
@@ -76,8 +77,11 @@ def options(target) -> dict:
     if not dataclasses.is_dataclass(target):
         return {}
     plain = (str, int, float, bool, type(None))
-    return {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
-            if not f.name.startswith("_") and isinstance(getattr(target, f.name), (*plain, list, tuple))}
+    return {
+        f.name: getattr(target, f.name)
+        for f in dataclasses.fields(target)
+        if not f.name.startswith("_") and isinstance(getattr(target, f.name), (*plain, list, tuple))
+    }
 
 
 def write_record(path: Path, name: str, record: dict, stamp: str) -> Path:
@@ -100,9 +104,14 @@ def merged_record(path: Path) -> dict:
             records.append((record["time"], file.name, record))
     records.sort(key=lambda r: (r[0], r[1]))
     latest = {record["set"]: (file, record) for _, file, record in records}
-    out = {"checkpoint": str(path), "results": {}, "files": {},
-           "evaluations": [{"set": r["set"], "time": r["time"], "file": f"{eval_dir(path).name}/{file}"}
-                           for _, file, r in records]}
+    out = {
+        "checkpoint": str(path),
+        "results": {},
+        "files": {},
+        "evaluations": [
+            {"set": r["set"], "time": r["time"], "file": f"{eval_dir(path).name}/{file}"} for _, file, r in records
+        ],
+    }
     nonfinite = {}
     for name, (file, record) in latest.items():
         out.update(record.get("scalars", {}))
@@ -132,8 +141,9 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         raise ConfigError("no verification set selected: verification=[lfw,cfp_fp,agedb_30]")
     size = cfg.get("image_size")  # a bare state dict's input (None: its own, 112)
     size = OmegaConf.to_container(size) if OmegaConf.is_config(size) else size
-    backbone, data, ckpt = load_backbone(path, device, sets=list(verifiers), backbone=cfg.get("backbone"),
-                                         image_size=size)
+    backbone, data, ckpt = load_backbone(
+        path, device, sets=list(verifiers), backbone=cfg.get("backbone"), image_size=size
+    )
     if cfg.flip is not None:
         for target in verifiers.values():
             target.flip = bool(cfg.flip)
@@ -145,10 +155,16 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     now = datetime.now(timezone.utc)
     written = []
     for name, result in results.items():
-        record = {"checkpoint": str(path), "set": name, "time": now.isoformat(), "epoch": epoch,
-                  "options": options(verifiers[name]), "weights": ckpt.get("weights"),
-                  "scalars": {k: v for k, v in scalars.items() if k.startswith(f"{name}/")},
-                  "result": jsonable(result)}
+        record = {
+            "checkpoint": str(path),
+            "set": name,
+            "time": now.isoformat(),
+            "epoch": epoch,
+            "options": options(verifiers[name]),
+            "weights": ckpt.get("weights"),
+            "scalars": {k: v for k, v in scalars.items() if k.startswith(f"{name}/")},
+            "result": jsonable(result),
+        }
         file = write_record(path, name, record, now.strftime("%Y%m%dT%H%M%SZ"))
         draw_roc(result, name, file.with_suffix(".png"), epoch=epoch)
         written.append(file)
@@ -159,9 +175,11 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         if "summary" in results[name]:  # IJB-B/C: TAR at each FAR, AUC and the protocol's flags
             print(results[name]["summary"])
             continue
-        print(f"{name}: acc {scalars[f'{name}/acc']:.4f} +- {scalars[f'{name}/acc_std']:.4f}, "
-              f"TAR@FAR=1e-3 {scalars[f'{name}/tar_at_far']:.4f}, AUC {scalars[f'{name}/auc']:.4f}, "
-              f"EER {scalars[f'{name}/eer']:.4f}")
+        print(
+            f"{name}: acc {scalars[f'{name}/acc']:.4f} +- {scalars[f'{name}/acc_std']:.4f}, "
+            f"TAR@FAR=1e-3 {scalars[f'{name}/tar_at_far']:.4f}, AUC {scalars[f'{name}/auc']:.4f}, "
+            f"EER {scalars[f'{name}/eer']:.4f}"
+        )
     print(f"marginlab: wrote {', '.join(str(f) for f in written)} (ROC figures beside them) and {target}")
     return out
 

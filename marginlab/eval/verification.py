@@ -37,8 +37,13 @@ log = logging.getLogger(__name__)
 
 # ---- embeddings -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def embed_images(backbone: nn.Module, images: Tensor, batch_size: int = 256, flip: bool = True,
-                 device: torch.device | str | None = None) -> Tensor:
+def embed_images(
+    backbone: nn.Module,
+    images: Tensor,
+    batch_size: int = 256,
+    flip: bool = True,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """L2-normalised embeddings (float32, on the CPU) of ``images`` (N x C x H x W).
 
     ``images``: uint8 (normalised here, ``(x / 255 - 0.5) / 0.5``) or float (used as given). With ``flip``
@@ -55,7 +60,7 @@ def embed_images(backbone: nn.Module, images: Tensor, batch_size: int = 256, fli
     out = []
     try:
         for lo in range(0, images.shape[0], batch_size):
-            x = images[lo:lo + batch_size].to(device, non_blocking=True)
+            x = images[lo : lo + batch_size].to(device, non_blocking=True)
             x = normalize_face(x) if x.dtype == torch.uint8 else x.float()
             emb = backbone(x).float()
             if flip:
@@ -66,8 +71,13 @@ def embed_images(backbone: nn.Module, images: Tensor, batch_size: int = 256, fli
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def embed_pairs(backbone: nn.Module, images: Tensor, batch_size: int = 256, flip: bool = True,
-                device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def embed_pairs(
+    backbone: nn.Module,
+    images: Tensor,
+    batch_size: int = 256,
+    flip: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(emb1, emb2), each N x D float32 numpy, for the 2N images of N pairs (pair i = images 2i, 2i+1)."""
     if images.shape[0] % 2:
         raise ConfigError(f"pair images must come in twos (pair i = images 2i and 2i+1), got {images.shape[0]}")
@@ -93,8 +103,12 @@ def kfold(n: int, nfolds: int) -> list[tuple[np.ndarray, np.ndarray]]:
 def _counts(thresholds: np.ndarray, dist: np.ndarray, issame: np.ndarray):
     """For every threshold t: true accepts (same, dist < t) and false accepts (different, dist < t)."""
     pos, neg = np.sort(dist[issame]), np.sort(dist[~issame])
-    return (np.searchsorted(pos, thresholds, side="left"), np.searchsorted(neg, thresholds, side="left"),
-            len(pos), len(neg))
+    return (
+        np.searchsorted(pos, thresholds, side="left"),
+        np.searchsorted(neg, thresholds, side="left"),
+        len(pos),
+        len(neg),
+    )
 
 
 def _rates(thresholds, dist, issame):
@@ -121,8 +135,13 @@ def calculate_roc(dist: np.ndarray, issame: np.ndarray, nfolds: int = 10, thresh
     return tprs.mean(0), fprs.mean(0), accuracy, best
 
 
-def calculate_val(dist: np.ndarray, issame: np.ndarray, far_target: float = 1e-3, nfolds: int = 10,
-                  thresholds: np.ndarray = VAL_THRESHOLDS):
+def calculate_val(
+    dist: np.ndarray,
+    issame: np.ndarray,
+    far_target: float = 1e-3,
+    nfolds: int = 10,
+    thresholds: np.ndarray = VAL_THRESHOLDS,
+):
     """TAR at FAR = ``far_target``: per fold, the largest threshold whose FAR on the training folds is at most
     the target (FAR only grows with the threshold), applied to the test fold. InsightFace instead inverts
     the FAR curve with scipy's ``interp1d`` (crashes on repeated FAR values) and uses threshold 0 when the
@@ -132,7 +151,7 @@ def calculate_val(dist: np.ndarray, issame: np.ndarray, far_target: float = 1e-3
         _, fp, _, n_neg = _counts(thresholds, dist[train], issame[train])
         far_train = fp / n_neg if n_neg else np.zeros(len(thresholds))
         k = max(int(np.searchsorted(far_train, far_target, side="right")) - 1, 0)
-        tp, fp, n_pos, n_neg = _counts(thresholds[k:k + 1], dist[test], issame[test])
+        tp, fp, n_pos, n_neg = _counts(thresholds[k : k + 1], dist[test], issame[test])
         val[f] = tp[0] / n_pos if n_pos else 0.0
         far[f] = fp[0] / n_neg if n_neg else 0.0
     return float(val.mean()), float(val.std()), float(far.mean())
@@ -182,10 +201,12 @@ def grid_warning(dist: np.ndarray, issame: np.ndarray) -> str | None:
     if exact - grid <= GRID_LOSS:
         return None
     step = float(ACC_THRESHOLDS[1] - ACC_THRESHOLDS[0])
-    return (f"the pair distances (range [{dist.min():.4g}, {dist.max():.4g}]) fall below the resolution of the "
-            f"accuracy protocol's threshold grid (step {step:g}): its best accuracy over all pairs is {grid:.4f}, "
-            f"an exact threshold reaches {exact:.4f}; the k-fold accuracy is limited by the grid (AUC, EER and the "
-            f"ROC figure are exact)")
+    return (
+        f"the pair distances (range [{dist.min():.4g}, {dist.max():.4g}]) fall below the resolution of the "
+        f"accuracy protocol's threshold grid (step {step:g}): its best accuracy over all pairs is {grid:.4f}, "
+        f"an exact threshold reaches {exact:.4f}; the k-fold accuracy is limited by the grid (AUC, EER and the "
+        f"ROC figure are exact)"
+    )
 
 
 def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3) -> dict:
@@ -198,11 +219,23 @@ def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3)
     tar, tar_std, far = calculate_val(dist, issame, far_target, nfolds)
     area, eer = auc_eer(dist, issame)
     result = {
-        "accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
-        "accuracies": accuracy, "threshold": float(best.mean()), "thresholds": best,
-        "tar_at_far": tar, "tar_at_far_std": tar_std, "far": far, "far_target": float(far_target),
-        "auc": area, "eer": eer, "tpr": tpr, "fpr": fpr, "roc_thresholds": ACC_THRESHOLDS.copy(),
-        "nfolds": int(nfolds), "num_pairs": int(dist.size), "warnings": [],
+        "accuracy": float(accuracy.mean()),
+        "accuracy_std": float(accuracy.std()),
+        "accuracies": accuracy,
+        "threshold": float(best.mean()),
+        "thresholds": best,
+        "tar_at_far": tar,
+        "tar_at_far_std": tar_std,
+        "far": far,
+        "far_target": float(far_target),
+        "auc": area,
+        "eer": eer,
+        "tpr": tpr,
+        "fpr": fpr,
+        "roc_thresholds": ACC_THRESHOLDS.copy(),
+        "nfolds": int(nfolds),
+        "num_pairs": int(dist.size),
+        "warnings": [],
     }
     if issame.all() or not issame.any():
         kind = "same-identity" if issame.all() else "different-identity"

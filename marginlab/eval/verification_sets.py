@@ -76,16 +76,24 @@ def _decode_all(sources: list, where, size: tuple[int, int], workers: int | None
 class _BinUnpickler(pickle.Unpickler):
     """Refuses every global except numpy's array reconstruction: a .bin holds only bytes, lists and bools."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
-               ("_codecs", "encode")}  # Python 3 writes bytes as _codecs.encode(str, 'latin1') under protocol 2
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "bytearray"),
+        ("__builtin__", "bytearray"),
+        ("_codecs", "encode"),
+    }  # Python 3 writes bytes as _codecs.encode(str, 'latin1') under protocol 2
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a verification .bin holds only "
-                                     f"encoded images and booleans")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a verification .bin holds only encoded images and booleans"
+        )
 
 
 def load_bin(path: str | os.PathLike, image_size=112, name: str | None = None) -> VerificationSet:
@@ -103,8 +111,10 @@ def read_bin(path: Path) -> tuple[list[bytes], np.ndarray]:
         with open(path, "rb") as f:
             obj = _BinUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
-        raise DataError(f"{path}: verification set not found (InsightFace's {path.name}, e.g. from the "
-                        f"faces_webface_112x112 or faces_emore release)") from None
+        raise DataError(
+            f"{path}: verification set not found (InsightFace's {path.name}, e.g. from the "
+            f"faces_webface_112x112 or faces_emore release)"
+        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, OSError) as exc:
         raise DataError(f"{path}: not a readable verification .bin ({type(exc).__name__}: {exc})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
@@ -136,21 +146,24 @@ def read_pairs(pairs_path: str | os.PathLike, root: str | os.PathLike, ext: str 
     except OSError as exc:
         raise DataError(f"{pairs_path}: cannot read the pairs file ({exc})") from None
     if not lines or not lines[0].split():
-        raise DataError(f"{pairs_path}, line 1: expected a header '<folds> <pairs per class per fold>', "
-                        f"e.g. '10 300'")
+        raise DataError(f"{pairs_path}, line 1: expected a header '<folds> <pairs per class per fold>', e.g. '10 300'")
     head = lines[0].split()
     try:
         folds, per = (1, int(head[0])) if len(head) == 1 else (int(head[0]), int(head[1]))
         if len(head) > 2 or folds < 1 or per < 1:
             raise ValueError
     except ValueError:
-        raise DataError(f"{pairs_path}, line 1: expected a header '<folds> <pairs per class per fold>', "
-                        f"e.g. '10 300', got {lines[0]!r}") from None
+        raise DataError(
+            f"{pairs_path}, line 1: expected a header '<folds> <pairs per class per fold>', "
+            f"e.g. '10 300', got {lines[0]!r}"
+        ) from None
     body = [(n, line) for n, line in enumerate(lines[1:], start=2) if line.strip()]
     expected = 2 * folds * per
     if len(body) != expected:
-        raise DataError(f"{pairs_path}: the header promises {folds} folds x {per} matched + {per} mismatched "
-                        f"= {expected} pair lines, found {len(body)}")
+        raise DataError(
+            f"{pairs_path}: the header promises {folds} folds x {per} matched + {per} mismatched "
+            f"= {expected} pair lines, found {len(body)}"
+        )
     paths, issame = [], []
     for k, (n, line) in enumerate(body):
         fields = line.split()
@@ -202,14 +215,17 @@ def read_path_pairs(pairs_path: str | os.PathLike, root: str | os.PathLike):
     pairs_path, root = Path(pairs_path), Path(root)
     body = _content_lines(pairs_path)
     if not body:
-        raise DataError(f"{pairs_path}: no pair in the pairs file (one 'path1 path2 label' a line, label 1 or 0; "
-                        f"or LFW's pairs.txt)")
+        raise DataError(
+            f"{pairs_path}: no pair in the pairs file (one 'path1 path2 label' a line, label 1 or 0; "
+            f"or LFW's pairs.txt)"
+        )
     paths, issame = [], []
     for n, line in body:
         fields = line.split()
         if len(fields) != 3:
-            raise DataError(f"{pairs_path}, line {n}: expected 3 fields 'path1 path2 label', got {len(fields)}: "
-                            f"{line!r}")
+            raise DataError(
+                f"{pairs_path}, line {n}: expected 3 fields 'path1 path2 label', got {len(fields)}: {line!r}"
+            )
         if fields[2] not in LABELS:
             raise DataError(f"{pairs_path}, line {n}: label {fields[2]!r} is not allowed: 1 (same identity) or 0")
         for field_ in fields[:2]:
@@ -221,8 +237,9 @@ def read_path_pairs(pairs_path: str | os.PathLike, root: str | os.PathLike):
     return paths, np.array(issame, dtype=bool), PATH_PAIRS_FOLDS
 
 
-def load_lfw_folder(root: str | os.PathLike, pairs: str | os.PathLike | None = None, image_size=112,
-                    name: str = "lfw", ext: str = "jpg") -> VerificationSet:
+def load_lfw_folder(
+    root: str | os.PathLike, pairs: str | os.PathLike | None = None, image_size=112, name: str = "lfw", ext: str = "jpg"
+) -> VerificationSet:
     """Images under ``root`` with a pairs file ``pairs`` (default ``root/pairs.txt``): LFW's ``pairs.txt``
     (``root/<name>/<name>_<nnnn>.<ext>``) or a ``path1 path2 label`` file (paths relative to ``root``)."""
     root = Path(os.path.expanduser(str(root)))
@@ -238,8 +255,9 @@ def load_lfw_folder(root: str | os.PathLike, pairs: str | os.PathLike | None = N
     return VerificationSet(name, images, issame, str(root), folds)
 
 
-def load_verification_set(path: str | os.PathLike, image_size=112, name: str | None = None,
-                          pairs: str | os.PathLike | None = None) -> VerificationSet:
+def load_verification_set(
+    path: str | os.PathLike, image_size=112, name: str | None = None, pairs: str | os.PathLike | None = None
+) -> VerificationSet:
     """A ``.bin`` file, or an image directory with a pairs file (``pairs``, default ``<dir>/pairs.txt``)."""
     p = Path(os.path.expanduser(str(path)))
     if p.is_dir():
@@ -266,8 +284,9 @@ class VerificationTarget:
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"verification.{self.name}.batch_size={self.batch_size!r} is not allowed: "
-                              f"it must be an integer >= 1")
+            raise ConfigError(
+                f"verification.{self.name}.batch_size={self.batch_size!r} is not allowed: it must be an integer >= 1"
+            )
 
     def load(self, image_size=112) -> VerificationSet:
         size = parse_image_size(image_size, "image_size")

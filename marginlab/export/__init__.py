@@ -29,8 +29,12 @@ from marginlab.logging.run_log import dumps
 from marginlab.weights import load_backbone
 
 SIDECAR = ".json"
-SPEC = {"checkpoint": (REQUIRED, lambda k, v: v), "format": ("onnx", one_of(*FORMATS)), "out": (None, lambda k, v: v),
-        **STATE_DICT_OPTIONS}
+SPEC = {
+    "checkpoint": (REQUIRED, lambda k, v: v),
+    "format": ("onnx", one_of(*FORMATS)),
+    "out": (None, lambda k, v: v),
+    **STATE_DICT_OPTIONS,
+}
 
 
 def destination(out: str | None, checkpoint: Path, suffix: str) -> tuple[Path, str | None]:
@@ -69,9 +73,11 @@ def export(args: list[str]) -> dict:
         card = model_card(opts["format"], target.name, ckpt, str(path), embedding_size, check)
         put_in_place(tmp, target)
     write_text(Path(f"{target}{SIDECAR}"), dumps(card, indent=2) + "\n")  # strict JSON (run_log)
-    print(f"marginlab: wrote {target} and {target.name}{SIDECAR} ({opts['format']}, input "
-          f"[N, {card['input']['channels']}, {height}, {width}], embedding {embedding_size}; checked: max relative "
-          f"error {check['max_relative_error']:.1e}, {check['seconds']:.1f} s)")
+    print(
+        f"marginlab: wrote {target} and {target.name}{SIDECAR} ({opts['format']}, input "
+        f"[N, {card['input']['channels']}, {height}, {width}], embedding {embedding_size}; checked: max relative "
+        f"error {check['max_relative_error']:.1e}, {check['seconds']:.1f} s)"
+    )
     return card
 
 

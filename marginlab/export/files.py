@@ -13,7 +13,7 @@ from marginlab.errors import OutputError
 
 def numbered(path: Path, n: int, suffix: str) -> Path:
     """``best.onnx`` -> ``best-<n>.onnx`` (``suffix`` is kept whole: ``.torchscript.pt``)."""
-    stem = path.name[:-len(suffix)] if suffix and path.name.endswith(suffix) else path.stem
+    stem = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.stem
     kept = suffix if suffix and path.name.endswith(suffix) else path.suffix
     return path.with_name(f"{stem}-{n}{kept}")
 
@@ -50,8 +50,9 @@ def put_in_place(tmp: Path, target: Path) -> None:
     try:
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except FileExistsError:
-        raise OutputError(f"{target} exists; marginlab never overwrites a file: remove it or give another out=") \
-            from None
+        raise OutputError(
+            f"{target} exists; marginlab never overwrites a file: remove it or give another out="
+        ) from None
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
     os.replace(tmp, target)

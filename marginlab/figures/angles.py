@@ -18,11 +18,24 @@ def target_angle_figure(epochs: list[dict], title: str = ""):
     ax = fig.add_subplot(1, 1, 1)
     colors = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
     for data, color in zip(epochs, colors * len(epochs)):
-        ax.hist(np.asarray(data["target_deg"]), bins=BINS, density=True, color=color, alpha=0.45,
-                label=f"epoch {int(data['epoch'])}: target angle")
+        ax.hist(
+            np.asarray(data["target_deg"]),
+            bins=BINS,
+            density=True,
+            color=color,
+            alpha=0.45,
+            label=f"epoch {int(data['epoch'])}: target angle",
+        )
         if data.get("other_deg") is not None:
-            ax.hist(np.asarray(data["other_deg"]), bins=BINS, density=True, histtype="step", ls="--", color=color,
-                    label=f"epoch {int(data['epoch'])}: nearest non-target")
+            ax.hist(
+                np.asarray(data["other_deg"]),
+                bins=BINS,
+                density=True,
+                histtype="step",
+                ls="--",
+                color=color,
+                label=f"epoch {int(data['epoch'])}: nearest non-target",
+            )
     ax.set_xlim(0, 180)
     ax.set_xlabel("angle (degrees)")
     ax.set_ylabel("density")

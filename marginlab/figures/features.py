@@ -18,9 +18,18 @@ def _limits(points: np.ndarray) -> float:
     return radius * 1.1 if np.isfinite(radius) and radius > 0 else 1.0
 
 
-def draw_features(ax, features: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None, *,
-                  num_classes: int | None = None, unit: bool = False, weights_are_points: bool = False,
-                  class_ids: np.ndarray | None = None, legend: bool = True) -> None:
+def draw_features(
+    ax,
+    features: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    num_classes: int | None = None,
+    unit: bool = False,
+    weights_are_points: bool = False,
+    class_ids: np.ndarray | None = None,
+    legend: bool = True,
+) -> None:
     """Draws one panel on ``ax`` (a 3-D axes for 3-D features).
 
     ``weights`` (K x D) are the class prototypes of ``class_ids`` (default 0..K-1). They are drawn as
@@ -45,12 +54,11 @@ def draw_features(ax, features: np.ndarray, labels: np.ndarray, weights: np.ndar
         ax.plot_wireframe(np.cos(u) * np.sin(v), np.sin(u) * np.sin(v), np.cos(v), color="0.85", lw=0.4)
     if weights is not None and len(weights):
         weights = np.asarray(weights, dtype=np.float32)[:MAX_DRAWN_CLASSES]
-        ids = np.arange(len(weights)) if class_ids is None else np.asarray(class_ids)[:len(weights)]
+        ids = np.arange(len(weights)) if class_ids is None else np.asarray(class_ids)[: len(weights)]
         colors = class_colors(ids, num_classes)
         norms = np.linalg.norm(weights, axis=1, keepdims=True)
         if weights_are_points and not unit:
-            ax.scatter(*[weights[:, i] for i in range(dim)], c=colors, marker="X", s=60, edgecolors="k",
-                       linewidths=0.6)
+            ax.scatter(*[weights[:, i] for i in range(dim)], c=colors, marker="X", s=60, edgecolors="k", linewidths=0.6)
         else:
             scale = 1.0 / np.maximum(norms, 1e-12) if unit else 1.0 / max(float(norms.max()), 1e-12)
             ends = weights * scale * (1.0 if unit else radius / 1.1)
@@ -82,13 +90,30 @@ def draw_features(ax, features: np.ndarray, labels: np.ndarray, weights: np.ndar
 
         present = np.unique(labels)
         handles = [Line2D([], [], ls="", marker="o", ms=4, color=c) for c in class_colors(present, num_classes)]
-        ax.legend(handles, [str(c) for c in present], fontsize=6, loc="upper right", ncols=2, handletextpad=0.1,
-                  columnspacing=0.4, borderpad=0.3, framealpha=0.7)
+        ax.legend(
+            handles,
+            [str(c) for c in present],
+            fontsize=6,
+            loc="upper right",
+            ncols=2,
+            handletextpad=0.1,
+            columnspacing=0.4,
+            borderpad=0.3,
+            framealpha=0.7,
+        )
 
 
-def features_figure(features: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None, *,
-                    normalized: bool = False, title: str = "", num_classes: int | None = None,
-                    weights_are_points: bool = False, class_ids: np.ndarray | None = None):
+def features_figure(
+    features: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    normalized: bool = False,
+    title: str = "",
+    num_classes: int | None = None,
+    weights_are_points: bool = False,
+    class_ids: np.ndarray | None = None,
+):
     """The features panel (and the unit circle/sphere panel when ``normalized``) as one Figure."""
     dim = np.asarray(features).shape[1]
     if dim not in (2, 3):
@@ -104,8 +129,9 @@ def features_figure(features: np.ndarray, labels: np.ndarray, weights: np.ndarra
         ax = fig.add_subplot(1, panels, 2, projection=projection)
         draw_features(ax, features, labels, weights, unit=True, legend=False, **kwargs)
         ax.set_title("f / ||f|| (unit " + ("circle)" if dim == 2 else "sphere)"), fontsize=9)
-    fig.subplots_adjust(left=0.1 / panels, right=1 - 0.03 / panels, bottom=0.07, top=0.86 if title else 0.92,
-                        wspace=0.22)
+    fig.subplots_adjust(
+        left=0.1 / panels, right=1 - 0.03 / panels, bottom=0.07, top=0.86 if title else 0.92, wspace=0.22
+    )
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

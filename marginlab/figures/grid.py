@@ -13,7 +13,6 @@ from marginlab.figures import new_figure
 from marginlab.figures.angles import BINS
 from marginlab.figures.features import draw_features
 
-
 #: font sizes (points) readable at the saved size (figures.DPI): the figure title, panel titles and axis labels, ticks
 TITLE_SIZE, PANEL_SIZE, TICK_SIZE = 13, 10, 8
 
@@ -30,7 +29,8 @@ def sweep_name(root: Path) -> str:
 def sweep_title(name: str, varying: list[str], what: str, runs: int) -> str:
     """``sweep margins: features of 4 runs, varying head, head.m``."""
     return f"sweep {name}: {what} of {runs} run{'s' if runs != 1 else ''}" + (
-        f", varying {', '.join(varying)}" if varying else "")
+        f", varying {', '.join(varying)}" if varying else ""
+    )
 
 
 @dataclass
@@ -58,8 +58,17 @@ def features_grid_figure(panels: list[RunPanel], unit: bool = False, title: str 
     for i, p in enumerate(panels):
         dim = p.features.shape[1]
         ax = fig.add_subplot(rows, cols, i + 1, projection="3d" if dim == 3 else None)
-        draw_features(ax, p.features, p.labels, p.weights, num_classes=p.num_classes, unit=unit,
-                      weights_are_points=p.weights_are_points, class_ids=p.class_ids, legend=i == 0)
+        draw_features(
+            ax,
+            p.features,
+            p.labels,
+            p.weights,
+            num_classes=p.num_classes,
+            unit=unit,
+            weights_are_points=p.weights_are_points,
+            class_ids=p.class_ids,
+            legend=i == 0,
+        )
         ax.set_title(p.title, fontsize=PANEL_SIZE)
         name = "unit feature" if unit else "feature"
         ax.set_xlabel(f"{name} dim 1", fontsize=PANEL_SIZE)
@@ -83,8 +92,7 @@ def target_angles_grid_figure(panels: list[RunPanel], title: str = ""):
     cmap = colormaps["tab10" if len(panels) <= 10 else "turbo"]
     for i, p in enumerate(panels):
         color = cmap(i % 10) if len(panels) <= 10 else cmap(i / max(len(panels) - 1, 1))
-        ax.hist(np.asarray(p.target_deg), bins=BINS, density=True, histtype="step", lw=1.5, color=color,
-                label=p.title)
+        ax.hist(np.asarray(p.target_deg), bins=BINS, density=True, histtype="step", lw=1.5, color=color, label=p.title)
     ax.set_xlim(0, 180)
     ax.set_xlabel("target angle (degrees), last epoch", fontsize=PANEL_SIZE)
     ax.set_ylabel("density", fontsize=PANEL_SIZE)

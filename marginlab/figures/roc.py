@@ -10,8 +10,15 @@ from marginlab.figures import new_figure
 FAR_FLOOR = 1e-4  # the left end of the FAR axis, unless the ROC has smaller non-zero FARs
 
 
-def roc_figure(fpr: np.ndarray, tpr: np.ndarray, name: str, accuracy: float, auc: float, epoch: int | None = None,
-               note: str | None = None):
+def roc_figure(
+    fpr: np.ndarray,
+    tpr: np.ndarray,
+    name: str,
+    accuracy: float,
+    auc: float,
+    epoch: int | None = None,
+    note: str | None = None,
+):
     """The curve through (fpr, tpr). FAR = 0 has no place on a log axis: those points are drawn at its left end,
     so a perfect ROC ((0, 0), (0, 1), (1, 1)) shows as TAR 1 at every FAR rather than as nothing."""
     fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)

@@ -23,10 +23,24 @@ from torch import Tensor
 from marginlab.geometry.figure_pool import FigurePool
 from marginlab.geometry.projector import MAX_THUMBNAILS, thumbnails, write_projector
 from marginlab.geometry.render import features_epoch_figure, final_features_title, target_angles_figure
-from marginlab.geometry.stats import (class_angle_stats, class_weights, is_normalized, sample_angles,
-                                      weight_angle_stats, weights_are_points)
-from marginlab.geometry.store import (MAX_SAVED_CLASSES, MAX_SAVED_DIM, MAX_SAVED_WEIGHT_NORMS, epoch_path,
-                                      has_features, latest_with_features, list_epochs, save_epoch)
+from marginlab.geometry.stats import (
+    class_angle_stats,
+    class_weights,
+    is_normalized,
+    sample_angles,
+    weight_angle_stats,
+    weights_are_points,
+)
+from marginlab.geometry.store import (
+    MAX_SAVED_CLASSES,
+    MAX_SAVED_DIM,
+    MAX_SAVED_WEIGHT_NORMS,
+    epoch_path,
+    has_features,
+    latest_with_features,
+    list_epochs,
+    save_epoch,
+)
 
 MAX_PAIRWISE_CLASSES = 2048  # pairwise weight angles: a fixed subset of classes above this
 
@@ -47,8 +61,7 @@ class GeometryProbe:
 
     @classmethod
     def from_config(cls, cfg, run_dir: Path, run_log) -> GeometryProbe:
-        return cls(run_dir, max_samples=cfg.logger.probe_max_samples, writer=run_log.writer,
-                   figures=cfg.logger.figures)
+        return cls(run_dir, max_samples=cfg.logger.probe_max_samples, writer=run_log.writer, figures=cfg.logger.figures)
 
     @property
     def figure_seconds(self) -> float:
@@ -57,8 +70,9 @@ class GeometryProbe:
 
     def _reset(self) -> None:
         self.n = 0
-        self.parts: dict[str, list[Tensor]] = {k: [] for k in ("features", "labels", "target", "other", "pred",
-                                                                 "thumbs")}
+        self.parts: dict[str, list[Tensor]] = {
+            k: [] for k in ("features", "labels", "target", "other", "pred", "thumbs")
+        }
         self.seconds = 0.0
 
     @property
@@ -67,8 +81,15 @@ class GeometryProbe:
 
     # ---- during evaluate ------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, features: Tensor, cos: Tensor, labels: Tensor, predictions: Tensor,
-                images: Tensor | None = None, nearest: tuple[Tensor, Tensor] | None = None) -> None:
+    def collect(
+        self,
+        features: Tensor,
+        cos: Tensor,
+        labels: Tensor,
+        predictions: Tensor,
+        images: Tensor | None = None,
+        nearest: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         """Keeps up to ``max_samples`` samples: features, target / nearest non-target angles, predictions.
 
         ``nearest``: ``stats.target_and_nearest_other(cos, labels)`` when the caller has it already."""
@@ -80,12 +101,22 @@ class GeometryProbe:
         if nearest is not None:
             nearest = (nearest[0][:keep], nearest[1][:keep])
         target, other = sample_angles(cos[:keep], labels, nearest)
-        for key, value in (("features", features[:keep].float()), ("labels", labels), ("target", target),
-                           ("other", other), ("pred", predictions[:keep])):
+        for key, value in (
+            ("features", features[:keep].float()),
+            ("labels", labels),
+            ("target", target),
+            ("other", other),
+            ("pred", predictions[:keep]),
+        ):
             self.parts[key].append(value.detach().cpu())
-        if (images is not None and self.writer is not None and self.thumbs is None and images.dim() == 4
-                and self.n < MAX_THUMBNAILS):
-            self.parts["thumbs"].append(thumbnails(images[:min(keep, MAX_THUMBNAILS - self.n)]))
+        if (
+            images is not None
+            and self.writer is not None
+            and self.thumbs is None
+            and images.dim() == 4
+            and self.n < MAX_THUMBNAILS
+        ):
+            self.parts["thumbs"].append(thumbnails(images[: min(keep, MAX_THUMBNAILS - self.n)]))
         self.n += keep
         self.seconds += time.perf_counter() - start
 
@@ -115,9 +146,14 @@ class GeometryProbe:
         scalars.update(class_angle_stats(feats, labels, MAX_PAIRWISE_CLASSES))
 
         if self.writer is not None:
-            hists = {"feature_norm_correct": norms[correct], "feature_norm_wrong": norms[~correct],
-                     "target_deg": target, "nearest_other_deg": other, "margin_deg": margin,
-                     "weight_norm": weight_norms}
+            hists = {
+                "feature_norm_correct": norms[correct],
+                "feature_norm_wrong": norms[~correct],
+                "target_deg": target,
+                "nearest_other_deg": other,
+                "margin_deg": margin,
+                "weight_norm": weight_norms,
+            }
             for tag, values in hists.items():
                 values = values[torch.isfinite(values)]  # a diverged run must not break the histogram
                 if values.numel():
@@ -127,11 +163,12 @@ class GeometryProbe:
         save_epoch(epoch_path(self.run_dir, epoch), data)
         if self.parts["thumbs"]:
             self.thumbs = torch.cat(self.parts["thumbs"])
-            self.thumb_labels = labels[:self.thumbs.shape[0]]
+            self.thumb_labels = labels[: self.thumbs.shape[0]]
         self.last_sample = {"features": feats, "labels": labels, "correct": correct}
         if self.figures and has_features(data):
-            self.pool.submit(f"features_epoch_{epoch:03d}.png", "figures/features", step,
-                             lambda: features_epoch_figure(data))
+            self.pool.submit(
+                f"features_epoch_{epoch:03d}.png", "figures/features", step, lambda: features_epoch_figure(data)
+            )
         scalars["probe/seconds"] = self.seconds + time.perf_counter() - start
         self._reset()
         return scalars
@@ -142,20 +179,31 @@ class GeometryProbe:
         if weight_norms.numel() > MAX_SAVED_WEIGHT_NORMS:
             gen = torch.Generator().manual_seed(0)
             weight_norms = weight_norms[torch.randperm(weight_norms.numel(), generator=gen)[:MAX_SAVED_WEIGHT_NORMS]]
-        data = {"epoch": np.int64(epoch), "step": np.int64(step), "labels": labels.numpy().astype(np.int32),
-                "target_deg": target.numpy().astype(np.float32), "other_deg": other.numpy().astype(np.float32),
-                "feature_norm": norms.numpy().astype(np.float32), "correct": correct.numpy(),
-                "weight_norm": weight_norms.numpy().astype(np.float32), "num_classes": np.int64(num_classes),
-                "normalized": np.bool_(is_normalized(head)), "weights_are_points": np.bool_(weights_are_points(head)),
-                "head": np.str_(type(head).__name__)}
+        data = {
+            "epoch": np.int64(epoch),
+            "step": np.int64(step),
+            "labels": labels.numpy().astype(np.int32),
+            "target_deg": target.numpy().astype(np.float32),
+            "other_deg": other.numpy().astype(np.float32),
+            "feature_norm": norms.numpy().astype(np.float32),
+            "correct": correct.numpy(),
+            "weight_norm": weight_norms.numpy().astype(np.float32),
+            "num_classes": np.int64(num_classes),
+            "normalized": np.bool_(is_normalized(head)),
+            "weights_are_points": np.bool_(weights_are_points(head)),
+            "head": np.str_(type(head).__name__),
+        }
         if feats.shape[1] <= MAX_SAVED_DIM:
             weights = class_weights(head).cpu()
             if weights.shape[0] > MAX_SAVED_CLASSES:  # the classes present in the sample first
                 class_ids = torch.unique(labels)[:MAX_SAVED_CLASSES]
             else:
                 class_ids = torch.arange(weights.shape[0])
-            data.update(features=feats.numpy().astype(np.float32), weights=weights.index_select(0, class_ids).numpy(),
-                        class_ids=class_ids.numpy().astype(np.int32))
+            data.update(
+                features=feats.numpy().astype(np.float32),
+                weights=weights.index_select(0, class_ids).numpy(),
+                class_ids=class_ids.numpy().astype(np.int32),
+            )
         return data
 
     # ---- at the end of the run -----------------------------------------------------------------------
@@ -165,11 +213,16 @@ class GeometryProbe:
             final = latest_with_features(self.run_dir)
             if final is not None:
                 title = final_features_title(final)
-                self.pool.submit("features_final.png", "figures/features_final", step,
-                                 lambda: features_epoch_figure(final, title=title))
+                self.pool.submit(
+                    "features_final.png",
+                    "figures/features_final",
+                    step,
+                    lambda: features_epoch_figure(final, title=title),
+                )
             if list_epochs(self.run_dir):
-                self.pool.submit("target_angles.png", "figures/target_angles", step,
-                                 lambda: target_angles_figure(self.run_dir))
+                self.pool.submit(
+                    "target_angles.png", "figures/target_angles", step, lambda: target_angles_figure(self.run_dir)
+                )
         self.pool.close()
         if self.writer is not None and self.last_sample is not None:
             write_projector(self.writer, self.last_sample, step, self.thumbs, self.thumb_labels)

@@ -16,10 +16,15 @@ def features_epoch_figure(data: dict, title: str | None = None):
 
     head = data.get("head", "")
     return features.features_figure(
-        data["features"], data["labels"], data.get("weights"), normalized=bool(data.get("normalized", False)),
-        num_classes=int(data.get("num_classes", 0)) or None, class_ids=data.get("class_ids"),
+        data["features"],
+        data["labels"],
+        data.get("weights"),
+        normalized=bool(data.get("normalized", False)),
+        num_classes=int(data.get("num_classes", 0)) or None,
+        class_ids=data.get("class_ids"),
         weights_are_points=bool(data.get("weights_are_points", False)),
-        title=title if title is not None else f"{head}, epoch {int(data['epoch'])}".lstrip(", "))
+        title=title if title is not None else f"{head}, epoch {int(data['epoch'])}".lstrip(", "),
+    )
 
 
 def final_features_title(data: dict) -> str:

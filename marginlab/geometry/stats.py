@@ -42,8 +42,9 @@ class GeometryMeter:
         self.violations = 0
 
     @torch.no_grad()
-    def update(self, features: Tensor, cos: Tensor, labels: Tensor, head,
-               nearest: tuple[Tensor, Tensor] | None = None) -> None:
+    def update(
+        self, features: Tensor, cos: Tensor, labels: Tensor, head, nearest: tuple[Tensor, Tensor] | None = None
+    ) -> None:
         """``nearest``: ``target_and_nearest_other(cos, labels)`` when the caller has it already."""
         features = features.float()
         norms = features.norm(dim=1)
@@ -62,11 +63,15 @@ class GeometryMeter:
             return {}
         mean = self.norm_sum / self.n
         var = max(0.0, self.norm_sq / self.n - mean * mean)
-        return {"feature_norm/mean": mean, "feature_norm/std": math.sqrt(var),
-                "feature_norm/min": self.norm_min, "feature_norm/max": self.norm_max,
-                "angle/target_deg": self.target_deg_sum / self.n,
-                "angle/nearest_other_deg": self.other_deg_sum / self.n,
-                "margin/violation_frac": self.violations / self.n}
+        return {
+            "feature_norm/mean": mean,
+            "feature_norm/std": math.sqrt(var),
+            "feature_norm/min": self.norm_min,
+            "feature_norm/max": self.norm_max,
+            "angle/target_deg": self.target_deg_sum / self.n,
+            "angle/nearest_other_deg": self.other_deg_sum / self.n,
+            "margin/violation_frac": self.violations / self.n,
+        }
 
 
 @torch.no_grad()
@@ -83,6 +88,7 @@ def batch_geometry(features: Tensor, cos: Tensor, labels: Tensor, head) -> dict[
 
 
 # ---- per-epoch probe statistics (geometry/probe.py) ---------------------------------------------
+
 
 def is_normalized(head) -> bool:
     """Whether the head classifies normalised features (so the unit circle/sphere is worth drawing):
@@ -152,8 +158,12 @@ def class_angle_stats(features: Tensor, labels: Tensor, max_classes: int = 2048)
     # index_select, not index_add_ / scatter_add_ / x[idx]: those wait milliseconds for threads on a busy CPU
     counts = torch.bincount(index, minlength=classes.numel())
     ends = counts.cumsum(0)
-    running = torch.cat([unit.new_zeros(1, unit.shape[1], dtype=torch.float64),
-                         unit.index_select(0, torch.argsort(index, stable=True)).double().cumsum(0)])
+    running = torch.cat(
+        [
+            unit.new_zeros(1, unit.shape[1], dtype=torch.float64),
+            unit.index_select(0, torch.argsort(index, stable=True)).double().cumsum(0),
+        ]
+    )
     sums = running.index_select(0, ends) - running.index_select(0, ends - counts)
     means = torch.nn.functional.normalize(sums.float(), dim=1)
     cos = (unit * means.index_select(0, index)).sum(dim=1).clamp(-1.0, 1.0)

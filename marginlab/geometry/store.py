@@ -40,8 +40,10 @@ def load_epoch(path: Path) -> dict:
         with np.load(path, allow_pickle=False) as z:
             return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
     except Exception as exc:  # noqa: BLE001 - whatever fails while parsing the file, the file is at fault
-        raise DataError(f"{path} cannot be read, it is not a complete npz file ({type(exc).__name__}: {exc}); "
-                        "delete it (the other epochs are still drawn) or re-run the training") from None
+        raise DataError(
+            f"{path} cannot be read, it is not a complete npz file ({type(exc).__name__}: {exc}); "
+            "delete it (the other epochs are still drawn) or re-run the training"
+        ) from None
 
 
 def save_epoch(path: Path, data: dict) -> None:

@@ -34,8 +34,16 @@ class AdaFaceHead(CosineMarginHead):
     # mk-minchul/AdaFace head.py: kernel.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) (unit-norm classes)
     official_init = "uniform_unit_rows"
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.4,
-                 h: float = 0.333, t_alpha: float = 0.01, **common):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.4,
+        h: float = 0.333,
+        t_alpha: float = 0.01,
+        **common,
+    ):
         super().__init__(in_features, num_classes, s=s, **common)
         self.m = check_float("m", m, low=0.0, high=math.pi / 2)
         self.h = check_float("h", h, low=0.0, high=10.0)

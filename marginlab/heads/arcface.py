@@ -46,8 +46,16 @@ class ArcFaceHead(CosineMarginHead):
     # insightface recognition/arcface_torch/partial_fc_v2.py: torch.normal(0, 0.01, (num_local, D))
     official_init = "normal_0.01"
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
-                 easy_margin: bool = False, mode: str = "exact", **common):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        easy_margin: bool = False,
+        mode: str = "exact",
+        **common,
+    ):
         super().__init__(in_features, num_classes, s=s, **common)
         self.m = check_float("m", m, low=0.0, high=math.pi / 2)
         self.probe_margin = ProbeMargin(m2=self.m)  # theta_y + m must stay below the nearest non-target angle
@@ -56,8 +64,7 @@ class ArcFaceHead(CosineMarginHead):
         self.mode = mode
         self.easy_margin = bool(easy_margin)
         if self.easy_margin and mode != "exact":
-            raise ConfigError(f"easy_margin=True is not allowed with mode={mode!r}: "
-                              "it exists only in mode 'exact'")
+            raise ConfigError(f"easy_margin=True is not allowed with mode={mode!r}: it exists only in mode 'exact'")
         self.cos_m, self.sin_m = math.cos(self.m), math.sin(self.m)
         self.threshold = math.cos(math.pi - self.m)
         self.fallback = math.sin(math.pi - self.m) * self.m  # = m sin m

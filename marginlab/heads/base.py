@@ -21,8 +21,15 @@ from torch import Tensor, nn
 
 from marginlab.checks import check_batch, check_float, check_positive_int
 from marginlab.errors import ConfigError
-from marginlab.heads.kernels import (RowReduce, chunked_margin_cross_entropy, fused_cosine_margin, fused_linear,
-                                    normalize_features, precise_cosine, with_slope)
+from marginlab.heads.kernels import (
+    RowReduce,
+    chunked_margin_cross_entropy,
+    fused_cosine_margin,
+    fused_linear,
+    normalize_features,
+    precise_cosine,
+    with_slope,
+)
 from marginlab.heads.probe_record import LazyCosine, ProbeMargin, ProbeRecord
 
 
@@ -51,13 +58,21 @@ def cos_plus_angle_and_slope(cos: Tensor, cos_m: float, sin_m: float) -> tuple[T
 #: what ``init`` may be: the head's own official initialisation of W, or nn.Linear's (kaiming)
 INITS = ("official", "kaiming")
 #: the initialisations of W a head can declare as its official one (see ``fill_class_weight_``)
-WEIGHT_INITS = ("kaiming_uniform", "normal_0.01", "uniform_unit_rows", "gaussian_unit_rows", "caffe_xavier",
-                "caffe_msra", "xavier_uniform")
+WEIGHT_INITS = (
+    "kaiming_uniform",
+    "normal_0.01",
+    "uniform_unit_rows",
+    "gaussian_unit_rows",
+    "caffe_xavier",
+    "caffe_msra",
+    "xavier_uniform",
+)
 
 
 @torch.no_grad()
-def fill_class_weight_(weight: Tensor, kind: str, generator: torch.Generator | None = None,
-                       total_rows: int | None = None) -> Tensor:
+def fill_class_weight_(
+    weight: Tensor, kind: str, generator: torch.Generator | None = None, total_rows: int | None = None
+) -> Tensor:
     """Fills ``weight`` (rows x D) in place with the initialisation ``kind`` (one of WEIGHT_INITS).
 
     Every kind but ``xavier_uniform`` draws rows independently of the row count, so a shard of rows can
@@ -108,14 +123,22 @@ class MarginHead(nn.Module):
     #: official code of their own keep nn.Linear's
     official_init: str = "kaiming_uniform"
 
-    def __init__(self, in_features: int, num_classes: int, init: str = "official", lr_mult: float = 1.0,
-                 weight_decay: float | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        init: str = "official",
+        lr_mult: float = 1.0,
+        weight_decay: float | None = None,
+    ):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.num_classes = check_positive_int("num_classes", num_classes)
         if init not in INITS:
-            raise ConfigError(f"init={init!r} is not allowed: it must be one of {', '.join(INITS)} "
-                              f"(official for {type(self).__name__} is {self.official_init})")
+            raise ConfigError(
+                f"init={init!r} is not allowed: it must be one of {', '.join(INITS)} "
+                f"(official for {type(self).__name__} is {self.official_init})"
+            )
         self.init = init
         self.lr_mult = check_float("lr_mult", lr_mult, low=0.0, low_inclusive=False)
         self.weight_decay = None if weight_decay is None else check_float("weight_decay", weight_decay, low=0.0)
@@ -160,8 +183,14 @@ class MarginHead(nn.Module):
         target entry is off by up to ~1e-2, i.e. logits at s = 64 for small angles, where acos's slope
         is large. The target entries of the B x C matrix still hold the product's value: overwrite them.
         """
-        fused = fused_linear(normalize_features(embeddings), self.weight, labels, normalize_weight=True,
-                             bound=1.0, target_value=precise_cosine(embeddings, self.weight, labels))
+        fused = fused_linear(
+            normalize_features(embeddings),
+            self.weight,
+            labels,
+            normalize_weight=True,
+            bound=1.0,
+            target_value=precise_cosine(embeddings, self.weight, labels),
+        )
         return fused.logits, fused.target
 
     @staticmethod
@@ -195,8 +224,15 @@ class CosineMarginHead(MarginHead):
     #: unbounded at +-1); additive cosine margins (slope 1) take them from the float32 product
     precise_target: bool = True
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, chunked: bool = False,
-                 chunk_size: int | None = None, **common):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 30.0,
+        chunked: bool = False,
+        chunk_size: int | None = None,
+        **common,
+    ):
         super().__init__(in_features, num_classes, **common)
         self.s = check_float("s", s, low=0.0, low_inclusive=False)
         #: ``chunked``: a training forward (with labels, in train mode) returns the mean cross-entropy itself
@@ -209,16 +245,25 @@ class CosineMarginHead(MarginHead):
         if self.chunked:
             check_chunkable(self)
 
-    def chunked_loss(self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None,
-                     reduce: RowReduce | None = None) -> Tensor:
+    def chunked_loss(
+        self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None, reduce: RowReduce | None = None
+    ) -> Tensor:
         """The mean cross-entropy of ``head(x, labels)``'s logits, in class blocks (kernels/chunked_margin_ce.py).
 
         Partial FC passes its sampled rows as ``weight``, -1 in ``labels`` for classes other ranks hold and
         its all-reduce as ``reduce``."""
         check_chunkable(self)
         self.probe_record.clear()  # no cosines were made
-        return _chunked_loss(embeddings, self.weight if weight is None else weight, labels, self.s,
-                             self.margin_and_slope, self.precise_target, self.chunk_size, reduce)
+        return _chunked_loss(
+            embeddings,
+            self.weight if weight is None else weight,
+            labels,
+            self.s,
+            self.margin_and_slope,
+            self.precise_target,
+            self.chunk_size,
+            reduce,
+        )
 
     def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, Tensor | float]:
         """(phi(cos theta_y), d phi / d cos theta_y) for the B target cosines; called without autograd."""
@@ -246,24 +291,36 @@ class CosineMarginHead(MarginHead):
         s = self.s
         if labels is not None and not isinstance(s, Tensor) and not torch.compiler.is_compiling():
             # the whole training forward in one Function (fused_margin.py)
-            logits, target = fused_cosine_margin(embeddings, self.weight, labels, s, s, self.margin_and_slope,
-                                                 self.precise_target)
-            self.probe_record.keep(LazyCosine(logits, col_scale=1.0 / s, labels=labels,
-                                              target_raw=target))
+            logits, target = fused_cosine_margin(
+                embeddings, self.weight, labels, s, s, self.margin_and_slope, self.precise_target
+            )
+            self.probe_record.keep(LazyCosine(logits, col_scale=1.0 / s, labels=labels, target_raw=target))
             return logits
         # s cos theta_j in one fused product: (s x/||x||) . W_j / ||W_j||, clamped to [-s, s]
         scale = s.detach().clone() if isinstance(s, Tensor) else s  # as of this forward (s may be learnt)
         bound = scale.abs() if isinstance(scale, Tensor) else abs(scale)
         # the target cosines (B) are computed again in float64 from the raw features (see fast_cosine.py)
         target_value = None if labels is None else precise_cosine(embeddings, self.weight, labels) * scale
-        fused = fused_linear(normalize_features(embeddings) * s, self.weight, labels, normalize_weight=True, bound=bound,
-                             target_value=target_value)
+        fused = fused_linear(
+            normalize_features(embeddings) * s,
+            self.weight,
+            labels,
+            normalize_weight=True,
+            bound=bound,
+            target_value=target_value,
+        )
         logits = fused.logits
         if labels is not None:
             cos_target = fused.target / s
             logits = fused.replace_target(labels, s * self.target_cosine(cos_target, labels))
-        self.probe_record.keep(LazyCosine(logits, col_scale=1.0 / scale, labels=labels,
-                                          target_raw=None if labels is None else fused.target.detach()))
+        self.probe_record.keep(
+            LazyCosine(
+                logits,
+                col_scale=1.0 / scale,
+                labels=labels,
+                target_raw=None if labels is None else fused.target.detach(),
+            )
+        )
         return logits
 
 
@@ -271,13 +328,20 @@ def check_chunkable(head: nn.Module) -> None:
     """``chunked=True`` needs a margin that is ``margin_and_slope`` of the target cosine alone and a fixed s."""
     cls = type(head)
     name = cls.__name__
-    if (cls.margin_and_slope is CosineMarginHead.margin_and_slope or cls.logits is not CosineMarginHead.logits
-            or cls.normalized_cosine is not MarginHead.normalized_cosine):
-        raise ConfigError(f"chunked=true is not allowed with {name}: its logits are not s cos theta with a margin "
-                          "on the target cosine alone (state, feature norms or sub-centres); use chunked=false")
+    if (
+        cls.margin_and_slope is CosineMarginHead.margin_and_slope
+        or cls.logits is not CosineMarginHead.logits
+        or cls.normalized_cosine is not MarginHead.normalized_cosine
+    ):
+        raise ConfigError(
+            f"chunked=true is not allowed with {name}: its logits are not s cos theta with a margin "
+            "on the target cosine alone (state, feature norms or sub-centres); use chunked=false"
+        )
     if isinstance(getattr(head, "s", None), Tensor):
-        raise ConfigError(f"chunked=true is not allowed with {name}(learnable_scale=true): the chunked loss takes "
-                          "a fixed s; use learnable_scale=false or chunked=false")
+        raise ConfigError(
+            f"chunked=true is not allowed with {name}(learnable_scale=true): the chunked loss takes "
+            "a fixed s; use learnable_scale=false or chunked=false"
+        )
 
 
 @torch.compiler.disable

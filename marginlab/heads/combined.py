@@ -32,8 +32,16 @@ class CombinedMarginHead(CosineMarginHead):
     # insightface recognition/arcface_torch/partial_fc_v2.py: torch.normal(0, 0.01, (num_local, D))
     official_init = "normal_0.01"
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m1: float = 1.0,
-                 m2: float = 0.3, m3: float = 0.2, **common):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.3,
+        m3: float = 0.2,
+        **common,
+    ):
         super().__init__(in_features, num_classes, s=s, **common)
         self.m1 = check_float("m1", m1, low=1.0, high=10.0)
         self.m2 = check_float("m2", m2, low=0.0, high=math.pi)

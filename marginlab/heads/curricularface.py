@@ -27,8 +27,9 @@ class CurricularFaceHead(ArcFaceHead):
     # HuangYG123/CurricularFace head/metrics.py: nn.init.normal_(self.kernel, std=0.01)
     official_init = "normal_0.01"
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
-                 momentum: float = 0.01, **common):
+    def __init__(
+        self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5, momentum: float = 0.01, **common
+    ):
         super().__init__(in_features, num_classes, s=s, m=m, easy_margin=False, **common)
         self.momentum = check_float("momentum", momentum, low=0.0, high=1.0, low_inclusive=False)
         self.register_buffer("t", torch.zeros(1))

@@ -32,8 +32,15 @@ class L2SoftmaxHead(MarginHead):
     with a zero gradient (``normalize_features``).
     """
 
-    def __init__(self, in_features: int, num_classes: int, alpha: float | str = "auto",
-                 p: float = 0.9, bias: bool = True, **common):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        alpha: float | str = "auto",
+        p: float = 0.9,
+        bias: bool = True,
+        **common,
+    ):
         super().__init__(in_features, num_classes, **common)
         if isinstance(alpha, str):
             if alpha != "auto":
@@ -42,12 +49,16 @@ class L2SoftmaxHead(MarginHead):
             if p >= 1.0:
                 raise ConfigError(f"p={p!r} is not allowed: it must lie in (0, 1)")
             if num_classes <= 2:
-                raise ConfigError(f"alpha='auto' needs num_classes > 2 (got {num_classes}): the bound "
-                                  "log(p (C - 2) / (1 - p)) is undefined; set alpha to a number > 0")
+                raise ConfigError(
+                    f"alpha='auto' needs num_classes > 2 (got {num_classes}): the bound "
+                    "log(p (C - 2) / (1 - p)) is undefined; set alpha to a number > 0"
+                )
             auto = alpha_lower_bound(num_classes, p)
             if auto <= 0:
-                raise ConfigError(f"alpha='auto' gives log(p (C - 2) / (1 - p)) = {auto:.3g} <= 0 for "
-                                  f"p={p}, num_classes={num_classes}: raise p or set alpha to a number > 0")
+                raise ConfigError(
+                    f"alpha='auto' gives log(p (C - 2) / (1 - p)) = {auto:.3g} <= 0 for "
+                    f"p={p}, num_classes={num_classes}: raise p or set alpha to a number > 0"
+                )
             alpha = auto
         self.alpha = check_float("alpha", alpha, low=0.0, low_inclusive=False)
         self.p = float(p)
@@ -62,7 +73,11 @@ class L2SoftmaxHead(MarginHead):
         with torch.no_grad():  # cosines for the geometry probe: (logit - b) / (alpha ||W_j||), computed
             # from these pieces (taken now: the step may change W and b) when probe_record.cosine is read
             w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)
-            self.probe_record.keep(LazyCosine(
-                logits, col_scale=w_norms.clamp_min_(1e-12).mul_(self.alpha).reciprocal_(),
-                bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True)))
+            self.probe_record.keep(
+                LazyCosine(
+                    logits,
+                    col_scale=w_norms.clamp_min_(1e-12).mul_(self.alpha).reciprocal_(),
+                    bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True),
+                )
+            )
         return logits

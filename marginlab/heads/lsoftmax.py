@@ -83,8 +83,17 @@ class LSoftmaxHead(MarginHead):
     # weight_filler msra (Caffe MSRAFiller, fan_in: N(0, 2/D))
     official_init = "caffe_msra"
 
-    def __init__(self, in_features: int, num_classes: int, m: int = 4, base: float = 1000.0,
-                 gamma: float = 2.5e-5, power: float = 35.0, lambda_min: float = 0.0, **common):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        m: int = 4,
+        base: float = 1000.0,
+        gamma: float = 2.5e-5,
+        power: float = 35.0,
+        lambda_min: float = 0.0,
+        **common,
+    ):
         super().__init__(in_features, num_classes, **common)
         self.m = check_positive_int("m", m)
         # the probe's margin: multiplicative angular, m theta_y must stay below the nearest non-target angle
@@ -143,10 +152,15 @@ class LSoftmaxHead(MarginHead):
         if not self.probe_record.enabled:
             return
         with torch.no_grad():
-            self.probe_record.keep(LazyCosine(
-                logits, row_scale=x_norm.detach().clamp_min(_NORM_EPS).reciprocal_(),
-                col_scale=w_norms.clamp_min(_NORM_EPS).reciprocal_(), labels=labels,
-                target_raw=None if target is None else target.detach()))
+            self.probe_record.keep(
+                LazyCosine(
+                    logits,
+                    row_scale=x_norm.detach().clamp_min(_NORM_EPS).reciprocal_(),
+                    col_scale=w_norms.clamp_min(_NORM_EPS).reciprocal_(),
+                    labels=labels,
+                    target_raw=None if target is None else target.detach(),
+                )
+            )
 
     def schedule_values(self) -> dict[str, float]:
         return {"lambda": float(self.current_lambda())}

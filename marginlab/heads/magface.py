@@ -31,9 +31,19 @@ class MagFaceHead(CosineMarginHead):
     # IrvingMeng/MagFace models/magface.py: weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) (unit rows)
     official_init = "uniform_unit_rows"
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, l_a: float = 10.0,
-                 u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0,
-                 easy_margin: bool = True, **common):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 64.0,
+        l_a: float = 10.0,
+        u_a: float = 110.0,
+        l_m: float = 0.45,
+        u_m: float = 0.8,
+        lambda_g: float = 35.0,
+        easy_margin: bool = True,
+        **common,
+    ):
         super().__init__(in_features, num_classes, s=s, **common)
         self.l_a = check_float("l_a", l_a, low=0.0, low_inclusive=False)
         self.u_a = check_float("u_a", u_a, low=self.l_a, low_inclusive=False)
@@ -50,7 +60,7 @@ class MagFaceHead(CosineMarginHead):
 
     def regularizer_g(self, a: Tensor) -> Tensor:
         # MagFace, regulariser g in L_Mag: g(a) = a / u_a^2 + 1 / a
-        return a / (self.u_a ** 2) + 1.0 / a
+        return a / (self.u_a**2) + 1.0 / a
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None:
@@ -68,8 +78,9 @@ class MagFaceHead(CosineMarginHead):
             target = torch.where(cos_target > 0, phi, cos_target)
         else:
             # ArcFace exact-gradient fallback with the per-sample margin: cos theta - sin(pi - m) m
-            target = torch.where(cos_target > torch.cos(math.pi - margin), phi,
-                                 cos_target - torch.sin(math.pi - margin) * margin)
+            target = torch.where(
+                cos_target > torch.cos(math.pi - margin), phi, cos_target - torch.sin(math.pi - margin) * margin
+            )
         self._loss_g = self.lambda_g * self.regularizer_g(a).mean() if self.training else None
         return self.replace_target(cos * self.s, labels, self.s * target)
 

@@ -19,7 +19,8 @@ class NormFaceHead(CosineMarginHead):
     prototxt/scaled_cosine_softmax.prototxt, ``scale_param { min_value: 0.01 }``) the learnt s is kept
     at >= 0.01: it is clamped in place before every training forward. The same prototxt trains the class weights
     with ``lr_mult: 100, decay_mult: 0``: ``head.lr_mult=100 head.weight_decay=0`` (MarginHead).
-    s = 1 is Cosine Normalization's plain cosine (configs/head/cosine.yaml). COCO (congenerous cosine, Liu et al. 2017) is literally this formula,
+    s = 1 is Cosine Normalization's plain cosine (configs/head/cosine.yaml). COCO (congenerous cosine, Liu et al.
+    2017) is literally this formula,
     ``alpha * x/||x|| . c_k/||c_k||`` with learnable centroids c_k = W_k, so configs/head/coco.yaml
     points here rather than at a copy.
     """
@@ -28,8 +29,7 @@ class NormFaceHead(CosineMarginHead):
     # (happynear's Caffe GaussianUnitBallFiller: N(0, 1), then every row to unit norm)
     official_init = "gaussian_unit_rows"
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 16.0,
-                 learnable_scale: bool = False, **common):
+    def __init__(self, in_features: int, num_classes: int, s: float = 16.0, learnable_scale: bool = False, **common):
         super().__init__(in_features, num_classes, s=s, **common)
         self.learnable_scale = bool(learnable_scale)
         if self.learnable_scale:

@@ -67,8 +67,7 @@ class LazyCosine:
 
     __slots__ = ("bias", "col_scale", "labels", "raw", "row_scale", "target_raw", "version")
 
-    def __init__(self, raw: Tensor, *, row_scale=None, col_scale=None, bias=None, labels=None,
-                 target_raw=None):
+    def __init__(self, raw: Tensor, *, row_scale=None, col_scale=None, bias=None, labels=None, target_raw=None):
         self.raw = raw.detach()
         self.version = None if torch.compiler.is_compiling() else raw._version
         self.row_scale, self.col_scale, self.bias = row_scale, col_scale, bias
@@ -76,8 +75,10 @@ class LazyCosine:
 
     def check_intact(self) -> None:
         if self.version is not None and self.raw._version != self.version:
-            raise RuntimeError("the head's logits were modified in place after its forward, so its probe "
-                               "cosines (probe_record.cosine) can no longer be computed from them")
+            raise RuntimeError(
+                "the head's logits were modified in place after its forward, so its probe "
+                "cosines (probe_record.cosine) can no longer be computed from them"
+            )
 
     @torch.no_grad()
     def compute(self) -> Tensor:

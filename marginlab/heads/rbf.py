@@ -14,7 +14,6 @@ from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import class_block, no_autocast
 from marginlab.heads.probe_record import LazyCosine
 
-
 #: the probe's cosines are recovered from the logits (see _RBFCosine) only where the estimated error
 #: of that stays below this (and no logit underflows); otherwise the product x W^T is kept
 _RECOVERY_TOLERANCE = 5e-6
@@ -110,7 +109,7 @@ class _RBFLogits(torch.autograd.Function):
             for c0 in range(0, num_classes, block):
                 c1 = min(c0 + block, num_classes)
                 cols = slice(c0, c1)
-                ga = torch.mul(grad_out[:, cols], out[:, cols], out=buffer[:batch * (c1 - c0)].view(batch, c1 - c0))
+                ga = torch.mul(grad_out[:, cols], out[:, cols], out=buffer[: batch * (c1 - c0)].view(batch, c1 - c0))
                 if hit.dtype == torch.bool:
                     ga.masked_fill_(hit[:, cols], 0.0)
                 elif hit.numel():

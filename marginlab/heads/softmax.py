@@ -27,8 +27,12 @@ class SoftmaxHead(MarginHead):
             # computed from these pieces (taken now: the step may change W and b) when probe_record.cosine is read
             x_norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
             w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)
-            self.probe_record.keep(LazyCosine(
-                logits, row_scale=x_norms.clamp_min_(1e-12).reciprocal_(),
-                col_scale=w_norms.clamp_min_(1e-12).reciprocal_(),
-                bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True)))
+            self.probe_record.keep(
+                LazyCosine(
+                    logits,
+                    row_scale=x_norms.clamp_min_(1e-12).reciprocal_(),
+                    col_scale=w_norms.clamp_min_(1e-12).reciprocal_(),
+                    bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True),
+                )
+            )
         return logits

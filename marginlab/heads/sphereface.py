@@ -61,16 +61,28 @@ class SphereFaceHead(LSoftmaxHead):
     # wy1iu/sphereface train/code/sphereface_model.prototxt, fc6: weight_filler xavier (Caffe, fan_in)
     official_init = "caffe_xavier"
 
-    def __init__(self, in_features: int, num_classes: int, m: int = 4, base: float = 1000.0,
-                 gamma: float = 0.12, power: float = 1.0, lambda_min: float = 5.0, mode: str = "exact",
-                 **common):
-        super().__init__(in_features, num_classes, m=m, base=base, gamma=gamma, power=power,
-                         lambda_min=lambda_min, **common)
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        m: int = 4,
+        base: float = 1000.0,
+        gamma: float = 0.12,
+        power: float = 1.0,
+        lambda_min: float = 5.0,
+        mode: str = "exact",
+        **common,
+    ):
+        super().__init__(
+            in_features, num_classes, m=m, base=base, gamma=gamma, power=power, lambda_min=lambda_min, **common
+        )
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not allowed: it must be one of {', '.join(MODES)}")
         if mode == "official" and self.m not in OFFICIAL_M:
-            raise ConfigError(f"m={self.m} is not allowed with mode='official': the Caffe layer implements "
-                              f"m in {', '.join(map(str, OFFICIAL_M))} (use mode='exact' for larger m)")
+            raise ConfigError(
+                f"m={self.m} is not allowed with mode='official': the Caffe layer implements "
+                f"m in {', '.join(map(str, OFFICIAL_M))} (use mode='exact' for larger m)"
+            )
         self.mode = mode
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
@@ -83,8 +95,9 @@ class SphereFaceHead(LSoftmaxHead):
         wx = fused.logits
         x = at_least_float32(embeddings)
         x_norm = torch.linalg.vector_norm(x, dim=1)
-        w_norms = (torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=wx.dtype)
-                   if self.probe_record.enabled else None)
+        w_norms = (
+            torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=wx.dtype) if self.probe_record.enabled else None
+        )
         if labels is None:
             self._set_probe(wx, x_norm, w_norms)
             return wx
@@ -107,8 +120,9 @@ class SphereFaceHead(LSoftmaxHead):
             w_y = self.weight[labels].to(wx.dtype)
             # d target / d x = ((c_w W_y + c_x x) / (1 + lambda) + lambda / (1 + lambda) W_y); the product
             # already gives W_y, this adds the rest
-            extra = ((coeff_w / unit - 1.0).unsqueeze(1) * w_y
-                     + (coeff_x / unit).unsqueeze(1) * x.detach()) / (1.0 + lam)
+            extra = ((coeff_w / unit - 1.0).unsqueeze(1) * w_y + (coeff_x / unit).unsqueeze(1) * x.detach()) / (
+                1.0 + lam
+            )
         # the value, with the Caffe x-gradient and the plain W gradient (through dot only)
         along = torch.linalg.vecdot(x, extra)
         target = dot + (value - dot.detach()) + (along - along.detach())

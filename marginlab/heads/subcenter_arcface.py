@@ -28,8 +28,17 @@ class SubCenterArcFaceHead(ArcFaceHead):
     # insightface recognition/subcenter_arcface/parall_module_local_v1.py: fc7 weights mx.init.Normal(0.01)
     official_init = "normal_0.01"
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
-                 k: int = 3, easy_margin: bool = False, mode: str = "no_fallback", **common):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        k: int = 3,
+        easy_margin: bool = False,
+        mode: str = "no_fallback",
+        **common,
+    ):
         super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin, mode=mode, **common)
         self.k = check_positive_int("k", k)
         self.weight = nn.Parameter(torch.empty(num_classes * self.k, in_features))
@@ -50,7 +59,8 @@ class SubCenterArcFaceHead(ArcFaceHead):
             chosen = rows.gather(1, chosen.unsqueeze(1)).squeeze(1)
         # the chosen sub-centre's entry is the target (precise value, exact gradient); the B x C max-pool's
         # target entries hold the product's value and are overwritten by the caller
-        fused = fused_linear(normalize_features(embeddings), self.weight, chosen, normalize_weight=True,
-                             bound=1.0, target_value=best)
+        fused = fused_linear(
+            normalize_features(embeddings), self.weight, chosen, normalize_weight=True, bound=1.0, target_value=best
+        )
         cos = fused.logits.view(embeddings.shape[0], self.num_classes, k).amax(dim=2)
         return cos, fused.target

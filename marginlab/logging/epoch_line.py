@@ -11,9 +11,15 @@ import time
 from pathlib import Path
 
 #: (record key, label, format) of the headline numbers, in the order they are shown
-HEADLINE = (("train/loss", "loss", "{:.4f}"), ("train/acc", "acc", "{:.4f}"), ("test/acc", "test/acc", "{:.4f}"),
-            ("train/lr", "lr", "{:.4g}"), ("test/feature_norm/mean", "norm", "{:.4g}"),
-            ("test/angle/target_deg", "theta_y", "{:.1f}deg"), ("test/margin/violation_frac", "viol", "{:.3f}"))
+HEADLINE = (
+    ("train/loss", "loss", "{:.4f}"),
+    ("train/acc", "acc", "{:.4f}"),
+    ("test/acc", "test/acc", "{:.4f}"),
+    ("train/lr", "lr", "{:.4g}"),
+    ("test/feature_norm/mean", "norm", "{:.4g}"),
+    ("test/angle/target_deg", "theta_y", "{:.1f}deg"),
+    ("test/margin/violation_frac", "viol", "{:.3f}"),
+)
 #: the record's own keys that are not verification accuracies
 OWN_PREFIXES = ("train/", "test/", "head/", "time/", "best/")
 LOG_NAME = "train.log"  # Hydra's job log file in the run dir (hydra.job.name is "train")

@@ -77,16 +77,23 @@ class MlflowTracker:
                 if found is None:
                     raise
                 experiment_id = found.experiment_id
-        self.run_id = self._resumed_run(experiment_id) or self.client.create_run(
-            experiment_id, run_name=self.run_dir.name, tags={"marginlab.run_dir": str(self.run_dir.resolve())}
-        ).info.run_id
+        self.run_id = (
+            self._resumed_run(experiment_id)
+            or self.client.create_run(
+                experiment_id, run_name=self.run_dir.name, tags={"marginlab.run_dir": str(self.run_dir.resolve())}
+            ).info.run_id
+        )
         self.done = False
 
     def _resumed_run(self, experiment_id: str) -> str | None:
         """The MLflow run this run dir logged to before (``train resume=``), reopened; None for a new run dir."""
         run_dir = str(self.run_dir.resolve()).replace("'", "\\'")
-        found = self.client.search_runs([experiment_id], f"tags.`marginlab.run_dir` = '{run_dir}'", max_results=1,
-                                        order_by=["attributes.start_time DESC"])
+        found = self.client.search_runs(
+            [experiment_id],
+            f"tags.`marginlab.run_dir` = '{run_dir}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
         if not found:
             return None
         self.client.update_run(found[0].info.run_id, status="RUNNING")
@@ -100,25 +107,29 @@ class MlflowTracker:
         if options is None or options is False:
             return None
         options = options if hasattr(options, "get") else {}
-        return cls(run_dir, tracking_uri=options.get("tracking_uri"),
-                   experiment=options.get("experiment") or "marginlab")
+        return cls(
+            run_dir, tracking_uri=options.get("tracking_uri"), experiment=options.get("experiment") or "marginlab"
+        )
 
     def start(self, cfg, choices: dict | None = None) -> None:
         from mlflow.entities import Param
 
         params = [Param(_key(k), str(v)[:6000]) for k, v in flat_hparams(cfg, choices).items()]
         for i in range(0, len(params), 100):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def metrics(self, values: dict, step: int) -> None:
         """The numeric values at ``step`` (NaN kept, +-inf left out; bools, strings and lists are no metrics)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(_key(k), v, now, int(step)) for k, v in ((k, _number(v)) for k, v in values.items())
-                 if v is not None and not math.isinf(v)]
+        batch = [
+            Metric(_key(k), v, now, int(step))
+            for k, v in ((k, _number(v)) for k, v in values.items())
+            if v is not None and not math.isinf(v)
+        ]
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def epoch_record(self, record: dict) -> None:
         """The scalars RunLog writes to TensorBoard for the epoch, at the epoch's step."""

@@ -21,16 +21,25 @@ def _regularizer_dict(regularizers) -> nn.ModuleDict:
         return nn.ModuleDict()
     if isinstance(regularizers, nn.Module):
         regularizers = [regularizers]
-    items = regularizers.items() if isinstance(regularizers, Mapping) else (
-        (type(r).__name__, r) for r in regularizers) if isinstance(regularizers, Iterable) else None
+    items = (
+        regularizers.items()
+        if isinstance(regularizers, Mapping)
+        else ((type(r).__name__, r) for r in regularizers)
+        if isinstance(regularizers, Iterable)
+        else None
+    )
     if items is None:
-        raise TypeError(f"MarginLoss(regularizers=...) takes a regularizer module, a list or a dict of them; "
-                        f"got {type(regularizers).__name__}")
+        raise TypeError(
+            f"MarginLoss(regularizers=...) takes a regularizer module, a list or a dict of them; "
+            f"got {type(regularizers).__name__}"
+        )
     out = nn.ModuleDict()
     for name, reg in items:
         if not isinstance(reg, nn.Module):
-            raise TypeError(f"MarginLoss(regularizers=...): {name!r} is a {type(reg).__name__}, not a regularizer "
-                            "module (e.g. marginlab.regularizers.center.CenterLoss)")
+            raise TypeError(
+                f"MarginLoss(regularizers=...): {name!r} is a {type(reg).__name__}, not a regularizer "
+                "module (e.g. marginlab.regularizers.center.CenterLoss)"
+            )
         out[name if name not in out else f"{name}_{len(out)}"] = reg
     return out
 
@@ -42,8 +51,10 @@ def check_chunked(head: nn.Module, regularizers: nn.ModuleDict) -> None:
     for name, reg in regularizers.items():
         param = inspect.signature(reg.forward).parameters.get("logits")
         if param is not None and param.default is inspect.Parameter.empty:
-            raise ConfigError(f"regularizer {name!r} needs the logits, which head.chunked=true never builds: "
-                              "use head.chunked=false with it")
+            raise ConfigError(
+                f"regularizer {name!r} needs the logits, which head.chunked=true never builds: "
+                "use head.chunked=false with it"
+            )
 
 
 class MarginLoss(nn.Module):
@@ -65,14 +76,17 @@ class MarginLoss(nn.Module):
         """The head's output holds every class's logits: accuracy is computed from it. Not so for a
         ``chunked`` head, whose training output is the loss itself (heads/base.py, ``CosineMarginHead``)."""
         return not getattr(self.head, "chunked", False)
+
     #: the class weights are split over the ranks and the head runs its own collectives (Partial FC)
     sharded = False
 
     def __init__(self, head: nn.Module, regularizers=None):
         super().__init__()
         if not isinstance(head, nn.Module):
-            raise TypeError(f"MarginLoss(head=...) takes a margin head module (e.g. marginlab.heads.ArcFace("
-                            f"in_features, num_classes)); got {type(head).__name__} {head!r:.60}")
+            raise TypeError(
+                f"MarginLoss(head=...) takes a margin head module (e.g. marginlab.heads.ArcFace("
+                f"in_features, num_classes)); got {type(head).__name__} {head!r:.60}"
+            )
         self.head = head
         self.regularizers = _regularizer_dict(regularizers)
         if getattr(head, "chunked", False):
@@ -126,13 +140,17 @@ class MarginLoss(nn.Module):
                 raise TypeError(f"MarginLoss: {name} must be a tensor, got {type(value).__name__}")
         in_features = getattr(self.margin_head, "in_features", None)
         if embeddings.dim() != 2 or (in_features is not None and embeddings.shape[1] != in_features):
-            raise ConfigError(f"MarginLoss: embeddings of shape {tuple(embeddings.shape)} do not fit "
-                              f"{type(self.margin_head).__name__}(in_features={in_features}): give (batch, "
-                              f"{in_features}), e.g. a backbone whose output size is the head's in_features")
+            raise ConfigError(
+                f"MarginLoss: embeddings of shape {tuple(embeddings.shape)} do not fit "
+                f"{type(self.margin_head).__name__}(in_features={in_features}): give (batch, "
+                f"{in_features}), e.g. a backbone whose output size is the head's in_features"
+            )
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ConfigError(f"MarginLoss: labels of shape {tuple(labels.shape)} do not match embeddings of "
-                              f"shape {tuple(embeddings.shape)}: give one class index per embedding, shape "
-                              f"({embeddings.shape[0]},)")
+            raise ConfigError(
+                f"MarginLoss: labels of shape {tuple(labels.shape)} do not match embeddings of "
+                f"shape {tuple(embeddings.shape)}: give one class index per embedding, shape "
+                f"({embeddings.shape[0]},)"
+            )
         if labels.dtype not in (torch.int64, torch.int32):
             raise ConfigError(f"MarginLoss: labels must be integer class indices, got dtype {labels.dtype}")
         num_classes = getattr(self, "num_classes", None) or getattr(self.margin_head, "num_classes", None)
@@ -140,5 +158,7 @@ class MarginLoss(nn.Module):
             low, high = labels.min().item(), labels.max().item()
             if low < 0 or high >= num_classes:
                 bad = low if low < 0 else high
-                raise ConfigError(f"MarginLoss: labels hold class {bad}, but the head has num_classes="
-                                  f"{num_classes}: labels must lie in [0, {num_classes - 1}]")
+                raise ConfigError(
+                    f"MarginLoss: labels hold class {bad}, but the head has num_classes="
+                    f"{num_classes}: labels must lie in [0, {num_classes - 1}]"
+                )

@@ -21,8 +21,10 @@ class PartialFCLoss(MarginLoss):
 
     def __init__(self, head: PartialFC, regularizers=None):
         if not isinstance(head, PartialFC):
-            raise TypeError(f"PartialFCLoss(head=...) takes a marginlab.distributed.partial_fc.PartialFC; got "
-                            f"{type(head).__name__}: use MarginLoss for an unsharded head")
+            raise TypeError(
+                f"PartialFCLoss(head=...) takes a marginlab.distributed.partial_fc.PartialFC; got "
+                f"{type(head).__name__}: use MarginLoss for an unsharded head"
+            )
         super().__init__(head, regularizers)
 
     @property

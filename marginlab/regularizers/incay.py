@@ -24,8 +24,9 @@ class FeatureIncay(Regularizer):
     Default weight 0.1 is our pick: the paper's lambda is [unverified].
     """
 
-    def __init__(self, in_features: int, num_classes: int, weight: float = 0.1, eps: float = 1e-6,
-                 smooth: bool = False):
+    def __init__(
+        self, in_features: int, num_classes: int, weight: float = 0.1, eps: float = 1e-6, smooth: bool = False
+    ):
         super().__init__(in_features, num_classes, weight)
         self.eps = check_float("eps", eps, low=0.0, low_inclusive=False)
         self.smooth = bool(smooth)

@@ -19,8 +19,18 @@ from marginlab.report.jobs import Job, find_job_dirs, read_job
 from marginlab.report.paper import PaperValue, check_paper, paper_values
 from marginlab.report.table import Report, build_report
 
-__all__ = ["Job", "PaperValue", "Report", "build_report", "check_paper", "collect", "find_job_dirs", "main",
-           "paper_values", "read_job"]
+__all__ = [
+    "Job",
+    "PaperValue",
+    "Report",
+    "build_report",
+    "check_paper",
+    "collect",
+    "find_job_dirs",
+    "main",
+    "paper_values",
+    "read_job",
+]
 
 
 def _started(job: Job) -> tuple:
@@ -50,11 +60,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="marginlab report",
         description="Join each job's config with its metrics.json into one table: a row per setting "
-                    "(the values that differ between the runs, seed aside), mean ± std over seeds, the best row "
-                    "marked, the paper's numbers beside ours when the experiment config has a paper: block.")
+        "(the values that differ between the runs, seed aside), mean ± std over seeds, the best row "
+        "marked, the paper's numbers beside ours when the experiment config has a paper: block.",
+    )
     p.add_argument("paths", nargs="+", help="a sweep directory, or several run/job directories")
-    p.add_argument("--metrics", help="comma-separated metrics.json keys (default: test/acc and any <set>/acc); "
-                                     "the first one picks the best row")
+    p.add_argument(
+        "--metrics",
+        help="comma-separated metrics.json keys (default: test/acc and any <set>/acc); "
+        "the first one picks the best row",
+    )
     p.add_argument("--out", help="directory for report.md and report.csv (default: the sweep directory)")
     return p
 
@@ -65,11 +79,15 @@ def main(args: list[str]) -> int:
     jobs = [j for j in found if not j.never_trained]  # failed before the first epoch: only a failure record
     skipped = len(found) - len(jobs)
     if skipped:
-        print(f"marginlab: report: skipped {skipped} run dir{'s' if skipped > 1 else ''} that never trained "
-              f"(failed before the first epoch; metrics.json says why)")
+        print(
+            f"marginlab: report: skipped {skipped} run dir{'s' if skipped > 1 else ''} that never trained "
+            f"(failed before the first epoch; metrics.json says why)"
+        )
     if not jobs:
-        raise ConfigError(f"report: no job directories (with .hydra/) under {', '.join(opts.paths)}"
-                          + (f" except {skipped} that never trained" if skipped else ""))
+        raise ConfigError(
+            f"report: no job directories (with .hydra/) under {', '.join(opts.paths)}"
+            + (f" except {skipped} that never trained" if skipped else "")
+        )
     metrics = [m.strip() for m in opts.metrics.split(",") if m.strip()] if opts.metrics else None
     out = Path(opts.out) if opts.out else default_out(opts.paths)
     report = build_report(jobs, metrics, root=default_out(opts.paths))

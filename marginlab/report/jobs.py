@@ -18,9 +18,26 @@ from marginlab.logging.run_log import restore_nonfinite
 IGNORED_KEYS = ("seed", "resume")
 
 #: run management, not the experiment: never a row label (a key, or a prefix followed by "." or "/")
-NOISE = ("hydra", "logger", "launcher", "hparams_search", "paper", "reproduce", "resume", "name", "init_from",
-         "dataset.num_workers", "dataset.pin_memory", "dataset.eval_batch_size", "dataset.root", "dataset.download",
-         "trainer.device", "trainer.checkpoint", "trainer.compile", "trainer.channels_last")
+NOISE = (
+    "hydra",
+    "logger",
+    "launcher",
+    "hparams_search",
+    "paper",
+    "reproduce",
+    "resume",
+    "name",
+    "init_from",
+    "dataset.num_workers",
+    "dataset.pin_memory",
+    "dataset.eval_batch_size",
+    "dataset.root",
+    "dataset.download",
+    "trainer.device",
+    "trainer.checkpoint",
+    "trainer.compile",
+    "trainer.channels_last",
+)
 
 #: config groups whose choice (``head`` -> ``arcface``) can label a row, before the config's own values
 CHOICE_KEYS = ("experiment", "dataset", "backbone", "head", "regularizer", "optim", "sched", "verification")
@@ -75,8 +92,12 @@ class Job:
     def never_trained(self) -> bool:
         """A single run that failed before its first epoch: its directory holds only the failure record (a failed
         job of a sweep stays in the report, counted in its setting's row; a run still starting is not skipped)."""
-        return (self.status == "failed" and self.num is None and (self.path / "metrics.json").exists()
-                and not (self.path / "metrics.jsonl").exists())  # metrics.jsonl: a line per epoch trained
+        return (
+            self.status == "failed"
+            and self.num is None
+            and (self.path / "metrics.json").exists()
+            and not (self.path / "metrics.jsonl").exists()
+        )  # metrics.jsonl: a line per epoch trained
 
     def setting(self) -> dict[str, str]:
         """The job's overrides minus the seed and run management (``NOISE``): what its row is grouped by."""
@@ -117,8 +138,12 @@ class Job:
                 node = None
                 break
             node = node[part]
-        if "." not in key and isinstance(node, dict) and "_target_" not in node and all(
-                isinstance(v, dict) for v in node.values()):
+        if (
+            "." not in key
+            and isinstance(node, dict)
+            and "_target_" not in node
+            and all(isinstance(v, dict) for v in node.values())
+        ):
             # regularizer / verification: read from the config, since Hydra's choices miss list selections
             names = sorted(node)
             return None if not names else names[0] if len(names) == 1 else names
@@ -154,9 +179,18 @@ def read_job(path: Path) -> Job:
         record = restore_nonfinite(json.loads((path / "metrics.json").read_text()))
         metrics = {k: _number(v) for k, v in record.items()}
     except (OSError, ValueError):
-        metrics = {"status": "failed", "error": "no readable metrics.json (the job crashed, was killed, or is still running)"}
-    return Job(path=path, overrides=[str(o) for o in overrides], metrics=metrics, config=config,
-               choices=choices, num=num if isinstance(num, int) else None)
+        metrics = {
+            "status": "failed",
+            "error": "no readable metrics.json (the job crashed, was killed, or is still running)",
+        }
+    return Job(
+        path=path,
+        overrides=[str(o) for o in overrides],
+        metrics=metrics,
+        config=config,
+        choices=choices,
+        num=num if isinstance(num, int) else None,
+    )
 
 
 def find_job_dirs(paths: list[Path | str]) -> list[Path]:

@@ -114,12 +114,16 @@ def check_paper(block: Any, where: str = "paper") -> None:
         if merged.get("unit", "same") not in UNITS:
             raise ConfigError(f"{key}: unit={merged.get('unit')!r}; choose one of {', '.join(UNITS)}")
         if merged.get("confidence") not in CONFIDENCE:
-            raise ConfigError(f"{key}: confidence={merged.get('confidence')!r}; choose one of "
-                              f"{', '.join(CONFIDENCE)} (the marks of papers.md)")
+            raise ConfigError(
+                f"{key}: confidence={merged.get('confidence')!r}; choose one of "
+                f"{', '.join(CONFIDENCE)} (the marks of papers.md)"
+            )
         evidence = str(merged.get("evidence") or "")
         if merged["confidence"] == "repo" and not REPO_FILE.search(evidence):
-            raise ConfigError(f"{key}: confidence=repo needs evidence naming the official repository's file that "
-                              f"holds the number (owner/name/path), got {evidence!r}")
+            raise ConfigError(
+                f"{key}: confidence=repo needs evidence naming the official repository's file that "
+                f"holds the number (owner/name/path), got {evidence!r}"
+            )
         if merged["confidence"] == "cited" and not evidence.strip():
             raise ConfigError(f"{key}: confidence=cited needs evidence naming who quotes the number, and where")
 
@@ -146,10 +150,16 @@ def paper_values(block: Any, lookup: Callable[[str], Any]) -> list[PaperValue]:
         if not isinstance(entry, dict) or not all(_equal(v, lookup(k)) for k, v in (entry.get("match") or {}).items()):
             continue
         merged = {**block, **entry}
-        value = PaperValue(source=str(merged.get("source", "")), table=str(merged.get("table", "")),
-                           metric=str(merged.get("metric", "")), unit=str(merged.get("unit") or "same"),
-                           value=float(merged["value"]), confidence=str(merged.get("confidence", "unverified")),
-                           note=str(entry.get("note") or ""), compare=str(merged.get("compare") or ""),
-                           evidence=str(merged.get("evidence") or ""))
+        value = PaperValue(
+            source=str(merged.get("source", "")),
+            table=str(merged.get("table", "")),
+            metric=str(merged.get("metric", "")),
+            unit=str(merged.get("unit") or "same"),
+            value=float(merged["value"]),
+            confidence=str(merged.get("confidence", "unverified")),
+            note=str(entry.get("note") or ""),
+            compare=str(merged.get("compare") or ""),
+            evidence=str(merged.get("evidence") or ""),
+        )
         found.setdefault((value.metric, value.measured, value.unit), value)
     return list(found.values())

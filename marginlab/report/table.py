@@ -60,8 +60,9 @@ def default_metrics(jobs: list[Job]) -> list[str]:
     """With a validation split: best/val/acc (it picks the best row), then the test accuracy of best.pt and of the
     last epoch; without: test/acc. Then every other ``<set>/acc`` the jobs measured (verification sets)."""
     keys = {k for j in jobs if j.status == "completed" for k, v in j.metrics.items() if is_finite_number(v)}
-    extra = sorted(k for k in keys if k.endswith("/acc")
-                   and k.partition("/")[0] not in ("test", "val", "train", "best", "step"))
+    extra = sorted(
+        k for k in keys if k.endswith("/acc") and k.partition("/")[0] not in ("test", "val", "train", "best", "step")
+    )
     first = ["best/val/acc", "best/test/acc", "test/acc"] if "best/val/acc" in keys else ["test/acc"]
     return [*first, *extra]
 
@@ -77,7 +78,7 @@ def column_label(metric: str, selected_on: str) -> str:
     a selection on the test split is labelled optimistic."""
     if not metric.startswith("best/"):
         return f"{metric} (last epoch)" if "/" in metric else metric
-    inner = metric[len("best/"):]
+    inner = metric[len("best/") :]
     optimistic = " (optimistic: chosen on test)" if selected_on.startswith("test/") else ""
     if inner == selected_on:
         return f"{inner} (best){optimistic}"
@@ -119,11 +120,19 @@ class Report:
         return cols
 
     def cells(self, row: Row) -> list[str]:
-        label = [row.setting.get(k, "-") for k in self.keys] if self.keys else [
-            ", ".join(f"{k}={v}" for k, v in row.setting.items()) or "(defaults)"]
+        label = (
+            [row.setting.get(k, "-") for k in self.keys]
+            if self.keys
+            else [", ".join(f"{k}={v}" for k, v in row.setting.items()) or "(defaults)"]
+        )
         failed_text = "failed" if row.failed and not row.completed else "-"
-        cells = ["best" if row.best else "", *label, str(len(row.completed)), str(len(row.failed)),
-                 *[self.stat_cell(row.stats.get(m)) if row.stats.get(m) else failed_text for m in self.metrics]]
+        cells = [
+            "best" if row.best else "",
+            *label,
+            str(len(row.completed)),
+            str(len(row.failed)),
+            *[self.stat_cell(row.stats.get(m)) if row.stats.get(m) else failed_text for m in self.metrics],
+        ]
         papers = {p.label: p for p in row.paper}
         for label_ in self.paper_labels:
             paper, ours = papers.get(label_), row.ours.get(label_)
@@ -145,8 +154,10 @@ class Report:
 
     def notes(self) -> list[str]:
         direction = "lowest" if lower_is_better(self.best_metric) else "highest"
-        notes = [f"n: seeds completed; mean ± sample std over them; failed jobs are counted, not averaged. "
-                 f"best: {direction} mean {self.label(self.best_metric)}."]
+        notes = [
+            f"n: seeds completed; mean ± sample std over them; failed jobs are counted, not averaged. "
+            f"best: {direction} mean {self.label(self.best_metric)}."
+        ]
         notes += self.split_notes()
         if self.common:
             notes.append("every job: " + " ".join(f"{k}={v}" for k, v in self.common.items()))
@@ -154,8 +165,13 @@ class Report:
         sources = list(dict.fromkeys(f"{p.source}, {p.table}".strip(", ") for p in papers))
         if sources:
             notes.append("paper: " + "; ".join(sources) + ". diff = ours - paper, in the paper's unit.")
-            compared = list(dict.fromkeys(f"{p.label}: ours is {p.measured} ({self.label(p.measured)})"
-                                          for p in papers if p.measured != p.metric))
+            compared = list(
+                dict.fromkeys(
+                    f"{p.label}: ours is {p.measured} ({self.label(p.measured)})"
+                    for p in papers
+                    if p.measured != p.metric
+                )
+            )
             if compared:
                 notes.append("compared: " + "; ".join(compared) + " (the paper reports that statistic).")
             evidence = list(dict.fromkeys(f"{p.value:g} [{p.confidence}: {p.evidence}]" for p in papers if p.evidence))
@@ -164,12 +180,21 @@ class Report:
             marks = list(dict.fromkeys(p.confidence for p in papers))
             notes.append("marks: " + "; ".join(f"[{m}] {CONFIDENCE.get(m, '?')}" for m in marks))
             if "unverified" in marks:
-                notes.append("values marked [unverified] are approximate: do not read them as the paper's exact numbers.")
-        block_notes = list(dict.fromkeys(str((j.config.get("paper") or {}).get("note") or "")
-                                         for r in self.rows for j in r.jobs[:1]))
+                notes.append(
+                    "values marked [unverified] are approximate: do not read them as the paper's exact numbers."
+                )
+        block_notes = list(
+            dict.fromkeys(str((j.config.get("paper") or {}).get("note") or "") for r in self.rows for j in r.jobs[:1])
+        )
         notes += [f"note: {n}" for n in block_notes if n]
-        notes += list(dict.fromkeys(f"note ({', '.join(f'{k}={v}' for k, v in r.setting.items())}): {p.note}"
-                                    for r in self.rows for p in r.paper if p.note))
+        notes += list(
+            dict.fromkeys(
+                f"note ({', '.join(f'{k}={v}' for k, v in r.setting.items())}): {p.note}"
+                for r in self.rows
+                for p in r.paper
+                if p.note
+            )
+        )
         for row in self.rows:
             for job in row.failed:
                 notes.append(f"failed: {self.where(job)}: {job.error}")
@@ -181,14 +206,17 @@ class Report:
         """What val and test are and what chose best.pt, when a column depends on it."""
         notes = []
         if any(m.partition("/")[0] == "val" or m.startswith("best/val/") for m in self.metrics):
-            notes.append("splits: val = held out of the training images (dataset.val_fraction), chooses best.pt; "
-                         "test = the test split, never used to choose.")
+            notes.append(
+                "splits: val = held out of the training images (dataset.val_fraction), chooses best.pt; "
+                "test = the test split, never used to choose."
+            )
         if any(m.startswith("best/") for m in self.metrics):
             on = {"": "differs between runs", "epoch": "the last epoch"}.get(self.selected_on, self.selected_on)
             notes.append(f"best.pt: chosen on {on}; best/<metric> is its value at that epoch.")
         if self.selected_on.startswith("test/") or (self.best_metric.startswith("test/") and len(self.rows) > 1):
-            notes.append("optimistic: a choice made on the test split (best.pt or the best row) overstates its "
-                         "test accuracy.")
+            notes.append(
+                "optimistic: a choice made on the test split (best.pt or the best row) overstates its test accuracy."
+            )
         return notes
 
     def where(self, job: Job) -> str:
@@ -204,23 +232,33 @@ class Report:
         for m in self.metrics:
             header += [f"{m} mean", f"{m} std"]
         for label in self.paper_labels:
-            header += [f"paper {label}", f"paper {label} confidence", f"paper {label} source",
-                       f"ours {label} mean", f"ours {label} std", f"diff {label}"]
+            header += [
+                f"paper {label}",
+                f"paper {label} confidence",
+                f"paper {label} source",
+                f"ours {label} mean",
+                f"ours {label} std",
+                f"diff {label}",
+            ]
         header += ["best", "errors"]
         writer.writerow(header)
         num = lambda x: "" if x is None else repr(float(x))
         for row in self.rows:
-            line = self.cells(row)[1:1 + len(keys)] + [len(row.completed), len(row.failed)]
+            line = self.cells(row)[1 : 1 + len(keys)] + [len(row.completed), len(row.failed)]
             for m in self.metrics:
                 stat = row.stats.get(m)
                 line += [num(stat.mean if stat else None), num(stat.std if stat else None)]
             papers = {p.label: p for p in row.paper}
             for label in self.paper_labels:
                 paper, ours = papers.get(label), row.ours.get(label)
-                line += [num(paper.value) if paper else "", paper.confidence if paper else "",
-                         "; ".join(x for x in (f"{paper.source}, {paper.table}", paper.evidence) if x) if paper else "",
-                         num(ours.mean if ours else None), num(ours.std if ours else None),
-                         num(ours.mean - paper.value) if (paper and ours) else ""]
+                line += [
+                    num(paper.value) if paper else "",
+                    paper.confidence if paper else "",
+                    "; ".join(x for x in (f"{paper.source}, {paper.table}", paper.evidence) if x) if paper else "",
+                    num(ours.mean if ours else None),
+                    num(ours.std if ours else None),
+                    num(ours.mean - paper.value) if (paper and ours) else "",
+                ]
             line += [int(row.best), " | ".join(str(j.error) for j in row.failed)]
             writer.writerow(line)
         return out.getvalue()
@@ -238,8 +276,15 @@ def distinguishing_keys(jobs: list[Job]) -> list[str]:
     overrides first, then config-group choices, then config values; a key is kept only when it splits jobs that
     the keys before it left together (``head.m`` adds nothing after ``m``). Seeds (and keys equal to the seed in
     every job) are averaged over, not labels; run management (``jobs.NOISE``) is left out."""
-    candidates = list(dict.fromkeys([*(k for j in jobs for k in j.setting()), *(k for j in jobs for k in j.group_keys()),
-                                     *(k for j in jobs for k in j.config_keys())]))
+    candidates = list(
+        dict.fromkeys(
+            [
+                *(k for j in jobs for k in j.setting()),
+                *(k for j in jobs for k in j.group_keys()),
+                *(k for j in jobs for k in j.config_keys()),
+            ]
+        )
+    )
     keys: list[str] = []
     groups = 1 if jobs else 0
     for key in candidates:
@@ -267,13 +312,26 @@ def build_report(jobs: list[Job], metrics: list[str] | None = None, root: Path |
         first = row.jobs[0]
         row.paper = paper_values(first.config.get("paper"), first.value)
         for p in row.paper:
-            row.ours[p.label] = Stat.of([p.convert(float(j.metrics[p.measured])) for j in row.completed
-                                         if is_finite_number(j.metrics.get(p.measured))])
+            row.ours[p.label] = Stat.of(
+                [
+                    p.convert(float(j.metrics[p.measured]))
+                    for j in row.completed
+                    if is_finite_number(j.metrics.get(p.measured))
+                ]
+            )
     paper_labels = list(dict.fromkeys(p.label for r in rows.values() for p in r.paper))
     best_metric = metrics[0] if metrics else "test/acc"
     scored = [r for r in rows.values() if r.stats.get(best_metric)]
     if scored:
         sign = -1.0 if lower_is_better(best_metric) else 1.0
         max(scored, key=lambda r: sign * r.stats[best_metric].mean).best = True
-    return Report(rows=list(rows.values()), metrics=metrics, keys=keys, common=common,
-                  paper_labels=paper_labels, best_metric=best_metric, root=root, selected_on=selection(jobs))
+    return Report(
+        rows=list(rows.values()),
+        metrics=metrics,
+        keys=keys,
+        common=common,
+        paper_labels=paper_labels,
+        best_metric=best_metric,
+        root=root,
+        selected_on=selection(jobs),
+    )

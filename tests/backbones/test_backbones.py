@@ -12,14 +12,17 @@ from marginlab.backbones.torchvision_resnet import TorchvisionResNet
 from marginlab.errors import ConfigError
 
 
-@pytest.mark.parametrize("make,shape,dim", [
-    (lambda: DigitsCNN(embedding_dim=16, in_channels=1, image_size=8), (3, 1, 8, 8), 16),
-    (lambda: LeNetPP(embedding_dim=2, in_channels=1, image_size=28), (3, 1, 28, 28), 2),
-    (lambda: LeNetPP(embedding_dim=3, in_channels=1, image_size=8), (3, 1, 8, 8), 3),
-    (lambda: ResNetCifar(embedding_dim=64, depth=20, in_channels=3, image_size=32), (2, 3, 32, 32), 64),
-    (lambda: TorchvisionResNet("resnet18", embedding_dim=32, in_channels=3, image_size=64), (2, 3, 64, 64), 32),
-    (lambda: TorchvisionResNet("resnet18", embedding_dim=8, in_channels=1, image_size=32), (2, 1, 32, 32), 8),
-])
+@pytest.mark.parametrize(
+    "make,shape,dim",
+    [
+        (lambda: DigitsCNN(embedding_dim=16, in_channels=1, image_size=8), (3, 1, 8, 8), 16),
+        (lambda: LeNetPP(embedding_dim=2, in_channels=1, image_size=28), (3, 1, 28, 28), 2),
+        (lambda: LeNetPP(embedding_dim=3, in_channels=1, image_size=8), (3, 1, 8, 8), 3),
+        (lambda: ResNetCifar(embedding_dim=64, depth=20, in_channels=3, image_size=32), (2, 3, 32, 32), 64),
+        (lambda: TorchvisionResNet("resnet18", embedding_dim=32, in_channels=3, image_size=64), (2, 3, 64, 64), 32),
+        (lambda: TorchvisionResNet("resnet18", embedding_dim=8, in_channels=1, image_size=32), (2, 1, 32, 32), 8),
+    ],
+)
 def test_output_shape(make, shape, dim):
     torch.manual_seed(0)
     net = make()

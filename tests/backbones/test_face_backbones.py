@@ -22,11 +22,14 @@ def n_params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-@pytest.mark.parametrize("make,shape,dim", [
-    (lambda: SphereFaceNet(depth=20), (2, 3, 112, 96), 512),
-    (lambda: IResNet(depth=18), (2, 3, 112, 112), 512),
-    (lambda: MobileFaceNet(), (2, 3, 112, 112), 128),
-])
+@pytest.mark.parametrize(
+    "make,shape,dim",
+    [
+        (lambda: SphereFaceNet(depth=20), (2, 3, 112, 96), 512),
+        (lambda: IResNet(depth=18), (2, 3, 112, 112), 512),
+        (lambda: MobileFaceNet(), (2, 3, 112, 112), 128),
+    ],
+)
 def test_forward_at_paper_size(make, shape, dim):
     """A real forward (CPU) for one net of each family; the other variants are checked on the meta device."""
     torch.manual_seed(0)
@@ -37,16 +40,19 @@ def test_forward_at_paper_size(make, shape, dim):
     assert out.shape == (shape[0], dim) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("make,shape,dim", [
-    (lambda: SphereFaceNet(depth=4), (2, 3, 112, 96), 512),
-    (lambda: SphereFaceNet(depth=10), (2, 3, 112, 96), 512),
-    (lambda: SphereFaceNet(depth=20, embedding_dim=128), (2, 3, 112, 96), 128),
-    (lambda: SphereFaceNet(depth=20, image_size=112), (2, 3, 112, 112), 512),
-    (lambda: SphereFaceNet(units=[1, 0, 0, 1], in_channels=1), (2, 1, 112, 96), 512),
-    (lambda: IResNet(depth=34, embedding_dim=64, in_channels=1, image_size=[112, 96]), (2, 1, 112, 96), 64),
-    (lambda: MobileFaceNet(embedding_dim=512), (2, 3, 112, 112), 512),
-    (lambda: MobileFaceNet(image_size=[112, 96]), (2, 3, 112, 96), 128),
-])
+@pytest.mark.parametrize(
+    "make,shape,dim",
+    [
+        (lambda: SphereFaceNet(depth=4), (2, 3, 112, 96), 512),
+        (lambda: SphereFaceNet(depth=10), (2, 3, 112, 96), 512),
+        (lambda: SphereFaceNet(depth=20, embedding_dim=128), (2, 3, 112, 96), 128),
+        (lambda: SphereFaceNet(depth=20, image_size=112), (2, 3, 112, 112), 512),
+        (lambda: SphereFaceNet(units=[1, 0, 0, 1], in_channels=1), (2, 1, 112, 96), 512),
+        (lambda: IResNet(depth=34, embedding_dim=64, in_channels=1, image_size=[112, 96]), (2, 1, 112, 96), 64),
+        (lambda: MobileFaceNet(embedding_dim=512), (2, 3, 112, 112), 512),
+        (lambda: MobileFaceNet(image_size=[112, 96]), (2, 3, 112, 96), 128),
+    ],
+)
 def test_output_shape(make, shape, dim):
     with torch.device("meta"):
         net = make()
@@ -66,8 +72,9 @@ def sphereface_params(units, h=112, w=96, dim=512) -> int:
     return total + 512 * h * w * dim + dim
 
 
-@pytest.mark.parametrize("depth,units", [(4, (0, 0, 0, 0)), (10, (0, 1, 2, 0)), (20, (1, 2, 4, 1)),
-                                         (36, (2, 4, 8, 2)), (64, (3, 7, 16, 3))])
+@pytest.mark.parametrize(
+    "depth,units", [(4, (0, 0, 0, 0)), (10, (0, 1, 2, 0)), (20, (1, 2, 4, 1)), (36, (2, 4, 8, 2)), (64, (3, 7, 16, 3))]
+)
 def test_sphereface_structure(depth, units):
     with torch.device("meta"):
         net = SphereFaceNet(depth=depth)
@@ -96,8 +103,7 @@ def test_mobilefacenet_size():
 
 
 def test_configs_instantiate():
-    names = sorted(p.stem for p in CONFIGS.glob("*.yaml")
-                   if p.stem.startswith(("sfnet", "iresnet", "mobilefacenet")))
+    names = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem.startswith(("sfnet", "iresnet", "mobilefacenet")))
     assert {"sfnet20", "sfnet64", "iresnet50", "mobilefacenet"} <= set(names)
     for name in names:
         cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")

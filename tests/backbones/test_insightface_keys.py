@@ -52,16 +52,18 @@ class TheirIResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=1e-05)
         self.prelu = nn.PReLU(64)
-        self.layer1, self.layer2, self.layer3, self.layer4 = (self._make_layer(p, n) for p, n in
-                                                              zip((64, 128, 256, 512), layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            self._make_layer(p, n) for p, n in zip((64, 128, 256, 512), layers)
+        )
         self.bn2 = nn.BatchNorm2d(512, eps=1e-05)
         self.dropout = nn.Dropout(p=0, inplace=True)
         self.fc = nn.Linear(512 * 7 * 7, num_features)
         self.features = nn.BatchNorm1d(num_features, eps=1e-05)
 
     def _make_layer(self, planes, blocks):
-        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, 2, bias=False),
-                                   nn.BatchNorm2d(planes, eps=1e-05))
+        downsample = nn.Sequential(
+            nn.Conv2d(self.inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes, eps=1e-05)
+        )
         layers = [TheirBlock(self.inplanes, planes, 2, downsample)]
         self.inplanes = planes
         layers += [TheirBlock(planes, planes) for _ in range(1, blocks)]
@@ -124,7 +126,9 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_c, out_c, kernel, groups=groups, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(num_features=out_c), nn.PReLU(num_parameters=out_c))
+            nn.BatchNorm2d(num_features=out_c),
+            nn.PReLU(num_parameters=out_c),
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -133,8 +137,10 @@ class ConvBlock(nn.Module):
 class LinearBlock(nn.Module):
     def __init__(self, in_c, out_c, kernel=(1, 1), stride=(1, 1), padding=(0, 0), groups=1):
         super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
-                                    nn.BatchNorm2d(num_features=out_c))
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
+            nn.BatchNorm2d(num_features=out_c),
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -147,7 +153,8 @@ class DepthWise(nn.Module):
         self.layers = nn.Sequential(
             ConvBlock(in_c, out_c=groups, kernel=(1, 1), padding=(0, 0), stride=(1, 1)),
             ConvBlock(groups, groups, groups=groups, kernel=kernel, padding=padding, stride=stride),
-            LinearBlock(groups, out_c, kernel=(1, 1), padding=(0, 0), stride=(1, 1)))
+            LinearBlock(groups, out_c, kernel=(1, 1), padding=(0, 0), stride=(1, 1)),
+        )
 
     def forward(self, x):
         return x + self.layers(x) if self.residual else self.layers(x)
@@ -165,9 +172,12 @@ class Residual(nn.Module):
 class GDC(nn.Module):
     def __init__(self, embedding_size):
         super().__init__()
-        self.layers = nn.Sequential(LinearBlock(512, 512, groups=512, kernel=(7, 7), stride=(1, 1), padding=(0, 0)),
-                                    Flatten(), nn.Linear(512, embedding_size, bias=False),
-                                    nn.BatchNorm1d(embedding_size))
+        self.layers = nn.Sequential(
+            LinearBlock(512, 512, groups=512, kernel=(7, 7), stride=(1, 1), padding=(0, 0)),
+            Flatten(),
+            nn.Linear(512, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size),
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -183,19 +193,29 @@ class TheirMobileFaceNet(nn.Module):
         self.layers = nn.ModuleList()
         self.layers.append(ConvBlock(3, 64 * self.scale, kernel=(3, 3), stride=(2, 2), padding=(1, 1)))
         if blocks[0] == 1:
-            self.layers.append(ConvBlock(64 * self.scale, 64 * self.scale, kernel=(3, 3), stride=(1, 1),
-                                         padding=(1, 1), groups=64))
+            self.layers.append(
+                ConvBlock(64 * self.scale, 64 * self.scale, kernel=(3, 3), stride=(1, 1), padding=(1, 1), groups=64)
+            )
         else:
-            self.layers.append(Residual(64 * self.scale, num_block=blocks[0], groups=128, kernel=(3, 3),
-                                        stride=(1, 1), padding=(1, 1)))
-        self.layers.extend([
-            DepthWise(64 * self.scale, 64 * self.scale, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=128),
-            Residual(64 * self.scale, num_block=blocks[1], groups=128, kernel=(3, 3), stride=(1, 1), padding=(1, 1)),
-            DepthWise(64 * self.scale, 128 * self.scale, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=256),
-            Residual(128 * self.scale, num_block=blocks[2], groups=256, kernel=(3, 3), stride=(1, 1), padding=(1, 1)),
-            DepthWise(128 * self.scale, 128 * self.scale, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=512),
-            Residual(128 * self.scale, num_block=blocks[3], groups=256, kernel=(3, 3), stride=(1, 1), padding=(1, 1)),
-        ])
+            self.layers.append(
+                Residual(64 * self.scale, num_block=blocks[0], groups=128, kernel=(3, 3), stride=(1, 1), padding=(1, 1))
+            )
+        self.layers.extend(
+            [
+                DepthWise(64 * self.scale, 64 * self.scale, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=128),
+                Residual(
+                    64 * self.scale, num_block=blocks[1], groups=128, kernel=(3, 3), stride=(1, 1), padding=(1, 1)
+                ),
+                DepthWise(64 * self.scale, 128 * self.scale, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=256),
+                Residual(
+                    128 * self.scale, num_block=blocks[2], groups=256, kernel=(3, 3), stride=(1, 1), padding=(1, 1)
+                ),
+                DepthWise(128 * self.scale, 128 * self.scale, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=512),
+                Residual(
+                    128 * self.scale, num_block=blocks[3], groups=256, kernel=(3, 3), stride=(1, 1), padding=(1, 1)
+                ),
+            ]
+        )
         self.conv_sep = ConvBlock(128 * self.scale, 512, kernel=(1, 1), stride=(1, 1), padding=(0, 0))
         self.features = GDC(num_features)
 
@@ -231,8 +251,11 @@ def faces(root, face, n: int) -> torch.Tensor:
 
 
 def test_every_key_of_their_mobilefacenets_names_a_tensor_of_ours_with_the_same_shape():
-    for blocks, scale, config in [((1, 4, 6, 2), 1, "mobilefacenet"),  # the paper's net
-                                  ((1, 4, 6, 2), 2, "mbf"), ((2, 8, 12, 4), 4, "mbf_large")]:  # their get_mbf(_large)
+    for blocks, scale, config in [
+        ((1, 4, 6, 2), 1, "mobilefacenet"),  # the paper's net
+        ((1, 4, 6, 2), 2, "mbf"),
+        ((2, 8, 12, 4), 4, "mbf_large"),
+    ]:  # their get_mbf(_large)
         ours = instantiate(backbone_node(config), in_channels=3, image_size=112)
         theirs = TheirMobileFaceNet(ours.embedding_dim, blocks, scale).state_dict()
         assert mobilefacenet_blocks(theirs) == blocks
@@ -259,12 +282,25 @@ def test_their_mbf_through_init_from_gives_their_embeddings(tmp_path):
 
 def test_marginlab_embed_of_their_bare_mobilefacenet_pth_gives_their_embeddings(tmp_path, face):
     x = faces(tmp_path / "faces", face, 2)
-    for name, theirs in [("mobilefacenet", trained(TheirMobileFaceNet(128, scale=1))),  # the paper's, 128-d
-                         ("mbf", trained(TheirMobileFaceNet(512, scale=2), seed=1))]:  # their model zoo's MFN
+    for name, theirs in [
+        ("mobilefacenet", trained(TheirMobileFaceNet(128, scale=1))),  # the paper's, 128-d
+        ("mbf", trained(TheirMobileFaceNet(512, scale=2), seed=1)),
+    ]:  # their model zoo's MFN
         path, out = tmp_path / f"{name}.pth", tmp_path / f"{name}.npy"
         torch.save(theirs.state_dict(), path)
-        assert main(["embed", f"checkpoint={path}", f"backbone={name}", f"input={tmp_path / 'faces'}", f"out={out}",
-                     "flip=false"]) == 0
+        assert (
+            main(
+                [
+                    "embed",
+                    f"checkpoint={path}",
+                    f"backbone={name}",
+                    f"input={tmp_path / 'faces'}",
+                    f"out={out}",
+                    "flip=false",
+                ]
+            )
+            == 0
+        )
         want = embed_images(theirs, x, flip=False).numpy()  # their net, our preprocessing
         np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
@@ -273,8 +309,10 @@ def test_export_format_insightface_of_a_mobilefacenet_loads_into_theirs(tmp_path
     theirs = trained(TheirMobileFaceNet(512, scale=2))
     torch.save(theirs.state_dict(), tmp_path / "backbone.pth")
     out = tmp_path / "back.pth"
-    assert main(["export", f"checkpoint={tmp_path / 'backbone.pth'}", "backbone=mbf", "format=insightface",
-                 f"out={out}"]) == 0
+    assert (
+        main(["export", f"checkpoint={tmp_path / 'backbone.pth'}", "backbone=mbf", "format=insightface", f"out={out}"])
+        == 0
+    )
     back = torch.load(out, weights_only=True)
     assert back.keys() == theirs.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in theirs.state_dict().items())  # their keys, their tensors

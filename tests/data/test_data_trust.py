@@ -36,8 +36,9 @@ class Draws(Dataset):
     def __getitem__(self, i: int):
         if i == 11 and getattr(self, "broken", False):
             raise DataError("sample 11: cannot decode the image (broken on purpose)")
-        return torch.tensor([float(i), random.random(), float(np.random.rand()), torch.rand(()).item()],
-                            dtype=torch.float64)
+        return torch.tensor(
+            [float(i), random.random(), float(np.random.rand()), torch.rand(()).item()], dtype=torch.float64
+        )
 
 
 class DrawsData(ClassificationData):
@@ -69,9 +70,12 @@ def test_worker_randomness_depends_on_seed_and_epoch_only():
 
 def test_a_train_loader_without_batches_is_refused():
     data = DigitsData(batch_size=2048, drop_last=True)
-    with pytest.raises(ConfigError, match=r"dataset.batch_size=2048 gives 0 training batches with "
-                                          r"dataset.drop_last=true: the training set has 1295 images.*"
-                                          r"at most 1295, or dataset.drop_last=false"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dataset.batch_size=2048 gives 0 training batches with "
+        r"dataset.drop_last=true: the training set has 1295 images.*"
+        r"at most 1295, or dataset.drop_last=false",
+    ):
         data.train_loader()
     assert len(DigitsData(batch_size=2048).train_loader()) == 1  # without drop_last the short batch stays
 
@@ -79,8 +83,11 @@ def test_a_train_loader_without_batches_is_refused():
 def test_the_per_process_share_is_named_with_several_processes():
     data = DigitsData(batch_size=2048, drop_last=True)
     data.distribute(0, 2)
-    with pytest.raises(ConfigError, match=r"1295 images \(647 per process on 2 processes, fewer than one batch "
-                                          r"of 1024 per process\).*at most 1294"):
+    with pytest.raises(
+        ConfigError,
+        match=r"1295 images \(647 per process on 2 processes, fewer than one batch "
+        r"of 1024 per process\).*at most 1294",
+    ):
         data.train_loader()
 
 

@@ -63,10 +63,20 @@ def write_archives(root: Path) -> list[int]:
     with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as val:
         for i in range(len(val_labels)):
             add_to_tar(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(rng))
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
-    synsets = np.array([(k + 1, wnid, f"class {k}, alias", "", 0, np.zeros(0), 0, PER_CLASS)
-                        for k, wnid in enumerate(WNIDS)], dtype=[(f, "O") for f in fields])
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
+    synsets = np.array(
+        [(k + 1, wnid, f"class {k}, alias", "", 0, np.zeros(0), 0, PER_CLASS) for k, wnid in enumerate(WNIDS)],
+        dtype=[(f, "O") for f in fields],
+    )
     mat = io.BytesIO()
     scipy.io.savemat(mat, {"synsets": synsets})
     truth = "".join(f"{label + 1}\n" for label in val_labels).encode()  # ILSVRC2012_IDs are 1-based
@@ -79,15 +89,23 @@ def write_archives(root: Path) -> list[int]:
 def register_md5s(monkeypatch, root: Path) -> None:
     """torchvision checks each archive against the official md5, which generated archives cannot match.
     The test (only) registers the generated archives' md5s instead, so the real check still runs."""
-    meta = {key: (name, hashlib.md5((root / name).read_bytes()).hexdigest())
-            for key, (name, _) in tv_imagenet.ARCHIVE_META.items()}
+    meta = {
+        key: (name, hashlib.md5((root / name).read_bytes()).hexdigest())
+        for key, (name, _) in tv_imagenet.ARCHIVE_META.items()
+    }
     monkeypatch.setattr(tv_imagenet, "ARCHIVE_META", meta)
 
 
 def small(root: Path, **kwargs) -> ImageNetData:
     """Two images a class: too few to hold out 1% (tests/data/test_val_split.py holds out a validation split)."""
-    return ImageNetData(root=str(root), image_size=kwargs.pop("image_size", 32), batch_size=4, num_workers=0,
-                        val_fraction=kwargs.pop("val_fraction", 0), **kwargs)
+    return ImageNetData(
+        root=str(root),
+        image_size=kwargs.pop("image_size", 32),
+        batch_size=4,
+        num_workers=0,
+        val_fraction=kwargs.pop("val_fraction", 0),
+        **kwargs,
+    )
 
 
 def test_folder_tree_gives_classes_shapes_and_labels(tmp_path):
@@ -124,7 +142,8 @@ def test_archives_are_unpacked_by_torchvision(tmp_path, monkeypatch):
     assert len(data.train_set) == 3 * PER_CLASS
     assert [label for _, label in data.test_set.samples] == sorted(val_labels)  # samples are grouped by wnid
     assert sorted(Path(path).name for path, label in data.test_set.samples if label == 0) == [
-        f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i, label in enumerate(val_labels) if label == 0]
+        f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i, label in enumerate(val_labels) if label == 0
+    ]
     x, _ = data.test_set[0]
     assert x.shape == (3, 32, 32)
 
@@ -145,8 +164,15 @@ def test_absent_data_says_where_and_how(tmp_path, download):
     message = str(info.value)
     assert str(tmp_path / "imagenet") in message
     assert "cannot be downloaded automatically" in message
-    assert all(name in message for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
-                                            "ILSVRC2012_devkit_t12.tar.gz", "MARGINLAB_DATA_DIR"))
+    assert all(
+        name in message
+        for name in (
+            "ILSVRC2012_img_train.tar",
+            "ILSVRC2012_img_val.tar",
+            "ILSVRC2012_devkit_t12.tar.gz",
+            "MARGINLAB_DATA_DIR",
+        )
+    )
     assert ("dataset.download=true cannot fetch it" in message) == download
 
 

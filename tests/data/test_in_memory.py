@@ -12,8 +12,14 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from marginlab.data.digits import DigitsData
-from marginlab.data.in_memory import (InMemoryLoader, augmentation_params, horizontal_flip, in_memory_loader,
-                                      random_crop, to_uint8_tensors)
+from marginlab.data.in_memory import (
+    InMemoryLoader,
+    augmentation_params,
+    horizontal_flip,
+    in_memory_loader,
+    random_crop,
+    to_uint8_tensors,
+)
 from marginlab.data.torchvision_sets import CIFAR10Data, MNISTData
 from marginlab.errors import ConfigError
 
@@ -34,18 +40,28 @@ def collect(loader):
 def fake_cifar_module(tmp_path, n=12, augment=True, batch_size=5):
     rng = np.random.default_rng(0)
     data = CIFAR10Data(root=str(tmp_path), download=False, augment=augment, batch_size=batch_size, seed=3)
-    data.train_set = SimpleNamespace(data=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                                     targets=[i % 10 for i in range(n)])
-    data.test_set = SimpleNamespace(data=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                                    targets=[i % 10 for i in range(n)])
+    data.train_set = SimpleNamespace(
+        data=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), targets=[i % 10 for i in range(n)]
+    )
+    data.test_set = SimpleNamespace(
+        data=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), targets=[i % 10 for i in range(n)]
+    )
     return data
 
 
 # ---- shapes, order, determinism --------------------------------------------------------------------------
 @pytest.mark.parametrize("drop_last, sizes", [(False, [4, 4, 2]), (True, [4, 4])])
 def test_batch_shapes_and_dtypes(drop_last, sizes):
-    loader = InMemoryLoader(uint8_images(), torch.arange(10), 4, drop_last=drop_last, mean=(0.5,) * 3,
-                            std=(0.25,) * 3, crop_padding=2, flip=True)
+    loader = InMemoryLoader(
+        uint8_images(),
+        torch.arange(10),
+        4,
+        drop_last=drop_last,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        crop_padding=2,
+        flip=True,
+    )
     batches = collect(loader)
     assert len(loader) == len(batches) == len(sizes)
     for (x, y), size in zip(batches, sizes):
@@ -133,12 +149,12 @@ def test_batched_augmentation_matches_per_sample_crop_and_flip():
     loader.set_epoch(5)
     order, offsets, flips = loader.epoch_plan()
     loader.set_epoch(5)
-    (x, y), = collect(loader)
+    ((x, y),) = collect(loader)
     assert torch.equal(y, order)
     for i, k in enumerate(order.tolist()):
         padded = F.pad(images[k], (3, 3, 3, 3))
         r, c = offsets[i].tolist()
-        crop = padded[:, r:r + 6, c:c + 7]
+        crop = padded[:, r : r + 6, c : c + 7]
         if flips[i]:
             crop = crop.flip(2)
         assert torch.allclose(x[i], crop.float() / 255, atol=1e-6)
@@ -149,7 +165,7 @@ def test_batched_augmentation_matches_per_sample_crop_and_flip():
 def test_normalisation_values():
     img = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 1, 3)
     loader = InMemoryLoader(img, torch.zeros(1, dtype=torch.long), 1, shuffle=False, mean=(0.5,), std=(0.25,))
-    (x, _), = collect(loader)
+    ((x, _),) = collect(loader)
     expected = (torch.tensor([0, 128, 255]) / 255.0 - 0.5) / 0.25
     assert torch.allclose(x.flatten(), expected, atol=1e-6)
 
@@ -158,8 +174,9 @@ def test_to_uint8_tensors_reads_mnist_and_cifar_layouts():
     mnist = SimpleNamespace(data=torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), targets=torch.arange(4))
     images, labels = to_uint8_tensors(mnist)
     assert images.shape == (4, 1, 28, 28) and torch.equal(images[:, 0], mnist.data) and labels.dtype == torch.int64
-    cifar = SimpleNamespace(data=np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
-                            targets=[1, 2, 3])
+    cifar = SimpleNamespace(
+        data=np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), targets=[1, 2, 3]
+    )
     images, labels = to_uint8_tensors(cifar)
     assert images.shape == (3, 3, 32, 32) and labels.tolist() == [1, 2, 3]
     assert torch.equal(images[1, 2], torch.from_numpy(cifar.data[1, :, :, 2]))
@@ -173,6 +190,7 @@ def test_matches_torchvision_transforms_without_augmentation(tmp_path):
     x = torch.cat([x for x, _ in loader])
     tf = T.Compose([T.ToTensor(), T.Normalize(data.mean, data.std)])
     from PIL import Image
+
     ref = torch.stack([tf(Image.fromarray(img)) for img in data.test_set.data])
     assert torch.allclose(x, ref, atol=1e-5)
 
@@ -190,11 +208,12 @@ def test_cifar_module_gets_crop_and_flip_and_its_set_epoch_reseeds_the_loader(tm
 
 def test_mnist_module_is_not_augmented(tmp_path):
     data = MNISTData(root=str(tmp_path), download=False)
-    data.train_set = data.test_set = SimpleNamespace(data=torch.zeros(3, 28, 28, dtype=torch.uint8),
-                                                     targets=torch.zeros(3, dtype=torch.long))
+    data.train_set = data.test_set = SimpleNamespace(
+        data=torch.zeros(3, 28, 28, dtype=torch.uint8), targets=torch.zeros(3, dtype=torch.long)
+    )
     loader = in_memory_loader(data, "train", device="cpu")
     assert (loader.crop_padding, loader.flip) == (0, False)
-    (x, _), = collect(loader)
+    ((x, _),) = collect(loader)
     assert torch.allclose(x, torch.full_like(x, -0.1307 / 0.3081))
 
 
@@ -236,8 +255,18 @@ def test_the_engine_trains_on_the_in_memory_loader():
     state = LoopState()
     for epoch in range(3):
         data.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, opt, sched, Precision(torch.device("cpu"), "32"), state,
-                                grad_clip=None, max_nonfinite=3, channels_last=False, log_every=10)
+        stats = train_one_epoch(
+            model,
+            loader,
+            opt,
+            sched,
+            Precision(torch.device("cpu"), "32"),
+            state,
+            grad_clip=None,
+            max_nonfinite=3,
+            channels_last=False,
+            log_every=10,
+        )
     assert state.step == 3 * len(loader) and stats["nonfinite_steps"] == 0 and stats["acc"] > 0.8
 
 
@@ -245,8 +274,13 @@ def test_cli_in_memory_digits_run_equals_the_dataloader_run(run_train, metrics):
     """Same permutation per (seed, epoch), same batches: the two data paths train identically."""
     runs = []
     for flag in ("false", "true"):
-        code, run_dir = run_train(f"dataset.in_memory={flag}", "logger=quiet", "trainer.epochs=2",
-                                  "trainer.checkpoint=false", f"name=in_memory_{flag}")
+        code, run_dir = run_train(
+            f"dataset.in_memory={flag}",
+            "logger=quiet",
+            "trainer.epochs=2",
+            "trainer.checkpoint=false",
+            f"name=in_memory_{flag}",
+        )
         assert code == 0
         runs.append(metrics[0](run_dir))
     assert runs[1]["train/loss"] == pytest.approx(runs[0]["train/loss"], rel=1e-5)

@@ -67,10 +67,18 @@ def write_cifar100(root: Path, n: int = 12) -> np.ndarray:
     rng = np.random.default_rng(RNG_SEED)
     for name in ("train", "test"):
         images = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
-        pickle_to(folder / name, {"data": images, "fine_labels": [(7 * i) % 100 for i in range(n)],
-                                  "coarse_labels": [i % 20 for i in range(n)]})
-    pickle_to(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
-                                "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+        pickle_to(
+            folder / name,
+            {
+                "data": images,
+                "fine_labels": [(7 * i) % 100 for i in range(n)],
+                "coarse_labels": [i % 20 for i in range(n)],
+            },
+        )
+    pickle_to(
+        folder / "meta",
+        {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]},
+    )
     return images
 
 
@@ -162,8 +170,7 @@ def test_mnist_has_no_augmentation(tmp_path):
 # ---- CIFAR-10 / CIFAR-100 ----------------------------------------------------------------------------------
 def test_cifar_reads_pickled_batches(cifar, tmp_path):
     name, data_cls, test_images = cifar
-    data = data_cls(root=str(tmp_path), download=False, batch_size=4, eval_batch_size=3, num_workers=0,
-                    val_fraction=0)
+    data = data_cls(root=str(tmp_path), download=False, batch_size=4, eval_batch_size=3, num_workers=0, val_fraction=0)
     data.setup()
     n_classes = {"cifar10": 10, "cifar100": 100}[name]
     assert (data.num_classes, data.in_channels, data.image_size) == (n_classes, 3, 32)
@@ -180,8 +187,7 @@ def test_cifar_reads_pickled_batches(cifar, tmp_path):
 
 def test_cifar_augmentation_switch(tmp_path):
     names = lambda data: [type(t).__name__ for t in data.transform(train=True).transforms]
-    assert names(CIFAR10Data(root=str(tmp_path))) == ["RandomCrop", "RandomHorizontalFlip", "ToTensor",
-                                                      "Normalize"]
+    assert names(CIFAR10Data(root=str(tmp_path))) == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     assert names(CIFAR100Data(root=str(tmp_path), augment=False)) == ["ToTensor", "Normalize"]
     crop = CIFAR10Data(root=str(tmp_path)).transform(train=True).transforms[0]
     assert (crop.size, crop.padding) == ((32, 32), 4)

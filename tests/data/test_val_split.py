@@ -70,7 +70,7 @@ def test_the_in_memory_path_serves_the_same_three_splits():
     train, val, test = memory.loaders(torch.device("cpu"))
     for split, loader in (("val", val), ("test", test)):
         x, y = torch.cat([b[0] for b in loader]), torch.cat([b[1] for b in loader])
-        (ref_x, ref_y), = list(getattr(loaders, f"{split}_loader")())
+        ((ref_x, ref_y),) = list(getattr(loaders, f"{split}_loader")())
         assert torch.equal(x, ref_x) and torch.equal(y, ref_y), split
     assert train.images.shape[0] == len(loaders.train_set) == 1295
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 
 # no BatchNorm: per-rank batch statistics would differ from the single process's by design
-RUN = ["logger=quiet", "trainer.epochs=2", "backbone=lenet_pp", "backbone.batch_norm=false",
-       "backbone.embedding_dim=16", "head=amsoftmax", "dataset.batch_size=64", "sched=constant", "optim.lr=0.05"]
+RUN = [
+    "logger=quiet",
+    "trainer.epochs=2",
+    "backbone=lenet_pp",
+    "backbone.batch_norm=false",
+    "backbone.embedding_dim=16",
+    "head=amsoftmax",
+    "dataset.batch_size=64",
+    "sched=constant",
+    "optim.lr=0.05",
+]
 
 
 def test_two_processes_match_one_and_resume_across_world_sizes(tmp_path, torchrun):

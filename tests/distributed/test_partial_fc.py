@@ -12,8 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from marginlab.distributed import PartialFC, all_gather_with_grad, build_partial_fc, dist_cross_entropy, shard_range
-from marginlab.distributed import sharded_state
+from marginlab.distributed import (
+    PartialFC,
+    all_gather_with_grad,
+    build_partial_fc,
+    dist_cross_entropy,
+    shard_range,
+    sharded_state,
+)
 from marginlab.errors import ConfigError
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
@@ -78,7 +84,7 @@ def full_and_local_heads(make_head, num_classes, rank, dtype, world=WORLD):
     local = make_head(num_classes=end - start).to(dtype)
     k = full.weight.shape[0] // num_classes
     with torch.no_grad():
-        local.weight.copy_(full.weight[start * k:end * k])
+        local.weight.copy_(full.weight[start * k : end * k])
     return full, local, (start, end, k)
 
 
@@ -108,7 +114,7 @@ def check_equivalence(rank, dtype, tol):
         assert loss.dtype == dtype, name
         assert_close(loss, ref_loss.detach(), tol, f"{name}: loss")
         assert_close(my_emb.grad, ref_emb.grad[my], tol, f"{name}: grad emb")
-        assert_close(local.weight.grad, full.weight.grad[start * k:end * k], tol, f"{name}: grad weight shard")
+        assert_close(local.weight.grad, full.weight.grad[start * k : end * k], tol, f"{name}: grad weight shard")
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)], ids=["float64", "float32"])
@@ -234,7 +240,7 @@ def check_state_and_init(rank):
     pfc.init_weight_(7, chunk_rows=3)  # chunked drawing gives the same rows as one draw
     # the head's official init (sub-center ArcFace: N(0, 0.01^2)), as one all-classes draw: rank independent
     expected = fill_class_weight_(torch.empty(num_classes * k, dim), "normal_0.01", torch.Generator().manual_seed(7))
-    assert_close(pfc.weight.detach(), expected[pfc.class_start * k:pfc.class_end * k], 0.0)
+    assert_close(pfc.weight.detach(), expected[pfc.class_start * k : pfc.class_end * k], 0.0)
     model = torch.nn.Module()
     model.backbone, model.head = torch.nn.Linear(3, dim), pfc
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -6,9 +6,19 @@ import pytest
 import torch
 
 # no BatchNorm: per-rank batch statistics would differ from the single process's by design
-RUN = ["logger=quiet", "trainer.epochs=2", "backbone=lenet_pp", "backbone.batch_norm=false",
-       "backbone.embedding_dim=16", "head=amsoftmax", "dataset.batch_size=64", "sched=constant", "optim.lr=0.05",
-       "trainer.grad_clip=1.0", "head.partial_fc.sample_rate=1.0"]
+RUN = [
+    "logger=quiet",
+    "trainer.epochs=2",
+    "backbone=lenet_pp",
+    "backbone.batch_norm=false",
+    "backbone.embedding_dim=16",
+    "head=amsoftmax",
+    "dataset.batch_size=64",
+    "sched=constant",
+    "optim.lr=0.05",
+    "trainer.grad_clip=1.0",
+    "head.partial_fc.sample_rate=1.0",
+]
 
 
 def test_two_shards_train_as_one_and_resume_with_one_process(tmp_path, torchrun):
@@ -20,8 +30,9 @@ def test_two_shards_train_as_one_and_resume_with_one_process(tmp_path, torchrun)
     # the checkpoint is the unsharded model's: every class's weight and momentum, gathered from both ranks
     assert ckpt["model"]["head.weight"].shape == (10, 16)
     assert not any(k.startswith("head.head.") for k in ckpt["model"])
-    (momentum,) = [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()
-                   if s["momentum_buffer"].shape == (10, 16)]
+    (momentum,) = [
+        s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values() if s["momentum_buffer"].shape == (10, 16)
+    ]
     assert momentum.abs().sum(1).gt(0).all()  # no rank's rows left as zero padding
     torchrun.launch(0, two, "resume=latest")  # the 2-shard run continued by 1 process (one shard)
     a, b = torchrun.epochs(one), torchrun.epochs(two)
@@ -36,8 +47,17 @@ def test_two_shards_train_as_one_and_resume_with_one_process(tmp_path, torchrun)
 
 
 def test_sampled_negatives_train_on_two_processes(tmp_path, torchrun):
-    torchrun.launch(2, tmp_path, "logger=quiet", "trainer.epochs=3", "trainer.checkpoint=false", "head=arcface",
-                    "head.s=16", "head.m=0.2", "head.partial_fc.sample_rate=0.5")
+    torchrun.launch(
+        2,
+        tmp_path,
+        "logger=quiet",
+        "trainer.epochs=3",
+        "trainer.checkpoint=false",
+        "head=arcface",
+        "head.s=16",
+        "head.m=0.2",
+        "head.partial_fc.sample_rate=0.5",
+    )
     records = torchrun.epochs(tmp_path)
     assert records[-1]["train/loss"] < records[0]["train/loss"]
     assert records[-1]["test/acc"] > 0.5  # rank 0 evaluates with the gathered, unsharded head

@@ -38,14 +38,22 @@ def write_ijb(root: Path, photo, name: str = "ijbc") -> SimpleNamespace:
         scores.append(round(0.5 + 0.06 * i, 3))
     names = [f"{i + 1}.png" for i in range(len(TEMPLATES))]
     (root / "meta" / f"{name}_face_tid_mid.txt").write_text(
-        "".join(f"{n} {t} {m}\n" for n, t, m in zip(names, TEMPLATES, MEDIAS)))
+        "".join(f"{n} {t} {m}\n" for n, t, m in zip(names, TEMPLATES, MEDIAS))
+    )
     (root / "meta" / f"{name}_name_5pts_score.txt").write_text(
-        "".join(f"{n} {' '.join(f'{v:.4f}' for v in p.ravel())} {s}\n" for n, p, s in zip(names, points, scores)))
+        "".join(f"{n} {' '.join(f'{v:.4f}' for v in p.ravel())} {s}\n" for n, p, s in zip(names, points, scores))
+    )
     (root / "meta" / f"{name}_template_pair_label.txt").write_text("".join(f"{a} {b} {c}\n" for a, b, c in PAIRS))
-    return SimpleNamespace(root=root, names=names, images=images,
-                           landmarks=[np.array([float(f"{v:.4f}") for v in p.ravel()]).reshape(5, 2) for p in points],
-                           faceness=np.array(scores), templates=np.array(TEMPLATES), medias=np.array(MEDIAS),
-                           pairs=np.array(PAIRS))
+    return SimpleNamespace(
+        root=root,
+        names=names,
+        images=images,
+        landmarks=[np.array([float(f"{v:.4f}") for v in p.ravel()]).reshape(5, 2) for p in points],
+        faceness=np.array(scores),
+        templates=np.array(TEMPLATES),
+        medias=np.array(MEDIAS),
+        pairs=np.array(PAIRS),
+    )
 
 
 @pytest.fixture
@@ -66,10 +74,16 @@ def face_checkpoint(tmp_path):
         torch.manual_seed(0)
         model = DigitsCNN(embedding_dim=embedding_dim, in_channels=3, image_size=112, width=width).eval()
         target = "marginlab.backbones.digits_cnn.DigitsCNN"
-        ckpt = {"model": {f"backbone.{k}": v for k, v in model.state_dict().items()},
-                "config": {"backbone": {"_target_": target, "embedding_dim": embedding_dim, "width": width},
-                           "dataset": {"_target_": "marginlab.data.face.casia.CasiaData"}, "head": {}},
-                "data": {"in_channels": 3, "image_size": 112, "num_classes": 3}, "state": {"epoch": epoch}}
+        ckpt = {
+            "model": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+            "config": {
+                "backbone": {"_target_": target, "embedding_dim": embedding_dim, "width": width},
+                "dataset": {"_target_": "marginlab.data.face.casia.CasiaData"},
+                "head": {},
+            },
+            "data": {"in_channels": 3, "image_size": 112, "num_classes": 3},
+            "state": {"epoch": epoch},
+        }
         path = tmp_path / "run" / "checkpoints" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt, path)

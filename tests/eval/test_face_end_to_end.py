@@ -18,7 +18,9 @@ IDENTITIES, PER_ID = 4, 6
 @pytest.fixture
 def face_data(tmp_path, face):
     casia = tmp_path / "casia"
-    write_face_records(casia, [(face.encode(face.image(10 * i + j)), i) for i in range(IDENTITIES) for j in range(PER_ID)])
+    write_face_records(
+        casia, [(face.encode(face.image(10 * i + j)), i) for i in range(IDENTITIES) for j in range(PER_ID)]
+    )
     bins, issame = [], []
     for pair in range(20):  # 10 matched + 10 mismatched pairs
         a = pair % IDENTITIES
@@ -33,9 +35,19 @@ def face_data(tmp_path, face):
 def test_train_on_casia_records_with_lfw_verification_then_eval(face_data, run_train, metrics, capsys):
     casia, lfw = face_data
     code, run_dir = run_train(
-        "dataset=casia", f"dataset.root={casia}", "dataset.batch_size=8", "dataset.num_workers=0",
-        "verification=[lfw]", f"verification.lfw.path={lfw}", "verification.lfw.batch_size=16",
-        "backbone=sfnet4", "head=arcface", "logger=quiet", "logger.figures=true", "trainer.epochs=1")
+        "dataset=casia",
+        f"dataset.root={casia}",
+        "dataset.batch_size=8",
+        "dataset.num_workers=0",
+        "verification=[lfw]",
+        f"verification.lfw.path={lfw}",
+        "verification.lfw.batch_size=16",
+        "backbone=sfnet4",
+        "head=arcface",
+        "logger=quiet",
+        "logger.figures=true",
+        "trainer.epochs=1",
+    )
     assert code == 0
     rows = metrics[1](run_dir)
     for key in ("lfw/acc", "lfw/acc_std", "lfw/threshold", "lfw/tar_at_far", "lfw/auc", "lfw/eer"):
@@ -57,10 +69,22 @@ def test_partial_fc_on_two_processes_then_eval(face_data, torchrun, tmp_path, ca
     rank 0 verifies with the backbone and saves the gathered, unsharded head."""
     casia, lfw = face_data
     out = tmp_path / "pfc"
-    torchrun.launch(2, out, "dataset=casia", f"dataset.root={casia}", "dataset.batch_size=8", "dataset.num_workers=0",
-                    "verification=[lfw]", f"verification.lfw.path={lfw}", "verification.lfw.batch_size=16",
-                    "backbone=sfnet4", "head=arcface", "head.partial_fc.sample_rate=0.5", "logger=quiet",
-                    "trainer.epochs=1")
+    torchrun.launch(
+        2,
+        out,
+        "dataset=casia",
+        f"dataset.root={casia}",
+        "dataset.batch_size=8",
+        "dataset.num_workers=0",
+        "verification=[lfw]",
+        f"verification.lfw.path={lfw}",
+        "verification.lfw.batch_size=16",
+        "backbone=sfnet4",
+        "head=arcface",
+        "head.partial_fc.sample_rate=0.5",
+        "logger=quiet",
+        "trainer.epochs=1",
+    )
     (record,) = torchrun.epochs(out)
     assert np.isfinite(record["train/loss"]) and np.isfinite(record["lfw/acc"])
     (run_dir,) = list((out / "runs").iterdir())

@@ -35,8 +35,9 @@ def reference(ijb, model, flip=True, norm_score=True, detector_score=True) -> np
         feats = feats * ijb.faceness[:, None]
     templates = {}
     for t in np.unique(ijb.templates):
-        medias = [feats[(ijb.templates == t) & (ijb.medias == m)].mean(0)
-                  for m in np.unique(ijb.medias[ijb.templates == t])]
+        medias = [
+            feats[(ijb.templates == t) & (ijb.medias == m)].mean(0) for m in np.unique(ijb.medias[ijb.templates == t])
+        ]
         total = np.sum(medias, axis=0)
         templates[t] = total / np.linalg.norm(total)
     return np.array([templates[a] @ templates[b] for a, b, _ in ijb.pairs])
@@ -50,13 +51,23 @@ def script_tars(labels, scores, targets):
     return [float(tpr[min(list(zip(abs(fpr - t), range(len(fpr)))))[1]]) for t in targets]
 
 
-@pytest.mark.parametrize("flip,norm_score,detector_score", [(True, True, True), (False, False, True),
-                                                            (True, True, False)])
+@pytest.mark.parametrize(
+    "flip,norm_score,detector_score", [(True, True, True), (False, False, True), (True, True, False)]
+)
 def test_ijb_numbers_equal_an_independent_computation(ijb, tmp_path, flip, norm_score, detector_score):
     model = backbone()
-    target = IJBTarget(name="ijbc", root=str(ijb.root), flip=flip, norm_score=norm_score,
-                       detector_score=detector_score, batch_size=3, num_workers=0, far_targets=[0.1, 0.3, 0.5],
-                       headline_far=0.3, cache_dir=str(tmp_path / "cache"))
+    target = IJBTarget(
+        name="ijbc",
+        root=str(ijb.root),
+        flip=flip,
+        norm_score=norm_score,
+        detector_score=detector_score,
+        batch_size=3,
+        num_workers=0,
+        far_targets=[0.1, 0.3, 0.5],
+        headline_far=0.3,
+        cache_dir=str(tmp_path / "cache"),
+    )
     result = target.run(model, 112, "cpu")
     scores = reference(ijb, model, flip, norm_score, detector_score)
     labels = ijb.pairs[:, 2]
@@ -92,8 +103,9 @@ def test_features_are_cached_and_reused_for_other_flags(ijb, tmp_path, monkeypat
         raise AssertionError("features embedded again")
 
     monkeypatch.setattr(ijb_data, "extract_features", fail)
-    other = IJBTarget(name="ijbc", root=str(ijb.root), num_workers=0, cache_dir=str(cache), norm_score=False,
-                      detector_score=False).run(model, 112, "cpu")
+    other = IJBTarget(
+        name="ijbc", root=str(ijb.root), num_workers=0, cache_dir=str(cache), norm_score=False, detector_score=False
+    ).run(model, 112, "cpu")
     assert other["features"] == first["features"] and other["flags"]["norm_score"] is False
     with pytest.raises(AssertionError, match="embedded again"):  # other weights or flip: another key
         IJBTarget(name="ijbc", root=str(ijb.root), num_workers=0, cache_dir=str(cache), flip=False).run(model, 112)
@@ -124,9 +136,14 @@ def test_pair_naming_an_unknown_template(ijb):
         ijb_data.read_meta(ijb.root, "ijbc")
 
 
-@pytest.mark.parametrize("text,message", [("1 2\n", "line 1: expected 3 fields"),
-                                          ("1 2 1\n1 x 0\n", "line 2: template ids and label must be integers"),
-                                          ("1 2 1\n1 3 2\n", "line 2: label 2 is not allowed")])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("1 2\n", "line 1: expected 3 fields"),
+        ("1 2 1\n1 x 0\n", "line 2: template ids and label must be integers"),
+        ("1 2 1\n1 3 2\n", "line 2: label 2 is not allowed"),
+    ],
+)
 def test_bad_pair_lines(ijb, text, message):
     (ijb.root / "meta" / "ijbc_template_pair_label.txt").write_text(text)
     with pytest.raises(DataError, match=message):
@@ -157,8 +174,11 @@ def test_unreadable_image(ijb, tmp_path, damage, workers):
     else:
         image.unlink()
     target = IJBTarget(name="ijbc", root=str(ijb.root), num_workers=workers, batch_size=2)
-    with pytest.raises(DataError, match=r"^\S*ijbc_name_5pts_score.txt, line 5: cannot read image \S*5.png "
-                                        r"\((not a readable image|no such file)\)$"):
+    with pytest.raises(
+        DataError,
+        match=r"^\S*ijbc_name_5pts_score.txt, line 5: cannot read image \S*5.png "
+        r"\((not a readable image|no such file)\)$",
+    ):
         target.run(backbone(), 112, "cpu")
 
 

@@ -21,8 +21,14 @@ def ijb_results(folder) -> list[dict]:
 
 def test_eval_command_scores_ijbc_and_reuses_its_features(ijb, tmp_path, capsys, face_checkpoint):
     ckpt = face_checkpoint("last.pt", embedding_dim=16, width=4, epoch=1)
-    args = ["eval", f"checkpoint={ckpt}", "verification=[ijbc]", f"verification.ijbc.root={ijb.root}",
-            "verification.ijbc.num_workers=0", "device=cpu"]
+    args = [
+        "eval",
+        f"checkpoint={ckpt}",
+        "verification=[ijbc]",
+        f"verification.ijbc.root={ijb.root}",
+        "verification.ijbc.num_workers=0",
+        "device=cpu",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "ijbc: TAR@FAR 1e-06 " in out and "flip=true, norm_score=true, detector_score=true" in out
@@ -43,8 +49,10 @@ def test_eval_command_scores_ijbc_and_reuses_its_features(ijb, tmp_path, capsys,
 def test_eval_command_names_a_missing_meta_file(ijb, tmp_path, capsys, face_checkpoint):
     ckpt = face_checkpoint("last.pt", embedding_dim=16, width=4, epoch=1)
     (ijb.root / "meta" / "ijbc_template_pair_label.txt").unlink()
-    assert main(["eval", f"checkpoint={ckpt}", "verification=[ijbc]", f"verification.ijbc.root={ijb.root}",
-                 "device=cpu"]) == 2
+    assert (
+        main(["eval", f"checkpoint={ckpt}", "verification=[ijbc]", f"verification.ijbc.root={ijb.root}", "device=cpu"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("marginlab: error: ") and "meta/ijbc_template_pair_label.txt: IJB meta file not found" in err

@@ -60,8 +60,9 @@ def test_template_features_pool_media_means_and_normalise(norm_score, detector_s
 def test_flags_change_the_templates():
     """Each flag matters (a pooling that ignored one would pass the test above only by chance)."""
     feats = features()
-    variants = [template_features(feats, TEMPLATES, MEDIAS, FACENESS, n, d)[0] for n in (True, False)
-                for d in (True, False)]
+    variants = [
+        template_features(feats, TEMPLATES, MEDIAS, FACENESS, n, d)[0] for n in (True, False) for d in (True, False)
+    ]
     for i in range(4):
         for j in range(i + 1, 4):
             assert not np.allclose(variants[i], variants[j])

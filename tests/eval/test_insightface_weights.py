@@ -22,8 +22,9 @@ from marginlab.eval.verification import embed_images, evaluate
 from marginlab.weights import init_from
 
 SIZE = 32
-SLOW = pytest.mark.skipif(not os.environ.get("MARGINLAB_SLOW_TESTS"),
-                          reason="ONNX export of an IResNet-18: set MARGINLAB_SLOW_TESTS=1")
+SLOW = pytest.mark.skipif(
+    not os.environ.get("MARGINLAB_SLOW_TESTS"), reason="ONNX export of an IResNet-18: set MARGINLAB_SLOW_TESTS=1"
+)
 
 
 def insightface_iresnet18_state(size: int = SIZE, seed: int = 0) -> dict:
@@ -32,11 +33,15 @@ def insightface_iresnet18_state(size: int = SIZE, seed: int = 0) -> dict:
     state = {}
 
     def bn(name, c):
-        state.update({f"{name}.weight": torch.rand(c, generator=g) + 0.5,
-                      f"{name}.bias": torch.randn(c, generator=g) * 0.1,
-                      f"{name}.running_mean": torch.randn(c, generator=g) * 0.1,
-                      f"{name}.running_var": torch.rand(c, generator=g) * 1.5 + 0.5,
-                      f"{name}.num_batches_tracked": torch.tensor(0)})
+        state.update(
+            {
+                f"{name}.weight": torch.rand(c, generator=g) + 0.5,
+                f"{name}.bias": torch.randn(c, generator=g) * 0.1,
+                f"{name}.running_mean": torch.randn(c, generator=g) * 0.1,
+                f"{name}.running_var": torch.rand(c, generator=g) * 1.5 + 0.5,
+                f"{name}.num_batches_tracked": torch.tensor(0),
+            }
+        )
 
     def conv(name, cout, cin, k):
         state[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
@@ -96,8 +101,20 @@ def test_embed_a_bare_insightface_pth_gives_the_init_from_embeddings(pth, tmp_pa
     path, _ = pth
     images = faces(tmp_path / "faces", face, 3)
     out = tmp_path / "e.npy"
-    assert main(["embed", f"checkpoint={path}", "backbone=iresnet18", f"image_size={SIZE}",
-                 f"input={tmp_path / 'faces'}", f"out={out}", "flip=false"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                f"checkpoint={path}",
+                "backbone=iresnet18",
+                f"image_size={SIZE}",
+                f"input={tmp_path / 'faces'}",
+                f"out={out}",
+                "flip=false",
+            ]
+        )
+        == 0
+    )
     got = np.load(out)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     want = embed_images(via_init_from(path), x, flip=False).numpy()
@@ -108,8 +125,19 @@ def test_embed_a_bare_insightface_pth_gives_the_init_from_embeddings(pth, tmp_pa
 def test_export_a_bare_pth_back_to_insightface_and_to_our_state_dict(pth, tmp_path, face, capsys):
     path, state = pth
     theirs = tmp_path / "again.pth"
-    assert main(["export", f"checkpoint={path}", "backbone=iresnet18", f"image_size={SIZE}", "format=insightface",
-                 f"out={theirs}"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                f"checkpoint={path}",
+                "backbone=iresnet18",
+                f"image_size={SIZE}",
+                "format=insightface",
+                f"out={theirs}",
+            ]
+        )
+        == 0
+    )
     back = torch.load(theirs, weights_only=True)
     assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
     card = json.loads((tmp_path / "again.pth.json").read_text())
@@ -117,14 +145,26 @@ def test_export_a_bare_pth_back_to_insightface_and_to_our_state_dict(pth, tmp_pa
     assert card["input"]["normalisation"]["input_mean"] == [127.5] * 3  # InsightFace's (x - 127.5) / 127.5
 
     ours = tmp_path / "ours.state_dict.pt"
-    assert main(["export", f"checkpoint={path}", "backbone=iresnet18", f"image_size={SIZE}", "format=state_dict",
-                 f"out={ours}"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                f"checkpoint={path}",
+                "backbone=iresnet18",
+                f"image_size={SIZE}",
+                "format=state_dict",
+                f"out={ours}",
+            ]
+        )
+        == 0
+    )
     images = faces(tmp_path / "faces", face, 2)
     out = tmp_path / "e.npy"
     assert main(["embed", f"checkpoint={ours}", f"input={tmp_path / 'faces'}", f"out={out}", "flip=false"]) == 0
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    np.testing.assert_allclose(np.load(out), embed_images(via_init_from(path), x, flip=False).numpy(),
-                               rtol=1e-5, atol=1e-6)  # the sidecar names the backbone and the input
+    np.testing.assert_allclose(
+        np.load(out), embed_images(via_init_from(path), x, flip=False).numpy(), rtol=1e-5, atol=1e-6
+    )  # the sidecar names the backbone and the input
 
 
 def test_export_of_a_non_iresnet_to_insightface_is_one_line(tmp_path, capsys):
@@ -136,8 +176,9 @@ def test_export_of_a_non_iresnet_to_insightface_is_one_line(tmp_path, capsys):
     path = tmp_path / "digits.pth"
     torch.save(model.state_dict(), path)
     capsys.readouterr()
-    assert main(["export", f"checkpoint={path}", "backbone=digits_cnn", f"image_size={SIZE}",
-                 "format=insightface"]) == 2
+    assert (
+        main(["export", f"checkpoint={path}", "backbone=digits_cnn", f"image_size={SIZE}", "format=insightface"]) == 2
+    )
     assert "format=insightface is for IResNet backbones" in error(capsys)
 
 
@@ -147,9 +188,21 @@ def test_eval_a_bare_pth(pth, tmp_path, face, capsys):
     issame = [True, False, True, False]
     lfw = tmp_path / "lfw.bin"
     lfw.write_bytes(face.py2_bin_pickle([face.encode(im) for im in images], issame))
-    assert main(["eval", f"checkpoint={path}", "backbone=iresnet18", f"image_size=[{SIZE},{SIZE}]",
-                 "verification=[lfw]",
-                 f"verification.lfw.path={lfw}", "verification.lfw.nfolds=2", "flip=false"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                f"checkpoint={path}",
+                "backbone=iresnet18",
+                f"image_size=[{SIZE},{SIZE}]",
+                "verification=[lfw]",
+                f"verification.lfw.path={lfw}",
+                "verification.lfw.nfolds=2",
+                "flip=false",
+            ]
+        )
+        == 0
+    )
     merged = json.loads((tmp_path / "backbone.eval.json").read_text())
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     emb = embed_images(via_init_from(path), x, flip=False).numpy()
@@ -163,17 +216,25 @@ def test_bare_pth_errors_are_one_line(pth, tmp_path, capsys):
     path, _ = pth
     (tmp_path / "faces" / "a").mkdir(parents=True)
     embed = ["embed", f"checkpoint={path}", f"input={tmp_path / 'faces'}", f"out={tmp_path / 'e.npy'}"]
-    cases = [(embed, f"{path} is a bare state dict (no config names its architecture): give backbone=<name>"),
-             ([*embed, "backbone=iresnet34", f"image_size={SIZE}"],
-              f"{path} does not fit backbone=iresnet34 at a 32x32 input ("),
-             ([*embed, "backbone=iresnet18"],
-              f"{path} does not fit backbone=iresnet18 at a 112x112 input (1 difference, e.g. fc.weight"),
-             ([*embed, "backbone=nope"], "backbone='nope' is not allowed: choose one of digits_cnn, iresnet100"),
-             (["export", f"checkpoint={path}", "format=state_dict"], "give backbone=<name>"),
-             (["eval", f"checkpoint={path}", "verification=[lfw]"], "give backbone=<name>"),
-             (["eval", f"checkpoint={path}", "verification=[lfw]", "backbone=iresnet50", f"image_size={SIZE}"],
-              "does not fit backbone"),
-             ([*embed, "backbone=iresnet18", "image_size=big"], "image_size='big' is not allowed")]
+    cases = [
+        (embed, f"{path} is a bare state dict (no config names its architecture): give backbone=<name>"),
+        (
+            [*embed, "backbone=iresnet34", f"image_size={SIZE}"],
+            f"{path} does not fit backbone=iresnet34 at a 32x32 input (",
+        ),
+        (
+            [*embed, "backbone=iresnet18"],
+            f"{path} does not fit backbone=iresnet18 at a 112x112 input (1 difference, e.g. fc.weight",
+        ),
+        ([*embed, "backbone=nope"], "backbone='nope' is not allowed: choose one of digits_cnn, iresnet100"),
+        (["export", f"checkpoint={path}", "format=state_dict"], "give backbone=<name>"),
+        (["eval", f"checkpoint={path}", "verification=[lfw]"], "give backbone=<name>"),
+        (
+            ["eval", f"checkpoint={path}", "verification=[lfw]", "backbone=iresnet50", f"image_size={SIZE}"],
+            "does not fit backbone",
+        ),
+        ([*embed, "backbone=iresnet18", "image_size=big"], "image_size='big' is not allowed"),
+    ]
     for args, message in cases:
         capsys.readouterr()
         assert main(args) == 2, args
@@ -184,8 +245,10 @@ def test_bare_pth_errors_are_one_line(pth, tmp_path, capsys):
 @SLOW
 def test_onnx_export_of_a_bare_pth(pth, tmp_path):
     path, _ = pth
-    assert main(["export", f"checkpoint={path}", "backbone=iresnet18", f"image_size={SIZE}",
-                 f"out={tmp_path / 'm.onnx'}"]) == 0
+    assert (
+        main(["export", f"checkpoint={path}", "backbone=iresnet18", f"image_size={SIZE}", f"out={tmp_path / 'm.onnx'}"])
+        == 0
+    )
     assert json.loads((tmp_path / "m.onnx.json").read_text())["check"]["max_relative_error"] <= 1e-4
 
 
@@ -209,13 +272,28 @@ def test_a_state_dict_that_fits_neither_layout_is_one_line_naming_its_first_unma
     torch.save({f"module.{k}": v for k, v in theirs.items()}, path)
     (tmp_path / "faces" / "a").mkdir(parents=True)
     capsys.readouterr()
-    assert main(["embed", f"checkpoint={path}", "backbone=mobilefacenet", f"input={tmp_path / 'faces'}",
-                 f"out={tmp_path / 'e.npy'}"]) == 2
-    assert (f"{path} does not fit backbone=mobilefacenet at a 112x112 input (2 differences, e.g. 283 of its 283 keys, "
-            f"neither marginlab's nor InsightFace's names of the model's tensors: module.layers.0.layers.0.weight, "
-            f"module.layers.0.layers.1.weight, module.layers.0.layers.1.bias, ...; 283 of the model's 283 tensors not "
-            f"in it: features.0.0.weight,") in error(capsys)
+    assert (
+        main(
+            [
+                "embed",
+                f"checkpoint={path}",
+                "backbone=mobilefacenet",
+                f"input={tmp_path / 'faces'}",
+                f"out={tmp_path / 'e.npy'}",
+            ]
+        )
+        == 2
+    )
+    assert (
+        f"{path} does not fit backbone=mobilefacenet at a 112x112 input (2 differences, e.g. 283 of its 283 keys, "
+        f"neither marginlab's nor InsightFace's names of the model's tensors: module.layers.0.layers.0.weight, "
+        f"module.layers.0.layers.1.weight, module.layers.0.layers.1.bias, ...; 283 of the model's 283 tensors not "
+        f"in it: features.0.0.weight,"
+    ) in error(capsys)
     model = MarginModel(MobileFaceNet(), nn.Linear(128, 3), nn.ModuleDict())
-    with pytest.raises(DataError, match=rf"^{path}: none of its 333 tensors fits .* not a checkpoint of this "
-                                        rf"architecture \(283 of its 283 keys, .*: backbone\.module\.layers\.0\."):
+    with pytest.raises(
+        DataError,
+        match=rf"^{path}: none of its 333 tensors fits .* not a checkpoint of this "
+        rf"architecture \(283 of its 283 keys, .*: backbone\.module\.layers\.0\.",
+    ):
         init_from(model, path)

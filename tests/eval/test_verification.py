@@ -27,6 +27,7 @@ from marginlab.eval.verification import (
 # ---- independent references ------------------------------------------------------------------------------
 def insightface_calculate_roc(thresholds, dist, actual_issame, nrof_folds):
     """InsightFace's calculate_roc / calculate_accuracy (pca=0), one threshold and one pair at a time."""
+
     def calculate_accuracy(threshold, d, same):
         tp = fp = tn = fn = 0
         for di, si in zip(d, same):
@@ -110,12 +111,15 @@ def test_hand_computed_two_folds():
     assert r["auc"] == 1.0 and r["eer"] == 0.0
 
 
-@pytest.mark.parametrize("pos,neg,auc,eer", [
-    ([0.1, 0.4], [0.3, 0.5], 0.75, 0.5),   # ROC (0,0) (0,.5) (.5,.5) (.5,1) (1,1): crosses at the point (.5,.5)
-    ([0.1, 0.4], [0.2], 0.5, 0.5),         # ROC (0,0) (0,.5) (1,.5) (1,1): FPR = FNR halfway along (0,.5)-(1,.5)
-    ([0.5], [0.5], 0.5, 0.5),              # a tie: half credit
-    ([0.1, 0.2, 0.5], [0.3, 0.6, 0.7], 8 / 9, 1 / 3),
-])
+@pytest.mark.parametrize(
+    "pos,neg,auc,eer",
+    [
+        ([0.1, 0.4], [0.3, 0.5], 0.75, 0.5),  # ROC (0,0) (0,.5) (.5,.5) (.5,1) (1,1): crosses at the point (.5,.5)
+        ([0.1, 0.4], [0.2], 0.5, 0.5),  # ROC (0,0) (0,.5) (1,.5) (1,1): FPR = FNR halfway along (0,.5)-(1,.5)
+        ([0.5], [0.5], 0.5, 0.5),  # a tie: half credit
+        ([0.1, 0.2, 0.5], [0.3, 0.6, 0.7], 8 / 9, 1 / 3),
+    ],
+)
 def test_auc_and_eer_by_hand(pos, neg, auc, eer):
     dist = np.array(pos + neg)
     same = np.array([True] * len(pos) + [False] * len(neg))

@@ -18,15 +18,32 @@ def test_evaluations_never_overwrite_and_json_has_no_nan(tmp_path, face, capsys,
     ckpt = face_checkpoint()
     mixed = write_bin(tmp_path / "lfw.bin", face, [True, False] * 3)
     one_kind = write_bin(tmp_path / "cfp_fp.bin", face, [True] * 4)
-    args = ["eval", f"checkpoint={ckpt.parent.parent}", "verification=[lfw,cfp_fp]", f"verification.lfw.path={mixed}",
-            f"verification.cfp_fp.path={one_kind}", "verification.lfw.nfolds=2", "verification.cfp_fp.nfolds=2"]
+    args = [
+        "eval",
+        f"checkpoint={ckpt.parent.parent}",
+        "verification=[lfw,cfp_fp]",
+        f"verification.lfw.path={mixed}",
+        f"verification.cfp_fp.path={one_kind}",
+        "verification.lfw.nfolds=2",
+        "verification.cfp_fp.nfolds=2",
+    ]
     assert main(args) == 0
     folder = ckpt.parent / "best.eval"
     first = {p.name: p.read_bytes() for p in folder.glob("*.json")}
     assert sorted(n.split("-")[0] for n in first) == ["cfp_fp", "lfw"]
     assert len(list(folder.glob("*.png"))) == 2  # each set's ROC figure beside its record
-    assert main([*args[:2], "verification=[lfw]", f"verification.lfw.path={mixed}", "verification.lfw.nfolds=5",
-                 "flip=false"]) == 0
+    assert (
+        main(
+            [
+                *args[:2],
+                "verification=[lfw]",
+                f"verification.lfw.path={mixed}",
+                "verification.lfw.nfolds=5",
+                "flip=false",
+            ]
+        )
+        == 0
+    )
     files = sorted(folder.glob("*.json"))
     assert len(files) == 3 and all(folder.joinpath(n).read_bytes() == b for n, b in first.items())  # untouched
 

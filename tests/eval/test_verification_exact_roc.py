@@ -32,8 +32,11 @@ def old_exact_roc(dist, issame):
     tp, fp = np.cumsum(same), np.cumsum(~same)
     last = np.concatenate((np.flatnonzero(np.diff(d)), [len(d) - 1]))
     n_pos, n_neg = max(int(same.sum()), 1), max(int((~same).sum()), 1)
-    return (np.concatenate(([0.0], fp[last] / n_neg)), np.concatenate(([0.0], tp[last] / n_pos)),
-            np.concatenate(([-np.inf], d[last])))
+    return (
+        np.concatenate(([0.0], fp[last] / n_neg)),
+        np.concatenate(([0.0], tp[last] / n_pos)),
+        np.concatenate(([-np.inf], d[last])),
+    )
 
 
 def old_auc_eer(dist, issame):

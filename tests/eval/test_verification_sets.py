@@ -38,8 +38,7 @@ def test_load_bin_py2_pickle(bin_set, face):
     assert data.images.shape == (20, 3, 112, 112) and data.images.dtype == torch.uint8
     assert data.issame.tolist() == issame
     assert torch.equal(data.images, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(data.float_images().numpy(), np.stack([face.normalized(im) for im in images]),
-                               atol=1e-6)
+    np.testing.assert_allclose(data.float_images().numpy(), np.stack([face.normalized(im) for im in images]), atol=1e-6)
 
 
 def test_load_bin_py3_pickle_and_sizes(tmp_path, face):
@@ -150,8 +149,6 @@ def test_config_builds_a_target_that_runs(bin_set):
 BIN_SETS = ("calfw", "cplfw", "cfp_ff", "vgg2_fp")
 
 
-
-
 def verifiers(*overrides: str) -> dict:
     with initialize_config_module("marginlab.configs", version_base="1.3"):
         cfg = compose("eval", overrides=["checkpoint=unused", *overrides])
@@ -166,8 +163,9 @@ def test_the_other_bin_sets_are_configs_on_the_bin_code_path(tmp_path, face):
     for name in BIN_SETS:
         (bins / f"{name}.bin").write_bytes(face.py2_bin_pickle([face.encode(im) for im in images], issame))
         assert (CONFIGS / f"{name}.yaml").read_text().startswith(f"# @package verification.{name}\n")
-    targets = verifiers(f"verification=[{','.join(BIN_SETS)}]", *(f"verification.{n}.path={bins / n}.bin"
-                                                                    for n in BIN_SETS))
+    targets = verifiers(
+        f"verification=[{','.join(BIN_SETS)}]", *(f"verification.{n}.path={bins / n}.bin" for n in BIN_SETS)
+    )
     assert list(targets) == list(BIN_SETS)
     for name, target in targets.items():
         assert target.name == name and target.flip is True and target.path == str(bins / f"{name}.bin")
@@ -201,8 +199,12 @@ def write_pairs_set(root: Path, face, lines_of=lambda rows: rows) -> tuple[Path,
 
 def test_pairs_set_reads_a_path_pairs_file_and_runs(tmp_path, face):
     pairs, images, issame = write_pairs_set(tmp_path / "mine", face)
-    (target,) = verifiers("verification=[pairs]", f"verification.pairs.path={tmp_path / 'mine'}",
-                          f"verification.pairs.pairs={pairs}", "verification.pairs.nfolds=2").values()
+    (target,) = verifiers(
+        "verification=[pairs]",
+        f"verification.pairs.path={tmp_path / 'mine'}",
+        f"verification.pairs.pairs={pairs}",
+        "verification.pairs.nfolds=2",
+    ).values()
     data = target.load(112)
     assert data.name == "pairs" and data.folds == 10 and data.issame.tolist() == issame
     assert torch.equal(data.images, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
@@ -217,14 +219,21 @@ def test_pairs_set_reads_lfw_pairs_txt_too(tmp_path, face):
     assert data.folds == 2 and data.issame.tolist() == issame
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda rows: rows[:3] + ["id2/0.png id2/1.png"] + rows[4:], r"my_pairs\.txt, line 4: expected 3 fields"),
-    (lambda rows: rows[:2] + ["id1/0.png id1/1.png same"] + rows[3:],
-     r"my_pairs\.txt, line 3: label 'same' is not allowed: 1 \(same identity\) or 0"),
-    (lambda rows: rows[:1] + ["id0/0.png id0/9.png 0"] + rows[2:],
-     r"my_pairs\.txt, line 2: image .*id0/9\.png does not exist"),
-    (lambda rows: rows[:1], r"my_pairs\.txt: no pair in the pairs file"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda rows: rows[:3] + ["id2/0.png id2/1.png"] + rows[4:], r"my_pairs\.txt, line 4: expected 3 fields"),
+        (
+            lambda rows: rows[:2] + ["id1/0.png id1/1.png same"] + rows[3:],
+            r"my_pairs\.txt, line 3: label 'same' is not allowed: 1 \(same identity\) or 0",
+        ),
+        (
+            lambda rows: rows[:1] + ["id0/0.png id0/9.png 0"] + rows[2:],
+            r"my_pairs\.txt, line 2: image .*id0/9\.png does not exist",
+        ),
+        (lambda rows: rows[:1], r"my_pairs\.txt: no pair in the pairs file"),
+    ],
+)
 def test_pairs_file_errors_name_file_and_line(tmp_path, face, edit, message):
     pairs, _, _ = write_pairs_set(tmp_path / "mine", face, edit)
     with pytest.raises(DataError, match=message):

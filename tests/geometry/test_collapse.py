@@ -6,8 +6,13 @@ from marginlab.collapse import CollapseWatch
 
 
 def record(epoch, acc=0.9, loss=1.0, min_deg=30.0, norm=10.0):
-    return {"epoch": epoch, "test/acc": acc, "train/loss": loss, "test/weight_angle/min_deg": min_deg,
-            "test/feature_norm/mean": norm}
+    return {
+        "epoch": epoch,
+        "test/acc": acc,
+        "train/loss": loss,
+        "test/weight_angle/min_deg": min_deg,
+        "test/feature_norm/mean": norm,
+    }
 
 
 def test_a_healthy_run_gets_no_warning():

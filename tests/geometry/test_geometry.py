@@ -18,7 +18,9 @@ def test_known_angles_and_norms():
     deg = math.radians
     # sample 0: norm 2 at 30 deg, class 0 -> target 30 deg, nearest other (class 1) 60 deg
     # sample 1: norm 4 at 80 deg, class 1 -> target 10 deg, nearest other (class 0) 80 deg
-    feats = torch.tensor([[2 * math.cos(deg(30)), 2 * math.sin(deg(30))], [4 * math.cos(deg(80)), 4 * math.sin(deg(80))]])
+    feats = torch.tensor(
+        [[2 * math.cos(deg(30)), 2 * math.sin(deg(30))], [4 * math.cos(deg(80)), 4 * math.sin(deg(80))]]
+    )
     labels = torch.tensor([0, 1])
     head(feats, labels)
     stats = batch_geometry(feats, head.probe_record.cosine, labels, head)
@@ -43,8 +45,15 @@ def test_violation_counts_a_sample_inside_the_margin():
 
 # ---- probe statistics: pairwise weight angles, intra-class spread, inter-class angles ------------------
 
-from marginlab.geometry.stats import (class_angle_stats, class_weights, is_normalized,  # noqa: E402
-                                      pairwise_angles, sample_angles, weight_angle_stats, weights_are_points)
+from marginlab.geometry.stats import (  # noqa: E402
+    class_angle_stats,
+    class_weights,
+    is_normalized,
+    pairwise_angles,
+    sample_angles,
+    weight_angle_stats,
+    weights_are_points,
+)
 from marginlab.heads.rbf import RBFHead  # noqa: E402
 from marginlab.heads.softmax import SoftmaxHead  # noqa: E402
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead  # noqa: E402
@@ -52,8 +61,9 @@ from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead  # noqa: E402
 
 def at_deg(angles_deg, norms=None):
     norms = [1.0] * len(angles_deg) if norms is None else norms
-    return torch.tensor([[r * math.cos(math.radians(a)), r * math.sin(math.radians(a))]
-                         for a, r in zip(angles_deg, norms)])
+    return torch.tensor(
+        [[r * math.cos(math.radians(a)), r * math.sin(math.radians(a))] for a, r in zip(angles_deg, norms)]
+    )
 
 
 def test_pairwise_weight_angles_of_known_weights():

@@ -12,8 +12,13 @@ from marginlab.cli import main
 from marginlab.geometry.store import list_epochs
 from marginlab.plot import find_runs, run_titles
 
-FAST = ["backbone.embedding_dim=2", "trainer.epochs=2", "trainer.checkpoint=false", "logger.progress=false",
-        "logger.tensorboard=false"]
+FAST = [
+    "backbone.embedding_dim=2",
+    "trainer.epochs=2",
+    "trainer.checkpoint=false",
+    "logger.progress=false",
+    "logger.tensorboard=false",
+]
 
 
 def assert_png(path):
@@ -85,8 +90,10 @@ def test_plot_depends_on_the_store_and_the_renderer_only():
     import subprocess
     import sys
 
-    code = ("import sys, marginlab.plot, marginlab.figures.features, marginlab.figures.angles, "
-            "marginlab.figures.grid\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('marginlab.geometry', 'torch'))))")
+    code = (
+        "import sys, marginlab.plot, marginlab.figures.features, marginlab.figures.angles, "
+        "marginlab.figures.grid\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('marginlab.geometry', 'torch'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "['marginlab.geometry', 'marginlab.geometry.render', 'marginlab.geometry.store']"

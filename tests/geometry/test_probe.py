@@ -18,11 +18,22 @@ from marginlab.heads.softmax import SoftmaxHead
 from marginlab.logging import RunLog
 
 FAST = ["backbone.embedding_dim=2", "trainer.epochs=2", "trainer.checkpoint=false", "logger.progress=false"]
-HISTOGRAMS = ["geometry/feature_norm_correct", "geometry/target_deg", "geometry/nearest_other_deg",
-              "geometry/margin_deg", "geometry/weight_norm"]
-SCALARS = ["test/weight_angle/min_deg", "test/weight_angle/mean_deg", "test/class_angle/intra_deg",
-           "test/class_angle/inter_min_deg", "test/class_angle/inter_mean_deg", "test/angle/margin_deg",
-           "test/probe/seconds"]
+HISTOGRAMS = [
+    "geometry/feature_norm_correct",
+    "geometry/target_deg",
+    "geometry/nearest_other_deg",
+    "geometry/margin_deg",
+    "geometry/weight_norm",
+]
+SCALARS = [
+    "test/weight_angle/min_deg",
+    "test/weight_angle/mean_deg",
+    "test/class_angle/intra_deg",
+    "test/class_angle/inter_min_deg",
+    "test/class_angle/inter_mean_deg",
+    "test/angle/margin_deg",
+    "test/probe/seconds",
+]
 
 
 def feed(probe, head, batches=3, batch=50, dim=2, seed=0):
@@ -47,8 +58,13 @@ def test_probe_keeps_a_bounded_sample_and_saves_what_redraws_it(tmp_path):
     for epoch in (1, 2):
         feed(probe, head, seed=epoch)
         stats = probe.end_epoch(epoch, step=10 * epoch, head=head)
-        assert {"weight_angle/min_deg", "class_angle/intra_deg", "class_angle/inter_min_deg", "angle/margin_deg",
-                "probe/seconds"} <= set(stats)
+        assert {
+            "weight_angle/min_deg",
+            "class_angle/intra_deg",
+            "class_angle/inter_min_deg",
+            "angle/margin_deg",
+            "probe/seconds",
+        } <= set(stats)
         assert 0.0 <= stats["weight_angle/min_deg"] <= stats["weight_angle/mean_deg"] <= 180.0
     probe.end_run(step=20)
     assert [p.name for p in list_epochs(tmp_path)] == ["epoch_001.npz", "epoch_002.npz"]

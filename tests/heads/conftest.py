@@ -55,8 +55,7 @@ def reference_cosine(x, weight):
     rows = []
     for xi in x:
         nx = xi.norm()
-        rows.append(torch.stack([(xi @ wj) / (nx * wj.norm()) if nx > 0 else xi.new_zeros(())
-                                 for wj in weight]))
+        rows.append(torch.stack([(xi @ wj) / (nx * wj.norm()) if nx > 0 else xi.new_zeros(()) for wj in weight]))
     return torch.stack(rows).clamp(-1.0, 1.0)
 
 
@@ -96,8 +95,7 @@ def gradcheck_head(head, x, labels, with_labels: bool = True):
     x = x.double().detach().requires_grad_(True)
 
     def fn(x_, *ps):
-        return torch.func.functional_call(head, dict(zip(names, ps)),
-                                          (x_, labels if with_labels else None))
+        return torch.func.functional_call(head, dict(zip(names, ps)), (x_, labels if with_labels else None))
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -144,8 +142,14 @@ def copy_weights(src, dst):
 @pytest.fixture
 def hh():
     torch.manual_seed(0)
-    return SimpleNamespace(make_batch=make_batch, reference_cosine=reference_cosine,
-                           feature_at_angle=feature_at_angle,
-                           check_bf16=check_bf16, gradcheck_head=gradcheck_head,
-                           check_probe_cosine=check_probe_cosine, instantiate=instantiate,
-                           copy_weights=copy_weights, acos_sizes=acos_sizes)
+    return SimpleNamespace(
+        make_batch=make_batch,
+        reference_cosine=reference_cosine,
+        feature_at_angle=feature_at_angle,
+        check_bf16=check_bf16,
+        gradcheck_head=gradcheck_head,
+        check_probe_cosine=check_probe_cosine,
+        instantiate=instantiate,
+        copy_weights=copy_weights,
+        acos_sizes=acos_sizes,
+    )

@@ -56,7 +56,7 @@ def make_inputs(seed=0):
     x = torch.randn(B, D, generator=g, dtype=torch.float64) * torch.linspace(5, 40, B).view(-1, 1).double()
     y = torch.randint(0, C, (B,), generator=g)
     with torch.no_grad():
-        x[0] = 30.0 * F.normalize(head.weight[y[0]], dim=0)   # cos theta_y = +1
+        x[0] = 30.0 * F.normalize(head.weight[y[0]], dim=0)  # cos theta_y = +1
         x[1] = -10.0 * F.normalize(head.weight[y[1]], dim=0)  # cos theta_y = -1
     return head, x, y
 
@@ -157,13 +157,16 @@ def test_buffers_round_trip_through_state_dict():
     assert other.batch_std.item() == head.batch_std.item() != 100.0
 
 
-@pytest.mark.parametrize("kwargs, name, allowed", [
-    ({"t_alpha": 0.0}, "t_alpha", "(0, 1]"),
-    ({"t_alpha": 2.0}, "t_alpha", "(0, 1]"),
-    ({"h": -0.1}, "h", "[0, 10]"),
-    ({"m": 2.0}, "m", "[0, 1.5708]"),
-    ({"s": -1.0}, "s", "(0, inf]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name, allowed",
+    [
+        ({"t_alpha": 0.0}, "t_alpha", "(0, 1]"),
+        ({"t_alpha": 2.0}, "t_alpha", "(0, 1]"),
+        ({"h": -0.1}, "h", "[0, 10]"),
+        ({"m": 2.0}, "m", "[0, 1.5708]"),
+        ({"s": -1.0}, "s", "(0, inf]"),
+    ],
+)
 def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
     with pytest.raises(ConfigError) as err:
         AdaFaceHead(D, C, **kwargs)
@@ -173,7 +176,7 @@ def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
 def test_config_file_builds_the_head_with_its_defaults(hh):
     head = hh.instantiate("adaface", in_features=8, num_classes=10)
     assert type(head) is AdaFaceHead
-    for key, value in {'s': 64.0, 'm': 0.4, 'h': 0.333, 't_alpha': 0.01}.items():
+    for key, value in {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01}.items():
         assert getattr(head, key) == value
     x, labels = hh.make_batch(head)
     hh.check_bf16(head, x, labels)

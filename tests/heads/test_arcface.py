@@ -34,8 +34,9 @@ def spread_batch(head, hh, batch=24):
     """Targets at angles spread over [0, pi] (both sides of the pi - m threshold and of pi/2)."""
     labels = torch.arange(batch) % head.num_classes
     thetas = torch.linspace(0.0, math.pi, batch).tolist()
-    x = torch.stack([hh.feature_at_angle(head.weight[y], t, 3.0, seed=i)
-                     for i, (y, t) in enumerate(zip(labels.tolist(), thetas))])
+    x = torch.stack(
+        [hh.feature_at_angle(head.weight[y], t, 3.0, seed=i) for i, (y, t) in enumerate(zip(labels.tolist(), thetas))]
+    )
     return x, labels
 
 

@@ -105,10 +105,15 @@ def test_probe_cosine(hh):
     hh.check_probe_cosine(head, x, labels)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"m1": 0.5}, "m1=0.5"), ({"m2": -0.1}, "m2=-0.1"), ({"m2": 4.0}, "m2=4.0"),
-    ({"m3": -0.2}, "m3=-0.2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"m1": 0.5}, "m1=0.5"),
+        ({"m2": -0.1}, "m2=-0.1"),
+        ({"m2": 4.0}, "m2=4.0"),
+        ({"m3": -0.2}, "m3=-0.2"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, name):
     with pytest.raises(ConfigError, match="must lie in") as err:
         CombinedMarginHead(8, 10, **kwargs)

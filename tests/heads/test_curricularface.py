@@ -54,8 +54,8 @@ def make_inputs(seed=0):
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     y = torch.randint(0, C, (B,), generator=g)
     with torch.no_grad():
-        x[0] = 3.0 * head.weight[y[0]]      # cos theta_y = +1
-        x[1] = -2.0 * head.weight[y[1]]     # cos theta_y = -1 (fallback branch)
+        x[0] = 3.0 * head.weight[y[0]]  # cos theta_y = +1
+        x[1] = -2.0 * head.weight[y[1]]  # cos theta_y = -1 (fallback branch)
     return head, x, y
 
 
@@ -130,11 +130,14 @@ def test_t_buffer_round_trips_through_state_dict():
     assert other.t.item() == head.t.item() != 0.0
 
 
-@pytest.mark.parametrize("kwargs, name, allowed", [
-    ({"momentum": 0.0}, "momentum", "(0, 1]"),
-    ({"momentum": 1.5}, "momentum", "(0, 1]"),
-    ({"m": -0.1}, "m", "[0, 1.5708]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name, allowed",
+    [
+        ({"momentum": 0.0}, "momentum", "(0, 1]"),
+        ({"momentum": 1.5}, "momentum", "(0, 1]"),
+        ({"m": -0.1}, "m", "[0, 1.5708]"),
+    ],
+)
 def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
     with pytest.raises(ConfigError) as err:
         CurricularFaceHead(D, C, **kwargs)
@@ -144,7 +147,7 @@ def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
 def test_config_file_builds_the_head_with_its_defaults(hh):
     head = hh.instantiate("curricularface", in_features=8, num_classes=10)
     assert type(head) is CurricularFaceHead
-    for key, value in {'s': 64.0, 'm': 0.5, 'momentum': 0.01}.items():
+    for key, value in {"s": 64.0, "m": 0.5, "momentum": 0.01}.items():
         assert getattr(head, key) == value
     x, labels = hh.make_batch(head)
     hh.check_bf16(head, x, labels)

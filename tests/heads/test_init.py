@@ -17,13 +17,22 @@ from marginlab.heads.base import MarginHead
 C, D = 2000, 256
 #: config name -> the official initialisation, as its official code draws it
 OFFICIAL = {
-    "arcface": "normal_0.01", "combined": "normal_0.01", "subcenter_arcface": "normal_0.01",
+    "arcface": "normal_0.01",
+    "combined": "normal_0.01",
+    "subcenter_arcface": "normal_0.01",
     "curricularface": "normal_0.01",
-    "adaface": "uniform_unit_rows", "magface": "uniform_unit_rows",
-    "normface": "gaussian_unit_rows", "cosine": "gaussian_unit_rows", "coco": "gaussian_unit_rows",
-    "sphereface": "caffe_xavier", "amsoftmax": "caffe_xavier", "cosface": "caffe_xavier",
-    "lsoftmax": "caffe_msra", "rbf": "xavier_uniform",
-    "softmax": "kaiming_uniform", "l2softmax": "kaiming_uniform",
+    "adaface": "uniform_unit_rows",
+    "magface": "uniform_unit_rows",
+    "normface": "gaussian_unit_rows",
+    "cosine": "gaussian_unit_rows",
+    "coco": "gaussian_unit_rows",
+    "sphereface": "caffe_xavier",
+    "amsoftmax": "caffe_xavier",
+    "cosface": "caffe_xavier",
+    "lsoftmax": "caffe_msra",
+    "rbf": "xavier_uniform",
+    "softmax": "kaiming_uniform",
+    "l2softmax": "kaiming_uniform",
 }
 
 
@@ -38,10 +47,13 @@ def check_statistics(w: torch.Tensor, kind: str, rows: int) -> None:
             assert u.abs().max() <= 1.2
         else:  # a Gaussian direction: entries ~ N(0, 1/D), kurtosis 3
             z = w * math.sqrt(D)
-            assert (z ** 4).mean().item() == pytest.approx(3.0, rel=0.1)
+            assert (z**4).mean().item() == pytest.approx(3.0, rel=0.1)
     elif kind in ("caffe_xavier", "kaiming_uniform", "xavier_uniform"):  # uniform U(-a, a)
-        a = {"caffe_xavier": math.sqrt(3.0 / D), "kaiming_uniform": 1.0 / math.sqrt(D),
-             "xavier_uniform": math.sqrt(6.0 / (D + rows))}[kind]
+        a = {
+            "caffe_xavier": math.sqrt(3.0 / D),
+            "kaiming_uniform": 1.0 / math.sqrt(D),
+            "xavier_uniform": math.sqrt(6.0 / (D + rows)),
+        }[kind]
         assert w.abs().max().item() <= a and w.abs().max().item() > 0.99 * a
         assert w.std().item() == pytest.approx(a / math.sqrt(3.0), rel=0.02)
     elif kind == "caffe_msra":  # N(0, 2/D)
@@ -68,11 +80,14 @@ def test_kaiming_is_todays_init(hh, name):
     torch.testing.assert_close(head.weight.detach(), expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"init": "xavier"}, ["init='xavier'", "official, kaiming"]),
-    ({"lr_mult": 0.0}, ["lr_mult=0.0", "(0, inf]"]),
-    ({"weight_decay": -1e-4}, ["weight_decay=-0.0001", "[0, inf]"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"init": "xavier"}, ["init='xavier'", "official, kaiming"]),
+        ({"lr_mult": 0.0}, ["lr_mult=0.0", "(0, inf]"]),
+        ({"weight_decay": -1e-4}, ["weight_decay=-0.0001", "[0, inf]"]),
+    ],
+)
 def test_bad_common_keys_raise_config_error(hh, kwargs, words):
     with pytest.raises(ConfigError) as err:
         hh.instantiate("arcface", **kwargs)
@@ -81,8 +96,15 @@ def test_bad_common_keys_raise_config_error(hh, kwargs, words):
 
 
 def test_the_common_keys_pass_config_validation():
-    node = OmegaConf.create({"_target_": "marginlab.heads.sphereface.SphereFaceHead", "init": "kaiming",
-                             "lr_mult": 100.0, "weight_decay": 0.0, "mode": "official"})
+    node = OmegaConf.create(
+        {
+            "_target_": "marginlab.heads.sphereface.SphereFaceHead",
+            "init": "kaiming",
+            "lr_mult": 100.0,
+            "weight_decay": 0.0,
+            "mode": "official",
+        }
+    )
     check_target_node("head", node)
     with pytest.raises(ConfigError, match="head.init=3 is not allowed: it must be a string"):
         check_target_node("head", OmegaConf.create({"_target_": "marginlab.heads.arcface.ArcFaceHead", "init": 3}))

@@ -67,14 +67,17 @@ def test_probe_cosine(hh):
     hh.check_probe_cosine(head, x, labels)
 
 
-@pytest.mark.parametrize("kwargs, num_classes, pattern", [
-    ({"alpha": "auto"}, 2, r"num_classes > 2"),
-    ({"alpha": "big"}, 10, r"alpha='big' .*number > 0 or 'auto'"),
-    ({"alpha": 0.0}, 10, r"alpha=0.0 .*\(0, inf\]"),
-    ({"alpha": -3.0}, 10, r"alpha=-3.0"),
-    ({"p": 1.0}, 10, r"p=1.0 .*\(0, 1\)"),
-    ({"p": 0.1}, 3, r"alpha='auto' gives .* <= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, num_classes, pattern",
+    [
+        ({"alpha": "auto"}, 2, r"num_classes > 2"),
+        ({"alpha": "big"}, 10, r"alpha='big' .*number > 0 or 'auto'"),
+        ({"alpha": 0.0}, 10, r"alpha=0.0 .*\(0, inf\]"),
+        ({"alpha": -3.0}, 10, r"alpha=-3.0"),
+        ({"p": 1.0}, 10, r"p=1.0 .*\(0, 1\)"),
+        ({"p": 0.1}, 3, r"alpha='auto' gives .* <= 0"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, num_classes, pattern):
     with pytest.raises(ConfigError, match=pattern):
         L2SoftmaxHead(8, num_classes, **kwargs)

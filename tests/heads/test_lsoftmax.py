@@ -53,8 +53,12 @@ def test_psi_matches_the_angle_formula(m):
     g = torch.Generator().manual_seed(m)
     thresholds = [math.cos(j * math.pi / m) for j in range(m + 1)]
     near = [t + d for t in thresholds for d in (-1e-9, 0.0, 1e-9, -1e-4, 1e-4)]
-    cos = torch.cat([torch.rand(200, generator=g, dtype=torch.float64) * 2 - 1,
-                     torch.tensor([-1.0, 1.0] + near, dtype=torch.float64)]).clamp(-1.0, 1.0)
+    cos = torch.cat(
+        [
+            torch.rand(200, generator=g, dtype=torch.float64) * 2 - 1,
+            torch.tensor([-1.0, 1.0] + near, dtype=torch.float64),
+        ]
+    ).clamp(-1.0, 1.0)
     expected = torch.tensor([psi_reference(c, m) for c in cos.tolist()], dtype=torch.float64)
     torch.testing.assert_close(psi(cos, m), expected, atol=1e-9, rtol=0)
     torch.testing.assert_close(multiple_angle_cos(cos, m), torch.cos(m * torch.acos(cos)), atol=1e-9, rtol=0)
@@ -180,13 +184,16 @@ def test_probe_cosine(hh):
     hh.check_probe_cosine(head, x, labels)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"m": 2.5}, ["m=2.5", "integer >= 1"]),
-    ({"base": -1.0}, ["base=-1.0", "[0, inf]"]),
-    ({"gamma": -1e-3}, ["gamma=", "[0, inf]"]),
-    ({"power": -2.0}, ["power=-2.0", "[0, inf]"]),
-    ({"lambda_min": -5.0}, ["lambda_min=-5.0", "[0, inf]"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"m": 2.5}, ["m=2.5", "integer >= 1"]),
+        ({"base": -1.0}, ["base=-1.0", "[0, inf]"]),
+        ({"gamma": -1e-3}, ["gamma=", "[0, inf]"]),
+        ({"power": -2.0}, ["power=-2.0", "[0, inf]"]),
+        ({"lambda_min": -5.0}, ["lambda_min=-5.0", "[0, inf]"]),
+    ],
+)
 def test_bad_hyperparameters(kwargs, words):
     with pytest.raises(ConfigError) as err:
         LSoftmaxHead(8, 10, **kwargs)

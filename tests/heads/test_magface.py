@@ -21,7 +21,7 @@ def reference(x, w, y, easy):
     for i, xi in enumerate(x.tolist()):
         a = min(U_A, max(L_A, math.sqrt(sum(v * v for v in xi))))
         margin = L_M + (U_M - L_M) * (a - L_A) / (U_A - L_A)
-        gs.append(1.0 / a + a / U_A ** 2)
+        gs.append(1.0 / a + a / U_A**2)
         nx = math.sqrt(sum(v * v for v in xi))
         row = []
         for j, wj in enumerate(w.tolist()):
@@ -42,11 +42,14 @@ def make_inputs(seed=0, easy=True):
     g = torch.Generator().manual_seed(seed)
     head = MagFaceHead(D, C, easy_margin=easy).double()
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
-    x = x * torch.tensor([5.0, 20.0, 40.0, 60.0, 90.0, 150.0], dtype=torch.float64).view(-1, 1) / x.norm(dim=1,
-                                                                                                    keepdim=True)
+    x = (
+        x
+        * torch.tensor([5.0, 20.0, 40.0, 60.0, 90.0, 150.0], dtype=torch.float64).view(-1, 1)
+        / x.norm(dim=1, keepdim=True)
+    )
     y = torch.randint(0, C, (B,), generator=g)
     with torch.no_grad():
-        x[0] = 5.0 * F.normalize(head.weight[y[0]], dim=0)    # cos = +1, a clipped up to l_a
+        x[0] = 5.0 * F.normalize(head.weight[y[0]], dim=0)  # cos = +1, a clipped up to l_a
         x[1] = -20.0 * F.normalize(head.weight[y[1]], dim=0)  # cos = -1
     return head, x, y
 
@@ -132,13 +135,16 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(other(x, y), head(x, y))
 
 
-@pytest.mark.parametrize("kwargs, name, allowed", [
-    ({"l_a": 0.0}, "l_a", "(0, inf]"),
-    ({"u_a": 10.0}, "u_a", "(10, inf]"),
-    ({"l_m": -0.1}, "l_m", "[0, 1.5708]"),
-    ({"u_m": 0.3}, "u_m", "[0.45, 1.5708]"),
-    ({"lambda_g": -1.0}, "lambda_g", "[0, inf]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name, allowed",
+    [
+        ({"l_a": 0.0}, "l_a", "(0, inf]"),
+        ({"u_a": 10.0}, "u_a", "(10, inf]"),
+        ({"l_m": -0.1}, "l_m", "[0, 1.5708]"),
+        ({"u_m": 0.3}, "u_m", "[0.45, 1.5708]"),
+        ({"lambda_g": -1.0}, "lambda_g", "[0, inf]"),
+    ],
+)
 def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
     with pytest.raises(ConfigError) as err:
         MagFaceHead(D, C, **kwargs)
@@ -148,7 +154,15 @@ def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
 def test_config_file_builds_the_head_with_its_defaults(hh):
     head = hh.instantiate("magface", in_features=8, num_classes=10)
     assert type(head) is MagFaceHead
-    for key, value in {'s': 64.0, 'l_a': 10.0, 'u_a': 110.0, 'l_m': 0.45, 'u_m': 0.8, 'lambda_g': 35.0, 'easy_margin': True}.items():
+    for key, value in {
+        "s": 64.0,
+        "l_a": 10.0,
+        "u_a": 110.0,
+        "l_m": 0.45,
+        "u_m": 0.8,
+        "lambda_g": 35.0,
+        "easy_margin": True,
+    }.items():
         assert getattr(head, key) == value
     x, labels = hh.make_batch(head)
     hh.check_bf16(head, x, labels)

@@ -68,8 +68,7 @@ def test_configs(hh):
     cosine = hh.instantiate("cosine")  # Cosine Normalization: plain cosines
     assert isinstance(cosine, NormFaceHead) and cosine.s == 1.0
     x, labels = hh.make_batch(cosine)
-    torch.testing.assert_close(cosine(x).double(), hh.reference_cosine(x, cosine.weight.detach()),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cosine(x).double(), hh.reference_cosine(x, cosine.weight.detach()), atol=1e-6, rtol=1e-6)
     coco = hh.instantiate("coco")  # COCO: the same formula with its own alpha
     assert isinstance(coco, NormFaceHead) and coco.s == pytest.approx(21.475)
 
@@ -82,8 +81,9 @@ def test_learnt_scale_is_clamped_at_0_01(hh):
         head.s.fill_(-3.0)  # e.g. after a large step
     logits = head(x, labels)
     assert head.s.item() == pytest.approx(0.01)
-    torch.testing.assert_close(logits, 0.01 * hh.reference_cosine(x, head.weight.detach()).float(),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        logits, 0.01 * hh.reference_cosine(x, head.weight.detach()).float(), atol=1e-6, rtol=1e-5
+    )
     with torch.no_grad():
         head.s.fill_(0.5)  # above the bound: untouched
     head(x, labels)

@@ -19,8 +19,12 @@ def batch_at_angles(head, norm: float, hh):
     rows = head.weight.detach()
     k = rows.shape[0] // head.num_classes  # sub-centres: the first of each class
     labels = torch.arange(len(ANGLES)) % head.num_classes
-    x = torch.stack([hh.feature_at_angle(rows[int(y) * k], theta, norm, seed=i)
-                     for i, (y, theta) in enumerate(zip(labels.tolist(), ANGLES))])
+    x = torch.stack(
+        [
+            hh.feature_at_angle(rows[int(y) * k], theta, norm, seed=i)
+            for i, (y, theta) in enumerate(zip(labels.tolist(), ANGLES))
+        ]
+    )
     return x, labels
 
 

@@ -82,7 +82,8 @@ def test_recovery_estimate_holds_where_recovery_is_used():
     g = torch.Generator().manual_seed(4)
     used = 0
     for d, x_scale, w_scale, gamma, s, near in itertools.product(
-            [8, 64], [0.1, 1.0, 5.0, 20.0], [0.1, 1.0, 5.0, 20.0], [2.0, 16.0], [10.0, 35.0], [False, True]):
+        [8, 64], [0.1, 1.0, 5.0, 20.0], [0.1, 1.0, 5.0, 20.0], [2.0, 16.0], [10.0, 35.0], [False, True]
+    ):
         w = torch.randn(30, d, generator=g) * (w_scale / math.sqrt(d))
         x = torch.randn(12, d, generator=g) * (x_scale / math.sqrt(d))
         if near:
@@ -121,8 +122,7 @@ def test_distance_precision_under_autocast(hh):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = head(x, labels)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), rbf_reference(x, head.weight.detach(), 35.0, 16.0),
-                               atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(got.double(), rbf_reference(x, head.weight.detach(), 35.0, 16.0), atol=1e-2, rtol=1e-3)
 
 
 def test_gradcheck(hh):
@@ -144,8 +144,9 @@ def test_probe_cosine(hh):
     hh.check_probe_cosine(head, x, labels)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [({"gamma": 0.0}, r"gamma=0.0 .*\(0, inf\]"),
-                                             ({"gamma": -16.0}, r"gamma=-16.0")])
+@pytest.mark.parametrize(
+    "kwargs, pattern", [({"gamma": 0.0}, r"gamma=0.0 .*\(0, inf\]"), ({"gamma": -16.0}, r"gamma=-16.0")]
+)
 def test_bad_hyperparameters(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
         RBFHead(8, 10, **kwargs)

@@ -38,9 +38,11 @@ def test_training_logits_match_reference(hh, m):
     with torch.no_grad():
         head.weight.mul_(torch.linspace(0.2, 5.0, 7).unsqueeze(1))  # unequal norms: must not matter
     x, labels = hh.make_batch(head, batch=12, seed=m)
-    near = [hh.feature_at_angle(head.weight[y], k * math.pi / m + d, 2.0, seed=i)
-            for i, (y, k, d) in enumerate(zip(labels.tolist(), range(1, 13), [-1e-3, 0.0, 1e-3] * 4))
-            if 0 < k * math.pi / m + d < math.pi]
+    near = [
+        hh.feature_at_angle(head.weight[y], k * math.pi / m + d, 2.0, seed=i)
+        for i, (y, k, d) in enumerate(zip(labels.tolist(), range(1, 13), [-1e-3, 0.0, 1e-3] * 4))
+        if 0 < k * math.pi / m + d < math.pi
+    ]
     if near:
         x = torch.cat([x, torch.stack(near)])
         labels = torch.cat([labels, labels[: len(near)]])
@@ -99,11 +101,14 @@ def test_probe_cosine(hh):
     hh.check_probe_cosine(head, x, labels)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"m": 1.5}, ["m=1.5", "integer >= 1"]),
-    ({"lambda_min": -1.0}, ["lambda_min=-1.0", "[0, inf]"]),
-    ({"gamma": -0.12}, ["gamma=-0.12", "[0, inf]"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"m": 1.5}, ["m=1.5", "integer >= 1"]),
+        ({"lambda_min": -1.0}, ["lambda_min=-1.0", "[0, inf]"]),
+        ({"gamma": -0.12}, ["gamma=-0.12", "[0, inf]"]),
+    ],
+)
 def test_bad_hyperparameters(kwargs, words):
     with pytest.raises(ConfigError) as err:
         SphereFaceHead(8, 10, **kwargs)
@@ -130,7 +135,7 @@ def caffe_margin_inner_product(x, weight, labels, m: int, lam: float, top_diff):
     x_norm = torch.sqrt((x * x).sum(dim=1))
     cos = (x @ w.t()) / x_norm.unsqueeze(1)
     s0 = sign(cos)
-    c2, c3, c4 = cos ** 2, cos ** 3, cos ** 4
+    c2, c3, c4 = cos**2, cos**3, cos**4
     if m == 3:
         s1 = sign(cos.abs() - 0.5)
         s2 = s0 * (1.0 + s1) - 2.0
@@ -187,16 +192,18 @@ def test_official_mode_matches_the_caffe_layer(hh, m, lam):
         head.weight.mul_(torch.linspace(0.2, 5.0, 7, dtype=torch.float64).unsqueeze(1))  # renormalised anyway
     weight0 = head.weight.detach().clone()
     x, labels = hh.make_batch(head, batch=10, seed=m, special=False)
-    near = [hh.feature_at_angle(weight0[y], k * math.pi / m + 0.05, 2.0, seed=k)
-            for k, y in enumerate(labels.tolist()[:m]) if k * math.pi / m + 0.05 < math.pi]
+    near = [
+        hh.feature_at_angle(weight0[y], k * math.pi / m + 0.05, 2.0, seed=k)
+        for k, y in enumerate(labels.tolist()[:m])
+        if k * math.pi / m + 0.05 < math.pi
+    ]
     x = torch.cat([x, torch.stack(near)]).double().requires_grad_(True)
     labels = torch.cat([labels, labels[: len(near)]])
     top_diff = torch.randn(x.shape[0], 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     logits = head(x, labels)
     (logits * top_diff).sum().backward()
     lam32 = float(torch.tensor(lam, dtype=torch.float32))  # lambda is a float (Dtype) in Caffe, as here
-    top, w_unit, bottom_diff, weight_diff = caffe_margin_inner_product(x.detach(), weight0, labels, m, lam32,
-                                                                       top_diff)
+    top, w_unit, bottom_diff, weight_diff = caffe_margin_inner_product(x.detach(), weight0, labels, m, lam32, top_diff)
     torch.testing.assert_close(head.weight.detach(), w_unit, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(logits.detach(), top, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(x.grad, bottom_diff, atol=1e-10, rtol=1e-10)
@@ -205,8 +212,9 @@ def test_official_mode_matches_the_caffe_layer(hh, m, lam):
 
 def test_official_mode_differs_from_exact_only_in_gradients(hh):
     exact = SphereFaceHead(8, 10, base=0.0, gamma=0.0, lambda_min=0.0).double().train()
-    official = hh.copy_weights(exact, SphereFaceHead(8, 10, base=0.0, gamma=0.0, lambda_min=0.0,
-                                                     mode="official").double().train())
+    official = hh.copy_weights(
+        exact, SphereFaceHead(8, 10, base=0.0, gamma=0.0, lambda_min=0.0, mode="official").double().train()
+    )
     x, labels = hh.make_batch(exact, special=False)
     grads = []
     for head in (exact, official):
@@ -239,10 +247,13 @@ def test_official_mode_zero_feature_is_finite():
     assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"mode": "caffe"}, ["mode='caffe'", "exact, official"]),
-    ({"mode": "official", "m": 5}, ["m=5", "mode='official'", "1, 2, 3, 4"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"mode": "caffe"}, ["mode='caffe'", "exact, official"]),
+        ({"mode": "official", "m": 5}, ["m=5", "mode='official'", "1, 2, 3, 4"]),
+    ],
+)
 def test_bad_mode(kwargs, words):
     with pytest.raises(ConfigError) as err:
         SphereFaceHead(8, 10, **kwargs)
@@ -251,9 +262,9 @@ def test_bad_mode(kwargs, words):
 
 
 def test_casia_experiment_uses_the_official_mode():
-    from omegaconf import OmegaConf
-
     from pathlib import Path
+
+    from omegaconf import OmegaConf
 
     import marginlab
 

@@ -30,8 +30,7 @@ def reference(x, w, y, k, fallback=True):
                 best = max(best, max(-1.0, min(1.0, c)))
             if cls == y[i].item():
                 theta = math.acos(best)
-                best = (math.cos(theta + M) if theta < math.pi - M or not fallback
-                        else best - M * math.sin(M))
+                best = math.cos(theta + M) if theta < math.pi - M or not fallback else best - M * math.sin(M)
             row.append(S * best)
         out.append(row)
     return torch.tensor(out, dtype=torch.float64)
@@ -43,7 +42,7 @@ def make_inputs(seed=0, mode="exact"):
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     y = torch.randint(0, C, (B,), generator=g)
     with torch.no_grad():
-        x[0] = 2.0 * head.weight[y[0] * K + 1]   # cos = +1 with the second sub-centre of its class
+        x[0] = 2.0 * head.weight[y[0] * K + 1]  # cos = +1 with the second sub-centre of its class
     return head, x, y
 
 
@@ -58,7 +57,7 @@ def test_matches_reference_loops_including_cos_1(mode):
     head, x, y = make_inputs(mode=mode)
     with torch.no_grad():  # sample 1 past pi - m: its class's sub-centres all equal, x nearly opposite
         w0 = head.weight[y[1] * K].clone()
-        head.weight[y[1] * K: y[1] * K + K] = w0
+        head.weight[y[1] * K : y[1] * K + K] = w0
         x[1] = -w0 / w0.norm() + 0.2 * torch.tensor([0.3, -0.5, 0.2, 0.4], dtype=torch.float64)
     out = head(x, y)
     assert F.cosine_similarity(x[1], head.weight[y[1] * K], dim=0) < math.cos(math.pi - M)
@@ -117,11 +116,14 @@ def test_state_dict_round_trip():
         SubCenterArcFaceHead(D, C, k=2).load_state_dict(head.state_dict())
 
 
-@pytest.mark.parametrize("kwargs, name, allowed", [
-    ({"k": 0}, "k", "integer >= 1"),
-    ({"k": 1.5}, "k", "integer >= 1"),
-    ({"m": -0.5}, "m", "[0, 1.5708]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name, allowed",
+    [
+        ({"k": 0}, "k", "integer >= 1"),
+        ({"k": 1.5}, "k", "integer >= 1"),
+        ({"m": -0.5}, "m", "[0, 1.5708]"),
+    ],
+)
 def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
     with pytest.raises(ConfigError) as err:
         SubCenterArcFaceHead(D, C, **kwargs)
@@ -131,7 +133,7 @@ def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
 def test_config_file_builds_the_head_with_its_defaults(hh):
     head = hh.instantiate("subcenter_arcface", in_features=8, num_classes=10)
     assert type(head) is SubCenterArcFaceHead
-    for key, value in {'s': 64.0, 'm': 0.5, 'k': 3, 'easy_margin': False}.items():
+    for key, value in {"s": 64.0, "m": 0.5, "k": 3, "easy_margin": False}.items():
         assert getattr(head, key) == value
     x, labels = hh.make_batch(head)
     hh.check_bf16(head, x, labels)
@@ -144,19 +146,22 @@ def test_mode_past_pi_minus_m(hh, mode):
     arccos-then-cos; exact gives ArcFace's fallback s (cos theta - m sin m) with slope s."""
     head = SubCenterArcFaceHead(D, C, k=K, mode=mode).double().train()
     labels = torch.tensor([1, 3])
-    x = torch.stack([hh.feature_at_angle(head.weight[y * K], theta, 2.0, seed=y).double()
-                     for y, theta in zip(labels.tolist(), (2.9, 0.4))])
+    x = torch.stack(
+        [
+            hh.feature_at_angle(head.weight[y * K], theta, 2.0, seed=y).double()
+            for y, theta in zip(labels.tolist(), (2.9, 0.4))
+        ]
+    )
     # the class's other sub-centres point away from the sample (cos -1), so the first one is the max
     with torch.no_grad():
         for i, y in enumerate(labels.tolist()):
-            head.weight[y * K + 1:y * K + K] = -x[i]
+            head.weight[y * K + 1 : y * K + K] = -x[i]
     cos = F.cosine_similarity(x, head.weight.detach()[labels * K], dim=1).requires_grad_(True)
     assert cos[0] < math.cos(math.pi - M) < cos[1]
     if mode == "no_fallback":  # arccos, + m, cos: differentiated as the mxnet symbol is
         expected = S * torch.cos(torch.acos(cos) + M)
     else:
-        expected = S * torch.where(cos > math.cos(math.pi - M), torch.cos(torch.acos(cos) + M),
-                                   cos - M * math.sin(M))
+        expected = S * torch.where(cos > math.cos(math.pi - M), torch.cos(torch.acos(cos) + M), cos - M * math.sin(M))
     slope = torch.autograd.grad(expected.sum(), cos)[0]
     target = head(x, labels)[torch.arange(2), labels]
     torch.testing.assert_close(target.detach(), expected.detach(), atol=1e-9, rtol=1e-9)

@@ -12,10 +12,21 @@ import torch.nn.functional as F
 #: (config name, overrides): every head that normalises the features; both the fused training path
 #: (fixed s) and the autograd paths (learnt s, sub-centres, heads that edit other columns)
 NORMALISED = [
-    ("normface", {}), ("normface", {"learnable_scale": True}), ("cosine", {}), ("coco", {}),
-    ("amsoftmax", {}), ("cosface", {}), ("arcface", {}), ("arcface", {"mode": "straight_through"}),
-    ("arcface", {"mode": "no_fallback"}), ("combined", {}), ("subcenter_arcface", {}),
-    ("curricularface", {}), ("magface", {}), ("adaface", {}), ("l2softmax", {"alpha": 20.0}),
+    ("normface", {}),
+    ("normface", {"learnable_scale": True}),
+    ("cosine", {}),
+    ("coco", {}),
+    ("amsoftmax", {}),
+    ("cosface", {}),
+    ("arcface", {}),
+    ("arcface", {"mode": "straight_through"}),
+    ("arcface", {"mode": "no_fallback"}),
+    ("combined", {}),
+    ("subcenter_arcface", {}),
+    ("curricularface", {}),
+    ("magface", {}),
+    ("adaface", {}),
+    ("l2softmax", {"alpha": 20.0}),
 ]
 
 

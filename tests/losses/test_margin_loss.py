@@ -44,7 +44,7 @@ def test_magface_adds_its_own_regulariser():
     loss = MarginLoss(head)(embeddings, labels)
     ce = F.cross_entropy(copy.deepcopy(head)(embeddings, labels).float(), labels)
     a = embeddings.norm(dim=1).clamp(head.l_a, head.u_a)
-    g = 35.0 * (a / head.u_a ** 2 + 1 / a).mean()  # MagFace (Meng et al., CVPR 2021) eq. 5: g(a) = a / u_a^2 + 1 / a
+    g = 35.0 * (a / head.u_a**2 + 1 / a).mean()  # MagFace (Meng et al., CVPR 2021) eq. 5: g(a) = a / u_a^2 + 1 / a
     assert loss.item() == pytest.approx((ce + g).item(), rel=1e-6) and g > 0
 
 
@@ -61,20 +61,39 @@ def test_regularizers_add_their_weighted_terms(given):
     assert any(p is head.weight for p in MarginLoss(head, regs).parameters())  # the optimizer gets W
 
 
-@pytest.mark.parametrize("call, error, words", [
-    (lambda: MarginLoss("arcface"), TypeError, ["MarginLoss(head=...)", "str"]),
-    (lambda: MarginLoss(SoftmaxHead(4, 3), regularizers=3), TypeError, ["regularizers", "int"]),
-    (lambda: MarginLoss(SoftmaxHead(4, 3), regularizers=[3]), TypeError, ["regularizers", "int"]),
-    (lambda: MarginLoss(SoftmaxHead(4, 3))(torch.randn(6, 5), torch.zeros(6, dtype=torch.long)), ConfigError,
-     ["embeddings of shape (6, 5)", "in_features=4"]),
-    (lambda: MarginLoss(SoftmaxHead(4, 3))(torch.randn(6, 4), torch.zeros(5, dtype=torch.long)), ConfigError,
-     ["labels of shape (5,)", "(6,)"]),
-    (lambda: MarginLoss(SoftmaxHead(4, 3))(torch.randn(6, 4), torch.zeros(6)), ConfigError,
-     ["labels must be integer class indices", "float32"]),
-    (lambda: MarginLoss(SoftmaxHead(4, 3))(torch.randn(2, 4), torch.tensor([0, 3])), ConfigError,
-     ["labels hold class 3", "num_classes=3", "[0, 2]"]),
-    (lambda: MarginLoss(SoftmaxHead(4, 3))([[0.0] * 4], torch.tensor([0])), TypeError, ["embeddings must be a tensor"]),
-])
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda: MarginLoss("arcface"), TypeError, ["MarginLoss(head=...)", "str"]),
+        (lambda: MarginLoss(SoftmaxHead(4, 3), regularizers=3), TypeError, ["regularizers", "int"]),
+        (lambda: MarginLoss(SoftmaxHead(4, 3), regularizers=[3]), TypeError, ["regularizers", "int"]),
+        (
+            lambda: MarginLoss(SoftmaxHead(4, 3))(torch.randn(6, 5), torch.zeros(6, dtype=torch.long)),
+            ConfigError,
+            ["embeddings of shape (6, 5)", "in_features=4"],
+        ),
+        (
+            lambda: MarginLoss(SoftmaxHead(4, 3))(torch.randn(6, 4), torch.zeros(5, dtype=torch.long)),
+            ConfigError,
+            ["labels of shape (5,)", "(6,)"],
+        ),
+        (
+            lambda: MarginLoss(SoftmaxHead(4, 3))(torch.randn(6, 4), torch.zeros(6)),
+            ConfigError,
+            ["labels must be integer class indices", "float32"],
+        ),
+        (
+            lambda: MarginLoss(SoftmaxHead(4, 3))(torch.randn(2, 4), torch.tensor([0, 3])),
+            ConfigError,
+            ["labels hold class 3", "num_classes=3", "[0, 2]"],
+        ),
+        (
+            lambda: MarginLoss(SoftmaxHead(4, 3))([[0.0] * 4], torch.tensor([0])),
+            TypeError,
+            ["embeddings must be a tensor"],
+        ),
+    ],
+)
 def test_a_wrong_argument_is_one_line_naming_it(call, error, words):
     with pytest.raises(error) as info:
         call()
@@ -100,12 +119,24 @@ def test_the_loop_trains_with_the_criterion_it_is_given():
 
     torch.manual_seed(0)
     model = MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), SoftmaxHead(3, 2), nn.ModuleDict())
-    loader = [(torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 0, 1, 1]))
-              for i in range(3)]
+    loader = [
+        (torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 0, 1, 1]))
+        for i in range(3)
+    ]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train_one_epoch(model, loader, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                            Precision(torch.device("cpu"), "32"), LoopState(), grad_clip=1.0, max_nonfinite=3,
-                            channels_last=False, log_every=10, criterion=Smoothed(model.head))
+    stats = train_one_epoch(
+        model,
+        loader,
+        opt,
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        Precision(torch.device("cpu"), "32"),
+        LoopState(),
+        grad_clip=1.0,
+        max_nonfinite=3,
+        channels_last=False,
+        log_every=10,
+        criterion=Smoothed(model.head),
+    )
     assert Smoothed.calls == 3 and stats["nonfinite_steps"] == 0 and "acc" in stats
 
 

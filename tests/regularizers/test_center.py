@@ -90,10 +90,13 @@ def test_state_dict_round_trip_and_bf16():
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("kwargs, name, allowed", [
-    ({"alpha": 1.5}, "alpha", "[0, 1]"),
-    ({"weight": -0.1}, "weight", "[0, inf]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name, allowed",
+    [
+        ({"alpha": 1.5}, "alpha", "[0, 1]"),
+        ({"weight": -0.1}, "weight", "[0, inf]"),
+    ],
+)
 def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
     with pytest.raises(ConfigError) as err:
         CenterLoss(in_features=2, num_classes=3, **kwargs)
@@ -112,8 +115,7 @@ def test_config_group_lands_under_regularizer_name(tmp_path):
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         cfg = compose("main", overrides=["regularizer=[center,incay]"])
     assert set(cfg.regularizer) == {"center", "incay"}
-    regs = {name: hydra.utils.instantiate(node, in_features=4, num_classes=3)
-            for name, node in cfg.regularizer.items()}
+    regs = {name: hydra.utils.instantiate(node, in_features=4, num_classes=3) for name, node in cfg.regularizer.items()}
     assert isinstance(regs["center"], CenterLoss) and isinstance(regs["incay"], FeatureIncay)
     assert all(isinstance(r, Regularizer) for r in regs.values())
     assert regs["center"].weight == 0.003 and regs["center"].alpha == 0.5

@@ -10,9 +10,13 @@ from marginlab.regularizers.incay import FeatureIncay
 def batch():
     x = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])  # squared norms 25, 1, 4
     y = torch.tensor([0, 1, 2])
-    logits = torch.tensor([[5.0, 1.0, 0.0],    # correct
-                           [2.0, 1.0, 0.0],    # wrong: argmax 0, label 1
-                           [0.0, 0.0, 3.0]])   # correct
+    logits = torch.tensor(
+        [
+            [5.0, 1.0, 0.0],  # correct
+            [2.0, 1.0, 0.0],  # wrong: argmax 0, label 1
+            [0.0, 0.0, 3.0],
+        ]
+    )  # correct
     return x, y, logits
 
 
@@ -59,10 +63,13 @@ def test_zero_norm_features_stay_finite_under_bf16():
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("kwargs, name, allowed", [
-    ({"eps": 0.0}, "eps", "(0, inf]"),
-    ({"weight": -1.0}, "weight", "[0, inf]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name, allowed",
+    [
+        ({"eps": 0.0}, "eps", "(0, inf]"),
+        ({"weight": -1.0}, "weight", "[0, inf]"),
+    ],
+)
 def test_bad_hyperparameters_raise_config_error(kwargs, name, allowed):
     with pytest.raises(ConfigError) as err:
         FeatureIncay(in_features=2, num_classes=3, **kwargs)

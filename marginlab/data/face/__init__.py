@@ -84,16 +84,20 @@ def class_count(labels: np.ndarray, counted: int, requested: int | None, describ
         over = np.flatnonzero(labels >= requested)
         if over.size:
             i = int(over[0])
-            raise DataError(f"{describe(i)}: label {int(labels[i])} is not below dataset.num_classes={requested} "
-                            f"({over.size} such records). To fix: raise dataset.num_classes, or repair the labels")
+            raise DataError(
+                f"{describe(i)}: label {int(labels[i])} is not below dataset.num_classes={requested} "
+                f"({over.size} such records). To fix: raise dataset.num_classes, or repair the labels"
+            )
         return int(requested)
     distinct = int(np.unique(labels).size)
     empty = counted - distinct
     if counted > 2 * distinct and empty > 1000:
-        raise DataError(f"{blame}: that makes {counted:,} classes, but the {labels.size:,} images use only "
-                        f"{distinct:,} distinct labels ({empty:,} classes would have no image; a corrupt label?). "
-                        f"To fix: repair or remove that record, or set dataset.num_classes={counted} if the "
-                        f"classes really are that many")
+        raise DataError(
+            f"{blame}: that makes {counted:,} classes, but the {labels.size:,} images use only "
+            f"{distinct:,} distinct labels ({empty:,} classes would have no image; a corrupt label?). "
+            f"To fix: repair or remove that record, or set dataset.num_classes={counted} if the "
+            f"classes really are that many"
+        )
     return counted
 
 
@@ -143,8 +147,10 @@ class FaceImageDataset(Dataset):
                 if not self.skip_corrupt:
                     raise
                 self.note_skipped(exc)
-        raise DataError(f"{self.describe(index)}: this sample and the next {attempts - 1} cannot be read "
-                        f"(skip_corrupt gave up); the data set looks broken")
+        raise DataError(
+            f"{self.describe(index)}: this sample and the next {attempts - 1} cannot be read "
+            f"(skip_corrupt gave up); the data set looks broken"
+        )
 
     def note_skipped(self, exc: Exception) -> None:
         self.skipped += 1
@@ -157,5 +163,15 @@ class FaceImageDataset(Dataset):
 
 from marginlab.data.face.casia import CasiaData  # noqa: E402  (re-export; casia imports the helpers above)
 
-__all__ = ["ARCFACE_SIZE", "SPHEREFACE_SIZE", "CasiaData", "FaceImageDataset", "class_count", "decode_image",
-           "fit_face", "normalize_face", "parse_image_size", "to_uint8_chw"]
+__all__ = [
+    "ARCFACE_SIZE",
+    "SPHEREFACE_SIZE",
+    "CasiaData",
+    "FaceImageDataset",
+    "class_count",
+    "decode_image",
+    "fit_face",
+    "normalize_face",
+    "parse_image_size",
+    "to_uint8_chw",
+]

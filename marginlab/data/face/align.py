@@ -21,8 +21,10 @@ import numpy as np
 from marginlab.errors import ConfigError, DataError
 
 #: SphereFace's 96x112 template (Wen et al. 2016 / Liu et al. 2017, ``face_align_demo.m``), (x, y) per point
-SPHEREFACE_TEMPLATE = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
-                                [33.5493, 92.3655], [62.7299, 92.2041]], dtype=np.float32)
+SPHEREFACE_TEMPLATE = np.array(
+    [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
+    dtype=np.float32,
+)
 #: ArcFace's 112x112 template = SphereFace's + 8 px in x (eval_ijbc.py ``src[:, 0] += 8.0``; face_align.arcface_dst)
 ARCFACE_TEMPLATE = SPHEREFACE_TEMPLATE + np.array([8.0, 0.0], dtype=np.float32)
 #: the crop size (height, width) the ArcFace template is drawn for
@@ -62,8 +64,12 @@ def similarity_matrix(landmarks: np.ndarray, template: np.ndarray = ARCFACE_TEMP
     return tform.params[:2, :]
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: tuple[int, int] = ARCFACE_CROP,
-               template: np.ndarray = ARCFACE_TEMPLATE) -> np.ndarray:
+def align_face(
+    image: np.ndarray,
+    landmarks: np.ndarray,
+    size: tuple[int, int] = ARCFACE_CROP,
+    template: np.ndarray = ARCFACE_TEMPLATE,
+) -> np.ndarray:
     """``image`` (H x W x C uint8, any channel order, kept) warped so its 5 ``landmarks`` (x, y) fall on
     ``template``; returns a ``size`` = (height, width) crop, black outside the image (InsightFace ``norm_crop``)."""
     cv2 = opencv()
@@ -90,8 +96,10 @@ def parse_landmark_line(line: str, where: str, extra: int = 0) -> tuple[str, np.
     want = 1 + 10 + extra
     if len(fields) != want:
         extras = f" then {extra} more number{'s' if extra > 1 else ''}" if extra else ""
-        raise DataError(f"{where}: expected {want} fields (an image path, 10 landmark numbers x1 y1 ... x5 y5"
-                        f"{extras}), got {len(fields)}")
+        raise DataError(
+            f"{where}: expected {want} fields (an image path, 10 landmark numbers x1 y1 ... x5 y5"
+            f"{extras}), got {len(fields)}"
+        )
     try:
         numbers = [float(v) for v in fields[1:]]
     except ValueError:

@@ -52,7 +52,7 @@ def fit_tensor(x: Tensor, size: tuple[int, int]) -> Tensor:
         return x
     if x.shape[1] == h and x.shape[2] > w:
         left = (x.shape[2] - w) // 2
-        return x[:, :, left:left + w].contiguous()
+        return x[:, :, left : left + w].contiguous()
     img = Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
     return to_uint8_chw(fit_face(img, size)).to(x.device)
 
@@ -106,6 +106,7 @@ class BatchedFaces(Dataset):
                 return payload_bytes(data), label
             except OSError as exc:
                 raise DataError(f"{self.faces.describe(j)}: cannot read the image ({exc})") from None
+
         return self.faces.first_readable(index, read)
 
     def _decode_together(self, indices: list[int]) -> tuple[list[Tensor], list[int]]:
@@ -129,8 +130,13 @@ def collate_encoded(samples: list[tuple]) -> tuple[Tensor, Tensor, Tensor, Tenso
     worker hands over a batch in five shared-memory blocks rather than one per image."""
     payloads, labels, flips, where = zip(*samples)
     data = torch.from_numpy(np.frombuffer(b"".join(payloads), dtype=np.uint8).copy())
-    return (data, torch.tensor([len(p) for p in payloads], dtype=torch.int64), torch.tensor(labels, dtype=torch.int64),
-            torch.tensor(flips, dtype=torch.bool), torch.tensor(where, dtype=torch.int64))
+    return (
+        data,
+        torch.tensor([len(p) for p in payloads], dtype=torch.int64),
+        torch.tensor(labels, dtype=torch.int64),
+        torch.tensor(flips, dtype=torch.bool),
+        torch.tensor(where, dtype=torch.int64),
+    )
 
 
 def collate_decoded(samples: list[tuple]) -> tuple[Tensor, Tensor, Tensor]:

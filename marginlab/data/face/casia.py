@@ -32,9 +32,11 @@ from marginlab.data.face import parse_image_size
 from marginlab.errors import ConfigError, DataError
 
 FORMATS = ("auto", "rec", "folder")
-GET_DATA = ("unzip InsightFace's faces_webface_112x112 release (train.rec, train.idx, lfw.bin, cfp_fp.bin, "
-            "agedb_30.bin; listed in insightface/recognition/_datasets_) into it, or put aligned crops there as "
-            "<identity>/<image>.jpg")
+GET_DATA = (
+    "unzip InsightFace's faces_webface_112x112 release (train.rec, train.idx, lfw.bin, cfp_fp.bin, "
+    "agedb_30.bin; listed in insightface/recognition/_datasets_) into it, or put aligned crops there as "
+    "<identity>/<image>.jpg"
+)
 
 
 class CasiaData(ClassificationData):
@@ -49,9 +51,20 @@ class CasiaData(ClassificationData):
     name = "casia"
     in_channels = 3
 
-    def __init__(self, root: str | None = None, format: str = "auto", rec_prefix: str = "train",
-                 image_size=112, flip: bool = True, skip_corrupt: bool = False, val_fraction: float = 0.0,
-                 split_seed: int = 0, num_classes: int | None = None, decode: str = "auto", **kwargs):
+    def __init__(
+        self,
+        root: str | None = None,
+        format: str = "auto",
+        rec_prefix: str = "train",
+        image_size=112,
+        flip: bool = True,
+        skip_corrupt: bool = False,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+        num_classes: int | None = None,
+        decode: str = "auto",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.root = root if root else default_data_root("faces_webface_112x112")
         if format not in FORMATS:
@@ -64,8 +77,7 @@ class CasiaData(ClassificationData):
         self.skip_corrupt = bool(skip_corrupt)
         self.val_fraction = check_float("dataset.val_fraction", val_fraction, low=0.0, high=0.5)
         self.split_seed = int(split_seed)
-        self.requested_classes = None if num_classes is None else check_positive_int("dataset.num_classes",
-                                                                                      num_classes)
+        self.requested_classes = None if num_classes is None else check_positive_int("dataset.num_classes", num_classes)
         from marginlab.data.face.on_device import check_decode
 
         self.decode = check_decode(decode)
@@ -90,8 +102,11 @@ class CasiaData(ClassificationData):
             return "rec"
         if any(child.is_dir() for child in root.iterdir()):
             return "folder"
-        raise missing_data_error(f"dataset.root={str(self.root)!r} holds neither {rec.name} + {idx.name} "
-                                 f"(InsightFace RecordIO) nor identity sub-directories of aligned crops", GET_DATA)
+        raise missing_data_error(
+            f"dataset.root={str(self.root)!r} holds neither {rec.name} + {idx.name} "
+            f"(InsightFace RecordIO) nor identity sub-directories of aligned crops",
+            GET_DATA,
+        )
 
     def setup(self) -> None:
         fmt = self._detect()
@@ -116,8 +131,11 @@ class CasiaData(ClassificationData):
         self._num_classes = int(index.num_classes)
         train_pos, val_pos = self._split(count)
         self.train_set = index.dataset(train_pos, self.image_shape, train=self.flip, skip_corrupt=self.skip_corrupt)
-        self.val_set = (None if val_pos is None else
-                        index.dataset(val_pos, self.image_shape, train=False, skip_corrupt=self.skip_corrupt))
+        self.val_set = (
+            None
+            if val_pos is None
+            else index.dataset(val_pos, self.image_shape, train=False, skip_corrupt=self.skip_corrupt)
+        )
 
     def _split(self, count: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         n_val = int(round(self.val_fraction * count))
@@ -150,8 +168,9 @@ class CasiaData(ClassificationData):
         from marginlab.data.face.on_device import DeviceFaceLoader, choose_decode
 
         if self.decoder is None:
-            self.decoder = choose_decode(self.decode, self.device, self.train_set, self.num_workers,
-                                         self.batch_size // self.world_size)
+            self.decoder = choose_decode(
+                self.decode, self.device, self.train_set, self.num_workers, self.batch_size // self.world_size
+            )
         if self.decoder == "pil":
             return super()._loader(dataset, train)
         encoded = self.decoder == "cuda"

@@ -25,28 +25,37 @@ class FolderIndex:
         try:
             folder = ImageFolder(str(root), loader=lambda path: path)
         except (FileNotFoundError, OSError) as exc:
-            raise DataError(f"{root}: not a usable image folder ({exc}); expected <root>/<identity>/<image>.jpg "
-                            f"with one sub-directory per identity") from None
+            raise DataError(
+                f"{root}: not a usable image folder ({exc}); expected <root>/<identity>/<image>.jpg "
+                f"with one sub-directory per identity"
+            ) from None
         self.root = str(root)
         self.classes: list[str] = list(folder.classes)
         self.paths: list[str] = [path for path, _ in folder.samples]
         self.labels = np.array([label for _, label in folder.samples], dtype=np.int64)
-        self.num_classes = class_count(self.labels, len(self.classes), num_classes, self.describe,
-                                       f"{root} has {len(self.classes)} identity folders")
+        self.num_classes = class_count(
+            self.labels,
+            len(self.classes),
+            num_classes,
+            self.describe,
+            f"{root} has {len(self.classes)} identity folders",
+        )
 
     def describe(self, i: int) -> str:
         """The file of image ``i`` and its identity folder, for messages."""
         return f"{self.paths[i]} (identity folder {self.classes[self.labels[i]]!r})"
 
-    def dataset(self, positions: np.ndarray | None, image_size: tuple[int, int], train: bool,
-                skip_corrupt: bool = False) -> "FolderFaceDataset":
+    def dataset(
+        self, positions: np.ndarray | None, image_size: tuple[int, int], train: bool, skip_corrupt: bool = False
+    ) -> "FolderFaceDataset":
         sel = np.arange(len(self.paths)) if positions is None else np.asarray(positions)
         return FolderFaceDataset([self.paths[i] for i in sel], self.labels[sel], image_size, train, skip_corrupt)
 
 
 class FolderFaceDataset(FaceImageDataset):
-    def __init__(self, paths: list[str], labels: np.ndarray, image_size: tuple[int, int], train: bool,
-                 skip_corrupt: bool = False):
+    def __init__(
+        self, paths: list[str], labels: np.ndarray, image_size: tuple[int, int], train: bool, skip_corrupt: bool = False
+    ):
         super().__init__(image_size, train, skip_corrupt)
         self.paths, self.labels = paths, labels
 

@@ -36,8 +36,9 @@ def check_decode(value) -> str:
     if value not in DECODERS:
         raise ConfigError(f"dataset.decode={value!r} is not allowed: choose one of {', '.join(DECODERS)}")
     if value == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("dataset.decode='cuda' needs a CUDA GPU, and CUDA is not available here: "
-                          "use dataset.decode=auto or cpu")
+        raise ConfigError(
+            "dataset.decode='cuda' needs a CUDA GPU, and CUDA is not available here: use dataset.decode=auto or cpu"
+        )
     return value
 
 
@@ -47,14 +48,15 @@ def prefer_gpu(cpu_s: float, gpu_s: float, workers: int) -> bool:
     return gpu_s < cpu_s / max(1, workers)
 
 
-def choose_decode(requested: str, device: torch.device, faces: FaceImageDataset, workers: int,
-                  batch_size: int) -> str:
+def choose_decode(requested: str, device: torch.device, faces: FaceImageDataset, workers: int, batch_size: int) -> str:
     """The decoder ``requested`` resolves to on ``device`` (see the module's docstring); ``auto`` on CUDA times
     one batch of the data's first records both ways, after a warm-up of each."""
     if requested != "auto":
         if requested == "cuda" and device.type != "cuda":
-            raise ConfigError(f"dataset.decode='cuda' decodes on the training device, but training runs on "
-                              f"{device}: use dataset.decode=auto or cpu, or trainer.device=cuda")
+            raise ConfigError(
+                f"dataset.decode='cuda' decodes on the training device, but training runs on "
+                f"{device}: use dataset.decode=auto or cpu, or trainer.device=cuda"
+            )
         return requested
     if device.type != "cuda":
         return "cpu"
@@ -80,8 +82,14 @@ def choose_decode(requested: str, device: torch.device, faces: FaceImageDataset,
         log.info("dataset.decode=auto: the GPU decode trial failed (%s); decoding on the CPU", exc)
         return "cpu"
     choice = "cuda" if prefer_gpu(cpu_s, gpu_s, workers) else "cpu"
-    log.info("dataset.decode=auto chose %s: %d images decode in %.1f ms on the GPU, %.1f ms on one CPU core "
-             "(%d workers)", choice, len(payloads), gpu_s * 1e3, cpu_s * 1e3, workers)
+    log.info(
+        "dataset.decode=auto chose %s: %d images decode in %.1f ms on the GPU, %.1f ms on one CPU core (%d workers)",
+        choice,
+        len(payloads),
+        gpu_s * 1e3,
+        cpu_s * 1e3,
+        workers,
+    )
     return choice
 
 
@@ -102,7 +110,9 @@ def decode_on_device(batch, faces: FaceImageDataset, device: torch.device) -> tu
             try:
                 images[k] = fit_tensor(decode_jpegs([payloads[k]], device)[0], size)
             except RuntimeError as exc:
-                reason = re.sub(r"^.*\.cpp:\d+, ", "", str(exc).strip().splitlines()[0])  # drop torchvision's source line
+                reason = re.sub(
+                    r"^.*\.cpp:\d+, ", "", str(exc).strip().splitlines()[0]
+                )  # drop torchvision's source line
                 problem = DataError(f"{faces.describe(int(where[k]))}: cannot decode the image on the GPU ({reason})")
                 if not faces.skip_corrupt:
                     raise problem from None
@@ -119,8 +129,10 @@ def decode_on_device(batch, faces: FaceImageDataset, device: torch.device) -> tu
             images[k] = to_uint8_chw(fit_face(img, size)).to(device)
     good = [k for k, x in enumerate(images) if x is not None]
     if not good:
-        raise DataError(f"{faces.describe(int(where[0]))}: no image of this batch can be decoded on the GPU; "
-                        f"the data set looks broken (dataset.decode=cpu names each bad record)")
+        raise DataError(
+            f"{faces.describe(int(where[0]))}: no image of this batch can be decoded on the GPU; "
+            f"the data set looks broken (dataset.decode=cpu names each bad record)"
+        )
     take = [k if images[k] is not None else next((g for g in good if g > k), good[0]) for k in range(len(images))]
     index = torch.tensor(take)
     return torch.stack([images[k] for k in take]), labels[index], flips[index]

@@ -46,8 +46,9 @@ _SCAN_WIDTH = 8 + IR_SIZE + 4  # magic, lrec, IRHeader, first extra label
 _SCAN_CHUNK = 1 << 16
 
 IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
-IRHeader.__doc__ = ("An image record's header (mxnet.recordio.IRHeader): label is a float, or a float32 array "
-                    "when flag > 0.")
+IRHeader.__doc__ = (
+    "An image record's header (mxnet.recordio.IRHeader): label is a float, or a float32 array when flag > 0."
+)
 
 
 # ---- payload: IRHeader + labels + bytes ------------------------------------------------------------------
@@ -75,7 +76,7 @@ def unpack(record: bytes) -> tuple[IRHeader, bytes]:
         if len(rest) < 4 * header.flag:
             raise ValueError(f"header announces {header.flag} float labels but only {len(rest)} bytes follow")
         header = header._replace(label=np.frombuffer(rest, dtype="<f4", count=header.flag).copy())
-        rest = rest[4 * header.flag:]
+        rest = rest[4 * header.flag :]
     return header, rest
 
 
@@ -142,8 +143,9 @@ class RecordIOWriter:
         self.close()
 
 
-def write_face_records(directory: str | os.PathLike, samples, style: str = "insightface",
-                       prefix: str = "train") -> tuple[Path, Path]:
+def write_face_records(
+    directory: str | os.PathLike, samples, style: str = "insightface", prefix: str = "train"
+) -> tuple[Path, Path]:
     """Writes ``<directory>/<prefix>.rec`` and ``.idx`` from ``samples``: an iterable of (encoded image, label).
 
     ``style="insightface"`` mirrors InsightFace's ``face2rec2.py``: images at keys 1..N with labels
@@ -199,8 +201,7 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if (per_line != 2).any():
         n = int(np.argmax(per_line != 2))
         lines = data.split(b"\n")
-        raise DataError(f"{idx_path}, line {n + 1}: expected 'key<TAB>offset' (two integers), "
-                        f"got {lines[n][:80]!r}")
+        raise DataError(f"{idx_path}, line {n + 1}: expected 'key<TAB>offset' (two integers), got {lines[n][:80]!r}")
     if last == 0:
         raise DataError(f"{idx_path}: the index is empty (no records)")
     try:
@@ -210,8 +211,9 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             try:
                 [int(field) for field in line.split()]
             except (ValueError, OverflowError):
-                raise DataError(f"{idx_path}, line {n}: expected 'key<TAB>offset' (two integers), "
-                                f"got {line[:80]!r}") from None
+                raise DataError(
+                    f"{idx_path}, line {n}: expected 'key<TAB>offset' (two integers), got {line[:80]!r}"
+                ) from None
         raise
     keys, offsets = pairs[:, 0].copy(), pairs[:, 1].copy()
     if (offsets < 0).any():
@@ -219,8 +221,9 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{idx_path}, line {n + 1}: negative offset {offsets[n]} for key {keys[n]}")
     uniq, counts = np.unique(keys, return_counts=True)
     if (counts > 1).any():
-        raise DataError(f"{idx_path}: key {uniq[np.argmax(counts > 1)]} appears {counts.max()} times; "
-                        f"every key must be unique")
+        raise DataError(
+            f"{idx_path}: key {uniq[np.argmax(counts > 1)]} appears {counts.max()} times; every key must be unique"
+        )
     return keys, offsets
 
 
@@ -287,23 +290,43 @@ class RecordFile:
             head = self._read(pos, 8)
             if len(head) < 8:
                 if part == 0 and pos >= self.size:
-                    raise self._fail(key, offset, f"the offset is beyond the end of the file ({self.size} bytes): "
-                                                  f"the .idx does not match this .rec, or the .rec is truncated")
-                raise self._fail(key, offset, f"truncated .rec: the file ends inside the record header "
-                                              f"(at byte {pos}, file is {self.size} bytes)")
+                    raise self._fail(
+                        key,
+                        offset,
+                        f"the offset is beyond the end of the file ({self.size} bytes): "
+                        f"the .idx does not match this .rec, or the .rec is truncated",
+                    )
+                raise self._fail(
+                    key,
+                    offset,
+                    f"truncated .rec: the file ends inside the record header "
+                    f"(at byte {pos}, file is {self.size} bytes)",
+                )
             magic, lrec = struct.unpack("<II", head)
             if magic != MAGIC:
-                raise self._fail(key, offset, f"bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x}): "
-                                              f"the .idx does not match this .rec, or the file is corrupt")
+                raise self._fail(
+                    key,
+                    offset,
+                    f"bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x}): "
+                    f"the .idx does not match this .rec, or the file is corrupt",
+                )
             cflag, n = lrec >> LENGTH_BITS, lrec & LENGTH_MASK
             if cflag not in ((0, 1) if part == 0 else (2, 3)):
-                raise self._fail(key, offset, f"record part {part} at byte {pos} has continuation flag {cflag}: "
-                                              f"the offset does not point at the start of a record")
+                raise self._fail(
+                    key,
+                    offset,
+                    f"record part {part} at byte {pos} has continuation flag {cflag}: "
+                    f"the offset does not point at the start of a record",
+                )
             padded = n + (-n % 4)
             data = self._read(pos + 8, padded)
             if len(data) < padded:
-                raise self._fail(key, offset, f"truncated .rec: the record needs {padded} bytes at byte {pos + 8} "
-                                              f"but the file ends at {self.size}")
+                raise self._fail(
+                    key,
+                    offset,
+                    f"truncated .rec: the record needs {padded} bytes at byte {pos + 8} "
+                    f"but the file ends at {self.size}",
+                )
             out += data[:n]
             pos += 8 + padded
             if cflag in (0, 3):
@@ -326,7 +349,7 @@ class RecordFile:
         mm = np.memmap(self.path, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
         span = np.arange(_SCAN_WIDTH, dtype=np.int64)
         for lo in range(0, n, _SCAN_CHUNK):
-            off = offsets[lo:lo + _SCAN_CHUNK]
+            off = offsets[lo : lo + _SCAN_CHUNK]
             pos = off[:, None] + span
             inside = pos < self.size
             raw = mm[np.minimum(pos, max(self.size - 1, 0))] if self.size else np.zeros(pos.shape, np.uint8)
@@ -339,9 +362,14 @@ class RecordFile:
             lab = np.where(fl > 0, floats[:, 8], floats[:, 3]).astype(np.float64)
             sl = slice(lo, lo + len(off))
             length[sl], cflag[sl], flag[sl], label[sl] = ln, cf, fl, lab
-            bad = ((off + 8 > self.size) | (magic != MAGIC) | (cf > 1) | ((cf == 0) & (off + 8 + ln > self.size))
-                   | ((cf == 0) & ((ln < IR_SIZE) | ((fl > 0) & (ln < IR_SIZE + 4 * fl))))
-                   | ((cf == 1) & (ln < IR_SIZE + 4)))
+            bad = (
+                (off + 8 > self.size)
+                | (magic != MAGIC)
+                | (cf > 1)
+                | ((cf == 0) & (off + 8 + ln > self.size))
+                | ((cf == 0) & ((ln < IR_SIZE) | ((fl > 0) & (ln < IR_SIZE + 4 * fl))))
+                | ((cf == 1) & (ln < IR_SIZE + 4))
+            )
             for j in np.nonzero(bad)[0]:
                 i = lo + int(j)
                 try:  # the general reader names the problem (or handles an early split)
@@ -361,8 +389,17 @@ class RecordFile:
 class RecordFaceDataset(FaceImageDataset):
     """Images of a ``.rec`` at the given offsets, labels from the index scan."""
 
-    def __init__(self, rec: RecordFile, keys: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
-                 labels: np.ndarray, image_size: tuple[int, int], train: bool, skip_corrupt: bool = False):
+    def __init__(
+        self,
+        rec: RecordFile,
+        keys: np.ndarray,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        labels: np.ndarray,
+        image_size: tuple[int, int],
+        train: bool,
+        skip_corrupt: bool = False,
+    ):
         super().__init__(image_size, train, skip_corrupt)
         self.rec, self.keys, self.offsets, self.lengths, self.labels = rec, keys, offsets, lengths, labels
 
@@ -398,11 +435,20 @@ class RecordIndex:
         """The file and record of image ``i``, for messages."""
         return f"{self.rec.path}: record {int(self.keys[i])} (offset {int(self.offsets[i])})"
 
-    def dataset(self, positions: np.ndarray | None, image_size: tuple[int, int], train: bool,
-                skip_corrupt: bool = False) -> RecordFaceDataset:
+    def dataset(
+        self, positions: np.ndarray | None, image_size: tuple[int, int], train: bool, skip_corrupt: bool = False
+    ) -> RecordFaceDataset:
         sel = slice(None) if positions is None else positions
-        return RecordFaceDataset(self.rec, self.keys[sel], self.offsets[sel], self.lengths[sel], self.labels[sel],
-                                 image_size, train, skip_corrupt)
+        return RecordFaceDataset(
+            self.rec,
+            self.keys[sel],
+            self.offsets[sel],
+            self.lengths[sel],
+            self.labels[sel],
+            image_size,
+            train,
+            skip_corrupt,
+        )
 
 
 def _header_record(rec: RecordFile, keys: np.ndarray, offsets: np.ndarray) -> tuple[int, int] | None:
@@ -416,13 +462,18 @@ def _header_record(rec: RecordFile, keys: np.ndarray, offsets: np.ndarray) -> tu
         return None  # an ordinary image at key 0 (plain im2rec, single- or multi-label)
     first, end = float(header.label[0]), float(header.label[1])
     if not (first.is_integer() and end.is_integer() and 1 <= first <= end):
-        raise rec._fail(0, offset, f"header record labels ({first:g}, {end:g}) are not an identity range "
-                                   f"(first image-free key, end) with 1 <= first <= end")
+        raise rec._fail(
+            0,
+            offset,
+            f"header record labels ({first:g}, {end:g}) are not an identity range "
+            f"(first image-free key, end) with 1 <= first <= end",
+        )
     return int(first), int(end)
 
 
-def open_face_records(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
-                      skip_corrupt: bool = False, num_classes: int | None = None) -> RecordIndex:
+def open_face_records(
+    rec_path: str | os.PathLike, idx_path: str | os.PathLike, skip_corrupt: bool = False, num_classes: int | None = None
+) -> RecordIndex:
     """Reads the index, finds the image records, checks each record's framing and label.
 
     InsightFace layout (key 0 is a header): images are keys 1..first-1, ``num_classes = end - first``.
@@ -444,8 +495,10 @@ def open_face_records(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
         at = np.minimum(np.searchsorted(keys[order], wanted), len(keys) - 1)
         missing = wanted[keys[order][at] != wanted]
         if missing.size:
-            raise DataError(f"{idx_path}: the header record promises images at keys 1..{first - 1} but key "
-                            f"{missing[0]} is missing ({missing.size} missing in all)")
+            raise DataError(
+                f"{idx_path}: the header record promises images at keys 1..{first - 1} but key "
+                f"{missing[0]} is missing ({missing.size} missing in all)"
+            )
         positions = order[at]
         keys, offsets = keys[positions], offsets[positions]
     scan = rec.scan(offsets, keys)
@@ -460,16 +513,18 @@ def open_face_records(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
         wrong |= ~bad & np.isfinite(label) & (label >= header[1] - header[0])
     for i in np.nonzero(wrong)[0]:
         bad[i] = True
-        limit = (f" below {header[1] - header[0]} (the header's identity count)" if header is not None
-                 else " below 2^31")
-        messages.append(f"{rec.path}: record {int(keys[i])} (offset {int(offsets[i])}): label {float(label[i])!r} "
-                        f"is not a class index (an integer >= 0{limit})")
+        limit = f" below {header[1] - header[0]} (the header's identity count)" if header is not None else " below 2^31"
+        messages.append(
+            f"{rec.path}: record {int(keys[i])} (offset {int(offsets[i])}): label {float(label[i])!r} "
+            f"is not a class index (an integer >= 0{limit})"
+        )
     if messages and not skip_corrupt:
         more = f" (and {len(messages) - 1} more bad records; skip_corrupt=true drops them)" if len(messages) > 1 else ""
         raise DataError(messages[0] + more)
     if messages:
-        log.warning("skip_corrupt: dropped %d of %d records of %s; first: %s", len(messages), len(keys),
-                    rec.path, messages[0])
+        log.warning(
+            "skip_corrupt: dropped %d of %d records of %s; first: %s", len(messages), len(keys), rec.path, messages[0]
+        )
         for message in messages[1:20]:
             log.warning("skip_corrupt: dropped %s", message)
     keep = ~bad
@@ -478,8 +533,10 @@ def open_face_records(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
     labels = label[keep].astype(np.int64)
     index = RecordIndex(rec, keys[keep], offsets[keep], scan.length[keep], labels, 0, style, messages)
     if header is not None:
-        counted, blame = header[1] - header[0], (f"{rec.path}: record 0 (the header) gives the identity range "
-                                                 f"{header[0]}..{header[1]}")
+        counted, blame = (
+            header[1] - header[0],
+            (f"{rec.path}: record 0 (the header) gives the identity range {header[0]}..{header[1]}"),
+        )
     else:
         top = int(np.argmax(labels))
         counted, blame = int(labels[top]) + 1, f"{index.describe(top)} has label {int(labels[top])}"

@@ -11,10 +11,32 @@ its module. Nothing outside ``marginlab/heads`` (and Partial FC, a head wrapper)
 """
 
 from marginlab.heads.kernels.chunked_margin_ce import RowReduce, chunked_margin_cross_entropy
-from marginlab.heads.kernels.fast_cosine import (FEATURE_EPS, NORM_EPS, FusedLogits, class_block, feature_scale,
-                                                 fused_linear, no_autocast, normalize_features, precise_cosine)
+from marginlab.heads.kernels.fast_cosine import (
+    FEATURE_EPS,
+    NORM_EPS,
+    FusedLogits,
+    class_block,
+    feature_scale,
+    fused_linear,
+    no_autocast,
+    normalize_features,
+    precise_cosine,
+)
 from marginlab.heads.kernels.fused_margin import MarginAndSlope, fused_cosine_margin, with_slope
 
-__all__ = ["FEATURE_EPS", "NORM_EPS", "FusedLogits", "MarginAndSlope", "RowReduce", "chunked_margin_cross_entropy",
-           "class_block", "feature_scale",
-           "fused_cosine_margin", "fused_linear", "no_autocast", "normalize_features", "precise_cosine", "with_slope"]
+__all__ = [
+    "FEATURE_EPS",
+    "NORM_EPS",
+    "FusedLogits",
+    "MarginAndSlope",
+    "RowReduce",
+    "chunked_margin_cross_entropy",
+    "class_block",
+    "feature_scale",
+    "fused_cosine_margin",
+    "fused_linear",
+    "no_autocast",
+    "normalize_features",
+    "precise_cosine",
+    "with_slope",
+]

@@ -40,8 +40,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from marginlab.heads.kernels.fast_cosine import (FEATURE_EPS, NORM_EPS, class_block, feature_scale, matmul_dtypes,
-                                                 no_autocast, precise_cosine)
+from marginlab.heads.kernels.fast_cosine import (
+    FEATURE_EPS,
+    NORM_EPS,
+    class_block,
+    feature_scale,
+    matmul_dtypes,
+    no_autocast,
+    precise_cosine,
+)
 from marginlab.heads.kernels.fused_margin import MarginAndSlope
 
 #: combines B-element row statistics over ranks in place: ``reduce(tensor, "max" | "sum")``; None: one rank
@@ -119,8 +126,19 @@ class _ChunkedMarginCE(torch.autograd.Function):
         ctx.s, ctx.block, ctx.dtypes, ctx.x_dtype = s, block, (mm_dtype, out_dtype), x.dtype
         slope = kept.to(out_dtype).mul_(slope) if kept is not None else slope  # (a float slope: out_dtype)
         ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
-        ctx.save_for_backward(xs, xc, weight, inv, scale_x, exact, labels, lse, target_logit, t * s,
-                              slope if isinstance(slope, Tensor) else None)
+        ctx.save_for_backward(
+            xs,
+            xc,
+            weight,
+            inv,
+            scale_x,
+            exact,
+            labels,
+            lse,
+            target_logit,
+            t * s,
+            slope if isinstance(slope, Tensor) else None,
+        )
         return loss
 
     @staticmethod
@@ -166,19 +184,28 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 del raw, grad, gc  # before the next block's are made
             # xs = x s / ||x||: dx = (g - xs (g . xs) / s^2) s / ||x|| (fused_margin.py)
             along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).mul_(exact)
-            grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / s ** 2).mul_(scale_x)
+            grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / s**2).mul_(scale_x)
         return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
-def chunked_margin_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, s: float, margin_and_slope: MarginAndSlope,
-                                 precise: bool = True, block: int | None = None,
-                                 reduce: RowReduce | None = None) -> Tensor:
+def chunked_margin_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    s: float,
+    margin_and_slope: MarginAndSlope,
+    precise: bool = True,
+    block: int | None = None,
+    reduce: RowReduce | None = None,
+) -> Tensor:
     """Mean cross-entropy of a cosine-margin head's training logits, never holding them (see the module doc).
 
     ``x``: raw features (B x D); ``weight``: class weights (C x D); ``labels``: class indices (B), -1 for a
-    row whose class another rank holds; ``block``: classes per block (default: ``default_block``); ``precise``: the target cosines in float64 from the target rows (the head's ``precise_target``).
+    row whose class another rank holds; ``block``: classes per block (default: ``default_block``); ``precise``:
+    the target cosines in float64 from the target rows (the head's ``precise_target``).
     """
     if block is None:
         block = default_block(x.shape[0], weight.shape[0])
-    return _ChunkedMarginCE.apply(x, weight, labels.long(), float(s), margin_and_slope, bool(precise), int(block),
-                                  reduce)
+    return _ChunkedMarginCE.apply(
+        x, weight, labels.long(), float(s), margin_and_slope, bool(precise), int(block), reduce
+    )

@@ -153,8 +153,9 @@ class _FusedLinear(torch.autograd.Function):
                     if normalize:
                         target_value = target_value / torch.linalg.vector_norm(w_y.to(hi), dim=1).clamp_min(NORM_EPS)
                 raw_target = target_value.to(out_dtype)  # before the clamp
-                target_norm = (norms[labels] if normalize else
-                               torch.linalg.vector_norm(weight[labels], dim=1, dtype=out_dtype))
+                target_norm = (
+                    norms[labels] if normalize else torch.linalg.vector_norm(weight[labels], dim=1, dtype=out_dtype)
+                )
             else:
                 raw_target = target_norm = out.new_zeros(0)
             if bound is not None:
@@ -200,10 +201,21 @@ class _FusedLinear(torch.autograd.Function):
                     gt = gt + g_by
             w_y = rows = None  # updates of the B rows W_y of dW, summed first: one gather, one scatter-add
             if ctx.normalize:
-                grad_x, grad_w = normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact,
-                                                      labels if targets else None,
-                                                      gt * inv[labels] if targets else None, raw_target,
-                                                      mm_dtype, out_dtype)
+                grad_x, grad_w = normalized_backward(
+                    grad_out,
+                    x,
+                    xc,
+                    weight,
+                    wc,
+                    inv,
+                    out,
+                    out_intact,
+                    labels if targets else None,
+                    gt * inv[labels] if targets else None,
+                    raw_target,
+                    mm_dtype,
+                    out_dtype,
+                )
             else:
                 gc = grad_out.to(mm_dtype)
                 grad_x = torch.mm(gc, wc).to(out_dtype)
@@ -223,8 +235,9 @@ class _FusedLinear(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None, None, None, None
 
 
-def normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact, labels, g_target, raw_target,
-                         mm_dtype, out_dtype):
+def normalized_backward(
+    grad_out, x, xc, weight, wc, inv, out, out_intact, labels, g_target, raw_target, mm_dtype, out_dtype
+):
     """dx, dW of out = x W^T / ||W||, in blocks of classes (see the module doc).
 
     ``g_target`` (B): G' (= G / ||W_y||) to use at the entries (b, y_b) instead of what ``grad_out``
@@ -239,8 +252,9 @@ def normalized_backward(grad_out, x, xc, weight, wc, inv, out, out_intact, label
     for c0 in range(0, num_classes, block):
         c1 = min(c0 + block, num_classes)
         cols = slice(c0, c1)
-        g_in, inv_b, w_b, wc_b = ((grad_out, inv, weight, wc) if whole else
-                                  (grad_out[:, cols], inv[cols], weight[cols], wc[cols]))
+        g_in, inv_b, w_b, wc_b = (
+            (grad_out, inv, weight, wc) if whole else (grad_out[:, cols], inv[cols], weight[cols], wc[cols])
+        )
         g = torch.mul(g_in, inv_b)  # G' = G / ||W||
         if labels is not None:
             _set_targets(g, labels, c0, c1, g_target, whole)
@@ -300,8 +314,9 @@ class _ReplaceTarget(torch.autograd.Function):
         return grad, None, grad.gather(1, idx).squeeze(1).to(ctx.value_dtype), None
 
 
-def _plain_linear(x: Tensor, weight: Tensor, labels: Tensor | None, normalize_weight: bool,
-                  bound: float | Tensor | None) -> "FusedLogits":
+def _plain_linear(
+    x: Tensor, weight: Tensor, labels: Tensor | None, normalize_weight: bool, bound: float | Tensor | None
+) -> "FusedLogits":
     """The same values as ``fused_linear`` from ordinary autograd ops (what torch.compile traces and fuses)."""
     out = torch.nn.functional.linear(x, weight)
     out = out.to(torch.promote_types(out.dtype, torch.float32))
@@ -345,8 +360,15 @@ class FusedLogits(NamedTuple):
         return logits
 
 
-def fused_linear(x: Tensor, weight: Tensor, labels: Tensor | None = None, *, normalize_weight: bool = False,
-                 bound: float | Tensor | None = None, target_value: Tensor | None = None) -> FusedLogits:
+def fused_linear(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor | None = None,
+    *,
+    normalize_weight: bool = False,
+    bound: float | Tensor | None = None,
+    target_value: Tensor | None = None,
+) -> FusedLogits:
     """``x W^T`` (B x C), divided column-wise by ``max(||W_j||, eps)`` when ``normalize_weight``,
     clamped to ``[-bound, bound]`` when ``bound`` is given; at least float32 (see the module doc).
 
@@ -359,8 +381,9 @@ def fused_linear(x: Tensor, weight: Tensor, labels: Tensor | None = None, *, nor
     if torch.compiler.is_compiling():  # dynamo cannot trace the fused Function's version bookkeeping
         return _plain_linear(x, weight, labels, normalize_weight, bound)
     handle = _Handle()
-    out, target, target_norm, norms = _FusedLinear.apply(x, weight, labels, normalize_weight, bound, target_value,
-                                                         handle)
+    out, target, target_norm, norms = _FusedLinear.apply(
+        x, weight, labels, normalize_weight, bound, target_value, handle
+    )
     if labels is None:
         target = target_norm = None
     return FusedLogits(out, target, target_norm, norms if normalize_weight else None, handle)

@@ -37,8 +37,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from marginlab.heads.kernels.fast_cosine import (FEATURE_EPS, NORM_EPS, feature_scale, matmul_dtypes, no_autocast,
-                                                 normalized_backward, precise_cosine)
+from marginlab.heads.kernels.fast_cosine import (
+    FEATURE_EPS,
+    NORM_EPS,
+    feature_scale,
+    matmul_dtypes,
+    no_autocast,
+    normalized_backward,
+    precise_cosine,
+)
 
 #: the head's margin: target cosines (B) -> (phi (B), d phi / d t (B tensor or float))
 MarginAndSlope = Callable[[Tensor], "tuple[Tensor, Tensor | float]"]
@@ -78,8 +85,9 @@ class _FusedCosineMargin(torch.autograd.Function):
         ctx.s, ctx.dtypes, ctx.x_dtype = s, (mm_dtype, out_dtype), x.dtype
         slope = slope * kept if kept is not None else slope
         ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
-        ctx.save_for_backward(xs, xc, weight, wc, inv, scale_x, exact, labels, target,
-                              slope if isinstance(slope, Tensor) else None)
+        ctx.save_for_backward(
+            xs, xc, weight, wc, inv, scale_x, exact, labels, target, slope if isinstance(slope, Tensor) else None
+        )
         ctx.mark_non_differentiable(target)
         ctx.set_materialize_grads(False)
         return out, target
@@ -106,21 +114,36 @@ class _FusedCosineMargin(torch.autograd.Function):
                 if not unit_slope:
                     g_target = g_target.mul_(slope if slope is not None else ctx.scalar_slope)
                 g_target.mul_(inv[labels])
-            grad_xs, grad_w = normalized_backward(grad_out, xs, xc, weight, wc, inv, ctx.out, from_logits,
-                                                   fix_labels, g_target, target, mm_dtype, out_dtype)
+            grad_xs, grad_w = normalized_backward(
+                grad_out,
+                xs,
+                xc,
+                weight,
+                wc,
+                inv,
+                ctx.out,
+                from_logits,
+                fix_labels,
+                g_target,
+                target,
+                mm_dtype,
+                out_dtype,
+            )
             # xs = x s / ||x||: dx = (g - xs (g . xs) / s^2) s / ||x||; scale_x is 0 for a zero feature.
             # Below FEATURE_EPS xs = x s / FEATURE_EPS, a constant scale: dx = g s / FEATURE_EPS (no projection)
             along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).mul_(exact)
-            grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / ctx.s ** 2).mul_(scale_x)
+            grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / ctx.s**2).mul_(scale_x)
         return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, None
 
 
-def fused_cosine_margin(x: Tensor, weight: Tensor, labels: Tensor, s: float, bound: float,
-                        margin_and_slope: MarginAndSlope, precise: bool) -> tuple[Tensor, Tensor]:
+def fused_cosine_margin(
+    x: Tensor, weight: Tensor, labels: Tensor, s: float, bound: float, margin_and_slope: MarginAndSlope, precise: bool
+) -> tuple[Tensor, Tensor]:
     """(training logits (B x C, at least float32), the target logits s t before the margin (B, no
     gradient)) of a cosine-margin head; see the module doc. ``x`` are the raw features."""
-    logits, target = _FusedCosineMargin.apply(x, weight, labels.long(), float(s), float(bound),
-                                              margin_and_slope, precise)
+    logits, target = _FusedCosineMargin.apply(
+        x, weight, labels.long(), float(s), float(bound), margin_and_slope, precise
+    )
     return logits, target
 
 

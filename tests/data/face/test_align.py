@@ -27,8 +27,10 @@ def test_template_is_insightfaces():
     from insightface.utils.face_align import arcface_dst
 
     np.testing.assert_allclose(ARCFACE_TEMPLATE, arcface_dst, atol=1e-5)  # float32 62.7299 + 8 vs 70.7299
-    sphereface = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655],
-                           [62.7299, 92.2041]], dtype=np.float32)
+    sphereface = np.array(
+        [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
+        dtype=np.float32,
+    )
     sphereface[:, 0] += 8.0  # eval_ijbc.py's template, to the bit
     np.testing.assert_array_equal(ARCFACE_TEMPLATE, sphereface)
 
@@ -94,12 +96,15 @@ def test_align_command_writes_the_crops(photos, tmp_path, capsys):
     assert "exists; marginlab never overwrites" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("short", r"landmarks.txt, line 2: expected 11 fields"),
-    ("unreadable", r"landmarks.txt, line 3: cannot read image .*bob/1.png \(not a readable image\)"),
-    ("outside", r"landmarks.txt, line 1: image \.\./x.png is not inside input="),
-    ("no file", r"nope.txt: landmarks file not found"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("short", r"landmarks.txt, line 2: expected 11 fields"),
+        ("unreadable", r"landmarks.txt, line 3: cannot read image .*bob/1.png \(not a readable image\)"),
+        ("outside", r"landmarks.txt, line 1: image \.\./x.png is not inside input="),
+        ("no file", r"nope.txt: landmarks file not found"),
+    ],
+)
 def test_align_command_bad_input_is_one_line(photos, tmp_path, capsys, damage, message):
     root, marks, _ = photos
     lines = marks.read_text().splitlines()
@@ -108,7 +113,7 @@ def test_align_command_bad_input_is_one_line(photos, tmp_path, capsys, damage, m
     elif damage == "unreadable":
         (root / "bob" / "1.png").write_bytes(b"garbage")
     elif damage == "outside":
-        lines[0] = "../x.png" + lines[0][len("alice/1.png"):]
+        lines[0] = "../x.png" + lines[0][len("alice/1.png") :]
     marks.write_text("\n".join(lines) + "\n")
     given = tmp_path / "nope.txt" if damage == "no file" else marks
     assert main(["align", f"input={root}", f"landmarks={given}", f"out={tmp_path / 'out'}"]) == 2

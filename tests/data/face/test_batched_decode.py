@@ -135,7 +135,7 @@ def test_the_gpu_decode_path_names_a_corrupt_jpeg_or_replaces_it(tmp_path, face)
         list(data.train_loader())
     data = casia(tmp_path, "cpu", flip=False, skip_corrupt=True)
     data.decoder = "cuda"
-    (x, y), = list(data.train_loader())
+    ((x, y),) = list(data.train_loader())
     assert x.shape == (4, 3, 112, 112) and set(y.tolist()) == {0, 1, 3}  # record 2 -> another image of the batch
     assert data.train_set.skipped == 1
 

@@ -13,8 +13,16 @@ from marginlab.data.face.recordio import IRHeader, RecordIOWriter, pack, write_f
 from marginlab.errors import ConfigError, DataError
 
 SIZE = 16  # tiny crops and a tiny backbone keep the end-to-end runs around a second
-RUN = ["dataset=casia", "dataset.batch_size=4", f"dataset.image_size={SIZE}", "backbone=sfnet4",
-       "backbone.embedding_dim=16", "head=arcface", "logger=quiet", "trainer.epochs=2"]
+RUN = [
+    "dataset=casia",
+    "dataset.batch_size=4",
+    f"dataset.image_size={SIZE}",
+    "backbone=sfnet4",
+    "backbone.embedding_dim=16",
+    "head=arcface",
+    "logger=quiet",
+    "trainer.epochs=2",
+]
 
 
 def model_weights(run_dir):
@@ -58,8 +66,9 @@ def test_resume_with_workers_is_exact(tmp_path, face, run_train, monkeypatch):
 
 def test_fewer_images_than_a_batch_is_refused(tmp_path, face, run_train, capfd, outputs_dir, metrics):
     root = write_rec(face, tmp_path / "casia", [0, 0, 1, 1, 2, 2, 3, 3])
-    code, _ = run_train(*RUN, f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=16",
-                        "dataset.drop_last=true")
+    code, _ = run_train(
+        *RUN, f"dataset.root={root}", "dataset.num_workers=0", "dataset.batch_size=16", "dataset.drop_last=true"
+    )
     err = capfd.readouterr().err
     assert code == 2
     assert "dataset.batch_size=16" in err and "8 images" in err and "dataset.drop_last" in err

@@ -90,8 +90,9 @@ def test_empty_folder_tree(tmp_path):
         CasiaData(root=str(tmp_path), format="folder").setup()
 
 
-@pytest.mark.parametrize("key,value", [("image_size", [112]), ("image_size", 0), ("format", "lmdb"),
-                                       ("val_fraction", 0.9)])
+@pytest.mark.parametrize(
+    "key,value", [("image_size", [112]), ("image_size", 0), ("format", "lmdb"), ("val_fraction", 0.9)]
+)
 def test_bad_config(key, value, tmp_path):
     with pytest.raises(ConfigError, match=f"dataset.{key}"):
         CasiaData(root=str(tmp_path), **{key: value})

@@ -40,8 +40,7 @@ def test_framing_matches_dmlc_writer():
     assert encode_record(b"") == M + lrec(0, 0)
     # the magic word at aligned offsets splits the record (cflag 1 first, 2 middle, 3 last); the word is dropped
     data = b"AAAA" + M + b"BBBBBBBB" + M + b"CC"
-    assert encode_record(data) == (M + lrec(1, 4) + b"AAAA" + M + lrec(2, 8) + b"BBBBBBBB"
-                                   + M + lrec(3, 2) + b"CC\0\0")
+    assert encode_record(data) == (M + lrec(1, 4) + b"AAAA" + M + lrec(2, 8) + b"BBBBBBBB" + M + lrec(3, 2) + b"CC\0\0")
     assert encode_record(M) == M + lrec(1, 0) + M + lrec(3, 0)
     # an unaligned occurrence is not special
     assert encode_record(b"A" + M + b"BBB") == M + lrec(0, 8) + b"A" + M + b"BBB"
@@ -52,7 +51,7 @@ def dmlc_write_record(data: bytes) -> bytes:
     out, dptr, n = bytearray(), 0, len(data)
     lower_align, upper_align = (n >> 2) << 2, ((n + 3) >> 2) << 2
     for i in range(0, lower_align, 4):
-        if data[i:i + 4] == M:
+        if data[i : i + 4] == M:
             out += M + lrec(1 if dptr == 0 else 2, i - dptr) + data[dptr:i]
             dptr = i + 4
     out += M + lrec(3 if dptr != 0 else 0, n - dptr) + data[dptr:]
@@ -167,8 +166,11 @@ def test_records_split_by_the_magic_word_are_read(tmp_path, face):
     """Magic in the header's id (offset 8), id2 (16) and an extra label (28): all split records."""
     images, samples = make_samples(face, [0, 1, 2])
     magic_float = np.frombuffer(M, "<f4")[0]
-    headers = [IRHeader(0, 0.0, MAGIC, 0), IRHeader(0, 1.0, 1, MAGIC | (MAGIC << 32)),
-               IRHeader(0, [2.0, 0.0, float(magic_float)], 2, 0)]
+    headers = [
+        IRHeader(0, 0.0, MAGIC, 0),
+        IRHeader(0, 1.0, 1, MAGIC | (MAGIC << 32)),
+        IRHeader(0, [2.0, 0.0, float(magic_float)], 2, 0),
+    ]
     with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
         for key, (header, (img, _)) in enumerate(zip(headers, samples)):
             w.write_idx(key, pack(header, img))

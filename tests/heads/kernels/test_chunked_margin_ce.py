@@ -135,8 +135,9 @@ def test_margin_loss_takes_the_chunked_path_and_reports_no_accuracy():
     # the trainer's path: the head's 0-dim output is the cross-entropy already
     set_recording(head, False)
     plain_loss = F.cross_entropy(plain(x, labels), labels)
-    torch.testing.assert_close(MarginLoss(head).from_head_output(x, head(x, labels), labels), plain_loss.float(),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        MarginLoss(head).from_head_output(x, head(x, labels), labels), plain_loss.float(), rtol=1e-6, atol=0
+    )
 
 
 def test_no_saved_tensor_has_a_column_per_class():
@@ -163,8 +164,9 @@ def test_no_saved_tensor_has_a_column_per_class():
         return any(len(shape) == 2 and shape[-1] == classes for shape in shapes)
 
     assert has_class_columns(saved_shapes(lambda: F.cross_entropy(head(x, labels), labels)))  # the old path does
-    shapes = saved_shapes(lambda: chunked_margin_cross_entropy(x, head.weight, labels, head.s, head.margin_and_slope,
-                                                               True, 64))
+    shapes = saved_shapes(
+        lambda: chunked_margin_cross_entropy(x, head.weight, labels, head.s, head.margin_and_slope, True, 64)
+    )
     assert not has_class_columns(shapes), shapes
     assert max(torch.Size(s).numel() for s in shapes) == classes * DIM  # the largest is W itself
 
@@ -196,9 +198,11 @@ class _Model(torch.nn.Module):
         self.head, self.regularizers = head, None
 
 
-@pytest.mark.parametrize("make", [CurricularFaceHead, AdaFaceHead, MagFaceHead,
-                                  partial(SubCenterArcFaceHead, k=2)],
-                         ids=["curricularface", "adaface", "magface", "subcenter_arcface"])
+@pytest.mark.parametrize(
+    "make",
+    [CurricularFaceHead, AdaFaceHead, MagFaceHead, partial(SubCenterArcFaceHead, k=2)],
+    ids=["curricularface", "adaface", "magface", "subcenter_arcface"],
+)
 def test_heads_whose_margin_is_not_the_target_cosine_alone_refuse_chunked(make):
     with pytest.raises(ConfigError, match="chunked=true is not allowed with"):
         make(DIM, CLASSES, chunked=True)

@@ -272,16 +272,36 @@ def _unfused(head_cls):
     return Unfused
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("normface", {}), ("normface", {"learnable_scale": True}), ("amsoftmax", {}), ("cosface", {}),
-    ("arcface", {}), ("arcface", {"easy_margin": True}), ("arcface", {"mode": "straight_through"}),
-    ("combined", {}), ("combined", {"m1": 1.35, "m2": 0.0, "m3": 0.0})])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("normface", {}),
+        ("normface", {"learnable_scale": True}),
+        ("amsoftmax", {}),
+        ("cosface", {}),
+        ("arcface", {}),
+        ("arcface", {"easy_margin": True}),
+        ("arcface", {"mode": "straight_through"}),
+        ("combined", {}),
+        ("combined", {"m1": 1.35, "m2": 0.0, "m3": 0.0}),
+    ],
+)
 def test_cosine_heads_match_the_unfused_formulation(blocks, name, kwargs, hh):
     """Logits and every gradient of the fused cosine heads equal the plain formulation's (float64)."""
     fused_head = hh.instantiate(name, in_features=5, num_classes=11, **kwargs).double().train()
-    plain_head = _unfused(type(fused_head))(5, 11, **{k: v for k, v in fused_head.__dict__.items()
-                                                      if k in ("s", "m", "m1", "m2", "m3", "easy_margin",
-                                                               "mode", "learnable_scale")}).double().train()
+    plain_head = (
+        _unfused(type(fused_head))(
+            5,
+            11,
+            **{
+                k: v
+                for k, v in fused_head.__dict__.items()
+                if k in ("s", "m", "m1", "m2", "m3", "easy_margin", "mode", "learnable_scale")
+            },
+        )
+        .double()
+        .train()
+    )
     plain_head.load_state_dict(fused_head.state_dict())
     x, _, labels = data(b=6, d=5, c=11)
     results = []
@@ -347,12 +367,14 @@ def test_plain_path_used_under_compile_matches_the_fused_values_and_gradients():
 def _writes_its_outputs(gm, example_inputs):
     """A torch.compile backend that, like inductor's out= kernels, writes the graph's outputs in place
     (so their version counters differ from what tracing saw)."""
+
     def run(*args):
         outs = gm(*args)
         for out in outs if isinstance(outs, (list, tuple)) else (outs,):
             if isinstance(out, torch.Tensor) and out.is_floating_point():
                 out.add_(0.0)
         return outs
+
     return run
 
 

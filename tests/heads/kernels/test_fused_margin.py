@@ -12,9 +12,16 @@ import torch.nn.functional as F
 import marginlab.heads.kernels.fast_cosine as fast
 from marginlab.heads.base import cos_plus_angle, cos_plus_angle_and_slope
 
-FUSED_HEADS = [("normface", {}), ("amsoftmax", {}), ("arcface", {}), ("arcface", {"easy_margin": True}),
-               ("arcface", {"mode": "straight_through"}), ("combined", {}),
-               ("combined", {"m1": 1.35, "m2": 0.0, "m3": 0.0}), ("combined", {"m1": 1.0, "m2": 0.0})]
+FUSED_HEADS = [
+    ("normface", {}),
+    ("amsoftmax", {}),
+    ("arcface", {}),
+    ("arcface", {"easy_margin": True}),
+    ("arcface", {"mode": "straight_through"}),
+    ("combined", {}),
+    ("combined", {"m1": 1.35, "m2": 0.0, "m3": 0.0}),
+    ("combined", {"m1": 1.0, "m2": 0.0}),
+]
 
 
 def plain_logits(head, x, labels):
@@ -75,8 +82,12 @@ def test_values_and_gradients_match_autograd(name, kwargs, batch, dim, block, hh
 def test_slope_is_the_derivative_of_the_value(name, kwargs, hh):
     """margin_and_slope's slope against autograd of an independent acos/cos form of each margin."""
     head = hh.instantiate(name, in_features=4, num_classes=7, **kwargs).double()
-    t = torch.cat([torch.linspace(-0.999, 0.999, 41, dtype=torch.float64),
-                   torch.tensor([math.cos(math.pi - 0.5) + 1e-3, math.cos(math.pi - 0.5) - 1e-3], dtype=torch.float64)])
+    t = torch.cat(
+        [
+            torch.linspace(-0.999, 0.999, 41, dtype=torch.float64),
+            torch.tensor([math.cos(math.pi - 0.5) + 1e-3, math.cos(math.pi - 0.5) - 1e-3], dtype=torch.float64),
+        ]
+    )
     tt = t.clone().requires_grad_(True)
     theta = torch.acos(tt)
     if name == "normface":
@@ -87,15 +98,19 @@ def test_slope_is_the_derivative_of_the_value(name, kwargs, hh):
         expected = tt + (torch.cos(theta + head.m) - tt).detach()
     elif name == "arcface":
         phi = torch.cos(theta + head.m)
-        expected = (torch.where(tt > 0, phi, tt) if head.easy_margin else
-                    torch.where(theta + head.m < math.pi, phi, tt - head.m * math.sin(head.m)))
+        expected = (
+            torch.where(tt > 0, phi, tt)
+            if head.easy_margin
+            else torch.where(theta + head.m < math.pi, phi, tt - head.m * math.sin(head.m))
+        )
     else:
         expected = torch.cos(head.m1 * theta + head.m2) - head.m3
     (slope_ref,) = torch.autograd.grad(expected.sum(), tt)
     value, slope = head.margin_and_slope(t)
     torch.testing.assert_close(value, expected.detach(), atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(torch.as_tensor(slope, dtype=torch.float64).expand_as(t), slope_ref,
-                               atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(
+        torch.as_tensor(slope, dtype=torch.float64).expand_as(t), slope_ref, atol=1e-9, rtol=1e-9
+    )
 
 
 def test_cos_plus_angle_slope_at_and_near_plus_minus_one():
@@ -141,8 +156,9 @@ def test_in_place_edit_of_the_logits_after_the_forward(name, hh):
     does not read the logits; the gradients stay exact. D > B, where the logits would be read."""
     head = hh.instantiate(name, in_features=9, num_classes=7).double().train()
     x, labels = hh.make_batch(head, batch=6, special=False)
-    assert_fused_matches_plain(head, x.double(), labels, lambda out: F.cross_entropy(out, labels),
-                               edit=lambda logits: logits.mul_(2.0))
+    assert_fused_matches_plain(
+        head, x.double(), labels, lambda out: F.cross_entropy(out, labels), edit=lambda logits: logits.mul_(2.0)
+    )
 
 
 def test_bfloat16_features_under_autocast_get_bfloat16_gradients(hh):
