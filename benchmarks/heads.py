@@ -63,8 +63,19 @@ SHAPES = {"medium": (256, 512, 10575), "large": (128, 512, 85742)}
 DEFAULT_REPEATS = {"medium": 15, "large": 5}  # medians steady to a few % on a noisy 2-core VM
 
 UNNORMALISED = {"softmax", "lsoftmax", "l2softmax"}
-NORMALISED = {"normface", "cosine", "coco", "amsoftmax", "cosface", "arcface", "sphereface", "combined",
-              "curricularface", "adaface", "magface"}
+NORMALISED = {
+    "normface",
+    "cosine",
+    "coco",
+    "amsoftmax",
+    "cosface",
+    "arcface",
+    "sphereface",
+    "combined",
+    "curricularface",
+    "adaface",
+    "magface",
+}
 TARGETS = {**{h: (1, 1.15) for h in UNNORMALISED}, **{h: (2, 1.10) for h in NORMALISED}, "rbf": (1, 1.25)}
 MEMORY_TARGET = 1.2
 
@@ -124,8 +135,11 @@ def make_contenders(head, b: int, d: int, c: int, seed: int = 0, probe: bool = F
         logits = F.linear(F.normalize(x), F.normalize(w2)) * s
         F.cross_entropy(logits, labels).backward()
 
-    return {"head": Contender(head_step, [x, *params], clear_probe),
-            "floor1": Contender(floor1, [x, w1]), "floor2": Contender(floor2, [x, w2])}
+    return {
+        "head": Contender(head_step, [x, *params], clear_probe),
+        "floor1": Contender(floor1, [x, w1]),
+        "floor2": Contender(floor2, [x, w2]),
+    }
 
 
 _PROFILER_WARM = False
@@ -144,8 +158,9 @@ def peak_memory(contender: Contender) -> int:
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         contender.step()
-    events = sorted((ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events()
-                    if ev.name() == "[memory]")
+    events = sorted(
+        (ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events() if ev.name() == "[memory]"
+    )
     current = peak = 0
     for _, nbytes in events:
         current += nbytes
@@ -166,7 +181,7 @@ def measure(name: str, shape: str, repeats: int, probe: bool = False) -> dict:
     gc.disable()
     try:
         for r in range(repeats):
-            rotated = order[r % len(order):] + order[:r % len(order)]
+            rotated = order[r % len(order) :] + order[: r % len(order)]
             for key in rotated:
                 times[key].append(contenders[key].timed())
     finally:
@@ -187,11 +202,17 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", default=",".join(heads_all), help="comma-separated config names")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated: {', '.join(SHAPES)}")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--probe", action="store_true",
-                        help="time the logging steps: the heads keep their probe cosines (probe_record.enabled)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repeats per contender (default: " +
-                             ", ".join(f"{k} {v}" for k, v in DEFAULT_REPEATS.items()) + ")")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="time the logging steps: the heads keep their probe cosines (probe_record.enabled)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per contender (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_REPEATS.items()) + ")",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,16 +222,20 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown head or shape: {', '.join(unknown)}")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU; "
-          "time = median forward+backward, ratios against floors measured in the same run; "
-          f"{'logging steps (probe cosines kept)' if args.probe else 'steps that log no geometry (no probe cosines)'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU; "
+        "time = median forward+backward, ratios against floors measured in the same run; "
+        f"{'logging steps (probe cosines kept)' if args.probe else 'steps that log no geometry (no probe cosines)'}"
+    )
     misses = {}
     for shape in shapes:
         b, d, c = SHAPES[shape]
         repeats = args.repeats or DEFAULT_REPEATS[shape]
         print(f"\n== {shape}: B={b}, D={d}, C={c:,}  ({repeats} repeats)")
-        print(f"{'head':18s} {'ms':>8s} {'/floor1':>8s} {'/floor2':>8s} {'floor1 ms':>10s} {'floor2 ms':>10s} "
-              f"{'peak MB':>8s} {'mem/f1':>7s} {'mem/f2':>7s}  {'time':14s} {'memory':14s}")
+        print(
+            f"{'head':18s} {'ms':>8s} {'/floor1':>8s} {'/floor2':>8s} {'floor1 ms':>10s} {'floor2 ms':>10s} "
+            f"{'peak MB':>8s} {'mem/f1':>7s} {'mem/f2':>7s}  {'time':14s} {'memory':14s}"
+        )
         for name in heads:
             try:
                 r = measure(name, shape, repeats, probe=args.probe)
@@ -230,9 +255,11 @@ def main(argv=None) -> int:
                     misses[shape] = misses.get(shape, 0) + missed
             else:
                 tv = mv = "n/a"
-            print(f"{name:18s} {r['head'] * 1e3:8.2f} {t1:8.2f} {t2:8.2f} {r['floor1'] * 1e3:10.2f} "
-                  f"{r['floor2'] * 1e3:10.2f} {r['mem_head'] / 2**20:8.1f} {m1:7.2f} {m2:7.2f}  {tv:14s} {mv:14s}",
-                  flush=True)
+            print(
+                f"{name:18s} {r['head'] * 1e3:8.2f} {t1:8.2f} {t2:8.2f} {r['floor1'] * 1e3:10.2f} "
+                f"{r['floor2'] * 1e3:10.2f} {r['mem_head'] / 2**20:8.1f} {m1:7.2f} {m2:7.2f}  {tv:14s} {mv:14s}",
+                flush=True,
+            )
     summary = ", ".join(f"{shape} {n}" for shape, n in misses.items())
     print(f"\ntargets missed: {summary or 'none'}")
     return 0

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-ROW = re.compile(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+\[([\d.]+)-([\d.]+)\]\s+([\d.]+)\s+(PASS|MISS) <= 1\.10$",
-                 re.MULTILINE)
+ROW = re.compile(
+    r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+\[([\d.]+)-([\d.]+)\]\s+([\d.]+)\s+(PASS|MISS) <= 1\.10$", re.MULTILINE
+)
 
 
 def load(name: str):
@@ -46,25 +47,31 @@ def test_every_shipped_head_builds_and_trains_a_2d_step():
 
 
 class _FixedStep:
-    """Stands in for a Step: each run takes the next of ``times`` (wall, cpu) seconds."""
+    """Stands in for a Step: each run takes the next of ``times`` (wall, cpu) seconds and is logged in ``log``."""
 
-    def __init__(self, times):
-        self.times, self.wall, self.cpu = list(times), [], []
+    def __init__(self, name, times, log):
+        self.name, self.times, self.log, self.wall, self.cpu = name, list(times), log, [], []
 
     def run(self, images, labels):
+        self.log.append(self.name)
         return self.times.pop(0)
 
 
-def test_each_head_is_divided_by_the_mean_of_the_softmax_steps_either_side():
+def test_each_head_is_divided_by_its_softmax_twin_run_next_to_it_once_a_round():
     bench = load("lenet_2d_heads")
-    reference = _FixedStep([(1.0, 1.0), (3.0, 2.0), (5.0, 2.0)])  # S h S h S: brackets (1, 3) then (3, 5)
-    order = ["a", "b"]
-    bench.random.Random(0).shuffle(order)  # the order race visits the heads in
-    heads = {order[0]: _FixedStep([(4.0, 3.0)]), order[1]: _FixedStep([(4.0, 3.0)])}
-    ratios = bench.race(heads, reference, None, None, rounds=1, seed=0)
-    assert ratios[order[0]] == [(2.0, 2.0)]  # 4 / mean(1, 3); cpu 3 / mean(1, 2)
-    assert ratios[order[1]] == [(1.0, 1.5)]  # 4 / mean(3, 5); cpu 3 / mean(2, 2)
-    assert reference.wall == [3.0, 5.0]  # the softmax step after each head
+    log = []
+    heads = {"a": _FixedStep("a", [(3.0, 1.5), (4.0, 4.0)], log), "b": _FixedStep("b", [(2.0, 1.0), (6.0, 1.0)], log)}
+    twins = {
+        "a": _FixedStep("twin a", [(2.0, 1.0), (4.0, 2.0)], log),
+        "b": _FixedStep("twin b", [(2.0, 1.0), (4.0, 2.0)], log),
+    }
+    ratios = bench.race(heads, twins, None, None, rounds=2, seed=0)
+    assert ratios == {"a": [(1.5, 1.5), (1.0, 2.0)], "b": [(1.0, 1.0), (1.5, 0.5)]}
+    assert heads["a"].wall == [3.0, 4.0] and twins["b"].cpu == [1.0, 2.0]
+    first, second = log[:4], log[4:]  # round 0: twin then head; round 1: head then twin; each model once a round
+    assert sorted(first) == sorted(second) == ["a", "b", "twin a", "twin b"]
+    assert all(first[i].startswith("twin") and second[i + 1].startswith("twin") for i in (0, 2))
+    assert {first[i + 1] for i in (0, 2)} == {"a", "b"} and all(f"twin {first[i + 1]}" == first[i] for i in (0, 2))
 
 
 def test_heads_benchmark_no_longer_times_the_2d_per_op_shape():
