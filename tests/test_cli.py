@@ -142,6 +142,16 @@ def test_misspelled_key_suggests_the_close_one_and_lists_the_keys(run_train, cap
     assert "keys of trainer: epochs, " in line and "+trainer.epoch" not in line  # not Hydra's advice to append it
 
 
+def test_an_added_key_nothing_reads_is_refused_not_ignored(run_train, capfd):
+    # `+trainer.epoch=1` passes Hydra (it appends the key) and used to start a run of the default epochs
+    code, run_dir = run_train("+trainer.epoch=1", *FAST)
+    err = capfd.readouterr().err
+    assert code == 2 and "unknown key 'trainer.epoch'" in err and "did you mean 'trainer.epochs'?" in err
+    assert not (run_dir / "metrics.jsonl").exists()  # nothing trained
+    code, _ = run_train("+logger.foo=1", *FAST)
+    assert code == 2 and "unknown key 'logger.foo': nothing reads it; keys of logger:" in capfd.readouterr().err
+
+
 def test_misspelled_group_and_option_suggest_the_close_one(run_train, capfd):
     code, _ = run_train("haed=arcface", *FAST)
     line = one_error_line(capfd.readouterr().err)

@@ -6,6 +6,8 @@ Nothing here imports the builder or the training loop: validation sits below the
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import inspect
 import math
@@ -15,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from marginlab.config.schema import BEST_ON, PRECISIONS
+from marginlab.config.schema import BEST_ON, PRECISIONS, LoggerConfig, TrainerConfig
 from marginlab.errors import ConfigError
 
 #: optimizer arguments that are rates or factors: a finite number >= 0 for every torch optimizer
@@ -224,6 +226,15 @@ def check_optimizer(node: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> HeadSpec:
     """Checks the whole config (raising ConfigError on the first bad value) and returns the resolved head."""
+    for group, schema in (("trainer", TrainerConfig), ("logger", LoggerConfig)):
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in cfg[group]:  # `+trainer.epoch=1` adds a key nothing reads: refuse it, not ignore it
+            if key not in known:
+                near = difflib.get_close_matches(str(key), known, n=1)
+                hint = f": did you mean '{group}.{near[0]}'?" if near else ""
+                raise ConfigError(
+                    f"unknown key '{group}.{key}': nothing reads it{hint}; keys of {group}: {', '.join(known)}"
+                )
     precision = str(cfg.trainer.precision)
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
