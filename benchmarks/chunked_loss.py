@@ -88,18 +88,9 @@ def peak_memory(step, params, device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
+    from heads import profiled_peak_bytes  # benchmarks/heads.py, beside this script
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(
-        (ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events() if ev.name() == "[memory]"
-    )
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
+    return profiled_peak_bytes(step)
 
 
 def measure(shape, repeats: int, device: str, chunk_size: int | None) -> dict:

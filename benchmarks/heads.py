@@ -156,8 +156,16 @@ def peak_memory(contender: Contender) -> int:
         _PROFILER_WARM = True
     contender.reset()
     gc.collect()
+    return profiled_peak_bytes(contender.step)
+
+
+def profiled_peak_bytes(step) -> int:
+    """Peak bytes allocated during ``step()`` beyond what existed before it, from the CPU profiler's memory
+    events in time order (benchmarks/chunked_loss.py uses it too)."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        contender.step()
+        step()
     events = sorted(
         (ev.start_ns(), ev.nbytes()) for ev in prof.profiler.kineto_results.events() if ev.name() == "[memory]"
     )
