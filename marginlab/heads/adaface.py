@@ -10,6 +10,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead
+from marginlab.heads.kernels import ChunkedMargin, TargetMargin
 from marginlab.heads.probe_record import ProbeMargin
 
 
@@ -65,7 +66,31 @@ class AdaFaceHead(CosineMarginHead):
         # AdaFace, normalised norm: ||z||^ = clip((||z|| - mu) / (sigma + eps) * h, -1, 1)
         return ((safe - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)
 
+    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
+        """The adaptive target logit with its slope, and every cosine clamped to [-1 + eps, 1 - eps]."""
+        scaler = self.margin_scaler(torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1))
+        low, high = -1.0 + self.eps, 1.0 - self.eps
+
+        def margin(cos_target: Tensor) -> TargetMargin:
+            g_angle = (-self.m * scaler).to(cos_target.dtype)
+            g_add = (self.m + self.m * scaler).to(cos_target.dtype)
+            cos = cos_target.clamp(low, high)
+            angle = torch.acos(cos) + g_angle
+            # AdaFace, target logit: s (cos(theta_y + g_angle) - g_add), angle kept in [eps, pi - eps]
+            value = torch.cos(angle.clamp(self.eps, math.pi - self.eps)) - g_add
+            # d/dt cos(acos t + g) = sin(acos t + g) / sqrt(1 - t^2), 0 where either clamp acts
+            unclamped = (cos_target >= low) & (cos_target <= high) & (angle >= self.eps) & (angle <= math.pi - self.eps)
+            slope = torch.sin(angle) / torch.sqrt(1.0 - cos * cos) * unclamped
+            return TargetMargin(value, slope, clamped_cosines)
+
+        def clamped_cosines(cos: Tensor) -> tuple[Tensor, Tensor]:
+            return cos.clamp(low, high), ((cos >= low) & (cos <= high)).to(cos.dtype)
+
+        return margin
+
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        if self.chunked_step(labels):
+            return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (base.py, ``chunked``)
         if labels is None:
             cos = self.normalized_cosine(embeddings)
             self.probe_record.keep(cos.detach())

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from marginlab.checks import check_batch, check_float, check_positive_int
 from marginlab.errors import ConfigError
 from marginlab.heads.kernels import (
+    ChunkedMargin,
     RowReduce,
     chunked_margin_cross_entropy,
     fused_cosine_margin,
@@ -259,11 +260,23 @@ class CosineMarginHead(MarginHead):
             self.weight if weight is None else weight,
             labels,
             self.s,
-            self.margin_and_slope,
+            self.chunked_margin(embeddings),
             self.precise_target,
             self.chunk_size,
             reduce,
         )
+
+    def chunked_step(self, labels: Tensor | None) -> bool:
+        """Whether this forward returns the chunked loss: a training forward with labels whose geometry the
+        probe does not record (``chunked``)."""
+        return self.chunked and labels is not None and self.training and not self.probe_record.enabled
+
+    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
+        """The margin the chunked loss applies (kernels/chunked_margin_ce.py): ``margin_and_slope`` for heads
+        whose logits are s cos theta with phi on the target; heads that also need the feature norms, a state
+        or the other columns (AdaFace, MagFace, CurricularFace) return their own, making the same training
+        side effects (running statistics, MagFace's g) as their ``logits``."""
+        return self.margin_and_slope
 
     def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, Tensor | float]:
         """(phi(cos theta_y), d phi / d cos theta_y) for the B target cosines; called without autograd."""
@@ -274,7 +287,7 @@ class CosineMarginHead(MarginHead):
         return with_slope(cos_target, self.margin_and_slope)
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        if self.chunked and labels is not None and self.training and not self.probe_record.enabled:
+        if self.chunked_step(labels):
             return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (see ``chunked``)
         if type(self).normalized_cosine is not MarginHead.normalized_cosine:  # e.g. sub-centres
             if labels is None:
@@ -328,14 +341,16 @@ def check_chunkable(head: nn.Module) -> None:
     """``chunked=True`` needs a margin that is ``margin_and_slope`` of the target cosine alone and a fixed s."""
     cls = type(head)
     name = cls.__name__
+    own_margin = cls.chunked_margin is not CosineMarginHead.chunked_margin  # (AdaFace, MagFace, CurricularFace)
     if (
-        cls.margin_and_slope is CosineMarginHead.margin_and_slope
-        or cls.logits is not CosineMarginHead.logits
+        (cls.margin_and_slope is CosineMarginHead.margin_and_slope and not own_margin)
+        or (cls.logits is not CosineMarginHead.logits and not own_margin)
         or cls.normalized_cosine is not MarginHead.normalized_cosine
     ):
         raise ConfigError(
             f"chunked=true is not allowed with {name}: its logits are not s cos theta with a margin "
-            "on the target cosine alone (state, feature norms or sub-centres); use chunked=false"
+            "on the target cosine with at most a transform of the other cosines (sub-centres take a maximum "
+            "over each class's centres); use chunked=false"
         )
     if isinstance(getattr(head, "s", None), Tensor):
         raise ConfigError(

@@ -8,6 +8,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.base import cos_plus_angle
+from marginlab.heads.kernels import ChunkedMargin, TargetMargin
 
 
 class CurricularFaceHead(ArcFaceHead):
@@ -34,7 +35,34 @@ class CurricularFaceHead(ArcFaceHead):
         self.momentum = check_float("momentum", momentum, low=0.0, high=1.0, low_inclusive=False)
         self.register_buffer("t", torch.zeros(1))
 
+    def update_t(self, cos_target: Tensor) -> None:
+        """Training forwards: t <- momentum * mean(cos theta_y) + (1 - momentum) * t, before t is applied."""
+        if self.training:
+            with torch.no_grad():
+                # CurricularFace, EMA of r = mean positive cosine: t = a r + (1 - a) t
+                self.t.mul_(1.0 - self.momentum).add_(self.momentum * cos_target.detach().mean())
+
+    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
+        """ArcFace's target, and the hard negatives' s cos theta_j (t + cos theta_j) block by block."""
+
+        def margin(cos_target: Tensor) -> TargetMargin:
+            boundary = cos_plus_angle(cos_target, self.cos_m, self.sin_m).unsqueeze(1)
+            self.update_t(cos_target)
+            t = self.t.to(cos_target.dtype)
+            value, slope = self.margin_and_slope(cos_target)
+
+            def hard_negatives(cos: Tensor) -> tuple[Tensor, Tensor]:
+                hard = cos > boundary
+                # CurricularFace, N(t, cos theta_j) = cos theta_j (t + cos theta_j) when hard; slope t + 2 cos theta_j
+                return torch.where(hard, cos * (t + cos), cos), torch.where(hard, cos * 2.0 + t, 1.0)
+
+            return TargetMargin(value, slope, hard_negatives)
+
+        return margin
+
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        if self.chunked_step(labels):
+            return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (base.py, ``chunked``)
         if labels is None:
             cos = self.normalized_cosine(embeddings)
             self.probe_record.keep(cos.detach())
@@ -44,10 +72,7 @@ class CurricularFaceHead(ArcFaceHead):
         # CurricularFace, N(t, cos theta_j): j is a hard negative when cos(theta_y + m) < cos theta_j
         boundary = cos_plus_angle(cos_target.detach(), self.cos_m, self.sin_m)
         hard = cos.detach() > boundary.unsqueeze(1)
-        if self.training:
-            with torch.no_grad():
-                # CurricularFace, EMA of r = mean positive cosine: t = a r + (1 - a) t
-                self.t.mul_(1.0 - self.momentum).add_(self.momentum * cos_target.detach().mean())
+        self.update_t(cos_target)
         t = self.t.to(cos.dtype)
         # CurricularFace, hard case of N(t, cos theta_j): cos theta_j (t + cos theta_j) for hard negatives
         logits = torch.where(hard, cos * (t + cos), cos) * self.s

@@ -10,6 +10,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead, cos_plus_angle
+from marginlab.heads.kernels import ChunkedMargin, TargetMargin
 from marginlab.heads.probe_record import ProbeMargin
 
 
@@ -62,7 +63,43 @@ class MagFaceHead(CosineMarginHead):
         # MagFace, regulariser g in L_Mag: g(a) = a / u_a^2 + 1 / a
         return a / (self.u_a**2) + 1.0 / a
 
+    def target_and_fallback(self, cos_target: Tensor, phi: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
+        """(the target cosine, where phi applies): phi where cos theta > 0 (easy margin) or cos theta >
+        cos(pi - m), else cos theta (easy) or ArcFace's fallback cos theta - sin(pi - m) m."""
+        if self.easy_margin:
+            keep = cos_target > 0
+            return torch.where(keep, phi, cos_target), keep
+        # ArcFace exact-gradient fallback with the per-sample margin: cos theta - sin(pi - m) m
+        keep = cos_target > torch.cos(math.pi - margin)
+        return torch.where(keep, phi, cos_target - torch.sin(math.pi - margin) * margin), keep
+
+    def magnitude(self, embeddings: Tensor) -> Tensor:
+        """a = ||f|| clipped to [l_a, u_a], with its gradient; sets the regulariser's term in training."""
+        a = torch.linalg.vector_norm(at_least_float32(embeddings), dim=1).clamp(self.l_a, self.u_a)
+        self._loss_g = self.lambda_g * self.regularizer_g(a).mean() if self.training else None
+        return a
+
+    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
+        """The target cos(theta_y + m(a)) with its slope in cos theta_y; m(a) keeps its gradient to ||f||."""
+        a = self.magnitude(embeddings)
+
+        def margin(cos_target: Tensor) -> TargetMargin:
+            m = self.magnitude_margin(a).to(cos_target.dtype)
+            cos_m, sin_m = torch.cos(m), torch.sin(m)
+            phi = cos_plus_angle(cos_target, cos_m, sin_m)
+            value, keep = self.target_and_fallback(cos_target, phi, m)
+            # d/dcos [cos cos m - sin theta sin m] = cos m + cos sin m / sin theta (base.py, per-sample m)
+            one_minus = 1.0 - cos_target * cos_target
+            slope_phi = (
+                cos_m.detach() + cos_target * (one_minus >= 1e-12) * sin_m.detach() / one_minus.clamp_min(1e-12).sqrt()
+            )
+            return TargetMargin(value, torch.where(keep, slope_phi, 1.0))
+
+        return margin
+
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        if self.chunked_step(labels):
+            return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (base.py, ``chunked``)
         if labels is None:
             cos = self.normalized_cosine(embeddings)
             self.probe_record.keep(cos.detach())
@@ -70,18 +107,10 @@ class MagFaceHead(CosineMarginHead):
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
         self.probe_record.keep(cos.detach())
-        a = torch.linalg.vector_norm(at_least_float32(embeddings), dim=1).clamp(self.l_a, self.u_a)
-        margin = self.magnitude_margin(a).to(cos.dtype)
+        margin = self.magnitude_margin(self.magnitude(embeddings)).to(cos.dtype)
         # MagFace, L_Mag target: cos(theta_y + m(a_i)) (official MagLinear, cos m / sin m per sample)
         phi = cos_plus_angle(cos_target, torch.cos(margin), torch.sin(margin))
-        if self.easy_margin:
-            target = torch.where(cos_target > 0, phi, cos_target)
-        else:
-            # ArcFace exact-gradient fallback with the per-sample margin: cos theta - sin(pi - m) m
-            target = torch.where(
-                cos_target > torch.cos(math.pi - margin), phi, cos_target - torch.sin(math.pi - margin) * margin
-            )
-        self._loss_g = self.lambda_g * self.regularizer_g(a).mean() if self.training else None
+        target = self.target_and_fallback(cos_target, phi, margin)[0]
         return self.replace_target(cos * self.s, labels, self.s * target)
 
     def extra_loss(self) -> Tensor | None:

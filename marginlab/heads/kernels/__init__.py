@@ -10,7 +10,12 @@ the unit, fused_margin uses fast_cosine's public kernel pieces (``matmul_dtypes`
 its module. Nothing outside ``marginlab/heads`` (and Partial FC, a head wrapper) imports it.
 """
 
-from marginlab.heads.kernels.chunked_margin_ce import RowReduce, chunked_margin_cross_entropy
+from marginlab.heads.kernels.chunked_margin_ce import (
+    ChunkedMargin,
+    RowReduce,
+    TargetMargin,
+    chunked_margin_cross_entropy,
+)
 from marginlab.heads.kernels.fast_cosine import (
     FEATURE_EPS,
     NORM_EPS,
@@ -25,11 +30,13 @@ from marginlab.heads.kernels.fast_cosine import (
 from marginlab.heads.kernels.fused_margin import MarginAndSlope, fused_cosine_margin, with_slope
 
 __all__ = [
+    "ChunkedMargin",
     "FEATURE_EPS",
     "NORM_EPS",
     "FusedLogits",
     "MarginAndSlope",
     "RowReduce",
+    "TargetMargin",
     "chunked_margin_cross_entropy",
     "class_block",
     "feature_scale",

@@ -26,6 +26,13 @@ classes are walked in blocks of ``block`` columns:
 The price is one more B x C x D product than the fused head (the logits are made twice), for a peak of
 dW (C x D, which every path writes) plus a few B x block temporaries instead of several B x C tensors.
 
+The margin is the head's (``ChunkedMargin``, called once per step with the B target cosines): the target
+value phi(t) with its slope in t, and for the heads that also transform the other columns (CurricularFace's
+hard negatives, AdaFace's clamp) a function of a B x block cosine block giving h(cos) and h'(cos); the
+non-target logits are then ``s h(cos_bj)`` and their gradient is multiplied by h' in the backward. phi may
+carry autograd history of its own (MagFace's margin m(||x||)): the Function returns phi's gradient
+``s (softmax_by - 1) g / B``, and autograd takes it on to whatever phi was made from.
+
 ``labels`` may hold -1 for rows whose class is not among these columns (Partial FC: another rank owns it);
 ``reduce(tensor, op)`` ("max" or "sum", in place) then combines the row statistics over the ranks, as
 Partial FC's ``dist_cross_entropy`` does with its full logits. Autocast: the matmuls run in the autocast
@@ -35,6 +42,7 @@ dtype, the rest in float32; float64 stays float64 (gradcheck). Double backward i
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,10 +57,24 @@ from marginlab.heads.kernels.fast_cosine import (
     no_autocast,
     precise_cosine,
 )
-from marginlab.heads.kernels.fused_margin import MarginAndSlope
 
 #: combines B-element row statistics over ranks in place: ``reduce(tensor, "max" | "sum")``; None: one rank
 RowReduce = Callable[[Tensor, str], None]
+#: non-target cosines (B x block, the rows of the batch) -> (h(cos), dh / dcos), both B x block
+OtherLogits = Callable[[Tensor], "tuple[Tensor, Tensor]"]
+
+
+@dataclass
+class TargetMargin:
+    """What a head's chunked margin gives for the B target cosines t (see the module doc)."""
+
+    value: Tensor  #: phi(t) (B); may carry autograd history other than t's (MagFace: the feature norm)
+    slope: Tensor | float  #: d phi / d t (B, or one float), without autograd
+    others: OtherLogits | None = None  #: the non-target transform h, or None: the plain cosines
+
+
+#: the head's margin: target cosines (B, detached) -> ``TargetMargin`` or ``(phi, d phi / d t)``
+ChunkedMargin = Callable[[Tensor], "TargetMargin | tuple[Tensor, Tensor | float]"]
 
 
 def _block_logits(xc: Tensor, weight: Tensor, inv: Tensor, c0: int, c1: int, mm_dtype, out_dtype) -> Tensor:
@@ -75,9 +97,24 @@ def _put_targets(block: Tensor, labels: Tensor, c0: int, c1: int, values: Tensor
     block.scatter_(1, col, torch.where(inside, values.to(block.dtype), block.gather(1, col).squeeze(1)).unsqueeze(1))
 
 
+def _target_cosines(x: Tensor, weight: Tensor, rows: Tensor, precise: bool, out_dtype) -> tuple[Tensor, Tensor | None]:
+    """(t, kept): the B target cosines clamped to [-1, 1] as the logits are, and the clamp's gradient mask
+    where t is taken apart from the product (the fused head keeps the slope of a product entry: cos = +-1 is a
+    stationary point, its gradient ~0 anyway); None for the product's own values."""
+    if precise:  # in float64 from the B target rows (fused_margin.py: acos's slope is unbounded at +-1)
+        raw = precise_cosine(x, weight, rows).to(out_dtype)
+        return raw.clamp(-1.0, 1.0), (raw >= -1.0) & (raw <= 1.0)
+    # as the product gives it
+    xf = x.detach().to(out_dtype)
+    xs = xf * feature_scale(torch.linalg.vector_norm(xf, dim=1, keepdim=True))
+    w_y = weight.detach()[rows].to(out_dtype)
+    raw = torch.linalg.vecdot(xs, w_y) / torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS)
+    return raw.clamp(-1.0, 1.0), None
+
+
 class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, s, margin_and_slope, precise, block, reduce):
+    def forward(ctx, x, weight, labels, s, target_value, slope, t, others, block, reduce):
         mm_dtype, out_dtype = matmul_dtypes(x, weight)
         num_classes = weight.shape[0]
         with no_autocast(x.device.type):
@@ -88,26 +125,15 @@ class _ChunkedMarginCE(torch.autograd.Function):
             xs = xf * scale_x  # s x / ||x||
             xc = xs.to(mm_dtype)
             owned = labels >= 0
-            rows = labels.clamp_min(0)
-            # t: the target cosines (B), clamped to [-1, 1] as the logits are; kept: the clamp's gradient mask
-            if precise:  # in float64 from the B target rows (fused_margin.py: acos's slope is unbounded at +-1)
-                raw = precise_cosine(x, weight, rows).to(out_dtype)
-            else:  # as the product gives it
-                w_y = weight[rows].to(out_dtype)
-                raw = torch.linalg.vecdot(xs, w_y) / torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS) / s
-            # the clamp's gradient mask where t is taken apart from the product (the fused head keeps the
-            # slope of a product entry: cos = +-1 is a stationary point, its gradient ~0 anyway)
-            kept = (raw >= -1.0) & (raw <= 1.0) if precise else None
-            t = raw.clamp(-1.0, 1.0)
-            value, slope = margin_and_slope(t)
-            target_logit = (value * s).to(out_dtype)
+            target_logit = (target_value.detach() * s).to(out_dtype)
             # 1 / ||W_j|| (C floats, 1/B of the logits): kept for the backward rather than a second C x D pass
             inv = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype).clamp_min_(NORM_EPS).reciprocal_()
-            labels = torch.where(owned, rows, -1)
             lse = None
             for c0 in range(0, num_classes, block):
                 c1 = min(c0 + block, num_classes)
                 logits = _block_logits(xc, weight, inv, c0, c1, mm_dtype, out_dtype)
+                if others is not None:  # s h(cos): the head's non-target transform
+                    logits = others(logits.div_(s))[0].mul_(s)
                 _put_targets(logits, labels, c0, c1, target_logit)
                 # online log-sum-exp (Milakov & Gimelshein 2018), as the running (max, sum) pair folded into one
                 # value: lse' = log(e^lse + sum_j e^(l_j)); each block's own log-sum-exp is max-shifted by torch
@@ -123,8 +149,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 lse = total.log_().add_(top)
                 reduce(own_target, "sum")
             loss = (lse - own_target).mean()  # -log softmax_y = lse - l_y
-        ctx.s, ctx.block, ctx.dtypes, ctx.x_dtype = s, block, (mm_dtype, out_dtype), x.dtype
-        slope = kept.to(out_dtype).mul_(slope) if kept is not None else slope  # (a float slope: out_dtype)
+        ctx.s, ctx.block, ctx.dtypes, ctx.x_dtype, ctx.others = s, block, (mm_dtype, out_dtype), x.dtype, others
+        ctx.value_dtype = target_value.dtype
         ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
         ctx.save_for_backward(
             xs,
@@ -146,10 +172,13 @@ class _ChunkedMarginCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         xs, xc, weight, inv, scale_x, exact, labels, lse, target_logit, raw_target, slope = ctx.saved_tensors
         mm_dtype, out_dtype = ctx.dtypes
-        s, block = ctx.s, ctx.block
+        s, block, others = ctx.s, ctx.block, ctx.others
         batch, num_classes = xs.shape[0], weight.shape[0]
         with no_autocast(xs.device.type):
             g = grad_loss.to(out_dtype) / batch  # d mean / d loss_b
+            # d loss / d (s phi_b) = (softmax_by - 1) g / B on the rows whose class is among these columns
+            grad_target = (target_logit - lse).exp_().sub_(1.0).mul_(g).mul_(labels >= 0)
+            grad_value = grad_target * s if ctx.needs_input_grad[4] else None
             slope = (slope if slope is not None else ctx.scalar_slope) * g  # d loss / d (s t_b) per unit (p_by - 1)
             grad_xs = torch.zeros(xs.shape, dtype=out_dtype, device=xs.device)
             grad_w = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
@@ -159,13 +188,19 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 w_b, inv_b = weight[c0:c1], inv[c0:c1]
                 wc_b = w_b.to(mm_dtype)
                 raw = torch.mm(xc, wc_b.t()).to(out_dtype)  # xs . W_j: the logits times ||W_j||
-                # softmax of the margin logits (the target entries hold s phi(t)): e^(l_bj - lse_b)
-                grad = torch.addcmul(lse_col, raw, inv_b)
+                if others is None:  # softmax of the margin logits (the target entries hold s phi(t)): e^(l_bj - lse_b)
+                    grad = torch.addcmul(lse_col, raw, inv_b)
+                    other_slope = None
+                else:  # the logits s h(cos) and h'(cos) of the head's transform
+                    value, other_slope = others(raw * (inv_b / s))
+                    grad = value.mul_(s).add_(lse_col)
                 _put_targets(grad, labels, c0, c1, target_logit - lse)
                 grad.exp_()
                 # d CE / d l_bj = (softmax_bj - [j = y_b]) g / B; at the target entries times d phi / d t
                 col = (labels - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
                 g_target = (grad.gather(1, col).squeeze(1) - 1.0).mul_(slope).mul_(inv[labels.clamp_min(0)])
+                if other_slope is not None:
+                    grad.mul_(other_slope)
                 grad.mul_(inv_b * g)  # G' = G / ||W||
                 _put_targets(grad, labels, c0, c1, g_target)
                 gc = grad.to(mm_dtype)
@@ -185,7 +220,9 @@ class _ChunkedMarginCE(torch.autograd.Function):
             # xs = x s / ||x||: dx = (g - xs (g . xs) / s^2) s / ||x|| (fused_margin.py)
             along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).mul_(exact)
             grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / s**2).mul_(scale_x)
-        return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
+        if grad_value is not None:
+            grad_value = grad_value.to(ctx.value_dtype)
+        return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, grad_value, None, None, None, None, None
 
 
 def chunked_margin_cross_entropy(
@@ -193,7 +230,7 @@ def chunked_margin_cross_entropy(
     weight: Tensor,
     labels: Tensor,
     s: float,
-    margin_and_slope: MarginAndSlope,
+    margin: ChunkedMargin,
     precise: bool = True,
     block: int | None = None,
     reduce: RowReduce | None = None,
@@ -201,11 +238,33 @@ def chunked_margin_cross_entropy(
     """Mean cross-entropy of a cosine-margin head's training logits, never holding them (see the module doc).
 
     ``x``: raw features (B x D); ``weight``: class weights (C x D); ``labels``: class indices (B), -1 for a
-    row whose class another rank holds; ``block``: classes per block (default: ``default_block``); ``precise``:
-    the target cosines in float64 from the target rows (the head's ``precise_target``).
+    row whose class another rank holds; ``margin``: the head's margin on the target cosines (its
+    ``margin_and_slope``, or a ``ChunkedMargin`` giving a ``TargetMargin``); ``block``: classes per block
+    (default: ``default_block``); ``precise``: the target cosines in float64 from the target rows (the head's
+    ``precise_target``).
     """
     if block is None:
         block = default_block(x.shape[0], weight.shape[0])
+    labels = labels.long()
+    rows = labels.clamp_min(0)
+    out_dtype = matmul_dtypes(x, weight)[1]
+    with no_autocast(x.device.type):
+        t, kept = _target_cosines(x, weight, rows, bool(precise), out_dtype)
+        result = margin(t)
+    if not isinstance(result, TargetMargin):
+        result = TargetMargin(*result)
+    slope = result.slope.detach() if isinstance(result.slope, Tensor) else result.slope
+    if kept is not None:  # (a float slope becomes a tensor here: out_dtype)
+        slope = kept.to(out_dtype).mul_(slope)
     return _ChunkedMarginCE.apply(
-        x, weight, labels.long(), float(s), margin_and_slope, bool(precise), int(block), reduce
+        x,
+        weight,
+        torch.where(labels >= 0, rows, -1),
+        float(s),
+        result.value,
+        slope,
+        t,
+        result.others,
+        int(block),
+        reduce,
     )

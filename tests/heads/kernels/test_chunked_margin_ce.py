@@ -198,14 +198,74 @@ class _Model(torch.nn.Module):
         self.head, self.regularizers = head, None
 
 
-@pytest.mark.parametrize(
-    "make",
-    [CurricularFaceHead, AdaFaceHead, MagFaceHead, partial(SubCenterArcFaceHead, k=2)],
-    ids=["curricularface", "adaface", "magface", "subcenter_arcface"],
-)
-def test_heads_whose_margin_is_not_the_target_cosine_alone_refuse_chunked(make):
-    with pytest.raises(ConfigError, match="chunked=true is not allowed with"):
-        make(DIM, CLASSES, chunked=True)
+#: heads whose chunked margin is their own (``chunked_margin``): a running state, the feature norms (MagFace's
+#: with its gradient) or a transform of the other columns; easy margins and fallbacks both ways
+OWN_MARGIN_HEADS = {
+    "curricularface": partial(CurricularFaceHead, s=64.0, m=0.5),
+    "adaface": partial(AdaFaceHead, s=64.0, m=0.4, h=0.333),
+    "adaface_steep": partial(AdaFaceHead, s=32.0, m=1.2, h=2.0),  # the angle clamp at both ends
+    "magface": partial(MagFaceHead, l_a=1.0, u_a=9.0),  # norms on both sides of [l_a, u_a]
+    "magface_fallback": partial(MagFaceHead, l_a=1.0, u_a=9.0, easy_margin=False),
+}
+
+
+def near(w, angle, norm):
+    """A feature of this norm at this angle (rad) from w."""
+    w = w.detach() / w.detach().norm()
+    other = torch.ones_like(w)
+    other = other - (other @ w) * w
+    return norm * (w * torch.cos(torch.tensor(angle)) + other / other.norm() * torch.sin(torch.tensor(angle)))
+
+
+def total_loss_and_grads(head, x, labels, chunked):
+    """CE (the head's chunked loss, or the unfused head + F.cross_entropy) plus the head's own term (MagFace's g),
+    and its gradients in x and W."""
+    x = x.clone().requires_grad_(True)
+    loss = head.chunked_loss(x, labels) if chunked else F.cross_entropy(head(x, labels), labels)
+    extra = head.extra_loss()
+    total = loss if extra is None else loss + extra
+    return (total.detach(), *torch.autograd.grad(total, [x, head.weight]))
+
+
+@pytest.mark.parametrize("name", sorted(OWN_MARGIN_HEADS))
+def test_heads_with_their_own_margin_equal_the_unfused_head_with_the_same_running_state(name):
+    torch.manual_seed(0)
+    head = OWN_MARGIN_HEADS[name](DIM, CLASSES).double()
+    x, labels = batch(head)
+    x[3:] *= torch.linspace(0.1, 4.0, 6, dtype=torch.float64).unsqueeze(1)  # norms from 0.5 to 25
+    # AdaFace's clamps where their gradient mask matters (cos = +-1 itself is a stationary point): row 3 at 0.02 rad
+    # from class 7 (not its own: cos theta_j > 1 - 1e-3), row 4 at 0.1 rad from its class with a norm of 40 (the
+    # steep head's theta_y + g_angle < eps)
+    x[3], x[4] = near(head.weight[7], 0.02, 2.0), near(head.weight[labels[4]], 0.1, 40.0)
+    for block in BLOCKS:
+        plain, chunk = copy.deepcopy(head), copy.deepcopy(head)
+        set_recording(plain, False)
+        chunk.chunk_size = block
+        for step in range(2):  # the second step starts from the running statistics the first one updated
+            expected = total_loss_and_grads(plain, x, labels, chunked=False)
+            assert_close(total_loss_and_grads(chunk, x, labels, chunked=True), expected, f"{name} block={block}")
+            for key, value in plain.state_dict().items():
+                torch.testing.assert_close(chunk.state_dict()[key], value, rtol=1e-12, atol=0, msg=key)
+        if name.startswith("curricularface"):  # t has moved off 0, the hard negatives are re-weighted
+            assert chunk.t.item() != 0.0
+
+
+def test_a_training_forward_of_a_chunked_curricularface_returns_its_loss_and_updates_t():
+    torch.manual_seed(0)
+    head = CurricularFaceHead(DIM, CLASSES, chunked=True, chunk_size=4).double()
+    plain = copy.deepcopy(head)
+    plain.chunked = False
+    x, labels = batch(head)
+    set_recording(head, False)
+    out = head(x, labels)
+    assert out.dim() == 0
+    torch.testing.assert_close(out, F.cross_entropy(plain(x, labels), labels), rtol=1e-10, atol=0)
+    torch.testing.assert_close(head.t, plain.t, rtol=1e-12, atol=0)
+
+
+def test_sub_centres_refuse_chunked():
+    with pytest.raises(ConfigError, match="chunked=true is not allowed with SubCenterArcFaceHead"):
+        SubCenterArcFaceHead(DIM, CLASSES, k=2, chunked=True)
 
 
 def test_bad_chunked_settings_are_one_line_errors():
