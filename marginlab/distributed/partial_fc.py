@@ -267,11 +267,15 @@ class PartialFC(nn.Module):
         score[positives] = 2.0  # positives first
         return score.topk(self.num_sample).indices.sort().values
 
+    def class_rows(self, classes: Tensor | None) -> Tensor:
+        """The weight rows of the given local classes (all when None), k sub-centre rows per class."""
+        if classes is None:
+            return self.weight
+        return self.weight.view(self.num_local, self.sub_centers, -1)[classes].flatten(0, 1)
+
     def cosines(self, embeddings: Tensor, classes: Tensor | None) -> Tensor:
         """B x n cosines to the given local classes (all when None); max over sub-centres when k > 1."""
-        weight = self.weight
-        if classes is not None:
-            weight = weight.view(self.num_local, self.sub_centers, -1)[classes].flatten(0, 1)
+        weight = self.class_rows(classes)
         # <x/|x|, w/|w|> as linear(x/|x|, w) / |w|: no normalised copy of the (large) weight shard and no
         # weight-sized buffers in its backward; equal to F.normalize's result up to rounding. The features are
         # normalised as the heads do (heads/kernels: a near-zero feature's gradient stays bounded)
@@ -300,9 +304,11 @@ class PartialFC(nn.Module):
         self.last_sampled = classes
         self.step += 1
         if self.head.chunked:  # the same loss in class blocks, never the B x n logits (head.chunked_loss)
-            weight = self.weight if classes is None else self.weight[classes]
             return self.head.chunked_loss(
-                all_embeddings, torch.where(owned, local, torch.full_like(local, -1)), weight, self._row_reduce
+                all_embeddings,
+                torch.where(owned, local, torch.full_like(local, -1)),
+                self.class_rows(classes),
+                self._row_reduce,
             )
         cos = self.cosines(all_embeddings, classes)
         logits = cos * self.head.s

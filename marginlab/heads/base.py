@@ -221,6 +221,9 @@ class CosineMarginHead(MarginHead):
     """
 
     normalized_features = True  # it classifies x / ||x|| (heads/probe_record.py)
+    #: its ``normalized_cosine`` is the max over each class's weight rows (Sub-center ArcFace), which the chunked
+    #: loss computes itself (``sub_centers``); any other override of it refuses ``chunked``
+    chunked_max_pools_sub_centers: bool = False
     #: take the target cosines in float64 from the target rows (angular margins: acos's slope is
     #: unbounded at +-1); additive cosine margins (slope 1) take them from the float32 product
     precise_target: bool = True
@@ -264,7 +267,13 @@ class CosineMarginHead(MarginHead):
             self.precise_target,
             self.chunk_size,
             reduce,
+            self.sub_centers,
         )
+
+    @property
+    def sub_centers(self) -> int:
+        """Weight rows per class: k for Sub-center ArcFace, else 1."""
+        return self.weight.shape[0] // self.num_classes
 
     def chunked_step(self, labels: Tensor | None) -> bool:
         """Whether this forward returns the chunked loss: a training forward with labels whose geometry the
@@ -345,7 +354,7 @@ def check_chunkable(head: nn.Module) -> None:
     if (
         (cls.margin_and_slope is CosineMarginHead.margin_and_slope and not own_margin)
         or (cls.logits is not CosineMarginHead.logits and not own_margin)
-        or cls.normalized_cosine is not MarginHead.normalized_cosine
+        or (cls.normalized_cosine is not MarginHead.normalized_cosine and not cls.chunked_max_pools_sub_centers)
     ):
         raise ConfigError(
             f"chunked=true is not allowed with {name}: its logits are not s cos theta with a margin "
@@ -360,6 +369,6 @@ def check_chunkable(head: nn.Module) -> None:
 
 
 @torch.compiler.disable
-def _chunked_loss(embeddings, weight, labels, s, margin_and_slope, precise, block, reduce):
+def _chunked_loss(embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers):
     # eager: a Python loop over class blocks, with the head's margin passed as a callable
-    return chunked_margin_cross_entropy(embeddings, weight, labels, s, margin_and_slope, precise, block, reduce)
+    return chunked_margin_cross_entropy(embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers)

@@ -27,6 +27,7 @@ class SubCenterArcFaceHead(ArcFaceHead):
 
     # insightface recognition/subcenter_arcface/parall_module_local_v1.py: fc7 weights mx.init.Normal(0.01)
     official_init = "normal_0.01"
+    chunked_max_pools_sub_centers = True  # (base.py: chunked takes the max over the k rows itself)
 
     def __init__(
         self,

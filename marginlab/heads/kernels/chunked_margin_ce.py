@@ -97,26 +97,41 @@ def _put_targets(block: Tensor, labels: Tensor, c0: int, c1: int, values: Tensor
     block.scatter_(1, col, torch.where(inside, values.to(block.dtype), block.gather(1, col).squeeze(1)).unsqueeze(1))
 
 
-def _target_cosines(x: Tensor, weight: Tensor, rows: Tensor, precise: bool, out_dtype) -> tuple[Tensor, Tensor | None]:
-    """(t, kept): the B target cosines clamped to [-1, 1] as the logits are, and the clamp's gradient mask
+def _target_cosines(
+    x: Tensor, weight: Tensor, rows: Tensor, precise: bool, out_dtype, sub_centers: int
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(t, kept, chosen): the B target cosines clamped to [-1, 1] as the logits are, the clamp's gradient mask
     where t is taken apart from the product (the fused head keeps the slope of a product entry: cos = +-1 is a
-    stationary point, its gradient ~0 anyway); None for the product's own values."""
+    stationary point, its gradient ~0 anyway; None for the product's own values) and the weight row each
+    came from: with k sub-centres, the best of the class's k rows (Sub-center ArcFace, max pooling)."""
+    if sub_centers > 1:
+        k = sub_centers
+        candidates = rows.unsqueeze(1) * k + torch.arange(k, device=rows.device)  # B x k: the class's rows
+        cos, kept, _ = _target_cosines(
+            x.repeat_interleave(k, dim=0), weight, candidates.flatten(), precise, out_dtype, 1
+        )
+        best, pick = cos.view(-1, k).max(dim=1)
+        return (
+            best,
+            None if kept is None else kept.view(-1, k).gather(1, pick.unsqueeze(1)).squeeze(1),
+            candidates.gather(1, pick.unsqueeze(1)).squeeze(1),
+        )
     if precise:  # in float64 from the B target rows (fused_margin.py: acos's slope is unbounded at +-1)
         raw = precise_cosine(x, weight, rows).to(out_dtype)
-        return raw.clamp(-1.0, 1.0), (raw >= -1.0) & (raw <= 1.0)
+        return raw.clamp(-1.0, 1.0), (raw >= -1.0) & (raw <= 1.0), rows
     # as the product gives it
     xf = x.detach().to(out_dtype)
     xs = xf * feature_scale(torch.linalg.vector_norm(xf, dim=1, keepdim=True))
     w_y = weight.detach()[rows].to(out_dtype)
     raw = torch.linalg.vecdot(xs, w_y) / torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS)
-    return raw.clamp(-1.0, 1.0), None
+    return raw.clamp(-1.0, 1.0), None, rows
 
 
 class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, s, target_value, slope, t, others, block, reduce):
+    def forward(ctx, x, weight, labels, chosen, k, s, target_value, slope, t, others, block, reduce):
         mm_dtype, out_dtype = matmul_dtypes(x, weight)
-        num_classes = weight.shape[0]
+        num_classes = weight.shape[0] // k
         with no_autocast(x.device.type):
             xf = x.to(out_dtype)
             x_norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
@@ -131,7 +146,9 @@ class _ChunkedMarginCE(torch.autograd.Function):
             lse = None
             for c0 in range(0, num_classes, block):
                 c1 = min(c0 + block, num_classes)
-                logits = _block_logits(xc, weight, inv, c0, c1, mm_dtype, out_dtype)
+                logits = _block_logits(xc, weight, inv, c0 * k, c1 * k, mm_dtype, out_dtype)
+                if k > 1:  # Sub-center ArcFace, max pooling over each class's k sub-centres
+                    logits = logits.view(logits.shape[0], c1 - c0, k).amax(dim=2)
                 if others is not None:  # s h(cos): the head's non-target transform
                     logits = others(logits.div_(s))[0].mul_(s)
                 _put_targets(logits, labels, c0, c1, target_logit)
@@ -149,7 +166,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 lse = total.log_().add_(top)
                 reduce(own_target, "sum")
             loss = (lse - own_target).mean()  # -log softmax_y = lse - l_y
-        ctx.s, ctx.block, ctx.dtypes, ctx.x_dtype, ctx.others = s, block, (mm_dtype, out_dtype), x.dtype, others
+        ctx.k, ctx.s, ctx.block, ctx.others = k, s, block, others
+        ctx.dtypes, ctx.x_dtype = (mm_dtype, out_dtype), x.dtype
         ctx.value_dtype = target_value.dtype
         ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
         ctx.save_for_backward(
@@ -160,6 +178,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             scale_x,
             exact,
             labels,
+            chosen,
             lse,
             target_logit,
             t * s,
@@ -170,41 +189,54 @@ class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        xs, xc, weight, inv, scale_x, exact, labels, lse, target_logit, raw_target, slope = ctx.saved_tensors
+        xs, xc, weight, inv, scale_x, exact, labels, chosen, lse, target_logit, raw_target, slope = ctx.saved_tensors
         mm_dtype, out_dtype = ctx.dtypes
-        s, block, others = ctx.s, ctx.block, ctx.others
-        batch, num_classes = xs.shape[0], weight.shape[0]
+        k, s, block, others = ctx.k, ctx.s, ctx.block, ctx.others
+        batch, num_classes = xs.shape[0], weight.shape[0] // k
+        inv_target = inv[chosen.clamp_min(0)]  # 1 / ||W_y|| (the chosen sub-centre's)
         with no_autocast(xs.device.type):
             g = grad_loss.to(out_dtype) / batch  # d mean / d loss_b
             # d loss / d (s phi_b) = (softmax_by - 1) g / B on the rows whose class is among these columns
             grad_target = (target_logit - lse).exp_().sub_(1.0).mul_(g).mul_(labels >= 0)
-            grad_value = grad_target * s if ctx.needs_input_grad[4] else None
+            grad_value = grad_target * s if ctx.needs_input_grad[6] else None
             slope = (slope if slope is not None else ctx.scalar_slope) * g  # d loss / d (s t_b) per unit (p_by - 1)
             grad_xs = torch.zeros(xs.shape, dtype=out_dtype, device=xs.device)
             grad_w = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
-            lse_col, raw_target = lse.unsqueeze(1).neg(), raw_target / inv[labels.clamp_min(0)]  # (s t ||W_y||)
+            lse_col, raw_target = lse.unsqueeze(1).neg(), raw_target / inv_target  # (s t ||W_y||)
             for c0 in range(0, num_classes, block):
                 c1 = min(c0 + block, num_classes)
-                w_b, inv_b = weight[c0:c1], inv[c0:c1]
+                r0, r1 = c0 * k, c1 * k  # the block's weight rows
+                w_b, inv_b = weight[r0:r1], inv[r0:r1]
                 wc_b = w_b.to(mm_dtype)
                 raw = torch.mm(xc, wc_b.t()).to(out_dtype)  # xs . W_j: the logits times ||W_j||
+                if k > 1:  # the best sub-centre of each class (Sub-center ArcFace, max pooling) and where it is
+                    logits, best = (raw * inv_b).view(batch, c1 - c0, k).max(dim=2)
+                else:
+                    logits, best = None, None
                 if others is None:  # softmax of the margin logits (the target entries hold s phi(t)): e^(l_bj - lse_b)
-                    grad = torch.addcmul(lse_col, raw, inv_b)
+                    grad = torch.addcmul(lse_col, raw, inv_b) if k == 1 else logits.add_(lse_col)
                     other_slope = None
                 else:  # the logits s h(cos) and h'(cos) of the head's transform
-                    value, other_slope = others(raw * (inv_b / s))
+                    value, other_slope = others(raw * (inv_b / s) if k == 1 else logits.div_(s))
                     grad = value.mul_(s).add_(lse_col)
                 _put_targets(grad, labels, c0, c1, target_logit - lse)
                 grad.exp_()
                 # d CE / d l_bj = (softmax_bj - [j = y_b]) g / B; at the target entries times d phi / d t
                 col = (labels - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
-                g_target = (grad.gather(1, col).squeeze(1) - 1.0).mul_(slope).mul_(inv[labels.clamp_min(0)])
+                g_target = (grad.gather(1, col).squeeze(1) - 1.0).mul_(slope).mul_(inv_target)
                 if other_slope is not None:
                     grad.mul_(other_slope)
-                grad.mul_(inv_b * g)  # G' = G / ||W||
-                _put_targets(grad, labels, c0, c1, g_target)
+                if k > 1:  # each class's gradient to its best sub-centre; the target's to the chosen one, below
+                    _put_targets(grad.mul_(g), labels, c0, c1, torch.zeros_like(g_target))
+                    grad = torch.zeros(batch, c1 - c0, k, dtype=out_dtype, device=xs.device).scatter_(
+                        2, best.unsqueeze(2), grad.unsqueeze(2)
+                    )
+                    grad = grad.view(batch, r1 - r0).mul_(inv_b)  # G' = G / ||W||
+                else:
+                    grad.mul_(inv_b * g)  # G' = G / ||W||
+                _put_targets(grad, chosen, r0, r1, g_target)
                 gc = grad.to(mm_dtype)
-                dw = grad_w[c0:c1]
+                dw = grad_w[r0:r1]
                 if mm_dtype == out_dtype:
                     grad_xs.addmm_(gc, wc_b)
                     torch.mm(gc.t(), xc, out=dw)
@@ -213,16 +245,17 @@ class _ChunkedMarginCE(torch.autograd.Function):
                     dw.copy_(torch.mm(gc.t(), xc))
                 # S_j = sum_b G'_bj out_bj = (sum_b G'_bj raw_bj) / ||W_j||, the target entries at their raw
                 # value s t (fast_cosine.py); dW_j -= S_j W_j / ||W_j||
-                _put_targets(raw, labels, c0, c1, raw_target)
+                _put_targets(raw, chosen, r0, r1, raw_target)
                 weight_norm_term = grad.mul_(raw).sum(dim=0).mul_(inv_b.square())
                 dw.addcmul_(weight_norm_term.unsqueeze(1), w_b, value=-1.0)
-                del raw, grad, gc  # before the next block's are made
+                del raw, grad, gc, logits  # before the next block's are made
             # xs = x s / ||x||: dx = (g - xs (g . xs) / s^2) s / ||x|| (fused_margin.py)
             along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).mul_(exact)
             grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / s**2).mul_(scale_x)
         if grad_value is not None:
             grad_value = grad_value.to(ctx.value_dtype)
-        return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, grad_value, None, None, None, None, None
+        grads = (grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, grad_value)
+        return grads + (None,) * 5
 
 
 def chunked_margin_cross_entropy(
@@ -234,6 +267,7 @@ def chunked_margin_cross_entropy(
     precise: bool = True,
     block: int | None = None,
     reduce: RowReduce | None = None,
+    sub_centers: int = 1,
 ) -> Tensor:
     """Mean cross-entropy of a cosine-margin head's training logits, never holding them (see the module doc).
 
@@ -241,15 +275,17 @@ def chunked_margin_cross_entropy(
     row whose class another rank holds; ``margin``: the head's margin on the target cosines (its
     ``margin_and_slope``, or a ``ChunkedMargin`` giving a ``TargetMargin``); ``block``: classes per block
     (default: ``default_block``); ``precise``: the target cosines in float64 from the target rows (the head's
-    ``precise_target``).
+    ``precise_target``); ``sub_centers``: k weight rows per class (rows ``c k .. c k + k - 1``), each class's
+    cosine the best of its k (Sub-center ArcFace); ``block`` then counts classes, of k rows each.
     """
+    k = int(sub_centers)
     if block is None:
-        block = default_block(x.shape[0], weight.shape[0])
+        block = max(1, default_block(x.shape[0], weight.shape[0]) // k)
     labels = labels.long()
     rows = labels.clamp_min(0)
     out_dtype = matmul_dtypes(x, weight)[1]
     with no_autocast(x.device.type):
-        t, kept = _target_cosines(x, weight, rows, bool(precise), out_dtype)
+        t, kept, chosen = _target_cosines(x, weight, rows, bool(precise), out_dtype, k)
         result = margin(t)
     if not isinstance(result, TargetMargin):
         result = TargetMargin(*result)
@@ -260,6 +296,8 @@ def chunked_margin_cross_entropy(
         x,
         weight,
         torch.where(labels >= 0, rows, -1),
+        torch.where(labels >= 0, chosen, -1),
+        k,
         float(s),
         result.value,
         slope,

@@ -43,6 +43,8 @@ HEADS = {
     "combined": partial(CombinedMarginHead, s=64.0, m1=1.0, m2=0.3, m3=0.2),
     "combined_sphere": partial(CombinedMarginHead, s=30.0, m1=2.0, m2=0.0, m3=0.0),
     "combined_cosine_only": partial(CombinedMarginHead, s=64.0, m1=1.0, m2=0.0, m3=0.35),
+    "subcenter_arcface": partial(SubCenterArcFaceHead, s=64.0, m=0.5, k=3),
+    "subcenter_arcface_exact": partial(SubCenterArcFaceHead, s=64.0, m=0.5, k=2, mode="exact"),
 }
 #: 1 class per block, one not dividing C, and blocks of C and more (one block)
 BLOCKS = (1, 4, CLASSES, 64)
@@ -68,7 +70,9 @@ def reference(head, x, labels):
 def chunked(head, x, labels, block, weight=None):
     x = x.clone().requires_grad_(True)
     weight = head.weight if weight is None else weight
-    loss = chunked_margin_cross_entropy(x, weight, labels, head.s, head.margin_and_slope, head.precise_target, block)
+    loss = chunked_margin_cross_entropy(
+        x, weight, labels, head.s, head.margin_and_slope, head.precise_target, block, sub_centers=head.sub_centers
+    )
     return (loss.detach(), *torch.autograd.grad(loss, [x, head.weight]))
 
 
@@ -171,11 +175,13 @@ def test_no_saved_tensor_has_a_column_per_class():
     assert max(torch.Size(s).numel() for s in shapes) == classes * DIM  # the largest is W itself
 
 
+@pytest.mark.parametrize("k", [1, 2], ids=["arcface", "subcenter k=2"])
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5], ids=["all classes", "sampled"])
-def test_partial_fc_with_a_chunked_head_equals_partial_fc_without(sample_rate):
+def test_partial_fc_with_a_chunked_head_equals_partial_fc_without(sample_rate, k):
     torch.manual_seed(0)
-    plain = ArcFaceHead(DIM, CLASSES).double()
-    head = ArcFaceHead(DIM, CLASSES, chunked=True, chunk_size=3).double()
+    make = ArcFaceHead if k == 1 else partial(SubCenterArcFaceHead, k=k)
+    plain = make(DIM, CLASSES).double()
+    head = make(DIM, CLASSES, chunked=True, chunk_size=3).double()
     head.load_state_dict(plain.state_dict())
     x, labels = batch(head)
     x[2] = 1.0  # Partial FC's own cosines use F.normalize, whose gradient at a zero feature is ~1e12 (the heads': 0)
@@ -263,9 +269,29 @@ def test_a_training_forward_of_a_chunked_curricularface_returns_its_loss_and_upd
     torch.testing.assert_close(head.t, plain.t, rtol=1e-12, atol=0)
 
 
-def test_sub_centres_refuse_chunked():
-    with pytest.raises(ConfigError, match="chunked=true is not allowed with SubCenterArcFaceHead"):
-        SubCenterArcFaceHead(DIM, CLASSES, k=2, chunked=True)
+def test_sub_centres_take_each_class_s_best_row_in_the_blocks_and_the_gradient_goes_to_it():
+    torch.manual_seed(0)
+    head = SubCenterArcFaceHead(DIM, CLASSES, k=3).double()
+    x, labels = batch(head, size=4)  # 3 features with a direction: some rows are nobody's best
+    x[3] = head.weight.detach()[7 * 3 + 2] * 2.0  # collinear with the last sub-centre of another class
+    loss, _, grad_w = chunked(head, x, labels, 4)
+    expected = reference(head, x, labels)
+    assert_close((loss, _, grad_w), expected, "subcenter")
+    # only the rows some feature picked as its class's best sub-centre (zero features pick none) get a gradient
+    cos = F.normalize(x, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()
+    best = cos.view(len(x), CLASSES, 3).argmax(dim=2) + torch.arange(CLASSES) * 3  # B x C: each class's best row
+    picked = torch.zeros(CLASSES * 3, dtype=torch.bool)
+    picked[best[x.norm(dim=1) > 0].flatten()] = True
+    assert torch.equal(grad_w.abs().sum(dim=1) > 0, picked) and not picked.all()
+
+
+def test_other_normalized_cosine_overrides_still_refuse_chunked():
+    class Halved(ArcFaceHead):
+        def normalized_cosine(self, embeddings):
+            return super().normalized_cosine(embeddings) / 2
+
+    with pytest.raises(ConfigError, match="chunked=true is not allowed with Halved"):
+        Halved(DIM, CLASSES, chunked=True)
 
 
 def test_bad_chunked_settings_are_one_line_errors():
