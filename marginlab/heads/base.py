@@ -361,11 +361,6 @@ def check_chunkable(head: nn.Module) -> None:
             "on the target cosine with at most a transform of the other cosines (sub-centres take a maximum "
             "over each class's centres); use chunked=false"
         )
-    if isinstance(getattr(head, "s", None), Tensor):
-        raise ConfigError(
-            f"chunked=true is not allowed with {name}(learnable_scale=true): the chunked loss takes "
-            "a fixed s; use learnable_scale=false or chunked=false"
-        )
 
 
 @torch.compiler.disable

@@ -33,6 +33,9 @@ non-target logits are then ``s h(cos_bj)`` and their gradient is multiplied by h
 carry autograd history of its own (MagFace's margin m(||x||)): the Function returns phi's gradient
 ``s (softmax_by - 1) g / B``, and autograd takes it on to whatever phi was made from.
 
+A learnt s (a 0-dim tensor, NormFace's) gets ``d loss / d s = mean_b (sum_j p_bj l_bj - l_by) / s``, where
+``sum_j p_bj l_bj = lse_b + sum_j p_bj log p_bj`` is summed block by block from the softmax alone.
+
 ``labels`` may hold -1 for rows whose class is not among these columns (Partial FC: another rank owns it);
 ``reduce(tensor, op)`` ("max" or "sum", in place) then combines the row statistics over the ranks, as
 Partial FC's ``dist_cross_entropy`` does with its full logits. Autocast: the matmuls run in the autocast
@@ -129,8 +132,9 @@ def _target_cosines(
 
 class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chosen, k, s, target_value, slope, t, others, block, reduce):
+    def forward(ctx, x, weight, labels, chosen, k, scale, target_value, slope, t, others, block, reduce):
         mm_dtype, out_dtype = matmul_dtypes(x, weight)
+        s = scale.detach().to(out_dtype) if isinstance(scale, Tensor) else scale  # (a learnt s: a 0-dim tensor)
         num_classes = weight.shape[0] // k
         with no_autocast(x.device.type):
             xf = x.to(out_dtype)
@@ -169,6 +173,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         ctx.k, ctx.s, ctx.block, ctx.others = k, s, block, others
         ctx.dtypes, ctx.x_dtype = (mm_dtype, out_dtype), x.dtype
         ctx.value_dtype = target_value.dtype
+        ctx.scale_dtype = scale.dtype if isinstance(scale, Tensor) else None
         ctx.scalar_slope = None if isinstance(slope, Tensor) else float(slope)
         ctx.save_for_backward(
             xs,
@@ -199,6 +204,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             # d loss / d (s phi_b) = (softmax_by - 1) g / B on the rows whose class is among these columns
             grad_target = (target_logit - lse).exp_().sub_(1.0).mul_(g).mul_(labels >= 0)
             grad_value = grad_target * s if ctx.needs_input_grad[6] else None
+            sum_p_log_p = torch.zeros_like(lse) if ctx.needs_input_grad[5] else None
             slope = (slope if slope is not None else ctx.scalar_slope) * g  # d loss / d (s t_b) per unit (p_by - 1)
             grad_xs = torch.zeros(xs.shape, dtype=out_dtype, device=xs.device)
             grad_w = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
@@ -221,6 +227,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
                     grad = value.mul_(s).add_(lse_col)
                 _put_targets(grad, labels, c0, c1, target_logit - lse)
                 grad.exp_()
+                if sum_p_log_p is not None:  # sum_j p_bj log p_bj, for d loss / d s
+                    sum_p_log_p += torch.xlogy(grad, grad).sum(dim=1)
                 # d CE / d l_bj = (softmax_bj - [j = y_b]) g / B; at the target entries times d phi / d t
                 col = (labels - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
                 g_target = (grad.gather(1, col).squeeze(1) - 1.0).mul_(slope).mul_(inv_target)
@@ -252,9 +260,13 @@ class _ChunkedMarginCE(torch.autograd.Function):
             # xs = x s / ||x||: dx = (g - xs (g . xs) / s^2) s / ||x|| (fused_margin.py)
             along = torch.linalg.vecdot(grad_xs, xs).unsqueeze(1).mul_(exact)
             grad_x = grad_xs.addcmul_(xs, along, value=-1.0 / s**2).mul_(scale_x)
+            grad_scale = None
+            if sum_p_log_p is not None:  # a learnt s: d loss_b / d s = (sum_j p_bj l_bj - l_by) / s, with
+                # sum_j p_bj l_bj = sum_j p_bj (log p_bj + lse_b) = sum_j p_bj log p_bj + lse_b
+                grad_scale = ((sum_p_log_p + lse - target_logit).sum() * g / s).to(ctx.scale_dtype)
         if grad_value is not None:
             grad_value = grad_value.to(ctx.value_dtype)
-        grads = (grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, grad_value)
+        grads = (grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, grad_scale, grad_value)
         return grads + (None,) * 5
 
 
@@ -262,7 +274,7 @@ def chunked_margin_cross_entropy(
     x: Tensor,
     weight: Tensor,
     labels: Tensor,
-    s: float,
+    s: float | Tensor,
     margin: ChunkedMargin,
     precise: bool = True,
     block: int | None = None,
@@ -272,13 +284,16 @@ def chunked_margin_cross_entropy(
     """Mean cross-entropy of a cosine-margin head's training logits, never holding them (see the module doc).
 
     ``x``: raw features (B x D); ``weight``: class weights (C x D); ``labels``: class indices (B), -1 for a
-    row whose class another rank holds; ``margin``: the head's margin on the target cosines (its
+    row whose class another rank holds; ``s``: the scale, a float or a learnt 0-dim tensor (it gets its
+    gradient); ``margin``: the head's margin on the target cosines (its
     ``margin_and_slope``, or a ``ChunkedMargin`` giving a ``TargetMargin``); ``block``: classes per block
     (default: ``default_block``); ``precise``: the target cosines in float64 from the target rows (the head's
     ``precise_target``); ``sub_centers``: k weight rows per class (rows ``c k .. c k + k - 1``), each class's
     cosine the best of its k (Sub-center ArcFace); ``block`` then counts classes, of k rows each.
     """
     k = int(sub_centers)
+    if isinstance(s, Tensor) and s.requires_grad and reduce is not None:
+        raise ValueError("chunked_margin_cross_entropy: a learnt s over several ranks is not supported; pass a float")
     if block is None:
         block = max(1, default_block(x.shape[0], weight.shape[0]) // k)
     labels = labels.long()
@@ -298,7 +313,7 @@ def chunked_margin_cross_entropy(
         torch.where(labels >= 0, rows, -1),
         torch.where(labels >= 0, chosen, -1),
         k,
-        float(s),
+        s if isinstance(s, Tensor) else float(s),
         result.value,
         slope,
         t,

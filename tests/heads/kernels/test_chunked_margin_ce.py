@@ -285,6 +285,24 @@ def test_sub_centres_take_each_class_s_best_row_in_the_blocks_and_the_gradient_g
     assert torch.equal(grad_w.abs().sum(dim=1) > 0, picked) and not picked.all()
 
 
+def test_a_learnt_scale_gets_the_unfused_head_s_gradient():
+    torch.manual_seed(0)
+    plain = NormFaceHead(DIM, CLASSES, s=10.0, learnable_scale=True).double()
+    head = NormFaceHead(DIM, CLASSES, s=10.0, learnable_scale=True, chunked=True, chunk_size=4).double()
+    head.load_state_dict(plain.state_dict())
+    x, labels = batch(head)
+    set_recording(head, False)
+    grads = []
+    for h in (plain, head):
+        emb = x.clone().requires_grad_(True)
+        out = h(emb, labels)
+        loss = out if out.dim() == 0 else F.cross_entropy(out, labels)
+        grads.append((loss.detach(), *torch.autograd.grad(loss, [emb, h.weight, h.s])))
+    assert grads[1][3].abs() > 1e-3  # s moves
+    for name, a, e in zip(("loss", "dx", "dW", "ds"), grads[1], grads[0]):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def test_other_normalized_cosine_overrides_still_refuse_chunked():
     class Halved(ArcFaceHead):
         def normalized_cosine(self, embeddings):
@@ -295,8 +313,6 @@ def test_other_normalized_cosine_overrides_still_refuse_chunked():
 
 
 def test_bad_chunked_settings_are_one_line_errors():
-    with pytest.raises(ConfigError, match="learnable_scale"):
-        MarginLoss(NormFaceHead(DIM, CLASSES, learnable_scale=True, chunked=True))
     with pytest.raises(ConfigError, match="regularizer 'FeatureIncay' needs the logits"):
         MarginLoss(ArcFaceHead(DIM, CLASSES, chunked=True), [FeatureIncay(DIM, CLASSES)])
     with pytest.raises(ConfigError, match="chunk_size"):
