@@ -33,6 +33,10 @@ non-target logits are then ``s h(cos_bj)`` and their gradient is multiplied by h
 carry autograd history of its own (MagFace's margin m(||x||)): the Function returns phi's gradient
 ``s (softmax_by - 1) g / B``, and autograd takes it on to whatever phi was made from.
 
+With k sub-centres per class (Sub-center ArcFace, ``sub_centers``) a block covers its classes' k weight rows
+each and max-pools them; the backward sends each class's gradient to its best row and the target's to the
+row t was taken from (the best of the class's k in float64).
+
 A learnt s (a 0-dim tensor, NormFace's) gets ``d loss / d s = mean_b (sum_j p_bj l_bj - l_by) / s``, where
 ``sum_j p_bj l_bj = lse_b + sum_j p_bj log p_bj`` is summed block by block from the softmax alone.
 
