@@ -21,6 +21,18 @@ def strip_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+#: the prefix torch's DataParallel / DistributedDataParallel wrappers put on every key of a ``state_dict()``
+WRAPPER_PREFIX = "module."
+
+
+def without_wrapper_prefix(state: dict) -> dict:
+    """A state dict saved from a DataParallel / DDP wrapper (every key under ``module.``) without that prefix, as
+    the unwrapped model's ``state_dict()`` names them; any other state dict unchanged."""
+    if state and all(isinstance(k, str) and k.startswith(WRAPPER_PREFIX) for k in state):
+        return strip_prefix(state, WRAPPER_PREFIX)
+    return state
+
+
 def build_backbone(path: Path, ckpt: dict) -> nn.Module:
     """The backbone a marginlab checkpoint's own config builds, holding its weights, on the CPU in eval mode."""
     data = ckpt["data"]
@@ -103,6 +115,8 @@ def state_dict_checkpoint(path: Path, state: dict, backbone=None, image_size=Non
     ``image_size`` (default the sidecar's, else 112: InsightFace's), RGB. One line when it does not fit."""
     from marginlab.backbones.insightface_keys import from_insightface
 
+    wrapped = without_wrapper_prefix(state) is not state
+    state = without_wrapper_prefix(state)
     card = _sidecar(path) if backbone is None else None
     if backbone is None and card is None:
         raise ConfigError(
@@ -160,7 +174,7 @@ def state_dict_checkpoint(path: Path, state: dict, backbone=None, image_size=Non
         "config": {"backbone": node, "dataset": dataset, "head": None},
         "data": {"in_channels": channels, "image_size": size, "num_classes": None},
         "state": {},
-        "weights": {"file": str(path), "layout": layout, "face": card is None},
+        "weights": {"file": str(path), "layout": layout, "face": card is None, "data_parallel_prefix": wrapped},
     }
 
 
@@ -213,6 +227,7 @@ def _saved_model_state(path: Path, ckpt, backbone_keys: set[str]) -> dict:
     if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         from marginlab.backbones.insightface_keys import from_insightface
 
+        ckpt = without_wrapper_prefix(ckpt)  # (saved from a DataParallel / DDP wrapper)
         state = max((ckpt, from_insightface(ckpt)), key=lambda s: len(backbone_keys & set(s)))  # ours or theirs
         return {BACKBONE + k: v for k, v in state.items()}
     raise DataError(f"{path}: not a marginlab checkpoint nor a state dict of tensors (no 'model' entry)")

@@ -19,7 +19,7 @@ from marginlab.builders import MarginModel
 from marginlab.cli import main
 from marginlab.errors import DataError
 from marginlab.eval.verification import embed_images, evaluate
-from marginlab.weights import init_from
+from marginlab.weights import init_from, load_backbone
 
 SIZE = 32
 SLOW = pytest.mark.skipif(
@@ -253,7 +253,6 @@ def test_onnx_export_of_a_bare_pth(pth, tmp_path):
 
 
 def test_a_pth_without_batchnorm_step_counters_loads(tmp_path):
-    from marginlab.weights import load_backbone
 
     state = {k: v for k, v in insightface_iresnet18_state().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "old.pth")
@@ -268,8 +267,8 @@ def test_a_state_dict_that_fits_neither_layout_is_one_line_naming_its_first_unma
 
     theirs, left = mobilefacenet_to_insightface(MobileFaceNet().state_dict(), (1, 4, 6, 2))
     assert not left and "conv_sep.layers.0.weight" in theirs
-    path = tmp_path / "dp.pth"  # saved from a DataParallel wrapper: every key under "module."
-    torch.save({f"module.{k}": v for k, v in theirs.items()}, path)
+    path = tmp_path / "net.pth"  # every key under a prefix no layout knows
+    torch.save({f"net.{k}": v for k, v in theirs.items()}, path)
     (tmp_path / "faces" / "a").mkdir(parents=True)
     capsys.readouterr()
     assert (
@@ -286,14 +285,32 @@ def test_a_state_dict_that_fits_neither_layout_is_one_line_naming_its_first_unma
     )
     assert (
         f"{path} does not fit backbone=mobilefacenet at a 112x112 input (2 differences, e.g. 283 of its 283 keys, "
-        f"neither marginlab's nor InsightFace's names of the model's tensors: module.layers.0.layers.0.weight, "
-        f"module.layers.0.layers.1.weight, module.layers.0.layers.1.bias, ...; 283 of the model's 283 tensors not "
+        f"neither marginlab's nor InsightFace's names of the model's tensors: net.layers.0.layers.0.weight, "
+        f"net.layers.0.layers.1.weight, net.layers.0.layers.1.bias, ...; 283 of the model's 283 tensors not "
         f"in it: features.0.0.weight,"
     ) in error(capsys)
     model = MarginModel(MobileFaceNet(), nn.Linear(128, 3), nn.ModuleDict())
     with pytest.raises(
         DataError,
         match=rf"^{path}: none of its 333 tensors fits .* not a checkpoint of this "
-        rf"architecture \(283 of its 283 keys, .*: backbone\.module\.layers\.0\.",
+        rf"architecture \(283 of its 283 keys, .*: backbone\.net\.layers\.0\.",
     ):
         init_from(model, path)
+
+
+def test_a_state_dict_saved_from_a_data_parallel_wrapper_loads_without_its_module_prefix(tmp_path):
+    from marginlab.backbones.insightface_keys import mobilefacenet_to_insightface
+    from marginlab.backbones.mobilefacenet import MobileFaceNet
+
+    torch.manual_seed(0)
+    net = MobileFaceNet().eval()
+    theirs, _ = mobilefacenet_to_insightface(net.state_dict(), (1, 4, 6, 2))
+    path = tmp_path / "ddp.pth"  # torch.save(DistributedDataParallel(model).state_dict()): every key under "module."
+    torch.save({f"module.{k}": v for k, v in theirs.items()}, path)
+    backbone, ckpt, _ = load_backbone(path, backbone="mobilefacenet")
+    assert ckpt["weights"]["data_parallel_prefix"] and ckpt["weights"]["layout"] == "insightface"
+    x = torch.randn(2, 3, 112, 112)
+    torch.testing.assert_close(backbone(x), net(x), rtol=0, atol=0)
+    model = MarginModel(MobileFaceNet(), nn.Linear(128, 3), nn.ModuleDict())
+    assert "loaded backbone" in init_from(model, path)
+    torch.testing.assert_close(model.backbone.eval()(x), net(x), rtol=0, atol=0)
