@@ -16,7 +16,7 @@ from marginlab.checkpoint import LoopState
 from marginlab.distributed.runtime import DistContext
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
-from marginlab.heads.probe_record import recorded_cosine, set_recording
+from marginlab.heads.probe_record import recorded_cosine, recorded_nearest, set_recording
 from marginlab.losses import MarginLoss, criterion_for
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,8 +147,9 @@ def train_one_epoch(
             if classifies:
                 step_stats["acc"] = (logits.argmax(1) == labels).float().mean().item()
             cos = recorded_cosine(model.head)
-            if cos is not None:
-                step_stats.update(batch_geometry(embeddings.detach(), cos, labels, model.head))
+            nearest = recorded_nearest(model.head) if cos is None else None  # (a chunked loss keeps only these)
+            if cos is not None or nearest is not None:
+                step_stats.update(batch_geometry(embeddings.detach(), cos, labels, model.head, nearest))
             if log is not None:
                 log.scalars(step_stats, state.step, prefix="step/")
             bar.set_postfix({k: f"{step_stats[k]:.3f}" for k in ("loss", "acc") if k in step_stats})

@@ -132,3 +132,27 @@ def test_probe_cosines_are_recorded_only_on_the_steps_that_log_geometry():
     assert seen == [False, False, True, False, False, True]  # steps 1..6, logged at 3 and 6
     assert logged == [(3, True), (6, True)]  # and those steps log the geometry
     assert model.head.probe_record.enabled  # back on after the epoch: evaluation and other callers get the probe
+
+
+def test_a_chunked_head_logs_the_step_geometry_from_its_blocks():
+    from marginlab.heads.arcface import ArcFaceHead
+
+    torch.manual_seed(0)
+    model = MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), ArcFaceHead(3, 2, chunked=True), nn.ModuleDict())
+    logged, outputs = [], []
+    real_logits = model.head.logits
+
+    def spy(embeddings, labels):
+        outputs.append(real_logits(embeddings, labels).dim())
+        return real_logits(embeddings, labels)
+
+    model.head.logits = spy
+
+    class Log:
+        def scalars(self, values, step, prefix=""):
+            logged.append((step, sorted(k for k in values if "/" in k)))
+
+    run_epoch(model, batches(), log_every=3, log=Log())
+    assert outputs == [0] * 6  # the loss on every step, the geometry steps too: never the B x C logits
+    keys = ["angle/nearest_other_deg", "angle/target_deg", "feature_norm/max", "feature_norm/mean"]
+    assert [step for step, _ in logged] == [3, 6] and all(set(keys) <= set(k) for _, k in logged)

@@ -81,9 +81,13 @@ def weight_stats(weight: Tensor) -> dict[str, float]:
     return {"weight_norm/mean": norms.mean().item(), "weight_norm/std": norms.std(unbiased=False).item()}
 
 
-def batch_geometry(features: Tensor, cos: Tensor, labels: Tensor, head) -> dict[str, float]:
+def batch_geometry(
+    features: Tensor, cos: Tensor | None, labels: Tensor, head, nearest: tuple[Tensor, Tensor] | None = None
+) -> dict[str, float]:
+    """A batch's step statistics from its cosines, or from ``nearest`` (cos theta_y and the nearest non-target
+    cosine) alone, which is all they read."""
     meter = GeometryMeter()
-    meter.update(features, cos, labels, head)
+    meter.update(features, cos, labels, head, nearest)
     return {**meter.compute(), **weight_stats(head.weight)}
 
 

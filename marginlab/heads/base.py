@@ -243,7 +243,8 @@ class CosineMarginHead(MarginHead):
         #: (a 0-dim tensor, which ``MarginLoss`` takes as the loss), computed in blocks of ``chunk_size``
         #: classes (default: ``default_block`` in that module) with an online log-sum-exp, never the B x C logits
         #: (kernels/chunked_margin_ce.py): peak memory dW plus a few B x block blocks, one more B x C x D
-        #: product. A step whose geometry the probe records falls back to the logits (``probe_record``).
+        #: product. On the steps whose geometry the probe logs, the blocks also give the two B-vectors its
+        #: step statistics read, cos theta_y and the nearest non-target cosine (``probe_record.keep_nearest``).
         self.chunked = bool(chunked)
         self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
         if self.chunked:
@@ -257,8 +258,10 @@ class CosineMarginHead(MarginHead):
         Partial FC passes its sampled rows as ``weight``, -1 in ``labels`` for classes other ranks hold and
         its all-reduce as ``reduce``."""
         check_chunkable(self)
-        self.probe_record.clear()  # no cosines were made
-        return _chunked_loss(
+        self.probe_record.clear()  # no cosines are made
+        # the probe's step statistics need two B-vectors, which the blocks give (not over ranks: Partial FC)
+        record = {} if self.probe_record.enabled and reduce is None else None
+        loss = _chunked_loss(
             embeddings,
             self.weight if weight is None else weight,
             labels,
@@ -268,7 +271,11 @@ class CosineMarginHead(MarginHead):
             self.chunk_size,
             reduce,
             self.sub_centers,
+            record,
         )
+        if record is not None:
+            self.probe_record.keep_nearest(record["target"], record["nearest_other"])
+        return loss
 
     @property
     def sub_centers(self) -> int:
@@ -276,9 +283,8 @@ class CosineMarginHead(MarginHead):
         return self.weight.shape[0] // self.num_classes
 
     def chunked_step(self, labels: Tensor | None) -> bool:
-        """Whether this forward returns the chunked loss: a training forward with labels whose geometry the
-        probe does not record (``chunked``)."""
-        return self.chunked and labels is not None and self.training and not self.probe_record.enabled
+        """Whether this forward returns the chunked loss: a training forward with labels (``chunked``)."""
+        return self.chunked and labels is not None and self.training
 
     def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
         """The margin the chunked loss applies (kernels/chunked_margin_ce.py): ``margin_and_slope`` for heads
@@ -364,6 +370,8 @@ def check_chunkable(head: nn.Module) -> None:
 
 
 @torch.compiler.disable
-def _chunked_loss(embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers):
+def _chunked_loss(embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers, record):
     # eager: a Python loop over class blocks, with the head's margin passed as a callable
-    return chunked_margin_cross_entropy(embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers)
+    return chunked_margin_cross_entropy(
+        embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers, record
+    )

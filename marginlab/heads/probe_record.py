@@ -6,7 +6,8 @@ A head (``ProbedHead``) declares, as plain attributes:
 - ``normalized_features``: it classifies x/||x|| (so the unit circle / sphere is worth drawing);
 - ``weights_are_points``: its class weights are prototypes in feature space (RBF-Softmax), not directions;
 - ``probe_margin``: the margin the probe's violation count uses (``ProbeMargin``);
-- ``probe_record``: a ``ProbeRecord``, the (detached, B x C) cosines of its last forward, kept only
+- ``probe_record``: a ``ProbeRecord``, the (detached, B x C) cosines of its last forward (or, from a
+  chunked loss that never builds them, the two B-vectors the step statistics need), kept only
   while ``probe_record.enabled`` (the trainer turns it off on the steps that log no geometry, so a
   head skips the pieces it would compute for it: no extra work there).
 
@@ -120,13 +121,23 @@ class ProbeRecord:
     def __init__(self):
         self.enabled = True
         self.pending: Tensor | LazyCosine | None = None  # what the head kept (a tensor or a recipe)
+        #: (cos theta_y, the largest non-target cosine), B each: what a chunked loss keeps instead of the cosines
+        self.nearest: tuple[Tensor, Tensor] | None = None
 
     def keep(self, value: Tensor | LazyCosine | None) -> None:
         """Keeps ``value`` (detached cosines or a recipe) when enabled; else clears the record."""
         self.pending = value if self.enabled else None
+        self.nearest = None
+
+    def keep_nearest(self, target: Tensor, other: Tensor) -> None:
+        """Keeps only the target and nearest non-target cosines (B each, detached) when enabled: all the step
+        statistics read (geometry/stats.py), from a loss that never holds the B x C cosines."""
+        self.pending = None
+        self.nearest = (target.detach(), other.detach()) if self.enabled else None
 
     def clear(self) -> None:
         self.pending = None
+        self.nearest = None
 
     @property
     def cosine(self) -> Tensor | None:
@@ -154,6 +165,13 @@ def recorded_cosine(head) -> Tensor | None:
     sampled shard, which has no ``probe_record``)."""
     record = getattr(head, "probe_record", None)
     return None if record is None else record.cosine
+
+
+def recorded_nearest(head) -> tuple[Tensor, Tensor] | None:
+    """(cos theta_y, the largest non-target cosine) that a chunked loss kept instead of the cosines
+    (``ProbeRecord.keep_nearest``); None otherwise (read ``recorded_cosine`` then)."""
+    record = getattr(head, "probe_record", None)
+    return None if record is None else record.nearest
 
 
 def set_recording(head, enabled: bool) -> None:

@@ -67,8 +67,8 @@ class MarginLoss(nn.Module):
 
     The trainer calls ``from_head_output`` instead, with the logits its (compiled, DDP-wrapped) model made.
     With a ``chunked`` head (heads/base.py) the training loss never builds the B x C logits: ``forward`` takes
-    the head's ``chunked_loss``; in the trainer the head returns it (0-dim) except on the steps whose geometry
-    the probe records, which fall back to the logits; there is no training accuracy (``classifies``).
+    the head's ``chunked_loss``; in the trainer the head returns it (0-dim), and on the steps whose geometry the
+    probe logs it keeps the target and nearest non-target cosines; there is no training accuracy (``classifies``).
     """
 
     @property

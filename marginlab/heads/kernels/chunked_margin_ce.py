@@ -136,7 +136,7 @@ def _target_cosines(
 
 class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chosen, k, scale, target_value, slope, t, others, block, reduce):
+    def forward(ctx, x, weight, labels, chosen, k, scale, target_value, slope, t, others, block, reduce, record):
         mm_dtype, out_dtype = matmul_dtypes(x, weight)
         s = scale.detach().to(out_dtype) if isinstance(scale, Tensor) else scale  # (a learnt s: a 0-dim tensor)
         num_classes = weight.shape[0] // k
@@ -151,12 +151,16 @@ class _ChunkedMarginCE(torch.autograd.Function):
             target_logit = (target_value.detach() * s).to(out_dtype)
             # 1 / ||W_j|| (C floats, 1/B of the logits): kept for the backward rather than a second C x D pass
             inv = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype).clamp_min_(NORM_EPS).reciprocal_()
-            lse = None
+            lse = nearest = None
             for c0 in range(0, num_classes, block):
                 c1 = min(c0 + block, num_classes)
                 logits = _block_logits(xc, weight, inv, c0 * k, c1 * k, mm_dtype, out_dtype)
                 if k > 1:  # Sub-center ArcFace, max pooling over each class's k sub-centres
                     logits = logits.view(logits.shape[0], c1 - c0, k).amax(dim=2)
+                if record is not None:  # the probe's nearest non-target cosine: the target entries out of the max
+                    _put_targets(logits, labels, c0, c1, torch.full_like(target_logit, -torch.inf))
+                    block_max = logits.amax(dim=1)
+                    nearest = block_max if nearest is None else torch.maximum(nearest, block_max)
                 if others is not None:  # s h(cos): the head's non-target transform
                     logits = others(logits.div_(s))[0].mul_(s)
                 _put_targets(logits, labels, c0, c1, target_logit)
@@ -174,6 +178,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 lse = total.log_().add_(top)
                 reduce(own_target, "sum")
             loss = (lse - own_target).mean()  # -log softmax_y = lse - l_y
+            if record is not None:
+                record["nearest_other"] = (nearest / s).clamp_(-1.0, 1.0)
         ctx.k, ctx.s, ctx.block, ctx.others = k, s, block, others
         ctx.dtypes, ctx.x_dtype = (mm_dtype, out_dtype), x.dtype
         ctx.value_dtype = target_value.dtype
@@ -271,7 +277,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         if grad_value is not None:
             grad_value = grad_value.to(ctx.value_dtype)
         grads = (grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, grad_scale, grad_value)
-        return grads + (None,) * 5
+        return grads + (None,) * 6
 
 
 def chunked_margin_cross_entropy(
@@ -284,6 +290,7 @@ def chunked_margin_cross_entropy(
     block: int | None = None,
     reduce: RowReduce | None = None,
     sub_centers: int = 1,
+    record: dict | None = None,
 ) -> Tensor:
     """Mean cross-entropy of a cosine-margin head's training logits, never holding them (see the module doc).
 
@@ -293,11 +300,15 @@ def chunked_margin_cross_entropy(
     ``margin_and_slope``, or a ``ChunkedMargin`` giving a ``TargetMargin``); ``block``: classes per block
     (default: ``default_block``); ``precise``: the target cosines in float64 from the target rows (the head's
     ``precise_target``); ``sub_centers``: k weight rows per class (rows ``c k .. c k + k - 1``), each class's
-    cosine the best of its k (Sub-center ArcFace); ``block`` then counts classes, of k rows each.
+    cosine the best of its k (Sub-center ArcFace); ``block`` then counts classes, of k rows each. ``record``: a
+    dict that receives the geometry probe's B-vectors, ``target`` (cos theta_y) and ``nearest_other`` (the
+    largest non-target cosine, one max per block), detached; one rank only.
     """
     k = int(sub_centers)
     if isinstance(s, Tensor) and s.requires_grad and reduce is not None:
         raise ValueError("chunked_margin_cross_entropy: a learnt s over several ranks is not supported; pass a float")
+    if record is not None and reduce is not None:
+        raise ValueError("chunked_margin_cross_entropy: record= needs every class on this rank (reduce=None)")
     if block is None:
         block = max(1, default_block(x.shape[0], weight.shape[0]) // k)
     labels = labels.long()
@@ -308,6 +319,8 @@ def chunked_margin_cross_entropy(
         result = margin(t)
     if not isinstance(result, TargetMargin):
         result = TargetMargin(*result)
+    if record is not None:
+        record["target"] = t
     slope = result.slope.detach() if isinstance(result.slope, Tensor) else result.slope
     if kept is not None:  # (a float slope becomes a tensor here: out_dtype)
         slope = kept.to(out_dtype).mul_(slope)
@@ -324,4 +337,5 @@ def chunked_margin_cross_entropy(
         result.others,
         int(block),
         reduce,
+        record,
     )

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from marginlab.distributed.partial_fc import PartialFC
 from marginlab.errors import ConfigError
+from marginlab.geometry.stats import target_and_nearest_other
 from marginlab.heads.adaface import AdaFaceHead
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
@@ -20,7 +21,7 @@ from marginlab.heads.curricularface import CurricularFaceHead
 from marginlab.heads.kernels import chunked_margin_cross_entropy
 from marginlab.heads.magface import MagFaceHead
 from marginlab.heads.normface import NormFaceHead
-from marginlab.heads.probe_record import set_recording
+from marginlab.heads.probe_record import recorded_nearest, set_recording
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.regularizers.center import CenterLoss
@@ -106,20 +107,27 @@ def test_under_bfloat16_autocast_the_matmuls_run_in_bfloat16_and_the_rest_in_flo
     assert x.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
 
 
-def test_the_head_returns_its_chunked_loss_only_on_training_steps_the_probe_does_not_record():
+@pytest.mark.parametrize("name", ["arcface", "subcenter_arcface", "curricularface", "adaface"])
+def test_a_training_forward_returns_the_loss_and_on_probe_steps_the_target_and_nearest_other_cosines(name):
     torch.manual_seed(0)
-    plain = ArcFaceHead(DIM, CLASSES).double()
-    head = ArcFaceHead(DIM, CLASSES, chunked=True, chunk_size=4).double()
-    head.load_state_dict(plain.state_dict())
+    make = {**HEADS, **OWN_MARGIN_HEADS}[name]
+    plain = make(DIM, CLASSES).double()
+    head = copy.deepcopy(plain)
+    head.chunked, head.chunk_size = True, 4
     x, labels = batch(head)
     expected = F.cross_entropy(plain(x, labels), labels)
-    set_recording(head, False)
+    want_target, want_other = target_and_nearest_other(plain.probe_record.cosine, labels)
+    set_recording(head, False)  # a step that logs no geometry: nothing is kept
+    head_off = copy.deepcopy(head)
+    out = head_off(x, labels)
+    assert out.dim() == 0 and head_off.probe_record.nearest is None
+    set_recording(head, True)  # a step that logs geometry: still the loss, never the B x C cosines
     out = head(x, labels)
     assert out.dim() == 0 and head.probe_record.cosine is None
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=0)
-    set_recording(head, True)  # a step that logs geometry: the logits, and the probe's cosines
-    out = head(x, labels)
-    assert out.shape == (9, CLASSES) and head.probe_record.cosine is not None
+    target, other = recorded_nearest(head)
+    torch.testing.assert_close(target, want_target, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(other, want_other, rtol=1e-12, atol=1e-12)
     head.eval()
     assert head(x, labels).shape == (9, CLASSES) and head(x).shape == (9, CLASSES)
 
