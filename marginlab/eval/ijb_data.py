@@ -10,21 +10,26 @@ Layout (``<root>`` = the release folder, ``<p>`` = ``ijbb`` or ``ijbc``; eval_ij
 Features: each image is aligned to the ArcFace template (``marginlab.data.face.align``), embedded in batches
 (and its mirror image, with ``flip``), and written row by row into a memory-mapped ``.npy`` -- never all images in
 memory. With a ``cache_dir`` the file is kept, named by a key of the weights, ``flip``, the input size and the
-landmarks file, and reused by the next run with the same key.
+landmarks file, and reused by the next run with the same key; an extraction stopped midway leaves its complete rows
+there (``<name>-<key>.partial.npy`` and a sidecar counting them, ``FeatureRows``) for the next run to continue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from marginlab.data.base import WorkerError
 from marginlab.data.face import parse_image_size
@@ -36,6 +41,8 @@ from marginlab.data.face.align import (
 )
 from marginlab.errors import DataError, OutputError
 from marginlab.logging.run_log import dumps, write_json
+
+log = logging.getLogger(__name__)
 
 RELEASE = "InsightFace's IJB release (IJB_release.tar: meta/, loose_crop/)"
 
@@ -273,6 +280,87 @@ def cache_key(meta: IJBMeta, backbone, image_size, flip: bool) -> tuple[str, dic
     return hashlib.sha1(dumps(about, sort_keys=True).encode()).hexdigest()[:16], about
 
 
+CHECKPOINT_SECONDS = 30.0  # a resumable extraction flushes its rows and records them at most this often
+
+
+def partial_paths(out: Path) -> tuple[Path, Path]:
+    """``<name>.npy`` -> (``<name>.partial.npy``: the rows embedded so far, ``<name>.partial.json``: how many
+    leading rows of it are complete)."""
+    stem = out.name[: -len(".npy")] if out.name.endswith(".npy") else out.name
+    return out.with_name(f"{stem}.partial.npy"), out.with_name(f"{stem}.partial.json")
+
+
+class FeatureRows:
+    """The N x D float32 ``.npy`` memmap an extraction writes, created at the first batch (D is the backbone's).
+    With a ``sidecar``, ``checkpoint()`` flushes the rows to disk and only then records their count in it
+    (atomically), and ``resume()`` picks the file up again."""
+
+    def __init__(self, path: Path, num_images: int, sidecar: Path | None = None):
+        self.path, self.num_images, self.sidecar = path, num_images, sidecar
+        self.matrix, self.done = None, 0
+
+    def write(self, feats: np.ndarray) -> None:
+        if self.matrix is None:
+            self.matrix = np.lib.format.open_memmap(
+                self.path, mode="w+", dtype=np.float32, shape=(self.num_images, feats.shape[1])
+            )
+            self.checkpoint()  # a sidecar from the start: a partial file without one is a broken one
+        self.matrix[self.done : self.done + len(feats)] = feats
+        self.done += len(feats)
+
+    def checkpoint(self) -> None:
+        if self.matrix is None or self.sidecar is None:
+            return
+        self.matrix.flush()  # the rows on disk first; the sidecar never claims more
+        record = {"rows": self.done, "images": self.num_images, "dim": int(self.matrix.shape[1]), "dtype": "float32"}
+        write_json(self.sidecar, record)
+
+    def resume(self, name: str) -> None:
+        """Continues a partial file that fits (same image count, float32, its sidecar readable); discards one that
+        does not with one log line, to start from row 0."""
+        if not self.path.exists() and not self.sidecar.exists():
+            return
+        try:
+            self.matrix, self.done = self._read_partial()
+        except ValueError as exc:
+            log.warning("discarding %s (%s); embedding %s features from the start", self.path, exc, name)
+            self.discard()
+            return
+        log.info("resuming %s features at row %d of %d", name, self.done, self.num_images)
+
+    def _read_partial(self) -> tuple[np.ndarray, int]:
+        try:
+            record = json.loads(self.sidecar.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"no sidecar {self.sidecar.name}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"unreadable sidecar {self.sidecar.name}: {exc}") from None
+        rows = record.get("rows") if isinstance(record, dict) else None
+        if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= self.num_images:
+            raise ValueError(f"sidecar {self.sidecar.name} records rows={rows!r}, allowed 0..{self.num_images}")
+        if record.get("images") != self.num_images:
+            raise ValueError(f"sidecar records {record.get('images')!r} images, the set has {self.num_images}")
+        try:  # read-only first: numpy's "r+" would quietly zero-extend a truncated file
+            matrix = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"unreadable partial file: {exc}") from None
+        if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[0] != self.num_images:
+            raise ValueError(f"{matrix.dtype} {matrix.shape}, expected float32 ({self.num_images}, D)")
+        if record.get("dim") != matrix.shape[1]:
+            raise ValueError(f"sidecar records dim {record.get('dim')!r}, the file has {matrix.shape[1]}")
+        return np.load(self.path, mmap_mode="r+"), rows
+
+    def discard(self) -> None:
+        self.matrix = None
+        self.path.unlink(missing_ok=True)
+        if self.sidecar is not None:
+            self.sidecar.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.matrix.flush()
+        self.matrix = None
+
+
 def extract_features(
     meta: IJBMeta,
     backbone,
@@ -283,9 +371,12 @@ def extract_features(
     num_workers: int = 0,
     device=None,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> Path:
     """Embeds every image into ``out`` (float32 N x D ``.npy``), batch by batch through a staged file that is
-    renamed into place only when complete."""
+    renamed into place only when complete. With ``resume`` that file is ``partial_paths(out)``: its complete rows
+    are recorded every ``CHECKPOINT_SECONDS`` (and when the run fails), and a run stopped midway is continued by
+    the next from its recorded row."""
     from tqdm import tqdm
 
     from marginlab.export.files import staged
@@ -294,24 +385,33 @@ def extract_features(
         param = next(backbone.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     dataset = AlignedCrops(meta, image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     show = sys.stderr.isatty() if progress is None else progress
     was_training = backbone.training
     backbone.eval()
     try:
-        with staged(out) as tmp:
-            matrix, done = None, 0
-            for images in tqdm(loader, desc=f"{meta.name} features", unit="batch", disable=not show):
-                feats = raw_features(backbone, images, flip, device)
-                if matrix is None:
-                    matrix = np.lib.format.open_memmap(
-                        tmp, mode="w+", dtype=np.float32, shape=(len(dataset), feats.shape[1])
-                    )
-                matrix[done : done + len(feats)] = feats
-                done += len(feats)
-            matrix.flush()
-            del matrix
-            os.replace(tmp, out)
+        with staged(out) as tmp:  # tmp: the file without resume (nothing is created under that name otherwise)
+            path, sidecar = partial_paths(out) if resume else (tmp, None)
+            rows = FeatureRows(path, len(dataset), sidecar)
+            if resume:
+                rows.resume(meta.name)
+            todo = dataset if rows.done == 0 else Subset(dataset, range(rows.done, len(dataset)))
+            loader = DataLoader(todo, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+            last = time.monotonic()
+            try:
+                for images in tqdm(loader, desc=f"{meta.name} features", unit="batch", disable=not show):
+                    rows.write(raw_features(backbone, images, flip, device))
+                    if resume and time.monotonic() - last >= CHECKPOINT_SECONDS:
+                        rows.checkpoint()
+                        last = time.monotonic()
+            except BaseException:
+                if resume:  # the rows embedded so far kept for the next run; the last checkpoint stands otherwise
+                    with contextlib.suppress(Exception):
+                        rows.checkpoint()
+                raise
+            rows.close()
+            os.replace(rows.path, out)
+            if rows.sidecar is not None:
+                rows.sidecar.unlink(missing_ok=True)
     finally:
         backbone.train(was_training)
     return out
@@ -349,7 +449,9 @@ def image_features_cached(
         ) from None
     path = folder / f"{meta.name}-{key}.npy"
     if not path.is_file():
-        extract_features(meta, backbone, image_size, path, flip, batch_size, num_workers, device, progress)
+        extract_features(
+            meta, backbone, image_size, path, flip, batch_size, num_workers, device, progress, resume=True
+        )  # a run stopped midway leaves <name>-<key>.partial.npy (+ .partial.json) for the next to continue
         write_json(path.with_suffix(".json"), about)
     features = np.load(path, mmap_mode="r")
     if features.ndim != 2 or features.shape[0] != len(meta.images):
