@@ -198,6 +198,7 @@ class IJBTarget:
     cache_dir: str | None = None
     far_targets: list = field(default_factory=lambda: list(FAR_TARGETS))
     headline_far: float = HEADLINE_FAR
+    identification: bool = False  # also the 1:N search protocol (marginlab.eval.ijb_identification)
     progress: bool | None = None  # None: a progress bar on a terminal
     _meta: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -214,6 +215,10 @@ class IJBTarget:
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(
                 f"verification.{self.name}.num_workers={self.num_workers!r} is not allowed: an integer >= 0"
+            )
+        if not isinstance(self.identification, bool):
+            raise ConfigError(
+                f"verification.{self.name}.identification={self.identification!r} is not allowed: true or false"
             )
         self.far_targets = [float(t) for t in self.far_targets]
         if not all(0 < t < 1 for t in [*self.far_targets, float(self.headline_far)]):
@@ -246,6 +251,10 @@ class IJBTarget:
         from marginlab.eval.ijb_data import image_features_cached
 
         meta = self.load()
+        if self.identification:  # the 1:N files read (a missing one named) before the long embedding
+            from marginlab.eval.ijb_identification import add_identification, read_1n_protocol
+
+            search = read_1n_protocol(meta.root, self.name)
         features, cached = image_features_cached(
             meta,
             backbone,
@@ -283,4 +292,6 @@ class IJBTarget:
             + f"; AUC {result['auc']:.4f} ({flags})"
         )
         log.info("%s", result["summary"])
+        if self.identification:
+            add_identification(result, feats, ids, search, self.name)
         return result

@@ -56,6 +56,20 @@ def write_ijb(root: Path, photo, name: str = "ijbc") -> SimpleNamespace:
     )
 
 
+#: the 1:N files (subjects as PAIRS says: templates 1, 2 one person, 3, 4 another): gallery -> templates
+SEARCH = {"G1": [1], "G2": [3], "probe_mixed": [2, 4]}
+SUBJECTS = {1: 101, 2: 101, 3: 102, 4: 102}
+
+
+def write_ijb_1n(root: Path, name: str = "ijbc") -> None:
+    """``meta/<name>_1N_gallery_{G1,G2}.csv`` (IJB-B: S1, S2) and ``_1N_probe_mixed.csv``: one row per image."""
+    for key, templates in SEARCH.items():
+        kind = key if key == "probe_mixed" else f"gallery_{key if name == 'ijbc' else 'S' + key[1]}"
+        rows = [f"{t},{SUBJECTS[t]},{i + 1}.png,0\n" for t in templates for i, ti in enumerate(TEMPLATES) if ti == t]
+        path = root / "meta" / f"{name}_1N_{kind}.csv"
+        path.write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID\n" + "".join(rows))
+
+
 @pytest.fixture
 def ijb(tmp_path, face):
     return write_ijb(tmp_path / "IJBC", face.photo)
