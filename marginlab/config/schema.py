@@ -2,7 +2,7 @@
 
 The defaults of the top-level keys, ``trainer.*`` and ``logger.*`` are written here and only here:
 configs/trainer/default.yaml and configs/logger/default.yaml select them and set nothing, and the other
-options of those groups (logger/quiet.yaml, logger/mlflow.yaml) hold only what they change
+options of those groups (logger/quiet.yaml, logger/mlflow.yaml, logger/wandb.yaml) hold only what they change
 (tests/test_config_defaults.py keeps it so). `marginlab train --cfg job` prints the values in effect.
 
 Group nodes with a ``_target_`` (backbone, head, dataset, optim, sched, regularizer) are typed by the
@@ -50,6 +50,7 @@ class LoggerConfig:
     probe_max_samples: int = 2048  # samples per epoch the geometry probe looks at
     console: bool = True  # one line per epoch on stdout (train.log always gets it)
     mlflow: Optional[Dict[str, Any]] = None  # logger=mlflow: {tracking_uri, experiment}; null = no MLflow run
+    wandb: Optional[Dict[str, Any]] = None  # logger=wandb: {project, mode, dir, entity, tags}; null = no W&B run
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """One object that writes a run's scalars to TensorBoard and its epoch records to metrics.jsonl (and, with
-``logger=mlflow``, to an MLflow run: mlflow_tracker.py).
+``logger=mlflow``, to an MLflow run: mlflow_tracker.py; ``logger=wandb``, to a W&B run: wandb_tracker.py).
 
 Every JSON file marginlab writes (metrics.json, metrics.jsonl, sweep_summary.json, ``*.eval.json``) is strict
 JSON: a NaN or infinite value is written as ``null`` and named, with what it was, under the record's
@@ -88,7 +88,7 @@ class RunLog:
         self.console = console
         self.tensorboard = tensorboard
         self.writer = None
-        self.tracker = None  # logger=mlflow: an MlflowTracker, made by start() (it needs the config)
+        self.trackers: list = []  # logger=mlflow / logger=wandb: MlflowTracker, WandbTracker, made by start()
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,8 +108,8 @@ class RunLog:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(dumps(record, sort_keys=True) + "\n")
-        if self.tracker is not None:
-            self.tracker.epoch_record(record)
+        for tracker in self.trackers:
+            tracker.epoch_record(record)
 
     def start(self, cfg, choices: dict | None = None) -> None:
         """TensorBoard: the resolved config as text and the hyperparameters as an HParams session of this run.
@@ -119,14 +119,18 @@ class RunLog:
         hyperparameters of every run under ``--logdir``, so the jobs of a sweep compare side by side, and its
         metrics are the runs' scalars (``test/acc``'s last value, ``best/*`` written by ``final``).
 
-        ``logger.mlflow`` set: an MLflow run too (mlflow_tracker.py), with the same hyperparameters as params.
+        ``logger.mlflow`` set: an MLflow run too (mlflow_tracker.py), with the same hyperparameters as params;
+        ``logger.wandb`` set: a W&B run (wandb_tracker.py), with them as its config.
         """
-        if self.enabled and self.tracker is None:
+        if self.enabled and not self.trackers:
             from marginlab.logging.mlflow_tracker import MlflowTracker
+            from marginlab.logging.wandb_tracker import WandbTracker
 
-            self.tracker = MlflowTracker.from_config(cfg, self.run_dir)
-            if self.tracker is not None:
-                self.tracker.start(cfg, choices)
+            for kind in (MlflowTracker, WandbTracker):
+                tracker = kind.from_config(cfg, self.run_dir)
+                if tracker is not None:
+                    self.trackers.append(tracker)
+                    tracker.start(cfg, choices)
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams
@@ -157,19 +161,21 @@ class RunLog:
                 if tag.startswith("best/") and isinstance(value, (int, float)):
                     self.writer.add_scalar(tag, value, summary.get("steps", 0))
             self.writer.file_writer.add_summary(hparams({}, {})[2])  # session end: STATUS_SUCCESS
-        if self.tracker is not None:
-            self.tracker.final(summary)  # best/*, figures and checkpoints as artifacts, FINISHED
+        for tracker in self.trackers:
+            tracker.final(summary)  # best/*, figures (and checkpoints) as artifacts, FINISHED (exit code 0)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
             self.writer = None
-        if self.tracker is not None:
-            tracker, self.tracker = self.tracker, None
-            failing = sys.exc_info()[0] is not None
+        trackers, self.trackers = self.trackers, []
+        failing = sys.exc_info()[0] is not None
+        error = None
+        for tracker in trackers:  # each one closed, even after another's error
             try:
-                tracker.close()  # not finalized: FAILED (KILLED on Ctrl-C)
-            except Exception:
-                if not failing:  # an error of the store never hides the one that ended the run
-                    raise
+                tracker.close()  # not finalized: FAILED (KILLED on Ctrl-C), W&B exit code 1
+            except Exception as exc:
+                error = error or exc
+        if error is not None and not failing:  # a store's error never hides the one that ended the run
+            raise error
