@@ -22,6 +22,7 @@ from typing import Any
 
 from marginlab.errors import ConfigError
 from marginlab.logging.hparams import flat_hparams
+from marginlab.logging.tracker_options import tracker_options
 
 MISSING = "logger=mlflow needs the mlflow extra: pip install 'marginlab[mlflow]'"
 #: files uploaded at the end, (artifact folder, glob under the run dir)
@@ -102,11 +103,9 @@ class MlflowTracker:
     @classmethod
     def from_config(cls, cfg, run_dir: Path) -> "MlflowTracker | None":
         """The tracker ``cfg.logger.mlflow`` asks for; None when it is unset (nothing imports mlflow then)."""
-        logger = cfg.get("logger") or {}
-        options = logger.get("mlflow") if hasattr(logger, "get") else None
-        if options is None or options is False:
+        options = tracker_options(cfg, "mlflow")
+        if options is None:
             return None
-        options = options if hasattr(options, "get") else {}
         return cls(
             run_dir, tracking_uri=options.get("tracking_uri"), experiment=options.get("experiment") or "marginlab"
         )

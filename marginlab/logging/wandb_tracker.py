@@ -19,6 +19,7 @@ from pathlib import Path
 
 from marginlab.errors import ConfigError
 from marginlab.logging.hparams import flat_hparams
+from marginlab.logging.tracker_options import tracker_options
 
 MISSING = "logger=wandb needs the wandb extra: pip install 'marginlab[wandb]'"
 MODES = ("offline", "online", "disabled")
@@ -84,11 +85,9 @@ class WandbTracker:
     @classmethod
     def from_config(cls, cfg, run_dir: Path) -> "WandbTracker | None":
         """The tracker ``cfg.logger.wandb`` asks for; None when it is unset (nothing imports wandb then)."""
-        logger = cfg.get("logger") or {}
-        options = logger.get("wandb") if hasattr(logger, "get") else None
-        if options is None or options is False:
+        options = tracker_options(cfg, "wandb")
+        if options is None:
             return None
-        options = options if hasattr(options, "get") else {}
         return cls(
             run_dir,
             project=options.get("project") or "marginlab",
