@@ -12,6 +12,7 @@ Features: each image is aligned to the ArcFace template (``marginlab.data.face.a
 memory. With a ``cache_dir`` the file is kept, named by a key of the weights, ``flip``, the input size and the
 landmarks file, and reused by the next run with the same key; an extraction stopped midway leaves its complete rows
 there (``<name>-<key>.partial.npy`` and a sidecar counting them, ``FeatureRows``) for the next run to continue.
+Runs that want the same key at once take turns (``extraction_lock``): one embeds, the others wait and read its file.
 """
 
 from __future__ import annotations
@@ -280,6 +281,32 @@ def cache_key(meta: IJBMeta, backbone, image_size, flip: bool) -> tuple[str, dic
     return hashlib.sha1(dumps(about, sort_keys=True).encode()).hexdigest()[:16], about
 
 
+@contextlib.contextmanager
+def extraction_lock(path: Path, name: str):
+    """Holds an exclusive ``flock`` on ``<name>-<key>.lock`` while the features of that key are looked up and
+    embedded: two runs with the same key would otherwise write one partial file at once. The OS drops the lock
+    when its process dies, so a killed run never leaves one held; the empty lock file is left in place (removing
+    it would let a third run lock a new file while the second still holds the old one)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs of the same key must not overlap there
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the IJB feature lock ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another run is embedding these %s features (%s); waiting for it", name, path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 CHECKPOINT_SECONDS = 30.0  # a resumable extraction flushes its rows and records them at most this often
 
 
@@ -448,11 +475,12 @@ def image_features_cached(
             f"verification.{meta.name}.cache_dir=<a writable folder>"
         ) from None
     path = folder / f"{meta.name}-{key}.npy"
-    if not path.is_file():
-        extract_features(
-            meta, backbone, image_size, path, flip, batch_size, num_workers, device, progress, resume=True
-        )  # a run stopped midway leaves <name>-<key>.partial.npy (+ .partial.json) for the next to continue
-        write_json(path.with_suffix(".json"), about)
+    with extraction_lock(path.with_suffix(".lock"), meta.name):  # a run waiting here then finds the file
+        if not path.is_file():
+            extract_features(
+                meta, backbone, image_size, path, flip, batch_size, num_workers, device, progress, resume=True
+            )  # a run stopped midway leaves <name>-<key>.partial.npy (+ .partial.json) for the next to continue
+            write_json(path.with_suffix(".json"), about)
     features = np.load(path, mmap_mode="r")
     if features.ndim != 2 or features.shape[0] != len(meta.images):
         raise DataError(

@@ -55,6 +55,11 @@ def features(meta, model, cache=None):
     return np.array(feats), path
 
 
+def finished_files(path):
+    """What a cache dir holds after one finished extraction: the features, their key's description, the key's lock."""
+    return [path.with_suffix(".json").name, path.with_suffix(".lock").name, path.name]
+
+
 @pytest.fixture
 def meta(ijb):
     return ijb_data.read_meta(ijb.root, "ijbc")
@@ -79,7 +84,7 @@ def test_a_stopped_extraction_resumes_where_it_stopped(meta, uninterrupted, tmp_
     assert model.images == 4 and model.batches == 2  # only images 5..8
     assert np.array_equal(feats, uninterrupted) and feats.dtype == np.float32
     assert "resuming ijbc features at row 4 of 8" in caplog.messages
-    assert sorted(p.name for p in cache.iterdir()) == [path.with_suffix(".json").name, path.name]
+    assert sorted(p.name for p in cache.iterdir()) == finished_files(path)  # the partial file and sidecar gone
     assert json.loads(path.with_suffix(".json").read_text())["set"] == "ijbc"
 
 
@@ -145,4 +150,43 @@ def test_a_partial_file_that_does_not_fit_restarts(meta, uninterrupted, tmp_path
     (line,) = [m for m in caplog.messages if "discarding" in m]
     assert reason in line and "embedding ijbc features from the start" in line
     assert not any("resuming" in m for m in caplog.messages)
-    assert sorted(p.name for p in cache.iterdir()) == [path.with_suffix(".json").name, path.name]
+    assert sorted(p.name for p in cache.iterdir()) == finished_files(path)  # the partial file and sidecar gone
+
+
+def test_a_second_run_of_the_same_key_waits_and_reads_the_first_runs_file(meta, uninterrupted, tmp_path):
+    """Two runs embedding the same key at once would write one partial file together: the second waits on the
+    key's lock while the first holds it, then reads the first's file instead of embedding again."""
+    import threading
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key, about = ijb_data.cache_key(meta, Counting(), 112, False)
+    target = cache / f"ijbc-{key}.npy"
+    model, result = Counting(), {}
+
+    def second_run():
+        result["feats"], result["path"] = features(meta, model, cache)
+
+    with ijb_data.extraction_lock(target.with_suffix(".lock"), "ijbc"):  # the first run, holding the key
+        waiting = threading.Thread(target=second_run)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and model.batches == 0  # blocked: nothing embedded, no partial file
+        assert not list(cache.glob("*.partial.*"))
+        np.save(target, uninterrupted)  # the first run's finished file
+    waiting.join(timeout=30)
+    assert not waiting.is_alive()
+    assert model.batches == 0 and result["path"] == target  # read, not embedded again
+    assert np.array_equal(result["feats"], uninterrupted)
+
+
+def test_the_key_lock_is_released_when_its_holder_fails(meta, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(Stopped):
+        features(meta, Counting(stop_at(2)), cache)
+    (lock,) = cache.glob("*.lock")
+    with ijb_data.extraction_lock(lock, "ijbc"):  # would block forever if the failed run still held it
+        pass
+    model = Counting()
+    features(meta, model, cache)
+    assert model.images == 6  # resumed after the first batch of 2
