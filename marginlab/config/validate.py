@@ -86,6 +86,10 @@ def _type_ok(value: Any, annotation: Any) -> str | None:
             members = [a for a in members if not _object_class(a, value)] or members
         names = [_type_ok(value, a) for a in members]
         return None if any(n is None for n in names) else " or ".join(n for n in names if n)
+    if origin is typing.Literal:  # the same type and value as one of them (True is not 1); YAML spells them
+        if any(type(value) is type(a) and value == a for a in args):
+            return None
+        return " or ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
     if annotation is float:
         return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
     if annotation is int:

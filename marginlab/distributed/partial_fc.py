@@ -303,7 +303,8 @@ class PartialFC(nn.Module):
             local = torch.where(owned, torch.searchsorted(classes, local.clamp(0, self.num_local - 1)), local)
         self.last_sampled = classes
         self.step += 1
-        if self.head.chunked:  # the same loss in class blocks, never the B x n logits (head.chunked_loss)
+        rows = (self.num_local if classes is None else classes.numel()) * self.sub_centers  # the n this step scores
+        if self.head.chunks(all_embeddings.shape[0], rows):  # the same loss in class blocks, never the B x n logits
             return self.head.chunked_loss(
                 all_embeddings,
                 torch.where(owned, local, torch.full_like(local, -1)),

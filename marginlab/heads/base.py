@@ -14,7 +14,9 @@ and ``probe_margin``.
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +34,8 @@ from marginlab.heads.kernels import (
     with_slope,
 )
 from marginlab.heads.probe_record import LazyCosine, ProbeMargin, ProbeRecord
+
+log = logging.getLogger(__name__)
 
 
 def cos_plus_angle(cos: Tensor, cos_m, sin_m) -> Tensor:
@@ -55,6 +59,15 @@ def cos_plus_angle_and_slope(cos: Tensor, cos_m: float, sin_m: float) -> tuple[T
     slope = torch.addcdiv(torch.full_like(cos, cos_m), cos * (one_minus >= 1e-12), sin, value=sin_m)
     return cos * cos_m - sin * sin_m, slope
 
+
+#: what ``chunked`` may be (CosineMarginHead): never, every training step, or the steps whose logits are large
+CHUNKED = (False, True, "auto")
+#: ``chunked="auto"`` chunks a training step when its B x C logits in float32 would take at least this many bytes:
+#: 1 GiB, B = 256 x C = 1M classes. The unfused head holds several B x C buffers (the logits, their softmax and
+#: its gradient), so at 1 GiB each they cost GiBs beside the backbone's activations, worth the chunked loss's
+#: 1.2-1.35x step time (README, benchmarks/chunked_loss.py); every shipped config stays far below it (CASIA:
+#: 256 x 10,572 = 10.8 MB), so it keeps their runs unchanged.
+CHUNKED_AUTO_BYTES = 1 << 30
 
 #: what ``init`` may be: the head's own official initialisation of W, or nn.Linear's (kaiming)
 INITS = ("official", "kaiming")
@@ -233,8 +246,9 @@ class CosineMarginHead(MarginHead):
         in_features: int,
         num_classes: int,
         s: float = 30.0,
-        chunked: bool = False,
+        chunked: bool | Literal["auto"] = False,
         chunk_size: int | None = None,
+        chunked_above_bytes: int = CHUNKED_AUTO_BYTES,
         **common,
     ):
         super().__init__(in_features, num_classes, **common)
@@ -245,10 +259,20 @@ class CosineMarginHead(MarginHead):
         #: (kernels/chunked_margin_ce.py): peak memory dW plus a few B x block blocks, one more B x C x D
         #: product. On the steps whose geometry the probe logs, the blocks also give the two B-vectors its
         #: step statistics read, cos theta_y and the nearest non-target cosine (``probe_record.keep_nearest``).
-        self.chunked = bool(chunked)
+        #: ``"auto"``: only the training steps whose B x C float32 logits take at least ``chunked_above_bytes``
+        #: (``chunks``); a head that cannot be chunked then never chunks, and says so once in the log.
+        if not (chunked is True or chunked is False or (isinstance(chunked, str) and chunked in CHUNKED)):
+            raise ConfigError(f"chunked={chunked!r} is not allowed: it must be true, false or auto")
+        self.chunked = chunked
         self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
-        if self.chunked:
+        self.chunked_above_bytes = check_positive_int("chunked_above_bytes", chunked_above_bytes)
+        #: why ``chunked="auto"`` never chunks this head (None: it may): set once, when it is first found
+        self.unchunkable: str | None = None
+        self._auto_announced = False  # the log line of auto's first chunked step is written
+        if self.chunked is True:
             check_chunkable(self)
+        elif self.chunked == "auto" and chunkable_problem(type(self)):
+            self.keep_unchunked(chunkable_problem(type(self)))
 
     def chunked_loss(
         self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None, reduce: RowReduce | None = None
@@ -283,8 +307,31 @@ class CosineMarginHead(MarginHead):
         return self.weight.shape[0] // self.num_classes
 
     def chunked_step(self, labels: Tensor | None) -> bool:
-        """Whether this forward returns the chunked loss: a training forward with labels (``chunked``)."""
-        return self.chunked and labels is not None and self.training
+        """Whether this forward returns the chunked loss: a training forward with labels that ``chunks``."""
+        return labels is not None and self.training and self.chunks(labels.shape[0])
+
+    def chunks(self, batch_rows: int, class_rows: int | None = None) -> bool:
+        """Whether a training step scoring ``batch_rows`` x ``class_rows`` weight rows (default: all of ``weight``,
+        k per class with sub-centres; Partial FC passes its sample's) is chunked: always with ``chunked=True``;
+        with ``"auto"`` when the head can be chunked and those logits in float32 take at least
+        ``chunked_above_bytes``. It depends on the two sizes alone, so a resumed run decides as the first did."""
+        if self.chunked is True:
+            return True
+        if self.chunked != "auto" or self.unchunkable is not None:
+            return False
+        class_rows = self.weight.shape[0] if class_rows is None else class_rows
+        size = batch_rows * class_rows * 4  # bytes of the B x C float32 logits
+        if size < self.chunked_above_bytes:
+            return False
+        if not self._auto_announced:
+            _announce_auto(self, batch_rows, class_rows, size)
+        return True
+
+    def keep_unchunked(self, reason: str) -> None:
+        """``chunked="auto"`` never chunks this head from now on (``reason``: why), said once in the log."""
+        if self.unchunkable is None:
+            self.unchunkable = reason
+            log.info("%s: head.chunked=auto never chunks it: %s", type(self).__name__, reason)
 
     def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
         """The margin the chunked loss applies (kernels/chunked_margin_ce.py): ``margin_and_slope`` for heads
@@ -352,21 +399,42 @@ class CosineMarginHead(MarginHead):
         return logits
 
 
-def check_chunkable(head: nn.Module) -> None:
-    """``chunked=True`` needs a margin that is ``margin_and_slope`` of the target cosine alone and a fixed s."""
-    cls = type(head)
-    name = cls.__name__
+def chunkable_problem(cls: type) -> str | None:
+    """Why a head class's loss cannot be chunked (None: it can): the chunked loss needs logits s cos theta with
+    ``margin_and_slope`` on the target cosine, or the head's own ``chunked_margin``."""
     own_margin = cls.chunked_margin is not CosineMarginHead.chunked_margin  # (AdaFace, MagFace, CurricularFace)
     if (
         (cls.margin_and_slope is CosineMarginHead.margin_and_slope and not own_margin)
         or (cls.logits is not CosineMarginHead.logits and not own_margin)
         or (cls.normalized_cosine is not MarginHead.normalized_cosine and not cls.chunked_max_pools_sub_centers)
     ):
-        raise ConfigError(
-            f"chunked=true is not allowed with {name}: its logits are not s cos theta with a margin "
-            "on the target cosine with at most a transform of the other cosines (sub-centres take a maximum "
-            "over each class's centres); use chunked=false"
+        return (
+            "its logits are not s cos theta with a margin on the target cosine with at most a transform of the "
+            "other cosines (sub-centres take a maximum over each class's centres)"
         )
+    return None
+
+
+def check_chunkable(head: nn.Module) -> None:
+    """``chunked=True`` needs a margin that is ``margin_and_slope`` of the target cosine alone and a fixed s."""
+    problem = chunkable_problem(type(head))
+    if problem is not None:
+        raise ConfigError(f"chunked=true is not allowed with {type(head).__name__}: {problem}; use chunked=false")
+
+
+@torch.compiler.disable
+def _announce_auto(head: CosineMarginHead, batch_rows: int, class_rows: int, size: int) -> None:
+    """The one log line of ``chunked="auto"``'s first chunked step (eager: a side effect, once)."""
+    head._auto_announced = True
+    log.info(
+        "%s: head.chunked=auto chunks the training steps this large: B=%d x C=%d float32 logits take %d bytes "
+        ">= chunked_above_bytes=%d",
+        type(head).__name__,
+        batch_rows,
+        class_rows,
+        size,
+        head.chunked_above_bytes,
+    )
 
 
 @torch.compiler.disable

@@ -44,17 +44,32 @@ def _regularizer_dict(regularizers) -> nn.ModuleDict:
     return out
 
 
-def check_chunked(head: nn.Module, regularizers: nn.ModuleDict) -> None:
-    """A ``chunked`` head's training output is its loss, not logits: its margin must be chunkable and no
-    regularizer may need the logits (those whose ``forward`` takes ``logits`` without a default, e.g. Incay)."""
-    check_chunkable(head)
+def logits_regularizer(regularizers: nn.ModuleDict) -> str | None:
+    """The name of the first regularizer that needs the logits (its ``forward`` takes ``logits`` without a
+    default, e.g. Incay); None when none does."""
     for name, reg in regularizers.items():
         param = inspect.signature(reg.forward).parameters.get("logits")
         if param is not None and param.default is inspect.Parameter.empty:
-            raise ConfigError(
-                f"regularizer {name!r} needs the logits, which head.chunked=true never builds: "
-                "use head.chunked=false with it"
-            )
+            return name
+    return None
+
+
+def check_chunked(head: nn.Module, regularizers: nn.ModuleDict) -> None:
+    """A ``chunked`` head's training output is its loss, not logits: its margin must be chunkable and no
+    regularizer may need the logits. With ``chunked="auto"`` neither is an error: the head then never chunks."""
+    mode = getattr(head, "chunked", False)
+    if mode == "auto":
+        name = logits_regularizer(regularizers)
+        if name is not None:
+            head.keep_unchunked(f"regularizer {name!r} needs the logits")
+        return
+    check_chunkable(head)
+    name = logits_regularizer(regularizers)
+    if name is not None:
+        raise ConfigError(
+            f"regularizer {name!r} needs the logits, which head.chunked=true never builds: "
+            "use head.chunked=false or auto with it"
+        )
 
 
 class MarginLoss(nn.Module):
@@ -69,13 +84,16 @@ class MarginLoss(nn.Module):
     With a ``chunked`` head (heads/base.py) the training loss never builds the B x C logits: ``forward`` takes
     the head's ``chunked_loss``; in the trainer the head returns it (0-dim), and on the steps whose geometry the
     probe logs it keeps the target and nearest non-target cosines; there is no training accuracy (``classifies``).
+    ``chunked="auto"`` does so on the steps whose logits are large (``head.chunks``).
     """
 
     @property
     def classifies(self) -> bool:
         """The head's output holds every class's logits: accuracy is computed from it. Not so for a
-        ``chunked`` head, whose training output is the loss itself (heads/base.py, ``CosineMarginHead``)."""
-        return not getattr(self.head, "chunked", False)
+        ``chunked`` head, whose training output is the loss itself (heads/base.py, ``CosineMarginHead``), nor
+        for ``chunked="auto"`` unless it never chunks: the output of a step may be the loss."""
+        mode = getattr(self.head, "chunked", False)
+        return mode is False or (mode == "auto" and self.head.unchunkable is not None)
 
     #: the class weights are split over the ranks and the head runs its own collectives (Partial FC)
     sharded = False
@@ -89,13 +107,14 @@ class MarginLoss(nn.Module):
             )
         self.head = head
         self.regularizers = _regularizer_dict(regularizers)
-        if getattr(head, "chunked", False):
+        if getattr(head, "chunked", False) is not False:
             check_chunked(head, self.regularizers)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The scalar training loss of a batch: ``embeddings`` (B x D), ``labels`` (B) class indices."""
         self._check_arguments(embeddings, labels)
-        if getattr(self.head, "chunked", False) and self.head.training:  # always chunked: no probe record here
+        chunked_step = getattr(self.head, "chunked_step", None)
+        if chunked_step is not None and chunked_step(labels):  # chunked: no probe record here
             self.head._check_inputs(embeddings, labels)
             return self.from_head_output(embeddings, self.head.chunked_loss(embeddings, labels), labels)
         return self.from_head_output(embeddings, self.head(embeddings, labels), labels)
