@@ -24,7 +24,7 @@ from scipy.sparse import csr_matrix
 from sklearn.metrics import auc, roc_curve
 from sklearn.preprocessing import normalize
 
-from marginlab.errors import ConfigError
+from marginlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def image_features(
     ``detector_score`` (``use_detector_score``: ``img_input_feats * faceness_scores[:, np.newaxis]``)."""
     feats = np.asarray(features, dtype=np.float64)
     if not norm_score:  # eval_ijbc.py: img_input_feats / sqrt(sum(img_input_feats ** 2, -1))
-        feats = feats / np.sqrt(np.sum(feats**2, -1, keepdims=True))
+        with np.errstate(invalid="ignore", divide="ignore"):  # a norm-0 row turns NaN: template_features names it
+            feats = feats / np.sqrt(np.sum(feats**2, -1, keepdims=True))
     if detector_score:
         if faceness is None:
             raise ConfigError("detector_score=true needs the faceness scores (the last column of the 5pts file)")
@@ -87,6 +88,12 @@ def template_features(
         )
         pool = csr_matrix((weight[lo:hi], (t_index[lo:hi], np.arange(hi - lo))), shape=(len(out), hi - lo))
         out += pool @ feats  # sum over medias of the media means (np.sum(media_norm_feats) in the script)
+    bad = np.flatnonzero(~np.isfinite(out).all(1))
+    if bad.size:  # eval_ijbc.py: sklearn normalize's "Input contains NaN" ValueError
+        raise DataError(
+            f"template {int(unique_templates[bad[0]])} ({bad.size} of {len(out)} templates) has a non-finite feature "
+            "(NaN/inf): an image feature of it is NaN/inf, or has norm 0 with norm_score=false"
+        )
     return normalize(out), unique_templates
 
 
@@ -160,6 +167,11 @@ def evaluate_scores(
         raise ConfigError(f"labels ({labels.size}) and scores ({scores.size}) must be non-empty and of equal length")
     if labels.all() or not labels.any():
         raise ConfigError("the pairs must hold both genuine (label 1) and impostor (label 0) pairs for a ROC")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:  # eval_ijbc.py: roc_curve's "Input contains NaN" ValueError
+        raise DataError(
+            f"{bad.size} of the {scores.size} pair scores are not finite (NaN/inf), the first pair {bad[0]}"
+        )
     targets = tuple(sorted({float(t) for t in far_targets} | {float(headline_far)}))
     tars = tar_at_far(labels, scores, targets)
     fpr, tpr, _ = roc_curve(labels, scores)

@@ -175,13 +175,18 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         if "summary" in results[name]:  # IJB-B/C: TAR at each FAR, AUC and the protocol's flags
             print(results[name]["summary"])
             continue
-        print(
-            f"{name}: acc {scalars[f'{name}/acc']:.4f} +- {scalars[f'{name}/acc_std']:.4f}, "
-            f"TAR@FAR=1e-3 {scalars[f'{name}/tar_at_far']:.4f}, AUC {scalars[f'{name}/auc']:.4f}, "
-            f"EER {scalars[f'{name}/eer']:.4f}"
-        )
+        print(verification_line(name, results[name]))
     print(f"marginlab: wrote {', '.join(str(f) for f in written)} (ROC figures beside them) and {target}")
     return out
+
+
+def verification_line(name: str, result: dict) -> str:
+    """A 10-fold set's printed line: accuracy +- std, TAR at the set's own ``far_target``, AUC, EER."""
+    return (
+        f"{name}: acc {result['accuracy']:.4f} +- {result['accuracy_std']:.4f}, "
+        f"TAR@FAR={result['far_target']:.0e} {result['tar_at_far']:.4f}, "  # the set's far_target, not always 1e-3
+        f"AUC {result['auc']:.4f}, EER {result['eer']:.4f}"
+    )
 
 
 def main(args: list[str]) -> int:
