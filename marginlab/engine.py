@@ -139,13 +139,14 @@ def train_one_epoch(
         scheduler.step()
         state.step += 1
         loss_sum += loss.detach() * labels.numel()  # accumulated on the device: no sync
-        if classifies:
-            correct += (logits.detach().argmax(1) == labels).sum()
+        if classifies:  # (a chunked step's argmax comes from its class blocks: criterion.predicted_classes)
+            predicted = criterion.predicted_classes(logits)
+            correct += (predicted == labels).sum()
         seen += labels.numel()
         if state.step % log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
             step_stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
             if classifies:
-                step_stats["acc"] = (logits.argmax(1) == labels).float().mean().item()
+                step_stats["acc"] = (predicted == labels).float().mean().item()
             cos = recorded_cosine(model.head)
             nearest = recorded_nearest(model.head) if cos is None else None  # (a chunked loss keeps only these)
             if cos is not None or nearest is not None:

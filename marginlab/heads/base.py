@@ -268,6 +268,9 @@ class CosineMarginHead(MarginHead):
         self.chunked_above_bytes = check_positive_int("chunked_above_bytes", chunked_above_bytes)
         #: why ``chunked="auto"`` never chunks this head (None: it may): set once, when it is first found
         self.unchunkable: str | None = None
+        #: the last chunked step's predicted class per row (the argmax of its training logits; None under Partial
+        #: FC), which ``MarginLoss.predicted_classes`` gives the trainer for its training accuracy
+        self.chunked_predicted: Tensor | None = None
         self._auto_announced = False  # the log line of auto's first chunked step is written
         if self.chunked is True:
             check_chunkable(self)
@@ -285,7 +288,7 @@ class CosineMarginHead(MarginHead):
         self.probe_record.clear()  # no cosines are made
         # the probe's step statistics need two B-vectors, which the blocks give (not over ranks: Partial FC)
         record = {} if self.probe_record.enabled and reduce is None else None
-        loss = _chunked_loss(
+        loss, self.chunked_predicted = _chunked_loss(
             embeddings,
             self.weight if weight is None else weight,
             labels,
@@ -439,7 +442,12 @@ def _announce_auto(head: CosineMarginHead, batch_rows: int, class_rows: int, siz
 
 @torch.compiler.disable
 def _chunked_loss(embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers, record):
-    # eager: a Python loop over class blocks, with the head's margin passed as a callable
+    """(the loss, each row's predicted class: None over ranks). Eager: a Python loop over class blocks, with the
+    head's margin passed as a callable."""
+    if reduce is not None:  # Partial FC: no rank holds every class, so no prediction
+        return chunked_margin_cross_entropy(
+            embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers, record
+        ), None
     return chunked_margin_cross_entropy(
-        embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers, record
+        embeddings, weight, labels, s, margin, precise, block, reduce, sub_centers, record, return_predicted=True
     )

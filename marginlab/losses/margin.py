@@ -83,17 +83,19 @@ class MarginLoss(nn.Module):
     The trainer calls ``from_head_output`` instead, with the logits its (compiled, DDP-wrapped) model made.
     With a ``chunked`` head (heads/base.py) the training loss never builds the B x C logits: ``forward`` takes
     the head's ``chunked_loss``; in the trainer the head returns it (0-dim), and on the steps whose geometry the
-    probe logs it keeps the target and nearest non-target cosines; there is no training accuracy (``classifies``).
+    probe logs it keeps the target and nearest non-target cosines, and each row's predicted class always.
     ``chunked="auto"`` does so on the steps whose logits are large (``head.chunks``).
     """
 
-    @property
-    def classifies(self) -> bool:
-        """The head's output holds every class's logits: accuracy is computed from it. Not so for a
-        ``chunked`` head, whose training output is the loss itself (heads/base.py, ``CosineMarginHead``), nor
-        for ``chunked="auto"`` unless it never chunks: the output of a step may be the loss."""
-        mode = getattr(self.head, "chunked", False)
-        return mode is False or (mode == "auto" and self.head.unchunkable is not None)
+    #: every class is scored on this rank: the trainer reports a training accuracy (``predicted_classes``)
+    classifies = True
+
+    def predicted_classes(self, output: Tensor) -> Tensor:
+        """Each row's predicted class from the head's training output: the argmax of its logits, or, when the
+        output is a ``chunked`` step's loss (0-dim), the argmax the class blocks found (heads/base.py)."""
+        if output.dim() == 0:
+            return self.head.chunked_predicted
+        return output.detach().argmax(1)
 
     #: the class weights are split over the ranks and the head runs its own collectives (Partial FC)
     sharded = False

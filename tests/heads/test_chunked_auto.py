@@ -103,11 +103,10 @@ def test_at_the_threshold_auto_is_chunked_true_and_equals_the_unfused_head(name,
     assert head(x, labels).shape == (BATCH, CLASSES) and head(x).shape == (BATCH, CLASSES)
 
 
-def test_the_criterion_follows_the_step_size_and_reports_accuracy_only_when_auto_never_chunks():
+def test_the_criterion_follows_the_step_size():
     plain, head = pair(HEADS["arcface"], chunked_above_bytes=BATCH * CLASSES * 4)
     x, labels = batch()
     criterion = MarginLoss(head)
-    assert not criterion.classifies and MarginLoss(plain).classifies  # a step's output may be the loss
     calls = []
     head.chunked_loss = lambda *a, **k: calls.append(a[0].shape[0]) or type(head).chunked_loss(head, *a, **k)
     full = criterion(x, labels)
@@ -191,23 +190,37 @@ def train(head, criterion, steps=3):
     return shapes
 
 
-def test_the_training_loop_runs_an_auto_head_chunked_and_unchunked():
-    """The engine with auto: the full batches are chunked, the short last one is not; no accuracy either way."""
+def one_epoch(head, lr=0.1):
+    """``train_one_epoch`` of a tiny backbone + ``head`` over batches of 5, 5 and 3; (epoch stats, the head's
+    output rank per step: 0 the chunked loss, 2 logits)."""
     torch.manual_seed(0)
-    head = ArcFaceHead(3, 2, chunked="auto", chunked_above_bytes=5 * 2 * 4)
     model = MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), head, nn.ModuleDict())
     outputs, real_logits = [], head.logits
     head.logits = lambda e, y: outputs.append(real_logits(e, y).dim()) or real_logits(e, y)
     loader = [
         (torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(n)), torch.arange(n) % 2) for n in (5, 5, 3)
     ]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     stats = train_one_epoch(
         model, loader, opt, sched, Precision(torch.device("cpu"), "32"), LoopState(),
         grad_clip=None, max_nonfinite=3, channels_last=False, log_every=1, log=None,
     )  # fmt: skip
-    assert outputs == [0, 0, 2] and "acc" not in stats and stats["nonfinite_steps"] == 0
+    return stats, outputs
+
+
+def test_the_training_loop_runs_an_auto_head_chunked_and_unchunked():
+    """The engine with auto: the full batches are chunked, the short last one is not; the epoch's training
+    accuracy counts every step, from the blocks' argmax or from the logits (lr 0: the same as the unfused twin's)."""
+    torch.manual_seed(0)
+    stats, outputs = one_epoch(ArcFaceHead(3, 2, chunked="auto", chunked_above_bytes=5 * 2 * 4))
+    assert outputs == [0, 0, 2] and stats["nonfinite_steps"] == 0
+    torch.manual_seed(0)
+    head = ArcFaceHead(3, 2, s=4.0, m=0.1, chunked="auto", chunked_above_bytes=5 * 2 * 4)
+    plain = copy.deepcopy(head)
+    plain.chunked = False
+    (stats, outputs), (want, _) = one_epoch(head, lr=0.0), one_epoch(plain, lr=0.0)
+    assert outputs == [0, 0, 2] and 0 < want["acc"] < 1 and stats["acc"] == want["acc"]
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,7 @@ def _target_cosines(
 
 class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chosen, k, scale, target_value, slope, t, others, block, reduce, record):
+    def forward(ctx, x, weight, labels, chosen, k, scale, target_value, slope, t, others, block, reduce, record, out):
         mm_dtype, out_dtype = matmul_dtypes(x, weight)
         s = scale.detach().to(out_dtype) if isinstance(scale, Tensor) else scale  # (a learnt s: a 0-dim tensor)
         num_classes = weight.shape[0] // k
@@ -151,7 +151,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             target_logit = (target_value.detach() * s).to(out_dtype)
             # 1 / ||W_j|| (C floats, 1/B of the logits): kept for the backward rather than a second C x D pass
             inv = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype).clamp_min_(NORM_EPS).reciprocal_()
-            lse = nearest = None
+            lse = nearest = top = predicted = None
             for c0 in range(0, num_classes, block):
                 c1 = min(c0 + block, num_classes)
                 logits = _block_logits(xc, weight, inv, c0 * k, c1 * k, mm_dtype, out_dtype)
@@ -164,9 +164,17 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 if others is not None:  # s h(cos): the head's non-target transform
                     logits = others(logits.div_(s))[0].mul_(s)
                 _put_targets(logits, labels, c0, c1, target_logit)
+                block_top, block_arg = logits.max(dim=1)  # (the logits are finite: s cos, clamped)
+                if out is not None:  # the argmax of the training logits (ties: the first column, as torch.argmax)
+                    if top is None:
+                        top, predicted = block_top, block_arg
+                    else:
+                        better = block_top > top
+                        top = torch.where(better, block_top, top)
+                        predicted = torch.where(better, block_arg + c0, predicted)
                 # online log-sum-exp (Milakov & Gimelshein 2018), as the running (max, sum) pair folded into one
-                # value: lse' = log(e^lse + sum_j e^(l_j)); each block's own log-sum-exp is max-shifted by torch
-                block_lse = torch.logsumexp(logits, dim=1)
+                # value: lse' = log(e^lse + sum_j e^(l_j)); each block's own is shifted by its max, in place
+                block_lse = logits.sub_(block_top.unsqueeze(1)).exp_().sum(dim=1).log_().add_(block_top)
                 lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
                 del logits  # before the next block's is made: one B x block tensor at a time, not two
             own_target = target_logit * owned
@@ -180,6 +188,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
             loss = (lse - own_target).mean()  # -log softmax_y = lse - l_y
             if record is not None:
                 record["nearest_other"] = (nearest / s).clamp_(-1.0, 1.0)
+            if out is not None:
+                out["predicted"] = predicted
         ctx.k, ctx.s, ctx.block, ctx.others = k, s, block, others
         ctx.dtypes, ctx.x_dtype = (mm_dtype, out_dtype), x.dtype
         ctx.value_dtype = target_value.dtype
@@ -277,7 +287,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         if grad_value is not None:
             grad_value = grad_value.to(ctx.value_dtype)
         grads = (grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, grad_scale, grad_value)
-        return grads + (None,) * 6
+        return grads + (None,) * 7
 
 
 def chunked_margin_cross_entropy(
@@ -291,7 +301,8 @@ def chunked_margin_cross_entropy(
     reduce: RowReduce | None = None,
     sub_centers: int = 1,
     record: dict | None = None,
-) -> Tensor:
+    return_predicted: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Mean cross-entropy of a cosine-margin head's training logits, never holding them (see the module doc).
 
     ``x``: raw features (B x D); ``weight``: class weights (C x D); ``labels``: class indices (B), -1 for a
@@ -302,13 +313,17 @@ def chunked_margin_cross_entropy(
     ``precise_target``); ``sub_centers``: k weight rows per class (rows ``c k .. c k + k - 1``), each class's
     cosine the best of its k (Sub-center ArcFace); ``block`` then counts classes, of k rows each. ``record``: a
     dict that receives the geometry probe's B-vectors, ``target`` (cos theta_y) and ``nearest_other`` (the
-    largest non-target cosine, one max per block), detached; one rank only.
+    largest non-target cosine, one max per block), detached; one rank only. ``return_predicted``: also return
+    each row's predicted class, the argmax of the training logits (one max per block; one rank only), for the
+    training accuracy.
     """
     k = int(sub_centers)
     if isinstance(s, Tensor) and s.requires_grad and reduce is not None:
         raise ValueError("chunked_margin_cross_entropy: a learnt s over several ranks is not supported; pass a float")
-    if record is not None and reduce is not None:
-        raise ValueError("chunked_margin_cross_entropy: record= needs every class on this rank (reduce=None)")
+    if (record is not None or return_predicted) and reduce is not None:
+        raise ValueError(
+            "chunked_margin_cross_entropy: record= and return_predicted= need every class on this rank (reduce=None)"
+        )
     if block is None:
         block = max(1, default_block(x.shape[0], weight.shape[0]) // k)
     labels = labels.long()
@@ -324,7 +339,8 @@ def chunked_margin_cross_entropy(
     slope = result.slope.detach() if isinstance(result.slope, Tensor) else result.slope
     if kept is not None:  # (a float slope becomes a tensor here: out_dtype)
         slope = kept.to(out_dtype).mul_(slope)
-    return _ChunkedMarginCE.apply(
+    out = {} if return_predicted else None
+    loss = _ChunkedMarginCE.apply(
         x,
         weight,
         torch.where(labels >= 0, rows, -1),
@@ -338,4 +354,6 @@ def chunked_margin_cross_entropy(
         int(block),
         reduce,
         record,
+        out,
     )
+    return (loss, out["predicted"]) if return_predicted else loss

@@ -132,7 +132,7 @@ def test_a_training_forward_returns_the_loss_and_on_probe_steps_the_target_and_n
     assert head(x, labels).shape == (9, CLASSES) and head(x).shape == (9, CLASSES)
 
 
-def test_margin_loss_takes_the_chunked_path_and_reports_no_accuracy():
+def test_margin_loss_takes_the_chunked_path_and_predicts_from_the_blocks():
     torch.manual_seed(0)
     plain = CombinedMarginHead(DIM, CLASSES).double()
     head = CombinedMarginHead(DIM, CLASSES, chunked=True).double()
@@ -140,16 +140,16 @@ def test_margin_loss_takes_the_chunked_path_and_reports_no_accuracy():
     centre = CenterLoss(DIM, CLASSES).double()
     x, labels = batch(head)
     criterion = MarginLoss(head, [centre])
-    assert not criterion.classifies and MarginLoss(plain).classifies
+    assert criterion.classifies and MarginLoss(plain).classifies
     expected = MarginLoss(plain, [copy.deepcopy(centre)])(x, labels)  # (the centres move each call)
     loss = criterion(x, labels)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # (MarginLoss takes the cross-entropy in float32)
     # the trainer's path: the head's 0-dim output is the cross-entropy already
     set_recording(head, False)
     plain_loss = F.cross_entropy(plain(x, labels), labels)
-    torch.testing.assert_close(
-        MarginLoss(head).from_head_output(x, head(x, labels), labels), plain_loss.float(), rtol=1e-6, atol=0
-    )
+    out = head(x, labels)
+    torch.testing.assert_close(MarginLoss(head).from_head_output(x, out, labels), plain_loss.float(), rtol=1e-6, atol=0)
+    assert torch.equal(criterion.predicted_classes(out), plain(x, labels).argmax(1))  # the trainer's accuracy
 
 
 def test_no_saved_tensor_has_a_column_per_class():
@@ -368,3 +368,33 @@ def test_partial_fc_over_two_ranks_all_reduces_the_row_statistics():
         port = sock.getsockname()[1]
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_two_rank_check, args=(port,), nprocs=2, join=True, start_method=method)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS) + sorted(OWN_MARGIN_HEADS))
+def test_each_rows_predicted_class_is_the_argmax_of_the_unfused_training_logits(name):
+    """The training accuracy of a chunked step: one max per block, the first column on ties as torch.argmax
+    (row 2 is a zero feature: every non-target logit 0)."""
+    torch.manual_seed(0)
+    plain = {**HEADS, **OWN_MARGIN_HEADS}[name](DIM, CLASSES).double()
+    x, labels = batch(plain)
+    x[3:] = x[3:] * 20  # (MagFace: norms on both sides of [l_a, u_a])
+    want = plain(x, labels).argmax(1)
+    assert len(set(want.tolist())) > 2  # not one class for every row
+    for block in BLOCKS:
+        head = copy.deepcopy(plain)
+        head.chunked, head.chunk_size = True, block
+        head.probe_record.enabled = False
+        loss = head(x, labels)
+        assert loss.dim() == 0
+        assert torch.equal(head.chunked_predicted, want), f"{name} block={block}"
+
+
+def test_partial_fc_chunked_steps_predict_nothing():
+    """Under Partial FC no rank holds every class: the blocks give no prediction (and the criterion no accuracy)."""
+    torch.manual_seed(0)
+    head = ArcFaceHead(DIM, CLASSES, chunked=True, chunk_size=3).double()
+    pfc = PartialFC(head, CLASSES, sample_rate=1.0)
+    x, labels = batch(head)
+    criterion = criterion_for(_Model(pfc))
+    loss = criterion(x, labels)
+    assert loss.dim() == 0 and head.chunked_predicted is None and not criterion.classifies
