@@ -25,6 +25,7 @@ from sklearn.metrics import auc, roc_curve
 from sklearn.preprocessing import normalize
 
 from marginlab.errors import ConfigError, DataError
+from marginlab.eval.verification import check_far_target
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,18 @@ def evaluate_scores(
     }
 
 
+def check_fars(name: str, far_targets, headline_far) -> tuple[list[float], float]:
+    """``far_targets`` (a list of FARs, eval_ijbc.py's ``x_labels``) and ``headline_far``, each a number in (0, 1),
+    as floats; else a ConfigError naming the key and the bad value (a string, a bool, NaN, 0, a negative)."""
+    from omegaconf import ListConfig  # Hydra hands the list over as a ListConfig unless converted
+
+    key = f"verification.{name}.far_targets"
+    if not isinstance(far_targets, (list, tuple, ListConfig)):
+        raise ConfigError(f"{key}={far_targets!r} is not allowed: it must be a list of FARs in (0, 1), e.g. [1e-4]")
+    targets = [check_far_target(t, f"{key}[{i}]") for i, t in enumerate(far_targets)]
+    return targets, check_far_target(headline_far, f"verification.{name}.headline_far")
+
+
 @dataclass
 class IJBTarget:
     """What ``configs/verification/ijbb.yaml`` / ``ijbc.yaml`` build: an IJB set to read lazily and score.
@@ -232,12 +245,7 @@ class IJBTarget:
             raise ConfigError(
                 f"verification.{self.name}.identification={self.identification!r} is not allowed: true or false"
             )
-        self.far_targets = [float(t) for t in self.far_targets]
-        if not all(0 < t < 1 for t in [*self.far_targets, float(self.headline_far)]):
-            raise ConfigError(
-                f"verification.{self.name}.far_targets={self.far_targets} / headline_far="
-                f"{self.headline_far} are not allowed: FARs in (0, 1)"
-            )
+        self.far_targets, self.headline_far = check_fars(self.name, self.far_targets, self.headline_far)
 
     def use_checkpoint(self, path: Path) -> None:
         """``marginlab eval``: cache the features beside the checkpoint unless ``cache_dir`` is set."""

@@ -134,11 +134,13 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         raise ConfigError(str(exc).splitlines()[0]) from None
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint is missing: marginlab eval checkpoint=<checkpoint .pt or run dir>")
-    path = find_checkpoint(cfg.checkpoint)
-    device = resolve_device(str(cfg.device))
-    verifiers = build_verifiers(cfg.get("verification"))  # lazy: nothing is read yet
+    # first: a bad setting (nfolds, far_target, ...) fails before the checkpoint is read; lazy, only a given
+    # nfolds reads its set's labels (to bound it by the pairs of either kind)
+    verifiers = build_verifiers(cfg.get("verification"))
     if not verifiers:
         raise ConfigError("no verification set selected: verification=[lfw,cfp_fp,agedb_30]")
+    path = find_checkpoint(cfg.checkpoint)
+    device = resolve_device(str(cfg.device))
     size = cfg.get("image_size")  # a bare state dict's input (None: its own, 112)
     size = OmegaConf.to_container(size) if OmegaConf.is_config(size) else size
     backbone, data, ckpt = load_backbone(

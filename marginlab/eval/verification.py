@@ -16,11 +16,14 @@ so its TAR is the same or a little higher; scipy 1.10 on refuses the repeated FA
 are exact (sklearn ``roc_curve`` / ``auc`` over every distinct distance), not from the threshold grid. When
 every pair is of one kind they are undefined: NaN, with the reason under ``undefined``. Non-finite
 embeddings (NaN/inf) are a ``DataError`` naming the first such pair (InsightFace: sklearn's ValueError).
+Settings InsightFace takes as they come are refused first, a ``ConfigError`` naming the value: ``far_target``
+outside (0, 1) (a negative one gave TAR 0), ``nfolds`` not an integer >= 1 or above the pairs of either kind.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 
 import numpy as np
 import torch
@@ -35,6 +38,43 @@ VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # evaluate(): thresholds = np.arange(0,
 GRID_LOSS = 0.01  # grid_warning: the accuracy the 0.01 grid may lose against an exact threshold before it warns
 
 log = logging.getLogger(__name__)
+
+
+# ---- the settings: refused before anything is computed -------------------------------------------------------
+def check_far_target(value, key: str = "far_target") -> float:
+    """The FAR at which TAR is read (InsightFace ``calculate_val``'s ``far_target``, 1e-3): a number in (0, 1);
+    below 0 no threshold qualifies (TAR 0), 0 and 1 are the ends of the ROC, not a rate to operate at."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ConfigError(
+            f"{key}={value!r} is not allowed: it must be a number in (0, 1), a false accept rate (e.g. 1e-3)"
+        )
+    return float(value)
+
+
+def check_nfolds(value, key: str = "nfolds", optional: bool = False) -> int | None:
+    """The number of folds (InsightFace ``nrof_folds``): an integer >= 1 (``optional``: or None, the set's own)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        allowed = "an integer >= 1" + (" or null (the set's own folds)" if optional else "")
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}")
+    return int(value)
+
+
+def check_nfolds_fit(nfolds: int, issame: np.ndarray, key: str = "nfolds") -> None:
+    """``nfolds`` at most the pairs of each kind present: more folds than same (or different) pairs leaves a test
+    fold without that kind, which scores its TAR (or FAR) 0 and biases the fold means. A set of one kind only
+    (AUC/EER undefined) is bounded by its pair count, as ``kfold``."""
+    if issame.size == 0:  # refused by evaluate_distances: "must be non-empty"
+        return
+    same = int(np.count_nonzero(issame))
+    counts = [c for c in (same, issame.size - same) if c]
+    limit = min(counts) if counts else 0
+    if nfolds > limit:
+        raise ConfigError(
+            f"{key}={nfolds!r} is not allowed: it must be an integer in [1, {limit}], at most the pairs of either "
+            f"kind ({same} same-identity, {issame.size - same} different-identity)"
+        )
 
 
 # ---- embeddings -----------------------------------------------------------------------------------------
@@ -154,6 +194,7 @@ def calculate_val(
     on 6,000 LFW-like pairs, seeded, at TAR 0.76-0.99: ``tests/eval/test_protocol_oracles.py``); scipy 1.10 on
     refuses the repeated FAR values (insightface issue #2152). It also uses threshold 0 when the target is never
     reached. Ours stops at a threshold whose training FAR was measured, never between grid points."""
+    far_target = check_far_target(far_target)
     val, far = np.zeros(nfolds), np.zeros(nfolds)
     for f, (train, test) in enumerate(kfold(len(dist), nfolds)):
         _, fp, _, n_neg = _counts(thresholds, dist[train], issame[train])
@@ -217,12 +258,22 @@ def grid_warning(dist: np.ndarray, issame: np.ndarray) -> str | None:
     )
 
 
-def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3) -> dict:
+def check_settings(nfolds, far_target, issame: np.ndarray, check_kinds: bool = True) -> tuple[int, float]:
+    """``nfolds`` and ``far_target`` checked (one ConfigError naming the bad value); ``check_kinds``: ``nfolds`` at
+    most the pairs of either kind (False: a set's own folds, bounded by its pair count only, in ``kfold``)."""
+    nfolds, far_target = check_nfolds(nfolds), check_far_target(far_target)
+    if check_kinds:
+        check_nfolds_fit(nfolds, issame)
+    return nfolds, far_target
+
+
+def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3, *, check_kinds: bool = True) -> dict:
     """The protocol on precomputed squared distances (N) and labels (N bool). See ``evaluate``."""
     dist = np.asarray(dist, dtype=np.float64).ravel()
     issame = np.asarray(issame).astype(bool).ravel()
     if dist.shape != issame.shape or dist.size == 0:
         raise ConfigError(f"distances ({dist.size}) and issame ({issame.size}) must be non-empty and of equal length")
+    nfolds, far_target = check_settings(nfolds, far_target, issame, check_kinds)
     bad = np.flatnonzero(~np.isfinite(dist))
     if bad.size:  # InsightFace: sklearn normalize's "Input contains NaN" ValueError, a deep stack trace
         raise DataError(
@@ -264,15 +315,19 @@ def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3)
     return result
 
 
-def evaluate(emb1, emb2, issame, nfolds: int = 10, far_target: float = 1e-3, normalize: bool = True) -> dict:
+def evaluate(
+    emb1, emb2, issame, nfolds: int = 10, far_target: float = 1e-3, normalize: bool = True, *, check_kinds: bool = True
+) -> dict:
     """Verification metrics for pairs (emb1[i], emb2[i]) with ground truth ``issame[i]``.
 
     Keys: ``accuracy`` (mean over folds), ``accuracy_std`` (population std), ``accuracies`` and
     ``thresholds`` (per fold), ``threshold`` (mean best threshold), ``tar_at_far`` (+ ``_std``) at
     ``far_target`` with ``far`` the FAR it achieved, ``auc``, ``eer``, and the fold-averaged ROC arrays
     ``tpr``, ``fpr`` over ``roc_thresholds``. Embeddings are L2-normalised first (``normalize``), as the
-    thresholds assume unit vectors.
+    thresholds assume unit vectors. ``nfolds`` (an integer >= 1, at most the pairs of either kind unless
+    ``check_kinds`` is False) and ``far_target`` (in (0, 1)) are checked first: a ConfigError naming the bad value.
     """
+    check_settings(nfolds, far_target, np.asarray(issame).astype(bool).ravel(), check_kinds)
     e1 = np.asarray(emb1, dtype=np.float64)
     e2 = np.asarray(emb2, dtype=np.float64)
     if e1.ndim != 2 or e1.shape != e2.shape:
@@ -282,4 +337,4 @@ def evaluate(emb1, emb2, issame, nfolds: int = 10, far_target: float = 1e-3, nor
             e1 = e1 / np.maximum(np.linalg.norm(e1, axis=1, keepdims=True), 1e-12)
             e2 = e2 / np.maximum(np.linalg.norm(e2, axis=1, keepdims=True), 1e-12)
         dist = np.sum(np.square(e1 - e2), axis=1)
-    return evaluate_distances(dist, issame, nfolds, far_target)
+    return evaluate_distances(dist, issame, nfolds, far_target, check_kinds=check_kinds)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from marginlab.data.face import decode_image, fit_face, normalize_face, parse_image_size, to_uint8_chw
 from marginlab.errors import ConfigError, DataError
+from marginlab.eval.verification import check_far_target, check_nfolds, check_nfolds_fit, embed_pairs, evaluate
 
 
 @dataclass
@@ -265,12 +266,27 @@ def load_verification_set(
     return load_bin(p, image_size, name)
 
 
+def read_issame(path: str | os.PathLike, pairs: str | os.PathLike | None = None) -> np.ndarray:
+    """The ground truth (N bool) of the set ``load_verification_set`` would load, no image decoded: for checking
+    settings against the pairs before anything is embedded."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_dir():
+        return read_bin(p)[1]
+    pairs_path = Path(os.path.expanduser(str(pairs))) if pairs else p / "pairs.txt"
+    if is_lfw_pairs(pairs_path):
+        return read_pairs(pairs_path, p)[1]
+    return read_path_pairs(pairs_path, p)[1]
+
+
 @dataclass
 class VerificationTarget:
     """What ``configs/verification/*.yaml`` builds: a set to load lazily and how to embed it.
 
     ``target.load(image_size)`` reads (and caches) the set at the backbone's input size;
     ``target.run(backbone, image_size, device)`` embeds it and returns ``evaluate``'s dict plus ``name``.
+    ``nfolds`` (None: the set's own) and ``far_target`` are checked when the target is built (a ConfigError naming
+    the key): a given ``nfolds`` against the set's pairs too, read then (labels only), so a bad one fails at
+    start-up, not after a training epoch; ``run`` checks again before embedding (the fields may be reassigned).
     """
 
     name: str
@@ -287,6 +303,14 @@ class VerificationTarget:
             raise ConfigError(
                 f"verification.{self.name}.batch_size={self.batch_size!r} is not allowed: it must be an integer >= 1"
             )
+        self.check_settings()
+        if self.nfolds is not None:  # the pairs of either kind bound it: read the labels now, not after an epoch
+            check_nfolds_fit(self.nfolds, read_issame(self.path, self.pairs), f"verification.{self.name}.nfolds")
+
+    def check_settings(self) -> None:
+        """``nfolds`` (an integer >= 1, or None: the set's own) and ``far_target`` (in (0, 1)), or a ConfigError."""
+        self.nfolds = check_nfolds(self.nfolds, f"verification.{self.name}.nfolds", optional=True)
+        self.far_target = check_far_target(self.far_target, f"verification.{self.name}.far_target")
 
     def load(self, image_size=112) -> VerificationSet:
         size = parse_image_size(image_size, "image_size")
@@ -295,10 +319,13 @@ class VerificationTarget:
         return self._cache[size]
 
     def run(self, backbone, image_size=112, device=None) -> dict:
-        from marginlab.eval.verification import embed_pairs, evaluate
-
+        self.check_settings()
         data = self.load(image_size)
+        if self.nfolds is not None:
+            check_nfolds_fit(self.nfolds, data.issame, f"verification.{self.name}.nfolds")
         emb1, emb2 = embed_pairs(backbone, data.images, self.batch_size, self.flip, device)
-        result = evaluate(emb1, emb2, data.issame, self.nfolds or data.folds, self.far_target)
+        # nfolds None: the set's own folds (10 for a .bin, pairs.txt's header), bounded by the pair count only
+        nfolds = data.folds if self.nfolds is None else self.nfolds
+        result = evaluate(emb1, emb2, data.issame, nfolds, self.far_target, check_kinds=self.nfolds is not None)
         result["name"] = self.name
         return result

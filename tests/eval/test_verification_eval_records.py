@@ -16,7 +16,7 @@ def write_bin(path, face, issame):
 
 def test_evaluations_never_overwrite_and_json_has_no_nan(tmp_path, face, capsys, face_checkpoint):
     ckpt = face_checkpoint()
-    mixed = write_bin(tmp_path / "lfw.bin", face, [True, False] * 3)
+    mixed = write_bin(tmp_path / "lfw.bin", face, [True, False] * 5)  # nfolds=5 below: at most 5 of either kind
     one_kind = write_bin(tmp_path / "cfp_fp.bin", face, [True] * 4)
     args = [
         "eval",
