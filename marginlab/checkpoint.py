@@ -12,6 +12,7 @@ import random
 import re
 import secrets
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,18 @@ def save_atomic(obj: dict, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself is on disk: a power loss now keeps the new checkpoint, not the old
+
+
+def fsync_dir(path: Path) -> None:
+    """Flushes a directory's entries (a rename into it) to disk; Windows cannot open a directory (a no-op there)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoints(payload: dict, ckpt_dir: Path, is_best: bool) -> Path:
@@ -142,6 +155,7 @@ def read_checkpoint(path: Path, required=EVAL_KEYS, map_location="cpu", mmap: bo
     """The one way marginlab reads a checkpoint (resume and eval): ``torch.load(weights_only=True)``, numpy's
     array reconstruction allowed by name for old checkpoints. A DataError naming the file when it cannot."""
     path = Path(path)
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format; a legacy (pre-1.6) file is read whole
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(LEGACY_GLOBALS):
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says what matters
@@ -152,10 +166,37 @@ def read_checkpoint(path: Path, required=EVAL_KEYS, map_location="cpu", mmap: bo
         raise DataError(f"{path}: a directory, not a checkpoint file") from None
     except Exception as exc:  # weights_only: nothing ran, whatever the file held
         raise DataError(f"{path}: not a loadable checkpoint: {_why_unreadable(path, exc)}") from None
+    bad = _bad_tensor(ckpt)
+    if bad:  # e.g. a view declaring more elements than the file stores: a memory bomb for whoever copies it
+        raise DataError(f"{path}: not a loadable checkpoint: {bad}; nothing was run")
     missing = [k for k in required if k not in ckpt] if isinstance(ckpt, dict) else list(required)
     if missing:
         raise DataError(f"{path}: not a marginlab checkpoint (no {', '.join(repr(k) for k in missing)} entries)")
     return ckpt
+
+
+def _bad_tensor(obj) -> str | None:
+    """The first tensor in ``obj`` (dicts, lists, tuples; walked without recursion) that is not a dense tensor whose
+    elements are all in the file (sparse: unchecked indices; meta: no data; a view declaring more bytes than its
+    storage holds), described; None when every tensor is."""
+    stack = [("", obj)]
+    while stack:
+        where, node = stack.pop()
+        if torch.is_tensor(node):
+            if node.layout != torch.strided or node.device.type == "meta":
+                kind = node.device.type if node.layout == torch.strided else node.layout
+                return f"tensor {where or '(top level)'} is a {kind} tensor; a checkpoint holds dense tensors with data"
+            declared, stored = node.numel() * node.element_size(), node.untyped_storage().nbytes()
+            if declared > stored:
+                shape = list(node.shape)
+                return (
+                    f"tensor {where or '(top level)'} declares {shape} ({declared} bytes), its storage holds {stored}"
+                )
+        elif isinstance(node, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(node))
+    return None
 
 
 def state_differences(expected: dict, saved: dict) -> list[str]:
@@ -294,19 +335,33 @@ def trim_epoch_records(path: Path, epoch: int) -> None:
     the run resumes from; the resumed run writes them again). Rewritten atomically, only when needed."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = read = path.read_text().splitlines(keepends=True)
+    if lines and not _is_record(lines[-1]):
+        lines = lines[:-1]  # a kill while appending leaves a partial last line; the resumed run writes it again
+    bad = next((n for n, line in enumerate(lines, 1) if line.strip() and not _is_record(line)), None)
+    if bad is not None:
+        raise DataError(f"{path}: line {bad} is not a JSON epoch record; repair or remove it to resume")
     kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
-    if len(kept) == len(lines):
+    if len(kept) == len(read):
         return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
 
 
+def _is_record(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def prepare_resumed_run(run_dir: Path, epoch: int) -> None:
-    """Where training restarts from a checkpoint of ``epoch``: no temp file of a killed save, no record ahead."""
+    """Where training restarts from a checkpoint of ``epoch``: no temp file of a killed save, no record ahead, no
+    summary of an earlier invocation (a kill now must not leave its "completed" as this run's result)."""
     remove_temp_files(run_dir / CHECKPOINT_DIR)
     trim_epoch_records(run_dir / "metrics.jsonl", epoch)
+    (run_dir / "metrics.json").unlink(missing_ok=True)  # the resumed run writes its own when it ends
 
 
 def finite_weights_note(saved: tuple[Path, int] | None) -> str:

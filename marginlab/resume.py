@@ -80,15 +80,31 @@ def previous_overrides(run_dir: Path) -> list[str]:
 
 
 def read_history(run_dir: Path) -> list[dict]:
+    """The run's resumes, oldest first; a ConfigError naming the file when it is not a list of such entries."""
     path = run_dir / ".hydra" / HISTORY_FILE
-    return (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        history = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError:
+        history = None
+    if not isinstance(history, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("overrides"), list) for e in history
+    ):
+        raise ConfigError(
+            f"{path}: not a resume history (a YAML list of entries, each with its overrides); repair its last "
+            f"entry, or remove it to resume with the original command line's overrides"
+        )
+    return history
 
 
 def record_resume(run_dir: Path, overrides: list[str], from_epoch: int) -> None:
     """Appends one resume (when, from which epoch, with which overrides) to ``.hydra/resumes.yaml``."""
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_epoch": from_epoch, "overrides": list(overrides)}
-    with open(run_dir / ".hydra" / HISTORY_FILE, "a") as f:
-        f.write(yaml.safe_dump([entry], sort_keys=False))
+    path = run_dir / ".hydra" / HISTORY_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text((path.read_text() if path.is_file() else "") + yaml.safe_dump([entry], sort_keys=False))
+    os.replace(tmp, path)  # a kill while writing leaves the history as it was, never half an entry
 
 
 def merge_overrides(base: list[str], new: list[str]) -> list[str]:
@@ -111,6 +127,7 @@ def expand_resume(overrides: list[str]) -> list[str] | None:
         return [o for o in overrides if override_key(o) != "resume"]
     run_dir = find_run_dir(value, outputs_root())
     ckpt = resume_checkpoint(value, run_dir)
+    check_not_behind(ckpt, run_dir)
     merged = merge_overrides(previous_overrides(run_dir), overrides)
     done = check_resume(merged, ckpt)
     if done:
@@ -121,6 +138,27 @@ def expand_resume(overrides: list[str]) -> list[str] | None:
 
 
 # ---------------------------------------------------------------- the checks
+def check_not_behind(ckpt: Path, run_dir: Path) -> None:
+    """A resume from a checkpoint of the run (``best.pt``) behind its ``last.pt`` would train again, and overwrite,
+    the epochs ``last.pt`` holds: refused. An unreadable ``last.pt`` (resuming from ``best.pt`` to recover) is not."""
+    from marginlab.checkpoint import CHECKPOINT_DIR, read_checkpoint
+    from marginlab.errors import DataError
+
+    last = run_dir / CHECKPOINT_DIR / "last.pt"
+    if not last.is_file() or last.resolve() == ckpt.resolve():
+        return
+    try:
+        ahead, chosen = (int(read_checkpoint(p, ("state",), mmap=True)["state"]["epoch"]) for p in (last, ckpt))
+    except (DataError, KeyError, TypeError, ValueError):
+        return  # check_resume reports a bad checkpoint; a bad last.pt is why one resumes from another
+    if ahead > chosen:
+        raise ConfigError(
+            f"resume={ckpt}: the run's {last} is at epoch {ahead}, ahead of this checkpoint's {chosen}; resuming "
+            f"from it would train epochs {chosen + 1}-{ahead} again over them: resume={run_dir} continues from "
+            f"last.pt, init_from={ckpt} starts a new run from its weights"
+        )
+
+
 def compose_train_config(overrides: list[str]):
     """The validated config ``marginlab train <overrides>`` would run with (hydra.* overrides left out)."""
     from hydra import compose, initialize_config_module

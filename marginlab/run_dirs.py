@@ -10,6 +10,10 @@ otherwise write into one directory. train.yaml names its directories through two
   run's own directory, and several multiruns may share one sweep directory on purpose.
 * ``${unique_subdir:<sweep dir>,<subdir>}`` (``hydra.sweep.subdir``) claims ``<sweep dir>/<subdir>`` the same
   way and returns the subdir (``.../seed=0-1`` when taken). Not cached: Hydra resolves it once per job.
+* ``${claimed_subdir:<job dir>,.hydra}`` (``hydra.output_subdir``) creates the job's ``.hydra/`` exclusively, after
+  the config composed and before Hydra writes into it: an explicit ``hydra.run.dir=`` naming a directory that
+  already holds a run (or two runs started with the same one) is refused, never written over. ``resume=`` sets
+  ``hydra.output_subdir=null`` (it continues in its own directory).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from marginlab.errors import OutputError
+from marginlab.file_lock import FileLock
 
 #: how many suffixed names are tried before giving up
 MAX_TRIES = 10_000
@@ -58,11 +63,52 @@ def claim_subdir(parent: str | os.PathLike, subdir: str) -> str:
     return os.path.relpath(claim_dir(Path(parent) / subdir), parent)
 
 
+def claim_output_subdir(run_dir: str | os.PathLike, subdir: str) -> str:
+    """Creates ``run_dir/subdir`` (``.hydra``) with ``os.mkdir`` and returns ``subdir``: an OutputError when it
+    exists, i.e. when ``run_dir`` already holds a run (or one starting now) whose files the new run would replace."""
+    target = Path(run_dir) / subdir
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        os.mkdir(target)
+    except FileExistsError:
+        raise OutputError(
+            f"hydra.run.dir={run_dir} already holds a run ({target} exists); a new run never writes into "
+            f"another's directory: give a new directory, or resume={run_dir} to continue that run"
+        ) from None
+    except OSError as err:
+        raise output_error(err, str(target)) from None
+    return subdir
+
+
+#: the file a training process locks in its run directory (marginlab/train.py holds it while it trains)
+LOCK_FILE = ".training.lock"
+
+
+class RunLock(FileLock):
+    """The lock (``FileLock``) a process holds on a run directory while it trains there: a second process training
+    the same run (``resume=latest`` of a run still running, one resume started twice) is refused instead of
+    interleaving its checkpoints and records with the first's. A killed run never blocks its own resume."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        super().__init__(Path(run_dir) / LOCK_FILE)
+        try:
+            taken = self.acquire()
+        except OSError as err:
+            raise output_error(err, str(self.path)) from None
+        if not taken:
+            raise OutputError(
+                f"{run_dir} is being trained by another process now (it holds {self.path}): wait for it to end, "
+                f"or stop it, then resume"
+            )
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique_dir"):
         OmegaConf.register_new_resolver("unique_dir", lambda path: claim_dir(path), use_cache=True)
     if not OmegaConf.has_resolver("unique_subdir"):
         OmegaConf.register_new_resolver("unique_subdir", lambda parent, subdir: claim_subdir(parent, subdir))
+    if not OmegaConf.has_resolver("claimed_subdir"):  # cached: Hydra reads hydra.output_subdir twice per job
+        OmegaConf.register_new_resolver("claimed_subdir", claim_output_subdir, use_cache=True)
 
 
 register_resolvers()

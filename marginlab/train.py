@@ -46,6 +46,7 @@ from marginlab.logging import RunLog
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.margin_feasibility import check_margin
 from marginlab.resume import read_history, record_resume
+from marginlab.run_dirs import RunLock
 from marginlab.weights import init_from
 
 BEST_METRIC = "val/acc"  # what best.pt and the sweep objective are chosen on, when there is a validation split
@@ -490,13 +491,19 @@ def run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     resumes = len(read_history(run_dir)) if cfg.resume else None
+    lock = None
     try:
+        lock = RunLock(run_dir)  # one process trains a run at a time: refused before any file of the run changes
         summary = train(cfg, run_dir)
     except Exception as err:  # a resume is recorded once it starts training; until then the run stays as it was
-        message = sweep.record_failure(run_dir, err, write=resumes is None or len(read_history(run_dir)) > resumes)
+        started = resumes is None or len(read_history(run_dir)) > resumes
+        message = sweep.record_failure(run_dir, err, write=lock is not None and started)
         code = 2 if sweep.is_user_error(err) else 1
     else:
         return objective(summary)
+    finally:
+        if lock is not None:
+            lock.release()
     sweep.free_memory()  # the failed run's tensors are unreachable once the exception is gone
     if multirun:
         return sweep.failed_job_result(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -33,19 +34,52 @@ def without_wrapper_prefix(state: dict) -> dict:
     return state
 
 
+#: what a file's backbone config (a checkpoint's, an export's sidecar) may name as ``_target_``: a file never chooses
+#: which code runs (hydra.utils.instantiate would call any importable callable it names, with its arguments)
+BACKBONE_TARGETS = "marginlab.backbones."
+
+
+def check_backbone_node(node, source) -> None:
+    """A DataError naming ``source`` unless ``node`` is a backbone config whose every ``_target_`` is a marginlab
+    backbone and whose strings hold no ``${...}`` (a saved config is resolved; a resolver could create files)."""
+    if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+        raise DataError(f"{source}: no backbone config (a mapping with a _target_); not a marginlab checkpoint")
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        values = list(item.values()) if isinstance(item, dict) else list(item) if isinstance(item, list) else [item]
+        if isinstance(item, dict) and "_target_" in item and not str(item["_target_"]).startswith(BACKBONE_TARGETS):
+            raise DataError(
+                f"{source}: its backbone config names _target_={item['_target_']!r}; a file may name only a "
+                f"marginlab backbone ({BACKBONE_TARGETS}*): nothing was run"
+            )
+        if isinstance(item, str) and "${" in item:
+            raise DataError(f"{source}: its backbone config holds an interpolation {item!r}; nothing was run")
+        if isinstance(item, (dict, list)):
+            stack.extend(values)
+
+
 def build_backbone(path: Path, ckpt: dict) -> nn.Module:
     """The backbone a marginlab checkpoint's own config builds, holding its weights, on the CPU in eval mode."""
     data = ckpt["data"]
-    backbone = instantiate(
-        OmegaConf.create(ckpt["config"]["backbone"]), in_channels=data["in_channels"], image_size=data["image_size"]
-    )
+    check_backbone_node(ckpt["config"].get("backbone") if isinstance(ckpt["config"], dict) else None, path)
+    node = OmegaConf.create(ckpt["config"]["backbone"])
+    try:
+        size = {"in_channels": data["in_channels"], "image_size": data["image_size"]}
+        importlib.import_module(node._target_.rpartition(".")[0])  # imported outside the meta device's scope
+        with torch.device("meta"):  # the shapes first, allocating nothing: a config asking for a huge model is refused
+            shapes = {k: list(v.shape) for k, v in instantiate(node, **size).state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - one line naming the file
+        why = " ".join(str(exc).split())[:300]  # Hydra's first line only names the target; the cause follows
+        raise DataError(f"{path}: its backbone config cannot be built: {type(exc).__name__}: {why}") from None
     state = strip_prefix(ckpt["model"], BACKBONE)
-    differences = state_differences({k: list(v.shape) for k, v in backbone.state_dict().items()}, state)
+    differences = state_differences(shapes, state)
     if differences:
         raise ConfigError(
             f"{path}: its weights do not fit the backbone its config builds "
             f"({ckpt['config']['backbone'].get('_target_')}):\n  " + "\n  ".join(differences)
         )
+    backbone = instantiate(node, **size)
     backbone.load_state_dict(state)
     return backbone.eval()
 
@@ -125,6 +159,7 @@ def state_dict_checkpoint(path: Path, state: dict, backbone=None, image_size=Non
             f"{', '.join(backbone_configs())})"
         )
     if card is not None:
+        check_backbone_node(card["backbone"], f"{path}{SIDECAR}")  # a foreign file: it may not pick what runs
         node, label = card["backbone"], f"the backbone of {path.name}{SIDECAR}"
         channels = int(card.get("input", {}).get("channels", 3))
         size = image_size or [card["input"]["height"], card["input"]["width"]]

@@ -41,6 +41,7 @@ from marginlab.data.face.align import (
     read_image_rgb,
 )
 from marginlab.errors import DataError, OutputError
+from marginlab.file_lock import FileLock
 from marginlab.logging.run_log import dumps, write_json
 
 log = logging.getLogger(__name__)
@@ -283,28 +284,19 @@ def cache_key(meta: IJBMeta, backbone, image_size, flip: bool) -> tuple[str, dic
 
 @contextlib.contextmanager
 def extraction_lock(path: Path, name: str):
-    """Holds an exclusive ``flock`` on ``<name>-<key>.lock`` while the features of that key are looked up and
-    embedded: two runs with the same key would otherwise write one partial file at once. The OS drops the lock
-    when its process dies, so a killed run never leaves one held; the empty lock file is left in place (removing
-    it would let a third run lock a new file while the second still holds the old one)."""
+    """Holds the ``FileLock`` of ``<name>-<key>.lock`` while the features of that key are looked up and embedded:
+    two runs with the same key would otherwise write one partial file at once. A second run waits for the first."""
+    lock = FileLock(path)
     try:
-        import fcntl
-    except ImportError:  # no flock (Windows): runs of the same key must not overlap there
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if not lock.acquire():
+            log.info("another run is embedding these %s features (%s); waiting for it", name, path)
+            lock.acquire(block=True)
     except OSError as exc:
         raise OutputError(f"{path}: cannot create the IJB feature lock ({exc.strerror or exc})") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another run is embedding these %s features (%s); waiting for it", name, path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()
 
 
 CHECKPOINT_SECONDS = 30.0  # a resumable extraction flushes its rows and records them at most this often

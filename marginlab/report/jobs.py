@@ -34,6 +34,7 @@ NOISE = (
     "dataset.root",
     "dataset.download",
     "trainer.device",
+    "trainer.stop_after_epoch",
     "trainer.checkpoint",
     "trainer.compile",
     "trainer.channels_last",
@@ -75,10 +76,17 @@ class Job:
     config: dict[str, Any] = field(default_factory=dict)
     choices: dict[str, Any] = field(default_factory=dict)
     num: int | None = None  # hydra.job.num: the order of the job in its sweep
+    resume_changes: list[str] = field(default_factory=list)  # settings a resume changed midway (``changed_on_resume``)
 
     @property
     def status(self) -> str:
-        return str(self.metrics.get("status", "failed"))
+        """metrics.json's status; "stopped" for a "completed" whose epochs fall short of its config's (a resume
+        extended trainer.epochs and was killed before writing its own; marginlab now removes the old summary)."""
+        status = str(self.metrics.get("status", "failed"))
+        planned, done = _mapping(self.config.get("trainer")).get("epochs"), self.metrics.get("epochs_done")
+        if status == "completed" and isinstance(planned, int) and isinstance(done, int) and done < planned:
+            return "stopped"
+        return status
 
     @property
     def error(self) -> str | None:
@@ -166,18 +174,62 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _mapping(value: Any) -> dict:
+    """``value`` when it is a mapping, else empty (a hand-edited or corrupted file is read as saying nothing)."""
+    return value if isinstance(value, dict) else {}
+
+
+#: marginlab/resume.py's history: each resume that trained appends the overrides it ran with
+RESUMES_FILE = "resumes.yaml"
+
+
+def _settings(overrides: Any) -> dict[str, str]:
+    pairs = (str(o).partition("=") for o in (overrides if isinstance(overrides, list) else []))
+    return {k.lstrip("+~"): v for k, sep, v in pairs if sep}
+
+
+def changed_on_resume(hydra_dir: Path) -> list[str]:
+    """``key: old -> new (from epoch n)`` for each setting a resume changed (resumes.yaml against the overrides
+    before it): part of the run trained one way, part the other. Run management (``NOISE``) and a longer
+    ``trainer.epochs`` (allowed only when the run stays exactly a run of the new length, marginlab/resume.py) aside."""
+    history = _load_yaml(hydra_dir / RESUMES_FILE)
+    before = _settings(_load_yaml(hydra_dir / "overrides.yaml"))
+    changes = []
+    for entry in history if isinstance(history, list) else []:
+        after = _settings(entry.get("overrides") if isinstance(entry, dict) else None)
+        changes += [
+            f"{k}: {before.get(k, '<default>')} -> {after.get(k, '<default>')} (from epoch {entry.get('from_epoch')})"
+            for k in sorted(before.keys() | after.keys())
+            if before.get(k) != after.get(k) and not is_noise(k) and k != "trainer.epochs"
+        ]
+        before = after
+    return changes
+
+
+def last_overrides(hydra_dir: Path) -> list:
+    """The overrides the job last trained with: its newest resume's (which may have changed e.g. trainer.epochs),
+    else the original command line's."""
+    history = _load_yaml(hydra_dir / RESUMES_FILE)
+    if isinstance(history, list) and history and isinstance(history[-1], dict):
+        return history[-1].get("overrides") or []
+    return _load_yaml(hydra_dir / "overrides.yaml") or []
+
+
 def read_job(path: Path) -> Job:
     path = Path(path)
     hydra_dir = path / ".hydra"
-    overrides = _load_yaml(hydra_dir / "overrides.yaml") or []
-    config = _load_yaml(hydra_dir / "config.yaml") or {}
-    hydra_cfg = (_load_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {}) or {}
-    choices = (hydra_cfg.get("runtime") or {}).get("choices") or {}
+    overrides = last_overrides(hydra_dir)  # a resumed run is labelled by what it trained with, not its first command
+    overrides = overrides if isinstance(overrides, list) else []
+    config = _mapping(_load_yaml(hydra_dir / "config.yaml"))
+    hydra_cfg = _mapping(_mapping(_load_yaml(hydra_dir / "hydra.yaml")).get("hydra"))
+    choices = _mapping(_mapping(hydra_cfg.get("runtime")).get("choices"))
     choices = {k: v for k, v in choices.items() if not str(k).startswith("hydra/")}
-    num = (hydra_cfg.get("job") or {}).get("num")
+    num = _mapping(hydra_cfg.get("job")).get("num")
     try:
-        record = restore_nonfinite(json.loads((path / "metrics.json").read_text()))
-        metrics = {k: _number(v) for k, v in record.items()}
+        record = json.loads((path / "metrics.json").read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")  # e.g. a list: read as unreadable, like a partial file
+        metrics = {k: _number(v) for k, v in restore_nonfinite(record).items()}
     except (OSError, ValueError):
         metrics = {
             "status": "failed",
@@ -190,6 +242,7 @@ def read_job(path: Path) -> Job:
         config=config,
         choices=choices,
         num=num if isinstance(num, int) else None,
+        resume_changes=changed_on_resume(hydra_dir),
     )
 
 

@@ -45,7 +45,21 @@ class Row:
 
     @property
     def completed(self) -> list[Job]:
-        return [j for j in self.jobs if j.status == "completed"]
+        """The completed jobs averaged: a second job of the same seed (a copy, a rerun) is not another sample."""
+        repeats = {id(j) for j, _ in self.duplicates}
+        return [j for j in self.jobs if j.status == "completed" and id(j) not in repeats]
+
+    @property
+    def duplicates(self) -> list[tuple[Job, Job]]:
+        """(job, the earlier completed job of its setting with the same seed) for each repeat of a seed."""
+        first: dict[str, Job] = {}
+        pairs = []
+        for job in (j for j in self.jobs if j.status == "completed" and j.seed is not None):
+            if as_text(job.seed) in first:
+                pairs.append((job, first[as_text(job.seed)]))
+            else:
+                first[as_text(job.seed)] = job
+        return pairs
 
     @property
     def failed(self) -> list[Job]:
@@ -131,7 +145,7 @@ class Report:
             *label,
             str(len(row.completed)),
             str(len(row.failed)),
-            *[self.stat_cell(row.stats.get(m)) if row.stats.get(m) else failed_text for m in self.metrics],
+            *[self.metric_cell(row, m, failed_text) for m in self.metrics],
         ]
         papers = {p.label: p for p in row.paper}
         for label_ in self.paper_labels:
@@ -142,6 +156,13 @@ class Report:
             diff = f"{ours.mean - paper.value:+.2f}" if ours else "-"
             cells += [f"{paper.value:g} [{paper.confidence}]", self.stat_cell(ours, 2) if ours else failed_text, diff]
         return cells
+
+    def metric_cell(self, row: Row, metric: str, failed_text: str) -> str:
+        """The mean ± std; ``(n=k)`` when fewer than the row's completed seeds have a finite value (notes say why)."""
+        stat = row.stats.get(metric)
+        if not stat:
+            return failed_text
+        return self.stat_cell(stat) + (f" (n={stat.n})" if stat.n < len(row.completed) else "")
 
     # ------------------------------------------------------------ outputs
     def markdown(self) -> str:
@@ -198,6 +219,20 @@ class Report:
         for row in self.rows:
             for job in row.failed:
                 notes.append(f"failed: {self.where(job)}: {job.error}")
+            for job in row.jobs:  # averaged (its result is the run's), marked: it did not train one way throughout
+                if job.resume_changes:
+                    notes.append(f"changed on resume: {self.where(job)}: {'; '.join(job.resume_changes)}")
+            for job, first in row.duplicates:
+                notes.append(
+                    f"duplicate: {self.where(job)} repeats seed {job.seed} of {self.where(first)} (not averaged)"
+                )
+            for metric in self.metrics:  # a completed seed left out of a mean: NaN (diverged), missing, not a number
+                if row.stats.get(metric):
+                    notes += [
+                        f"{metric} of {self.where(j)} is {j.metrics.get(metric, 'missing')} (not averaged)"
+                        for j in row.completed
+                        if not is_finite_number(j.metrics.get(metric))
+                    ]
             for job in row.other:
                 notes.append(f"{job.status}: {self.where(job)} (not averaged)")
         return notes
