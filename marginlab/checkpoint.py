@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from marginlab.atomic_write import fsync_dir, replace_text
 from marginlab.errors import ConfigError, DataError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -112,17 +113,6 @@ def save_atomic(obj: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)  # the rename itself is on disk: a power loss now keeps the new checkpoint, not the old
-
-
-def fsync_dir(path: Path) -> None:
-    """Flushes a directory's entries (a rename into it) to disk; Windows cannot open a directory (a no-op there)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoints(payload: dict, ckpt_dir: Path, is_best: bool) -> Path:
@@ -344,9 +334,7 @@ def trim_epoch_records(path: Path, epoch: int) -> None:
     kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
     if len(kept) == len(read):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    replace_text(path, "".join(kept))
 
 
 def _is_record(line: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from marginlab.atomic_write import replace_text
 from marginlab.checkpoint import find_run_dir, resume_checkpoint
 from marginlab.errors import ConfigError
 
@@ -102,9 +103,8 @@ def record_resume(run_dir: Path, overrides: list[str], from_epoch: int) -> None:
     """Appends one resume (when, from which epoch, with which overrides) to ``.hydra/resumes.yaml``."""
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_epoch": from_epoch, "overrides": list(overrides)}
     path = run_dir / ".hydra" / HISTORY_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text((path.read_text() if path.is_file() else "") + yaml.safe_dump([entry], sort_keys=False))
-    os.replace(tmp, path)  # a kill while writing leaves the history as it was, never half an entry
+    # a kill while writing leaves the history as it was, never half an entry
+    replace_text(path, (path.read_text() if path.is_file() else "") + yaml.safe_dump([entry], sort_keys=False))
 
 
 def merge_overrides(base: list[str], new: list[str]) -> list[str]:

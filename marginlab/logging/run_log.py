@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from marginlab.atomic_write import replace_text
 from marginlab.logging.epoch_line import append_to_log, format_epoch_line
 from marginlab.logging.hparams import config_markdown, flat_hparams
 
@@ -68,15 +68,8 @@ def restore_nonfinite(record: dict) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Strict JSON, written atomically (a temp file renamed); the temp file never stays behind."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Strict JSON, written atomically and durably (marginlab/atomic_write.py)."""
+    replace_text(path, dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class RunLog:

@@ -1,0 +1,38 @@
+"""Files replaced whole or not at all: the new text goes to a temp file beside the target (a unique name, the
+same file system), is flushed to disk, renamed over the target, and the directory's entry is flushed too. A kill
+or a power loss leaves the old file or the new one, never half of one, and the temp file never stays behind.
+What uses it: metrics.json and the other JSON records (logging/run_log.py), the resume history (resume.py), the
+trimmed metrics.jsonl of a resumed run and, for the directory flush, the checkpoints (checkpoint.py)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flushes a directory's entries (a rename into it) to disk; Windows cannot open a directory (a no-op there)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_text(path: str | os.PathLike, text: str) -> None:
+    """``path`` holds ``text`` afterwards, written atomically and durably (see the module doc)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # unique: two writers never share one
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
