@@ -10,7 +10,6 @@ import math
 import os
 import random
 import re
-import secrets
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marginlab.atomic_write import fsync_dir, replace_text
+from marginlab.atomic_write import replace_file, replace_text
 from marginlab.errors import ConfigError, DataError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -97,22 +96,11 @@ def remove_temp_files(ckpt_dir: Path, names=CHECKPOINT_NAMES) -> None:
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then rename: a crash never leaves a half file. The file
-    gets the permissions a plain open() gives (0o666 minus the umask); a killed save's leftovers go first."""
+    """torch.save through a temp file in the same directory, synced, renamed, the directory synced
+    (atomic_write.py): a crash never leaves a half file. A killed save's leftovers go first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_temp_files(path.parent, (path.name,))
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)  # the rename itself is on disk: a power loss now keeps the new checkpoint, not the old
+    replace_file(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def save_checkpoints(payload: dict, ckpt_dir: Path, is_best: bool) -> Path:
