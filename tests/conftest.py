@@ -27,15 +27,25 @@ def outputs_dir(tmp_path, monkeypatch) -> Path:
     return out
 
 
+def run_cli(*args: str) -> int:
+    """``marginlab <args>`` in-process; its exit code (0 when it returns normally)."""
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return exc.code
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes): to check that nothing there changed."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture
 def run_train(outputs_dir):
     """``run_train(*overrides)`` runs `marginlab train` in-process; returns (exit code, the newest run dir)."""
 
     def run(*overrides: str) -> tuple[int, Path | None]:
-        try:
-            code = main(["train", *overrides])
-        except SystemExit as exc:
-            code = exc.code
+        code = run_cli("train", *overrides)
         runs = sorted(outputs_dir.glob("runs/*"), key=lambda p: p.stat().st_mtime)
         return code, (runs[-1] if runs else None)
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from marginlab import checkpoint
-from marginlab.cli import main
 from marginlab.errors import DataError
+
+from .conftest import run_cli
 
 FAST = ["logger=quiet", "sched=constant"]
 MARKER = "pwned"
@@ -28,13 +29,6 @@ class Touch:
 
     def __reduce__(self):
         return (pathlib.Path.touch, (pathlib.Path(self.path),))
-
-
-def run_cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as exc:
-        return exc.code
 
 
 def load(path) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from marginlab.cli import main
+from .conftest import run_cli
 
 FAST = [
     "logger=quiet",
@@ -22,13 +22,6 @@ FAST = [
     "backbone.embedding_dim=8",
     "dataset.batch_size=256",
 ]
-
-
-def run_cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as exc:
-        return exc.code
 
 
 def one_line_error(err: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from marginlab.cli import main
+from .conftest import run_cli, snapshot
 
 FAST = [
     "logger=quiet",
@@ -51,17 +51,6 @@ def frozen_now(monkeypatch):
     import hydra.core.utils
 
     monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
-
-
-def run_cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as exc:
-        return exc.code
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_claim_takes_the_next_free_name(tmp_path):

@@ -10,8 +10,9 @@ import torch
 import yaml
 
 from marginlab import sweep
-from marginlab.cli import main
 from marginlab.errors import TrainingError
+
+from .conftest import run_cli
 
 # tiny and fast: the digits default with a narrow net, one epoch of large batches
 FAST = [
@@ -22,13 +23,6 @@ FAST = [
     "backbone.embedding_dim=8",
     "dataset.batch_size=256",
 ]
-
-
-def run_cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as exc:
-        return exc.code
 
 
 def only_dir(path):

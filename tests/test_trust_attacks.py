@@ -13,22 +13,12 @@ import torch
 import yaml
 
 from marginlab import checkpoint, run_dirs
-from marginlab.cli import main
 from marginlab.errors import ConfigError, DataError, OutputError
 from marginlab.report import build_report, collect, read_job
 
+from .conftest import run_cli, snapshot
+
 FAST = ["logger=quiet", "sched=constant", "trainer.epochs=1"]
-
-
-def run_cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as exc:
-        return exc.code
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------- checkpoints
