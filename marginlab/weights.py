@@ -51,7 +51,9 @@ def check_backbone_node(node, source) -> None:
         if isinstance(item, dict) and "_target_" in item and not str(item["_target_"]).startswith(BACKBONE_TARGETS):
             raise DataError(
                 f"{source}: its backbone config names _target_={item['_target_']!r}; a file may name only a "
-                f"marginlab backbone ({BACKBONE_TARGETS}*): nothing was run"
+                f"marginlab backbone ({BACKBONE_TARGETS}*): nothing was run. For a backbone of your own, build it "
+                "in Python, load into it the file's 'model' entries under 'backbone.' (marginlab.checkpoint."
+                "read_checkpoint) and evaluate it with marginlab.eval.verification_sets.VerificationTarget.run"
             )
         if isinstance(item, str) and "${" in item:
             raise DataError(f"{source}: its backbone config holds an interpolation {item!r}; nothing was run")
