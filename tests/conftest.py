@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import os
@@ -33,6 +34,18 @@ def run_cli(*args: str) -> int:
         return main(list(args))
     except SystemExit as exc:
         return exc.code
+
+
+def hide_module(monkeypatch, module: str) -> None:
+    """``import <module>`` (or a submodule) fails from now on in this test, as where the package is not installed."""
+    real_import = builtins.__import__
+
+    def blocked(name, *args, **kwargs):
+        if name == module or name.startswith(f"{module}."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import builtins
-
 import pytest
+
+from .conftest import hide_module
 
 pytest.importorskip("mlflow")
 
@@ -81,14 +81,7 @@ def test_logger_mlflow_without_mlflow_is_a_one_line_config_error(monkeypatch, tm
     from marginlab.errors import ConfigError
     from marginlab.logging.mlflow_tracker import MISSING, MlflowTracker
 
-    real_import = builtins.__import__
-
-    def no_mlflow(name, *args, **kwargs):
-        if name == "mlflow" or name.startswith("mlflow."):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    hide_module(monkeypatch, "mlflow")
     cfg = OmegaConf.create({"logger": {"mlflow": {"tracking_uri": None, "experiment": "marginlab"}}})
     with pytest.raises(ConfigError, match="marginlab\\[mlflow\\]") as err:
         MlflowTracker.from_config(cfg, tmp_path)

@@ -3,7 +3,6 @@ read back with wandb's own reader of its .wandb files (`wandb leet inspect --jso
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import hide_module
 
 pytest.importorskip("wandb")
 pytest.importorskip("wandb.cli.leet", reason="reading an offline run back needs `wandb leet inspect` (recent wandb)")
@@ -133,14 +134,7 @@ def test_logger_wandb_without_wandb_or_with_a_bad_mode_is_a_one_line_config_erro
     bad = OmegaConf.create({"logger": {"wandb": {"mode": "offlin"}}})
     with pytest.raises(ConfigError, match="logger.wandb.mode='offlin' is not one of offline, online, disabled"):
         WandbTracker.from_config(bad, tmp_path)
-    real_import = builtins.__import__
-
-    def no_wandb(name, *args, **kwargs):
-        if name == "wandb" or name.startswith("wandb."):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    hide_module(monkeypatch, "wandb")
     with pytest.raises(ConfigError, match="marginlab\\[wandb\\]") as err:
         WandbTracker.from_config(OmegaConf.create({"logger": {"wandb": {"mode": "offline"}}}), tmp_path)
     assert str(err.value) == MISSING and "\n" not in MISSING
