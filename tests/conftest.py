@@ -28,6 +28,16 @@ def outputs_dir(tmp_path, monkeypatch) -> Path:
     return out
 
 
+#: a tracker test's run: no TensorBoard, progress bar, console lines or figures, a small probe (its tracker alone)
+TRACKER_ONLY = (
+    "logger.tensorboard=false",
+    "logger.progress=false",
+    "logger.console=false",
+    "logger.figures=false",
+    "logger.probe_max_samples=64",
+)
+
+
 def run_cli(*args: str) -> int:
     """``marginlab <args>`` in-process; its exit code (0 when it returns normally)."""
     try:

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import hide_module
+from .conftest import TRACKER_ONLY, hide_module
 
 pytest.importorskip("mlflow")
 
-FAST = (
-    "logger.tensorboard=false",
-    "logger.progress=false",
-    "logger.console=false",
-    "logger.figures=false",
-    "logger.probe_max_samples=64",
-)
+FAST = TRACKER_ONLY
 
 
 def test_logger_mlflow_writes_a_finished_run_to_the_local_store(run_train, outputs_dir, metrics):

@@ -11,18 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import hide_module
+from .conftest import TRACKER_ONLY, hide_module
 
 pytest.importorskip("wandb")
 pytest.importorskip("wandb.cli.leet", reason="reading an offline run back needs `wandb leet inspect` (recent wandb)")
 
-FAST = (
-    "logger.tensorboard=false",
-    "logger.progress=false",
-    "logger.console=false",
-    "logger.figures=false",
-    "logger.probe_max_samples=64",
-)
+FAST = TRACKER_ONLY
 
 
 @pytest.fixture(autouse=True)
