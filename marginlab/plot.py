@@ -71,11 +71,11 @@ def plot_run(run_dir: Path) -> tuple[list[Path], list[str]]:
 
 
 def _overrides(run_dir: Path) -> list[str]:
+    """The run's overrides, checked like everything read back from a run directory (one line when refused)."""
+    from marginlab.replayed_overrides import read_override_file
+
     path = run_dir / ".hydra" / "overrides.yaml"
-    try:
-        return [str(o) for o in (yaml.safe_load(path.read_text()) or [])]
-    except (OSError, yaml.YAMLError):
-        return []
+    return read_override_file(path) if path.is_file() else []
 
 
 def _head_name(run_dir: Path) -> str:

@@ -20,6 +20,7 @@ import yaml
 from marginlab.atomic_write import replace_text
 from marginlab.checkpoint import find_run_dir, resume_checkpoint
 from marginlab.errors import ConfigError
+from marginlab.replayed_overrides import read_history_file, read_override_file
 
 HISTORY_FILE = "resumes.yaml"
 
@@ -73,30 +74,19 @@ def override_key(override: str) -> str:
 
 
 def previous_overrides(run_dir: Path) -> list[str]:
-    """The overrides the run last trained with: the newest resume's, else the original command line's."""
+    """The overrides the run last trained with: the newest resume's, else the original command line's; each
+    checked as untrusted input (marginlab/replayed_overrides.py) before anything replays it."""
     history = read_history(run_dir)
     if history:
         return list(history[-1]["overrides"])
-    return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    return read_override_file(run_dir / ".hydra" / "overrides.yaml")
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    """The run's resumes, oldest first; a ConfigError naming the file when it is not a list of such entries."""
+    """The run's resumes, oldest first, every override checked; a ConfigError naming the file and the line when
+    it is not a list of such entries or holds an override a run cannot have."""
     path = run_dir / ".hydra" / HISTORY_FILE
-    if not path.is_file():
-        return []
-    try:
-        history = yaml.safe_load(path.read_text()) or []
-    except yaml.YAMLError:
-        history = None
-    if not isinstance(history, list) or not all(
-        isinstance(e, dict) and isinstance(e.get("overrides"), list) for e in history
-    ):
-        raise ConfigError(
-            f"{path}: not a resume history (a YAML list of entries, each with its overrides); repair its last "
-            f"entry, or remove it to resume with the original command line's overrides"
-        )
-    return history
+    return read_history_file(path) if path.is_file() else []
 
 
 def record_resume(run_dir: Path, overrides: list[str], from_epoch: int) -> None:

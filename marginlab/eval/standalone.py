@@ -91,6 +91,18 @@ def write_record(path: Path, name: str, record: dict, stamp: str) -> Path:
     return target
 
 
+def is_eval_record(record) -> bool:
+    """One evaluation as ``write_record`` writes it: read back from a folder anyone may write, so each field used
+    is checked (a hand-made file with a list for ``scalars`` or a number for ``time`` is skipped, not merged)."""
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("set"), str)
+        and isinstance(record.get("time"), str)
+        and isinstance(record.get("scalars", {}), dict)
+        and isinstance(record.get(NONFINITE_KEY) or {}, dict)
+    )
+
+
 def merged_record(path: Path) -> dict:
     """The record of every evaluation of ``path``: the latest per set at the top, all of them under
     ``evaluations``, rebuilt from the files in ``<stem>.eval/`` (so a lost update loses nothing)."""
@@ -100,7 +112,7 @@ def merged_record(path: Path) -> dict:
             record = json.loads(file.read_text())
         except (OSError, ValueError):
             continue  # a file being written by another evaluation, or not ours
-        if isinstance(record, dict) and "set" in record and "time" in record:
+        if is_eval_record(record):
             records.append((record["time"], file.name, record))
     records.sort(key=lambda r: (r[0], r[1]))
     latest = {record["set"]: (file, record) for _, file, record in records}

@@ -14,6 +14,7 @@ so ``train resume=<run dir>`` continues the same W&B run (``resume="allow"``).
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from pathlib import Path
 
@@ -26,6 +27,17 @@ MODES = ("offline", "online", "disabled")
 #: the file in the run dir that holds the W&B run id (``train resume=`` reads it back)
 RUN_ID_FILE = "wandb_run_id"
 FIGURES = "figures/*.png"
+
+
+def read_run_id(path: Path) -> str:
+    """The W&B run id a run kept: read back from a run directory, so untrusted; W&B names its folders by it."""
+    run_id = path.read_text(errors="replace").strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+        raise ConfigError(
+            f"{path}: {run_id[:80]!r} is not a W&B run id (1-64 letters, digits, '_' or '-'): the run directory was "
+            f"edited; restore the file, or remove it to log the run as a new W&B run"
+        )
+    return run_id
 
 
 def _scalars(values: dict) -> dict[str, float]:
@@ -61,7 +73,7 @@ class WandbTracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         id_file = self.run_dir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        run_id = read_run_id(id_file) if id_file.is_file() else secrets.token_hex(4)
         root = Path(wandb_dir) if wandb_dir else self.run_dir  # W&B writes under <root>/wandb/
         root.mkdir(parents=True, exist_ok=True)
         try:
