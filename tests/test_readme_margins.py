@@ -1,0 +1,85 @@
+"""Every ``marginlab train`` line of the README gets an "ok" from the margin advisor
+(marginlab/margin_feasibility.py), or says on its own line why not (``# advisor: <verdict> ...``): the README must
+not teach a run that the tool itself calls infeasible (AM-Softmax's default m=0.35 with a 2-D embedding)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from marginlab.builders import build_head
+from marginlab.config.validate import validate
+from marginlab.margin_feasibility import advise
+from marginlab.resume import compose_train_config
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+#: the class count of each dataset config whose classes come from the data (dataset.num_classes: null)
+CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "casia": 10572}
+
+
+def train_lines() -> list[tuple[int, str, str]]:
+    """(line number, the command's overrides, its comment) of each ``marginlab train`` command in the README's
+    code blocks, continuation lines joined."""
+    out, in_code, pending = [], False, None
+    for number, line in enumerate(README.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        if not in_code:
+            continue
+        if pending is not None:
+            pending = (pending[0], pending[1] + " " + line.strip())
+        elif re.search(r"(^|-m )marginlab train\b", line.strip()):
+            pending = (number, line.strip())
+        if pending is not None and not pending[1].endswith("\\"):
+            command, _, comment = pending[1].partition("#")
+            out.append((pending[0], command.replace("\\", " ").split("marginlab train", 1)[1], comment))
+            pending = None
+    return out
+
+
+def jobs(command: str) -> list[list[str]]:
+    """The jobs a command line runs: each comma-separated multirun value (``-m``) expanded, placeholders
+    (``<run dir>``, ``...``) and run management (``resume``, ``init_from``) left out."""
+    args = [
+        a
+        for a in shlex.split(command)
+        if "<" not in a and ">" not in a and a != "..." and not a.startswith(("resume", "init"))
+    ]
+    multirun = "-m" in args
+    choices = []
+    for arg in (a for a in args if a != "-m"):
+        key, _, value = arg.partition("=")
+        split = multirun and "," in value and not value.startswith("[")
+        choices.append([f"{key}={v}" for v in value.split(",")] if split else [arg])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def verdict(overrides: list[str]) -> str:
+    cfg = compose_train_config(overrides)
+    spec = validate(cfg)
+    classes = cfg.dataset.get("num_classes") or CLASSES[cfg.dataset._target_.rsplit(".", 1)[-1].lower()[:-4]]
+    head = build_head(spec, int(cfg.backbone.embedding_dim), int(classes))
+    advice = advise(head)
+    return "ok" if advice is None else advice.verdict
+
+
+LINES = train_lines()
+
+
+def test_the_readme_has_train_lines():
+    assert len(LINES) >= 10 and any("-m" in command for _, command, _ in LINES)
+
+
+@pytest.mark.parametrize("number, command, comment", LINES, ids=[f"line{n}" for n, _, _ in LINES])
+def test_every_readme_train_line_is_feasible_or_says_why(number, command, comment):
+    said = re.search(r"advisor: (\w+)", comment)
+    for job in jobs(command):
+        got = verdict(job)
+        expected = said.group(1) if said else "ok"
+        assert got == expected, f"README line {number}: {' '.join(job)} -> {got} (the line says {expected})"
