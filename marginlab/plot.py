@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from marginlab.errors import DataError, MarginlabError
-from marginlab.figures import save_png
+from marginlab.figures import FigureOutput
 from marginlab.geometry.render import FIGURES_DIR, features_epoch_figure, final_features_title, target_angles_figure
 from marginlab.geometry.store import has_features, latest_with_features, list_epochs, load_epoch
+from marginlab.head_names import head_label
 
 
 def is_run(path: Path) -> bool:
@@ -36,19 +37,18 @@ def find_runs(root: Path) -> list[Path]:
     return sorted({p.parent for p in root.rglob("geometry") if p.is_dir() and is_run(p.parent)})
 
 
-def _draw(make_figure, path: Path, written: list[Path], failed: list[str]) -> None:
+def _draw(make_figure, path: Path, written: list[Path], failed: list[str], out: FigureOutput) -> None:
     try:
         fig = make_figure()
         if fig is not None:
-            save_png(fig, path)
-            written.append(path)
+            written.append(out.save(fig, path))
     except MarginlabError:  # unreadable saved data: one line and exit 2 (marginlab.cli)
         raise
     except Exception as exc:  # noqa: BLE001 - report and go on with the other figures
         failed.append(f"{path}: {type(exc).__name__}: {exc}")
 
 
-def plot_run(run_dir: Path) -> tuple[list[Path], list[str]]:
+def plot_run(run_dir: Path, out: FigureOutput = FigureOutput()) -> tuple[list[Path], list[str]]:
     """Re-renders every figure of one run from ``geometry/``; returns (written PNGs, failures)."""
     written: list[Path] = []
     failed: list[str] = []
@@ -61,12 +61,13 @@ def plot_run(run_dir: Path) -> tuple[list[Path], list[str]]:
                 figures / f"features_epoch_{int(data['epoch']):03d}.png",
                 written,
                 failed,
+                out,
             )
     final = latest_with_features(run_dir)
     if final is not None:
         title = final_features_title(final)
-        _draw(lambda: features_epoch_figure(final, title=title), figures / "features_final.png", written, failed)
-    _draw(lambda: target_angles_figure(run_dir), figures / "target_angles.png", written, failed)
+        _draw(lambda: features_epoch_figure(final, title=title), figures / "features_final.png", written, failed, out)
+    _draw(lambda: target_angles_figure(run_dir), figures / "target_angles.png", written, failed, out)
     return written, failed
 
 
@@ -78,33 +79,63 @@ def _overrides(run_dir: Path) -> list[str]:
     return read_override_file(path) if path.is_file() else []
 
 
-def _head_name(run_dir: Path) -> str:
-    try:
-        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
-        return str(cfg.get("head", {}).get("_target_", "")).rsplit(".", 1)[-1]
-    except (OSError, yaml.YAMLError, AttributeError):
-        return ""
+def _saved(run_dir: Path) -> tuple[dict, dict]:
+    """The run's saved config and its config-group choices, as plain data (read safely: shown, never resolved)."""
+
+    def load(name: str) -> dict:
+        try:
+            data = yaml.safe_load((run_dir / ".hydra" / name).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    choices = ((load("hydra.yaml").get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    return load("config.yaml"), choices if isinstance(choices, dict) else {}
+
+
+def _scalar(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_label(run_dir: Path) -> str:
+    """``ArcFace (s=10, m=0.2)``: the head's paper name (+ regularizer) and the s and m it trained with, defaults
+    included (from the saved config)."""
+    config, choices = _saved(run_dir)
+    head = config.get("head") if isinstance(config.get("head"), dict) else {}
+    name = choices.get("head") or str(head.get("_target_", "")).rsplit(".", 1)[-1]
+    params = {k: _scalar(head[k]) for k in ("s", "m") if isinstance(head.get(k), (int, float))}
+    return head_label(str(name), choices.get("regularizer"), params)
+
+
+#: overrides a title shows through ``run_label`` (or not at all), not as ``key=value``
+LABELLED = ("head", "head.s", "head.m", "s", "m", "regularizer", "seed", "name")
 
 
 def run_titles(runs: list[Path], root: Path) -> list[str]:
-    """Each run's overrides that not every run shares (else its head class), its test accuracy when known."""
-    overrides = [_overrides(r) for r in runs]
+    """Each run's human label, then the overrides not every run shares (``key=value``), its seed when the seeds
+    differ, and its test accuracy when known."""
+    from marginlab.resume import override_key
+
+    overrides = [[o for o in _overrides(r) if override_key(o) not in LABELLED] for r in runs]
     shared = set.intersection(*(set(o) for o in overrides)) if len(runs) > 1 else set()
+    seeds = [_saved(r)[0].get("seed") for r in runs]
     titles = []
-    for run, ovr in zip(runs, overrides):
-        title = ", ".join(o for o in ovr if o not in shared) or _head_name(run) or str(run.relative_to(root))
-        title = textwrap.fill(title, 44)
+    for run, ovr, seed in zip(runs, overrides, seeds):
+        parts = [run_label(run)] + [o for o in ovr if o not in shared]
+        if len(set(map(str, seeds))) > 1:
+            parts.append(f"seed {seed}")
+        title = textwrap.fill(", ".join(p for p in parts if p) or str(run.relative_to(root)), 44)
         try:
             acc = json.loads((run / "metrics.json").read_text()).get("test/acc")
             if isinstance(acc, (int, float)):
                 title += f"\ntest/acc {acc:.3f}"
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             pass
-        titles.append(title)
+        titles.append(title.replace("$", r"\$"))  # a $ from a run directory is text, not matplotlib's mathtext
     return titles
 
 
-def plot_sweep(root: Path, runs: list[Path]) -> tuple[list[Path], list[str]]:
+def plot_sweep(root: Path, runs: list[Path], out: FigureOutput = FigureOutput()) -> tuple[list[Path], list[str]]:
     """Draws the runs side by side at their last saved epoch into ``root``; returns (written PNGs, failures)."""
     from marginlab.figures.grid import RunPanel, features_grid_figure, target_angles_grid_figure
 
@@ -139,6 +170,7 @@ def plot_sweep(root: Path, runs: list[Path]) -> tuple[list[Path], list[str]]:
             root / "features_grid.png",
             written,
             failed,
+            out,
         )
         _draw(
             lambda: features_grid_figure(
@@ -147,6 +179,7 @@ def plot_sweep(root: Path, runs: list[Path]) -> tuple[list[Path], list[str]]:
             root / "features_grid_unit.png",
             written,
             failed,
+            out,
         )
     _draw(
         lambda: target_angles_grid_figure(
@@ -155,18 +188,36 @@ def plot_sweep(root: Path, runs: list[Path]) -> tuple[list[Path], list[str]]:
         root / "target_angles.png",
         written,
         failed,
+        out,
     )
     return written, failed
 
 
 def main(args: list[str]) -> int:
+    from marginlab.figures import COLUMN_WIDTHS, FORMATS
+
     parser = argparse.ArgumentParser(
         prog="marginlab plot",
         description="Re-render a run's geometry figures from <run>/geometry/, or draw the "
-        "runs under a sweep directory side by side (features_grid.png, target_angles.png).",
+        "runs under a sweep directory side by side (features_grid, features_grid_unit, target_angles).",
     )
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="a run directory or a sweep directory")
+    parser.add_argument(
+        "--seed", type=int, action="append", metavar="N", help="only the runs of this seed (repeat for several)"
+    )
+    parser.add_argument("--format", choices=FORMATS, default="png", help="file format (default png)")
+    parser.add_argument("--dpi", type=int, default=None, help="resolution of png output (default 80; e.g. 300)")
+    parser.add_argument(
+        "--width",
+        choices=sorted(COLUMN_WIDTHS),
+        default=None,
+        help="scale each figure to a paper's column: single (%.1f in) or double (%.1f in) wide"
+        % (COLUMN_WIDTHS["single"], COLUMN_WIDTHS["double"]),
+    )
     opts = parser.parse_args(args)
+    if opts.dpi is not None and not 10 <= opts.dpi <= 2400:
+        raise DataError(f"--dpi {opts.dpi} is not allowed: give a resolution from 10 to 2400")
+    out = FigureOutput(opts.format, opts.dpi, COLUMN_WIDTHS.get(opts.width))
     failures: list[str] = []
     for root in opts.dirs:
         if not root.is_dir():
@@ -177,8 +228,13 @@ def main(args: list[str]) -> int:
                 f"no run with saved geometry (.hydra/ and geometry/epoch_*.npz) under {str(root)!r}; "
                 "runs save it at every evaluated epoch"
             )
-        written, failed = plot_run(root) if runs == [root] else plot_sweep(root, runs)
-        what = "run" if runs == [root] else f"sweep of {len(runs)} run(s)"
+        if opts.seed is not None:
+            runs = [r for r in runs if _saved(r)[0].get("seed") in opts.seed]
+            if not runs:
+                raise DataError(f"no run of seed {', '.join(map(str, opts.seed))} under {str(root)!r}")
+        single = runs == [root]
+        written, failed = plot_run(runs[0], out) if single else plot_sweep(root, runs, out)
+        what = "run" if single else f"sweep of {len(runs)} run(s)"
         print(f"marginlab plot: {root} ({what}): {len(written)} figure(s) written")
         for path in written:
             print(f"  {path}")

@@ -108,3 +108,42 @@ def test_sweep_grid_title_names_the_sweep_and_its_varying_keys_with_labelled_axe
     assert unit.axes[0].get_xlabel() == "unit feature dim 1"
     angles = target_angles_grid_figure(panels, title=title)
     assert angles.axes[0].get_title() == title and angles.axes[0].get_xlabel().startswith("target angle")
+
+
+def _extents(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    return ax, ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer), fig.bbox
+
+
+@pytest.mark.parametrize("which", ["run", "sweep"])
+def test_angle_histograms_are_ranged_to_their_data_with_the_legend_outside(which):
+    rng = np.random.default_rng(0)
+    data = [rng.uniform(1.0, 9.0, 300) + i for i in range(9)]  # nine runs, all within 1-17 degrees
+    if which == "run":
+        fig = target_angle_figure([{"epoch": 1, "target_deg": data[0], "other_deg": data[1]}] * 2)
+    else:
+        panels = [
+            RunPanel(title=f"ArcFace (s=10, m=0.{i})", features=None, labels=d, target_deg=d)
+            for i, d in enumerate(data)
+        ]
+        fig = target_angles_grid_figure(panels)
+    ax, axes_box, legend_box, figure_box = _extents(fig)
+    lo, hi = ax.get_xlim()
+    shown = np.concatenate(data[:2] if which == "run" else data)
+    assert lo <= shown.min() and shown.max() <= hi  # every value is on the axis
+    assert hi - lo < 2 * (shown.max() - shown.min()) + 2  # and the axis is the data's range, not 0-180
+    assert not axes_box.overlaps(legend_box)  # the legend covers no histogram
+    assert figure_box.contains(legend_box.x0, legend_box.y0) and figure_box.contains(legend_box.x1, legend_box.y1)
+
+
+def test_class_colours_are_the_colour_blind_ten_and_the_same_in_every_panel():
+    from matplotlib.colors import to_rgba
+
+    from marginlab.figures import COLORBLIND10, class_colors, palette
+
+    colours = class_colors(np.array([3, 0, 3]), 10)
+    assert tuple(colours[0]) == to_rgba(COLORBLIND10[3]) and tuple(colours[1]) == to_rgba(COLORBLIND10[0])
+    assert np.array_equal(class_colors(np.array([3]), 10)[0], colours[2])
+    assert palette(3) == [to_rgba(c) for c in COLORBLIND10[:3]] and len(set(palette(12))) == 12

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from marginlab.figures import new_figure
-from marginlab.figures.angles import BINS
+from marginlab.figures import new_figure, palette
+from marginlab.figures.angles import angle_bins, legend_outside
 from marginlab.figures.features import draw_features
 
 #: font sizes (points) readable at the saved size (figures.DPI): the figure title, panel titles and axis labels, ticks
@@ -82,21 +82,18 @@ def features_grid_figure(panels: list[RunPanel], unit: bool = False, title: str 
 
 
 def target_angles_grid_figure(panels: list[RunPanel], title: str = ""):
-    """The final target-angle distribution of every run, overlaid (one outline per run)."""
+    """The final target-angle distribution of every run, overlaid (one outline per run), on the data's range."""
     if not panels:
         raise ValueError("no run to draw")
-    fig = new_figure(7.0, 4.0, layout="constrained")
+    fig = new_figure(8.0, 4.0, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if len(panels) <= 10 else "turbo"]
-    for i, p in enumerate(panels):
-        color = cmap(i % 10) if len(panels) <= 10 else cmap(i / max(len(panels) - 1, 1))
-        ax.hist(np.asarray(p.target_deg), bins=BINS, density=True, histtype="step", lw=1.5, color=color, label=p.title)
-    ax.set_xlim(0, 180)
+    bins = angle_bins([p.target_deg for p in panels])
+    for p, color in zip(panels, palette(len(panels))):
+        ax.hist(np.asarray(p.target_deg), bins=bins, density=True, histtype="step", lw=1.5, color=color, label=p.title)
+    ax.set_xlim(bins[0], bins[-1])
     ax.set_xlabel("target angle (degrees), last epoch", fontsize=PANEL_SIZE)
-    ax.set_ylabel("density", fontsize=PANEL_SIZE)
+    ax.set_ylabel("density (per degree)", fontsize=PANEL_SIZE)
     ax.tick_params(labelsize=TICK_SIZE)
-    ax.legend(fontsize=TICK_SIZE)
+    legend_outside(ax, TICK_SIZE)
     ax.set_title(title or "target angle distribution per run", fontsize=TITLE_SIZE)
     return fig
