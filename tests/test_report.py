@@ -1,4 +1,4 @@
-"""`marginlab report`: a row per setting (overrides minus seed), mean ± std over seeds, failures, paper values."""
+"""`marginlab report`: a row per differing setting, mean ± CI over seeds, tests against the best, paper values."""
 
 from __future__ import annotations
 
