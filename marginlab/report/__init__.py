@@ -100,19 +100,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def refuse_mixed(report: Report, root: Path) -> None:
-    """One line: which keys differ, with their values and a run of each, and the two ways on."""
+    """One line: which keys differ and their values, each with its run when one run holds it (the odd one out),
+    else a count; then the two ways on."""
 
-    def where(path: str) -> str:
-        p = Path(path)
-        return str(p.relative_to(root)) if p.is_relative_to(root) else path
+    def where(runs: list[str]) -> str:
+        if len(runs) > 1:
+            return f"{len(runs)} runs"
+        path = Path(runs[0])
+        return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
-    parts = []
-    for key in report.confounders:
-        shown = ", ".join(
-            f"{v} ({where(runs[0])}{f' +{len(runs) - 1}' if len(runs) > 1 else ''})"
-            for v, runs in report.confounder_values.get(key, {}).items()
-        )
-        parts.append(f"{key}: {shown}")
+    parts = [
+        f"{key}: " + ", ".join(f"{v} ({where(runs)})" for v, runs in report.confounder_values.get(key, {}).items())
+        for key in report.confounders
+    ]
     raise ConfigError(
         f"report: the runs differ in {'; '.join(parts)} -- not a compared axis, so the table would credit it to "
         "the heads; pass --allow-mixed to table them anyway (marked mixed), or --axis KEY if KEY is what you compare"

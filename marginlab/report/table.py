@@ -160,7 +160,7 @@ class Report:
 
     @property
     def tested(self) -> bool:
-        return any(r.vs_best is not None for r in self.rows)
+        return any(r.vs_best is not None and r.vs_best.p is not None for r in self.rows)
 
     def header(self) -> list[str]:
         keys = [self.key_label(k) for k in self.keys] or ["setting"]
