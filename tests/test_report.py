@@ -494,6 +494,12 @@ def test_unknown_is_not_a_difference_and_a_declared_axis_is_a_column(tmp_path, c
     assert main(["report", str(a), str(b), "--axis", "optim.lr"]) == 0
     out = capsys.readouterr().out
     assert "| optim.lr |" in out.splitlines()[0] and "MIXED" not in out
+    for job in (a, b):  # an Optuna search over optim.lr records its space in hydra.sweeper.params: an axis too
+        hydra = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())
+        hydra["hydra"]["sweeper"] = {"params": {"optim.lr": "interval(0.01, 1.0)"}}
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    report = build_report(collect([a, b]))
+    assert not report.mixed and "optim.lr" in report.keys
 
 
 def test_runs_on_different_data_roots_are_two_settings_not_a_duplicate(tmp_path):
