@@ -597,3 +597,12 @@ def test_report_options_are_checked(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--alpha", "1.5"]) == 2
     assert "--alpha=1.5 is not allowed" in capsys.readouterr().err
     assert main(["report", str(tmp_path), "--detect", "0"]) == 2
+
+
+def test_latex_escapes_everything_a_run_directory_can_hold():
+    from marginlab.report.latex import escape
+
+    assert escape("a&b%c$d#e_f{g}h~i^j\\k") == (
+        r"a\&b\%c\$d\#e\_f\{g\}h\textasciitilde{}i\textasciicircum{}j\textbackslash{}k"
+    )
+    assert escape("[x] <y> |z| ±†") == r"{[}x{]} \textless{}y\textgreater{} \textbar{}z\textbar{} $\pm$$^\dagger$"

@@ -42,6 +42,9 @@ _ESCAPES = {
     "}": r"\}",
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
+    "<": r"\textless{}",  # OT1 prints < and > as inverted ! and ?
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
     "±": r"$\pm$",
     "†": r"$^\dagger$",
     "[": "{[}",  # a row starting with [ would be read as the optional argument of the \\ before it
@@ -50,7 +53,7 @@ _ESCAPES = {
 
 
 def escape(text: object) -> str:
-    """``text`` as LaTeX prints it literally (the ten special characters, and ± / † as math)."""
+    """``text`` as LaTeX prints it literally (the ten special characters, < > | and brackets, ± / † as math)."""
     return "".join(_ESCAPES.get(c, c) for c in str(text))
 
 
