@@ -104,3 +104,37 @@ def seeds_needed(delta: float, sd: float, alpha: float = 0.05, power: float = PO
         if paired_power(n, abs(delta), sd, alpha) >= power:
             return n
     return None
+
+
+@dataclass
+class VsBest:
+    """One row's test against the best row."""
+
+    test: str  # "paired" (the same seeds) or "Welch"
+    p: float | None  # two-sided; None when a side has fewer than 2 seeds
+    p_holm: float | None = None
+    seeds_needed: int | None = None  # for a ``detect`` difference at 80% power (None: no estimate, or > MAX_SEEDS)
+    sd: float | None = None  # the std of the per-seed difference the estimate is from
+
+
+def versus_best(best: dict[str, float], rows: list[dict[str, float]], alpha: float, detect: float) -> list[VsBest]:
+    """Each row (seed -> value) against the best row: a paired t-test when both ran the same seeds (same seed = same
+    init and data order), else Welch's; Holm-adjusted over the rows that could be tested; seeds needed for
+    ``detect`` from the std of the per-seed difference (unpaired: sqrt(var_a + var_b), the no-correlation value)."""
+    results = []
+    for values in rows:
+        if set(values) == set(best) and len(values) >= 2 and "null" not in values:
+            seeds = sorted(values)
+            ours, ref = [values[s] for s in seeds], [best[s] for s in seeds]
+            result = VsBest("paired", paired_p(ours, ref), sd=statistics.stdev([x - y for x, y in zip(ours, ref)]))
+        else:
+            a, b = list(values.values()), list(best.values())
+            sd = math.sqrt(statistics.variance(a) + statistics.variance(b)) if min(len(a), len(b)) >= 2 else None
+            result = VsBest("Welch", welch_p(a, b), sd=sd)
+        if result.sd is not None:
+            result.seeds_needed = seeds_needed(detect, result.sd, alpha)
+        results.append(result)
+    tested = [r for r in results if r.p is not None]
+    for result, adjusted in zip(tested, holm([r.p for r in tested])):
+        result.p_holm = adjusted
+    return results

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from marginlab.atomic_write import replace_text
 from marginlab.report.jobs import Job, as_text, is_finite_number
 from marginlab.report.paper import CONFIDENCE, PaperValue, paper_values
 from marginlab.report.settings import Comparison, compare
-from marginlab.report.stats import MAX_SEEDS, Summary, holm, paired_p, seeds_needed, summarize, welch_p
+from marginlab.report.stats import MAX_SEEDS, Summary, VsBest, summarize, versus_best
 
 #: metric names in which smaller is better (the best row is chosen by the first metric)
 LOWER_IS_BETTER = ("loss", "err", "eer")
@@ -22,17 +21,6 @@ LOWER_IS_BETTER = ("loss", "err", "eer")
 
 def lower_is_better(metric: str) -> bool:
     return any(word in metric.rpartition("/")[2] for word in LOWER_IS_BETTER)
-
-
-@dataclass
-class VsBest:
-    """A row's test against the best row on the best-row metric."""
-
-    test: str  # "paired" (the same seeds) or "Welch"
-    p: float | None  # two-sided; None when a side has fewer than 2 seeds
-    p_holm: float | None = None
-    seeds_needed: int | None = None  # for a --detect difference at 80% power (None: no estimate, or > MAX_SEEDS)
-    sd: float | None = None  # the std of the per-seed difference it was estimated from
 
 
 @dataclass
@@ -495,25 +483,8 @@ def build_report(
 
 
 def compare_to_best(best: Row, rows: list[Row], metric: str, alpha: float, detect: float) -> None:
-    """Each row against the best on ``metric``: paired t-test when both ran the same seeds (same seed = same init
-    and data order), else Welch's; Holm-adjusted over the rows; ``tie`` when not distinguishable at ``alpha``."""
-    ref = best.by_seed(metric)
-    for row in rows:
-        ours = row.by_seed(metric)
-        if set(ours) == set(ref) and len(ours) >= 2 and "null" not in ours:
-            seeds = sorted(ours)
-            diffs = [ours[s] - ref[s] for s in seeds]
-            row.vs_best = VsBest("paired", paired_p([ours[s] for s in seeds], [ref[s] for s in seeds]))
-            row.vs_best.sd = statistics.stdev(diffs)
-        else:
-            a, b = list(ours.values()), list(ref.values())
-            row.vs_best = VsBest("Welch", welch_p(a, b))
-            if len(a) >= 2 and len(b) >= 2:  # a paired difference's std were they independent: the bound pairing beats
-                row.vs_best.sd = math.sqrt(statistics.variance(a) + statistics.variance(b))
-        if row.vs_best.sd is not None:
-            row.vs_best.seeds_needed = seeds_needed(detect, row.vs_best.sd, alpha)
-    tested = [r for r in rows if r.vs_best.p is not None]
-    for row, adjusted in zip(tested, holm([r.vs_best.p for r in tested])):
-        row.vs_best.p_holm = adjusted
-    for row in rows:
-        row.tie = row.vs_best.p_holm is None or row.vs_best.p_holm >= alpha
+    """Each row against the best on ``metric`` (``stats.versus_best``); ``tie`` when not distinguishable."""
+    results = versus_best(best.by_seed(metric), [r.by_seed(metric) for r in rows], alpha, detect)
+    for row, result in zip(rows, results):
+        row.vs_best = result
+        row.tie = result.p_holm is None or result.p_holm >= alpha
