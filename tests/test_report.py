@@ -490,6 +490,8 @@ def test_unknown_is_not_a_difference_and_a_declared_axis_is_a_column(tmp_path, c
     a, b = mixed_runs(tmp_path, environment=None, set_={"trainer.num_threads": 2})
     report = build_report(collect([a, b]))
     assert not report.mixed and report.keys == ["head", "head.m"]
+    a, b = mixed_runs(tmp_path / "raw", set_={"dataset.seed": "${seed}"})  # saved unresolved: never resolved here
+    assert not build_report(collect([a, b])).mixed
     a, b = mixed_runs(tmp_path / "lr", set_={"optim.lr": 0.5})
     assert main(["report", str(a), str(b), "--axis", "optim.lr"]) == 0
     out = capsys.readouterr().out

@@ -143,7 +143,8 @@ class Job:
     def text(self, key: str) -> str | None:
         """``key``'s value in this job as comparable text (``settings.canon``), read from its saved config first (the
         value it ran with: the shorthand ``m=`` lands in ``head.m``), else its override; ``environment.<x>`` from
-        metrics.json's environment record. None when the job does not have the key (unknown, not a difference)."""
+        metrics.json's environment record. None when the job does not have the key, or only as an unresolved
+        ``${...}``: unknown, not a difference."""
         if key.startswith("environment."):
             record = _mapping(self.metrics.get("environment"))
             name = key.partition(".")[2]
@@ -154,7 +155,8 @@ class Job:
                 break
             node = node[part]
         else:
-            return canon(self.value(key))
+            text = canon(self.value(key))
+            return None if "${" in text else text  # an interpolation never resolved (a config Hydra saved raw)
         if key in self.choices:
             return canon(self.choices[key])
         given = self.setting()
