@@ -567,6 +567,9 @@ def test_rows_are_tested_against_the_best_paired_on_seeds_with_holm(tmp_path):
     assert rows["sphereface"].vs_best.p_holm == pytest.approx(holm_p[p_sphere])
     assert holm_p[p_cos] >= 0.05 > holm_p[p_sphere]  # the data: cosface not distinguishable, sphereface worse
     assert rows["cosface"].tie and not rows["sphereface"].tie
+    strict = build_report(collect([tmp_path]), alpha=1e-9)  # --alpha: at this level sphereface is not shown worse
+    assert all(r.tie for r in strict.rows if not r.best)
+    assert "alpha = 1e-09" in strict.markdown() and "its 99.9999999% confidence interval" in strict.markdown()
     md = report.markdown()
     assert md.splitlines()[2].startswith("| best ") and md.splitlines()[3].startswith("| †    | cosface")
     assert "paired t-test on the seeds both rows ran" in md and "Holm-adjusted over 2 comparison(s)" in md

@@ -122,7 +122,7 @@ class Report:
 
     @property
     def level(self) -> str:
-        return f"{100 * (1 - self.alpha):g}%"
+        return f"{100 * (1 - self.alpha):.10g}%"
 
     # ------------------------------------------------------------ cells
     def label(self, metric: str) -> str:
