@@ -27,8 +27,9 @@ commands:
             marginlab embed checkpoint=<run dir or .pt> input=<folder|.rec|.bin> out=<file.npy> [flip=true]
   align     112x112 ArcFace crops of your photos, from five landmarks per image (eyes, nose, mouth corners)
             marginlab align input=<image folder> landmarks=<file: path x1 y1 ... x5 y5> out=<folder>
-  report    one table of a sweep or of run dirs: a row per setting, mean ± std over seeds, the paper's numbers
-            marginlab report outputs/sweeps/train/<date_time> [--metrics test/acc,lfw/acc] [--out DIR]
+  report    one table of a sweep or of run dirs: a row per setting, mean ± 95% CI over seeds, tests against the
+            best row, the paper's numbers; report.md, .csv and .tex (refuses runs that differ in epochs, lr, data...)
+            marginlab report outputs/sweeps/train/<date_time> [--metrics test/acc,lfw/acc] [--out DIR] [--allow-mixed]
   reproduce a paper's table: every sweep of an experiment into one sweep dir, then its report (exit 1: a job failed)
             marginlab reproduce <experiment> [overrides] ; marginlab reproduce --list
   plot      re-render a run's geometry figures (marginlab plot <run dir>), or compare the runs of a

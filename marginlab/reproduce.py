@@ -269,10 +269,20 @@ def main(args: list[str], commands: dict[str, Callable[[list[str]], int]]) -> in
         for i, run in zip(chosen, runs):
             print(f"marginlab reproduce: sweep {i}: marginlab train -m {shlex.join(run)}", flush=True)
             status |= step(commands["train"], ["-m", *run, f"hydra.sweep.dir={quoted(str(sweep_dir))}"])
-    status |= step(commands["report"], [str(sweep_dir)])
+    status |= step(commands["report"], [str(sweep_dir), *report_axes([spec.sweeps[i - 1] for i in chosen])])
     if spec.plot:
         status |= step(commands["plot"], [str(sweep_dir)])
     return 1 if status else 0
+
+
+def report_axes(sweeps: list[list[str]]) -> list[str]:
+    """``--axis`` for the report: the keys the sweeps set that the report would otherwise call confounders (e.g.
+    ``backbone=sfnet64`` beside the default backbone): the experiment compares them on purpose."""
+    from marginlab.report.settings import is_confounder
+
+    keys = [item.partition("=")[0].lstrip("+~") for sweep in sweeps for item in sweep]
+    axes = list(dict.fromkeys(k for k in keys if is_confounder(k)))
+    return ["--axis", ",".join(axes)] if axes else []
 
 
 def step(command: Callable[[list[str]], int], args: list[str]) -> int:

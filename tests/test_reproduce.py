@@ -326,6 +326,8 @@ def test_reproduce_runs_every_sweep_into_one_dir_then_the_report_and_the_plot(ou
         ["experiment=sphereface_casia", "backbone=sfnet64", "head=softmax"],
     ]
     assert [c[0] for c in rec.calls] == ["train", "train", "report"]
+    # the experiment compares backbones on purpose (sfnet64 beside its default): the report is told, not refused
+    assert rec.calls[-1][1][1:] == ["--axis", "backbone"]
 
 
 def test_reproduce_exits_1_when_a_sweep_or_the_report_failed_and_still_runs_every_step(outputs_dir, recorded, capsys):

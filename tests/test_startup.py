@@ -1,4 +1,5 @@
-"""`marginlab --help`, `marginlab train --help` and shell completion answer without importing torch (issue #16)."""
+"""`marginlab --help`, `marginlab train --help`, `report --help` and shell completion answer without importing torch
+or SciPy (issue #16)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ try:
 except SystemExit as exit:  # Hydra exits after printing its help
     code = exit.code or 0
 assert code == 0, code
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "numpy"))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "numpy", "scipy"))
 print("HEAVY", heavy)
 """
 
@@ -29,6 +30,8 @@ print("HEAVY", heavy)
         ["train", "--hydra-help"],
         ["train", "--cfg", "job"],
         ["train", "-sc", "install=bash"],
+        ["report", "--help"],
+        ["reproduce", "--help"],
     ],
     ids=lambda a: " ".join(a) or "none",
 )

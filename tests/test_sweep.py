@@ -61,21 +61,19 @@ def test_sweep_runs_every_job_records_the_failure_and_reports(outputs_dir, capsy
     assert run_cli("report", str(sweep_dir)) == 0
     table = capsys.readouterr().out
     assert "| best | head" in table and "failed" in table
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
+    header = cells(table.splitlines()[0])  # best, head, head.s (each head's own scale), n, failed, metrics
     rows = {
-        line.split("|")[2].strip(): line.split("|")
+        cells(line)[1]: dict(zip(header, cells(line)))
         for line in table.splitlines()
         if "| amsoftmax" in line or "| arcface" in line
     }
-    assert (
-        rows["amsoftmax"][1].strip() == "best" and rows["amsoftmax"][3].strip() == "2" and "±" in rows["amsoftmax"][5]
-    )
-    assert (
-        rows["arcface"][3].strip() == "0"
-        and rows["arcface"][4].strip() == "2"
-        and rows["arcface"][5].strip() == "failed"
-    )
+    first = header[header.index("failed") + 1]
+    assert rows["amsoftmax"]["best"] == "best" and rows["amsoftmax"]["n"] == "2" and "±" in rows["amsoftmax"][first]
+    assert rows["arcface"]["n"] == "0" and rows["arcface"]["failed"] == "2" and rows["arcface"][first] == "failed"
+    assert (rows["amsoftmax"]["head.s"], rows["arcface"]["head.s"]) == ("30", "64")
     assert (sweep_dir / "report.md").read_text().startswith("| best")
-    assert (sweep_dir / "report.csv").read_text().startswith("head,n,failed,")
+    assert (sweep_dir / "report.csv").read_text().startswith("head,head.s,n,failed,")
 
     # a second multirun in the same process: a new sweep dir, the exit code of that sweep alone
     assert run_cli("train", "-m", "head=amsoftmax", "seed=0", "name=trial", *FAST) == 0

@@ -1,11 +1,13 @@
 """``marginlab report <sweep dir | run dirs>``: one table of a sweep, a row per setting, beside the paper's numbers.
 
-A job's row is set, and labelled, by the keys whose values differ between the jobs: each read from the job's
-override (``.hydra/overrides.yaml``) or else its saved config (``.hydra/config.yaml``), the seed and run
-management left out (``report.table.distinguishing_keys``); each metric is the mean
-+- sample std over the setting's completed seeds; failed jobs are counted, never averaged. The table is
-printed and written as ``report.md`` and ``report.csv`` (into the sweep dir, or ``--out``). Single runs that
-failed before their first epoch (only a failure record in their directory) are skipped, with a count.
+A job's row is set, and labelled, by every key whose value differs between the jobs: each read from the job's
+saved config (``.hydra/config.yaml``: the value it ran with) or else its override, the seed and run management
+left out (``report.settings``). Runs that also differ in what is not compared (epochs, optimiser, data,
+backbone, threads, versions) are refused unless ``--allow-mixed``. Each metric is the mean and Student-t
+interval over the setting's completed seeds, each row tested against the best (``report.stats``); failed jobs
+are counted, never averaged. The table is printed and written as ``report.md``, ``report.csv`` and
+``report.tex`` (into the sweep dir, or ``--out``). Single runs that failed before their first epoch (only a
+failure record in their directory) are skipped, with a count.
 """
 
 from __future__ import annotations
@@ -60,8 +62,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="marginlab report",
         description="Join each job's config with its metrics.json into one table: a row per setting "
-        "(the values that differ between the runs, seed aside), mean ± std over seeds, the best row "
-        "marked, the paper's numbers beside ours when the experiment config has a paper: block.",
+        "(every value that differs between the runs, seed aside; each head's effective s and m), mean ± the "
+        "95% Student-t interval over seeds, each row tested against the best (paired t-test on shared seeds, "
+        "else Welch; Holm-adjusted; † = not distinguishable), the paper's numbers beside ours when the "
+        "experiment config has a paper: block. Writes report.md, report.csv and report.tex (booktabs). Runs "
+        "that also differ in what is not compared (trainer.epochs, optim.*, dataset.*, backbone, precision, "
+        "threads, versions) are refused (exit 2) unless --allow-mixed.",
     )
     p.add_argument("paths", nargs="+", help="a sweep directory, or several run/job directories")
     p.add_argument(
@@ -69,8 +75,48 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated metrics.json keys (default: test/acc and any <set>/acc); "
         "the first one picks the best row",
     )
-    p.add_argument("--out", help="directory for report.md and report.csv (default: the sweep directory)")
+    p.add_argument("--out", help="directory for report.md, .csv and .tex (default: the sweep directory)")
+    p.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="table runs that differ in a setting that is not compared (a starred column; marked MIXED)",
+    )
+    p.add_argument(
+        "--axis",
+        metavar="KEY[,KEY...]",
+        help="keys you compare on purpose beside the head and regularizer (e.g. optim.lr, backbone): "
+        "columns, not confounders",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.05, help="level of the tests against the best row; intervals are 1 - alpha"
+    )
+    p.add_argument(
+        "--detect",
+        type=float,
+        default=0.005,
+        help="the difference (in the first metric's unit) the seeds-needed hint is for (default 0.005: 0.5 points)",
+    )
     return p
+
+
+def refuse_mixed(report: Report, root: Path) -> None:
+    """One line: which keys differ and their values, each with its run when one run holds it (the odd one out),
+    else a count; then the two ways on."""
+
+    def where(runs: list[str]) -> str:
+        if len(runs) > 1:
+            return f"{len(runs)} runs"
+        path = Path(runs[0])
+        return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+    parts = [
+        f"{key}: " + ", ".join(f"{v} ({where(runs)})" for v, runs in report.confounder_values.get(key, {}).items())
+        for key in report.confounders
+    ]
+    raise ConfigError(
+        f"report: the runs differ in {'; '.join(parts)} -- not a compared axis, so the table would credit it to "
+        "the heads; pass --allow-mixed to table them anyway (marked mixed), or --axis KEY if KEY is what you compare"
+    )
 
 
 def main(args: list[str]) -> int:
@@ -89,9 +135,17 @@ def main(args: list[str]) -> int:
             + (f" except {skipped} that never trained" if skipped else "")
         )
     metrics = [m.strip() for m in opts.metrics.split(",") if m.strip()] if opts.metrics else None
+    if not 0 < opts.alpha < 1:
+        raise ConfigError(f"report: --alpha={opts.alpha!r} is not allowed: it must lie in (0, 1), e.g. 0.05")
+    if not 0 < opts.detect < float("inf"):
+        raise ConfigError(f"report: --detect={opts.detect!r} is not allowed: it must be a finite number > 0")
+    axes = [a.strip() for a in (opts.axis or "").split(",") if a.strip()]
     out = Path(opts.out) if opts.out else default_out(opts.paths)
-    report = build_report(jobs, metrics, root=default_out(opts.paths))
-    md, csv_path = report.write(out)
+    root = default_out(opts.paths)
+    report = build_report(jobs, metrics, root=root, axes=axes, alpha=opts.alpha, detect=opts.detect)
+    if report.mixed and not opts.allow_mixed:
+        refuse_mixed(report, root)
+    paths = report.write(out)
     print(report.markdown())
-    print(f"marginlab: report of {len(jobs)} jobs in {len(report.rows)} rows: {md} {csv_path}")
+    print(f"marginlab: report of {len(jobs)} jobs in {len(report.rows)} rows: {' '.join(map(str, paths))}")
     return 0

@@ -31,7 +31,6 @@ NOISE = (
     "dataset.num_workers",
     "dataset.pin_memory",
     "dataset.eval_batch_size",
-    "dataset.root",
     "dataset.download",
     "trainer.device",
     "trainer.stop_after_epoch",
@@ -59,6 +58,16 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
+def canon(value: Any) -> str:
+    """``as_text`` with numbers in one spelling (10 and 10.0 are one value: ``s=10`` saves 10.0, a config 10)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = repr(float(value))
+        return text[:-2] if text.endswith(".0") else text
+    if isinstance(value, list):
+        return "[" + ",".join(canon(v) for v in value) + "]"
+    return as_text(value)
+
+
 def leaves(node: dict, prefix: str = "") -> dict[str, Any]:
     """``{dotted key: value}`` of every value under ``node`` that is not a (non-empty) dict."""
     out: dict[str, Any] = {}
@@ -77,6 +86,8 @@ class Job:
     choices: dict[str, Any] = field(default_factory=dict)
     num: int | None = None  # hydra.job.num: the order of the job in its sweep
     resume_changes: list[str] = field(default_factory=list)  # settings a resume changed midway (``changed_on_resume``)
+    axes: list[str] = field(default_factory=list)  # the keys its sweeper searched (hydra.sweeper.params): compared
+    unreadable: list[str] = field(default_factory=list)  # ".hydra/<file>: why" for each malformed file, one line
 
     @property
     def status(self) -> str:
@@ -129,6 +140,28 @@ class Job:
             return None
         return as_text(value)
 
+    def text(self, key: str) -> str | None:
+        """``key``'s value in this job as comparable text (``settings.canon``), read from its saved config first (the
+        value it ran with: the shorthand ``m=`` lands in ``head.m``), else its override; ``environment.<x>`` from
+        metrics.json's environment record. None when the job does not have the key, or only as an unresolved
+        ``${...}``: unknown, not a difference."""
+        if key.startswith("environment."):
+            record = _mapping(self.metrics.get("environment"))
+            name = key.partition(".")[2]
+            return canon(record[name]) if name in record else None
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            text = canon(self.value(key))
+            return None if "${" in text else text  # an interpolation never resolved (a config Hydra saved raw)
+        if key in self.choices:
+            return canon(self.choices[key])
+        given = self.setting()
+        return given[key] if key in given else None
+
     def group_keys(self) -> list[str]:
         """The config groups whose choice may label its row (``head``, ``dataset`` ...)."""
         return [k for k in CHOICE_KEYS if k in self.choices or k in self.config]
@@ -163,8 +196,29 @@ class Job:
 def _load_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
+
+
+#: the .hydra files the report reads, and the YAML type each must hold
+HYDRA_FILES = {"overrides.yaml": list, "config.yaml": dict, "hydra.yaml": dict}
+
+
+def malformed(hydra_dir: Path) -> list[str]:
+    """``.hydra/<file>: why`` for each of ``HYDRA_FILES`` that is there but not YAML of its type (one line each)."""
+    problems = []
+    for name, kind in HYDRA_FILES.items():
+        path = hydra_dir / name
+        if not path.is_file():
+            continue
+        try:
+            value = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            problems.append(f".hydra/{name}: not readable YAML ({str(exc).splitlines()[0] if str(exc) else exc!r})")
+            continue
+        if not isinstance(value, kind):
+            problems.append(f".hydra/{name}: holds a {type(value).__name__}, not a {kind.__name__}")
+    return problems
 
 
 def _number(value: Any) -> Any:
@@ -225,6 +279,7 @@ def read_job(path: Path) -> Job:
     choices = _mapping(_mapping(hydra_cfg.get("runtime")).get("choices"))
     choices = {k: v for k, v in choices.items() if not str(k).startswith("hydra/")}
     num = _mapping(hydra_cfg.get("job")).get("num")
+    searched = _mapping(_mapping(hydra_cfg.get("sweeper")).get("params"))
     try:
         record = json.loads((path / "metrics.json").read_text())
         if not isinstance(record, dict):
@@ -243,6 +298,8 @@ def read_job(path: Path) -> Job:
         choices=choices,
         num=num if isinstance(num, int) else None,
         resume_changes=changed_on_resume(hydra_dir),
+        axes=[str(k) for k in searched],
+        unreadable=malformed(hydra_dir),
     )
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from marginlab.atomic_write import replace_text
 from marginlab.report.jobs import Job, as_text, is_finite_number
 from marginlab.report.paper import CONFIDENCE, PaperValue, paper_values
+from marginlab.report.settings import Comparison, compare
+from marginlab.report.stats import MAX_SEEDS, Summary, VsBest, summarize, versus_best
 
 #: metric names in which smaller is better (the best row is chosen by the first metric)
 LOWER_IS_BETTER = ("loss", "err", "eer")
@@ -22,26 +24,21 @@ def lower_is_better(metric: str) -> bool:
 
 
 @dataclass
-class Stat:
-    mean: float
-    std: float | None  # sample std (n - 1); None for a single seed
-    n: int
-
-    @classmethod
-    def of(cls, values: list[float]) -> Stat | None:
-        if not values:
-            return None
-        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
-
-
-@dataclass
 class Row:
     setting: dict[str, str]
     jobs: list[Job] = field(default_factory=list)
-    stats: dict[str, Stat | None] = field(default_factory=dict)
+    stats: dict[str, Summary | None] = field(default_factory=dict)
     paper: list[PaperValue] = field(default_factory=list)
-    ours: dict[str, Stat | None] = field(default_factory=dict)  # per paper label: measured, in the paper's unit
+    ours: dict[str, Summary | None] = field(default_factory=dict)  # per paper label: measured, in the paper's unit
     best: bool = False
+    vs_best: VsBest | None = None
+    tie: bool = False  # not distinguishable from the best row at the report's alpha
+
+    def by_seed(self, metric: str) -> dict[str, float]:
+        """The completed seeds' finite values of ``metric``, by seed."""
+        return {
+            as_text(j.seed): float(j.metrics[metric]) for j in self.completed if is_finite_number(j.metrics.get(metric))
+        }
 
     @property
     def completed(self) -> list[Job]:
@@ -70,13 +67,17 @@ class Row:
         return [j for j in self.jobs if j.status not in ("completed", "failed")]
 
 
+def is_verification(metric: str) -> bool:
+    """A verification set's accuracy (``lfw/acc``): the mean over its folds (marginlab/eval/verification.py)."""
+    name, _, stat = metric.partition("/")
+    return stat == "acc" and name not in ("test", "val", "train", "best", "step")
+
+
 def default_metrics(jobs: list[Job]) -> list[str]:
     """With a validation split: best/val/acc (it picks the best row), then the test accuracy of best.pt and of the
     last epoch; without: test/acc. Then every other ``<set>/acc`` the jobs measured (verification sets)."""
     keys = {k for j in jobs if j.status == "completed" for k, v in j.metrics.items() if is_finite_number(v)}
-    extra = sorted(
-        k for k in keys if k.endswith("/acc") and k.partition("/")[0] not in ("test", "val", "train", "best", "step")
-    )
+    extra = sorted(k for k in keys if is_verification(k))
     first = ["best/val/acc", "best/test/acc", "test/acc"] if "best/val/acc" in keys else ["test/acc"]
     return [*first, *extra]
 
@@ -104,12 +105,24 @@ def column_label(metric: str, selected_on: str) -> str:
 class Report:
     rows: list[Row]
     metrics: list[str]
-    keys: list[str]  # setting keys that differ between rows (the row labels)
-    common: dict[str, str]  # overrides shared by every row
+    keys: list[str]  # setting keys that differ between runs (the row labels; ``settings.compare``)
+    common: dict[str, str]  # what every run has, with one value
     paper_labels: list[str]
     best_metric: str
     root: Path | None = None
     selected_on: str = ""  # the metric the runs chose best.pt on (``selection``)
+    confounders: list[str] = field(default_factory=list)  # keys that differ but are not compared axes (mixed)
+    confounder_values: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # key -> value -> run dirs
+    alpha: float = 0.05  # the level of the tests against the best row; the intervals are 1 - alpha
+    detect: float = 0.005  # the difference the seeds-needed hint is for
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.confounders)
+
+    @property
+    def level(self) -> str:
+        return f"{100 * (1 - self.alpha):.10g}%"
 
     # ------------------------------------------------------------ cells
     def label(self, metric: str) -> str:
@@ -122,13 +135,26 @@ class Report:
             return "-"
         return f"{x:.{digits}f}"
 
-    def stat_cell(self, stat: Stat | None, digits: int = 4) -> str:
+    def stat_cell(self, stat: Summary | None, digits: int = 4) -> str:
+        """mean ± the half-width of its confidence interval (one seed: the value alone)."""
         if stat is None:
             return "-"
-        return self.fmt(stat.mean, digits) + (f" ± {self.fmt(stat.std, digits)}" if stat.std is not None else "")
+        half = stat.half_width
+        return self.fmt(stat.mean, digits) + (f" ± {self.fmt(half, digits)}" if half is not None else "")
+
+    def key_label(self, key: str) -> str:
+        """A column header: a confounder's is starred (the table is mixed)."""
+        return f"{key}*" if key in self.confounders else key
+
+    @property
+    def tested(self) -> bool:
+        return any(r.vs_best is not None and r.vs_best.p is not None for r in self.rows)
 
     def header(self) -> list[str]:
-        cols = ["best", *(self.keys or ["setting"]), "n", "failed", *map(self.label, self.metrics)]
+        keys = [self.key_label(k) for k in self.keys] or ["setting"]
+        cols = ["best", *keys, "n", "failed", *map(self.label, self.metrics)]
+        if self.tested:
+            cols.append("p vs best")
         for label in self.paper_labels:
             cols += [f"paper {label}", f"ours {label}", "diff"]
         return cols
@@ -141,12 +167,14 @@ class Report:
         )
         failed_text = "failed" if row.failed and not row.completed else "-"
         cells = [
-            "best" if row.best else "",
+            "best" if row.best else "†" if row.tie else "",
             *label,
             str(len(row.completed)),
             str(len(row.failed)),
             *[self.metric_cell(row, m, failed_text) for m in self.metrics],
         ]
+        if self.tested:
+            cells.append(self.p_cell(row))
         papers = {p.label: p for p in row.paper}
         for label_ in self.paper_labels:
             paper, ours = papers.get(label_), row.ours.get(label_)
@@ -156,6 +184,14 @@ class Report:
             diff = f"{ours.mean - paper.value:+.2f}" if ours else "-"
             cells += [f"{paper.value:g} [{paper.confidence}]", self.stat_cell(ours, 2) if ours else failed_text, diff]
         return cells
+
+    @staticmethod
+    def p_cell(row: Row) -> str:
+        """The Holm-adjusted p against the best row; W: Welch's test (the seeds differ)."""
+        vs = row.vs_best
+        if vs is None or vs.p_holm is None:
+            return "-"
+        return f"{vs.p_holm:.3g}" + (" W" if vs.test == "Welch" else "")
 
     def metric_cell(self, row: Row, metric: str, failed_text: str) -> str:
         """The mean ± std; ``(n=k)`` when fewer than the row's completed seeds have a finite value (notes say why)."""
@@ -175,13 +211,16 @@ class Report:
 
     def notes(self) -> list[str]:
         direction = "lowest" if lower_is_better(self.best_metric) else "highest"
-        notes = [
-            f"n: seeds completed; mean ± sample std over them; failed jobs are counted, not averaged. "
-            f"best: {direction} mean {self.label(self.best_metric)}."
-        ]
+        notes = self.mixed_notes()
+        notes.append(
+            f"n: seeds completed; each cell: mean ± half-width of its {self.level} confidence interval over the "
+            f"seeds (Student t, n - 1 df; one seed: the value alone); std and interval ends in report.csv; "
+            f"failed jobs are counted, not averaged. best: {direction} mean {self.label(self.best_metric)}."
+        )
+        notes += self.test_notes()
         notes += self.split_notes()
         if self.common:
-            notes.append("every job: " + " ".join(f"{k}={v}" for k, v in self.common.items()))
+            notes.append("common to every run: " + " ".join(f"{k}={v}" for k, v in self.common.items()))
         papers = [p for r in self.rows for p in r.paper]
         sources = list(dict.fromkeys(f"{p.source}, {p.table}".strip(", ") for p in papers))
         if sources:
@@ -217,6 +256,11 @@ class Report:
             )
         )
         for row in self.rows:
+            for job in row.jobs:
+                notes += [
+                    f"unreadable: {self.where(job)}/{problem}; its settings count as unknown"
+                    for problem in job.unreadable
+                ]
             for job in row.failed:
                 notes.append(f"failed: {self.where(job)}: {job.error}")
             for job in row.jobs:  # averaged (its result is the run's), marked: it did not train one way throughout
@@ -236,6 +280,55 @@ class Report:
             for job in row.other:
                 notes.append(f"{job.status}: {self.where(job)} (not averaged)")
         return notes
+
+    def mixed_notes(self) -> list[str]:
+        if not self.mixed:
+            return []
+        return [
+            f"MIXED (--allow-mixed): the runs also differ in {', '.join(self.confounders)} (starred columns), "
+            "which is not a compared axis: a row's difference is not only its setting's."
+        ]
+
+    def test_notes(self) -> list[str]:
+        """How each row was tested against the best, what the mark means, how many seeds a difference needs."""
+        notes = []
+        tests = [r.vs_best for r in self.rows if r.vs_best is not None and r.vs_best.p is not None]
+        if not tests and any(r.vs_best is not None for r in self.rows):
+            notes.append("p vs best: no row and the best have 2 seeds each to test; †: not shown to differ.")
+        if tests:
+            kinds = {t.test for t in tests}
+            how = []
+            if "paired" in kinds:
+                how.append("a paired t-test on the seeds both rows ran (same seed = same init and data order)")
+            if "Welch" in kinds:
+                how.append("Welch's t-test (unequal variances) where the rows ran different seeds, marked W")
+            notes.append(
+                f"p vs best: {self.best_metric}, two-sided, " + "; ".join(how) + f"; Holm-adjusted over "
+                f"{len(tests)} comparison(s). †: not distinguishable from the best at "
+                f"alpha = {self.alpha:g} (or fewer than 2 seeds to test)."
+            )
+            needed = [
+                f"{self.row_name(r)}: {r.vs_best.seeds_needed or f'> {MAX_SEEDS}'}"
+                for r in self.rows
+                if r.vs_best is not None and r.vs_best.sd is not None
+            ]
+            if needed:
+                notes.append(
+                    f"seeds needed to detect a difference of {self.detect:g} in {self.best_metric} from the best row "
+                    f"with 80% power (paired t-test, alpha = {self.alpha:g}, the observed std of per-seed "
+                    f"differences): " + "; ".join(needed) + "."
+                )
+        folded = [m for m in self.metrics if is_verification(m)]
+        if folded:
+            notes.append(
+                f"{', '.join(folded)}: per seed, the mean accuracy over its verification folds (as metrics.json "
+                "holds it); the interval and tests are over seeds only: the folds share one trained model, they "
+                "are not independent samples of the training randomness (the fold std is not pooled in)."
+            )
+        return notes
+
+    def row_name(self, row: Row) -> str:
+        return ", ".join(f"{k}={row.setting.get(k, '-')}" for k in self.keys) or "(defaults)"
 
     def split_notes(self) -> list[str]:
         """What val and test are and what chose best.pt, when a column depends on it."""
@@ -265,7 +358,8 @@ class Report:
         keys = self.keys or ["setting"]
         header = [*keys, "n", "failed"]
         for m in self.metrics:
-            header += [f"{m} mean", f"{m} std"]
+            header += [f"{m} mean", f"{m} std", f"{m} n", f"{m} ci_low", f"{m} ci_high"]
+        header += ["test vs best", "p vs best", "p_holm", "seeds_needed"]
         for label in self.paper_labels:
             header += [
                 f"paper {label}",
@@ -275,14 +369,17 @@ class Report:
                 f"ours {label} std",
                 f"diff {label}",
             ]
-        header += ["best", "errors"]
+        header += ["best", "not distinguishable from best", "mixed", "errors"]
         writer.writerow(header)
         num = lambda x: "" if x is None else repr(float(x))
         for row in self.rows:
             line = self.cells(row)[1 : 1 + len(keys)] + [len(row.completed), len(row.failed)]
             for m in self.metrics:
                 stat = row.stats.get(m)
-                line += [num(stat.mean if stat else None), num(stat.std if stat else None)]
+                line += [num(getattr(stat, name, None)) for name in ("mean", "std")]
+                line += [stat.n if stat else 0, *(num(getattr(stat, name, None)) for name in ("ci_low", "ci_high"))]
+            vs = row.vs_best
+            line += [vs.test if vs else "", num(vs and vs.p), num(vs and vs.p_holm), (vs and vs.seeds_needed) or ""]
             papers = {p.label: p for p in row.paper}
             for label in self.paper_labels:
                 paper, ours = papers.get(label), row.ours.get(label)
@@ -294,16 +391,20 @@ class Report:
                     num(ours.std if ours else None),
                     num(ours.mean - paper.value) if (paper and ours) else "",
                 ]
-            line += [int(row.best), " | ".join(str(j.error) for j in row.failed)]
+            mixed = " ".join(f"{k}={row.setting.get(k, '-')}" for k in self.confounders)
+            line += [int(row.best), int(row.tie), mixed, " | ".join(str(j.error) for j in row.failed)]
             writer.writerow(line)
         return out.getvalue()
 
-    def write(self, out_dir: Path) -> tuple[Path, Path]:
+    def write(self, out_dir: Path) -> tuple[Path, Path, Path]:
+        """report.md, report.csv and report.tex (a booktabs table for a paper) in ``out_dir``."""
+        from marginlab.report.latex import latex
+
         out_dir.mkdir(parents=True, exist_ok=True)
-        md, csv_path = out_dir / "report.md", out_dir / "report.csv"
-        md.write_text(self.markdown())
-        csv_path.write_text(self.csv())
-        return md, csv_path
+        paths = out_dir / "report.md", out_dir / "report.csv", out_dir / "report.tex"
+        for path, text in zip(paths, (self.markdown(), self.csv(), latex(self))):
+            replace_text(path, text)
+        return paths
 
 
 def distinguishing_keys(jobs: list[Job]) -> list[str]:
@@ -332,41 +433,58 @@ def distinguishing_keys(jobs: list[Job]) -> list[str]:
     return keys
 
 
-def build_report(jobs: list[Job], metrics: list[str] | None = None, root: Path | None = None) -> Report:
-    """Groups ``jobs`` (in sweep order) by setting and averages each metric over the completed seeds."""
-    keys = distinguishing_keys(jobs)
+def build_report(
+    jobs: list[Job],
+    metrics: list[str] | None = None,
+    root: Path | None = None,
+    axes: tuple[str, ...] | list[str] = (),
+    alpha: float = 0.05,
+    detect: float = 0.005,
+) -> Report:
+    """Groups ``jobs`` (in sweep order) by setting (``settings.compare``: every key that differs, confounders
+    included), summarises each metric over the completed seeds and tests each row against the best."""
+    comparison: Comparison = compare(jobs, [*axes, *(a for j in jobs for a in j.axes)])
+    keys = comparison.columns
     rows: dict[tuple, Row] = {}
     for job in jobs:
-        labels = {k: job.label(k) or "-" for k in keys}
+        labels = {k: job.text(k) or "-" for k in keys}
         rows.setdefault(tuple(labels.values()), Row(setting={**job.setting(), **labels})).jobs.append(job)
     metrics = list(metrics or default_metrics(jobs))
-    common = {k: v for k, v in next(iter(rows.values())).setting.items() if k not in keys} if rows else {}
+    level = 1 - alpha
     for row in rows.values():
         for m in metrics:
-            row.stats[m] = Stat.of([float(j.metrics[m]) for j in row.completed if is_finite_number(j.metrics.get(m))])
+            row.stats[m] = summarize(list(row.by_seed(m).values()), level)
         first = row.jobs[0]
         row.paper = paper_values(first.config.get("paper"), first.value)
         for p in row.paper:
-            row.ours[p.label] = Stat.of(
-                [
-                    p.convert(float(j.metrics[p.measured]))
-                    for j in row.completed
-                    if is_finite_number(j.metrics.get(p.measured))
-                ]
-            )
+            row.ours[p.label] = summarize([p.convert(v) for v in row.by_seed(p.measured).values()], level)
     paper_labels = list(dict.fromkeys(p.label for r in rows.values() for p in r.paper))
     best_metric = metrics[0] if metrics else "test/acc"
     scored = [r for r in rows.values() if r.stats.get(best_metric)]
     if scored:
         sign = -1.0 if lower_is_better(best_metric) else 1.0
-        max(scored, key=lambda r: sign * r.stats[best_metric].mean).best = True
+        best = max(scored, key=lambda r: sign * r.stats[best_metric].mean)
+        best.best = True
+        compare_to_best(best, [r for r in scored if r is not best], best_metric, alpha, detect)
     return Report(
         rows=list(rows.values()),
         metrics=metrics,
         keys=keys,
-        common=common,
+        common=comparison.common,
         paper_labels=paper_labels,
         best_metric=best_metric,
         root=root,
         selected_on=selection(jobs),
+        confounders=comparison.confounders,
+        confounder_values=comparison.values,
+        alpha=alpha,
+        detect=detect,
     )
+
+
+def compare_to_best(best: Row, rows: list[Row], metric: str, alpha: float, detect: float) -> None:
+    """Each row against the best on ``metric`` (``stats.versus_best``); ``tie`` when not distinguishable."""
+    results = versus_best(best.by_seed(metric), [r.by_seed(metric) for r in rows], alpha, detect)
+    for row, result in zip(rows, results):
+        row.vs_best = result
+        row.tie = result.p_holm is None or result.p_holm >= alpha
