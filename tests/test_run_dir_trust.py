@@ -170,3 +170,11 @@ def test_hand_made_eval_records_are_skipped_not_merged(tmp_path):
     merged = merged_record(ckpt)
     assert merged["results"] == {"lfw": {"acc": 0.99}} and merged["lfw/acc"] == 0.99
     assert len(merged["evaluations"]) == 1
+
+
+def test_report_refuses_a_hostile_overrides_file(run_dir, tmp_path, capfd):
+    line = append_overrides(run_dir / ".hydra" / "overrides.yaml", payloads(tmp_path)["resolver creates a dir"])
+    code = run_cli("report", str(run_dir))
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"overrides.yaml:{line}:" in err, err
+    assert not (tmp_path / "pwned").exists()

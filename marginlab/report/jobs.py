@@ -263,10 +263,14 @@ def changed_on_resume(hydra_dir: Path) -> list[str]:
 def last_overrides(hydra_dir: Path) -> list:
     """The overrides the job last trained with: its newest resume's (which may have changed e.g. trainer.epochs),
     else the original command line's."""
+    from marginlab.replayed_overrides import read_history_file, read_override_file
+
     history = _load_yaml(hydra_dir / RESUMES_FILE)
     if isinstance(history, list) and history and isinstance(history[-1], dict):
-        return history[-1].get("overrides") or []
-    return _load_yaml(hydra_dir / "overrides.yaml") or []
+        # untrusted like every run file: what a run cannot hold is refused, naming the file and the line
+        return read_history_file(hydra_dir / RESUMES_FILE)[-1].get("overrides") or []
+    overrides = _load_yaml(hydra_dir / "overrides.yaml")
+    return read_override_file(hydra_dir / "overrides.yaml") if isinstance(overrides, list) else []
 
 
 def read_job(path: Path) -> Job:

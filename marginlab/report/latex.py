@@ -6,29 +6,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from marginlab.head_names import HEADS, REGULARIZERS
+
 if TYPE_CHECKING:
     from marginlab.report.table import Report, Row
 
-#: a head config's name -> its name in the papers
-HEADS = {
-    "adaface": "AdaFace",
-    "amsoftmax": "AM-Softmax",
-    "arcface": "ArcFace",
-    "coco": "COCO loss",
-    "combined": "Combined margin",
-    "cosface": "CosFace",
-    "cosine": "Cosine softmax",
-    "curricularface": "CurricularFace",
-    "l2softmax": "L2-Softmax",
-    "lsoftmax": "L-Softmax",
-    "magface": "MagFace",
-    "normface": "NormFace",
-    "rbf": "RBF-Softmax",
-    "softmax": "Softmax",
-    "sphereface": "SphereFace",
-    "subcenter_arcface": "Sub-center ArcFace",
-}
-REGULARIZERS = {"center": "center loss", "incay": "Ring loss (incay)"}
 #: head parameters written as math symbols in a row label
 SYMBOLS = {"head.s": "$s$", "head.m": "$m$"}
 _ESCAPES = {
