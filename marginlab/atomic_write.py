@@ -24,6 +24,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def discard(path: Path) -> None:
+    """Removes a temp file if it is there; a cleanup that fails (a read-only file system refuses even the unlink
+    of a missing file) never replaces the error being raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def replace_file(path: str | os.PathLike, write: Callable[[IO], object], binary: bool = False) -> None:
     """``path`` holds what ``write(f)`` wrote into ``f`` (text, or bytes with ``binary``), atomically and durably
     (see the module doc). The file gets the permissions a plain open() gives (0o666 less the umask)."""
@@ -36,7 +45,7 @@ def replace_file(path: str | os.PathLike, write: Callable[[IO], object], binary:
             os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
     fsync_dir(path.parent)  # the rename itself on disk: a power loss keeps the new file, not the old
 

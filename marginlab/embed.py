@@ -33,7 +33,7 @@ from marginlab.command_args import (
 from marginlab.data.face import FaceImageDataset, parse_image_size
 from marginlab.errors import ConfigError
 from marginlab.eval.verification import embed_images
-from marginlab.export.files import put_in_place, refuse_existing, staged, write_text
+from marginlab.export.files import check_writable, put_in_place, refuse_existing, staged, write_text
 
 _text = lambda k, v: v  # noqa: E731
 SPEC = {
@@ -117,6 +117,7 @@ def embed(args: list[str]) -> Path:
             f"{index_path(out.with_suffix('.npy')).name} beside it)"
         )
     refuse_existing(out, index_path(out))
+    check_writable(out.parent, "; give out=<a .npy in a writable folder>")  # before any image is embedded
     device = resolve_device(str(opts["device"]))
     path = find_checkpoint(opts["checkpoint"])
     backbone, ckpt, _ = load_backbone(path, backbone=opts["backbone"], image_size=opts["image_size"])

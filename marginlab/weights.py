@@ -61,16 +61,23 @@ def check_backbone_node(node, source) -> None:
             stack.extend(values)
 
 
+def meta_state(node, **size) -> dict:
+    """The state dict (key -> tensor on the meta device: shape and dtype, no storage) of the module ``node`` builds:
+    nothing is allocated, so a config asking for a huge model is refused before it is built for real."""
+    node = OmegaConf.create(node)
+    importlib.import_module(node._target_.rpartition(".")[0])  # imported outside the meta device's scope
+    with torch.device("meta"):
+        return instantiate(node, **size).state_dict()
+
+
 def build_backbone(path: Path, ckpt: dict) -> nn.Module:
     """The backbone a marginlab checkpoint's own config builds, holding its weights, on the CPU in eval mode."""
     data = ckpt["data"]
     check_backbone_node(ckpt["config"].get("backbone") if isinstance(ckpt["config"], dict) else None, path)
     node = OmegaConf.create(ckpt["config"]["backbone"])
+    size = {"in_channels": data["in_channels"], "image_size": data["image_size"]}
     try:
-        size = {"in_channels": data["in_channels"], "image_size": data["image_size"]}
-        importlib.import_module(node._target_.rpartition(".")[0])  # imported outside the meta device's scope
-        with torch.device("meta"):  # the shapes first, allocating nothing: a config asking for a huge model is refused
-            shapes = {k: list(v.shape) for k, v in instantiate(node, **size).state_dict().items()}
+        shapes = {k: list(v.shape) for k, v in meta_state(node, **size).items()}
     except Exception as exc:  # noqa: BLE001 - one line naming the file
         why = " ".join(str(exc).split())[:300]  # Hydra's first line only names the target; the cause follows
         raise DataError(f"{path}: its backbone config cannot be built: {type(exc).__name__}: {why}") from None
@@ -179,16 +186,20 @@ def state_dict_checkpoint(path: Path, state: dict, backbone=None, image_size=Non
     height, width = parse_image_size(size, "image_size")
     size = height if height == width else [height, width]
     try:
-        module = instantiate(OmegaConf.create(node), in_channels=channels, image_size=size)
+        model_state = meta_state(node, in_channels=channels, image_size=size)  # shapes only: built for real later
     except Exception as exc:  # noqa: BLE001 - one line naming the architecture
         raise ConfigError(
             f"{label} cannot be built for a {channels}x{height}x{width} input: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
-    expected = {k: list(v.shape) for k, v in module.state_dict().items()}
+    expected = {k: list(v.shape) for k, v in model_state.items()}
     theirs = from_insightface(state)
     layout, keys = max((("marginlab", state), ("insightface", theirs)), key=lambda c: len(expected.keys() & c[1]))
-    counters = {k: v for k, v in module.state_dict().items() if k.endswith("num_batches_tracked") and k not in keys}
+    counters = {  # a fresh module's value (0), on the CPU
+        k: torch.zeros(v.shape, dtype=v.dtype)
+        for k, v in model_state.items()
+        if k.endswith("num_batches_tracked") and k not in keys
+    }
     mapped, keys = keys, {**keys, **counters}  # BatchNorm's step counters, which some files leave out, play no part
     differences = state_differences(expected, keys)
     if differences:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
 import pytest
 
-from marginlab.atomic_write import replace_text
+from marginlab.atomic_write import replace_file, replace_text
 from marginlab.logging.run_log import write_json
 
 
@@ -47,3 +48,17 @@ def test_two_writers_never_share_a_temp_file(tmp_path, monkeypatch):
     replace_text(tmp_path / "a.json", "1")
     replace_text(tmp_path / "a.json", "2")
     assert len(set(names)) == 2 and all(n.startswith(".a.json.") and n.endswith(".tmp") for n in names)
+
+
+def test_a_cleanup_that_fails_never_hides_the_error(tmp_path, monkeypatch):
+    # a read-only file system refuses even the unlink of the temp file that was never made (EROFS, not ENOENT)
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def full_disk(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(OSError, match="No space left") as raised:
+        replace_file(tmp_path / "a.json", full_disk)
+    assert raised.value.errno == errno.ENOSPC and raised.value.__context__ is None

@@ -110,6 +110,30 @@ def test_a_checkpoint_config_asking_for_a_huge_backbone_is_refused_before_it_is_
     assert built_on == ["meta"]
 
 
+def test_an_export_sidecar_asking_for_a_huge_backbone_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    # a 0.1 MB state dict whose export sidecar asks for an IResNet with a 10^6-wide embedding (a 100 GB layer):
+    # built for real, it took 2.5 GB at a 25000-wide one; the meta device's shapes refuse it, allocating nothing
+    from marginlab.backbones.iresnet import IResNet
+    from marginlab.weights import load_backbone
+
+    built_on, init = [], IResNet.__init__
+
+    def guarded_init(self, *args, **kwargs):
+        built_on.append(torch.get_default_device().type)
+        assert built_on[-1] == "meta", "built for real before its shapes were checked"
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(IResNet, "__init__", guarded_init)
+    weights = tmp_path / "tiny.state_dict.pt"
+    torch.save({"w": torch.zeros(25000)}, weights)
+    huge = {"_target_": "marginlab.backbones.iresnet.IResNet", "depth": 18, "embedding_dim": 10**6}
+    card = {"backbone": huge, "input": {"channels": 3, "height": 112, "width": 112}}
+    Path(f"{weights}.json").write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match=r"tiny\.state_dict\.pt does not fit the backbone of tiny\.state_dict"):
+        load_backbone(weights)
+    assert built_on == ["meta"]
+
+
 def test_a_legacy_format_checkpoint_is_read_where_resume_maps_it(tmp_path):
     # check_resume reads with mmap=True, which torch refuses for its pre-1.6 (non-zip) format
     torch.save({"state": {"epoch": 1}}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)

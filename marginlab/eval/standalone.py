@@ -30,9 +30,9 @@ from marginlab.checkpoint import find_checkpoint
 from marginlab.command_args import run_command
 from marginlab.data.face import parse_image_size
 from marginlab.engine import resolve_device
-from marginlab.errors import ConfigError
+from marginlab.errors import ConfigError, OutputError
 from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
-from marginlab.export.files import free_path, write_text
+from marginlab.export.files import check_writable, free_path, write_text
 from marginlab.logging.run_log import NONFINITE_KEY, dumps, write_json
 from marginlab.weights import load_backbone as load_weights
 
@@ -152,6 +152,8 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     if not verifiers:
         raise ConfigError("no verification set selected: verification=[lfw,cfp_fp,agedb_30]")
     path = find_checkpoint(cfg.checkpoint)
+    for folder in (path.parent, eval_dir(path)):  # before the work: a result that cannot be kept is not computed
+        check_writable(folder, "; marginlab eval writes beside the checkpoint: copy it to a writable folder")
     device = resolve_device(str(cfg.device))
     size = cfg.get("image_size")  # a bare state dict's input (None: its own, 112)
     size = OmegaConf.to_container(size) if OmegaConf.is_config(size) else size
@@ -166,10 +168,14 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
             target.use_checkpoint(path)
     epoch = ckpt.get("state", {}).get("epoch")
     scalars, results = run_verifiers(verifiers, backbone, data["image_size"], device, epoch=epoch)
+    for name in results:  # printed first: a result is never lost to a file that cannot be written
+        if "summary" in results[name]:  # IJB-B/C: TAR at each FAR, AUC and the protocol's flags
+            print(results[name]["summary"])
+            continue
+        print(verification_line(name, results[name]))
     now = datetime.now(timezone.utc)
-    written = []
-    for name, result in results.items():
-        record = {
+    records = {
+        name: {
             "checkpoint": str(path),
             "set": name,
             "time": now.isoformat(),
@@ -179,17 +185,25 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
             "scalars": {k: v for k, v in scalars.items() if k.startswith(f"{name}/")},
             "result": jsonable(result),
         }
-        file = write_record(path, name, record, now.strftime("%Y%m%dT%H%M%SZ"))
-        draw_roc(result, name, file.with_suffix(".png"), epoch=epoch)
-        written.append(file)
-    out = merged_record(path)
-    target = path.with_suffix(".eval.json")
-    write_json(target, out)  # strict JSON: NaN/inf as null, named under "nonfinite"
-    for name in results:
-        if "summary" in results[name]:  # IJB-B/C: TAR at each FAR, AUC and the protocol's flags
-            print(results[name]["summary"])
-            continue
-        print(verification_line(name, results[name]))
+        for name, result in results.items()
+    }
+    written, target = [], path.with_suffix(".eval.json")
+    try:
+        for name, record in records.items():
+            file = write_record(path, name, record, now.strftime("%Y%m%dT%H%M%SZ"))
+            draw_roc(results[name], name, file.with_suffix(".png"), epoch=epoch)
+            written.append(file)
+        out = merged_record(path)
+        try:
+            write_json(target, out)  # strict JSON: NaN/inf as null, named under "nonfinite"
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    except OutputError as exc:
+        unsaved = list(records)[len(written) :]
+        for name in unsaved:  # the whole record, as its file would hold it, one JSON line each
+            print(dumps(records[name], sort_keys=True))
+        shown = f"; the results of {', '.join(unsaved)} are printed above (stdout), one JSON line each"
+        raise OutputError(f"{exc}{shown if unsaved else ''}") from None
     print(f"marginlab: wrote {', '.join(str(f) for f in written)} (ROC figures beside them) and {target}")
     return out
 

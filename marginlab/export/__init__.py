@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from marginlab.checkpoint import find_checkpoint
 from marginlab.checks import image_hw
 from marginlab.command_args import REQUIRED, STATE_DICT_OPTIONS, one_of, parse, run_command
-from marginlab.export.files import free_path, put_in_place, refuse_existing, staged, write_text
+from marginlab.export.files import check_writable, free_path, put_in_place, refuse_existing, staged, write_text
 from marginlab.export.formats import FORMATS, insightface_problems, random_batch
 from marginlab.export.model_card import is_face_model, model_card
 from marginlab.logging.run_log import dumps
@@ -51,17 +52,18 @@ def destination(out: str | None, checkpoint: Path, suffix: str) -> tuple[Path, s
 def export(args: list[str]) -> dict:
     """Runs the command; returns the sidecar it wrote."""
     opts = parse("export", args, SPEC)
+    suffix, writer = FORMATS[opts["format"]]
+    target, note = destination(opts["out"], find_checkpoint(opts["checkpoint"]), suffix)
+    check_writable(target.parent, "; give out=<a file in a writable folder>")  # before the model is built
     backbone, ckpt, path = load_backbone(opts["checkpoint"], backbone=opts["backbone"], image_size=opts["image_size"])
+    if note:
+        print(f"marginlab: {note}")
     backbone = backbone.float()
     name = f"backbone {ckpt['config']['backbone'].get('_target_')}"
     height, width = image_hw(ckpt["data"]["image_size"])
     example = random_batch(2, (int(ckpt["data"]["in_channels"]), height, width), seed=0)
     with torch.no_grad():
         embedding_size = int(backbone(example).shape[1])
-    suffix, writer = FORMATS[opts["format"]]
-    target, note = destination(opts["out"], path, suffix)
-    if note:
-        print(f"marginlab: {note}")
     start = time.perf_counter()
     with staged(target) as tmp:
         check = writer(backbone, example, tmp, name)

@@ -75,6 +75,8 @@ def write_onnx(backbone: nn.Module, example: Tensor, path: Path, name: str) -> d
                 opset_version=OPSET,
                 dynamo=False,
             )
+    except OSError:
+        raise  # the file, not the model: files.staged names it
     except Exception as exc:  # an operation the tracer or the exporter does not support
         raise ExportError(f"{name} cannot be exported to ONNX ({_first_line(exc)})") from None
     batch = random_batch(CHECK_BATCH, example.shape[1:], seed=1)
@@ -112,6 +114,8 @@ def write_torchscript(backbone: nn.Module, example: Tensor, path: Path, name: st
             traced = torch.jit.trace(backbone, example, check_trace=False)
             torch.jit.save(traced, str(path))
             loaded = torch.jit.load(str(path), map_location="cpu")
+    except OSError:
+        raise  # the file, not the model: files.staged names it
     except Exception as exc:
         raise ExportError(f"{name} cannot be exported to TorchScript ({_first_line(exc)})") from None
     batch = random_batch(CHECK_BATCH, example.shape[1:], seed=1)
