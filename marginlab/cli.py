@@ -42,7 +42,7 @@ exit codes: 0 done; 2 a user or environment error, one line `marginlab: error: .
   option, unreadable data, a file the system refuses to write); 1 a bug (traceback), or a sweep with failed jobs
 
 examples:
-  marginlab train                                   # digits default: no download, ~15 s on 2 CPU cores
+  marginlab train                                   # digits default: no download, ~10 s (README: first_run)
   marginlab train head=amsoftmax m=0.35 s=30
   marginlab train dataset=cifar10 backbone=resnet20 head=arcface trainer.epochs=200
   marginlab train resume=latest                     # continue the newest run in its own directory

@@ -44,6 +44,16 @@ def module_summary(module: str) -> str:
     return first.split(": ")[0].rstrip(".")
 
 
+def leading_comment(path: Path) -> str:
+    """The first sentence of the comment a config file opens with, up to its first ": " ("" without one)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    return " ".join(" ".join(lines).split()).split(": ")[0].rstrip(".")
+
+
 def option_configs(group: str) -> dict[str, dict]:
     """``{option: its yaml}`` of every ``configs/<group>/*.yaml`` that names a ``_target_``."""
     out = {}
@@ -67,6 +77,8 @@ def catalog(group: str) -> list[tuple[str, str]]:
         module = cfg["_target_"].rpartition(".")[0]
         line = module_summary(module)
         siblings = [c for c in configs.values() if c["_target_"] == cfg["_target_"] and c is not cfg]
+        own = leading_comment(CONFIGS / group / f"{option}.yaml") if siblings else ""
+        line = own or line  # one class, several papers' nets (plain_cnn: L-Softmax's, NormFace's): the file says which
         if siblings:  # the values that tell this option apart from the others on the same class
             differ = [
                 k

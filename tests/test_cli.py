@@ -35,7 +35,10 @@ def test_train_help_lists_groups_and_options():
         assert option in out.stdout
     # one line per head / backbone, from its module's docstring (marginlab.help_catalog)
     assert re.search(r"^  arcface +ArcFace \(Deng et al\., CVPR 2019\)$", out.stdout, re.MULTILINE)
-    assert re.search(r"^  iresnet50 +IResNet-18/34/50/100 .*\[depth=50\]$", out.stdout, re.MULTILINE)
+    # options sharing one class: the line their own config file opens with
+    assert re.search(
+        r"^  iresnet50 +IResNet-50 \(InsightFace arcface_torch iresnet50\) \[depth=50\]$", out.stdout, re.M
+    )
 
 
 def hydra_help_page() -> str:
@@ -94,7 +97,8 @@ def test_help_catalog_has_a_line_for_every_head_and_backbone():
         assert all(lines.values()), [o for o, line in lines.items() if not line]
     heads = dict(catalog("head"))
     assert heads["sphereface"] == "SphereFace / A-Softmax (Liu et al., CVPR 2017)"
-    assert heads["cosine"].startswith("NormFace") and heads["cosine"].endswith("[s=1.0]")  # same class, told apart
+    # same class as normface: its own file's opening line, and the values that tell them apart
+    assert heads["cosine"].startswith("Cosine Normalization") and heads["cosine"].endswith("[s=1.0]")
 
 
 def test_unknown_command_is_a_clear_error(capsys):
@@ -182,3 +186,12 @@ def test_a_run_that_never_trained_says_where_its_failure_record_is(run_train, ca
     assert code == 2 and "optim.lr='abc'" in line
     assert f"(the run never trained: {run_dir} holds only its config and this failure, in metrics.json)" in line
     assert not (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.json").exists()
+
+
+def test_options_sharing_a_class_are_described_by_their_own_file():
+    from marginlab.help_catalog import catalog
+
+    lines = dict(catalog("backbone"))
+    assert lines["normface_lenet"].startswith("NormFace's MNIST net") and "VGG" not in lines["normface_lenet"]
+    assert lines["lsoftmax_cifar10"].startswith("L-Softmax paper's CIFAR-10 net")
+    assert lines["resnet18"].endswith("[arch=resnet18]")

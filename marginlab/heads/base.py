@@ -14,6 +14,7 @@ and ``probe_margin``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Literal
@@ -222,6 +223,22 @@ class MarginHead(nn.Module):
 
     def _check_inputs(self, embeddings: Tensor, labels: Tensor | None) -> None:
         check_batch(type(self).__name__, self.in_features, embeddings, labels)
+
+    def extra_repr(self) -> str:
+        """``in_features=512, num_classes=10572, s=64.0, m=0.5, ...``: every constructor argument the head keeps
+        as a plain value (a learnt scalar such as NormFace's s as its current value), so a printed head says
+        which margin it applies."""
+        names = [
+            p for c in type(self).__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters
+        ]
+        shown = {}
+        for name in dict.fromkeys(n for n in names if n not in ("self", "args", "kwargs", "common")):
+            value = getattr(self, name, None)
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = round(float(value.detach()), 6)
+            if isinstance(value, (bool, int, float, str)):
+                shown[name] = value
+        return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in shown.items())
 
 
 class CosineMarginHead(MarginHead):

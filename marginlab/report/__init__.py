@@ -72,8 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="a sweep directory, or several run/job directories")
     p.add_argument(
         "--metrics",
-        help="comma-separated metrics.json keys (default: test/acc and any <set>/acc); "
-        "the first one picks the best row",
+        help="comma-separated metrics.json keys (default: best/val/acc, best/test/acc and test/acc when the runs "
+        "hold out a validation split, else test/acc; then every <set>/acc they measured); the first one picks "
+        "the best row",
     )
     p.add_argument("--out", help="directory for report.md, .csv and .tex (default: the sweep directory)")
     p.add_argument(
