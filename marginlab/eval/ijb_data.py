@@ -36,6 +36,7 @@ from marginlab.data.base import WorkerError
 from marginlab.data.face import parse_image_size
 from marginlab.data.face.align import (
     ARCFACE_CROP,
+    FLOAT32_MAX,
     align_face,
     parse_landmark_line,
     read_image_rgb,
@@ -120,7 +121,7 @@ def read_landmarks_scores(path: Path) -> tuple[list[str], np.ndarray, np.ndarray
         if any(len(f) != 12 for f in fields):
             raise ValueError
         numbers = np.fromiter(map(float, chain.from_iterable(f[1:] for f in fields)), np.float64).reshape(-1, 11)
-        if not np.all(np.isfinite(numbers)):
+        if not np.all(np.abs(numbers) <= FLOAT32_MAX):  # NaN, inf, and what overflows to inf in float32
             raise ValueError
     except ValueError:
         for n, line in rows:  # the slow path only to name the line

@@ -159,6 +159,29 @@ def test_landmark_line_with_the_wrong_field_count(ijb):
         ijb_data.read_meta(ijb.root, "ijbc")
 
 
+def test_landmarks_beyond_float32_are_refused_when_read(ijb):
+    path = ijb.root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    lines[5] = " ".join([lines[5].split()[0], "1e39", *lines[5].split()[2:]])  # inf once in float32
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"ijbc_name_5pts_score.txt, line 6: the numbers must be finite"):
+        ijb_data.read_meta(ijb.root, "ijbc")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_landmarks_off_the_image_are_refused(ijb, workers):
+    """Landmarks off every photo gave all-black crops, one feature for all, and AUC 0.5 with no error."""
+    path = ijb.root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    lines[3] = " ".join([lines[3].split()[0], *(["1e30"] * 10), lines[3].split()[-1]])
+    path.write_text("\n".join(lines) + "\n")
+    target = IJBTarget(name="ijbc", root=str(ijb.root), num_workers=workers, batch_size=2)
+    with pytest.raises(
+        DataError, match=r"^\S*ijbc_name_5pts_score.txt, line 4: landmark 1 \(x=1e\+30, y=1e\+30\) is off"
+    ):
+        target.run(backbone(), 112, "cpu")
+
+
 def test_meta_files_listing_other_images(ijb):
     path = ijb.root / "meta" / "ijbc_face_tid_mid.txt"
     path.write_text(path.read_text().replace("4.png", "40.png"))
