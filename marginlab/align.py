@@ -6,10 +6,11 @@ five-point detector gives them, e.g. ``insightface.app.FaceAnalysis`` -> ``face.
 similarity transform that puts its five points on the ArcFace template (``marginlab.data.face.align``; the
 alignment of InsightFace's training sets and of its IJB evaluation) and written to ``out`` under the same
 relative path and format: ``input/alice/1.jpg`` -> ``out/alice/1.jpg``, so an ``<identity>/<image>`` tree stays
-one and ``dataset=imagefolder`` can train on it. Landmarks must be finite and on their image (up to 10% of its
-size outside; ``check_in_frame``). Options: ``progress=auto``. Existing files are never overwritten. All or
-nothing: the crops are written into a hidden folder beside ``out`` and moved into it only when every image is
-aligned, so a bad line leaves no crop behind and the fixed rerun starts clean.
+one and ``marginlab train dataset=casia dataset.root=<out>`` trains on it (a folder tree is detected;
+``dataset.format=folder`` forces it). Landmarks must be finite and on their image (up to 10% of its size
+outside; ``check_in_frame``). Options: ``progress=auto``. Existing files are never overwritten. All or nothing:
+the crops are written into a hidden folder beside ``out`` and moved into it only when every image is aligned, so
+a bad line leaves no crop behind and the fixed rerun starts clean.
 """
 
 from __future__ import annotations
