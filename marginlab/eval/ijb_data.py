@@ -174,6 +174,12 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             f"{path}, line {_data_line(path, int(bad[0]))}: label {int(pairs[bad[0], 2])} is not "
             f"allowed: 1 (same identity) or 0 (different)"
         )
+    same = int(np.count_nonzero(pairs[:, 2]))
+    if same in (0, len(pairs)):  # refused here, before the long embedding, not after it by evaluate_scores
+        raise DataError(
+            f"{path}: {same} genuine (label 1) and {len(pairs) - same} impostor (label 0) pairs; the "
+            "verification ROC needs both kinds"
+        )
     return pairs[:, 0], pairs[:, 1], pairs[:, 2]
 
 

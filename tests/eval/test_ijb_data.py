@@ -150,6 +150,14 @@ def test_bad_pair_lines(ijb, text, message):
         ijb_data.read_meta(ijb.root, "ijbc")
 
 
+@pytest.mark.parametrize("label,genuine,impostor", [(1, 6, 0), (0, 0, 6)])
+def test_pairs_of_one_kind_are_refused_before_embedding(ijb, label, genuine, impostor):
+    path = ijb.root / "meta" / "ijbc_template_pair_label.txt"
+    path.write_text("".join(f"{a} {b} {label}\n" for a, b, _ in ijb.pairs))
+    with pytest.raises(DataError, match=rf"pair_label.txt: {genuine} genuine \(label 1\) and {impostor} impostor"):
+        ijb_data.read_meta(ijb.root, "ijbc")
+
+
 def test_landmark_line_with_the_wrong_field_count(ijb):
     path = ijb.root / "meta" / "ijbc_name_5pts_score.txt"
     lines = path.read_text().splitlines()
