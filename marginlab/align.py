@@ -6,11 +6,18 @@ five-point detector gives them, e.g. ``insightface.app.FaceAnalysis`` -> ``face.
 similarity transform that puts its five points on the ArcFace template (``marginlab.data.face.align``; the
 alignment of InsightFace's training sets and of its IJB evaluation) and written to ``out`` under the same
 relative path and format: ``input/alice/1.jpg`` -> ``out/alice/1.jpg``, so an ``<identity>/<image>`` tree stays
-one and ``dataset=imagefolder`` can train on it. Options: ``progress=auto``. Existing files are never overwritten.
+one and ``marginlab train dataset=casia dataset.root=<out>`` trains on it (a folder tree is detected;
+``dataset.format=folder`` forces it). Landmarks must be finite and on their image (up to 10% of its size
+outside; ``check_in_frame``). Options: ``progress=auto``. Existing files are never overwritten. All or nothing:
+the crops are written into a hidden folder beside ``out`` and moved into it only when every image is aligned, so
+a bad line leaves no crop behind and the fixed rerun starts clean.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,6 +55,35 @@ def plan(input_dir: Path, landmarks: Path, out_dir: Path) -> list[tuple[str, Pat
     return jobs
 
 
+def make_staging(out_dir: Path) -> Path:
+    """A new hidden folder beside ``out_dir`` (the same file system: the crops are renamed, not copied)."""
+    staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(f"{staging.parent}: cannot write the crops there ({exc.strerror or exc})") from None
+    return staging
+
+
+def move_into(staging: Path, out_dir: Path, targets: list[Path]) -> None:
+    """The finished crops from ``staging`` to ``out_dir``: one rename when ``out_dir`` is new, else crop by crop
+    (``put_in_place``: never over a file that appeared meanwhile)."""
+    from marginlab.export.files import put_in_place
+
+    if not out_dir.exists():
+        try:
+            os.rename(staging, out_dir)
+            return
+        except OSError:  # created meanwhile: crop by crop below
+            pass
+    for target in targets:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{target.parent}: cannot write ({exc.strerror or exc})") from None
+        put_in_place(staging / target.relative_to(out_dir), target)
+
+
 def align_folder(args: list[str]) -> Path:
     """Runs the command; returns the output folder."""
     from tqdm import tqdm
@@ -61,22 +97,30 @@ def align_folder(args: list[str]) -> Path:
         raise ConfigError(f"input={opts['input']!r} is not allowed: give the folder of the images to align")
     if out_dir.resolve() == input_dir.resolve():
         raise ConfigError(f"out={opts['out']!r} is not allowed: it is the input folder; give another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"out={opts['out']!r} is a file; give a folder (new or existing) for the crops")
     jobs = plan(input_dir, landmarks, out_dir)
     cv2 = opencv()
     progress = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
-    for where, source, target, points in tqdm(jobs, desc="align", unit="image", disable=not progress):
-        image = read_image_rgb(source, where)
-        try:
-            crop = align_face(image, points)
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = cv2.imwrite(str(target), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-        except (OSError, cv2.error) as exc:
-            raise OutputError(f"{target}: cannot write ({exc})") from None
-        if not written:
-            raise OutputError(f"{target}: cannot write (OpenCV knows no image format for {target.suffix!r})")
+    staging = make_staging(out_dir)
+    try:
+        for where, source, target, points in tqdm(jobs, desc="align", unit="image", disable=not progress):
+            image = read_image_rgb(source, where)
+            try:
+                crop = align_face(image, points)
+            except ValueError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            staged = staging / target.relative_to(out_dir)
+            try:
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                written = cv2.imwrite(str(staged), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+            except (OSError, cv2.error) as exc:
+                raise OutputError(f"{target}: cannot write ({exc})") from None
+            if not written:
+                raise OutputError(f"{target}: cannot write (OpenCV knows no image format for {target.suffix!r})")
+        move_into(staging, out_dir, [target for _, _, target, _ in jobs])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"marginlab: aligned {len(jobs)} image{'s' if len(jobs) != 1 else ''} to 112x112 in {out_dir}")
     return out_dir
 

@@ -11,6 +11,8 @@ import yaml
 from marginlab.cli import main
 from marginlab.help_catalog import CONFIGS, catalog
 
+from .conftest import run_cli
+
 FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false"]
 
 
@@ -99,6 +101,31 @@ def test_help_catalog_has_a_line_for_every_head_and_backbone():
     assert heads["sphereface"] == "SphereFace / A-Softmax (Liu et al., CVPR 2017)"
     # same class as normface: its own file's opening line, and the values that tell them apart
     assert heads["cosine"].startswith("Cosine Normalization") and heads["cosine"].endswith("[s=1.0]")
+
+
+def test_every_config_option_a_help_text_names_exists(capsys):
+    """``align --help`` recommended ``dataset=imagefolder``, which is no config: every ``<group>=<option>`` of the
+    top-level and command help pages must name a ``configs/<group>/<option>.yaml``."""
+    from marginlab.cli import COMMANDS
+
+    groups = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+    pages = {}
+    for command in ["", *COMMANDS]:
+        assert run_cli(*([command, "--help"] if command else ["--help"])) == 0
+        pages[f"marginlab {command} --help".replace("  ", " ")] = capsys.readouterr().out
+    named = [
+        (page, group, option)
+        for page, text in pages.items()
+        for group, options in re.findall(rf"(?<![.\w])({'|'.join(groups)})=([\w,]+)", text)
+        for option in options.split(",")
+    ]
+    assert {group for _, group, _ in named} >= {"dataset", "head", "backbone"}  # the pages were read
+    missing = [
+        f"{page}: {group}={option}"
+        for page, group, option in named
+        if not (CONFIGS / group).joinpath(f"{option}.yaml").is_file()
+    ]
+    assert missing == []
 
 
 def test_unknown_command_is_a_clear_error(capsys):

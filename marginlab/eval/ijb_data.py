@@ -13,6 +13,8 @@ memory. With a ``cache_dir`` the file is kept, named by a key of the weights, ``
 landmarks file, and reused by the next run with the same key; an extraction stopped midway leaves its complete rows
 there (``<name>-<key>.partial.npy`` and a sidecar counting them, ``FeatureRows``) for the next run to continue.
 Runs that want the same key at once take turns (``extraction_lock``): one embeds, the others wait and read its file.
+A cache file is read memory-mapped, never unpickled, and checked (``read_cache``): one that is unreadable, not
+float32 N x D, or holds NaN/inf is a DataError naming it to delete (it is recomputed).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from marginlab.data.base import WorkerError
 from marginlab.data.face import parse_image_size
 from marginlab.data.face.align import (
     ARCFACE_CROP,
+    FLOAT32_MAX,
     align_face,
     parse_landmark_line,
     read_image_rgb,
@@ -120,7 +123,7 @@ def read_landmarks_scores(path: Path) -> tuple[list[str], np.ndarray, np.ndarray
         if any(len(f) != 12 for f in fields):
             raise ValueError
         numbers = np.fromiter(map(float, chain.from_iterable(f[1:] for f in fields)), np.float64).reshape(-1, 11)
-        if not np.all(np.isfinite(numbers)):
+        if not np.all(np.abs(numbers) <= FLOAT32_MAX):  # NaN, inf, and what overflows to inf in float32
             raise ValueError
     except ValueError:
         for n, line in rows:  # the slow path only to name the line
@@ -172,6 +175,12 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise DataError(
             f"{path}, line {_data_line(path, int(bad[0]))}: label {int(pairs[bad[0], 2])} is not "
             f"allowed: 1 (same identity) or 0 (different)"
+        )
+    same = int(np.count_nonzero(pairs[:, 2]))
+    if same in (0, len(pairs)):  # refused here, before the long embedding, not after it by evaluate_scores
+        raise DataError(
+            f"{path}: {same} genuine (label 1) and {len(pairs) - same} impostor (label 0) pairs; the "
+            "verification ROC needs both kinds"
         )
     return pairs[:, 0], pairs[:, 1], pairs[:, 2]
 
@@ -360,14 +369,14 @@ class FeatureRows:
         if record.get("images") != self.num_images:
             raise ValueError(f"sidecar records {record.get('images')!r} images, the set has {self.num_images}")
         try:  # read-only first: numpy's "r+" would quietly zero-extend a truncated file
-            matrix = np.load(self.path, mmap_mode="r")
+            matrix = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(f"unreadable partial file: {exc}") from None
         if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[0] != self.num_images:
             raise ValueError(f"{matrix.dtype} {matrix.shape}, expected float32 ({self.num_images}, D)")
         if record.get("dim") != matrix.shape[1]:
             raise ValueError(f"sidecar records dim {record.get('dim')!r}, the file has {matrix.shape[1]}")
-        return np.load(self.path, mmap_mode="r+"), rows
+        return np.load(self.path, mmap_mode="r+", allow_pickle=False), rows
 
     def discard(self) -> None:
         self.matrix = None
@@ -456,7 +465,7 @@ def image_features_cached(
             path = extract_features(
                 meta, backbone, image_size, Path(tmp) / "features.npy", flip, batch_size, num_workers, device, progress
             )
-            return np.array(np.load(path, mmap_mode="r")), None
+            return np.array(np.load(path, mmap_mode="r", allow_pickle=False)), None
     key, about = cache_key(meta, backbone, image_size, flip)
     folder = Path(os.path.expanduser(str(cache_dir)))
     try:
@@ -468,15 +477,39 @@ def image_features_cached(
         ) from None
     path = folder / f"{meta.name}-{key}.npy"
     with extraction_lock(path.with_suffix(".lock"), meta.name):  # a run waiting here then finds the file
-        if not path.is_file():
+        cached = path.is_file()
+        if not cached:
             extract_features(
                 meta, backbone, image_size, path, flip, batch_size, num_workers, device, progress, resume=True
             )  # a run stopped midway leaves <name>-<key>.partial.npy (+ .partial.json) for the next to continue
             write_json(path.with_suffix(".json"), about)
-    features = np.load(path, mmap_mode="r")
-    if features.ndim != 2 or features.shape[0] != len(meta.images):
+    return read_cache(path, meta, check_finite=cached), path
+
+
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file (numpy.lib.format)
+CHECK_ROWS = 16384  # rows of a cache checked for NaN/inf at a time (IJB-C: 470k x 512 float32, 1 GB)
+
+
+def read_cache(path: Path, meta: IJBMeta, check_finite: bool = True) -> np.ndarray:
+    """The cached features (memory-mapped, never unpickled): float32, one row per image, finite with
+    ``check_finite``; a DataError naming the file to delete otherwise (a truncated, foreign or damaged file)."""
+    fix = "delete the file: the features are recomputed on the next run"
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+                raise ValueError("not a .npy file")
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable IJB feature cache ({exc}); {fix}") from None
+    n = len(meta.images)
+    if features.dtype != np.float32 or features.ndim != 2 or features.shape[0] != n:
         raise DataError(
-            f"{path}: cached features of shape {features.shape} do not fit {len(meta.images)} images; "
-            "remove the file to embed again"
+            f"{path}: the IJB feature cache holds {features.dtype} {features.shape}, expected float32 ({n}, D), "
+            f"one row per image; {fix}"
         )
-    return features, path
+    for lo in range(0, n if check_finite else 0, CHECK_ROWS):
+        bad = np.flatnonzero(~np.isfinite(features[lo : lo + CHECK_ROWS]).all(1))
+        if bad.size:
+            row = lo + int(bad[0])
+            raise DataError(f"{path}: the IJB feature cache holds NaN/inf (row {row}, {meta.images[row]}); {fix}")
+    return features

@@ -14,8 +14,9 @@ Differences, each stated where computed: TAR@FAR picks, per fold, the largest th
 FAR step function with ``scipy.interpolate.interp1d``: with scipy 1.8 a threshold up to 0.001 above ours,
 so its TAR is the same or a little higher; scipy 1.10 on refuses the repeated FAR values); AUC and EER
 are exact (sklearn ``roc_curve`` / ``auc`` over every distinct distance), not from the threshold grid. When
-every pair is of one kind they are undefined: NaN, with the reason under ``undefined``. Non-finite
-embeddings (NaN/inf) are a ``DataError`` naming the first such pair (InsightFace: sklearn's ValueError).
+every pair is of one kind they and TAR@FAR (with its FAR) are undefined: NaN, with the reason under
+``undefined``. Non-finite embeddings (NaN/inf) are a ``DataError`` naming the first such pair (InsightFace:
+sklearn's ValueError).
 Settings InsightFace takes as they come are refused first, a ``ConfigError`` naming the value: ``far_target``
 outside (0, 1) (a negative one gave TAR 0), ``nfolds`` not an integer >= 1 or above the pairs of either kind.
 """
@@ -305,7 +306,8 @@ def evaluate_distances(dist, issame, nfolds: int = 10, far_target: float = 1e-3,
     if issame.all() or not issame.any():
         kind = "same-identity" if issame.all() else "different-identity"
         why = f"undefined: every one of the {dist.size} pairs is a {kind} pair (an ROC needs both kinds)"
-        result["undefined"] = {"auc": why, "eer": why}
+        result["undefined"] = {key: why for key in ("auc", "eer", "tar_at_far", "tar_at_far_std", "far")}
+        result.update(tar_at_far=float("nan"), tar_at_far_std=float("nan"), far=float("nan"))  # was TAR 1.0 / 0.0
     else:  # the exact ROC (sklearn roc_curve), collinear points dropped: what the ROC figure draws
         result["exact_fpr"], result["exact_tpr"], _ = exact_roc(dist, issame, drop_intermediate=True)
         warning = grid_warning(dist, issame)

@@ -8,8 +8,8 @@
 A pairs file for your own data (``verification=[pairs]``): one pair a line, ``path1 path2 label`` separated by
 spaces or tabs, label 1 (same identity) or 0, paths relative to the image root (or absolute, without spaces);
 blank lines and lines starting with ``#`` are skipped. Its pairs are cut into 10 contiguous folds in file order
-(InsightFace's protocol: mix the two kinds through the file). A file whose first line does not have 3 fields is
-read as LFW's ``pairs.txt``.
+(InsightFace's protocol: mix the two kinds through the file); it must hold both kinds (TAR@FAR, AUC and EER are
+undefined without either). A file whose first line does not have 3 fields is read as LFW's ``pairs.txt``.
 Raw LFW images are 250x250 and unaligned: give aligned crops (the same alignment as the training data)
 or accuracy will be poor; any other size is resized.
 
@@ -235,6 +235,12 @@ def read_path_pairs(pairs_path: str | os.PathLike, root: str | os.PathLike):
                 raise DataError(f"{pairs_path}, line {n}: image {image} does not exist")
             paths.append(str(image))
         issame.append(LABELS[fields[2]])
+    same = sum(issame)
+    if same in (0, len(issame)):  # TAR@FAR read 1.0 with no impostor pair: FAR is undefined without one
+        raise DataError(
+            f"{pairs_path}: {same} same-identity (label 1) and {len(issame) - same} different-identity (label 0) "
+            f"pairs; verification needs both kinds (FAR, TAR, AUC and EER are undefined without either)"
+        )
     return paths, np.array(issame, dtype=bool), PATH_PAIRS_FOLDS
 
 

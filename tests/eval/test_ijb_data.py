@@ -115,6 +115,43 @@ def test_features_are_cached_and_reused_for_other_flags(ijb, tmp_path, monkeypat
         IJBTarget(name="ijbc", root=str(ijb.root), num_workers=0, cache_dir=str(cache)).run(model, 112)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "object", "text", "rows", "float64", "nan"])
+def test_a_damaged_feature_cache_names_the_file_to_delete(ijb, tmp_path, damage):
+    """A truncated or object-dtype cache was a numpy ValueError traceback; one holding NaN failed later, naming a
+    template and not the file. One line naming the cache; deleting it embeds again."""
+    model, cache = backbone(), tmp_path / "cache"
+    target = IJBTarget(name="ijbc", root=str(ijb.root), num_workers=0, cache_dir=str(cache))
+    good = target.run(model, 112, "cpu")
+    path = cache / good["features"].rsplit("/", 1)[1]
+    feats = np.load(path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    elif damage == "object":
+        np.save(path, np.array([[1.0, "x"]] * 8, dtype=object), allow_pickle=True)
+    elif damage == "text":
+        path.write_text("1.0 2.0\n")
+    elif damage == "rows":
+        np.save(path, feats[:5])
+    elif damage == "float64":
+        np.save(path, feats.astype(np.float64))
+    else:
+        feats[6, 3] = np.nan
+        np.save(path, feats)
+    expected = {
+        "truncated": "unreadable IJB feature cache (mmap length is greater than file size)",
+        "object": "unreadable IJB feature cache (Array can't be memory-mapped: Python objects in dtype.)",
+        "text": "unreadable IJB feature cache (not a .npy file)",
+        "rows": "the IJB feature cache holds float32 (5, 8), expected float32 (8, D), one row per image",
+        "float64": "the IJB feature cache holds float64 (8, 8), expected float32 (8, D), one row per image",
+        "nan": "the IJB feature cache holds NaN/inf (row 6, 7.png)",
+    }[damage]
+    with pytest.raises(DataError) as err:
+        target.run(model, 112, "cpu")
+    assert str(err.value) == f"{path}: {expected}; delete the file: the features are recomputed on the next run"
+    path.unlink()
+    assert target.run(model, 112, "cpu")["tar_at_fars"] == good["tar_at_fars"]
+
+
 def test_crops_fit_a_112x96_model(ijb):
     meta = ijb_data.read_meta(ijb.root, "ijbc")
     full, narrow = ijb_data.AlignedCrops(meta, 112)[0], ijb_data.AlignedCrops(meta, [112, 96])[0]
@@ -150,6 +187,14 @@ def test_bad_pair_lines(ijb, text, message):
         ijb_data.read_meta(ijb.root, "ijbc")
 
 
+@pytest.mark.parametrize("label,genuine,impostor", [(1, 6, 0), (0, 0, 6)])
+def test_pairs_of_one_kind_are_refused_before_embedding(ijb, label, genuine, impostor):
+    path = ijb.root / "meta" / "ijbc_template_pair_label.txt"
+    path.write_text("".join(f"{a} {b} {label}\n" for a, b, _ in ijb.pairs))
+    with pytest.raises(DataError, match=rf"pair_label.txt: {genuine} genuine \(label 1\) and {impostor} impostor"):
+        ijb_data.read_meta(ijb.root, "ijbc")
+
+
 def test_landmark_line_with_the_wrong_field_count(ijb):
     path = ijb.root / "meta" / "ijbc_name_5pts_score.txt"
     lines = path.read_text().splitlines()
@@ -157,6 +202,29 @@ def test_landmark_line_with_the_wrong_field_count(ijb):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"ijbc_name_5pts_score.txt, line 3: expected 12 fields .* got 10"):
         ijb_data.read_meta(ijb.root, "ijbc")
+
+
+def test_landmarks_beyond_float32_are_refused_when_read(ijb):
+    path = ijb.root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    lines[5] = " ".join([lines[5].split()[0], "1e39", *lines[5].split()[2:]])  # inf once in float32
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"ijbc_name_5pts_score.txt, line 6: the numbers must be finite"):
+        ijb_data.read_meta(ijb.root, "ijbc")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_landmarks_off_the_image_are_refused(ijb, workers):
+    """Landmarks off every photo gave all-black crops, one feature for all, and AUC 0.5 with no error."""
+    path = ijb.root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    lines[3] = " ".join([lines[3].split()[0], *(["1e30"] * 10), lines[3].split()[-1]])
+    path.write_text("\n".join(lines) + "\n")
+    target = IJBTarget(name="ijbc", root=str(ijb.root), num_workers=workers, batch_size=2)
+    with pytest.raises(
+        DataError, match=r"^\S*ijbc_name_5pts_score.txt, line 4: landmark 1 \(x=1e\+30, y=1e\+30\) is off"
+    ):
+        target.run(backbone(), 112, "cpu")
 
 
 def test_meta_files_listing_other_images(ijb):

@@ -103,6 +103,10 @@ def test_ordinary_distances_do_not_warn_and_the_figure_draws_the_exact_roc():
 def test_one_kind_of_pairs_gives_null_and_a_reason_in_json(tmp_path):
     r = evaluate_distances(np.linspace(0.1, 1.0, 20), np.ones(20, dtype=bool), nfolds=2)
     assert np.isnan(r["auc"]) and "every one of the 20 pairs is a same-identity pair" in r["undefined"]["auc"]
+    assert np.isnan(r["tar_at_far"]) and np.isnan(r["far"])  # TAR@FAR read 1.0 with no impostor pair
+    assert r["undefined"]["tar_at_far"] == r["undefined"]["auc"]
+    impostors = evaluate_distances(np.linspace(0.1, 1.0, 20), np.zeros(20, dtype=bool), nfolds=2)
+    assert np.isnan(impostors["tar_at_far"]) and "different-identity" in impostors["undefined"]["tar_at_far"]
     path = tmp_path / "r.json"
     write_json(path, {"results": {"lfw": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}}})
     text = path.read_text()

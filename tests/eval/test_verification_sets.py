@@ -240,3 +240,18 @@ def test_pairs_file_errors_name_file_and_line(tmp_path, face, edit, message):
         load_lfw_folder(tmp_path / "mine", pairs, name="pairs")
     with pytest.raises(DataError, match=r"missing\.txt: pairs file not found"):
         load_lfw_folder(tmp_path / "mine", tmp_path / "missing.txt", name="pairs")
+
+
+@pytest.mark.parametrize("label,same,different", [("1", 6, 0), ("0", 0, 6)])
+def test_a_pairs_file_of_one_kind_is_refused(tmp_path, face, label, same, different):
+    """Only same-identity pairs read TAR@FAR 1.0 (FAR undefined): refused, naming the file and the counts."""
+    relabel = lambda rows: rows[:1] + [row[:-1] + label if row else row for row in rows[1:]]  # noqa: E731
+    pairs, _, _ = write_pairs_set(tmp_path / "mine", face, relabel)
+    expected = (
+        rf"^{pairs}: {same} same-identity \(label 1\) and {different} different-identity \(label 0\) pairs; "
+        r"verification needs both kinds"
+    )
+    with pytest.raises(DataError, match=expected):
+        load_lfw_folder(tmp_path / "mine", pairs, name="pairs")
+    with pytest.raises(DataError, match=expected):  # at start-up with nfolds, before any image is decoded
+        VerificationTarget("pairs", str(tmp_path / "mine"), pairs=str(pairs), nfolds=2)

@@ -97,3 +97,57 @@ def test_plot_depends_on_the_store_and_the_renderer_only():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "['marginlab.geometry', 'marginlab.geometry.render', 'marginlab.geometry.store']"
+
+
+def minimal_run(root, **fields):
+    """A run dir whose one saved epoch holds these fields (over four samples of 2-D features)."""
+    import numpy as np
+
+    (root / ".hydra").mkdir(parents=True)
+    (root / "geometry").mkdir()
+    data = {
+        "epoch": 1,
+        "labels": np.array([0, 1, 0, 1], np.int32),
+        "target_deg": np.zeros(4, np.float32),
+        "features": np.ones((4, 2), np.float32),
+    }
+    data.update(fields)
+    np.savez(root / "geometry" / "epoch_001.npz", **{k: v for k, v in data.items() if v is not None})
+    return root / "geometry" / "epoch_001.npz"
+
+
+BAD_EPOCHS = {  # damage -> what the one line says
+    "text": r"cannot be read: it is not an npz file \(a zip of \.npy arrays, numpy\.savez\)",
+    "object": r"cannot be read: field 'head' holds pickled Python objects",
+    "rows": r": field 'features' is shape \(3, 2\) float32, expected \(4, D\) numbers, one row per label",
+    "2-D angles": r": field 'target_deg' is shape \(4, 2\) float64, expected \(4,\) numbers, one per label",
+    "2-D labels": r": field 'labels' is shape \(4, 1\) int64, expected N integer class labels",
+    "no epoch": r": no field 'epoch'",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BAD_EPOCHS))
+def test_a_bad_saved_epoch_is_one_line_naming_the_file_and_what_was_expected(tmp_path, capsys, damage):
+    """A text .npz gave numpy's allow_pickle advice, a wrong-shape field a figure failure not naming the file."""
+    import re
+
+    import numpy as np
+
+    fields = {
+        "text": {},
+        "object": {"head": np.array([{"a": 1}], dtype=object)},
+        "rows": {"features": np.ones((3, 2), np.float32)},
+        "2-D angles": {"target_deg": np.zeros((4, 2))},
+        "2-D labels": {"labels": np.zeros((4, 1), np.int64)},
+        "no epoch": {"epoch": None},
+    }[damage]
+    path = minimal_run(tmp_path / "run", **fields)
+    if damage == "text":
+        path.write_text("epoch,labels\n1,0\n")
+    assert main(["plot", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"marginlab: error: {path}")
+    assert re.search(BAD_EPOCHS[damage], err), err
+    assert "allow_pickle" not in err and err.endswith(
+        "delete it (the other epochs are still drawn) or re-run the training"
+    )

@@ -38,10 +38,23 @@ def parse_image_size(value, key: str = "dataset.image_size") -> tuple[int, int]:
 
 
 def decode_image(data: bytes | str | os.PathLike, where: str) -> Image.Image:
-    """Decodes fully (``convert`` forces every pixel) to RGB; a DataError naming ``where`` when it cannot."""
+    """Decodes fully (``convert`` forces every pixel) to RGB; a DataError naming ``where`` when it cannot.
+
+    16-bit grayscale (PIL modes ``I;16*``, and ``I`` for a PNG: how Pillow < 11 opens one) keeps the high byte of
+    each pixel, ``v >> 8`` (0..65535 -> 0..255), as PIL reads 16-bit RGB and OpenCV any 16-bit image (``align``,
+    IJB); PIL's own ``convert`` would clip it to 255, an all-white face. Other 32-bit pixels (``I``, e.g. a TIFF)
+    have no known range: refused."""
     try:
         source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         with Image.open(source) as img:
+            if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+                high = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+                return Image.fromarray(high).convert("RGB")
+            if img.mode == "I":
+                raise DataError(
+                    f"{where}: 32-bit integer pixels (a {img.format} of PIL mode 'I') have no known range; "
+                    f"give an 8- or 16-bit image"
+                )
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{where}: cannot decode the image ({type(exc).__name__}: {exc})") from None

@@ -8,7 +8,9 @@ as InsightFace, so a crop made here equals theirs pixel for pixel.
 
 Landmarks files (``marginlab align``, IJB ``*_name_5pts_score.txt``): one image per line, the image's path then
 ten numbers ``x1 y1 x2 y2 ... x5 y5`` (left eye, right eye, nose tip, left and right mouth corners, in pixels of
-the image), then ``extra`` more numbers (IJB: one faceness score).
+the image), then ``extra`` more numbers (IJB: one faceness score). Every number must be finite in float32 (what
+the transform computes in), and every point on the image (``check_in_frame``): landmarks off the image give a
+black or meaningless crop, which would be embedded and scored as a face.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ SPHEREFACE_TEMPLATE = np.array(
 ARCFACE_TEMPLATE = SPHEREFACE_TEMPLATE + np.array([8.0, 0.0], dtype=np.float32)
 #: the crop size (height, width) the ArcFace template is drawn for
 ARCFACE_CROP = (112, 112)
+#: how far a landmark may lie off the image, as a fraction of its width (x) or height (y): a detector places the
+#: points of a face cut by the border a little outside; farther out the crop is mostly (or all) black border
+FRAME_MARGIN = 0.1
+#: the largest float32: a larger landmark number overflows to inf in the transform
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 INSTALL_HINT = "face alignment needs scikit-image and opencv: pip install 'marginlab[align]'"
 
@@ -73,9 +80,29 @@ def align_face(
     """``image`` (H x W x C uint8, any channel order, kept) warped so its 5 ``landmarks`` (x, y) fall on
     ``template``; returns a ``size`` = (height, width) crop, black outside the image (InsightFace ``norm_crop``)."""
     cv2 = opencv()
+    check_in_frame(landmarks, image.shape)
     matrix = similarity_matrix(landmarks, template)
     height, width = size
     return cv2.warpAffine(image, matrix, (width, height), borderValue=0.0)
+
+
+def check_in_frame(landmarks: np.ndarray, shape: tuple[int, ...]) -> None:
+    """ValueError naming the first point off an image of ``shape`` (H x W [x C]): each (x, y) must lie in
+    [-m_x, W + m_x] x [-m_y, H + m_y], with margins ``FRAME_MARGIN`` of W and H; NaN/inf is off every image."""
+    height, width = shape[:2]
+    mx, my = FRAME_MARGIN * width, FRAME_MARGIN * height
+    points = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
+    inside = (
+        (points[:, 0] >= -mx) & (points[:, 0] <= width + mx) & (points[:, 1] >= -my) & (points[:, 1] <= height + my)
+    )
+    if not inside.all():
+        k = int(np.argmin(inside))
+        x, y = points[k]
+        raise ValueError(
+            f"landmark {k + 1} (x={x:g}, y={y:g}) is off the {width}x{height} image: allowed x in "
+            f"[{-mx:g}, {width + mx:g}], y in [{-my:g}, {height + my:g}] (the image and {FRAME_MARGIN:.0%} of "
+            f"its size around it)"
+        )
 
 
 def read_image_rgb(path: str | os.PathLike, where: str) -> np.ndarray:
@@ -105,8 +132,8 @@ def parse_landmark_line(line: str, where: str, extra: int = 0) -> tuple[str, np.
     except ValueError:
         bad = next(v for v in fields[1:] if not _is_number(v))
         raise DataError(f"{where}: {bad!r} is not a number") from None
-    if not all(np.isfinite(numbers)):
-        raise DataError(f"{where}: the numbers must be finite, got {' '.join(fields[1:])}")
+    if not all(np.isfinite(numbers)) or max(map(abs, numbers)) > FLOAT32_MAX:
+        raise DataError(f"{where}: the numbers must be finite (within float32), got {' '.join(fields[1:])}")
     return fields[0], np.array(numbers[:10], dtype=np.float32).reshape(5, 2), numbers[10:]
 
 

@@ -16,6 +16,8 @@ from marginlab.data.face.align import (
 )
 from marginlab.errors import DataError
 
+from ...conftest import snapshot
+
 
 def landmarks(seed: int, scale=1.3, angle=0.2, shift=(20.0, 10.0)) -> np.ndarray:
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
@@ -67,6 +69,26 @@ def test_landmark_lines():
         parse_landmark_line("x.jpg " + " ".join(["1"] * 9) + " nan1", "f, line 2")
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e39"])
+def test_landmark_numbers_must_be_finite_in_float32(bad):
+    with pytest.raises(DataError, match=r"^f, line 3: the numbers must be finite \(within float32\), got "):
+        parse_landmark_line(f"x.jpg {bad} " + " ".join(["1"] * 9), "f, line 3")
+
+
+def test_landmarks_off_the_image_are_refused_with_a_margin_of_a_tenth():
+    image = np.zeros((140, 120, 3), np.uint8)  # 120 wide, 140 high: x may go from -12 to 132, y from -14 to 154
+    lmk = landmarks(0)
+    for dx, dy in [(-12, 0), (132, 0), (0, -14), (0, 154)]:
+        edge = lmk.copy()
+        edge[4] = (dx, dy)  # a mouth corner just within the margin: a face cut by the border
+        assert align_face(image, edge).shape == (112, 112, 3)
+    for point, k in [((132.5, 50.0), 5), ((60.0, -14.5), 5), ((1e30, 51.0), 5), ((np.nan, 51.0), 5)]:
+        off = lmk.copy()
+        off[k - 1] = point
+        with pytest.raises(ValueError, match=rf"^landmark {k} \(x=\S+, y=\S+\) is off the 120x140 image: allowed "):
+            align_face(image, off)
+
+
 @pytest.fixture
 def photos(tmp_path, face):
     """input/<identity>/<image> with a landmarks file naming each image relative to input/."""
@@ -96,6 +118,14 @@ def test_align_command_writes_the_crops(photos, tmp_path, capsys):
     assert "exists; marginlab never overwrites" in capsys.readouterr().err
 
 
+#: landmark numbers that used to give an all-black or meaningless crop with exit 0 (or an SVD traceback)
+OFF_THE_IMAGE = {
+    "1e30": "1e30 51 73 51 56 71 41 92 70 92",
+    "1000 px off": "1038 1051 1073 1051 1056 1071 1041 1092 1070 1092",
+    "1e39": "1e39 51 73 51 56 71 41 92 70 92",
+}
+
+
 @pytest.mark.parametrize(
     "damage,message",
     [
@@ -103,6 +133,9 @@ def test_align_command_writes_the_crops(photos, tmp_path, capsys):
         ("unreadable", r"landmarks.txt, line 3: cannot read image .*bob/1.png \(not a readable image\)"),
         ("outside", r"landmarks.txt, line 1: image \.\./x.png is not inside input="),
         ("no file", r"nope.txt: landmarks file not found"),
+        ("1e30", r"landmarks.txt, line 2: landmark 1 \(x=1e\+30, y=51\) is off the 120x140 image: allowed"),
+        ("1000 px off", r"landmarks.txt, line 2: landmark 1 \(x=1038, y=1051\) is off the 120x140 image"),
+        ("1e39", r"landmarks.txt, line 2: the numbers must be finite \(within float32\)"),
     ],
 )
 def test_align_command_bad_input_is_one_line(photos, tmp_path, capsys, damage, message):
@@ -114,9 +147,45 @@ def test_align_command_bad_input_is_one_line(photos, tmp_path, capsys, damage, m
         (root / "bob" / "1.png").write_bytes(b"garbage")
     elif damage == "outside":
         lines[0] = "../x.png" + lines[0][len("alice/1.png") :]
+    elif damage in OFF_THE_IMAGE:
+        lines[1] = f"alice/2.png {OFF_THE_IMAGE[damage]}"
     marks.write_text("\n".join(lines) + "\n")
     given = tmp_path / "nope.txt" if damage == "no file" else marks
     assert main(["align", f"input={root}", f"landmarks={given}", f"out={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("marginlab: error: ")
     assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()  # all or nothing: no crop of the lines before the bad one
+
+
+def test_align_is_all_or_nothing_and_a_fixed_rerun_completes(photos, tmp_path, capsys):
+    """A failure at line 3 used to leave the crops of lines 1-2, and the rerun was refused ("exists")."""
+    root, marks, expected = photos
+    good = (root / "bob" / "1.png").read_bytes()
+    (root / "bob" / "1.png").write_bytes(b"garbage")
+    out = tmp_path / "aligned"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["align", f"input={root}", f"landmarks={marks}", f"out={out}"]) == 2
+    assert "line 3: cannot read image" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before  # no hidden folder left
+    (root / "bob" / "1.png").write_bytes(good)
+    assert main(["align", f"input={root}", f"landmarks={marks}", f"out={out}"]) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "aligned"])
+
+
+def test_align_into_an_existing_folder_adds_all_or_nothing(photos, tmp_path, capsys):
+    root, marks, expected = photos
+    out = tmp_path / "aligned"
+    (out / "carol").mkdir(parents=True)
+    (out / "carol" / "1.png").write_bytes(b"someone else's crop")
+    kept = snapshot(out)
+    (root / "bob" / "1.png").write_bytes(b"garbage")
+    assert main(["align", f"input={root}", f"landmarks={marks}", f"out={out}"]) == 2
+    assert snapshot(out) == kept and len(list(tmp_path.iterdir())) == 3  # input, landmarks.txt, aligned
+    marks.write_text("".join(line + "\n" for line in marks.read_text().splitlines()[:2]))  # alice only
+    assert main(["align", f"input={root}", f"landmarks={marks}", f"out={out}"]) == 0
+    assert sorted(snapshot(out)) == ["alice/1.png", "alice/2.png", "carol/1.png"]
+    written = cv2.cvtColor(cv2.imread(str(out / "alice" / "2.png")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(written, expected["alice/2.png"])
+    assert len(list(tmp_path.iterdir())) == 3

@@ -96,3 +96,38 @@ def test_empty_folder_tree(tmp_path):
 def test_bad_config(key, value, tmp_path):
     with pytest.raises(ConfigError, match=f"dataset.{key}"):
         CasiaData(root=str(tmp_path), **{key: value})
+
+
+def test_16_bit_grayscale_png_keeps_its_high_byte(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16) decodes to v >> 8 in every channel, as OpenCV reads it (align, IJB),
+    not clipped to an all-white image."""
+    import cv2
+    from PIL import Image
+
+    from marginlab.data.face import decode_image
+    from marginlab.data.face.imagefolder import FolderIndex
+
+    values = np.linspace(0, 65535, 112 * 112).round().astype(np.uint16).reshape(112, 112)
+    (tmp_path / "id_a").mkdir()
+    path = tmp_path / "id_a" / "deep.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as img:
+        assert img.mode == "I;16"
+    rgb = np.asarray(decode_image(str(path), "x"))
+    assert rgb.shape == (112, 112, 3) and rgb.min() == 0 and rgb.max() == 255
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], values >> 8)
+    np.testing.assert_array_equal(rgb, cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+    x, _ = FolderIndex(tmp_path).dataset(None, (112, 112), train=False)[0]
+    np.testing.assert_allclose(x[0].numpy(), ((values >> 8) / 255 - 0.5) / 0.5, atol=1e-6)
+
+
+def test_32_bit_integer_pixels_are_refused(tmp_path):
+    from PIL import Image
+
+    from marginlab.data.face import decode_image
+
+    path = tmp_path / "deep.tif"
+    Image.fromarray(np.full((8, 8), 70000, np.int32), "I").save(path)
+    with pytest.raises(DataError, match=r"deep\.tif: 32-bit integer pixels .* give an 8- or 16-bit image$"):
+        decode_image(str(path), str(path))
