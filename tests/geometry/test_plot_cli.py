@@ -58,7 +58,21 @@ def make_sweep(trained, root, heads):
     for head in heads:
         run_dir = shutil.copytree(trained, root / "2026-01-01_00-00-00" / f"head={head},seed=0")
         (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"head={head}", "seed=0"]))
+        for name, edit in (
+            ("hydra.yaml", lambda c: c["hydra"]["runtime"]["choices"].update(head=head)),
+            ("config.yaml", lambda c: c.update(head=HEAD_CONFIGS[head])),
+        ):
+            saved = yaml.safe_load((run_dir / ".hydra" / name).read_text())
+            edit(saved)
+            (run_dir / ".hydra" / name).write_text(yaml.safe_dump(saved))
     return root
+
+
+#: what a run of each head saves as its config's head node (the head's defaults)
+HEAD_CONFIGS = {
+    "arcface": {"_target_": "marginlab.heads.arcface.ArcFaceHead", "s": 64.0, "m": 0.5},
+    "softmax": {"_target_": "marginlab.heads.softmax.SoftmaxHead"},
+}
 
 
 def test_plot_draws_a_grid_of_the_runs_of_a_sweep(trained, tmp_path):
@@ -70,10 +84,10 @@ def test_plot_draws_a_grid_of_the_runs_of_a_sweep(trained, tmp_path):
     assert not list(sweep.rglob("features_epoch_*.png"))  # a sweep gets the comparison, runs are left alone
 
 
-def test_panel_titles_are_the_overrides_that_differ(trained, tmp_path):
+def test_panel_titles_are_human_labels_with_the_effective_s_and_m(trained, tmp_path):
     sweep = make_sweep(trained, tmp_path / "sweep", ["arcface", "softmax"])
     titles = run_titles(find_runs(sweep), sweep)
-    assert [t.splitlines()[0] for t in titles] == ["head=arcface", "head=softmax"]
+    assert [t.splitlines()[0] for t in titles] == ["ArcFace (s=64, m=0.5)", "Softmax"]
     assert all(t.splitlines()[1].startswith("test/acc ") for t in titles)
 
 
