@@ -6,8 +6,9 @@ head's cross-entropy in blocks of classes with an online log-sum-exp, never the 
 
 The public surface is ``__all__`` below; the heads import only these names, from this package. Inside
 the unit, fused_margin uses fast_cosine's public kernel pieces (``matmul_dtypes``,
-``normalized_backward``, ``feature_scale``); the rest (``_FusedLinear``, ``_Handle`` ...) is private to
-its module. Nothing outside ``marginlab/heads`` (and Partial FC, a head wrapper) imports it.
+``normalized_backward``, ``feature_scale``, ``above_floor``: the floor's one rule); the rest (``_FusedLinear``,
+``_Handle`` ...) is private to its module. Nothing outside ``marginlab/heads`` (and Partial FC, a head wrapper)
+imports it.
 """
 
 from marginlab.heads.kernels.chunked_margin_ce import (

@@ -87,12 +87,20 @@ def _precise_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
 
 
+def above_floor(norm: Tensor) -> Tensor:
+    """Where a feature is normalised exactly (value and gradient of x / ||x||): ||x|| >= FEATURE_EPS. The
+    one rule of the floor, for the autograd path (``feature_scale``) and the fused and chunked backwards
+    alike; at ||x|| = FEATURE_EPS exactly it keeps the radial projection (clamp_min's gradient would not)."""
+    return norm >= FEATURE_EPS
+
+
 def feature_scale(norm: Tensor) -> Tensor:
     """1 / max(||x||, FEATURE_EPS) per row, and 0 for a zero feature (||x|| < NORM_EPS, no direction:
-    no gradient either). Where ||x|| < FEATURE_EPS the clamp makes it a constant, so x times it has
-    the bounded gradient G / FEATURE_EPS, as ``F.normalize`` with that eps; elsewhere it is exact."""
-    # (the reciprocal is of the clamped norm, so no inf meets the mask)
-    return norm.clamp_min(FEATURE_EPS).reciprocal() * (norm >= NORM_EPS)
+    no gradient either). Below the floor (``above_floor`` false) it is the constant 1 / FEATURE_EPS, so x
+    times it has the bounded gradient G / FEATURE_EPS, as ``F.normalize`` with that eps; elsewhere exact."""
+    # where, not clamp_min: the floor's rule is ``above_floor``'s at ||x|| = FEATURE_EPS too (the value is
+    # the same; the reciprocal is of the floored norm, so no inf meets the mask)
+    return torch.where(above_floor(norm), norm, FEATURE_EPS).reciprocal() * (norm >= NORM_EPS)
 
 
 def normalize_features(x: Tensor) -> Tensor:
