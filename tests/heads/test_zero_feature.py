@@ -171,3 +171,47 @@ def test_every_path_agrees_at_the_feature_floor(hh, name, overrides, side, monke
             torch.testing.assert_close(
                 a, b, rtol=1e-9, atol=atol, msg=lambda m, p=path, w=what: f"{p} vs default, {w}: {m}"
             )
+
+
+@pytest.mark.parametrize("name, overrides", NORMALISED, ids=[f"{n}{o}" for n, o in NORMALISED])
+@pytest.mark.parametrize("path", ["eval", "train", "chunked"])
+def test_probe_cosines_below_the_floor_are_those_of_the_normalised_feature(hh, name, overrides, path, tmp_path):
+    """Issue #22: below the floor the probe's cosines were read off logits / s, i.e. off x / FEATURE_EPS, and
+    shrank by ||x|| / FEATURE_EPS (cos theta_y ~ 0, theta_y ~ 90 degrees for any direction). They are the
+    cosines of x / ||x|| with the class weights, on every path (evaluation, training, chunked) and in the probe."""
+    from marginlab.geometry.probe import GeometryProbe
+    from marginlab.geometry.stats import target_and_nearest_other
+    from marginlab.heads.base import chunkable_problem
+    from marginlab.heads.kernels import FEATURE_EPS
+    from marginlab.heads.probe_record import recorded_cosine, recorded_nearest
+    from marginlab.losses import MarginLoss
+
+    torch.manual_seed(0)
+    head = hh.instantiate(name, in_features=6, num_classes=7, **overrides)
+    if path == "chunked":
+        if not hasattr(head, "chunked") or chunkable_problem(type(head)) is not None:
+            pytest.skip("this head has no chunked loss")
+        head.chunked = True
+    x, labels = hh.make_batch(head, batch=5, special=False)
+    x[1] *= 1e-6 / x[1].norm()  # far below the floor
+    x[3] *= 0.5 * FEATURE_EPS / x[3].norm()
+    # float64 reference: cos(x / ||x||, W_y), the best of a class's rows with sub-centres (max pooling)
+    unit = F.normalize(x.double(), dim=1)
+    w = F.normalize(head.weight.detach().double(), dim=1).view(head.num_classes, -1, x.shape[1])
+    expected = torch.einsum("bd,ckd->bck", unit, w).amax(dim=2)
+    if path == "eval":
+        head.eval()(x)
+    else:
+        MarginLoss(head.train())(x, labels)
+    cos = recorded_cosine(head)
+    nearest = recorded_nearest(head) if cos is None else target_and_nearest_other(cos, labels)
+    want = target_and_nearest_other(expected, labels)
+    for got, ref in zip(nearest, want):
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    if cos is None:  # (a chunked step keeps the two B-vectors alone; the probe samples evaluation batches)
+        return
+    torch.testing.assert_close(cos.double(), expected, atol=1e-5, rtol=1e-5)
+    probe = GeometryProbe(tmp_path, max_samples=16, figures=False)
+    probe.collect(x, cos, labels, labels, nearest=nearest)
+    target_deg = torch.rad2deg(torch.acos(want[0].clamp(-1, 1)))
+    torch.testing.assert_close(probe.parts["target"][0].double(), target_deg, atol=2e-3, rtol=0)

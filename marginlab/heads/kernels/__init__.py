@@ -27,6 +27,7 @@ from marginlab.heads.kernels.fast_cosine import (
     no_autocast,
     normalize_features,
     precise_cosine,
+    unfloor_ratio,
 )
 from marginlab.heads.kernels.fused_margin import MarginAndSlope, fused_cosine_margin, with_slope
 
@@ -46,5 +47,6 @@ __all__ = [
     "no_autocast",
     "normalize_features",
     "precise_cosine",
+    "unfloor_ratio",
     "with_slope",
 ]

@@ -103,6 +103,15 @@ def feature_scale(norm: Tensor) -> Tensor:
     return torch.where(above_floor(norm), norm, FEATURE_EPS).reciprocal() * (norm >= NORM_EPS)
 
 
+@torch.no_grad()
+def unfloor_ratio(norm: Tensor) -> Tensor:
+    """max(||x||, FEATURE_EPS) / ||x|| per row: what turns a cosine of the floored feature x / max(||x||,
+    FEATURE_EPS) into that of x / ||x|| (1 at and above the floor, ``above_floor``; 1 for a zero feature,
+    whose cosines are 0 either way). The probe's cosines take it (heads/probe_record.py)."""
+    # (the division by a zero norm is in the branch where does not take)
+    return torch.where(above_floor(norm) | (norm < NORM_EPS), 1.0, FEATURE_EPS / norm)
+
+
 def normalize_features(x: Tensor) -> Tensor:
     """x / max(||x||, FEATURE_EPS) row by row, like ``F.normalize`` with eps = FEATURE_EPS, except that
     a zero feature (||x|| < NORM_EPS) maps to 0 with a zero gradient. With F.normalize's own eps (1e-12)
