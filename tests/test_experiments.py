@@ -146,3 +146,82 @@ def check_selection(name: str, cfg) -> None:
             assert cfg.trainer.best_on == compare.split("/")[1], f"{name}: {compare} but best_on={cfg.trainer.best_on}"
         else:
             assert compare == entry["metric"], f"{name}: compared with {compare}, the paper reports {entry['metric']}"
+
+
+#: the official nets' structure, read from the file each experiment's audit names (issue #22):
+#: ydwen/caffe-face mnist_example/mnist_train_test.prototxt (center_mnist_2d), happynear/NormFace
+#: mnist/lenet_train_test.prototxt (normface_mnist), wy1iu/sphereface train/code/sphereface_model.prototxt
+#: (sphereface_casia) and happynear/AMSoftmax prototxt/face_train_test.prototxt (amsoftmax_casia)
+OFFICIAL_NETS = {
+    "center_mnist_2d": {"conv_bn": False, "prelu_after_convs": True, "last_pool": (3, 2), "feature_prelu": True,
+                        "head_bias": False},
+    "normface_mnist": {"conv_bn": False, "prelu_after_convs": True, "last_pool": (3, 2), "feature_prelu": False},
+    "sphereface_casia": {"conv_bn": False, "prelu_after_convs": True, "feature_prelu": False},
+    "amsoftmax_casia": {"conv_bn": False, "prelu_after_convs": True, "feature_prelu": False},
+}  # fmt: skip
+#: per fact, (what a "matches:" line claims, what a "differs:" line says) for the official value
+CLAIMS = {
+    ("conv_bn", False): (r"no\s+BN", r"\bBN\b"),
+    ("prelu_after_convs", True): (r"PReLU after each conv", r"PReLU"),
+    ("last_pool", (3, 2)): (r"pool 3/2", r"pool3 is 3/2"),
+    ("feature_prelu", True): (r"PReLU on the (2-D )?feature", r"PReLU on the 2-D feature"),
+    ("feature_prelu", False): (r"no activation on the feature", r"activation on the feature"),
+    ("head_bias", False): (r"bias_term false", r"bias_term false"),
+}
+
+
+def audit_paragraph(name: str, label: str) -> str:
+    """The experiment's ``#   <label>:`` paragraph of its audit comments (up to the next label), one line."""
+    import re
+
+    text = (CONFIGS / "experiment" / f"{name}.yaml").read_text()
+    found = re.search(rf"^#   {label}:(.*?)(?=^#   [a-z ]+:|^[^#])", text, flags=re.M | re.S)
+    return " ".join(line.lstrip("# ").strip() for line in found.group(1).splitlines()) if found else ""
+
+
+def built_structure(name: str) -> dict:
+    """The facts of ``OFFICIAL_NETS`` for the experiment's instantiated backbone and head: BN in the convs,
+    PReLU after every conv, the last max-pool's (kernel, stride), an activation on the feature, the head's bias."""
+    from marginlab.config.validate import resolve_head
+
+    cfg = compose(name, *FAST)
+    cls = import_target(cfg.dataset._target_, "dataset")
+    size = cfg.dataset.get("image_size", None) or cls.image_size
+    model = builders.build_model(cfg, int(cls.in_channels), size, 10, head=resolve_head(cfg.head))
+    order = []  # the leaf modules in the order the forward runs them
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in model.backbone.modules()
+             if not list(m.children())]  # fmt: skip
+    h, w = parse_image_size(size)
+    model.backbone.eval()(torch.zeros(1, int(cls.in_channels), h, w))
+    for hook in hooks:
+        hook.remove()
+    convs = [i for i, m in enumerate(order) if isinstance(m, torch.nn.Conv2d)]
+    after = [next(m for m in order[i + 1 :] if not isinstance(m, torch.nn.BatchNorm2d)) for i in convs]
+    pools = [m for m in order if isinstance(m, torch.nn.MaxPool2d)]
+    last_pool = (pools[-1].kernel_size, pools[-1].stride) if pools else None
+    return {
+        "conv_bn": any(isinstance(m, torch.nn.BatchNorm2d) for m in order),
+        "prelu_after_convs": all(isinstance(m, torch.nn.PReLU) for m in after),
+        "last_pool": tuple(v if isinstance(v, int) else v[0] for v in last_pool) if last_pool else None,
+        "feature_prelu": isinstance(order[-1], (torch.nn.PReLU, torch.nn.ReLU)),
+        "head_bias": getattr(model.head, "bias", None) is not None,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_NETS))
+def test_the_audit_claims_about_the_net_agree_with_the_built_net(name):
+    """Issue #22: center_mnist_2d and normface_mnist claimed the official "pool 3/2" (and a PReLU on the feature)
+    as matches while their backbones pool 2x2 (and have none). A "matches:" line may claim a fact of the official
+    net only where the built net has it; every fact the built net lacks is named in a "differs:" line."""
+    import re
+
+    matches, differs = audit_paragraph(name, "matches"), audit_paragraph(name, "differs")
+    ours = built_structure(name)
+    for fact, official in OFFICIAL_NETS[name].items():
+        claim, difference = CLAIMS[(fact, official)]
+        if ours[fact] == official:
+            continue
+        assert not re.search(claim, matches), (
+            f"{name}: 'matches:' claims {claim!r}, but the built net has {fact}={ours[fact]}"
+        )
+        assert re.search(difference, differs), f"{name}: the built net's {fact}={ours[fact]} is not named in 'differs:'"

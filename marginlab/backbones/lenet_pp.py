@@ -13,9 +13,11 @@ def conv_prelu(cin: int, cout: int) -> list[nn.Module]:
 
 
 class LeNetPP(nn.Module):
-    """(5x5,32)x2, pool, (5x5,64)x2, pool, (5x5,128)x2, pool, FC embedding_dim; PReLU throughout.
+    """(5x5,32)x2, pool, (5x5,64)x2, pool, (5x5,128)x2, pool, FC embedding_dim; PReLU after each conv.
 
-    ``batch_norm`` adds BN after each conv (as most reimplementations do; the paper has none).
+    ``batch_norm`` adds BN after each conv (as most reimplementations do; the paper has none). Every pool is
+    2x2, and the feature has no activation; the official prototxt (ydwen/caffe-face mnist_example) pools 3/2
+    last and puts a PReLU on the feature (experiment=center_mnist_2d lists the differences).
     """
 
     def __init__(self, embedding_dim: int = 2, in_channels: int = 1, image_size: int = 28, batch_norm: bool = True):

@@ -134,6 +134,9 @@ class MarginHead(nn.Module):
     normalized_features: bool = False
     weights_are_points: bool = False
     probe_margin: ProbeMargin = ProbeMargin()
+    #: whether the cosines it keeps for the probe are of ``normalize_features``' floored feature, which its
+    #: forward then has read as those of x / ||x|| (``ProbeRecord.unfloor``)
+    probe_floored: bool = False
     #: the initialisation of W in the head's official code (one of WEIGHT_INITS); heads without an
     #: official code of their own keep nn.Linear's
     official_init: str = "kaiming_uniform"
@@ -177,6 +180,8 @@ class MarginHead(nn.Module):
         logits = self.logits(embeddings, labels)
         if not self.probe_record.enabled:
             self.probe_record.clear()
+        elif self.probe_floored:
+            self.probe_record.unfloor(embeddings)
         return logits
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
@@ -251,6 +256,7 @@ class CosineMarginHead(MarginHead):
     """
 
     normalized_features = True  # it classifies x / ||x|| (heads/probe_record.py)
+    probe_floored = True  # its probe cosines are of normalize_features' x / max(||x||, FEATURE_EPS)
     #: its ``normalized_cosine`` is the max over each class's weight rows (Sub-center ArcFace), which the chunked
     #: loss computes itself (``sub_centers``); any other override of it refuses ``chunked``
     chunked_max_pools_sub_centers: bool = False
@@ -317,8 +323,9 @@ class CosineMarginHead(MarginHead):
             self.sub_centers,
             record,
         )
-        if record is not None:
+        if record is not None:  # (called by MarginLoss without the head's forward: unfloored here)
             self.probe_record.keep_nearest(record["target"], record["nearest_other"])
+            self.probe_record.unfloor(embeddings)
         return loss
 
     @property

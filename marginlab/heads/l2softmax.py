@@ -32,6 +32,8 @@ class L2SoftmaxHead(MarginHead):
     with a zero gradient (``normalize_features``).
     """
 
+    probe_floored = True  # its probe cosines are of normalize_features' x / max(||x||, FEATURE_EPS)
+
     def __init__(
         self,
         in_features: int,

@@ -23,6 +23,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from marginlab.dtypes import at_least_float32
+from marginlab.heads.kernels import unfloor_ratio
+
 
 @dataclass(frozen=True)
 class ProbeMargin:
@@ -122,22 +125,45 @@ class ProbeRecord:
         self.enabled = True
         self.pending: Tensor | LazyCosine | None = None  # what the head kept (a tensor or a recipe)
         #: (cos theta_y, the largest non-target cosine), B each: what a chunked loss keeps instead of the cosines
-        self.nearest: tuple[Tensor, Tensor] | None = None
+        self._nearest: tuple[Tensor, Tensor] | None = None
+        #: per row, the factor still to apply to what was kept (``unfloor``), on first read; None: none
+        self._row_ratio: Tensor | None = None
 
     def keep(self, value: Tensor | LazyCosine | None) -> None:
         """Keeps ``value`` (detached cosines or a recipe) when enabled; else clears the record."""
         self.pending = value if self.enabled else None
-        self.nearest = None
+        self._nearest = self._row_ratio = None
 
     def keep_nearest(self, target: Tensor, other: Tensor) -> None:
         """Keeps only the target and nearest non-target cosines (B each, detached) when enabled: all the step
         statistics read (geometry/stats.py), from a loss that never holds the B x C cosines."""
-        self.pending = None
-        self.nearest = (target.detach(), other.detach()) if self.enabled else None
+        self.pending = self._row_ratio = None
+        self._nearest = (target.detach(), other.detach()) if self.enabled else None
 
     def clear(self) -> None:
-        self.pending = None
-        self.nearest = None
+        self.pending = self._nearest = self._row_ratio = None
+
+    def unfloor(self, embeddings: Tensor) -> None:
+        """What was kept are cosines of the floored feature x / max(||x||, FEATURE_EPS) (``normalize_features``),
+        which below the floor are those of x / ||x|| times ||x|| / FEATURE_EPS: they are read as the cosines of
+        x / ||x|| instead (times ``unfloor_ratio``, 1 at and above the floor: unchanged there). Idempotent: a
+        head's forward and its chunked loss may both call it."""
+        if self.pending is not None or self._nearest is not None:
+            norm = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
+            self._row_ratio = unfloor_ratio(norm)
+
+    def _unfloored(self, cos: Tensor) -> Tensor:
+        """``cos`` (B, or B x C) times the row ratio of ``unfloor``, clamped as the cosines are."""
+        ratio = self._row_ratio.to(cos.dtype)
+        return (cos * ratio.view(-1, *(1,) * (cos.dim() - 1))).clamp_(-1.0, 1.0)
+
+    @property
+    def nearest(self) -> tuple[Tensor, Tensor] | None:
+        """(cos theta_y, the largest non-target cosine), B each, that a chunked loss kept, or None."""
+        if self._nearest is not None and self._row_ratio is not None:
+            self._nearest = (self._unfloored(self._nearest[0]), self._unfloored(self._nearest[1]))
+            self._row_ratio = None
+        return self._nearest
 
     @property
     def cosine(self) -> Tensor | None:
@@ -145,6 +171,9 @@ class ProbeRecord:
         value = self.pending
         if isinstance(value, LazyCosine):
             value = self.pending = value.compute()
+        if value is not None and self._row_ratio is not None:
+            value = self.pending = self._unfloored(value)
+            self._row_ratio = None
         return value
 
 

@@ -6,8 +6,9 @@ head's cross-entropy in blocks of classes with an online log-sum-exp, never the 
 
 The public surface is ``__all__`` below; the heads import only these names, from this package. Inside
 the unit, fused_margin uses fast_cosine's public kernel pieces (``matmul_dtypes``,
-``normalized_backward``, ``feature_scale``); the rest (``_FusedLinear``, ``_Handle`` ...) is private to
-its module. Nothing outside ``marginlab/heads`` (and Partial FC, a head wrapper) imports it.
+``normalized_backward``, ``feature_scale``, ``above_floor``: the floor's one rule); the rest (``_FusedLinear``,
+``_Handle`` ...) is private to its module. Nothing outside ``marginlab/heads`` (and Partial FC, a head wrapper)
+imports it.
 """
 
 from marginlab.heads.kernels.chunked_margin_ce import (
@@ -26,6 +27,7 @@ from marginlab.heads.kernels.fast_cosine import (
     no_autocast,
     normalize_features,
     precise_cosine,
+    unfloor_ratio,
 )
 from marginlab.heads.kernels.fused_margin import MarginAndSlope, fused_cosine_margin, with_slope
 
@@ -45,5 +47,6 @@ __all__ = [
     "no_autocast",
     "normalize_features",
     "precise_cosine",
+    "unfloor_ratio",
     "with_slope",
 ]

@@ -56,8 +56,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from marginlab.heads.kernels.fast_cosine import (
-    FEATURE_EPS,
     NORM_EPS,
+    above_floor,
     class_block,
     feature_scale,
     matmul_dtypes,
@@ -144,7 +144,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             xf = x.to(out_dtype)
             x_norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
             scale_x = feature_scale(x_norm).mul_(s)  # s / max(||x||, FEATURE_EPS), 0 for a zero feature
-            exact = x_norm >= FEATURE_EPS  # below the floor: a constant scale, no projection in the backward
+            exact = above_floor(x_norm)  # below the floor: a constant scale, no projection in the backward
             xs = xf * scale_x  # s x / ||x||
             xc = xs.to(mm_dtype)
             owned = labels >= 0

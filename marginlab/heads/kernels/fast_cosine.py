@@ -87,12 +87,29 @@ def _precise_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
 
 
+def above_floor(norm: Tensor) -> Tensor:
+    """Where a feature is normalised exactly (value and gradient of x / ||x||): ||x|| >= FEATURE_EPS. The
+    one rule of the floor, for the autograd path (``feature_scale``) and the fused and chunked backwards
+    alike; at ||x|| = FEATURE_EPS exactly it keeps the radial projection (clamp_min's gradient would not)."""
+    return norm >= FEATURE_EPS
+
+
 def feature_scale(norm: Tensor) -> Tensor:
     """1 / max(||x||, FEATURE_EPS) per row, and 0 for a zero feature (||x|| < NORM_EPS, no direction:
-    no gradient either). Where ||x|| < FEATURE_EPS the clamp makes it a constant, so x times it has
-    the bounded gradient G / FEATURE_EPS, as ``F.normalize`` with that eps; elsewhere it is exact."""
-    # (the reciprocal is of the clamped norm, so no inf meets the mask)
-    return norm.clamp_min(FEATURE_EPS).reciprocal() * (norm >= NORM_EPS)
+    no gradient either). Below the floor (``above_floor`` false) it is the constant 1 / FEATURE_EPS, so x
+    times it has the bounded gradient G / FEATURE_EPS, as ``F.normalize`` with that eps; elsewhere exact."""
+    # where, not clamp_min: the floor's rule is ``above_floor``'s at ||x|| = FEATURE_EPS too (the value is
+    # the same; the reciprocal is of the floored norm, so no inf meets the mask)
+    return torch.where(above_floor(norm), norm, FEATURE_EPS).reciprocal() * (norm >= NORM_EPS)
+
+
+@torch.no_grad()
+def unfloor_ratio(norm: Tensor) -> Tensor:
+    """max(||x||, FEATURE_EPS) / ||x|| per row: what turns a cosine of the floored feature x / max(||x||,
+    FEATURE_EPS) into that of x / ||x|| (1 at and above the floor, ``above_floor``; 1 for a zero feature,
+    whose cosines are 0 either way). The probe's cosines take it (heads/probe_record.py)."""
+    # (the division by a zero norm is in the branch where does not take)
+    return torch.where(above_floor(norm) | (norm < NORM_EPS), 1.0, FEATURE_EPS / norm)
 
 
 def normalize_features(x: Tensor) -> Tensor:

@@ -38,8 +38,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from marginlab.heads.kernels.fast_cosine import (
-    FEATURE_EPS,
     NORM_EPS,
+    above_floor,
     feature_scale,
     matmul_dtypes,
     no_autocast,
@@ -60,7 +60,7 @@ class _FusedCosineMargin(torch.autograd.Function):
             x_norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
             # s / max(||x||, FEATURE_EPS), and 0 for a zero feature: x^ = 0 and no gradient (normalize_features)
             scale_x = feature_scale(x_norm).mul_(s)
-            exact = x_norm >= FEATURE_EPS  # below the floor x^ = x / FEATURE_EPS: no projection in the backward
+            exact = above_floor(x_norm)  # below the floor x^ = x / FEATURE_EPS: no projection in the backward
             xs = xf * scale_x  # s x / ||x||
             xc, wc = xs.to(mm_dtype), weight.to(mm_dtype)
             inv = torch.linalg.vector_norm(weight, dim=1, dtype=out_dtype).clamp_min_(NORM_EPS).reciprocal_()
