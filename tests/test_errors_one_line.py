@@ -84,7 +84,12 @@ def test_a_checkpoint_write_that_fails_mid_run_is_recorded(run_train, monkeypatc
         (["optim.weight_decay=-5e-4"], "optim.weight_decay=-0.0005 is not allowed"),
         (["optim.momentum=-0.9"], "optim.momentum=-0.9 is not allowed"),
         (["optim.momentum=abc"], "optim.momentum='abc' is not allowed: it must be a number"),
-        (["optim=adamw", "optim.betas=[1.5,0.9]"], "Invalid beta parameter at index 0: 1.5"),
+        (["optim=adamw", "optim.betas=[1.5,0.9]"], "optim.betas=[1.5, 0.9] is not allowed: it must be two numbers"),
+        (["optim=adamw", "optim.betas=[0.9]"], "optim.betas=[0.9] is not allowed: it must be two numbers in [0, 1)"),
+        (["optim=adamw", "optim.betas=[0.9,0.99,0.5]"], "optim.betas=[0.9, 0.99, 0.5] is not allowed"),
+        (["optim=adamw", "optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0] is not allowed"),
+        (["optim=adamw", "optim.betas=0.9"], "optim.betas=0.9 is not allowed"),
+        (["optim=adamw", "optim.betas=[a,0.9]"], "optim.betas=['a', 0.9] is not allowed"),
         (["optim.nesterov=true", "optim.momentum=0"], "Nesterov momentum requires a momentum"),
     ],
 )
