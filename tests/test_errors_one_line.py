@@ -146,6 +146,21 @@ def test_hydra_errors_exit_2_without_traceback(run_train, capfd, overrides, mess
     assert "Traceback" not in err and err.startswith("marginlab: error:") and message in err
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-m", "--cfg", "job"], "--multirun and --cfg cannot be combined: give one of --run, --multirun, --cfg"),
+        (["--multirun", "-c", "all"], "drop -m and give one value per key (marginlab train --cfg job seed=0)"),
+        (["-m", "--info", "all"], "--multirun and --info cannot be combined"),
+    ],
+)
+def test_a_sweep_with_cfg_or_info_is_one_line(outputs_dir, capfd, args, message):
+    # Hydra prints one job's config and refuses two modes at once with a ValueError
+    assert run_cli("train", *args, "seed=0,1") == 2
+    assert message in one_line_error(capfd.readouterr().err)
+    assert not outputs_dir.exists()  # nothing ran, nothing was written
+
+
 def test_a_bug_in_a_single_run_keeps_exit_1_and_is_recorded(run_train, monkeypatch, capfd, metrics):
     import marginlab.train as train_module
 
