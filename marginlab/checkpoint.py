@@ -117,16 +117,39 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
     if path.stat().st_size == 0:
         return "the file is empty (0 bytes)"
     text = str(exc)
-    forbidden = re.search(r"GLOBAL (\S+) was not an allowed global", text)
-    if forbidden:
-        return f"it asks for {forbidden.group(1)}, which a checkpoint may not hold; nothing was run"
-    if "WeightsUnpickler error:" in text:
-        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0].split(" Check the")[0]
-        return f"it holds more than tensors and plain containers ({detail}); nothing was run"
+    if "Weights only load failed" in text or "WeightsUnpickler error:" in text:
+        return f"refused as unsafe: {_unsafe_content(text)}; nothing was run"
     if "PytorchStreamReader" in text or isinstance(exc, EOFError):
         return "the file is truncated or corrupted (not a complete torch.save archive)"
     first = (text.strip().splitlines() or [""])[0]
     return f"not a torch.save file ({type(exc).__name__}: {first[:200]})"
+
+
+#: the parts of torch's refusal that advise loading the file anyway (weights_only=False, an allow-list) or filing an
+#: issue: never repeated for a file that may be hostile
+TORCH_ADVICE = (
+    "weights_only",
+    "weights only load failed",
+    "pytorch 2.6",
+    "trusted source",
+    "file an issue",
+    "check the",
+)
+
+
+def _unsafe_content(text: str) -> str:
+    """What torch's weights-only unpickler refused in ``text``, without its advice."""
+    forbidden = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if forbidden:
+        return f"it asks for {forbidden.group(1)}, which a checkpoint may not hold"
+    blocked = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", text)
+    if blocked:
+        return f"it asks for {blocked.group(1)} (module {blocked.group(2)} is blocked), which a checkpoint may not hold"
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    sentences = (s.strip(" .`") for line in text.splitlines() for s in line.split(". "))
+    detail = next((s for s in sentences if s and not any(a in s.lower() for a in TORCH_ADVICE)), "")
+    detail = f" ({detail.replace('``', '')})" if detail else ""
+    return f"it holds more than tensors and plain containers{detail}"
 
 
 def read_checkpoint(path: Path, required=EVAL_KEYS, map_location="cpu", mmap: bool = False) -> dict:
