@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from marginlab.atomic_write import replace_file, replace_text
-from marginlab.errors import ConfigError, DataError
+from marginlab.errors import ConfigError, DataError, OutputError
+from marginlab.run_dirs import system_cause, system_reason
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
@@ -100,7 +101,21 @@ def save_atomic(obj: dict, path: Path) -> None:
     (atomic_write.py): a crash never leaves a half file. A killed save's leftovers go first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_temp_files(path.parent, (path.name,))
-    replace_file(path, lambda f: torch.save(obj, f), binary=True)
+    try:
+        replace_file(path, lambda f: torch.save(obj, f), binary=True)  # a failed write removes its temp file
+    except Exception as err:
+        if system_cause(err) is None:
+            raise
+        raise OutputError(f"cannot write {path}: {system_reason(err)}; {kept_checkpoint(path.parent)}") from err
+
+
+def kept_checkpoint(ckpt_dir: Path) -> str:
+    """What a failed save leaves to resume from: the last.pt of an earlier epoch, untouched."""
+    last = ckpt_dir / "last.pt"
+    if not last.is_file():
+        return "no earlier checkpoint of this run exists"
+    resume = f": resume={ckpt_dir.parent} continues from it" if ckpt_dir.name == CHECKPOINT_DIR else ""
+    return f"{last} of an earlier epoch is kept{resume}"
 
 
 def save_checkpoints(payload: dict, ckpt_dir: Path, is_best: bool) -> Path:

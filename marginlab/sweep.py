@@ -87,8 +87,11 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def is_environment_error(err: BaseException) -> bool:
     """An error of the machine, not of the code: the system refused a file operation (disk full, no permission,
-    read-only file system, a file where a directory should be...); it carries an errno."""
-    return isinstance(err, OSError) and err.errno is not None
+    read-only file system, a file where a directory should be...); it carries an errno, or is torch's wrapped
+    write failure (marginlab/run_dirs.py)."""
+    from marginlab.run_dirs import system_cause
+
+    return system_cause(err) is not None
 
 
 def is_unresolved_value(err: BaseException) -> bool:
