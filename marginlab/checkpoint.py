@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from marginlab.atomic_write import replace_file, replace_text
-from marginlab.errors import ConfigError, DataError
+from marginlab.errors import ConfigError, DataError, OutputError
+from marginlab.run_dirs import system_cause, system_reason
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
@@ -100,7 +101,21 @@ def save_atomic(obj: dict, path: Path) -> None:
     (atomic_write.py): a crash never leaves a half file. A killed save's leftovers go first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_temp_files(path.parent, (path.name,))
-    replace_file(path, lambda f: torch.save(obj, f), binary=True)
+    try:
+        replace_file(path, lambda f: torch.save(obj, f), binary=True)  # a failed write removes its temp file
+    except Exception as err:
+        if system_cause(err) is None:
+            raise
+        raise OutputError(f"cannot write {path}: {system_reason(err)}; {kept_checkpoint(path.parent)}") from err
+
+
+def kept_checkpoint(ckpt_dir: Path) -> str:
+    """What a failed save leaves to resume from: the last.pt of an earlier epoch, untouched."""
+    last = ckpt_dir / "last.pt"
+    if not last.is_file():
+        return "no earlier checkpoint of this run exists"
+    resume = f": resume={ckpt_dir.parent} continues from it" if ckpt_dir.name == CHECKPOINT_DIR else ""
+    return f"{last} of an earlier epoch is kept{resume}"
 
 
 def save_checkpoints(payload: dict, ckpt_dir: Path, is_best: bool) -> Path:
@@ -117,16 +132,39 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
     if path.stat().st_size == 0:
         return "the file is empty (0 bytes)"
     text = str(exc)
-    forbidden = re.search(r"GLOBAL (\S+) was not an allowed global", text)
-    if forbidden:
-        return f"it asks for {forbidden.group(1)}, which a checkpoint may not hold; nothing was run"
-    if "WeightsUnpickler error:" in text:
-        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0].split(" Check the")[0]
-        return f"it holds more than tensors and plain containers ({detail}); nothing was run"
+    if "Weights only load failed" in text or "WeightsUnpickler error:" in text:
+        return f"refused as unsafe: {_unsafe_content(text)}; nothing was run"
     if "PytorchStreamReader" in text or isinstance(exc, EOFError):
         return "the file is truncated or corrupted (not a complete torch.save archive)"
     first = (text.strip().splitlines() or [""])[0]
     return f"not a torch.save file ({type(exc).__name__}: {first[:200]})"
+
+
+#: the parts of torch's refusal that advise loading the file anyway (weights_only=False, an allow-list) or filing an
+#: issue: never repeated for a file that may be hostile
+TORCH_ADVICE = (
+    "weights_only",
+    "weights only load failed",
+    "pytorch 2.6",
+    "trusted source",
+    "file an issue",
+    "check the",
+)
+
+
+def _unsafe_content(text: str) -> str:
+    """What torch's weights-only unpickler refused in ``text``, without its advice."""
+    forbidden = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if forbidden:
+        return f"it asks for {forbidden.group(1)}, which a checkpoint may not hold"
+    blocked = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", text)
+    if blocked:
+        return f"it asks for {blocked.group(1)} (module {blocked.group(2)} is blocked), which a checkpoint may not hold"
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    sentences = (s.strip(" .`") for line in text.splitlines() for s in line.split(". "))
+    detail = next((s for s in sentences if s and not any(a in s.lower() for a in TORCH_ADVICE)), "")
+    detail = f" ({detail.replace('``', '')})" if detail else ""
+    return f"it holds more than tensors and plain containers{detail}"
 
 
 def read_checkpoint(path: Path, required=EVAL_KEYS, map_location="cpu", mmap: bool = False) -> dict:

@@ -124,6 +124,8 @@ def as_user_error(err: Exception, args: list[str]) -> Exception:
     cause = sweep.marginlab_cause(err)
     if cause is not None:
         return cause
+    if isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):
+        return ConfigError(modes_conflict(args))
     if sweep.is_environment_error(err) and not sweep.is_config_error(err):
         return OutputError(sweep.describe(err))
     if not sweep.is_config_error(err):
@@ -133,6 +135,31 @@ def as_user_error(err: Exception, args: list[str]) -> Exception:
     from marginlab.override_hints import with_hint  # did you mean 'trainer.epochs'?
 
     return ConfigError(with_hint(err, sweep.describe_config_error(err)))
+
+
+#: Hydra's modes, of which a command takes one (its refusal of two is a ValueError)
+MODES = {
+    "-r": "--run",
+    "--run": "--run",
+    "-m": "--multirun",
+    "--multirun": "--multirun",
+    "-c": "--cfg",
+    "--cfg": "--cfg",
+    "-i": "--info",
+    "--info": "--info",
+    "-sc": "--shell-completion",
+    "--shell-completion": "--shell-completion",
+}
+
+
+def modes_conflict(args: list[str]) -> str:
+    """The line for two of Hydra's modes at once (``-m --cfg job``): Hydra prints one job's config, not a sweep's."""
+    given = list(dict.fromkeys(MODES[a] for a in args if a in MODES))
+    choices = ", ".join(dict.fromkeys(MODES.values()))
+    line = f"{' and '.join(given) or 'these options'} cannot be combined: give one of {choices}"
+    if "--multirun" in given and ("--cfg" in given or "--info" in given):
+        line += "; to see a job's config, drop -m and give one value per key (marginlab train --cfg job seed=0)"
+    return line
 
 
 @command("eval")

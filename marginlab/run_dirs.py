@@ -30,13 +30,47 @@ from marginlab.file_lock import FileLock
 MAX_TRIES = 10_000
 
 
-def output_error(err: OSError, what: str) -> OutputError:
-    """One line naming the path and the system's reason (e.g. ``No space left on device (ENOSPC)``)."""
+#: torch's zip writer failing because the file system refused a write (a full disk, ``ulimit -f``): it raises
+#: ``RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 3456 vs 3350``, the OSError (when a
+#: Python file raised one) in its ``__context__``
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def system_cause(err: BaseException) -> BaseException | None:
+    """The file system's refusal behind ``err``: ``err`` itself when it is an OSError with an errno; for torch's
+    wrapped form the OSError in its cause/context chain, else the RuntimeError itself; None when not one."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err
+    text = str(err)
+    if not (
+        isinstance(err, RuntimeError) and "inline_container.cc" in text and any(m in text for m in TORCH_WRITE_FAILURES)
+    ):
+        return None
+    seen, inner = {id(err)}, err.__cause__ or err.__context__
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, OSError) and inner.errno is not None:
+            return inner
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    return err
+
+
+def system_reason(err: BaseException) -> str:
+    """The system's reason for ``system_cause(err)``: ``No space left on device (ENOSPC)``, or torch's words."""
     import errno
 
-    code = f" ({errno.errorcode[err.errno]})" if err.errno in errno.errorcode else ""
-    path = err.filename if err.filename is not None else what
-    return OutputError(f"cannot write {path}: {err.strerror or err}{code}")
+    cause = system_cause(err) or err
+    if isinstance(cause, OSError):
+        code = f" ({errno.errorcode[cause.errno]})" if cause.errno in errno.errorcode else ""
+        return f"{cause.strerror or cause}{code}"
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"the write failed, no reason given by the system (torch: {first})"
+
+
+def output_error(err: BaseException, what: str) -> OutputError:
+    """One line naming the path and the system's reason (e.g. ``No space left on device (ENOSPC)``)."""
+    filename = getattr(system_cause(err), "filename", None)
+    return OutputError(f"cannot write {filename if filename is not None else what}: {system_reason(err)}")
 
 
 def claim_dir(path: str | os.PathLike) -> str:

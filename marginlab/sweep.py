@@ -14,8 +14,9 @@
   and the sweep goes on (``record_failure``, called by ``marginlab.train.run``).
 * ``SweepSummary`` (a Hydra callback, ``hydra.callbacks`` in train.yaml) counts the jobs of the sweep
   directory when the sweep ends (from their metrics.json files, so it works with any launcher; several
-  multiruns sharing one ``hydra.sweep.dir`` are counted together), prints the count and writes
-  ``sweep_summary.json``; the CLI turns ``LAST_SUMMARY`` into its exit code (1 when a job failed).
+  multiruns sharing one ``hydra.sweep.dir`` are counted together) and the planned jobs that never started (from
+  Hydra's ``multirun.yaml``: a stopped sweep), prints the count and writes ``sweep_summary.json``; the CLI turns
+  ``LAST_SUMMARY`` into its exit code (1 when a job failed).
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def is_environment_error(err: BaseException) -> bool:
     """An error of the machine, not of the code: the system refused a file operation (disk full, no permission,
-    read-only file system, a file where a directory should be...); it carries an errno."""
-    return isinstance(err, OSError) and err.errno is not None
+    read-only file system, a file where a directory should be...); it carries an errno, or is torch's wrapped
+    write failure (marginlab/run_dirs.py)."""
+    from marginlab.run_dirs import system_cause
+
+    return system_cause(err) is not None
 
 
 def is_unresolved_value(err: BaseException) -> bool:
@@ -261,14 +265,17 @@ def failed_job_result(message: str) -> float:
 # ---------------------------------------------------------------- summary
 def summarize(sweep_dir: Path) -> dict:
     """Counts the jobs under ``sweep_dir`` by the status in their metrics.json (none = failed)."""
-    from marginlab.report.jobs import find_job_dirs, read_job
+    from marginlab.report.jobs import find_job_dirs, read_job, unstarted_jobs
 
     root = sweep_dir.resolve()
     jobs = [read_job(d) for d in find_job_dirs([sweep_dir])]
     failed = [j for j in jobs if j.status == "failed"]
+    planned, not_started = unstarted_jobs(sweep_dir) or (None, [])
     return {
         "sweep_dir": str(sweep_dir),
         "jobs": len(jobs),
+        "planned": planned,  # None: not known (another sweeper than Hydra's basic one)
+        "not_started": not_started,
         "completed": sum(j.status == "completed" for j in jobs),
         "failed": len(failed),
         "other": sum(j.status not in ("completed", "failed") for j in jobs),
@@ -285,13 +292,16 @@ def summarize(sweep_dir: Path) -> dict:
 
 
 def format_summary(summary: dict) -> str:
+    not_started = summary.get("not_started") or []
     lines = [
         f"marginlab: sweep: {summary['jobs']} jobs, {summary['completed']} completed, "
         f"{summary['failed']} failed"
         + (f", {summary['other']} stopped or running" if summary["other"] else "")
+        + (f", {len(not_started)} of {summary['planned']} planned never started" if not_started else "")
         + f"; {summary['sweep_dir']}"
     ]
     lines += [f"  failed: {job['dir']}: {job['error']}" for job in summary["failed_jobs"]]
+    lines += [f"  not started: {overrides}" for overrides in not_started]
     if summary["jobs"]:
         lines.append(f"  table: marginlab report {summary['sweep_dir']}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import os
 import pathlib
 import random
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -29,6 +30,24 @@ class Touch:
 
     def __reduce__(self):
         return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+class System:
+    """Unpickling this runs a shell command: a GLOBAL of a module torch blocks (os / posix)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def with_pickle(good: pathlib.Path, dest: pathlib.Path, data_pkl: bytes) -> pathlib.Path:
+    """``good`` (a torch zip checkpoint) with its pickle replaced by ``data_pkl``: a hand-made hostile file."""
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info, data_pkl if info.filename.endswith("/data.pkl") else zin.read(info.filename))
+    return dest
 
 
 def load(path) -> dict:
@@ -118,8 +137,12 @@ def bad_files(tmp_path, good: pathlib.Path) -> dict[str, bytes]:
     """The reason each error must give -> the file's content."""
     marker = tmp_path / MARKER
     torch.save({"model": Touch(marker), "config": {}, "data": {}}, tmp_path / "evil.pt")
+    torch.save({"model": System(marker), "config": {}, "data": {}}, tmp_path / "system.pt")
     return {
-        "which a checkpoint may not hold; nothing was run": (tmp_path / "evil.pt").read_bytes(),
+        "refused as unsafe: it asks for getattr, which a checkpoint may not hold; nothing was run": (
+            tmp_path / "evil.pt"
+        ).read_bytes(),
+        f"refused as unsafe: it asks for {os.system.__module__}.system": (tmp_path / "system.pt").read_bytes(),
         "the file is empty (0 bytes)": b"",
         "truncated or corrupted": good.read_bytes()[: good.stat().st_size // 2],
         "not a torch.save file": b"epoch,acc\n1,0.5\n",
@@ -138,14 +161,45 @@ def test_hostile_or_broken_checkpoint_runs_nothing(run_dir, tmp_path, capfd):
         assert run_cli("eval", f"checkpoint={last}", "verification=[lfw]") == 2, reason
         line = error_line(capfd)
         assert line.startswith(f"marginlab: error: {last}: not a loadable checkpoint: ") and reason in line, line
+        assert "weights_only" not in line and "trusted source" not in line, line  # never advice to load it anyway
         assert not (tmp_path / MARKER).exists()
     assert not list(run_dir.glob("checkpoints/*.eval.json"))
 
 
 def test_forbidden_global_is_named(tmp_path):
     torch.save({"model": Touch(tmp_path / MARKER)}, tmp_path / "evil.pt")
-    with pytest.raises(DataError, match=r"evil\.pt: not a loadable checkpoint: it asks for .*nothing was run"):
+    with pytest.raises(
+        DataError, match=r"evil\.pt: not a loadable checkpoint: refused as unsafe: it asks for .*nothing was run"
+    ):
         checkpoint.read_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / MARKER).exists()
+
+
+def hostile_files(tmp_path, good: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Every kind of pickle torch's weights-only loader refuses, in a zip checkpoint (and one legacy file)."""
+    marker = tmp_path / MARKER
+    torch.save({"model": Touch(marker)}, tmp_path / "getattr.pt")
+    torch.save({"model": System(marker)}, tmp_path / "blocked.pt")
+    torch.save({"model": System(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    return {
+        "getattr": tmp_path / "getattr.pt",  # a GLOBAL outside the allow-list
+        "blocked": tmp_path / "blocked.pt",  # a GLOBAL of a blocked module (os.system)
+        "legacy": tmp_path / "legacy.pt",
+        "eval": with_pickle(good, tmp_path / "eval.pt", b"\x80\x02cbuiltins\neval\nX\x03\x00\x00\x001+1\x85R."),
+        "opcode": with_pickle(good, tmp_path / "opcode.pt", b"\x80\x02(i__builtin__\nset\n."),  # INST
+        "persistent_id": with_pickle(good, tmp_path / "persistent_id.pt", b"\x80\x02X\x01\x00\x00\x00aQ."),
+    }
+
+
+def test_a_hostile_file_is_refused_as_unsafe_without_torchs_advice_to_load_it_anyway(tmp_path):
+    torch.save({"x": torch.zeros(2)}, tmp_path / "good.pt")
+    for kind, path in hostile_files(tmp_path, tmp_path / "good.pt").items():
+        with pytest.raises(DataError) as caught:
+            checkpoint.read_checkpoint(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: not a loadable checkpoint: refused as unsafe: "), (kind, message)
+        assert message.endswith("; nothing was run") and "\n" not in message, (kind, message)
+        assert "weights_only" not in message.lower() and "trusted source" not in message, (kind, message)
     assert not (tmp_path / MARKER).exists()
 
 

@@ -6,6 +6,8 @@ import errno
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,25 +55,107 @@ def test_unwritable_outputs_is_one_line_and_exit_2(tmp_path, monkeypatch, capfd)
     assert blocker.read_text() == "outputs cannot be created below a file"
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
-def test_a_checkpoint_write_that_fails_mid_run_is_recorded(run_train, monkeypatch, capfd, metrics, code):
+#: what torch 2.14's zip writer raises when the file system refuses a write under it (seen with ``ulimit -f``: the
+#: OSError is its __context__); without an OSError, when torch wrote through its own file
+TORCH_WRAPPED = "[enforce fail at inline_container.cc:672] . unexpected pos 3456 vs 3350"
+
+
+def failing_save(code: int | None, wrapped: bool):
+    """torch.save that writes the first epoch's checkpoints and fails on the second's as the file system makes it:
+    OSError(code) itself, or torch's RuntimeError wrapping it (``code`` None: wrapping no OSError)."""
     real_save = torch.save
 
-    def save(obj, f, *args, **kwargs):  # the first epoch's checkpoints are written, the second's write fails
-        if obj["state"]["epoch"] >= 2:
-            f.write(b"partial")
-            raise OSError(code, os.strerror(code))
-        return real_save(obj, f, *args, **kwargs)
+    def save(obj, f, *args, **kwargs):
+        if obj["state"]["epoch"] < 2:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"partial")
+        try:
+            raise OSError(code, os.strerror(code)) if code else RuntimeError("basic_ios::clear: iostream error")
+        except (OSError, RuntimeError):
+            if wrapped:
+                raise RuntimeError(TORCH_WRAPPED)  # noqa: B904 - torch raises it so: the OSError is its context
+            raise
 
-    monkeypatch.setattr(torch, "save", save)
+    return save
+
+
+def test_torchs_wrapped_write_failure_is_the_machine_not_a_bug():
+    from marginlab import sweep
+
+    try:
+        try:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        except OSError:
+            raise RuntimeError(TORCH_WRAPPED)  # noqa: B904 - as torch raises it
+    except RuntimeError as err:
+        wrapped = err
+    assert sweep.is_user_error(wrapped)
+    assert sweep.describe(wrapped, Path("/run")) == "cannot write the run's files in /run: File too large (EFBIG)"
+    read_error = RuntimeError("[enforce fail at inline_container.cc:316] . file not found: archive/data.pkl")
+    assert not sweep.is_user_error(read_error)  # torch's reader: not a write the system refused
+
+
+@pytest.mark.parametrize(
+    "code,wrapped",
+    [
+        (errno.ENOSPC, False),
+        (errno.EACCES, False),
+        (errno.ENOSPC, True),
+        (errno.EFBIG, True),
+        (errno.EDQUOT, True),
+        (errno.EROFS, True),
+        (errno.EACCES, True),
+        (None, True),
+    ],
+)
+def test_a_checkpoint_write_that_fails_mid_run_is_recorded(run_train, monkeypatch, capfd, metrics, code, wrapped):
+    monkeypatch.setattr(torch, "save", failing_save(code, wrapped))
     exit_code, run_dir = run_train(*FAST, "trainer.checkpoint=true", "trainer.epochs=2")
     line = one_line_error(capfd.readouterr().err)
     assert exit_code == 2
-    assert os.strerror(code) in line and errno.errorcode[code] in line and str(run_dir) in line
+    reason = f"{os.strerror(code)} ({errno.errorcode[code]})" if code else "the write failed, no reason given"
+    assert reason in line and f"cannot write {run_dir / 'checkpoints'}" in line, line
+    assert f"{run_dir / 'checkpoints' / 'last.pt'} of an earlier epoch is kept: resume={run_dir}" in line, line
     record = metrics[0](run_dir)
-    assert record["status"] == "failed" and os.strerror(code) in record["error"]
+    assert record["status"] == "failed" and reason in record["error"]
     assert "traceback" not in record and not (run_dir / "error.txt").exists()  # not a bug
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp file
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["epoch"] == 1  # untouched
+
+
+def test_a_run_stopped_by_a_full_disk_resumes(run_train, monkeypatch, capfd, metrics):
+    monkeypatch.setattr(torch, "save", failing_save(errno.ENOSPC, wrapped=True))
+    _, run_dir = run_train(*FAST, "trainer.checkpoint=true", "trainer.epochs=2")
+    monkeypatch.undo()  # space again
+    assert run_train(f"resume={run_dir}")[0] == 0
+    assert metrics[0](run_dir)["status"] == "completed" and [r["epoch"] for r in metrics[1](run_dir)] == [1, 2]
+
+
+def test_a_checkpoint_write_over_the_file_size_limit_is_one_line(tmp_path):
+    # a real `ulimit -f` (in a child process: the limit stays there): torch's own wrapped error, SIGXFSZ ignored
+    code = f"""
+import resource, signal, torch
+from marginlab import checkpoint
+from marginlab.errors import OutputError
+path = {str(tmp_path / "checkpoints" / "last.pt")!r}
+checkpoint.save_atomic({{"x": torch.zeros(10)}}, __import__("pathlib").Path(path))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    checkpoint.save_atomic({{"x": torch.zeros(100_000)}}, __import__("pathlib").Path(path))
+except OutputError as err:
+    print(err)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert result.stdout.strip() == (
+        f"cannot write {last}: File too large (EFBIG); {last} of an earlier epoch is kept: resume={tmp_path} "
+        "continues from it"
+    )
+    assert torch.load(last, weights_only=True)["x"].shape == (10,)  # the earlier checkpoint, untouched
+    assert [p.name for p in last.parent.iterdir()] == ["last.pt"]  # no temp file
 
 
 # ---------------------------------------------------------------- bad values, before any work
@@ -84,7 +168,12 @@ def test_a_checkpoint_write_that_fails_mid_run_is_recorded(run_train, monkeypatc
         (["optim.weight_decay=-5e-4"], "optim.weight_decay=-0.0005 is not allowed"),
         (["optim.momentum=-0.9"], "optim.momentum=-0.9 is not allowed"),
         (["optim.momentum=abc"], "optim.momentum='abc' is not allowed: it must be a number"),
-        (["optim=adamw", "optim.betas=[1.5,0.9]"], "Invalid beta parameter at index 0: 1.5"),
+        (["optim=adamw", "optim.betas=[1.5,0.9]"], "optim.betas=[1.5, 0.9] is not allowed: it must be two numbers"),
+        (["optim=adamw", "optim.betas=[0.9]"], "optim.betas=[0.9] is not allowed: it must be two numbers in [0, 1)"),
+        (["optim=adamw", "optim.betas=[0.9,0.99,0.5]"], "optim.betas=[0.9, 0.99, 0.5] is not allowed"),
+        (["optim=adamw", "optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0] is not allowed"),
+        (["optim=adamw", "optim.betas=0.9"], "optim.betas=0.9 is not allowed"),
+        (["optim=adamw", "optim.betas=[a,0.9]"], "optim.betas=['a', 0.9] is not allowed"),
         (["optim.nesterov=true", "optim.momentum=0"], "Nesterov momentum requires a momentum"),
     ],
 )
@@ -139,6 +228,21 @@ def test_hydra_errors_exit_2_without_traceback(run_train, capfd, overrides, mess
     err = capfd.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err and err.startswith("marginlab: error:") and message in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-m", "--cfg", "job"], "--multirun and --cfg cannot be combined: give one of --run, --multirun, --cfg"),
+        (["--multirun", "-c", "all"], "drop -m and give one value per key (marginlab train --cfg job seed=0)"),
+        (["-m", "--info", "all"], "--multirun and --info cannot be combined"),
+    ],
+)
+def test_a_sweep_with_cfg_or_info_is_one_line(outputs_dir, capfd, args, message):
+    # Hydra prints one job's config and refuses two modes at once with a ValueError
+    assert run_cli("train", *args, "seed=0,1") == 2
+    assert message in one_line_error(capfd.readouterr().err)
+    assert not outputs_dir.exists()  # nothing ran, nothing was written
 
 
 def test_a_bug_in_a_single_run_keeps_exit_1_and_is_recorded(run_train, monkeypatch, capfd, metrics):

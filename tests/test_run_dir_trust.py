@@ -178,3 +178,20 @@ def test_report_refuses_a_hostile_overrides_file(run_dir, tmp_path, capfd):
     err = capfd.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"overrides.yaml:{line}:" in err, err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_hostile_sweep_plan_is_not_expanded(tmp_path):
+    import time
+
+    from marginlab.report.jobs import planned_jobs
+    from marginlab.sweep import BASIC_SWEEPER
+
+    plan = {"hydra": {"sweeper": {"_target_": BASIC_SWEEPER, "params": {}}, "overrides": {"task": []}}}
+    plan["hydra"]["overrides"]["task"] = ["seed=range(0,1000000000000)", "head=arcface,cosface"]
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(plan))
+    started = time.perf_counter()
+    assert planned_jobs(tmp_path) is None  # unknown, not a trillion jobs in memory
+    assert time.perf_counter() - started < 5
+    plan["hydra"]["overrides"]["task"] = ["seed=range(0,3)", "head=arcface,cosface"]
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(plan))
+    assert len(planned_jobs(tmp_path)) == 6

@@ -110,6 +110,40 @@ def test_every_kind_of_failure_is_recorded_and_the_sweep_goes_on(outputs_dir, mo
     assert "sweep: 4 jobs, 1 completed, 3 failed" in captured.out
 
 
+class Stopped(BaseException):
+    """SIGTERM-like: the sweep process ends in the middle of a job; nothing catches it, no summary is written."""
+
+
+def test_jobs_a_stopped_sweep_never_started_are_reported(outputs_dir, monkeypatch, capsys):
+    import marginlab.train as train_module
+
+    def fake_train(cfg, run_dir):
+        if cfg.seed == 2:
+            raise Stopped
+        summary = {"status": "completed", "test/acc": 0.5, "best_metric": "test/acc"}
+        (run_dir / "metrics.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    with pytest.raises(Stopped):
+        run_cli("train", "-m", "seed=0,1,2,3", "head=arcface")
+    sweep_dir = only_dir(outputs_dir / "sweeps" / "train")
+    assert not (sweep_dir / sweep.SUMMARY_FILE).exists()
+
+    summary = sweep.summarize(sweep_dir)
+    assert (summary["jobs"], summary["planned"], summary["not_started"]) == (3, 4, ["seed=3 head=arcface"])
+    text = sweep.format_summary(summary)
+    assert "3 jobs, 2 completed, 1 failed, 1 of 4 planned never started" in text
+    assert "  not started: seed=3 head=arcface" in text
+
+    assert run_cli("report", str(sweep_dir)) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"1 of 4 planned jobs of {sweep_dir} never started (the sweep stopped before them): seed=3 head=arcface" in out
+    )
+    assert "report of 3 jobs (1 planned never started) in 1 rows" in out
+
+
 def test_single_run_out_of_memory_is_one_line(run_train, monkeypatch, capsys, metrics):
     import marginlab.train as train_module
 

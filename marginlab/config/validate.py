@@ -22,6 +22,8 @@ from marginlab.errors import ConfigError
 
 #: optimizer arguments that are rates or factors: a finite number >= 0 for every torch optimizer
 NON_NEGATIVE_OPTIM = ("lr", "momentum", "weight_decay", "dampening", "eps", "alpha", "lr_decay")
+#: optimizer arguments that are two averaging coefficients in [0, 1) (Adam's beta1, beta2; Kingma & Ba 2015, Alg. 1)
+BETA_PAIRS_OPTIM = ("betas",)
 
 #: arguments the builders pass themselves; a config must not set them
 BUILDER_ARGS = {
@@ -211,6 +213,15 @@ def resolve_head(node: DictConfig, m: float | None = None, s: float | None = Non
     return HeadSpec(cls, kwargs, sample_rate)
 
 
+def _unit_pair(value: Any) -> bool:
+    """Two numbers (not booleans), each in [0, 1)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in value)
+    )
+
+
 def check_optimizer(node: DictConfig) -> None:
     """``optim.*``: the rates and factors every torch optimizer takes are finite numbers >= 0; then the optimizer
     is made on one dummy parameter, so its own checks (betas, nesterov, ...) fail here, before any work."""
@@ -218,14 +229,23 @@ def check_optimizer(node: DictConfig) -> None:
         value = node.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
             raise ConfigError(f"optim.{key}={value!r} is not allowed: it must be a finite number >= 0")
+    for key in BETA_PAIRS_OPTIM:  # torch indexes them unchecked: betas=[0.9] would be an IndexError
+        value = node.get(key)
+        value = OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
+        if key in node and not _unit_pair(value):
+            raise ConfigError(
+                f"optim.{key}={value!r} is not allowed: it must be two numbers in [0, 1), e.g. {key}=[0.9,0.999]"
+            )
     import torch  # not on `--help`'s path
 
     make = import_target(node._target_, "optim")
     kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
     try:
         make([torch.nn.Parameter(torch.zeros(1))], **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"optim ({node.get('_target_')}) does not accept its values: {exc}") from None
+    except (ValueError, TypeError, IndexError) as exc:  # IndexError: a pair argument given one value
+        lists = ", ".join(f"optim.{k}={v!r}" for k, v in kwargs.items() if isinstance(v, list))
+        shown = f"{exc} ({lists})" if isinstance(exc, IndexError) and lists else exc
+        raise ConfigError(f"optim ({node.get('_target_')}) does not accept its values: {shown}") from None
 
 
 def validate(cfg: DictConfig) -> HeadSpec:

@@ -7,7 +7,8 @@ backbone, threads, versions) are refused unless ``--allow-mixed``. Each metric i
 interval over the setting's completed seeds, each row tested against the best (``report.stats``); failed jobs
 are counted, never averaged. The table is printed and written as ``report.md``, ``report.csv`` and
 ``report.tex`` (into the sweep dir, or ``--out``). Single runs that failed before their first epoch (only a
-failure record in their directory) are skipped, with a count.
+failure record in their directory) are skipped, with a count; the jobs a stopped sweep planned but never started
+(Hydra's ``multirun.yaml``) are listed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 from pathlib import Path
 
 from marginlab.errors import ConfigError
-from marginlab.report.jobs import Job, find_job_dirs, read_job
+from marginlab.report.jobs import MULTIRUN_FILE, Job, find_job_dirs, read_job, unstarted_jobs
 from marginlab.report.paper import PaperValue, check_paper, paper_values
 from marginlab.report.table import Report, build_report
 
@@ -50,6 +51,12 @@ def collect(paths: list[str | Path]) -> list[Job]:
     for path in paths:
         jobs += sorted((read_job(d) for d in find_job_dirs([path])), key=_started)
     return list({j.path: j for j in jobs}.values())
+
+
+def sweep_dirs(paths: list[str]) -> list[Path]:
+    """The sweep directories (with Hydra's multirun.yaml) at or under ``paths``."""
+    found = [p.parent for raw in paths if Path(raw).is_dir() for p in Path(raw).rglob(MULTIRUN_FILE)]
+    return list(dict.fromkeys(found))
 
 
 def default_out(paths: list[str]) -> Path:
@@ -123,6 +130,15 @@ def refuse_mixed(report: Report, root: Path) -> None:
 def main(args: list[str]) -> int:
     opts = parser().parse_args(args)
     found = collect(opts.paths)
+    never_started = 0
+    for sweep_dir in sweep_dirs(opts.paths):  # a stopped sweep: the jobs it never started have no directory
+        planned, missing = unstarted_jobs(sweep_dir) or (0, [])
+        never_started += len(missing)
+        if missing:
+            print(
+                f"marginlab: report: {len(missing)} of {planned} planned jobs of {sweep_dir} never started "
+                f"(the sweep stopped before them): {'; '.join(missing)}"
+            )
     jobs = [j for j in found if not j.never_trained]  # failed before the first epoch: only a failure record
     skipped = len(found) - len(jobs)
     if skipped:
@@ -148,5 +164,6 @@ def main(args: list[str]) -> int:
         refuse_mixed(report, root)
     paths = report.write(out)
     print(report.markdown())
-    print(f"marginlab: report of {len(jobs)} jobs in {len(report.rows)} rows: {' '.join(map(str, paths))}")
+    unstarted = f" ({never_started} planned never started)" if never_started else ""
+    print(f"marginlab: report of {len(jobs)} jobs{unstarted} in {len(report.rows)} rows: {' '.join(map(str, paths))}")
     return 0

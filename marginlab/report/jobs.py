@@ -322,5 +322,77 @@ def find_job_dirs(paths: list[Path | str]) -> list[Path]:
     return unique
 
 
+#: what Hydra writes into a sweep directory before the sweep's first job: its sweeper and command-line overrides
+MULTIRUN_FILE = "multirun.yaml"
+
+
+#: the most jobs a sweep plan is expanded to (a multirun.yaml is read back from a directory: untrusted)
+MAX_PLANNED = 100_000
+
+
+def planned_count(parsed: list) -> float:
+    """How many jobs the parsed overrides of a basic sweep expand to, without expanding them (inf: unknown)."""
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+
+    count = 1.0
+    for override in parsed:
+        if not override.is_sweep_override():
+            continue
+        value = override.value()
+        if isinstance(value, ChoiceSweep):
+            count *= len(value.list)
+        elif isinstance(value, RangeSweep) and value.step:
+            count *= max(math.ceil((value.stop - value.start) / value.step), 0)
+        else:
+            return math.inf
+    return count
+
+
+def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """The overrides of every job the multirun in ``sweep_dir`` planned, expanded as Hydra's basic sweeper does
+    (its ``params``, then the command line's); None when unknown: no multirun.yaml, another sweeper (Optuna decides
+    as it goes), or a value only Hydra's config loader expands (``glob(...)``). Several multiruns sharing one sweep
+    dir: the last one's plan (each rewrites the file)."""
+    from marginlab.sweep import BASIC_SWEEPER
+
+    hydra_cfg = _mapping(_mapping(_load_yaml(Path(sweep_dir) / MULTIRUN_FILE)).get("hydra"))
+    sweeper = _mapping(hydra_cfg.get("sweeper"))
+    task = _mapping(hydra_cfg.get("overrides")).get("task")
+    if not hydra_cfg or sweeper.get("_target_") != BASIC_SWEEPER or not isinstance(task, list):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={as_text(v)}" for k, v in _mapping(sweeper.get("params")).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides([*params, *(str(o) for o in task)])
+        if planned_count(parsed) > MAX_PLANNED:  # a file anyone may write: range(0,10**12) is no plan to expand
+            return None
+        batches = BasicSweeper.split_arguments(parsed, None)
+    except Exception:  # noqa: BLE001 - a plan this cannot expand is unknown, not an error of the report
+        return None
+    return [list(job) for batch in batches for job in batch]
+
+
+def unstarted_jobs(sweep_dir: Path) -> tuple[int, list[str]] | None:
+    """(the number of jobs the sweep planned, the overrides of each that has no job directory: the sweep stopped
+    before it, e.g. by SIGTERM); None when the plan is unknown (``planned_jobs``)."""
+    planned = planned_jobs(sweep_dir)
+    if planned is None:
+        return None
+    started: dict[tuple, int] = {}
+    for job_dir in find_job_dirs([sweep_dir]):  # a job's own command line, never rewritten by its resumes
+        overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml")
+        key = tuple(str(o) for o in overrides) if isinstance(overrides, list) else ()
+        started[key] = started.get(key, 0) + 1
+    missing = []
+    for job in planned:
+        if started.get(tuple(job), 0) > 0:
+            started[tuple(job)] -= 1
+        else:
+            missing.append(" ".join(job))
+    return len(planned), missing
+
+
 def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
