@@ -61,7 +61,12 @@ RESUMABLE = (
 #: keys added after checkpoints were first written, with the value that reproduces a checkpoint saved without them
 #: (no validation split, best.pt chosen on test, the class count from the data); resuming such a run with other
 #: values is refused like any other change, and the message names the value to pass
-ADDED_LATER = {"dataset.val_fraction": 0.0, "dataset.num_classes": None, "trainer.best_on": "test"}
+ADDED_LATER = {
+    "dataset.val_fraction": 0.0,
+    "dataset.num_classes": None,
+    "trainer.best_on": "test",
+    "trainer.num_threads": None,  # torch's own count, as before the key existed
+}
 
 
 def outputs_root() -> Path:
@@ -129,7 +134,7 @@ def expand_resume(overrides: list[str]) -> list[str] | None:
     ckpt = resume_checkpoint(value, run_dir)
     check_not_behind(ckpt, run_dir)
     merged = merge_overrides(previous_overrides(run_dir), overrides)
-    done = check_resume(merged, ckpt)
+    done, merged = check_resume(merged, ckpt)
     if done:
         print(f"marginlab: {done}; {run_dir} is unchanged")
         return None
@@ -177,9 +182,9 @@ def compose_train_config(overrides: list[str]):
     return cfg
 
 
-def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
-    """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns a message
-    when the run is already complete (nothing to do), else None."""
+def check_resume(overrides: list[str], ckpt_path: Path) -> tuple[str | None, list[str]]:
+    """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns (a message
+    when the run is already complete (nothing to do), else None; the overrides with what the run inherits)."""
     from omegaconf import OmegaConf
 
     from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
@@ -189,6 +194,7 @@ def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
     device = resolve_device(str(cfg.trainer.device))
     Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA
     ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
+    overrides = inherit_threads(cfg, overrides, ckpt["config"])
     new = OmegaConf.to_container(cfg, resolve=True)
     changed = config_changes(ckpt["config"], new)
     if changed:
@@ -204,9 +210,19 @@ def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
         return (
             f"the run has already completed its {done} of {epochs} epochs: nothing to do (raise trainer.epochs "
             f"to train further)"
-        )
+        ), overrides
     check_schedule_extension(cfg, ckpt, int(ckpt["config"]["trainer"]["epochs"]))
-    return None
+    return None, overrides
+
+
+def inherit_threads(cfg, overrides: list[str], saved: dict) -> list[str]:
+    """A resume trains with the run's torch thread count unless it names one (float results depend on the count,
+    marginlab/environment.py; a different one is refused like a change of model): ``cfg`` and the overrides get it."""
+    threads = (saved.get("trainer") or {}).get("num_threads")
+    if threads is None or cfg.trainer.get("num_threads") is not None:
+        return overrides
+    cfg.trainer.num_threads = threads
+    return [*overrides, f"trainer.num_threads={threads}"]
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
