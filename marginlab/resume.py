@@ -22,6 +22,7 @@ from marginlab.checkpoint import find_run_dir, resume_checkpoint
 from marginlab.errors import ConfigError
 
 HISTORY_FILE = "resumes.yaml"
+THREADS = "trainer.num_threads"  # float results depend on it: a resume keeps the run's (inherit_threads)
 
 #: per-invocation settings that a resumed run does not inherit from the original command line
 NOT_INHERITED = ("resume", "trainer.stop_after_epoch")
@@ -82,6 +83,11 @@ def previous_overrides(run_dir: Path) -> list[str]:
     history = read_history(run_dir)
     if history:
         return list(history[-1]["overrides"])
+    return original_overrides(run_dir)
+
+
+def original_overrides(run_dir: Path) -> list[str]:
+    """The run's original command line (Hydra's ``.hydra/overrides.yaml``)."""
     return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
 
 
@@ -105,7 +111,11 @@ def read_history(run_dir: Path) -> list[dict]:
 
 
 def record_resume(run_dir: Path, overrides: list[str], from_epoch: int) -> None:
-    """Appends one resume (when, from which epoch, with which overrides) to ``.hydra/resumes.yaml``."""
+    """Appends one resume (when, from which epoch, with which overrides) to ``.hydra/resumes.yaml``. The thread
+    count a resume inherits (``inherit_threads``) is the run's own, not a setting: it is left out unless the
+    original command line set it (the report labels a job by these overrides and notes what changed)."""
+    if not any(override_key(o) == THREADS for o in original_overrides(run_dir)):
+        overrides = [o for o in overrides if override_key(o) != THREADS]
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_epoch": from_epoch, "overrides": list(overrides)}
     path = run_dir / ".hydra" / HISTORY_FILE
     # a kill while writing leaves the history as it was, never half an entry
@@ -222,7 +232,7 @@ def inherit_threads(cfg, overrides: list[str], saved: dict) -> list[str]:
     if threads is None or cfg.trainer.get("num_threads") is not None:
         return overrides
     cfg.trainer.num_threads = threads
-    return [*overrides, f"trainer.num_threads={threads}"]
+    return [*overrides, f"{THREADS}={threads}"]
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

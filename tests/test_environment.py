@@ -25,6 +25,11 @@ def test_the_environment_has_exactly_the_keys_report_code_reads():
     assert env["cuda"] == (torch.version.cuda or None)
 
 
+def test_a_cuda_device_is_named_with_its_card(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"NVIDIA H100 #{torch.device(device).index}")
+    assert environment(torch.device("cuda", 1))["device"] == "cuda:1 (NVIDIA H100 #1)"
+
+
 def test_use_threads_sets_the_count_and_kept_threads_restores_it():
     before = torch.get_num_threads()
     with kept_threads():

@@ -12,6 +12,7 @@ import yaml
 from marginlab import builders
 from marginlab.environment import kept_threads
 from marginlab.errors import DataError
+from marginlab.report.jobs import changed_on_resume
 
 QUICK = ["logger=quiet", "trainer.epochs=2"]
 
@@ -184,3 +185,7 @@ def test_a_resume_keeps_the_runs_thread_count_and_refuses_another(run_train, met
         assert run_train("resume=latest")[0] == 0
     assert metrics[1](run_dir)[1]["environment"]["torch_threads"] == 1  # the resumed epoch's record says so
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["trainer"]["num_threads"] == 1
+    # inherited, not a setting: the report labels the job as before and notes no change on resume
+    (entry,) = yaml.safe_load((run_dir / ".hydra" / "resumes.yaml").read_text())
+    assert not any(o.startswith("trainer.num_threads") for o in entry["overrides"])
+    assert changed_on_resume(run_dir / ".hydra") == []
