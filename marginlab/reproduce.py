@@ -12,8 +12,10 @@ An experiment carries its sweeps in its YAML, each a multirun's axes written as 
 
 A sweep runs ``marginlab train -m experiment=<name> <its axes> <overrides>`` (an override of a swept key replaces
 that axis: ``seed=0`` runs one seed) into ``outputs/sweeps/<name>/<date_time>/`` (``MARGINLAB_OUTPUT_DIR``).
-Every job of every sweep is composed before the first starts: a value that does not compose starts nothing
-(exit 2). Exit 1 when a job failed or the table or the figures could not be made; each step runs regardless.
+Each job sets torch's thread count from its own config (``trainer.num_threads``; float results depend on it), so a
+job gives the same numbers here and under ``marginlab train -m``. Every job of every sweep is composed before the
+first starts: a value that does not compose starts nothing (exit 2). Exit 1 when a job failed or the table or the
+figures could not be made; each step runs regardless.
 """
 
 from __future__ import annotations
