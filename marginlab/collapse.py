@@ -1,14 +1,17 @@
 """During training: warnings when the geometry probe's numbers show a collapsing run.
 
-Three signs, each read from the epoch's record (metrics.jsonl names):
+Three signs, each read from the epoch's record (metrics.jsonl names), each calibrated so that the healthy runs
+of the shipped digits experiments raise none (tests/geometry/test_collapse.py replays them):
 
 - class weights collapsed: ``test/weight_angle/min_deg`` below ``WEIGHT_COLLAPSE_DEG`` and below
-  ``WEIGHT_COLLAPSE_SHARE`` of the best possible min angle (marginlab/margin_feasibility.py): two classes
-  share one direction, so the head cannot tell them apart;
+  ``WEIGHT_COLLAPSE_SHARE`` of the best possible min angle (marginlab/margin_feasibility.py) for
+  ``WEIGHT_EPOCHS`` evaluated epochs in a row: two classes share one direction, so the head cannot tell them
+  apart (a freshly initialised 2-D head passes through such an epoch and leaves it);
 - chance accuracy while the loss falls: ``test/acc`` under ``CHANCE_FACTOR`` / C for ``CHANCE_EPOCHS``
   evaluated epochs in a row while ``train/loss`` fell since the first of them;
-- feature norms exploding: ``test/feature_norm/mean`` over ``NORM_GROWTH`` times its first evaluated value
-  (or not finite).
+- feature norms exploding: ``test/feature_norm/mean`` not finite, or over ``NORM_GROWTH`` times its value at
+  the epoch of the lowest ``train/loss`` so far while ``train/loss`` is above that low. Healthy runs grow the
+  norm 10-30x from a fresh net's tiny first value while the loss falls; a blow-up grows it while the loss rises.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 
 WEIGHT_COLLAPSE_DEG = 1.0
 WEIGHT_COLLAPSE_SHARE = 0.05
+WEIGHT_EPOCHS = 3
 CHANCE_FACTOR, CHANCE_EPOCHS = 1.5, 3
 NORM_GROWTH = 10.0
 
@@ -27,7 +31,8 @@ class CollapseWatch:
     def __init__(self, num_classes: int, best_angle_deg: float | None = None):
         self.num_classes = int(num_classes)
         self.best_angle_deg = best_angle_deg
-        self.first_norm: tuple[int, float] | None = None
+        self.low_loss: tuple[int, float, float] | None = None  # (epoch, train/loss, feature norm) at the lowest loss
+        self.weight_run: list[int] = []  # the consecutive evaluated epochs with collapsed class weights
         self.chance_run: list[tuple[int, float]] = []  # (epoch, train/loss) of consecutive chance epochs
         self.first: dict[str, str] = {}  # kind -> "epoch N: <its first warning>"
 
@@ -53,9 +58,13 @@ class CollapseWatch:
         if self.best_angle_deg is not None:
             limit = min(limit, WEIGHT_COLLAPSE_SHARE * self.best_angle_deg)
         if not angle < limit:
+            self.weight_run = []
+            return None
+        self.weight_run.append(record["epoch"])
+        if len(self.weight_run) < WEIGHT_EPOCHS:
             return None
         best = "" if self.best_angle_deg is None else f" (best possible {self.best_angle_deg:.2f} deg)"
-        return f"collapse: two class weights are {angle:.2f} deg apart{best}"
+        return f"collapse: two class weights are {angle:.2f} deg apart{best} since epoch {self.weight_run[0]}"
 
     def _chance(self, record: dict) -> str | None:
         chance = 1.0 / max(self.num_classes, 1)
@@ -72,12 +81,20 @@ class CollapseWatch:
         )
 
     def _norms(self, record: dict) -> str | None:
-        norm = record.get("test/feature_norm/mean")
+        norm, loss = record.get("test/feature_norm/mean"), record.get("train/loss")
         if norm is None:
             return None
-        if self.first_norm is None:
-            self.first_norm = (record["epoch"], norm)
-        epoch0, norm0 = self.first_norm
-        if math.isfinite(norm) and not (norm0 > 0 and norm > NORM_GROWTH * norm0):
+        if not math.isfinite(norm):
+            return f"feature norms exploding: mean {norm} (not finite)"
+        if loss is None or not math.isfinite(loss):
             return None
-        return f"feature norms exploding: mean {norm:.4g} (epoch {epoch0}: {norm0:.4g})"
+        if self.low_loss is None or loss <= self.low_loss[1]:
+            self.low_loss = (record["epoch"], loss, norm)
+            return None
+        epoch0, loss0, norm0 = self.low_loss
+        if not (norm0 > 0 and norm > NORM_GROWTH * norm0):
+            return None
+        return (
+            f"feature norms exploding: mean {norm:.4g}, {norm / norm0:.0f}x epoch {epoch0}'s {norm0:.4g} "
+            f"while train/loss rose {loss0:.4g} -> {loss:.4g}"
+        )

@@ -9,18 +9,18 @@ An experiment carries its sweeps in its YAML, each a multirun's axes written as 
         - {m: "1,2,3,4", seed: "0,1,2"}
         - {head: softmax, "~head.lr_mult": null}  # ~key: Hydra's deletion; experiment: another experiment's recipe
       plot: true                                  # then `marginlab plot <sweep dir>` (2-D / 3-D feature figures)
-      num_threads: 1                              # torch threads unless OMP_NUM_THREADS is set (tiny CPU nets)
 
 A sweep runs ``marginlab train -m experiment=<name> <its axes> <overrides>`` (an override of a swept key replaces
 that axis: ``seed=0`` runs one seed) into ``outputs/sweeps/<name>/<date_time>/`` (``MARGINLAB_OUTPUT_DIR``).
-Every job of every sweep is composed before the first starts: a value that does not compose starts nothing
-(exit 2). Exit 1 when a job failed or the table or the figures could not be made; each step runs regardless.
+Each job sets torch's thread count from its own config (``trainer.num_threads``; float results depend on it), so a
+job gives the same numbers here and under ``marginlab train -m``. Every job of every sweep is composed before the
+first starts: a value that does not compose starts nothing (exit 2). Exit 1 when a job failed or the table or the
+figures could not be made; each step runs regardless.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shlex
@@ -34,7 +34,7 @@ from typing import Any
 from marginlab.errors import ConfigError, MarginlabError
 
 EXPERIMENTS = Path(__file__).parent / "configs" / "experiment"
-SPEC_KEYS = ("sweeps", "plot", "num_threads")
+SPEC_KEYS = ("sweeps", "plot")
 #: an override value Hydra reads unquoted
 PLAIN_VALUE = re.compile(r"[\w./:@+-]+")
 
@@ -46,7 +46,6 @@ class Spec:
     name: str
     sweeps: list[list[str]]
     plot: bool = False
-    num_threads: int | None = None
     paper: str = ""  # "<source>: <table>" of its paper: block
 
 
@@ -137,16 +136,15 @@ def spec_of(name: str, block: Any, paper: Any = None) -> Spec:
         )
     unknown = sorted(set(block) - set(SPEC_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {', '.join(SPEC_KEYS)}")
+        moved = " (the thread count is trainer.num_threads, the same for train -m)" if "num_threads" in unknown else ""
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {', '.join(SPEC_KEYS)}{moved}")
     if not isinstance(block["sweeps"], list):
         raise ConfigError(f"{where}.sweeps must be a list of mappings, got {block['sweeps']!r}")
-    plot, threads = block.get("plot", False), block.get("num_threads")
+    plot = block.get("plot", False)
     if not isinstance(plot, bool):
         raise ConfigError(f"{where}.plot={plot!r} is not allowed: give true or false")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"{where}.num_threads={threads!r} is not allowed: give an integer >= 1 or null")
     sweeps = [sweep_overrides(name, i, params) for i, params in enumerate(block["sweeps"])]
-    return Spec(name=name, sweeps=sweeps, plot=plot, num_threads=threads, paper=paper_title(paper))
+    return Spec(name=name, sweeps=sweeps, plot=plot, paper=paper_title(paper))
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -265,10 +263,9 @@ def main(args: list[str], commands: dict[str, Callable[[list[str]], int]]) -> in
     sweep_dir = new_sweep_dir(spec.name)
     print(f"marginlab reproduce {spec.name}: {len(runs)} sweep(s) into {sweep_dir}", flush=True)
     status = 0
-    with torch_threads(spec.num_threads):
-        for i, run in zip(chosen, runs):
-            print(f"marginlab reproduce: sweep {i}: marginlab train -m {shlex.join(run)}", flush=True)
-            status |= step(commands["train"], ["-m", *run, f"hydra.sweep.dir={quoted(str(sweep_dir))}"])
+    for i, run in zip(chosen, runs):  # each job sets its own torch threads (trainer.num_threads), as under train -m
+        print(f"marginlab reproduce: sweep {i}: marginlab train -m {shlex.join(run)}", flush=True)
+        status |= step(commands["train"], ["-m", *run, f"hydra.sweep.dir={quoted(str(sweep_dir))}"])
     status |= step(commands["report"], [str(sweep_dir), *report_axes([spec.sweeps[i - 1] for i in chosen])])
     if spec.plot:
         status |= step(commands["plot"], [str(sweep_dir)])
@@ -292,19 +289,3 @@ def step(command: Callable[[list[str]], int], args: list[str]) -> int:
     except MarginlabError as err:
         print(f"marginlab: error: {err}", file=sys.stderr, flush=True)
         return 1
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """``torch.set_num_threads(n)`` for the sweeps, unless ``n`` is None or ``OMP_NUM_THREADS`` is set."""
-    if n is None or "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)

@@ -23,6 +23,7 @@ from marginlab.errors import ConfigError
 from marginlab.replayed_overrides import read_history_file, read_override_file
 
 HISTORY_FILE = "resumes.yaml"
+THREADS = "trainer.num_threads"  # float results depend on it: a resume keeps the run's (inherit_threads)
 
 #: per-invocation settings that a resumed run does not inherit from the original command line
 NOT_INHERITED = ("resume", "trainer.stop_after_epoch")
@@ -62,7 +63,12 @@ RESUMABLE = (
 #: keys added after checkpoints were first written, with the value that reproduces a checkpoint saved without them
 #: (no validation split, best.pt chosen on test, the class count from the data); resuming such a run with other
 #: values is refused like any other change, and the message names the value to pass
-ADDED_LATER = {"dataset.val_fraction": 0.0, "dataset.num_classes": None, "trainer.best_on": "test"}
+ADDED_LATER = {
+    "dataset.val_fraction": 0.0,
+    "dataset.num_classes": None,
+    "trainer.best_on": "test",
+    "trainer.num_threads": None,  # torch's own count, as before the key existed
+}
 
 
 def outputs_root() -> Path:
@@ -79,6 +85,11 @@ def previous_overrides(run_dir: Path) -> list[str]:
     history = read_history(run_dir)
     if history:
         return list(history[-1]["overrides"])
+    return original_overrides(run_dir)
+
+
+def original_overrides(run_dir: Path) -> list[str]:
+    """The run's original command line (Hydra's ``.hydra/overrides.yaml``), checked as untrusted input."""
     return read_override_file(run_dir / ".hydra" / "overrides.yaml")
 
 
@@ -90,7 +101,11 @@ def read_history(run_dir: Path) -> list[dict]:
 
 
 def record_resume(run_dir: Path, overrides: list[str], from_epoch: int) -> None:
-    """Appends one resume (when, from which epoch, with which overrides) to ``.hydra/resumes.yaml``."""
+    """Appends one resume (when, from which epoch, with which overrides) to ``.hydra/resumes.yaml``. The thread
+    count a resume inherits (``inherit_threads``) is the run's own, not a setting: it is left out unless the
+    original command line set it (the report labels a job by these overrides and notes what changed)."""
+    if not any(override_key(o) == THREADS for o in original_overrides(run_dir)):
+        overrides = [o for o in overrides if override_key(o) != THREADS]
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_epoch": from_epoch, "overrides": list(overrides)}
     path = run_dir / ".hydra" / HISTORY_FILE
     # a kill while writing leaves the history as it was, never half an entry
@@ -119,7 +134,7 @@ def expand_resume(overrides: list[str]) -> list[str] | None:
     ckpt = resume_checkpoint(value, run_dir)
     check_not_behind(ckpt, run_dir)
     merged = merge_overrides(previous_overrides(run_dir), overrides)
-    done = check_resume(merged, ckpt)
+    done, merged = check_resume(merged, ckpt)
     if done:
         print(f"marginlab: {done}; {run_dir} is unchanged")
         return None
@@ -167,9 +182,9 @@ def compose_train_config(overrides: list[str]):
     return cfg
 
 
-def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
-    """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns a message
-    when the run is already complete (nothing to do), else None."""
+def check_resume(overrides: list[str], ckpt_path: Path) -> tuple[str | None, list[str]]:
+    """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns (a message
+    when the run is already complete (nothing to do), else None; the overrides with what the run inherits)."""
     from omegaconf import OmegaConf
 
     from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
@@ -179,6 +194,7 @@ def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
     device = resolve_device(str(cfg.trainer.device))
     Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA
     ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
+    overrides = inherit_threads(cfg, overrides, ckpt["config"])
     new = OmegaConf.to_container(cfg, resolve=True)
     changed = config_changes(ckpt["config"], new)
     if changed:
@@ -194,9 +210,19 @@ def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
         return (
             f"the run has already completed its {done} of {epochs} epochs: nothing to do (raise trainer.epochs "
             f"to train further)"
-        )
+        ), overrides
     check_schedule_extension(cfg, ckpt, int(ckpt["config"]["trainer"]["epochs"]))
-    return None
+    return None, overrides
+
+
+def inherit_threads(cfg, overrides: list[str], saved: dict) -> list[str]:
+    """A resume trains with the run's torch thread count unless it names one (float results depend on the count,
+    marginlab/environment.py; a different one is refused like a change of model): ``cfg`` and the overrides get it."""
+    threads = (saved.get("trainer") or {}).get("num_threads")
+    if threads is None or cfg.trainer.get("num_threads") is not None:
+        return overrides
+    cfg.trainer.num_threads = threads
+    return [*overrides, f"{THREADS}={threads}"]
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

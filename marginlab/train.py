@@ -38,6 +38,7 @@ from marginlab.config.validate import HeadSpec, validate
 from marginlab.distributed import sharded_state
 from marginlab.distributed.runtime import DistContext
 from marginlab.engine import Precision, check_finite_state, evaluate, resolve_device, resolve_precision, train_one_epoch
+from marginlab.environment import environment, kept_threads, use_threads
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.eval.during_training import run_verifiers
 from marginlab.finished_line import finished_line
@@ -165,6 +166,7 @@ def train_epochs(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: Run
     epochs = cfg.trainer.epochs
     saved = (Path(cfg.resume), state.epoch) if cfg.resume else None  # where the last finite weights are
     record: dict = {}
+    first = state.epoch  # this invocation's first record says where its numbers come from (environment.py)
     for epoch in range(state.epoch, min(epochs, cfg.trainer.get("stop_after_epoch") or epochs)):
         epoch_start = time.perf_counter()
         record = train_epoch(cfg, run, job, state, log, epoch, saved)
@@ -175,7 +177,7 @@ def train_epochs(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: Run
         record.update({f"head/{k}": v for k, v in job.model.head.schedule_values().items()})
         state.epoch = epoch + 1
         record["time/epoch_s"] = time.perf_counter() - epoch_start  # training + evaluation
-        log_epoch(record, job.watch, log, state.step, epochs)
+        log_epoch(record, job.watch, log, state.step, epochs, environment(run.device) if epoch == first else None)
         is_best = select_best(record, job.best_key, state)
         if cfg.trainer.checkpoint:
             saved = (save_epoch(cfg, run, job, state, model_state, optimizer_state, is_best), state.epoch)
@@ -188,6 +190,7 @@ def train_epochs(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: Run
 # ---------------------------------------------------------------- setting up
 def set_up_run(cfg: DictConfig, run_dir: Path) -> Run:
     """Picks the device and this process's rank, saves the config actually used, seeds every generator."""
+    cfg.trainer.num_threads = use_threads(cfg.trainer.get("num_threads"))  # float results depend on it: saved
     device = resolve_device(str(cfg.trainer.device))
     dist = DistContext.from_env(device.type)  # torchrun: one process per device; plain runs: rank 0 of 1
     device = dist.device(device)
@@ -419,12 +422,15 @@ def sync_eval_head(eval_model: MarginModel, model_state: dict) -> None:
     eval_model.head.load_state_dict({k[len("head.") :]: v for k, v in model_state.items() if k.startswith("head.")})
 
 
-def log_epoch(record: dict, watch: CollapseWatch, log: RunLog, step: int, epochs: int) -> None:
-    """TensorBoard scalars, the collapse watch's warnings, metrics.jsonl and the per-epoch line."""
+def log_epoch(record: dict, watch: CollapseWatch, log: RunLog, step: int, epochs: int, env: dict | None = None) -> None:
+    """TensorBoard scalars, the collapse watch's warnings, metrics.jsonl (with ``env`` as its ``environment``)
+    and the per-epoch line."""
     log.scalars({k: v for k, v in record.items() if k not in ("epoch", "step")}, step)
     warnings = watch.check(record)  # collapse: class weights, chance accuracy, feature norms (collapse.py)
     if warnings:
         record["warnings"] = warnings
+    if env:
+        record["environment"] = env
     log.epoch_record(record)
     log.epoch_line(record, epochs, warnings)  # console (terminal or not) and train.log
 
@@ -481,6 +487,7 @@ def run_summary(cfg: DictConfig, run: Run, job: Job, state: LoopState, record: d
         "wall_time_s": wall_time_s,
         **record,
         "warnings": job.warnings + job.watch.first_warnings(),
+        "environment": environment(run.device),  # threads, versions, device, commit: what else decides the floats
     }
 
 
@@ -494,7 +501,8 @@ def run(cfg: DictConfig) -> float:
     lock = None
     try:
         lock = RunLock(run_dir)  # one process trains a run at a time: refused before any file of the run changes
-        summary = train(cfg, run_dir)
+        with kept_threads():  # the run sets trainer.num_threads; the next job of a sweep starts from this count
+            summary = train(cfg, run_dir)
     except Exception as err:  # a resume is recorded once it starts training; until then the run stays as it was
         started = resumes is None or len(read_history(run_dir)) > resumes
         message = sweep.record_failure(run_dir, err, write=lock is not None and started)

@@ -29,6 +29,7 @@ from marginlab import builders, reproduce
 from marginlab.cli import main
 from marginlab.config.validate import import_target, validate
 from marginlab.data.face import parse_image_size
+from marginlab.environment import kept_threads
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.losses import criterion_for
 
@@ -208,14 +209,14 @@ def test_the_readme_names_commands_that_exist():
     [
         (None, "reproduce.sweeps is missing"),
         ({"sweeps": []}, "reproduce.sweeps is missing"),
-        ({"sweeps": [{"m": "1,2"}], "plots": True}, "unknown keys ['plots']; allowed: sweeps, plot, num_threads"),
+        ({"sweeps": [{"m": "1,2"}], "plots": True}, "unknown keys ['plots']; allowed: sweeps, plot"),
         ({"sweeps": {"m": "1,2"}}, "reproduce.sweeps must be a list of mappings"),
         ({"sweeps": ["m=1,2"]}, "reproduce.sweeps[0] must be a mapping of override keys to values"),
         ({"sweeps": [{"m": "1,2"}, {}]}, "reproduce.sweeps[1] must be a mapping"),
         ({"sweeps": [{"head": {"m": 1}}]}, "reproduce.sweeps[0]: 'head' is not allowed"),
         ({"sweeps": [{"experiment": "nope"}]}, "reproduce.sweeps[0]: experiment='nope' does not exist"),
         ({"sweeps": [{"seed": "0,1"}], "plot": "yes"}, "reproduce.plot='yes' is not allowed: give true or false"),
-        ({"sweeps": [{"seed": "0,1"}], "num_threads": 0}, "reproduce.num_threads=0 is not allowed"),
+        ({"sweeps": [{"seed": "0,1"}], "num_threads": 1}, "(the thread count is trainer.num_threads"),
     ],
 )
 def test_a_bad_reproduce_block_is_refused_naming_the_key(block, message):
@@ -328,6 +329,24 @@ def test_reproduce_runs_every_sweep_into_one_dir_then_the_report_and_the_plot(ou
     assert [c[0] for c in rec.calls] == ["train", "train", "report"]
     # the experiment compares backbones on purpose (sfnet64 beside its default): the report is told, not refused
     assert rec.calls[-1][1][1:] == ["--axis", "backbone"]
+
+
+def test_reproduce_and_train_m_run_a_job_with_the_same_thread_count(outputs_dir, recorded):
+    """Issue #23: one ArcFace job gave 0.9611 under reproduce (which set one thread around its sweeps) and 0.9361
+    under train -m (two). Now reproduce leaves torch's count alone and the job sets its own from the experiment's
+    trainer.num_threads, composed the same both ways."""
+    threads: list[int] = []
+    rec = Recorder()
+    rec.commands["train"] = lambda args: threads.append(torch.get_num_threads()) or rec.train(args)
+    with kept_threads():
+        torch.set_num_threads(2)
+        assert reproduce.main(["digits_2d_comparison", "--sweeps", "6", "seed=0"], rec.commands) == 0
+    assert threads == [2]
+    (job,) = reproduce.expand([a for a in rec.calls[0][1][1:] if not a.startswith("hydra.")])
+    with hydra_configs():
+        via_reproduce = compose(job)
+        via_train_m = compose(["experiment=digits_2d_comparison", "head=arcface", "s=10", "m=0.2", "seed=0"])
+    assert via_reproduce.trainer.num_threads == via_train_m.trainer.num_threads == 1
 
 
 def test_reproduce_exits_1_when_a_sweep_or_the_report_failed_and_still_runs_every_step(outputs_dir, recorded, capsys):

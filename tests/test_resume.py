@@ -6,7 +6,8 @@ import pytest
 import torch
 
 RUN = ["logger=quiet", "trainer.epochs=2", "sched=cosine", "head=arcface", "m=0.3"]
-TIMES = ("train/images_per_s", "test/probe/seconds", "time/epoch_s")  # timings differ run to run
+#: timings differ run to run; the environment is in each invocation's first record (environment.py)
+TIMES = ("train/images_per_s", "test/probe/seconds", "time/epoch_s", "environment")
 
 
 def weights(run_dir):

@@ -10,7 +10,9 @@ import torch
 import yaml
 
 from marginlab import builders
+from marginlab.environment import kept_threads
 from marginlab.errors import DataError
+from marginlab.report.jobs import changed_on_resume
 
 QUICK = ["logger=quiet", "trainer.epochs=2"]
 
@@ -129,7 +131,8 @@ def test_a_resume_that_fails_while_setting_up_leaves_the_run_as_it_was(run_train
 
 
 def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it(run_train, capfd):
-    """A checkpoint written before dataset.val_fraction / trainer.best_on / head.init existed: resuming it with
+    """A checkpoint written before dataset.val_fraction / trainer.best_on / head.init / trainer.num_threads existed:
+    resuming it with
     today's defaults would change its data, so it is refused naming the keys; with the old values it goes on."""
     from marginlab.checkpoint import read_checkpoint
 
@@ -139,7 +142,12 @@ def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it
     assert code == 0
     path = run_dir / "checkpoints" / "last.pt"
     ckpt = read_checkpoint(path)
-    for group, key in (("dataset", "val_fraction"), ("trainer", "best_on"), ("head", "init")):
+    for group, key in (
+        ("dataset", "val_fraction"),
+        ("trainer", "best_on"),
+        ("head", "init"),
+        ("trainer", "num_threads"),
+    ):
         del ckpt["config"][group][key]
     torch.save(ckpt, path)
     overrides = run_dir / ".hydra" / "overrides.yaml"
@@ -159,3 +167,25 @@ def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it
     assert "head.init:" not in err and snapshot(run_dir) == before  # the init is not a difference on resume
     code, _ = run_train("resume=latest", "dataset.val_fraction=0", "trainer.best_on=test")
     assert code == 0
+
+
+def test_a_resume_keeps_the_runs_thread_count_and_refuses_another(run_train, metrics, capfd):
+    """Float results depend on the torch thread count (issue #23): a resume that names none trains with the
+    run's saved count, whatever the process has now (bit-exact); one that names another is refused like a change
+    of model, the run left as it was."""
+    with kept_threads():
+        torch.set_num_threads(1)
+        code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1")  # null: saved as 1
+        assert code == 0
+        torch.set_num_threads(2)
+        before = snapshot(run_dir)
+        code, _ = run_train("resume=latest", "trainer.num_threads=2")
+        err = capfd.readouterr().err
+        assert code == 2 and "trainer.num_threads: 1 -> 2" in err and snapshot(run_dir) == before
+        assert run_train("resume=latest")[0] == 0
+    assert metrics[1](run_dir)[1]["environment"]["torch_threads"] == 1  # the resumed epoch's record says so
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["trainer"]["num_threads"] == 1
+    # inherited, not a setting: the report labels the job as before and notes no change on resume
+    (entry,) = yaml.safe_load((run_dir / ".hydra" / "resumes.yaml").read_text())
+    assert not any(o.startswith("trainer.num_threads") for o in entry["overrides"])
+    assert changed_on_resume(run_dir / ".hydra") == []

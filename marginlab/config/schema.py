@@ -38,6 +38,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
     checkpoint: bool = True
     deterministic: bool = False
+    # torch threads (float results change with the count); null = torch's choice. The saved config and
+    # metrics.json's environment.torch_threads hold the count used
+    num_threads: Optional[int] = None
     strict_margin: bool = False  # true: refuse a margin C classes in embedding_dim dims cannot satisfy (else: warn)
 
 

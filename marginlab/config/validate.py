@@ -278,6 +278,9 @@ def validate(cfg: DictConfig) -> HeadSpec:
         value = OmegaConf.select(cfg, key)
         if value < low:
             raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer >= {low}")
+    threads = cfg.trainer.get("num_threads")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"trainer.num_threads={threads!r} is not allowed: it must be an integer >= 1 (or null)")
     for key in ("trainer.grad_clip", "trainer.head_weight_decay"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 0:
