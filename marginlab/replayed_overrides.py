@@ -111,8 +111,8 @@ def refusal(override: Any) -> str | None:
         return f"{key}={unknown[0]!r} is not one of the shipped {key} options" if unknown else None
     if parts[0] not in SCHEMA_KEYS:
         return f"{parts[0]!r} is not a key of a run's config"
-    if parsed.type == OverrideType.DEL:
-        return "it deletes a config key"
+    if parsed.type == OverrideType.DEL:  # ~head.lr_mult: a shipped sweep removes a head's key (validation follows)
+        return None if parsed.value() is None else _value_refusal(parsed.value())
     return _value_refusal(parsed.value())
 
 

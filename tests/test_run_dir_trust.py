@@ -59,7 +59,8 @@ def payloads(tmp: Path) -> dict[str, str]:
         "key outside the schema": [f"+evil.self={pwned}"],
         "not a string": [{"_target_": "pathlib.Path.touch"}],
         "not an override": ["a b = c"],
-        "deletes a key": ["~trainer.epochs"],
+        "deletes a hydra key": ["~hydra.job.chdir"],
+        "deletes a target": ["~head._target_"],
     }
 
 
@@ -117,6 +118,7 @@ def test_an_untampered_run_still_resumes(run_dir):
         "regularizer=center",
         "regularizer=null",
         "~regularizer",
+        "~head.lr_mult",
         "+regularizer=incay",
         "experiment=digits_2d_comparison",
         "optim=adamw",
