@@ -43,6 +43,7 @@ from marginlab.eval.during_training import run_verifiers
 from marginlab.finished_line import finished_line
 from marginlab.geometry.probe import GeometryProbe
 from marginlab.logging import RunLog
+from marginlab.logging.run_log import close_trackers, start_trackers
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.margin_feasibility import check_margin
 from marginlab.resume import read_history, record_resume
@@ -139,14 +140,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     head_spec = validate(cfg)  # the head resolved once (top-level m / s applied); the builder consumes it
     run = set_up_run(cfg, run_dir)  # device, ranks, precision, seeds; the config actually used
     job = build_job(cfg, run, head_spec)  # data, model, loss, evaluation plan, optimizer, schedule
-    state = start_or_resume(cfg, run, job)  # LoopState(), or the checkpoint's weights, optimizer and generators
-    log = RunLog(run.dir, tensorboard=cfg.logger.tensorboard, enabled=run.dist.is_main, console=cfg.logger.console)
-    log.start(cfg, dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None)  # config, hparams
-    probe = GeometryProbe.from_config(cfg, run.dir, log)  # histograms, geometry/*.npz, figures/*.png
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
+    # MLflow / W&B first: a store that refuses stops a resume here, before any file of the run changes
+    trackers = start_trackers(cfg, run.dir, choices) if run.dist.is_main else []
+    log = None
     try:
+        state = start_or_resume(cfg, run, job)  # LoopState(), or the checkpoint's weights, optimizer and generators
+        log = RunLog(
+            run.dir,
+            tensorboard=cfg.logger.tensorboard,
+            enabled=run.dist.is_main,
+            console=cfg.logger.console,
+            trackers=trackers,
+        )
+        log.start(cfg, choices)  # config, hparams
+        probe = GeometryProbe.from_config(cfg, run.dir, log)  # histograms, geometry/*.npz, figures/*.png
         record = train_epochs(cfg, run, job, state, log, probe)
     except BaseException:
-        log.close()
+        if log is not None:  # the trackers end KILLED on Ctrl-C, else FAILED
+            log.close()
+        else:
+            close_trackers(trackers)
         raise
     finally:
         run.dist.shutdown()

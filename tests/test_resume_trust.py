@@ -12,11 +12,9 @@ import yaml
 from marginlab import builders
 from marginlab.errors import DataError
 
+from .conftest import read_metrics, snapshot
+
 QUICK = ["logger=quiet", "trainer.epochs=2"]
-
-
-def snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 def weights(run_dir: Path) -> dict:
@@ -159,3 +157,30 @@ def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it
     assert "head.init:" not in err and snapshot(run_dir) == before  # the init is not a difference on resume
     code, _ = run_train("resume=latest", "dataset.val_fraction=0", "trainer.best_on=test")
     assert code == 0
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_a_resume_whose_tracker_cannot_start_leaves_the_run_byte_identical(
+    run_train, tmp_path, monkeypatch, capfd, tracker
+):
+    """The experiment trackers start before the resume touches the run: a store that refuses (W&B online without
+    an API key, an MLflow store that cannot be opened) fails it with every file as it was, metrics.json too."""
+    code, run_dir = run_train(*QUICK, "sched=constant")
+    assert code == 0
+    if tracker == "wandb":
+        wandb = pytest.importorskip("wandb")
+
+        def no_api_key(**kwargs):
+            raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+        monkeypatch.setattr(wandb, "init", no_api_key)
+        store = ["logger=wandb", "logger.wandb.mode=online"]
+    else:
+        pytest.importorskip("mlflow")
+        (tmp_path / "a_file").write_text("")
+        store = ["logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"]
+    before = snapshot(run_dir)
+    code, _ = run_train(f"resume={run_dir}", "trainer.epochs=3", *store)
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "marginlab: error:" in err, err
+    assert snapshot(run_dir) == before and read_metrics(run_dir)["status"] == "completed"
