@@ -180,12 +180,31 @@ def compose_train_config(overrides: list[str]):
 def check_resume(overrides: list[str], ckpt_path: Path) -> str | None:
     """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns a message
     when the run is already complete (nothing to do), else None."""
+    return check_resume_config(compose_train_config(overrides), ckpt_path)
+
+
+def recheck_resume(cfg, run_dir: Path) -> str | None:
+    """``check_not_behind`` and ``check_resume`` again, for the config Hydra composed, once the resume holds the
+    run's lock: another process may have trained the run between the first check and the lock (two resumes of one
+    run). A message when there is nothing left to do, a ConfigError when the resume no longer fits."""
+    import copy
+
+    from marginlab.config.validate import validate
+
+    ckpt = Path(cfg.resume)
+    check_not_behind(ckpt, run_dir)
+    cfg = copy.deepcopy(cfg)  # validate writes the top-level m / s into the head: the run's own cfg stays as it is
+    validate(cfg)
+    return check_resume_config(cfg, ckpt)
+
+
+def check_resume_config(cfg, ckpt_path: Path) -> str | None:
+    """``check_resume`` of a composed, validated config."""
     from omegaconf import OmegaConf
 
     from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
     from marginlab.engine import Precision, resolve_device, resolve_precision
 
-    cfg = compose_train_config(overrides)
     device = resolve_device(str(cfg.trainer.device))
     Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA
     ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here

@@ -46,7 +46,7 @@ from marginlab.logging import RunLog
 from marginlab.logging.run_log import close_trackers, start_trackers
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.margin_feasibility import check_margin
-from marginlab.resume import read_history, record_resume
+from marginlab.resume import read_history, recheck_resume, record_resume
 from marginlab.run_dirs import RunLock
 from marginlab.weights import init_from
 
@@ -501,17 +501,26 @@ def run_summary(cfg: DictConfig, run: Run, job: Job, state: LoopState, record: d
 def run(cfg: DictConfig) -> float:
     """The Hydra task: every failure is recorded in a failed metrics.json. User errors, out of memory and files
     the system refuses to write become one clear line (exit 2), a bug its traceback too (exit 1). In a multirun
-    the sweep goes on (marginlab/sweep.py)."""
+    the sweep goes on (marginlab/sweep.py). A resume touches nothing of the run until it starts training."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    resumes = len(read_history(run_dir)) if cfg.resume else None
-    lock = None
+    lock = resumes = None
+
+    def started() -> bool:  # a resume is recorded once it starts training; until then the run stays as it was
+        touched = not cfg.resume or (resumes is not None and len(read_history(run_dir)) > resumes)
+        return lock is not None and touched
+
     try:
         lock = RunLock(run_dir)  # one process trains a run at a time: refused before any file of the run changes
+        if cfg.resume:  # checked again under the lock: another resume may have trained the run meanwhile
+            resumes = len(read_history(run_dir))
+            done = recheck_resume(cfg, run_dir)
+            if done:
+                print(f"marginlab: {done}; {run_dir} is unchanged")
+                return float("nan")
         summary = train(cfg, run_dir)
-    except Exception as err:  # a resume is recorded once it starts training; until then the run stays as it was
-        started = resumes is None or len(read_history(run_dir)) > resumes
-        message = sweep.record_failure(run_dir, err, write=lock is not None and started)
+    except Exception as err:
+        message = sweep.record_failure(run_dir, err, write=started())
         code = 2 if sweep.is_user_error(err) else 1
     else:
         return objective(summary)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from marginlab import builders
+from marginlab import builders, resume
 from marginlab.errors import DataError
 
 from .conftest import read_metrics, snapshot
@@ -184,3 +184,27 @@ def test_a_resume_whose_tracker_cannot_start_leaves_the_run_byte_identical(
     err = capfd.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "marginlab: error:" in err, err
     assert snapshot(run_dir) == before and read_metrics(run_dir)["status"] == "completed"
+
+
+def test_a_resume_overtaken_between_its_check_and_the_lock_has_nothing_to_do(run_train, monkeypatch, capsys):
+    """Two resumes of one run: the second passes its check while the first trains, and takes the lock once the
+    first has completed the run. Checked again under the lock, it finds nothing to do and changes nothing."""
+    code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1")
+    assert code == 0
+    check = resume.expand_resume
+    completed = {}
+
+    def checked_then_overtaken(args):
+        expanded = check(args)  # the second resume's check: 1 of 2 epochs done, so it would train epoch 2
+        monkeypatch.setattr(resume, "expand_resume", check)
+        assert run_train(f"resume={run_dir}")[0] == 0  # meanwhile the first resume trains the run to its end
+        completed.update(snapshot(run_dir))
+        return expanded
+
+    monkeypatch.setattr(resume, "expand_resume", checked_then_overtaken)
+    capsys.readouterr()
+    code, _ = run_train(f"resume={run_dir}")
+    out = capsys.readouterr().out
+    assert code == 0 and "already completed its 2 of 2 epochs: nothing to do" in out, out
+    assert read_metrics(run_dir)["status"] == "completed" and "test/acc" in read_metrics(run_dir)
+    assert snapshot(run_dir) == completed
