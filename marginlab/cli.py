@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except MarginlabError as err:
         print(f"marginlab: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run's training (which records it itself: marginlab/train.py)
+        print(f"marginlab: interrupted ({name})", file=sys.stderr)
+        return 130
 
 
 def console_main() -> None:

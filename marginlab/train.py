@@ -43,7 +43,7 @@ from marginlab.eval.during_training import run_verifiers
 from marginlab.finished_line import finished_line
 from marginlab.geometry.probe import GeometryProbe
 from marginlab.logging import RunLog
-from marginlab.logging.run_log import close_trackers, start_trackers
+from marginlab.logging.run_log import close_trackers, start_trackers, write_json
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.margin_feasibility import check_margin
 from marginlab.resume import read_history, recheck_resume, record_resume
@@ -134,6 +134,14 @@ class Job:
 
 
 # ---------------------------------------------------------------- the recipe
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C once the run trains: ``summary`` is what its metrics.json records (``"status": "interrupted"``)."""
+
+    def __init__(self, summary: dict):
+        super().__init__()
+        self.summary = summary
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """One run from a composed config into ``run_dir``; returns the summary written to metrics.json."""
     start = time.perf_counter()
@@ -143,7 +151,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
     # MLflow / W&B first: a store that refuses stops a resume here, before any file of the run changes
     trackers = start_trackers(cfg, run.dir, choices) if run.dist.is_main else []
-    log = None
+    state = log = None
     try:
         state = start_or_resume(cfg, run, job)  # LoopState(), or the checkpoint's weights, optimizer and generators
         log = RunLog(
@@ -156,11 +164,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         log.start(cfg, choices)  # config, hparams
         probe = GeometryProbe.from_config(cfg, run.dir, log)  # histograms, geometry/*.npz, figures/*.png
         record = train_epochs(cfg, run, job, state, log, probe)
-    except BaseException:
+    except BaseException as err:
         if log is not None:  # the trackers end KILLED on Ctrl-C, else FAILED
             log.close()
         else:
             close_trackers(trackers)
+        if isinstance(err, KeyboardInterrupt) and state is not None:
+            summary = run_summary(cfg, run, job, state, {}, wall_time_s=time.perf_counter() - start)
+            raise Interrupted({**summary, "status": "interrupted"}) from None
         raise
     finally:
         run.dist.shutdown()
@@ -500,8 +511,9 @@ def run_summary(cfg: DictConfig, run: Run, job: Job, state: LoopState, record: d
 
 def run(cfg: DictConfig) -> float:
     """The Hydra task: every failure is recorded in a failed metrics.json. User errors, out of memory and files
-    the system refuses to write become one clear line (exit 2), a bug its traceback too (exit 1). In a multirun
-    the sweep goes on (marginlab/sweep.py). A resume touches nothing of the run until it starts training."""
+    the system refuses to write become one clear line (exit 2), a bug its traceback too (exit 1); Ctrl-C records
+    an interrupted metrics.json (exit 130). In a multirun the sweep goes on (marginlab/sweep.py), but not past
+    Ctrl-C. A resume touches nothing of the run until it starts training."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     lock = resumes = None
@@ -519,6 +531,12 @@ def run(cfg: DictConfig) -> float:
                 print(f"marginlab: {done}; {run_dir} is unchanged")
                 return float("nan")
         summary = train(cfg, run_dir)
+    except KeyboardInterrupt as err:
+        summary = err.summary if isinstance(err, Interrupted) else {"status": "interrupted", "run_dir": str(run_dir)}
+        if started():
+            write_json(run_dir / "metrics.json", summary)
+        print(interrupted_line(summary, cfg, run_dir, recorded=started()), file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as err:
         message = sweep.record_failure(run_dir, err, write=started())
         code = 2 if sweep.is_user_error(err) else 1
@@ -531,3 +549,13 @@ def run(cfg: DictConfig) -> float:
     if multirun:
         return sweep.failed_job_result(message)
     raise SystemExit(code)
+
+
+def interrupted_line(summary: dict, cfg: DictConfig, run_dir: Path, recorded: bool) -> str:
+    """Ctrl-C in one line: the epochs done and how the run goes on (``resume=``), or that nothing changed."""
+    if not recorded:
+        return f"marginlab: interrupted before training; {run_dir} is unchanged"
+    done = summary.get("epochs_done", 0)
+    resumable = cfg.resume or (cfg.trainer.checkpoint and done)
+    way_on = f"resume={run_dir} continues it" if resumable else "no checkpoint was written to resume from"
+    return f"marginlab: interrupted after {done}/{cfg.trainer.epochs} epochs; {way_on}"
