@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from marginlab.checks import check_dir_name
 from marginlab.config.schema import BEST_ON, PRECISIONS, LoggerConfig, TrainerConfig
 from marginlab.errors import ConfigError
 
@@ -258,6 +259,8 @@ def validate(cfg: DictConfig) -> HeadSpec:
         value = OmegaConf.select(cfg, key)
         if value < low:
             raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer >= {low}")
+    if cfg.get("name") is not None:
+        check_dir_name("name", cfg.name)
     for key in ("trainer.grad_clip", "trainer.head_weight_decay"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 0:
