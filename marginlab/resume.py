@@ -224,6 +224,12 @@ def check_resume_config(cfg, ckpt_path: Path) -> str | None:
             f"the run has already completed its {done} of {epochs} epochs: nothing to do (raise trainer.epochs "
             f"to train further)"
         )
+    stop = cfg.trainer.get("stop_after_epoch")
+    if stop is not None and stop <= done:  # it would train nothing and write a summary without its metrics
+        raise ConfigError(
+            f"resume: trainer.stop_after_epoch={stop} is not allowed: the run has already done {done} epochs "
+            f"(give a later epoch, up to trainer.epochs={epochs}, or leave it out)"
+        )
     check_schedule_extension(cfg, ckpt, int(ckpt["config"]["trainer"]["epochs"]))
     return None
 

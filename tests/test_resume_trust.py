@@ -40,6 +40,7 @@ def finished(run_train):
         ["dataset.batch_size=32"],
         ["head=nope"],
         ["trainer.epochs=1"],
+        ["trainer.stop_after_epoch=2"],
     ],
 )
 def test_a_refused_resume_leaves_every_file_byte_identical(run_train, finished, capfd, bad):

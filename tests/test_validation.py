@@ -27,6 +27,9 @@ CASES = [
         ["head=normface", "head.learnable_scale=true", "head.partial_fc.sample_rate=0.5"],
         "use a fixed s with Partial FC",
     ),
+    (["trainer.stop_after_epoch=0"], "trainer.stop_after_epoch=0 is not allowed: it must be null or an integer from"),
+    (["trainer.stop_after_epoch=-1"], "trainer.stop_after_epoch=-1 is not allowed"),
+    (["trainer.stop_after_epoch=2"], "stop_after_epoch=2 is not allowed: it must be null or an integer from 1 to trai"),
 ]
 
 
@@ -119,3 +122,4 @@ def validate_config(cfg):
     from marginlab.config.validate import validate
 
     return validate(cfg)
+

@@ -259,6 +259,12 @@ def validate(cfg: DictConfig) -> HeadSpec:
         value = OmegaConf.select(cfg, key)
         if value < low:
             raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer >= {low}")
+    stop, epochs = cfg.trainer.get("stop_after_epoch"), cfg.trainer.epochs
+    if stop is not None and not 1 <= stop <= epochs:  # 0 trained every epoch, -1 none; past the end stops nothing
+        raise ConfigError(
+            f"trainer.stop_after_epoch={stop!r} is not allowed: it must be null or an integer from 1 to "
+            f"trainer.epochs={epochs} (the epoch after which this invocation stops; resume= continues the run)"
+        )
     if cfg.get("name") is not None:
         check_dir_name("name", cfg.name)
     for key in ("trainer.grad_clip", "trainer.head_weight_decay"):
