@@ -123,6 +123,10 @@ def as_user_error(err: Exception, args: list[str]) -> Exception:
     cause = sweep.marginlab_cause(err)
     if cause is not None:
         return cause
+    if isinstance(err, AssertionError):  # OmegaConf's, for a key under a null node: logger.wandb.* without logger=wandb
+        from marginlab.logging.tracker_options import unchosen_tracker
+
+        return unchosen_tracker(args) or err
     if sweep.is_environment_error(err) and not sweep.is_config_error(err):
         return OutputError(sweep.describe(err))
     if not sweep.is_config_error(err):

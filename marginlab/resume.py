@@ -173,6 +173,13 @@ def compose_train_config(overrides: list[str]):
             cfg = compose("train", overrides=[o for o in overrides if not override_key(o).startswith("hydra.")])
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"resume: {str(exc).strip().splitlines()[0]}") from None
+    except AssertionError:  # OmegaConf's, for a key under a null node: logger.wandb.* without logger=wandb
+        from marginlab.logging.tracker_options import unchosen_tracker
+
+        error = unchosen_tracker(overrides)
+        if error is None:
+            raise
+        raise error from None
     validate(cfg)  # also writes the top-level m / s into cfg.head
     return cfg
 

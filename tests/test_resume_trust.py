@@ -40,6 +40,7 @@ def finished(run_train):
         ["dataset.batch_size=32"],
         ["head=nope"],
         ["trainer.epochs=1"],
+        ["logger.wandb.mode=online"],
         ["trainer.stop_after_epoch=2"],
     ],
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from .conftest import run_cli
+
 FAST = ["logger=quiet", "trainer.epochs=1"]
 
 CASES = [
@@ -123,3 +125,12 @@ def validate_config(cfg):
 
     return validate(cfg)
 
+
+@pytest.mark.parametrize("override", ["logger.wandb.mode=online", "logger.mlflow.tracking_uri=sqlite:///x.db"])
+@pytest.mark.parametrize("sweep", [[], ["-m"]], ids=["run", "sweep"])
+def test_a_tracker_key_without_its_logger_says_to_choose_it_in_one_line(capfd, override, sweep):
+    """logger.wandb is null unless logger=wandb: setting a key under it was an AssertionError traceback."""
+    tracker = override.split(".")[1]
+    code = run_cli("train", *sweep, *FAST, override)
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"choose logger={tracker} first" in err, err
