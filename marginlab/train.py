@@ -532,10 +532,11 @@ def run(cfg: DictConfig) -> float:
                 return float("nan")
         summary = train(cfg, run_dir)
     except KeyboardInterrupt as err:
-        summary = err.summary if isinstance(err, Interrupted) else {"status": "interrupted", "run_dir": str(run_dir)}
-        if started():
-            write_json(run_dir / "metrics.json", summary)
-        print(interrupted_line(summary, cfg, run_dir, recorded=started()), file=sys.stderr)
+        summary = err.summary if isinstance(err, Interrupted) else None
+        # a summary the run wrote as it ended (Ctrl-C while its trackers upload) is kept
+        if started() and (summary is not None or not (run_dir / "metrics.json").exists()):
+            write_json(run_dir / "metrics.json", summary or {"status": "interrupted", "run_dir": str(run_dir)})
+        print(interrupted_line(run_dir, summary, cfg.trainer.epochs), file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as err:
         message = sweep.record_failure(run_dir, err, write=started())
@@ -551,11 +552,9 @@ def run(cfg: DictConfig) -> float:
     raise SystemExit(code)
 
 
-def interrupted_line(summary: dict, cfg: DictConfig, run_dir: Path, recorded: bool) -> str:
-    """Ctrl-C in one line: the epochs done and how the run goes on (``resume=``), or that nothing changed."""
-    if not recorded:
-        return f"marginlab: interrupted before training; {run_dir} is unchanged"
-    done = summary.get("epochs_done", 0)
-    resumable = cfg.resume or (cfg.trainer.checkpoint and done)
-    way_on = f"resume={run_dir} continues it" if resumable else "no checkpoint was written to resume from"
-    return f"marginlab: interrupted after {done}/{cfg.trainer.epochs} epochs; {way_on}"
+def interrupted_line(run_dir: Path, summary: dict | None, epochs: int) -> str:
+    """Ctrl-C in one line: the epochs done (once training started) and whether ``resume=`` can continue the run."""
+    done = f" after {summary['epochs_done']}/{epochs} epochs" if summary else ""
+    resumable = (run_dir / CHECKPOINT_DIR / "last.pt").is_file()
+    way_on = f"resume={run_dir} continues it" if resumable else "it has no checkpoint to resume from"
+    return f"marginlab: interrupted{done}; {way_on}"

@@ -128,6 +128,21 @@ def test_a_resume_that_fails_while_setting_up_leaves_the_run_as_it_was(run_train
     assert snapshot(run_dir) == before
 
 
+def test_ctrl_c_before_a_resume_trains_leaves_the_run_as_it_was(run_train, monkeypatch, capfd):
+    code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1")
+    assert code == 0
+    before = snapshot(run_dir)
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builders, "build_data", ctrl_c)
+    capfd.readouterr()
+    code, _ = run_train(f"resume={run_dir}")
+    assert code == 130 and capfd.readouterr().err == f"marginlab: interrupted; resume={run_dir} continues it\n"
+    assert snapshot(run_dir) == before
+
+
 def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it(run_train, capfd):
     """A checkpoint written before dataset.val_fraction / trainer.best_on / head.init existed: resuming it with
     today's defaults would change its data, so it is refused naming the keys; with the old values it goes on."""
