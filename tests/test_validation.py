@@ -68,6 +68,16 @@ def test_dataset_root_that_is_a_file(run_train, capfd, tmp_path):
 # ---- the path of a config value: validate() resolves the head once; the builder consumes that (issue #17)
 
 
+@pytest.mark.parametrize("override", ["logger.wandb.mode=online", "logger.mlflow.tracking_uri=sqlite:///x.db"])
+@pytest.mark.parametrize("sweep", [[], ["-m"]], ids=["run", "sweep"])
+def test_a_tracker_key_without_its_logger_says_to_choose_it_in_one_line(capfd, override, sweep):
+    """logger.wandb is null unless logger=wandb: setting a key under it was an AssertionError traceback."""
+    tracker = override.split(".")[1]
+    code = run_cli("train", *sweep, *FAST, override)
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"choose logger={tracker} first" in err, err
+
+
 @pytest.fixture(scope="module")
 def compose_train():
     """``compose_train(*overrides)``: the composed ``marginlab train`` config, not yet validated."""
@@ -124,13 +134,3 @@ def validate_config(cfg):
     from marginlab.config.validate import validate
 
     return validate(cfg)
-
-
-@pytest.mark.parametrize("override", ["logger.wandb.mode=online", "logger.mlflow.tracking_uri=sqlite:///x.db"])
-@pytest.mark.parametrize("sweep", [[], ["-m"]], ids=["run", "sweep"])
-def test_a_tracker_key_without_its_logger_says_to_choose_it_in_one_line(capfd, override, sweep):
-    """logger.wandb is null unless logger=wandb: setting a key under it was an AssertionError traceback."""
-    tracker = override.split(".")[1]
-    code = run_cli("train", *sweep, *FAST, override)
-    err = capfd.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and f"choose logger={tracker} first" in err, err
