@@ -19,6 +19,18 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_dir_name(name: str, value) -> str:
+    """One path component (``name=``, part of a run or sweep directory's name): never a path, so never a
+    directory outside ``outputs/``. Not empty, not ``.`` or ``..``, no ``/`` or ``\\``."""
+    text = str(value)
+    if text in ("", ".", "..") or any(c in text for c in "/\\\0"):
+        raise ConfigError(
+            f"{name}={value!r} is not allowed: it must be one directory name (not empty, not '.' or '..', "
+            "without '/' or '\\'), e.g. name=arcface_m05"
+        )
+    return text
+
+
 def check_float(
     name: str, value, low: float | None = None, high: float | None = None, low_inclusive: bool = True
 ) -> float:

@@ -126,6 +126,10 @@ def as_user_error(err: Exception, args: list[str]) -> Exception:
         return cause
     if isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):
         return ConfigError(modes_conflict(args))
+    if isinstance(err, AssertionError):  # OmegaConf's, for a key under a null node: logger.wandb.* without logger=wandb
+        from marginlab.logging.tracker_options import unchosen_tracker
+
+        return unchosen_tracker(args) or err
     if sweep.is_environment_error(err) and not sweep.is_config_error(err):
         return OutputError(sweep.describe(err))
     if not sweep.is_config_error(err):
@@ -234,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except MarginlabError as err:
         print(f"marginlab: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run's training (which records it itself: marginlab/train.py)
+        print(f"marginlab: interrupted ({name})", file=sys.stderr)
+        return 130
 
 
 def console_main() -> None:

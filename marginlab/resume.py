@@ -178,6 +178,13 @@ def compose_train_config(overrides: list[str]):
             cfg = compose("train", overrides=[o for o in overrides if not override_key(o).startswith("hydra.")])
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"resume: {str(exc).strip().splitlines()[0]}") from None
+    except AssertionError:  # OmegaConf's, for a key under a null node: logger.wandb.* without logger=wandb
+        from marginlab.logging.tracker_options import unchosen_tracker
+
+        error = unchosen_tracker(overrides)
+        if error is None:
+            raise
+        raise error from None
     validate(cfg)  # also writes the top-level m / s into cfg.head
     return cfg
 
@@ -185,16 +192,40 @@ def compose_train_config(overrides: list[str]):
 def check_resume(overrides: list[str], ckpt_path: Path) -> tuple[str | None, list[str]]:
     """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns (a message
     when the run is already complete (nothing to do), else None; the overrides with what the run inherits)."""
+    from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
+
+    cfg = compose_train_config(overrides)
+    ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
+    overrides = inherit_threads(cfg, overrides, ckpt["config"])
+    return check_resume_config(cfg, ckpt_path, ckpt), overrides
+
+
+def recheck_resume(cfg, run_dir: Path) -> str | None:
+    """``check_not_behind`` and ``check_resume`` again, for the config Hydra composed, once the resume holds the
+    run's lock: another process may have trained the run between the first check and the lock (two resumes of one
+    run). A message when there is nothing left to do, a ConfigError when the resume no longer fits."""
+    import copy
+
+    from marginlab.config.validate import validate
+
+    ckpt = Path(cfg.resume)
+    check_not_behind(ckpt, run_dir)
+    cfg = copy.deepcopy(cfg)  # validate writes the top-level m / s into the head: the run's own cfg stays as it is
+    validate(cfg)
+    return check_resume_config(cfg, ckpt)
+
+
+def check_resume_config(cfg, ckpt_path: Path, ckpt: dict | None = None) -> str | None:
+    """``check_resume`` of a composed, validated config (``ckpt``: the checkpoint's entries, when already read)."""
     from omegaconf import OmegaConf
 
     from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
     from marginlab.engine import Precision, resolve_device, resolve_precision
 
-    cfg = compose_train_config(overrides)
     device = resolve_device(str(cfg.trainer.device))
     Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA
-    ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
-    overrides = inherit_threads(cfg, overrides, ckpt["config"])
+    if ckpt is None:
+        ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
     new = OmegaConf.to_container(cfg, resolve=True)
     changed = config_changes(ckpt["config"], new)
     if changed:
@@ -210,9 +241,15 @@ def check_resume(overrides: list[str], ckpt_path: Path) -> tuple[str | None, lis
         return (
             f"the run has already completed its {done} of {epochs} epochs: nothing to do (raise trainer.epochs "
             f"to train further)"
-        ), overrides
+        )
+    stop = cfg.trainer.get("stop_after_epoch")
+    if stop is not None and stop <= done:  # it would train nothing and write a summary without its metrics
+        raise ConfigError(
+            f"resume: trainer.stop_after_epoch={stop} is not allowed: the run has already done {done} epochs "
+            f"(give a later epoch, up to trainer.epochs={epochs}, or leave it out)"
+        )
     check_schedule_extension(cfg, ckpt, int(ckpt["config"]["trainer"]["epochs"]))
-    return None, overrides
+    return None
 
 
 def inherit_threads(cfg, overrides: list[str], saved: dict) -> list[str]:

@@ -53,10 +53,15 @@ def _safe_component(text: str) -> str:
     return text
 
 
-def sweep_name(*candidates: Any) -> str:
-    """The first set value of ``name=``, the experiment, the hparams search; else ``train``. Cached (use_cache)
-    so every job of a sweep gets the value the sweep's own config resolved, even when a job overrides them."""
-    for value in candidates:
+def sweep_name(name: Any, *groups: Any) -> str:
+    """``name=`` (one path component: checks.check_dir_name), else the first set value of the experiment and the
+    hparams search; else ``train``. Cached (use_cache) so every job of a sweep gets the value the sweep's own
+    config resolved, even when a job overrides them."""
+    from marginlab.checks import check_dir_name
+
+    if name is not None:
+        return _safe_component(check_dir_name("name", name))
+    for value in groups:
         if value not in (None, ""):
             return _safe_component(str(value))
     return "train"

@@ -44,9 +44,10 @@ from marginlab.eval.during_training import run_verifiers
 from marginlab.finished_line import finished_line
 from marginlab.geometry.probe import GeometryProbe
 from marginlab.logging import RunLog
+from marginlab.logging.run_log import close_trackers, start_trackers, write_json
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.margin_feasibility import check_margin
-from marginlab.resume import read_history, record_resume
+from marginlab.resume import read_history, recheck_resume, record_resume
 from marginlab.run_dirs import RunLock
 from marginlab.weights import init_from
 
@@ -134,20 +135,44 @@ class Job:
 
 
 # ---------------------------------------------------------------- the recipe
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C once the run trains: ``summary`` is what its metrics.json records (``"status": "interrupted"``)."""
+
+    def __init__(self, summary: dict):
+        super().__init__()
+        self.summary = summary
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """One run from a composed config into ``run_dir``; returns the summary written to metrics.json."""
     start = time.perf_counter()
     head_spec = validate(cfg)  # the head resolved once (top-level m / s applied); the builder consumes it
     run = set_up_run(cfg, run_dir)  # device, ranks, precision, seeds; the config actually used
     job = build_job(cfg, run, head_spec)  # data, model, loss, evaluation plan, optimizer, schedule
-    state = start_or_resume(cfg, run, job)  # LoopState(), or the checkpoint's weights, optimizer and generators
-    log = RunLog(run.dir, tensorboard=cfg.logger.tensorboard, enabled=run.dist.is_main, console=cfg.logger.console)
-    log.start(cfg, dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None)  # config, hparams
-    probe = GeometryProbe.from_config(cfg, run.dir, log)  # histograms, geometry/*.npz, figures/*.png
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
+    # MLflow / W&B first: a store that refuses stops a resume here, before any file of the run changes
+    trackers = start_trackers(cfg, run.dir, choices) if run.dist.is_main else []
+    state = log = None
     try:
+        state = start_or_resume(cfg, run, job)  # LoopState(), or the checkpoint's weights, optimizer and generators
+        log = RunLog(
+            run.dir,
+            tensorboard=cfg.logger.tensorboard,
+            enabled=run.dist.is_main,
+            console=cfg.logger.console,
+            trackers=trackers,
+        )
+        log.start(cfg, choices)  # config, hparams
+        probe = GeometryProbe.from_config(cfg, run.dir, log)  # histograms, geometry/*.npz, figures/*.png
         record = train_epochs(cfg, run, job, state, log, probe)
-    except BaseException:
-        log.close()
+    except BaseException as err:
+        if log is not None:  # the trackers end KILLED on Ctrl-C, else FAILED
+            log.close()
+        else:
+            close_trackers(trackers)
+        if isinstance(err, KeyboardInterrupt) and state is not None:
+            summary = run_summary(cfg, run, job, state, {}, wall_time_s=time.perf_counter() - start)
+            raise Interrupted({**summary, "status": "interrupted"}) from None
         raise
     finally:
         run.dist.shutdown()
@@ -493,19 +518,36 @@ def run_summary(cfg: DictConfig, run: Run, job: Job, state: LoopState, record: d
 
 def run(cfg: DictConfig) -> float:
     """The Hydra task: every failure is recorded in a failed metrics.json. User errors, out of memory and files
-    the system refuses to write become one clear line (exit 2), a bug its traceback too (exit 1). In a multirun
-    the sweep goes on (marginlab/sweep.py)."""
+    the system refuses to write become one clear line (exit 2), a bug its traceback too (exit 1); Ctrl-C records
+    an interrupted metrics.json (exit 130). In a multirun the sweep goes on (marginlab/sweep.py), but not past
+    Ctrl-C. A resume touches nothing of the run until it starts training."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    resumes = len(read_history(run_dir)) if cfg.resume else None
-    lock = None
+    lock = resumes = None
+
+    def started() -> bool:  # a resume is recorded once it starts training; until then the run stays as it was
+        touched = not cfg.resume or (resumes is not None and len(read_history(run_dir)) > resumes)
+        return lock is not None and touched
+
     try:
         lock = RunLock(run_dir)  # one process trains a run at a time: refused before any file of the run changes
+        if cfg.resume:  # checked again under the lock: another resume may have trained the run meanwhile
+            resumes = len(read_history(run_dir))
+            done = recheck_resume(cfg, run_dir)
+            if done:
+                print(f"marginlab: {done}; {run_dir} is unchanged")
+                return float("nan")
         with kept_threads():  # the run sets trainer.num_threads; the next job of a sweep starts from this count
             summary = train(cfg, run_dir)
-    except Exception as err:  # a resume is recorded once it starts training; until then the run stays as it was
-        started = resumes is None or len(read_history(run_dir)) > resumes
-        message = sweep.record_failure(run_dir, err, write=lock is not None and started)
+    except KeyboardInterrupt as err:
+        summary = err.summary if isinstance(err, Interrupted) else None
+        # a summary the run wrote as it ended (Ctrl-C while its trackers upload) is kept
+        if started() and (summary is not None or not (run_dir / "metrics.json").exists()):
+            write_json(run_dir / "metrics.json", summary or {"status": "interrupted", "run_dir": str(run_dir)})
+        print(interrupted_line(run_dir, summary, cfg.trainer.epochs), file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        message = sweep.record_failure(run_dir, err, write=started())
         code = 2 if sweep.is_user_error(err) else 1
     else:
         return objective(summary)
@@ -516,3 +558,11 @@ def run(cfg: DictConfig) -> float:
     if multirun:
         return sweep.failed_job_result(message)
     raise SystemExit(code)
+
+
+def interrupted_line(run_dir: Path, summary: dict | None, epochs: int) -> str:
+    """Ctrl-C in one line: the epochs done (once training started) and whether ``resume=`` can continue the run."""
+    done = f" after {summary['epochs_done']}/{epochs} epochs" if summary else ""
+    resumable = (run_dir / CHECKPOINT_DIR / "last.pt").is_file()
+    way_on = f"resume={run_dir} continues it" if resumable else "it has no checkpoint to resume from"
+    return f"marginlab: interrupted{done}; {way_on}"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from .conftest import TRACKER_ONLY, hide_module
+from .conftest import TRACKER_ONLY, free_port, hide_module
 
 pytest.importorskip("mlflow")
 
@@ -81,3 +83,35 @@ def test_logger_mlflow_without_mlflow_is_a_one_line_config_error(monkeypatch, tm
         MlflowTracker.from_config(cfg, tmp_path)
     assert str(err.value) == MISSING and "\n" not in MISSING
     assert MlflowTracker.from_config(OmegaConf.create({"logger": {"mlflow": None}}), tmp_path) is None
+
+
+@pytest.mark.parametrize("store", ["directory", "under_a_file", "not_a_database", "no_server"])
+def test_an_unusable_store_fails_in_seconds_in_one_line(tmp_path, store):
+    """MLflow retries a store it cannot open for minutes (~100 s for sqlite, ~4 min for a server), then raises a
+    traceback: marginlab checks a sqlite file first and bounds the first request to a server."""
+    from marginlab.errors import ConfigError
+    from marginlab.logging.mlflow_tracker import MlflowTracker
+
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("not a database, nor a directory\n")
+    uri = {
+        "directory": f"sqlite:///{tmp_path / 'a_dir'}",
+        "under_a_file": f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}",
+        "not_a_database": f"sqlite:///{tmp_path / 'a_file'}",
+        "no_server": f"http://127.0.0.1:{free_port()}",
+    }[store]
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        MlflowTracker(tmp_path / "run", tracking_uri=uri)
+    assert time.perf_counter() - start < 20
+    message = str(err.value)
+    assert "\n" not in message and f"cannot use the MLflow store {uri}" in message, message
+
+
+def test_a_run_with_an_unusable_store_is_one_line_and_fast(run_train, tmp_path, capfd):
+    (tmp_path / "a_dir").mkdir()
+    start = time.perf_counter()
+    code, run_dir = run_train("logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'a_dir'}", *FAST)
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot use the MLflow store" in err, err
+    assert time.perf_counter() - start < 60  # the run's setup included; MLflow alone retried for ~100 s

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import marginlab.train
+
 RUN = ["logger=quiet", "trainer.epochs=2", "sched=cosine", "head=arcface", "m=0.3"]
 #: timings differ run to run; the environment is in each invocation's first record (environment.py)
 TIMES = ("train/images_per_s", "test/probe/seconds", "time/epoch_s", "environment")
@@ -61,3 +63,39 @@ def test_finished_line_leaves_out_missing_metrics_without_empty_parts():
         "test/loss nan, best/val/acc 0.7500; best.pt: epoch 2 "
         "(best val/acc); /runs/r"
     )
+
+
+def test_ctrl_c_records_the_run_as_interrupted_and_resume_continues_exactly(
+    run_train, metrics, tmp_path, monkeypatch, capfd
+):
+    """Ctrl-C in epoch 2: one line (exit 130) saying how to go on, metrics.json "interrupted" after 1 epoch; the
+    resume then gives the weights and records of 2 epochs straight."""
+    code, straight = run_train(*RUN)
+    assert code == 0
+    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
+    epoch = marginlab.train.train_one_epoch
+    calls = []
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return epoch(*args, **kwargs)
+
+    monkeypatch.setattr(marginlab.train, "train_one_epoch", ctrl_c_in_epoch_2)
+    capfd.readouterr()
+    code, _ = run_train(*RUN)
+    split = next((tmp_path / "second" / "runs").iterdir())
+    err = capfd.readouterr().err
+    assert code == 130 and err == f"marginlab: interrupted after 1/2 epochs; resume={split} continues it\n", err
+    summary = metrics[0](split)
+    assert summary["status"] == "interrupted" and summary["epochs_done"] == 1 and "best/test/acc" in summary
+    monkeypatch.setattr(marginlab.train, "train_one_epoch", epoch)
+    code, _ = run_train("resume=latest")
+    assert code == 0 and metrics[0](split)["status"] == "completed"
+    a, b = weights(straight), weights(split)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    rows_a, rows_b = metrics[1](straight), metrics[1](split)
+    assert [r["epoch"] for r in rows_b] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        assert {k: v for k, v in ra.items() if k not in TIMES} == {k: v for k, v in rb.items() if k not in TIMES}

@@ -9,16 +9,14 @@ import pytest
 import torch
 import yaml
 
-from marginlab import builders
+from marginlab import builders, resume
 from marginlab.environment import kept_threads
 from marginlab.errors import DataError
 from marginlab.report.jobs import changed_on_resume
 
+from .conftest import read_metrics, snapshot
+
 QUICK = ["logger=quiet", "trainer.epochs=2"]
-
-
-def snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 def weights(run_dir: Path) -> dict:
@@ -44,6 +42,8 @@ def finished(run_train):
         ["dataset.batch_size=32"],
         ["head=nope"],
         ["trainer.epochs=1"],
+        ["logger.wandb.mode=online"],
+        ["trainer.stop_after_epoch=2"],
     ],
 )
 def test_a_refused_resume_leaves_every_file_byte_identical(run_train, finished, capfd, bad):
@@ -130,6 +130,21 @@ def test_a_resume_that_fails_while_setting_up_leaves_the_run_as_it_was(run_train
     assert snapshot(run_dir) == before
 
 
+def test_ctrl_c_before_a_resume_trains_leaves_the_run_as_it_was(run_train, monkeypatch, capfd):
+    code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1")
+    assert code == 0
+    before = snapshot(run_dir)
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builders, "build_data", ctrl_c)
+    capfd.readouterr()
+    code, _ = run_train(f"resume={run_dir}")
+    assert code == 130 and capfd.readouterr().err == f"marginlab: interrupted; resume={run_dir} continues it\n"
+    assert snapshot(run_dir) == before
+
+
 def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it(run_train, capfd):
     """A checkpoint written before dataset.val_fraction / trainer.best_on / head.init / trainer.num_threads existed:
     resuming it with
@@ -189,3 +204,54 @@ def test_a_resume_keeps_the_runs_thread_count_and_refuses_another(run_train, met
     (entry,) = yaml.safe_load((run_dir / ".hydra" / "resumes.yaml").read_text())
     assert not any(o.startswith("trainer.num_threads") for o in entry["overrides"])
     assert changed_on_resume(run_dir / ".hydra") == []
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_a_resume_whose_tracker_cannot_start_leaves_the_run_byte_identical(
+    run_train, tmp_path, monkeypatch, capfd, tracker
+):
+    """The experiment trackers start before the resume touches the run: a store that refuses (W&B online without
+    an API key, an MLflow store that cannot be opened) fails it with every file as it was, metrics.json too."""
+    code, run_dir = run_train(*QUICK, "sched=constant")
+    assert code == 0
+    if tracker == "wandb":
+        wandb = pytest.importorskip("wandb")
+
+        def no_api_key(**kwargs):
+            raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+        monkeypatch.setattr(wandb, "init", no_api_key)
+        store = ["logger=wandb", "logger.wandb.mode=online"]
+    else:
+        pytest.importorskip("mlflow")
+        (tmp_path / "a_file").write_text("")
+        store = ["logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"]
+    before = snapshot(run_dir)
+    code, _ = run_train(f"resume={run_dir}", "trainer.epochs=3", *store)
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "marginlab: error:" in err, err
+    assert snapshot(run_dir) == before and read_metrics(run_dir)["status"] == "completed"
+
+
+def test_a_resume_overtaken_between_its_check_and_the_lock_has_nothing_to_do(run_train, monkeypatch, capsys):
+    """Two resumes of one run: the second passes its check while the first trains, and takes the lock once the
+    first has completed the run. Checked again under the lock, it finds nothing to do and changes nothing."""
+    code, run_dir = run_train(*QUICK, "sched=constant", "trainer.stop_after_epoch=1")
+    assert code == 0
+    check = resume.expand_resume
+    completed = {}
+
+    def checked_then_overtaken(args):
+        expanded = check(args)  # the second resume's check: 1 of 2 epochs done, so it would train epoch 2
+        monkeypatch.setattr(resume, "expand_resume", check)
+        assert run_train(f"resume={run_dir}")[0] == 0  # meanwhile the first resume trains the run to its end
+        completed.update(snapshot(run_dir))
+        return expanded
+
+    monkeypatch.setattr(resume, "expand_resume", checked_then_overtaken)
+    capsys.readouterr()
+    code, _ = run_train(f"resume={run_dir}")
+    out = capsys.readouterr().out
+    assert code == 0 and "already completed its 2 of 2 epochs: nothing to do" in out, out
+    assert read_metrics(run_dir)["status"] == "completed" and "test/acc" in read_metrics(run_dir)
+    assert snapshot(run_dir) == completed

@@ -172,3 +172,14 @@ def test_sweeps_and_their_jobs_never_share_a_directory(outputs_dir, tmp_path, fr
     assert sorted(p.name for p in (shared / "defaults").iterdir()) == ["seed=0", "seed=0-1", "seed=1"]
     summary = json.loads((shared / "sweep_summary.json").read_text())
     assert (summary["jobs"], summary["completed"]) == (3, 3)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../../../../x", "a/b", ""])
+@pytest.mark.parametrize("sweep", [[], ["-m"]], ids=["run", "sweep"])
+def test_a_name_is_one_directory_name_never_a_path(tmp_path, capfd, name, sweep):
+    """name=../../../../x put a run outside outputs/, -m name=.. a sweep one level up: refused, nothing created."""
+    before = sorted(tmp_path.rglob("*"))
+    code = run_cli("train", *sweep, "logger=quiet", "trainer.epochs=1", f"name={name}")
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"name={name!r} is not allowed" in err, err
+    assert sorted(tmp_path.rglob("*")) == before

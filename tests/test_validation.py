@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from .conftest import run_cli
+
 FAST = ["logger=quiet", "trainer.epochs=1"]
 
 CASES = [
@@ -27,6 +29,9 @@ CASES = [
         ["head=normface", "head.learnable_scale=true", "head.partial_fc.sample_rate=0.5"],
         "use a fixed s with Partial FC",
     ),
+    (["trainer.stop_after_epoch=0"], "trainer.stop_after_epoch=0 is not allowed: it must be null or an integer from"),
+    (["trainer.stop_after_epoch=-1"], "trainer.stop_after_epoch=-1 is not allowed"),
+    (["trainer.stop_after_epoch=2"], "stop_after_epoch=2 is not allowed: it must be null or an integer from 1 to trai"),
 ]
 
 
@@ -61,6 +66,16 @@ def test_dataset_root_that_is_a_file(run_train, capfd, tmp_path):
 
 
 # ---- the path of a config value: validate() resolves the head once; the builder consumes that (issue #17)
+
+
+@pytest.mark.parametrize("override", ["logger.wandb.mode=online", "logger.mlflow.tracking_uri=sqlite:///x.db"])
+@pytest.mark.parametrize("sweep", [[], ["-m"]], ids=["run", "sweep"])
+def test_a_tracker_key_without_its_logger_says_to_choose_it_in_one_line(capfd, override, sweep):
+    """logger.wandb is null unless logger=wandb: setting a key under it was an AssertionError traceback."""
+    tracker = override.split(".")[1]
+    code = run_cli("train", *sweep, *FAST, override)
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"choose logger={tracker} first" in err, err
 
 
 @pytest.fixture(scope="module")

@@ -85,8 +85,10 @@ def data_root(name: str) -> str:
 
 
 def name_suffix(name: str | None) -> str:
-    """``_<name>`` for the run directory when ``name`` is set, else nothing."""
-    return f"_{name}" if name else ""
+    """``_<name>`` for the run directory when ``name`` is set (one path component: checks.check_dir_name)."""
+    from marginlab.checks import check_dir_name
+
+    return "" if name is None else f"_{check_dir_name('name', name)}"
 
 
 def register_configs() -> None:

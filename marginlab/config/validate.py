@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from marginlab.checks import check_dir_name
 from marginlab.config.schema import BEST_ON, PRECISIONS, LoggerConfig, TrainerConfig
 from marginlab.errors import ConfigError
 
@@ -281,6 +282,14 @@ def validate(cfg: DictConfig) -> HeadSpec:
     threads = cfg.trainer.get("num_threads")
     if threads is not None and threads < 1:
         raise ConfigError(f"trainer.num_threads={threads!r} is not allowed: it must be an integer >= 1 (or null)")
+    stop, epochs = cfg.trainer.get("stop_after_epoch"), cfg.trainer.epochs
+    if stop is not None and not 1 <= stop <= epochs:  # 0 trained every epoch, -1 none; past the end stops nothing
+        raise ConfigError(
+            f"trainer.stop_after_epoch={stop!r} is not allowed: it must be null or an integer from 1 to "
+            f"trainer.epochs={epochs} (the epoch after which this invocation stops; resume= continues the run)"
+        )
+    if cfg.get("name") is not None:
+        check_dir_name("name", cfg.name)
     for key in ("trainer.grad_clip", "trainer.head_weight_decay"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 0:

@@ -4,6 +4,8 @@ No server: by default the store is ``sqlite:///<outputs>/mlflow.db`` (``<outputs
 else ``outputs``) with the artifacts under ``<outputs>/mlartifacts``; ``mlflow ui --backend-store-uri
 sqlite:///outputs/mlflow.db`` shows it. (MLflow 3 refuses its old ``./mlruns`` file store unless told otherwise,
 so marginlab does not default to it; ``logger.mlflow.tracking_uri`` may still name any store, a server too.)
+A store that cannot be used fails the run at its start in seconds, in one line: a sqlite file is opened first
+(``check_sqlite_store``), a server's first request is bounded (``FIRST_CONTACT_ENV``).
 
 mlflow is imported only when a run asks for it (``logger.mlflow`` set); RunLog calls the same hooks as its own:
 ``start`` (params), ``epoch_record`` (metrics at the epoch's step), ``final`` (best/* metrics, artifacts,
@@ -12,6 +14,7 @@ FINISHED) and ``close`` (a run closed without ``final`` ends FAILED, or KILLED o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -28,6 +31,9 @@ MISSING = "logger=mlflow needs the mlflow extra: pip install 'marginlab[mlflow]'
 #: files uploaded at the end, (artifact folder, glob under the run dir)
 ARTIFACTS = (("figures", "figures/*.png"), ("checkpoints", "checkpoints/*.pt"), ("", "metrics.json"))
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
+#: the first contact with a server (unless MLFLOW_HTTP_REQUEST_* say otherwise): one retry, 10 s a request, so a
+#: store that does not answer fails the run at its start in seconds, not after MLflow's minutes of retries
+FIRST_CONTACT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def outputs_root() -> Path:
@@ -39,6 +45,42 @@ def default_store() -> tuple[str, str]:
     root = outputs_root()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+
+
+def unusable_store(uri: str, reason: str) -> ConfigError:
+    default = f"sqlite:///{outputs_root() / 'mlflow.db'}"
+    return ConfigError(
+        f"logger.mlflow.tracking_uri: cannot use the MLflow store {uri}: {reason}; give a store that opens (a "
+        f"sqlite:///<file> in a writable directory, or a running server), or null for {default}"
+    )
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A ``sqlite:///`` store must open as a database: MLflow itself retries an unusable one for ~100 s, then
+    raises a traceback. A new file is created, as MLflow would."""
+    import sqlite3
+
+    path = uri[len("sqlite:///") :].split("?")[0]
+    if not uri.startswith("sqlite:///") or path in ("", ":memory:"):
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+            db.execute("PRAGMA schema_version")  # opens (and reads) the file: not a directory, a database
+    except (OSError, sqlite3.Error) as exc:
+        raise unusable_store(uri, f"{path}: {exc}") from None
+
+
+@contextlib.contextmanager
+def first_contact():
+    """``FIRST_CONTACT_ENV`` while the store is first reached; the variables the user set are left as they are."""
+    added = {k: v for k, v in FIRST_CONTACT_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _key(name: str) -> str:
@@ -66,8 +108,13 @@ class MlflowTracker:
         if not tracking_uri:
             tracking_uri, artifact_location = default_store()
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
+        check_sqlite_store(tracking_uri)
+        try:
+            with first_contact():
+                self.client = MlflowClient(tracking_uri=tracking_uri)
+                found = self.client.get_experiment_by_name(experiment)
+        except Exception as exc:  # the store's own errors (MlflowException, sqlalchemy's, a connection's): one line
+            raise unusable_store(tracking_uri, (str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
         if found is not None:
             experiment_id = found.experiment_id
         else:

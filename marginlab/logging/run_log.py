@@ -72,16 +72,58 @@ def write_json(path: Path, data: dict) -> None:
     replace_text(path, dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def start_trackers(cfg, run_dir: Path, choices: dict | None = None) -> list:
+    """The experiment trackers the config asks for (``logger.mlflow``: MlflowTracker, ``logger.wandb``:
+    WandbTracker), each started (its hyperparameters logged); when one fails, those already started are closed."""
+    from marginlab.logging.mlflow_tracker import MlflowTracker
+    from marginlab.logging.wandb_tracker import WandbTracker
+
+    trackers: list = []
+    try:
+        for kind in (MlflowTracker, WandbTracker):
+            tracker = kind.from_config(cfg, Path(run_dir))
+            if tracker is not None:
+                trackers.append(tracker)
+                tracker.start(cfg, choices)
+    except BaseException:
+        close_trackers(trackers)
+        raise
+    return trackers
+
+
+def close_trackers(trackers: list) -> None:
+    """Closes each tracker, even after another's error (not finalized: FAILED, KILLED on Ctrl-C; W&B exit code 1);
+    a store's error is raised afterwards, unless an error is already on its way (it never hides that one)."""
+    failing = sys.exc_info()[0] is not None
+    error = None
+    for tracker in trackers:
+        try:
+            tracker.close()
+        except Exception as exc:
+            error = error or exc
+    if error is not None and not failing:
+        raise error
+
+
 class RunLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True, console: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        console: bool = True,
+        trackers: list | None = None,
+    ):
         """``enabled=False`` (ranks other than 0 in data-parallel runs) writes nothing at all; ``console=False``
-        keeps the per-epoch line out of stdout (it still goes to train.log)."""
+        keeps the per-epoch line out of stdout (it still goes to train.log); ``trackers``: already started
+        (``start_trackers``), else ``start`` starts those the config asks for."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.console = console
         self.tensorboard = tensorboard
         self.writer = None
-        self.trackers: list = []  # logger=mlflow / logger=wandb: MlflowTracker, WandbTracker, made by start()
+        self.trackers: list = list(trackers or [])  # logger=mlflow / logger=wandb: MlflowTracker, WandbTracker
+        self.trackers_started = trackers is not None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,15 +157,9 @@ class RunLog:
         ``logger.mlflow`` set: an MLflow run too (mlflow_tracker.py), with the same hyperparameters as params;
         ``logger.wandb`` set: a W&B run (wandb_tracker.py), with them as its config.
         """
-        if self.enabled and not self.trackers:
-            from marginlab.logging.mlflow_tracker import MlflowTracker
-            from marginlab.logging.wandb_tracker import WandbTracker
-
-            for kind in (MlflowTracker, WandbTracker):
-                tracker = kind.from_config(cfg, self.run_dir)
-                if tracker is not None:
-                    self.trackers.append(tracker)
-                    tracker.start(cfg, choices)
+        if self.enabled and not self.trackers_started:
+            self.trackers = start_trackers(cfg, self.run_dir, choices)
+            self.trackers_started = True
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams
@@ -163,12 +199,4 @@ class RunLog:
             self.writer.close()
             self.writer = None
         trackers, self.trackers = self.trackers, []
-        failing = sys.exc_info()[0] is not None
-        error = None
-        for tracker in trackers:  # each one closed, even after another's error
-            try:
-                tracker.close()  # not finalized: FAILED (KILLED on Ctrl-C), W&B exit code 1
-            except Exception as exc:
-                error = error or exc
-        if error is not None and not failing:  # a store's error never hides the one that ended the run
-            raise error
+        close_trackers(trackers)
