@@ -10,6 +10,7 @@ pages cannot drift from the configs.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,11 @@ SECTIONS = {"TrainConfig": "", "TrainerConfig": "trainer.", "LoggerConfig": "log
 def cell(text: str) -> str:
     """Text safe inside a markdown table cell."""
     return text.replace("|", "\\|").strip()
+
+
+def prose(text: str) -> str:
+    """A table cell of prose: ``<run dir>`` shown, not taken for an HTML tag."""
+    return cell(text).replace("<", "&lt;")
 
 
 def field_rows(source: str, tree: ast.Module, cls: str) -> list[tuple[str, str, str, str]]:
@@ -62,7 +68,7 @@ def schema_reference() -> str:
         out += ["", f"### `{prefix or 'top level'}` ({cls})", ""]
         out += ["| key | type | default | what |", "|---|---|---|---|"]
         for name, kind, default, comment in field_rows(source, tree, cls):
-            out.append(f"| `{prefix}{name}` | `{cell(kind)}` | `{cell(default)}` | {cell(comment)} |")
+            out.append(f"| `{prefix}{name}` | `{cell(kind)}` | `{cell(default)}` | {prose(comment)} |")
     return "\n".join(out)
 
 
@@ -72,6 +78,13 @@ def group_defaults() -> dict[str, str]:
 
     train = yaml.safe_load((CONFIGS / "train.yaml").read_text(encoding="utf-8"))
     return {k: v for item in train["defaults"] if isinstance(item, dict) for k, v in item.items()}
+
+
+def summary(line: str) -> str:
+    """A group option's line without Hydra's ``@package`` directive and cut after its first sentence (an
+    "et al." followed by a venue or a year is no sentence end)."""
+    line = re.sub(r"^@package \S+\s*", "", line)
+    return re.split(r"\.\s+(?=[a-z]|Training |Change |10-fold )", line, maxsplit=1)[0]
 
 
 def groups_reference() -> str:
@@ -85,7 +98,7 @@ def groups_reference() -> str:
         out += ["", f"#### `{group}` (default: `{default}`)", "", "| option | what |", "|---|---|"]
         for option, line in rows.items():
             name = f"**`{option}`**" if option == default else f"`{option}`"
-            out.append(f"| {name} | {cell(line)} |")
+            out.append(f"| {name} | {prose(summary(line))} |")
     return "\n".join(out)
 
 
@@ -97,7 +110,7 @@ def head_table() -> str:
             f"{k}={scalar(v)}" for k, v in cfg.items() if k not in ("_target_", "init", "chunked", "partial_fc")
         )
         target = cfg["_target_"].rpartition(".")[2]
-        out.append(f"| `{option}` | {cell(papers.get(option, ''))} | `{target}` | {cell(values) or '-'} |")
+        out.append(f"| `{option}` | {prose(papers.get(option, ''))} | `{target}` | {cell(values) or '-'} |")
     return "\n".join(out)
 
 
