@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,sweep,export,mlflow,align,wandb]'
+	$(PY) -m pip install -q -e '.[test,sweep,export,mlflow,align,wandb,docs]'
 	touch $@
 
 train: install ## train on the embedded default (scikit-learn digits); extra overrides: make train ARGS="head=arcface"

@@ -1,6 +1,7 @@
-"""Every ``marginlab train`` line of the README gets an "ok" from the margin advisor
-(marginlab/margin_feasibility.py), or says on its own line why not (``# advisor: <verdict> ...``): the README must
-not teach a run that the tool itself calls infeasible (AM-Softmax's default m=0.35 with a 2-D embedding)."""
+"""Every ``marginlab train`` line of the README and of the docs pages (docs/*.md) composes (as
+``marginlab train --cfg job`` would: ``compose_train_config``, no data needed) and gets an "ok" from the margin
+advisor (marginlab/margin_feasibility.py), or says on its own line why not (``# advisor: <verdict> ...``): the docs
+must not teach a run that the tool itself calls infeasible (AM-Softmax's default m=0.35 with a 2-D embedding)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ from marginlab.config.validate import validate
 from marginlab.margin_feasibility import advise
 from marginlab.resume import compose_train_config
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+#: the README and every docs page
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 #: the class count of each dataset config whose classes come from the data (dataset.num_classes: null)
 CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "casia": 10572}
 
 
-def train_lines() -> list[tuple[int, str, str]]:
-    """(line number, the command's overrides, its comment) of each ``marginlab train`` command in the README's
-    code blocks, continuation lines joined."""
+def train_lines(page: Path) -> list[tuple[str, str, str]]:
+    """(page:line, the command's overrides, its comment) of each ``marginlab train`` command in the code blocks
+    of ``page``, continuation lines joined."""
     out, in_code, pending = [], False, None
-    for number, line in enumerate(README.read_text().splitlines(), 1):
+    for number, line in enumerate(page.read_text().splitlines(), 1):
         if line.startswith("```"):
             in_code = not in_code
             continue
@@ -35,7 +38,7 @@ def train_lines() -> list[tuple[int, str, str]]:
         if pending is not None:
             pending = (pending[0], pending[1] + " " + line.strip())
         elif re.search(r"(^|-m )marginlab train\b", line.strip()):
-            pending = (number, line.strip())
+            pending = (f"{page.relative_to(ROOT)}:{number}", line.strip())
         if pending is not None and not pending[1].endswith("\\"):
             command, _, comment = pending[1].partition("#")
             out.append((pending[0], command.replace("\\", " ").split("marginlab train", 1)[1], comment))
@@ -69,17 +72,19 @@ def verdict(overrides: list[str]) -> str:
     return "ok" if advice is None else advice.verdict
 
 
-LINES = train_lines()
+LINES = [line for page in PAGES for line in train_lines(page)]
 
 
-def test_the_readme_has_train_lines():
+def test_the_readme_and_the_docs_have_train_lines():
     assert len(LINES) >= 10 and any("-m" in command for _, command, _ in LINES)
+    assert any(where.startswith("README.md:") for where, _, _ in LINES)
+    assert {"docs/getting-started.md", "docs/faces.md", "docs/sweeps.md"} <= {w.split(":")[0] for w, _, _ in LINES}
 
 
-@pytest.mark.parametrize("number, command, comment", LINES, ids=[f"line{n}" for n, _, _ in LINES])
-def test_every_readme_train_line_is_feasible_or_says_why(number, command, comment):
+@pytest.mark.parametrize("where, command, comment", LINES, ids=[where for where, _, _ in LINES])
+def test_every_train_line_composes_and_is_feasible_or_says_why(where, command, comment):
     said = re.search(r"advisor: (\w+)", comment)
     for job in jobs(command):
         got = verdict(job)
         expected = said.group(1) if said else "ok"
-        assert got == expected, f"README line {number}: {' '.join(job)} -> {got} (the line says {expected})"
+        assert got == expected, f"{where}: {' '.join(job)} -> {got} (the line says {expected})"

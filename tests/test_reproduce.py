@@ -190,13 +190,15 @@ def test_experiment_comments_name_commands_that_exist():
             assert all(1 <= int(i) <= count for i in sweeps.split(",") if i), (path.stem, name, sweeps)
 
 
-def test_the_readme_names_commands_that_exist():
-    readme = (ROOT / "README.md").read_text()
-    for script in re.findall(r"scripts/[\w./-]+", readme):
-        assert (ROOT / script).exists(), f"README.md names {script}, which does not exist"
-    named = re.findall(r"marginlab reproduce (\w+)", readme)
-    assert "digits_2d_comparison" in named
-    assert not set(named) - set(NAMES), f"README.md names experiments that do not exist: {set(named) - set(NAMES)}"
+def test_the_readme_and_the_docs_name_commands_that_exist():
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for script in re.findall(r"scripts/[\w./-]+", text):
+            assert (ROOT / script).exists(), f"{page.name} names {script}, which does not exist"
+        named = re.findall(r"marginlab reproduce (\w+)", text)
+        unknown = set(named) - set(NAMES)
+        assert not unknown, f"{page.name} names experiments that do not exist: {unknown}"
+    assert "marginlab reproduce digits_2d_comparison" in (ROOT / "docs" / "sweeps.md").read_text()
     # one generic script remains: it takes the experiment's name and runs `marginlab reproduce`
     scripts = sorted(p.name for p in (ROOT / "scripts").glob("*.sh"))
     assert scripts == ["reproduce.sh"], f"per-experiment scripts are replaced by marginlab reproduce <name>: {scripts}"

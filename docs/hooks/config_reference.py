@@ -1,0 +1,122 @@
+"""mkdocs hook: the configuration reference and the head table, generated from the code at build time.
+
+``<!-- config-reference -->`` in a page becomes the fields of ``TrainConfig`` (marginlab/config/schema.py: type,
+default, the comment written beside it) and the options of every config group (``marginlab/configs/<group>/``,
+one line each from ``marginlab.help_catalog``, the lines ``marginlab train --help`` prints); ``<!-- head-table -->``
+becomes one row per ``configs/head/*.yaml`` with its paper and defaults. Nothing here is written by hand, so the
+pages cannot drift from the configs.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `mkdocs build` from a checkout: import marginlab without installing it
+    sys.path.insert(0, str(ROOT))
+
+from marginlab.help_catalog import CONFIGS, catalog, leading_comment, option_configs, scalar  # noqa: E402
+
+SCHEMA = ROOT / "marginlab" / "config" / "schema.py"
+SECTIONS = {"TrainConfig": "", "TrainerConfig": "trainer.", "LoggerConfig": "logger."}
+
+
+def cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").strip()
+
+
+def prose(text: str) -> str:
+    """A table cell of prose: ``<run dir>`` shown, not taken for an HTML tag."""
+    return cell(text).replace("<", "&lt;")
+
+
+def field_rows(source: str, tree: ast.Module, cls: str) -> list[tuple[str, str, str, str]]:
+    """``[(name, type, default, comment)]`` of the annotated fields of dataclass ``cls`` in schema.py; the
+    comment is the one on the field's line, else the comment lines right above it."""
+    lines = source.splitlines()
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    rows = []
+    for stmt in node.body:
+        if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
+            continue
+        default = ast.get_source_segment(source, stmt.value) if stmt.value is not None else ""
+        if default.startswith("field(default_factory="):
+            default = "(" + default.removeprefix("field(default_factory=").rstrip(")") + ")"
+        line = lines[stmt.lineno - 1]
+        comment = line.split("#", 1)[1].strip() if "#" in line else ""
+        above, number = [], stmt.lineno - 2
+        while not comment and number >= 0 and lines[number].strip().startswith("#"):
+            above.insert(0, lines[number].strip().lstrip("#").strip())
+            number -= 1
+        kind = ast.get_source_segment(source, stmt.annotation)
+        rows.append((stmt.target.id, kind, default, comment or " ".join(above)))
+    return rows
+
+
+def schema_reference() -> str:
+    source = SCHEMA.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    out = [
+        "Generated from `marginlab/config/schema.py` and `marginlab/configs/` when the site is built.",
+        "`marginlab train --cfg job` prints the values a command line composes to.",
+    ]
+    for cls, prefix in SECTIONS.items():
+        out += ["", f"### `{prefix or 'top level'}` ({cls})", ""]
+        out += ["| key | type | default | what |", "|---|---|---|---|"]
+        for name, kind, default, comment in field_rows(source, tree, cls):
+            out.append(f"| `{prefix}{name}` | `{cell(kind)}` | `{cell(default)}` | {prose(comment)} |")
+    return "\n".join(out)
+
+
+def group_defaults() -> dict[str, str]:
+    """``{group: its default option}`` from train.yaml's defaults list."""
+    import yaml
+
+    train = yaml.safe_load((CONFIGS / "train.yaml").read_text(encoding="utf-8"))
+    return {k: v for item in train["defaults"] if isinstance(item, dict) for k, v in item.items()}
+
+
+def summary(line: str) -> str:
+    """A group option's line without Hydra's ``@package`` directive and cut after its first sentence (an
+    "et al." followed by a venue or a year is no sentence end)."""
+    line = re.sub(r"^@package \S+\s*", "", line)
+    return re.split(r"\.\s+(?=[a-z]|Training |Change |10-fold )", line, maxsplit=1)[0]
+
+
+def groups_reference() -> str:
+    defaults = group_defaults()
+    out = ["", "### Config groups", "", "`<group>=<option>` on the command line; the default is in bold."]
+    for group in sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "hydra"):
+        rows = dict(catalog(group))  # options naming a _target_: their paper / class line
+        for path in sorted((CONFIGS / group).glob("*.yaml")):
+            rows.setdefault(path.stem, leading_comment(path))
+        default = defaults.get(group)
+        out += ["", f"#### `{group}` (default: `{default}`)", "", "| option | what |", "|---|---|"]
+        for option, line in rows.items():
+            name = f"**`{option}`**" if option == default else f"`{option}`"
+            out.append(f"| {name} | {prose(summary(line))} |")
+    return "\n".join(out)
+
+
+def head_table() -> str:
+    papers = dict(catalog("head"))
+    out = ["| `head=` | paper | class | defaults |", "|---|---|---|---|"]
+    for option, cfg in option_configs("head").items():
+        values = ", ".join(
+            f"{k}={scalar(v)}" for k, v in cfg.items() if k not in ("_target_", "init", "chunked", "partial_fc")
+        )
+        target = cfg["_target_"].rpartition(".")[2]
+        out.append(f"| `{option}` | {prose(papers.get(option, ''))} | `{target}` | {cell(values) or '-'} |")
+    return "\n".join(out)
+
+
+def on_page_markdown(markdown: str, **kwargs) -> str:
+    if "<!-- config-reference -->" in markdown:
+        markdown = markdown.replace("<!-- config-reference -->", schema_reference() + "\n" + groups_reference())
+    if "<!-- head-table -->" in markdown:
+        markdown = markdown.replace("<!-- head-table -->", head_table())
+    return markdown
