@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from marginlab.environment import cpu_name
 
 #: the default of 2026-12-02 (issue #16), every value that the new default changes spelled out
 OLD_DEFAULT = [
@@ -43,16 +44,6 @@ OLD_DEFAULT = [
     "sched=cosine",
     "trainer.epochs=30",
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_once(overrides: list[str], seed: int, root: Path) -> dict:

@@ -38,6 +38,19 @@ def kept_threads():
         torch.set_num_threads(saved)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says: for benchmark and table footers."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     """metrics.json's ``"environment"``: what else decides the run's float results besides its config."""
     name = f"{device.type}:{device.index or 0}" if device.type == "cuda" else str(device)
