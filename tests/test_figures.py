@@ -147,3 +147,20 @@ def test_class_colours_are_the_colour_blind_ten_and_the_same_in_every_panel():
     assert tuple(colours[0]) == to_rgba(COLORBLIND10[3]) and tuple(colours[1]) == to_rgba(COLORBLIND10[0])
     assert np.array_equal(class_colors(np.array([3]), 10)[0], colours[2])
     assert palette(3) == [to_rgba(c) for c in COLORBLIND10[:3]] and len(set(palette(12))) == 12
+
+
+@pytest.mark.parametrize("which", ["epoch", "grid", "grid_unit"])
+def test_the_class_legend_sits_beside_the_panels_never_over_them(which):
+    feats, labels, weights = clusters(2, classes=10)
+    if which == "epoch":
+        fig = features_figure(feats, labels, weights, normalized=True, title="ArcFace (s=10, m=0.2), epoch 3")
+    else:
+        panels = [RunPanel(title=f"run {i}", features=feats, labels=labels, target_deg=feats[:, 0]) for i in range(3)]
+        fig = features_grid_figure(panels, unit=which == "grid_unit", title="sweep")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert [t.get_text() for t in legend.get_texts()] == [str(c) for c in range(10)]
+    assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+    assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)

@@ -28,7 +28,6 @@ def draw_features(
     unit: bool = False,
     weights_are_points: bool = False,
     class_ids: np.ndarray | None = None,
-    legend: bool = True,
 ) -> None:
     """Draws one panel on ``ax`` (a 3-D axes for 3-D features).
 
@@ -85,22 +84,29 @@ def draw_features(
     for axis in (ax.xaxis, ax.yaxis, *([ax.zaxis] if dim == 3 else [])):
         axis.set_major_locator(MaxNLocator(4))  # few tick labels: text is most of the drawing time
     ax.tick_params(labelsize=7)
-    if legend and num_classes <= 10 and len(labels):
-        from matplotlib.lines import Line2D
 
-        present = np.unique(labels)
-        handles = [Line2D([], [], ls="", marker="o", ms=4, color=c) for c in class_colors(present, num_classes)]
-        ax.legend(
-            handles,
-            [str(c) for c in present],
-            fontsize=6,
-            loc="upper right",
-            ncols=2,
-            handletextpad=0.1,
-            columnspacing=0.4,
-            borderpad=0.3,
-            framealpha=0.7,
-        )
+
+def class_legend(fig, labels: np.ndarray, num_classes: int | None, **placement) -> None:
+    """The class colours as a figure legend beside the panels (never over a panel's points); up to 10 classes."""
+    labels = np.asarray(labels)
+    num_classes = int(num_classes or (labels.max() + 1 if len(labels) else 1))
+    if num_classes > 10 or not len(labels):
+        return
+    from matplotlib.lines import Line2D
+
+    present = np.unique(labels)
+    handles = [Line2D([], [], ls="", marker="o", ms=4, color=c) for c in class_colors(present, num_classes)]
+    fig.legend(
+        handles,
+        [str(c) for c in present],
+        fontsize=7,
+        title="class",
+        title_fontsize=7,
+        frameon=False,
+        handletextpad=0.1,
+        borderaxespad=0.2,
+        **placement,
+    )
 
 
 def features_figure(
@@ -127,11 +133,12 @@ def features_figure(
     ax.set_title("features f", fontsize=9)
     if normalized:
         ax = fig.add_subplot(1, panels, 2, projection=projection)
-        draw_features(ax, features, labels, weights, unit=True, legend=False, **kwargs)
+        draw_features(ax, features, labels, weights, unit=True, **kwargs)
         ax.set_title("f / ||f|| (unit " + ("circle)" if dim == 2 else "sphere)"), fontsize=9)
-    fig.subplots_adjust(
-        left=0.1 / panels, right=1 - 0.03 / panels, bottom=0.07, top=0.86 if title else 0.92, wspace=0.22
+    fig.subplots_adjust(  # the right margin holds the class legend
+        left=0.1 / panels, right=1 - 0.13 / panels, bottom=0.07, top=0.86 if title else 0.92, wspace=0.22
     )
+    class_legend(fig, labels, num_classes, loc="upper right", bbox_to_anchor=(1.0, 0.92 if not title else 0.86))
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

@@ -11,7 +11,7 @@ import numpy as np
 
 from marginlab.figures import new_figure, palette
 from marginlab.figures.angles import angle_bins, legend_outside
-from marginlab.figures.features import draw_features
+from marginlab.figures.features import class_legend, draw_features
 
 #: font sizes (points) readable at the saved size (figures.DPI): the figure title, panel titles and axis labels, ticks
 TITLE_SIZE, PANEL_SIZE, TICK_SIZE = 13, 10, 8
@@ -67,7 +67,6 @@ def features_grid_figure(panels: list[RunPanel], unit: bool = False, title: str 
             unit=unit,
             weights_are_points=p.weights_are_points,
             class_ids=p.class_ids,
-            legend=i == 0,
         )
         ax.set_title(p.title, fontsize=PANEL_SIZE)
         name = "unit feature" if unit else "feature"
@@ -78,6 +77,9 @@ def features_grid_figure(panels: list[RunPanel], unit: bool = False, title: str 
         ax.tick_params(labelsize=TICK_SIZE)
     if title:
         fig.suptitle(title, fontsize=TITLE_SIZE)
+    classes = max((p.num_classes or 0 for p in panels), default=0) or None
+    labels = np.concatenate([np.asarray(p.labels) for p in panels])
+    class_legend(fig, labels, classes, loc="outside right upper")  # the constrained layout makes room for it
     return fig
 
 
