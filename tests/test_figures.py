@@ -164,3 +164,17 @@ def test_the_class_legend_sits_beside_the_panels_never_over_them(which):
     assert [t.get_text() for t in legend.get_texts()] == [str(c) for c in range(10)]
     assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
     assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
+
+
+def test_a_few_stragglers_do_not_squeeze_the_angle_histograms():
+    rng = np.random.default_rng(1)
+    data = [np.concatenate([rng.uniform(0.5, 9.0, 990), rng.uniform(100, 130, 3)]) for _ in range(7)]
+    panels = [RunPanel(title=f"run {i}", features=None, labels=d, target_deg=d) for i, d in enumerate(data)]
+    title = "sweep digits_2d_comparison: target angle at the last epoch of 7 runs, varying head, regularizer"
+    fig = target_angles_grid_figure(panels, title=title)
+    ax = fig.axes[0]
+    assert ax.get_xlim()[1] < 30 and "central 99%" in ax.get_xlabel()  # the bulk fills the axis, said so
+    assert "\n" in ax.get_title()  # wrapped to the figure's width, not cut off
+    fig.canvas.draw()
+    title_box = ax.title.get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.contains(title_box.x0, title_box.y0) and fig.bbox.contains(title_box.x1, title_box.y1)

@@ -578,6 +578,7 @@ def test_rows_are_tested_against_the_best_paired_on_seeds_with_holm(tmp_path):
 
     assert rows["cosface"].vs_best.seeds_needed == seeds_needed(0.005, sd, 0.05)
     assert f"head=cosface, head.s=64, head.m=0.35: {seeds_needed(0.005, sd, 0.05)}" in md
+    assert "=-" not in md and "head=sphereface, head.m=4: " in md  # named by the settings it has, not head.s=-
     assert report.p_cell(rows["cosface"]) == f"{holm_p[p_cos]:.3g}"  # no W: paired
     # seed 3 of cosface lost: not the same seeds any more, so Welch, and said so
     report = build_report([j for j in collect([tmp_path]) if not (j.text("head") == "cosface" and j.seed == 3)])

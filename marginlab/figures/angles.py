@@ -15,14 +15,33 @@ NUM_BINS = 60  # over the data's own range
 
 def angle_bins(arrays: list[np.ndarray]) -> np.ndarray:
     """``NUM_BINS`` bins over the finite values of ``arrays`` (degrees), padded by 5% of their span (at least
-    1 degree) and kept within [0, 180]."""
+    1 degree) and kept within [0, 180]. When a few stragglers stretch the span (the last 1% of the angles
+    reach three times as far as the other 99%), the bins cover the central 99% (``clipped``)."""
     values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays] or [np.zeros(0)])
     values = values[np.isfinite(values)]
     if not len(values):
         return BINS
     lo, hi = float(values.min()), float(values.max())
+    central = np.percentile(values, [0.5, 99.5])
+    if hi - lo > 3 * (central[1] - central[0]):
+        lo, hi = float(central[0]), float(central[1])
     pad = max(0.05 * (hi - lo), 1.0)
     return np.linspace(max(0.0, lo - pad), min(180.0, hi + pad), NUM_BINS + 1)
+
+
+def range_note(bins: np.ndarray, arrays: list[np.ndarray]) -> str:
+    """`` (axis: the central 99% of the angles)`` when ``bins`` leave some angles out, else nothing."""
+    values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays] or [np.zeros(0)])
+    values = values[np.isfinite(values)]
+    outside = bool(len(values)) and bool(((values < bins[0]) | (values > bins[-1])).any())
+    return " (axis: the central 99% of the angles)" if outside else ""
+
+
+def wrapped(title: str, width: int = 70) -> str:
+    """A title on as many lines as it needs: a figure's width holds about ``width`` characters of it."""
+    import textwrap
+
+    return textwrap.fill(title, width)
 
 
 def legend_outside(ax, fontsize: float) -> None:
@@ -58,8 +77,9 @@ def target_angle_figure(epochs: list[dict], title: str = ""):
                 label=f"epoch {int(data['epoch'])}: nearest non-target",
             )
     ax.set_xlim(bins[0], bins[-1])
-    ax.set_xlabel("angle to the class weight (degrees)")
+    shown = [d[k] for d in epochs for k in ("target_deg", "other_deg") if d.get(k) is not None]
+    ax.set_xlabel("angle to the class weight (degrees)" + range_note(bins, shown))
     ax.set_ylabel("density (per degree)")
     legend_outside(ax, 7)
-    ax.set_title(title or "target angle distribution", fontsize=10)
+    ax.set_title(wrapped(title or "target angle distribution"), fontsize=10)
     return fig

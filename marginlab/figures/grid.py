@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from marginlab.figures import new_figure, palette
-from marginlab.figures.angles import angle_bins, legend_outside
+from marginlab.figures.angles import angle_bins, legend_outside, range_note, wrapped
 from marginlab.figures.features import class_legend, draw_features
 
 #: font sizes (points) readable at the saved size (figures.DPI): the figure title, panel titles and axis labels, ticks
@@ -93,9 +93,10 @@ def target_angles_grid_figure(panels: list[RunPanel], title: str = ""):
     for p, color in zip(panels, palette(len(panels))):
         ax.hist(np.asarray(p.target_deg), bins=bins, density=True, histtype="step", lw=1.5, color=color, label=p.title)
     ax.set_xlim(bins[0], bins[-1])
-    ax.set_xlabel("target angle (degrees), last epoch", fontsize=PANEL_SIZE)
+    note = range_note(bins, [p.target_deg for p in panels])
+    ax.set_xlabel("target angle (degrees), last epoch" + note, fontsize=PANEL_SIZE)
     ax.set_ylabel("density (per degree)", fontsize=PANEL_SIZE)
     ax.tick_params(labelsize=TICK_SIZE)
     legend_outside(ax, TICK_SIZE)
-    ax.set_title(title or "target angle distribution per run", fontsize=TITLE_SIZE)
+    ax.set_title(wrapped(title or "target angle distribution per run", 60), fontsize=TITLE_SIZE)
     return fig

@@ -328,7 +328,8 @@ class Report:
         return notes
 
     def row_name(self, row: Row) -> str:
-        return ", ".join(f"{k}={row.setting.get(k, '-')}" for k in self.keys) or "(defaults)"
+        """The row's own settings, ``key=value``; the keys it does not have ("-") left out."""
+        return ", ".join(f"{k}={v}" for k in self.keys if (v := row.setting.get(k, "-")) != "-") or "(defaults)"
 
     def split_notes(self) -> list[str]:
         """What val and test are and what chose best.pt, when a column depends on it."""
