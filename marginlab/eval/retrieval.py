@@ -19,8 +19,10 @@ query and gallery sets. The results equal ``AccuracyCalculator(avg_of_avgs=False
 same embeddings, ties included (tests/eval/test_retrieval.py).
 
 Ties: references at the same distance rank by index, the smaller first. Both neighbour searches keep to it:
-faiss (``faiss-cpu``; a GPU index when faiss sees a GPU) and a blocked torch search that never holds the
-N x N similarity matrix: it scores a block of queries at a time, the block sized from ``memory_budget``.
+faiss's exact CPU index (``faiss-cpu``) and a blocked torch search (on the embeddings' device) that never
+holds the N x N similarity matrix: it scores a block of queries at a time, the block sized from
+``memory_budget``. A GPU build of faiss is used when it sees a GPU; its tie order is faiss's own (untested).
+An exact tie needs equal similarities, and a BLAS product may round two identical references differently.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from marginlab.errors import ConfigError, DataError
 
 DEFAULT_KS = (1, 2, 4, 8)
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the torch search's similarity block (1 GiB)
-# bytes per (query, reference) entry of a torch block: float32 similarity + int32 sign mask + int64 sort key
+# bytes per (query, reference) entry of a torch block: at most a float32 similarity, its copy for tied rows
+# (float32 view + int32 sign mask, then an int64 sort key): 12, with room to spare
 BYTES_PER_ENTRY = 16
 BACKENDS = ("auto", "faiss", "torch")
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection handles k <= 2048 (faiss/gpu/utils/DeviceDefs.cuh)
@@ -155,21 +158,33 @@ def blocked_search(query: torch.Tensor, reference: torch.Tensor, k: int, *, memo
     index_key = torch.arange(len(reference) - 1, -1, -1, device=reference.device)
     for start in range(0, len(query), rows):
         sim = query[start : start + rows] @ reference.T
-        sim += 0.0  # -0.0 -> +0.0: both must get the same key
-        bits = sim.view(torch.int32)
-        # float -> int32 of the same order: negative floats order backwards, so flip their magnitude bits
-        flip = bits >> 31
-        flip &= 0x7FFFFFFF
-        bits ^= flip
-        del flip
-        key = bits.to(torch.int64)
-        del sim, bits
-        key <<= 32
-        key |= index_key
-        # the keys are distinct, so the top k and their order are fully determined
-        out[start : start + rows] = key.topk(k, dim=1).indices.cpu()
-        del key
+        values, found = sim.topk(k, dim=1)
+        # a row with equal similarities in its top k, or at its edge, is ranked again by (similarity, index)
+        tied = (values[:, 1:] == values[:, :-1]).any(dim=1) | ((sim >= values[:, -1:]).sum(dim=1) > k)
+        if bool(tied.any()):
+            tied_rows = tied.nonzero().squeeze(1)
+            tied_sim = sim[tied_rows]
+            del sim
+            found[tied_rows] = _topk_ties_by_index(tied_sim, index_key, k)
+        out[start : start + rows] = found.cpu()
     return out
+
+
+def _topk_ties_by_index(sim: torch.Tensor, index_key: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k of each row of ``sim`` (consumed) by (similarity, then smaller index) via distinct int64 keys."""
+    sim += 0.0  # -0.0 -> +0.0: both must get the same key
+    bits = sim.view(torch.int32)
+    # float -> int32 of the same order: negative floats order backwards, so flip their magnitude bits
+    flip = bits >> 31
+    flip &= 0x7FFFFFFF
+    bits ^= flip
+    del flip
+    key = bits.to(torch.int64)
+    del sim, bits
+    key <<= 32
+    key |= index_key
+    # the keys are distinct, so the top k and their order are fully determined
+    return key.topk(k, dim=1).indices
 
 
 def block_rows(n_reference: int, memory_budget: int) -> int:
