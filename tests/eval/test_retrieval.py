@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +218,13 @@ def test_bad_input_is_one_clear_error(kwargs, error, message):
     args = {"query": torch.randn(10, 4), "query_labels": torch.arange(10) % 3} | kwargs
     with pytest.raises(error, match=message):
         retrieval_metrics(**args)
+
+
+def test_memory_benchmark_runs_at_toy_size():
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "retrieval_memory.py"
+    args = ["--n", "600", "--dim", "8", "--classes", "60", "--budget-mib", "1"]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    header, *results = (json.loads(line) for line in done.stdout.splitlines())
+    assert header["n"] == 600 and [r["backend"] for r in results] == ["torch", "faiss"]
+    assert results[0]["map_at_r"] == results[1]["map_at_r"] and results[0]["peak_rss_mib"] > 0
