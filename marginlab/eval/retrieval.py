@@ -158,9 +158,11 @@ def blocked_search(query: torch.Tensor, reference: torch.Tensor, k: int, *, memo
     index_key = torch.arange(len(reference) - 1, -1, -1, device=reference.device)
     for start in range(0, len(query), rows):
         sim = query[start : start + rows] @ reference.T
-        values, found = sim.topk(k, dim=1)
+        # one more than k: a tie between the k-th and the next would make the top k a choice
+        values, found = sim.topk(min(k + 1, len(reference)), dim=1)
+        found = found[:, :k]
         # a row with equal similarities in its top k, or at its edge, is ranked again by (similarity, index)
-        tied = (values[:, 1:] == values[:, :-1]).any(dim=1) | ((sim >= values[:, -1:]).sum(dim=1) > k)
+        tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
         if bool(tied.any()):
             tied_rows = tied.nonzero().squeeze(1)
             tied_sim = sim[tied_rows]
