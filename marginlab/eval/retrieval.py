@@ -35,8 +35,8 @@ from marginlab.errors import ConfigError, DataError
 
 DEFAULT_KS = (1, 2, 4, 8)
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the torch search's similarity block (1 GiB)
-# bytes per (query, reference) entry of a torch block: at most a float32 similarity, its copy for tied rows
-# (float32 view + int32 sign mask, then an int64 sort key): 12, with room to spare
+# bytes per (query, reference) entry of a torch block, with room to spare: a float32 similarity (4); for rows
+# with ties, its copy and an int32 sign mask (8), then the copy and an int64 sort key (12)
 BYTES_PER_ENTRY = 16
 BACKENDS = ("auto", "faiss", "torch")
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection handles k <= 2048 (faiss/gpu/utils/DeviceDefs.cuh)
@@ -162,12 +162,12 @@ def blocked_search(query: torch.Tensor, reference: torch.Tensor, k: int, *, memo
         values, found = sim.topk(min(k + 1, len(reference)), dim=1)
         found = found[:, :k]
         # a row with equal similarities in its top k, or at its edge, is ranked again by (similarity, index)
-        tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
-        if bool(tied.any()):
-            tied_rows = tied.nonzero().squeeze(1)
-            tied_sim = sim[tied_rows]
-            del sim
+        tied_rows = (values[:, 1:] == values[:, :-1]).any(dim=1).nonzero().squeeze(1)
+        tied_sim = sim[tied_rows] if len(tied_rows) else None
+        del sim  # before the next block's product: two blocks never coexist
+        if tied_sim is not None:
             found[tied_rows] = _topk_ties_by_index(tied_sim, index_key, k)
+            del tied_sim
         out[start : start + rows] = found.cpu()
     return out
 
@@ -181,7 +181,7 @@ def _topk_ties_by_index(sim: torch.Tensor, index_key: torch.Tensor, k: int) -> t
     flip &= 0x7FFFFFFF
     bits ^= flip
     del flip
-    key = bits.to(torch.int64)
+    key = bits.to(torch.int64)  # the caller's copy of sim stays: 4 + 8 bytes per entry at most
     del sim, bits
     key <<= 32
     key |= index_key
