@@ -68,6 +68,8 @@ class RetrievalData(ClassificationData):
                 f"dataset.samples_per_class={samples_per_class!r} is not allowed: an integer >= 0 (0: random batches)"
             )
         self.samples_per_class = samples_per_class
+        if self.in_memory:  # the in-memory path stacks equal-sized images; these differ, so batches decode them
+            raise ConfigError(f"dataset.in_memory=true is not allowed for {self.title}: its images differ in size")
         self.num_folds, self.val_fold = num_folds, val_fold
         if val_fold is not None:
             class_disjoint_fold(range(num_folds), num_folds, val_fold)  # checks both now, not at setup
@@ -100,8 +102,15 @@ class RetrievalData(ClassificationData):
             )
         return path
 
-    def bad_line(self, path: Path, number: int, line: str, expected: str) -> DataError:
-        return DataError(f"{self.title} file {path} line {number} is {line.strip()!r}: expected {expected}")
+    def rows(self, path: Path, skip: int, ok, expected: str):
+        """The whitespace-split fields of each non-empty line of ``path`` after ``skip`` header lines; a line
+        whose fields fail ``ok`` is a DataError naming the file, the line and what was ``expected``."""
+        for number, line in enumerate(path.read_text().splitlines()[skip:], skip + 1):
+            fields = line.split()
+            if fields and not ok(fields):
+                raise DataError(f"{self.title} file {path} line {number} is {line.strip()!r}: expected {expected}")
+            if fields:
+                yield fields
 
     def setup(self) -> None:
         splits = self.read_splits()
@@ -135,8 +144,6 @@ class RetrievalData(ClassificationData):
             return super()._loader(dataset, train)
         if self.world_size > 1:  # each rank would need its own class draws: not written yet
             raise ConfigError("dataset.samples_per_class > 0 is not supported with several processes yet")
-        if self.in_memory:
-            raise ConfigError("dataset.samples_per_class > 0 is not supported with dataset.in_memory=true")
         labels = dataset_labels(dataset)
         sampler = self._sampler = ClassBalancedBatchSampler(
             labels, self.batch_size, self.samples_per_class, self.seed, key=(self.seed, self.rank, 0)
@@ -176,15 +183,8 @@ class CUB200Data(RetrievalData):
     def id_table(self, name: str) -> dict[int, str]:
         """``<image id> <value>`` per line of CUB_200_2011/<name>."""
         path = self.file("CUB_200_2011", name)
-        table = {}
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2 or not fields[0].isdigit():
-                raise self.bad_line(path, number, line, "'<image id> <value>'")
-            table[int(fields[0])] = fields[1]
-        return table
+        ok = lambda fields: len(fields) == 2 and fields[0].isdigit()  # noqa: E731
+        return {int(i): value for i, value in self.rows(path, 0, ok, "'<image id> <value>'")}
 
     def read_splits(self) -> dict[str, Split]:
         images, classes = self.id_table("images.txt"), self.id_table("image_class_labels.txt")
@@ -236,16 +236,9 @@ class SOPData(RetrievalData):
 
     def read_list(self, split: str) -> Split:
         path = self.file("Stanford_Online_Products", f"Ebay_{split}.txt")
-        paths, labels = [], []
-        for number, line in enumerate(path.read_text().splitlines()[1:], 2):  # line 1: the column names
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4 or not fields[1].isdigit():
-                raise self.bad_line(path, number, line, "'image_id class_id super_class_id path'")
-            paths.append(str(path.parent / fields[3]))
-            labels.append(int(fields[1]))
-        return paths, np.array(labels, dtype=np.int64)
+        ok = lambda fields: len(fields) == 4 and fields[1].isdigit()  # noqa: E731
+        rows = list(self.rows(path, 1, ok, "'image_id class_id super_class_id path'"))  # line 1: column names
+        return [str(path.parent / r[3]) for r in rows], np.array([int(r[1]) for r in rows], dtype=np.int64)
 
     def read_splits(self) -> dict[str, Split]:
         return {"train": self.read_list("train"), "test": self.read_list("test")}
@@ -264,15 +257,11 @@ class InShopData(RetrievalData):
     def read_splits(self) -> dict[str, Split]:
         path = self.file("list_eval_partition.txt")
         splits: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "query": ([], []), "gallery": ([], [])}
-        for number, line in enumerate(path.read_text().splitlines()[2:], 3):  # lines 1-2: count, column names
-            fields = line.split()
-            if not fields:
-                continue
-            item = fields[1][3:] if len(fields) == 3 and fields[1].startswith("id_") else ""
-            if not item.isdigit() or fields[2] not in splits:
-                raise self.bad_line(path, number, line, "'image_name id_<number> train|query|gallery'")
-            splits[fields[2]][0].append(str(self.root / fields[0]))
-            splits[fields[2]][1].append(int(item))
+        ok = lambda f: len(f) == 3 and f[1].startswith("id_") and f[1][3:].isdigit() and f[2] in splits  # noqa: E731
+        # lines 1-2: the image count and the column names
+        for image, item, status in self.rows(path, 2, ok, "'image_name id_<number> train|query|gallery'"):
+            splits[status][0].append(str(self.root / image))
+            splits[status][1].append(int(item[3:]))
         return {name: (p, np.array(y, dtype=np.int64)) for name, (p, y) in splits.items()}
 
 

@@ -14,7 +14,7 @@ from marginlab.data.retrieval import Cars196Data, CUB200Data, InShopData, SOPDat
 from marginlab.errors import ConfigError, DataError
 from marginlab.resume import compose_train_config
 
-from ..conftest import read_metrics
+from ..conftest import read_metrics, run_cli
 
 
 def jpeg(path: Path, seed: int) -> str:
@@ -232,3 +232,20 @@ def test_cub200_config_composes_and_trains_one_epoch(tmp_path, run_train):
 def test_every_retrieval_config_composes(tmp_path, name):
     cfg = compose_train_config([f"dataset={name}", f"dataset.root={tmp_path}", "dataset.val_fold=0"])
     assert cfg.dataset.root == str(tmp_path) and cfg.dataset.val_fold == 0
+
+
+def test_train_on_a_missing_set_is_one_error_line(tmp_path, capsys):
+    code = run_cli("train", "dataset=sop", f"dataset.root={tmp_path}", "backbone=digits_cnn", "trainer.epochs=1")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("marginlab: error: Stanford Online Products file ") and "Ebay_train.txt" in lines[0]
+
+
+def test_in_memory_is_refused():
+    with pytest.raises(ConfigError, match="dataset.in_memory=true is not allowed for CUB-200-2011"):
+        CUB200Data(root="x", in_memory=True)
+
+
+def test_an_unknown_option_is_refused_at_compose(tmp_path):
+    with pytest.raises(ConfigError, match="samples_per_clas"):
+        compose_train_config(["dataset=cub200", "+dataset.samples_per_clas=2"])
