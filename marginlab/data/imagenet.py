@@ -25,14 +25,24 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet training-se
 DOWNLOAD_PAGE = "https://image-net.org/download-images"
 
 
-def load_image(path: str) -> Image.Image:
+def load_image(path: str, title: str = "ImageNet") -> Image.Image:
     """torchvision's default loader (an RGB PIL image); an unreadable file becomes a DataError naming it."""
     try:
         return default_loader(path)
     except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError and "image file is truncated" are OSErrors
         raise DataError(
-            f"ImageNet image {path} is unreadable or corrupted ({err}). To fix: delete or replace it"
+            f"{title} image {path} is unreadable or corrupted ({err}). To fix: delete or replace it"
         ) from err
+
+
+def imagenet_transform(size: int, augment: bool) -> T.Compose:
+    """Random-resized crop + flip when ``augment``, else the usual resize-to-256, centre-crop-224 evaluation
+    scaled to ``size``; then ImageNet normalisation."""
+    if augment:
+        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(round(256 * size / 224)), T.CenterCrop(size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def _wnids(dataset: datasets.ImageFolder) -> list[str]:
@@ -69,12 +79,7 @@ class ImageNetData(ClassificationData):
         return len(self.test_set.classes)  # the same folders as train/ (checked in setup)
 
     def transform(self, train: bool) -> T.Compose:
-        size = self.image_size
-        if train and self.augment:
-            steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
-        else:  # the usual resize-to-256, center-crop-224 evaluation, scaled to image_size
-            steps = [T.Resize(round(256 * size / 224)), T.CenterCrop(size)]
-        return T.Compose([*steps, T.ToTensor(), T.Normalize(MEAN, STD)])
+        return imagenet_transform(self.image_size, train and self.augment)
 
     def setup(self) -> None:
         """Loads both splits (ImageNet's val/ is the test split here) and holds out the validation images from
