@@ -20,28 +20,6 @@ from marginlab.errors import ConfigError
 
 CONFIGS = Path(__file__).parent / "configs"
 
-#: the top-level keys of a run's config (``TrainConfig`` in config/schema.py) that a ``+`` override may add under
-SCHEMA_KEYS = (
-    "seed",
-    "resume",
-    "init_from",
-    "init_from_head",
-    "m",
-    "s",
-    "name",
-    "trainer",
-    "logger",
-    "backbone",
-    "head",
-    "dataset",
-    "optim",
-    "sched",
-    "regularizer",
-    "verification",
-    "paper",
-    "reproduce",
-)
-
 RULE = (
     "a run directory is untrusted input, and what marginlab replays from it may only set config keys and "
     "choose shipped config group options (never hydra.*, _target_, ${...} interpolations, packages, sweeps or "
@@ -57,6 +35,16 @@ def config_groups() -> dict[str, frozenset[str]]:
         for d in CONFIGS.iterdir()
         if d.is_dir() and d.name not in ("hydra", "__pycache__")
     }
+
+
+@lru_cache(maxsize=None)
+def schema_keys() -> frozenset[str]:
+    """The top-level keys of a run's config (``TrainConfig``, config/schema.py): what a dotted override may set."""
+    from dataclasses import fields
+
+    from marginlab.config.schema import TrainConfig
+
+    return frozenset(f.name for f in fields(TrainConfig))
 
 
 def _special_key(key: Any) -> bool:
@@ -109,7 +97,7 @@ def refusal(override: Any) -> str | None:
         names = value if isinstance(value, list) else [value]
         unknown = [n for n in names if n is not None and (not isinstance(n, str) or n not in groups[key])]
         return f"{key}={unknown[0]!r} is not one of the shipped {key} options" if unknown else None
-    if parts[0] not in SCHEMA_KEYS:
+    if parts[0] not in schema_keys():
         return f"{parts[0]!r} is not a key of a run's config"
     if parsed.type == OverrideType.DEL:  # ~head.lr_mult: a shipped sweep removes a head's key (validation follows)
         return None if parsed.value() is None else _value_refusal(parsed.value())
