@@ -141,8 +141,11 @@ def read_override_file(path: Path) -> list[str]:
 def read_history_file(path: Path) -> list[dict]:
     """A run's ``.hydra/resumes.yaml`` (a list of entries, each with its ``overrides``), every override checked;
     a ConfigError naming the file when it is not such a list."""
-    data, node = _load(path)
-    data = data or []
+    try:
+        data, node = _load(path)
+    except ConfigError:  # torn YAML (a kill mid-write of an older release): not a history, said the same way
+        data, node = "unreadable", None
+    data = [] if data is None else data
     if not isinstance(data, list) or not all(
         isinstance(e, dict) and isinstance(e.get("overrides"), list) for e in data
     ):
