@@ -12,18 +12,19 @@ titled by the overrides that differ between the runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 from pathlib import Path
-
-import yaml
+from typing import TYPE_CHECKING
 
 from marginlab.errors import DataError, MarginlabError
 from marginlab.figures import FigureOutput
 from marginlab.geometry.render import FIGURES_DIR, features_epoch_figure, final_features_title, target_angles_figure
 from marginlab.geometry.store import has_features, latest_with_features, list_epochs, load_epoch
 from marginlab.head_names import head_label
+
+if TYPE_CHECKING:
+    from marginlab.report.jobs import Job
 
 
 def is_run(path: Path) -> bool:
@@ -71,66 +72,43 @@ def plot_run(run_dir: Path, out: FigureOutput = FigureOutput()) -> tuple[list[Pa
     return written, failed
 
 
-def _overrides(run_dir: Path) -> list[str]:
-    """The run's overrides, checked like everything read back from a run directory (one line when refused)."""
-    from marginlab.replayed_overrides import read_override_file
-
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return read_override_file(path) if path.is_file() else []
-
-
-def _saved(run_dir: Path) -> tuple[dict, dict]:
-    """The run's saved config and its config-group choices, as plain data (read safely: shown, never resolved)."""
-
-    def load(name: str) -> dict:
-        try:
-            data = yaml.safe_load((run_dir / ".hydra" / name).read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    choices = ((load("hydra.yaml").get("hydra") or {}).get("runtime") or {}).get("choices") or {}
-    return load("config.yaml"), choices if isinstance(choices, dict) else {}
-
-
 def _scalar(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def run_label(run_dir: Path) -> str:
+def run_label(job: Job) -> str:
     """``ArcFace (s=10, m=0.2)``: the head's paper name (+ regularizer) and the s and m it trained with, defaults
     included (from the saved config)."""
-    config, choices = _saved(run_dir)
-    head = config.get("head") if isinstance(config.get("head"), dict) else {}
-    name = choices.get("head") or str(head.get("_target_", "")).rsplit(".", 1)[-1]
+    head = job.config.get("head") if isinstance(job.config.get("head"), dict) else {}
+    name = job.choices.get("head") or str(head.get("_target_", "")).rsplit(".", 1)[-1]
     params = {k: _scalar(head[k]) for k in ("s", "m") if isinstance(head.get(k), (int, float))}
-    return head_label(str(name), choices.get("regularizer"), params)
+    return head_label(str(name), job.choices.get("regularizer"), params)
 
 
 #: overrides a title shows through ``run_label`` (or not at all), not as ``key=value``
 LABELLED = ("head", "head.s", "head.m", "s", "m", "regularizer", "seed", "name")
 
 
-def run_titles(runs: list[Path], root: Path) -> list[str]:
+def run_titles(runs: list[Path], root: Path, jobs: list[Job] | None = None) -> list[str]:
     """Each run's human label, then the overrides not every run shares (``key=value``), its seed when the seeds
-    differ, and its test accuracy when known."""
+    differ, and its test accuracy when known. ``jobs``: the runs as the report reads them (``read_job``: their
+    files checked as untrusted input), read here when not given."""
+    from marginlab.report import read_job
     from marginlab.resume import override_key
 
-    overrides = [[o for o in _overrides(r) if override_key(o) not in LABELLED] for r in runs]
+    jobs = jobs or [read_job(r) for r in runs]
+    overrides = [[o for o in job.overrides if override_key(o) not in LABELLED] for job in jobs]
     shared = set.intersection(*(set(o) for o in overrides)) if len(runs) > 1 else set()
-    seeds = [_saved(r)[0].get("seed") for r in runs]
+    seeds = [job.seed for job in jobs]
     titles = []
-    for run, ovr, seed in zip(runs, overrides, seeds):
-        parts = [run_label(run)] + [o for o in ovr if o not in shared]
+    for run, job, ovr in zip(runs, jobs, overrides):
+        parts = [run_label(job)] + [o for o in ovr if o not in shared]
         if len(set(map(str, seeds))) > 1:
-            parts.append(f"seed {seed}")
+            parts.append(f"seed {job.seed}")
         title = textwrap.fill(", ".join(p for p in parts if p) or str(run.relative_to(root)), 44)
-        try:
-            acc = json.loads((run / "metrics.json").read_text()).get("test/acc")
-            if isinstance(acc, (int, float)):
-                title += f"\ntest/acc {acc:.3f}"
-        except (OSError, ValueError, AttributeError):
-            pass
+        acc = job.metrics.get("test/acc")
+        if isinstance(acc, (int, float)):
+            title += f"\ntest/acc {acc:.3f}"
         titles.append(title.replace("$", r"\$"))  # a $ from a run directory is text, not matplotlib's mathtext
     return titles
 
@@ -138,9 +116,11 @@ def run_titles(runs: list[Path], root: Path) -> list[str]:
 def plot_sweep(root: Path, runs: list[Path], out: FigureOutput = FigureOutput()) -> tuple[list[Path], list[str]]:
     """Draws the runs side by side at their last saved epoch into ``root``; returns (written PNGs, failures)."""
     from marginlab.figures.grid import RunPanel, features_grid_figure, target_angles_grid_figure
+    from marginlab.report import read_job
 
+    jobs = [read_job(r) for r in runs]  # each run's files read once, checked as untrusted input
     panels = []
-    for run, title in zip(runs, run_titles(runs, root)):
+    for run, title in zip(runs, run_titles(runs, root, jobs)):
         data = load_epoch(list_epochs(run)[-1])
         panels.append(
             RunPanel(
@@ -158,11 +138,10 @@ def plot_sweep(root: Path, runs: list[Path], out: FigureOutput = FigureOutput())
     written: list[Path] = []
     failed: list[str] = []
     from marginlab.figures.grid import sweep_name, sweep_title
-    from marginlab.report import read_job
     from marginlab.report.table import distinguishing_keys
 
     # what the sweep is: its name (not its time stamp) and the keys that differ between its runs (as in the report)
-    name, varying = sweep_name(root), distinguishing_keys([read_job(r) for r in runs])
+    name, varying = sweep_name(root), distinguishing_keys(jobs)
     drawn = sum(p.features is not None and p.features.shape[1] in (2, 3) for p in panels)
     if any(p.features is not None for p in panels):
         _draw(
@@ -229,7 +208,9 @@ def main(args: list[str]) -> int:
                 "runs save it at every evaluated epoch"
             )
         if opts.seed is not None:
-            runs = [r for r in runs if _saved(r)[0].get("seed") in opts.seed]
+            from marginlab.report import read_job
+
+            runs = [r for r in runs if read_job(r).seed in opts.seed]
             if not runs:
                 raise DataError(f"no run of seed {', '.join(map(str, opts.seed))} under {str(root)!r}")
         single = runs == [root]
