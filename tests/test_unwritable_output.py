@@ -245,3 +245,23 @@ def test_embed_output_is_unchanged_where_the_folder_is_writable(tmp_path, face):
     assert run_cli("embed", f"checkpoint={ckpt}", f"input={lfw}", f"out={out}") == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["emb.npy", "emb.tsv"]
     assert np.load(out).shape == (8, 8)
+
+
+def test_torchs_wrapped_write_failure_in_a_staged_file_is_one_line(tmp_path):
+    # torch.save / TorchScript on a full disk: the OSError arrives wrapped in torch's zip-writer RuntimeError
+    from marginlab.errors import OutputError
+    from marginlab.export.files import staged
+
+    target = tmp_path / "best.torchscript.pt"
+    wrapped = "[enforce fail at inline_container.cc:672] . unexpected pos 3456 vs 3350"
+    with pytest.raises(
+        OutputError, match=r"best\.torchscript\.pt: cannot write \(No space left on device \(ENOSPC\)\)"
+    ):
+        with staged(target):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError(wrapped)  # noqa: B904 - torch raises it with the OSError as its context
+    assert not list(tmp_path.iterdir())  # the temp file is gone
+    with pytest.raises(RuntimeError, match="a bug"), staged(target):  # any other RuntimeError stays what it is
+        raise RuntimeError("a bug")

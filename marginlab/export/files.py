@@ -68,7 +68,7 @@ def check_writable(folder: Path, hint: str = "") -> None:
 def staged(target: Path):
     """A temp file next to ``target`` (same file system, created empty here: a folder that takes no file is named
     as the reason, not what was to be written); removed on exit unless ``put_in_place`` took it. An OSError of the
-    write (no space, a read-only file system) becomes one line naming ``target``."""
+    write (no space, a read-only file system; torch's wrapped form too) becomes one line naming ``target``."""
     tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +81,13 @@ def staged(target: Path):
         if exc.errno not in WRITE_ERRNOS and exc.filename not in (str(tmp), str(target)):
             raise
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+    except RuntimeError as exc:  # torch.save / TorchScript: torch's zip writer wraps a refused write (run_dirs.py)
+        from marginlab.run_dirs import system_cause, system_reason
+
+        cause = system_cause(exc)
+        if cause is None or (isinstance(cause, OSError) and cause.errno not in WRITE_ERRNOS):
+            raise
+        raise OutputError(f"{target}: cannot write ({system_reason(exc)})") from None
     finally:
         discard(tmp)
 
