@@ -34,6 +34,7 @@ from marginlab.heads.kernels import (
     precise_cosine,
     with_slope,
 )
+from marginlab.heads.output import HeadLoss
 from marginlab.heads.probe_record import LazyCosine, ProbeMargin, ProbeRecord
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,9 @@ class MarginHead(nn.Module):
     #: the initialisation of W in the head's official code (one of WEIGHT_INITS); heads without an
     #: official code of their own keep nn.Linear's
     official_init: str = "kaiming_uniform"
+    #: the head is a loss of its own (heads/output.py): ``head(x, labels)`` returns ``self.loss(x, labels)``, a
+    #: ``HeadLoss``, instead of margin logits; ``head(x)`` still gives its evaluation scores
+    produces_loss: bool = False
 
     def __init__(
         self,
@@ -175,8 +179,11 @@ class MarginHead(nn.Module):
         """Draws ``weight`` afresh with ``weight_init`` (subclasses that reshape W call it again)."""
         fill_class_weight_(self.weight, self.weight_init, generator)
 
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor | HeadLoss:
         self._check_inputs(embeddings, labels)
+        if labels is not None and self.produces_loss:
+            self.probe_record.clear()  # (the probe asks ``cosine``)
+            return self.loss(embeddings, labels)
         logits = self.logits(embeddings, labels)
         if not self.probe_record.enabled:
             self.probe_record.clear()
@@ -186,6 +193,16 @@ class MarginHead(nn.Module):
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def loss(self, embeddings: Tensor, labels: Tensor) -> HeadLoss:
+        """The training loss of a head that ``produces_loss`` (its mean over the batch, + predictions)."""
+        raise NotImplementedError(f"{type(self).__name__} produces logits, not a loss of its own")
+
+    @torch.no_grad()
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """The B x C cosines of the head's geometry, margin-free and detached: what the probe and evaluation read.
+        A pure method (no state): the normalised cosine unless a head defines its own."""
+        return self.normalized_cosine(embeddings)
 
     # ---- helpers for subclasses -------------------------------------------------------------
     def normalized_cosine(self, embeddings: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from marginlab.errors import ConfigError
 from marginlab.heads.base import check_chunkable
+from marginlab.heads.output import HeadLoss
 
 
 def _regularizer_dict(regularizers) -> nn.ModuleDict:
@@ -90,9 +91,12 @@ class MarginLoss(nn.Module):
     #: every class is scored on this rank: the trainer reports a training accuracy (``predicted_classes``)
     classifies = True
 
-    def predicted_classes(self, output: Tensor) -> Tensor:
-        """Each row's predicted class from the head's training output: the argmax of its logits, or, when the
-        output is a ``chunked`` step's loss (0-dim), the argmax the class blocks found (heads/base.py)."""
+    def predicted_classes(self, output: Tensor | HeadLoss) -> Tensor:
+        """Each row's predicted class from the head's training output: the argmax of its logits, the predictions
+        of a head that is a loss of its own (``HeadLoss``), or, when the output is a ``chunked`` step's loss
+        (0-dim), the argmax the class blocks found (heads/base.py)."""
+        if isinstance(output, HeadLoss):
+            return output.predicted
         if output.dim() == 0:
             return self.head.chunked_predicted
         return output.detach().argmax(1)
@@ -109,6 +113,13 @@ class MarginLoss(nn.Module):
             )
         self.head = head
         self.regularizers = _regularizer_dict(regularizers)
+        if getattr(head, "produces_loss", False):
+            name = logits_regularizer(self.regularizers)
+            if name is not None:
+                raise ConfigError(
+                    f"regularizer {name!r} needs the logits, which {type(head).__name__} never builds: it is a "
+                    "loss of its own; use a regularizer that reads the features (e.g. center)"
+                )
         if getattr(head, "chunked", False) is not False:
             check_chunked(head, self.regularizers)
 
@@ -121,11 +132,14 @@ class MarginLoss(nn.Module):
             return self.from_head_output(embeddings, self.head.chunked_loss(embeddings, labels), labels)
         return self.from_head_output(embeddings, self.head(embeddings, labels), labels)
 
-    def from_head_output(self, embeddings: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    def from_head_output(self, embeddings: Tensor, logits: Tensor | HeadLoss, labels: Tensor) -> Tensor:
         """The loss given the head's output for this batch (the trainer's hot path: no checks, no sync).
 
-        A 0-dim output is a ``chunked`` head's cross-entropy, made without the logits (kernels/chunked_margin_ce.py).
+        A ``HeadLoss`` is the loss of a head that is a loss of its own (heads/output.py); a 0-dim output is a
+        ``chunked`` head's cross-entropy, made without the logits (kernels/chunked_margin_ce.py).
         """
+        if isinstance(logits, HeadLoss):
+            return self.add_terms(logits.loss.float(), embeddings, logits, labels)
         if logits.dim() == 0:
             return self.add_terms(logits.float(), embeddings, logits, labels)
         return self.add_terms(F.cross_entropy(logits.float(), labels), embeddings, logits, labels)

@@ -1,0 +1,34 @@
+"""What a head's training forward returns when the head is a loss of its own (the head contract, heads/base.py).
+
+A logits head returns its B x C training logits and the criterion (marginlab/losses) applies cross-entropy. A head
+that computes its loss itself (``MarginHead.produces_loss``: per-class binary cross-entropy, sigmoid-weighted terms)
+returns a ``HeadLoss`` instead, and so does any training step that never builds the logits (a chunked loss).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+
+class StepStats(NamedTuple):
+    """The two B-vectors the probe's step statistics read (geometry/stats.py), detached: each row's target cosine
+    cos theta_y and its nearest non-target cosine."""
+
+    target: Tensor
+    nearest_other: Tensor
+
+
+class HeadLoss(NamedTuple):
+    """A head's training output when it is the loss itself.
+
+    ``loss``: 0-dim, the batch's mean loss (the criterion adds regularizers and ``extra_loss``); ``predicted``: each
+    row's predicted class (B, detached) for the training accuracy, None when no rank scores every class (Partial
+    FC); ``stats``: the probe's step statistics when the head computed them on the way (None: the criterion asks
+    the head's pure ``cosine`` on the steps that log them).
+    """
+
+    loss: Tensor
+    predicted: Tensor | None = None
+    stats: StepStats | None = None
