@@ -10,8 +10,9 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead
-from marginlab.heads.kernels import ChunkedMargin, TargetMargin
+from marginlab.heads.kernels import ChunkedMargin
 from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.target_margin import Margin, StepMargin, chunked, margin_logits
 
 
 class AdaFaceHead(CosineMarginHead):
@@ -66,27 +67,27 @@ class AdaFaceHead(CosineMarginHead):
         # AdaFace, normalised norm: ||z||^ = clip((||z|| - mu) / (sigma + eps) * h, -1, 1)
         return ((safe - mean) / (std + self.eps) * self.h).clamp(-1.0, 1.0)
 
-    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
-        """The adaptive target logit with its slope, and every cosine clamped to [-1 + eps, 1 - eps]."""
+    def target_margin(self, embeddings: Tensor) -> StepMargin:
+        """The adaptive target cosine, every cosine clamped to [-1 + eps, 1 - eps]; updates the norm statistics."""
         scaler = self.margin_scaler(torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1))
-        low, high = -1.0 + self.eps, 1.0 - self.eps
+        # AdaFace, adaptive margins: g_angle = -m ||z||^,  g_add = m ||z||^ + m
+        g_angle = -self.m * scaler
+        g_add = self.m + self.m * scaler
 
-        def margin(cos_target: Tensor) -> TargetMargin:
-            g_angle = (-self.m * scaler).to(cos_target.dtype)
-            g_add = (self.m + self.m * scaler).to(cos_target.dtype)
-            cos = cos_target.clamp(low, high)
-            angle = torch.acos(cos) + g_angle
+        def margin(cos_target: Tensor) -> Margin:
+            theta = torch.acos(self.clamp_cosine(cos_target))  # B values only
             # AdaFace, target logit: s (cos(theta_y + g_angle) - g_add), angle kept in [eps, pi - eps]
-            value = torch.cos(angle.clamp(self.eps, math.pi - self.eps)) - g_add
-            # d/dt cos(acos t + g) = sin(acos t + g) / sqrt(1 - t^2), 0 where either clamp acts
-            unclamped = (cos_target >= low) & (cos_target <= high) & (angle >= self.eps) & (angle <= math.pi - self.eps)
-            slope = torch.sin(angle) / torch.sqrt(1.0 - cos * cos) * unclamped
-            return TargetMargin(value, slope, clamped_cosines)
-
-        def clamped_cosines(cos: Tensor) -> tuple[Tensor, Tensor]:
-            return cos.clamp(low, high), ((cos >= low) & (cos <= high)).to(cos.dtype)
+            return Margin(torch.cos((theta + g_angle).clamp(self.eps, math.pi - self.eps)) - g_add, self.clamp_cosine)
 
         return margin
+
+    def clamp_cosine(self, cos: Tensor) -> Tensor:
+        """The official clamp of every training cosine to [-1 + eps, 1 - eps]."""
+        return cos.clamp(-1.0 + self.eps, 1.0 - self.eps)
+
+    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
+        """The chunked loss's margin, built from ``target_margin`` (heads/target_margin.py)."""
+        return chunked(self.target_margin(embeddings))
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         if self.chunked_step(labels):
@@ -97,17 +98,7 @@ class AdaFaceHead(CosineMarginHead):
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
         self.probe_record.keep(cos.detach())
-        norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
-        scaler = self.margin_scaler(norms)
-        cos = cos.clamp(-1.0 + self.eps, 1.0 - self.eps)
-        cos_target = cos_target.clamp(-1.0 + self.eps, 1.0 - self.eps)
-        # AdaFace, adaptive margins: g_angle = -m ||z||^,  g_add = m ||z||^ + m
-        g_angle = -self.m * scaler
-        g_add = self.m + self.m * scaler
-        theta = torch.acos(cos_target)  # B values only
-        # AdaFace, target logit: s (cos(theta_y + g_angle) - g_add), angle kept in [eps, pi - eps]
-        target = torch.cos((theta + g_angle).clamp(self.eps, math.pi - self.eps)) - g_add
-        return self.replace_target(cos * self.s, labels, self.s * target)
+        return margin_logits(cos, cos_target, labels, self.s, self.target_margin(embeddings))
 
     def schedule_values(self) -> dict[str, float]:
         return {"batch_mean": float(self.batch_mean.item()), "batch_std": float(self.batch_std.item())}

@@ -8,7 +8,8 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.base import cos_plus_angle
-from marginlab.heads.kernels import ChunkedMargin, TargetMargin
+from marginlab.heads.kernels import ChunkedMargin, with_slope
+from marginlab.heads.target_margin import Margin, StepMargin, chunked, margin_logits
 
 
 class CurricularFaceHead(ArcFaceHead):
@@ -42,23 +43,26 @@ class CurricularFaceHead(ArcFaceHead):
                 # CurricularFace, EMA of r = mean positive cosine: t = a r + (1 - a) t
                 self.t.mul_(1.0 - self.momentum).add_(self.momentum * cos_target.detach().mean())
 
-    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
-        """ArcFace's target, and the hard negatives' s cos theta_j (t + cos theta_j) block by block."""
+    def target_margin(self, embeddings: Tensor) -> StepMargin:
+        """ArcFace's target, and the hard negatives' cos theta_j (t + cos theta_j); updates t once a step."""
 
-        def margin(cos_target: Tensor) -> TargetMargin:
-            boundary = cos_plus_angle(cos_target, self.cos_m, self.sin_m).unsqueeze(1)
+        def margin(cos_target: Tensor) -> Margin:
+            # CurricularFace, N(t, cos theta_j): j is a hard negative when cos(theta_y + m) < cos theta_j
+            boundary = cos_plus_angle(cos_target.detach(), self.cos_m, self.sin_m).unsqueeze(1)
             self.update_t(cos_target)
             t = self.t.to(cos_target.dtype)
-            value, slope = self.margin_and_slope(cos_target)
 
-            def hard_negatives(cos: Tensor) -> tuple[Tensor, Tensor]:
-                hard = cos > boundary
-                # CurricularFace, N(t, cos theta_j) = cos theta_j (t + cos theta_j) when hard; slope t + 2 cos theta_j
-                return torch.where(hard, cos * (t + cos), cos), torch.where(hard, cos * 2.0 + t, 1.0)
+            def hard_negatives(cos: Tensor) -> Tensor:
+                # CurricularFace, hard case of N(t, cos theta_j): cos theta_j (t + cos theta_j) for hard negatives
+                return torch.where(cos.detach() > boundary, cos * (t + cos), cos)
 
-            return TargetMargin(value, slope, hard_negatives)
+            return Margin(with_slope(cos_target, self.margin_and_slope), hard_negatives)
 
         return margin
+
+    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
+        """The chunked loss's margin, built from ``target_margin`` (heads/target_margin.py)."""
+        return chunked(self.target_margin(embeddings))
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         if self.chunked_step(labels):
@@ -69,14 +73,7 @@ class CurricularFaceHead(ArcFaceHead):
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
         self.probe_record.keep(cos.detach())
-        # CurricularFace, N(t, cos theta_j): j is a hard negative when cos(theta_y + m) < cos theta_j
-        boundary = cos_plus_angle(cos_target.detach(), self.cos_m, self.sin_m)
-        hard = cos.detach() > boundary.unsqueeze(1)
-        self.update_t(cos_target)
-        t = self.t.to(cos.dtype)
-        # CurricularFace, hard case of N(t, cos theta_j): cos theta_j (t + cos theta_j) for hard negatives
-        logits = torch.where(hard, cos * (t + cos), cos) * self.s
-        return self.replace_target(logits, labels, self.s * self.target_cosine(cos_target, labels))
+        return margin_logits(cos, cos_target, labels, self.s, self.target_margin(embeddings))
 
     def schedule_values(self) -> dict[str, float]:
         return {"t": float(self.t.item())}

@@ -10,8 +10,9 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead, cos_plus_angle
-from marginlab.heads.kernels import ChunkedMargin, TargetMargin
+from marginlab.heads.kernels import ChunkedMargin
 from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.target_margin import Margin, StepMargin, chunked, margin_logits
 
 
 class MagFaceHead(CosineMarginHead):
@@ -63,15 +64,14 @@ class MagFaceHead(CosineMarginHead):
         # MagFace, regulariser g in L_Mag: g(a) = a / u_a^2 + 1 / a
         return a / (self.u_a**2) + 1.0 / a
 
-    def target_and_fallback(self, cos_target: Tensor, phi: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
-        """(the target cosine, where phi applies): phi where cos theta > 0 (easy margin) or cos theta >
-        cos(pi - m), else cos theta (easy) or ArcFace's fallback cos theta - sin(pi - m) m."""
+    def target_and_fallback(self, cos_target: Tensor, phi: Tensor, margin: Tensor) -> Tensor:
+        """The target cosine: phi where cos theta > 0 (easy margin) or cos theta > cos(pi - m), else cos theta
+        (easy) or ArcFace's fallback cos theta - sin(pi - m) m."""
         if self.easy_margin:
-            keep = cos_target > 0
-            return torch.where(keep, phi, cos_target), keep
+            return torch.where(cos_target > 0, phi, cos_target)
         # ArcFace exact-gradient fallback with the per-sample margin: cos theta - sin(pi - m) m
         keep = cos_target > torch.cos(math.pi - margin)
-        return torch.where(keep, phi, cos_target - torch.sin(math.pi - margin) * margin), keep
+        return torch.where(keep, phi, cos_target - torch.sin(math.pi - margin) * margin)
 
     def magnitude(self, embeddings: Tensor) -> Tensor:
         """a = ||f|| clipped to [l_a, u_a], with its gradient; sets the regulariser's term in training."""
@@ -79,23 +79,21 @@ class MagFaceHead(CosineMarginHead):
         self._loss_g = self.lambda_g * self.regularizer_g(a).mean() if self.training else None
         return a
 
-    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
-        """The target cos(theta_y + m(a)) with its slope in cos theta_y; m(a) keeps its gradient to ||f||."""
-        a = self.magnitude(embeddings)
+    def target_margin(self, embeddings: Tensor) -> StepMargin:
+        """The target cos(theta_y + m(a)); m(a) keeps its gradient to ||f||; sets the regulariser's term."""
+        m = self.magnitude_margin(self.magnitude(embeddings))
 
-        def margin(cos_target: Tensor) -> TargetMargin:
-            m = self.magnitude_margin(a).to(cos_target.dtype)
-            cos_m, sin_m = torch.cos(m), torch.sin(m)
-            phi = cos_plus_angle(cos_target, cos_m, sin_m)
-            value, keep = self.target_and_fallback(cos_target, phi, m)
-            # d/dcos [cos cos m - sin theta sin m] = cos m + cos sin m / sin theta (base.py, per-sample m)
-            one_minus = 1.0 - cos_target * cos_target
-            slope_phi = (
-                cos_m.detach() + cos_target * (one_minus >= 1e-12) * sin_m.detach() / one_minus.clamp_min(1e-12).sqrt()
-            )
-            return TargetMargin(value, torch.where(keep, slope_phi, 1.0))
+        def margin(cos_target: Tensor) -> Margin:
+            m_t = m.to(cos_target.dtype)
+            # MagFace, L_Mag target: cos(theta_y + m(a_i)) (official MagLinear, cos m / sin m per sample)
+            phi = cos_plus_angle(cos_target, torch.cos(m_t), torch.sin(m_t))
+            return Margin(self.target_and_fallback(cos_target, phi, m_t))
 
         return margin
+
+    def chunked_margin(self, embeddings: Tensor) -> ChunkedMargin:
+        """The chunked loss's margin, built from ``target_margin`` (heads/target_margin.py)."""
+        return chunked(self.target_margin(embeddings))
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         if self.chunked_step(labels):
@@ -107,11 +105,7 @@ class MagFaceHead(CosineMarginHead):
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
         self.probe_record.keep(cos.detach())
-        margin = self.magnitude_margin(self.magnitude(embeddings)).to(cos.dtype)
-        # MagFace, L_Mag target: cos(theta_y + m(a_i)) (official MagLinear, cos m / sin m per sample)
-        phi = cos_plus_angle(cos_target, torch.cos(margin), torch.sin(margin))
-        target = self.target_and_fallback(cos_target, phi, margin)[0]
-        return self.replace_target(cos * self.s, labels, self.s * target)
+        return margin_logits(cos, cos_target, labels, self.s, self.target_margin(embeddings))
 
     def extra_loss(self) -> Tensor | None:
         """lambda_g * mean(g(a)) from the last training forward; None after an evaluation forward."""
