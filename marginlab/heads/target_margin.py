@@ -61,8 +61,11 @@ def chunked(margin: StepMargin) -> ChunkedMargin:
     return target_margin
 
 
-def value_and_slope(fn: Callable[[Tensor], Tensor], cos: Tensor) -> tuple[Tensor, Tensor]:
-    """(fn(cos), d fn / d cos) of an elementwise ``fn``, both detached."""
+def value_and_slope(fn: Callable[[Tensor], Tensor], cos: Tensor, slope: bool) -> tuple[Tensor, Tensor | None]:
+    """(fn(cos), d fn / d cos or None: not ``slope``) of an elementwise ``fn``, detached."""
+    if not slope:  # (the chunked loss's forward: the value alone, no graph)
+        with torch.no_grad():
+            return fn(cos), None
     with torch.enable_grad():
         leaf = cos.detach().requires_grad_(True)
         value = fn(leaf)

@@ -106,7 +106,8 @@ def test_chunked_slopes_are_the_definition_s_autograd_slopes_and_phi_keeps_its_o
     assert torch.equal(result.value.detach(), margin(t).target.detach()) and torch.equal(result.slope, expected)
     assert result.slope[1] == 0.0  # the clamp acts
     cos = torch.tensor([[0.05, 0.75], [-1.0, 1.0]], dtype=torch.float64)
-    value, slope = result.others(cos)
+    value, slope = result.others(cos, True)
+    assert torch.equal(result.others(cos, False)[0], value) and result.others(cos, False)[1] is None
     assert torch.equal(value, torch.tensor([[0.05, 0.5625], [-1.0, 1.0]], dtype=torch.float64))
     assert torch.equal(slope, torch.tensor([[1.0, 1.5], [1.0, 2.0]], dtype=torch.float64))
     (grad_m,) = torch.autograd.grad(result.value.sum(), m)  # what the chunked loss's backward takes on to m

@@ -28,10 +28,11 @@ dW (C x D, which every path writes) plus a few B x block temporaries instead of 
 
 The margin is the head's (``ChunkedMargin``, called once per step with the B target cosines): the target
 value phi(t) with its slope in t, and for the heads that also transform the other columns (CurricularFace's
-hard negatives, AdaFace's clamp) a function of a B x block cosine block giving h(cos) and h'(cos); the
-non-target logits are then ``s h(cos_bj)`` and their gradient is multiplied by h' in the backward. phi may
-carry autograd history of its own (MagFace's margin m(||x||)): the Function returns phi's gradient
-``s (softmax_by - 1) g / B``, and autograd takes it on to whatever phi was made from.
+hard negatives, AdaFace's clamp) a function of a B x block cosine block giving h(cos), and h'(cos) when the
+backward asks for it (heads/target_margin.py takes both from one autograd expression); the non-target logits
+are then ``s h(cos_bj)`` and their gradient is multiplied by h' in the backward. phi may carry autograd
+history of its own (MagFace's margin m(||x||)): the Function returns phi's gradient ``s (softmax_by - 1) g / B``,
+and autograd takes it on to whatever phi was made from.
 
 With k sub-centres per class (Sub-center ArcFace, ``sub_centers``) a block covers its classes' k weight rows
 each and max-pools them; the backward sends each class's gradient to its best row and the target's to the
@@ -67,8 +68,9 @@ from marginlab.heads.kernels.fast_cosine import (
 
 #: combines B-element row statistics over ranks in place: ``reduce(tensor, "max" | "sum")``; None: one rank
 RowReduce = Callable[[Tensor, str], None]
-#: non-target cosines (B x block, the rows of the batch) -> (h(cos), dh / dcos), both B x block
-OtherLogits = Callable[[Tensor], "tuple[Tensor, Tensor]"]
+#: (non-target cosines (B x block, the rows of the batch), whether the slope is wanted) -> (h(cos), dh / dcos or
+#: None), both B x block: the forward needs h alone
+OtherLogits = Callable[[Tensor, bool], "tuple[Tensor, Tensor | None]"]
 
 
 @dataclass
@@ -162,7 +164,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
                     block_max = logits.amax(dim=1)
                     nearest = block_max if nearest is None else torch.maximum(nearest, block_max)
                 if others is not None:  # s h(cos): the head's non-target transform
-                    logits = others(logits.div_(s))[0].mul_(s)
+                    logits = others(logits.div_(s), False)[0].mul_(s)
                 _put_targets(logits, labels, c0, c1, target_logit)
                 block_top, block_arg = logits.max(dim=1)  # (the logits are finite: s cos, clamped)
                 if out is not None:  # the argmax of the training logits (ties: the first column, as torch.argmax)
@@ -243,7 +245,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
                     grad = torch.addcmul(lse_col, raw, inv_b) if k == 1 else logits.add_(lse_col)
                     other_slope = None
                 else:  # the logits s h(cos) and h'(cos) of the head's transform
-                    value, other_slope = others(raw * (inv_b / s) if k == 1 else logits.div_(s))
+                    value, other_slope = others(raw * (inv_b / s) if k == 1 else logits.div_(s), True)
                     grad = value.mul_(s).add_(lse_col)
                 _put_targets(grad, labels, c0, c1, target_logit - lse)
                 grad.exp_()
