@@ -24,6 +24,7 @@ from marginlab.replayed_overrides import read_history_file, read_override_file
 
 HISTORY_FILE = "resumes.yaml"
 THREADS = "trainer.num_threads"  # float results depend on it: a resume keeps the run's (inherit_threads)
+EPOCHS = "trainer.epochs"  # a resume keeps the run's unless it names one (inherit_epochs)
 
 #: per-invocation settings that a resumed run does not inherit from the original command line
 NOT_INHERITED = ("resume", "trainer.stop_after_epoch")
@@ -196,7 +197,7 @@ def check_resume(overrides: list[str], ckpt_path: Path) -> tuple[str | None, lis
 
     cfg = compose_train_config(overrides)
     ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
-    overrides = inherit_threads(cfg, overrides, ckpt["config"])
+    overrides = inherit_epochs(cfg, inherit_threads(cfg, overrides, ckpt["config"]), ckpt["config"])
     return check_resume_config(cfg, ckpt_path, ckpt), overrides
 
 
@@ -260,6 +261,16 @@ def inherit_threads(cfg, overrides: list[str], saved: dict) -> list[str]:
         return overrides
     cfg.trainer.num_threads = threads
     return [*overrides, f"{THREADS}={threads}"]
+
+
+def inherit_epochs(cfg, overrides: list[str], saved: dict) -> list[str]:
+    """A resume keeps the run's length unless it names trainer.epochs: the default it composes to may have changed
+    since the run began (a dataset's own epochs, configs/dataset/), and a run must not grow or end by that."""
+    epochs = (saved.get("trainer") or {}).get("epochs")
+    if epochs is None or epochs == cfg.trainer.epochs or any(override_key(o) == EPOCHS for o in overrides):
+        return overrides
+    cfg.trainer.epochs = epochs
+    return [*overrides, f"{EPOCHS}={epochs}"]
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

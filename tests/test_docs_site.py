@@ -32,6 +32,7 @@ def test_the_docs_site_builds_strictly(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     training = (tmp_path / "training" / "index.html").read_text()
     assert "trainer.best_on" in training and "subcenter_arcface" in training  # the generated config reference
+    assert "lsoftmax_mnist" in training and "<!-- dataset-table -->" not in training  # what each dataset picks
     heads = (tmp_path / "heads" / "index.html").read_text()
     assert "AdaFaceHead" in heads and "<!-- head-table -->" not in heads  # the generated head table
     assert "ArcFaceHead" in (tmp_path / "api" / "index.html").read_text()  # mkdocstrings rendered the API

@@ -99,3 +99,15 @@ def test_ctrl_c_records_the_run_as_interrupted_and_resume_continues_exactly(
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
         assert {k: v for k, v in ra.items() if k not in TIMES} == {k: v for k, v in rb.items() if k not in TIMES}
+
+
+def test_resume_keeps_the_runs_length_when_the_default_changed_since(run_train, metrics):
+    """A run begun when its epochs were a default (since then a dataset may pick its own: configs/dataset/) goes on
+    to the length its checkpoint was trained for, not to what the same command line composes to today."""
+    code, run_dir = run_train("logger=quiet", "trainer.epochs=2", "sched=constant", "trainer.stop_after_epoch=1")
+    assert code == 0
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text().replace("- trainer.epochs=2\n", ""))  # as if 2 had been the default
+    code, _ = run_train("resume=latest")
+    assert code == 0
+    assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2] and metrics[0](run_dir)["status"] == "completed"

@@ -1,10 +1,11 @@
-"""mkdocs hook: the configuration reference and the head table, generated from the code at build time.
+"""mkdocs hook: the configuration reference and the head and dataset tables, generated from the code at build time.
 
 ``<!-- config-reference -->`` in a page becomes the fields of ``TrainConfig`` (marginlab/config/schema.py: type,
 default, the comment written beside it) and the options of every config group (``marginlab/configs/<group>/``,
 one line each from ``marginlab.help_catalog``, the lines ``marginlab train --help`` prints); ``<!-- head-table -->``
-becomes one row per ``configs/head/*.yaml`` with its paper and defaults. Nothing here is written by hand, so the
-pages cannot drift from the configs.
+becomes one row per ``configs/head/*.yaml`` with its paper and defaults; ``<!-- dataset-table -->`` one row per
+``configs/dataset/*.yaml`` with what it picks (its defaults list and trainer.epochs) and why (its comment).
+Nothing here is written by hand, so the pages cannot drift from the configs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `mkdocs build` from a checkout: import marginlab without installing it
     sys.path.insert(0, str(ROOT))
 
-from marginlab.help_catalog import CONFIGS, catalog, leading_comment, option_configs, scalar  # noqa: E402
+from marginlab.help_catalog import (  # noqa: E402
+    CONFIGS,
+    catalog,
+    dataset_picks,
+    leading_comment,
+    option_configs,
+    scalar,
+    train_defaults,
+)
 
 SCHEMA = ROOT / "marginlab" / "config" / "schema.py"
 SECTIONS = {"TrainConfig": "", "TrainerConfig": "trainer.", "LoggerConfig": "logger."}
@@ -72,14 +81,6 @@ def schema_reference() -> str:
     return "\n".join(out)
 
 
-def group_defaults() -> dict[str, str]:
-    """``{group: its default option}`` from train.yaml's defaults list."""
-    import yaml
-
-    train = yaml.safe_load((CONFIGS / "train.yaml").read_text(encoding="utf-8"))
-    return {k: v for item in train["defaults"] if isinstance(item, dict) for k, v in item.items()}
-
-
 def summary(line: str) -> str:
     """A group option's line without Hydra's ``@package`` directive and cut after its first sentence (an
     "et al." followed by a venue or a year is no sentence end)."""
@@ -88,7 +89,7 @@ def summary(line: str) -> str:
 
 
 def groups_reference() -> str:
-    defaults = group_defaults()
+    defaults = train_defaults()
     out = ["", "### Config groups", "", "`<group>=<option>` on the command line; the default is in bold."]
     for group in sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "hydra"):
         rows = dict(catalog(group))  # options naming a _target_: their paper / class line
@@ -114,9 +115,33 @@ def head_table() -> str:
     return "\n".join(out)
 
 
+def picks_comment(path: Path) -> str:
+    """The "Its picks: ..." sentences of a dataset config's opening comment: why it picks what it picks."""
+    lines = [
+        line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")
+    ]
+    text = " ".join(lines)
+    return text.partition("Its picks: ")[2].partition(" An explicit ")[0]
+
+
+def dataset_table() -> str:
+    out = [
+        "| `dataset=` | what | `backbone=` | `optim=` | `sched=` | `trainer.epochs=` | why |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted((CONFIGS / "dataset").glob("*.yaml")):
+        picks = dataset_picks(path.stem)
+        why = picks_comment(path) or "`marginlab train`'s own defaults (train.yaml)"
+        cells = " | ".join(f"`{picks[k]}`" for k in ("backbone", "optim", "sched", "trainer.epochs"))
+        out.append(f"| `{path.stem}` | {prose(leading_comment(path))} | {cells} | {prose(why)} |")
+    return "\n".join(out)
+
+
 def on_page_markdown(markdown: str, **kwargs) -> str:
     if "<!-- config-reference -->" in markdown:
         markdown = markdown.replace("<!-- config-reference -->", schema_reference() + "\n" + groups_reference())
+    if "<!-- dataset-table -->" in markdown:
+        markdown = markdown.replace("<!-- dataset-table -->", dataset_table())
     if "<!-- head-table -->" in markdown:
         markdown = markdown.replace("<!-- head-table -->", head_table())
     return markdown
