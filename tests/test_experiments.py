@@ -145,7 +145,10 @@ def check_selection(name: str, cfg) -> None:
         compare = entry.get("compare")
         assert compare, f"{name}: paper entry {entry.get('match')} does not name the metric it is compared with"
         assert compare in (entry["metric"], f"best/{entry['metric']}"), f"{name}: {compare} vs {entry['metric']}"
-        if compare.startswith("best/"):  # the best epoch: only a choice made on the metric's own split is that
+        if compare.startswith("best/") and cfg.dataset.get("val_fold") is not None:  # the MLRC protocol (mlrc_*):
+            # the test classes at the epoch chosen on a held-out fold of the training classes
+            assert cfg.trainer.best_on == "val", f"{name}: {compare} with a val_fold but best_on={cfg.trainer.best_on}"
+        elif compare.startswith("best/"):  # the best epoch: only a choice made on the metric's own split is that
             assert cfg.trainer.best_on == compare.split("/")[1], f"{name}: {compare} but best_on={cfg.trainer.best_on}"
         else:
             assert compare == entry["metric"], f"{name}: compared with {compare}, the paper reports {entry['metric']}"
