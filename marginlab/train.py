@@ -72,6 +72,7 @@ def selection_metric(best_on: str, verifiers: dict, has_val: bool, has_test: boo
     }
     if best_on in ("val", "test") and key[best_on] is None:
         fix = "set dataset.val_fraction > 0" if best_on == "val" else "this data set has no test split"
+        fix += " or dataset.val_fold=0 (held-out classes)" if retrieved and best_on == "val" else ""
         raise ConfigError(f"trainer.best_on={best_on} is not allowed: there is no {best_on} split ({fix})")
     if best_on == "auto":
         return f"{next(iter(verifiers))}/acc" if verifiers else key["val"] or "epoch"

@@ -105,7 +105,9 @@ def test_selection_on_a_retrieval_set(best_on, has_val, retrieved, key):
 
 
 def test_best_on_val_without_any_val_set_is_refused():
-    with pytest.raises(ConfigError, match="there is no val split"):
+    with pytest.raises(
+        ConfigError, match=r"there is no val split \(set dataset.val_fraction > 0 or dataset.val_fold=0"
+    ):
         selection_metric("val", {}, False, False, ["test"])
 
 
