@@ -143,3 +143,21 @@ def test_marginlab_eval_retrieval_root_points_at_the_moved_set(tmp_path, run_tra
     assert run_cli("eval", f"checkpoint={run_dir}", "retrieval=true") == 2  # the old root is gone: named
     assert "CUB-200-2011 file" in capsys.readouterr().err
     assert run_cli("eval", f"checkpoint={run_dir}", "retrieval=true", f"retrieval_root={moved}") == 0
+
+
+def test_a_retrieval_run_resumes_exactly(tmp_path, run_train, monkeypatch):
+    """2 epochs straight == 1 epoch + resume 1 epoch, retrieval metrics included: scoring the sets between epochs
+    (class-balanced batches, a val fold) leaves the training stream as a resume finds it."""
+    root = write_cub(tmp_path / "cub", classes=(1, 2, 3, 4, 101, 102), per=3)
+    run = ["dataset=cub200", f"dataset.root={root}", "dataset.val_fold=0", "dataset.samples_per_class=2", *FAST]
+    code, straight = run_train(*run)
+    assert code == 0
+    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
+    assert run_train(*run, "trainer.stop_after_epoch=1")[0] == 0
+    assert run_train("resume=latest")[0] == 0
+    split = next((tmp_path / "second" / "runs").iterdir())
+    times = ("train/images_per_s", "time/epoch_s", "environment")
+    rows_a, rows_b = read_jsonl(straight), read_jsonl(split)
+    assert [r["epoch"] for r in rows_b] == [1, 2] and "val/map_at_r" in rows_b[1]
+    for ra, rb in zip(rows_a, rows_b):
+        assert {k: v for k, v in ra.items() if k not in times} == {k: v for k, v in rb.items() if k not in times}
