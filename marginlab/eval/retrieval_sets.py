@@ -13,6 +13,7 @@ import contextlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from marginlab.errors import DataError
 from marginlab.eval.retrieval import retrieval_metrics
@@ -71,18 +72,26 @@ def embed_loader(backbone, loader, device, autocast=None, channels_last: bool = 
     return torch.cat(out), torch.cat(labels)
 
 
-def run_retrieval(loaders: dict, backbone, device, *, autocast=None, channels_last: bool = False, **options):
+def run_retrieval(
+    loaders: dict, backbone, device, *, autocast=None, channels_last: bool = False, suffix: str = "", **options
+):
     """Embeds each set and scores it; returns the flat scalars (``test/map_at_r``, ...) and each result in full
-    (``num_queries`` included). ``options``: ``retrieval_metrics``'s (``backend``, ``memory_budget``, ``ks``)."""
-    embedded = {
-        name: embed_loader(backbone, loader, device, autocast, channels_last) for name, loader in loaders.items()
-    }
+    (``num_queries`` included). ``backbone``: one net, or a list of nets whose L2-normalised embeddings are set
+    side by side (the MLRC's "concatenated" ensemble of the folds' models; ``suffix`` then names the result,
+    ``test_concat``). ``options``: ``retrieval_metrics``'s (``backend``, ``memory_budget``, ``ks``)."""
+    nets = backbone if isinstance(backbone, (list, tuple)) else [backbone]
+    embedded = {}
+    for name, loader in loaders.items():
+        parts = [embed_loader(net, loader, device, autocast, channels_last) for net in nets]
+        # each model's embedding normalised, then joined (powerful-benchmarker ensembles/concatenate_embeddings.py)
+        joined = torch.cat([F.normalize(emb, dim=1) for emb, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]
+        embedded[name] = (joined, parts[0][1])
     scalars, results = {}, {}
     for name, query, reference in tasks(embedded):
         ref = embedded[reference] if reference is not None else (None, None)
         result = retrieval_metrics(*embedded[query], *ref, **options)
-        results[name] = result
-        scalars.update({f"{name}/{key}": float(result[key]) for key in METRICS if key in result})
+        results[name + suffix] = result
+        scalars.update({f"{name}{suffix}/{key}": float(result[key]) for key in METRICS if key in result})
     return scalars, results
 
 

@@ -4,6 +4,8 @@
 (``test``, ``val`` with ``dataset.val_fold``; In-Shop's query against its gallery), rebuilt from the config saved in
 the checkpoint (``retrieval_root=`` where the images now are), on the trunk's embedding (eval/retrieval_sets.py):
 P@1, R-precision, MAP@R, Recall@k. Verification sets then run only when named (``verification=[...]``).
+``ensemble=[<run dir>, ...]`` adds the protocol's "concatenated" score (``test_concat/...``): the other folds' models
+(same data set, another ``dataset.val_fold``) embed the test images too, each embedding L2-normalised, side by side.
 
 Rebuilds the backbone from the checkpoint's own config (a bare state dict -- InsightFace arcface_torch's
 ``backbone.pth``, ``marginlab export format=state_dict`` -- with ``backbone=<name>``, e.g. ``backbone=iresnet50``,
@@ -175,6 +177,10 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         module, ckpt, _ = load_weights(path, backbone=cfg.get("backbone"), image_size=size)
         backbone, data = module.to(device), ckpt["data"]
     retrieval_sets = retrieval_data(path, ckpt, cfg.get("retrieval_root")) if retrieval else None
+    others = list(cfg.get("ensemble") or [])
+    if others and not retrieval:
+        raise ConfigError("ensemble=[...] is not allowed without retrieval=true: it joins retrieval embeddings")
+    members = [ensemble_member(other, ckpt, device) for other in others]
     if cfg.flip is not None:
         for target in verifiers.values():
             target.flip = bool(cfg.flip)
@@ -190,6 +196,15 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         results.update(retrieved)
         where = {"dataset": type(retrieval_sets).__name__, "root": str(getattr(retrieval_sets, "root", ""))}
         set_options.update({name: {"embedding": "backbone", **where} for name in retrieved})
+    if members:  # each fold holds out its own val classes: only the shared test sets are joined
+        shared = {n: loader for n, loader in retrieval_sets.retrieval_loaders().items() if n != "val"}
+        found, joined = run_retrieval(shared, [backbone, *(m for m, _ in members)], device, suffix="_concat")
+        scalars.update(found)
+        results.update(joined)
+        checkpoints = [str(path), *(str(p) for _, p in members)]
+        set_options.update(
+            {name: {"embedding": "concatenated", "checkpoints": checkpoints, **where} for name in joined}
+        )
     for name in results:  # printed first: a result is never lost to a file that cannot be written
         if name not in verifiers:
             print(retrieval_line(name, results[name]))
@@ -251,6 +266,19 @@ def retrieval_data(path: Path, ckpt: dict, root: str | None):
         )
     check_retrievable(data.retrieval_sets)
     return data
+
+
+def ensemble_member(value, first: dict, device):
+    """(backbone, path) of another fold's checkpoint for ``ensemble=``; ConfigError unless it trained on the same
+    data set (its dataset config equal to the first's but for ``val_fold``)."""
+    module, ckpt, path = load_weights(value, key="ensemble")
+    mine, theirs = ((c.get("config") or {}).get("dataset") or {} for c in (first, ckpt))
+    if {k: v for k, v in mine.items() if k != "val_fold"} != {k: v for k, v in theirs.items() if k != "val_fold"}:
+        raise ConfigError(
+            f"ensemble: {path} trained on another data set ({theirs.get('_target_')}, root {theirs.get('root')}) "
+            f"than the checkpoint ({mine.get('_target_')}, root {mine.get('root')}): join folds of one run's protocol"
+        )
+    return module.to(device), path
 
 
 def verification_line(name: str, result: dict) -> str:

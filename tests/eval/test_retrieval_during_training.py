@@ -161,3 +161,32 @@ def test_a_retrieval_run_resumes_exactly(tmp_path, run_train, monkeypatch):
     assert [r["epoch"] for r in rows_b] == [1, 2] and "val/map_at_r" in rows_b[1]
     for ra, rb in zip(rows_a, rows_b):
         assert {k: v for k, v in ra.items() if k not in times} == {k: v for k, v in rb.items() if k not in times}
+
+
+def test_eval_ensemble_joins_the_folds_embeddings(tmp_path, run_train, capsys):
+    """ensemble=[...]: the MLRC's concatenated score. A checkpoint joined with itself ranks as it does alone (equal
+    normalised halves: the same cosines), so test_concat equals test; another fold's model changes it."""
+    root = write_cub(tmp_path / "cub", classes=(1, 2, 3, 4, 101, 102), per=3)
+    run = ["dataset=cub200", f"dataset.root={root}", *FAST[:-4], "trainer.epochs=1", "logger=quiet"]
+    folds = [run_train(*run, f"dataset.val_fold={fold}")[1] for fold in (0, 1)]
+    assert run_cli("eval", f"checkpoint={folds[0]}", "retrieval=true", f"ensemble=[{folds[0]}]") == 0
+    merged = json.loads((folds[0] / "checkpoints" / "best.eval.json").read_text())
+    assert {f"test_concat/{k}": merged[f"test/{k}"] for k in KEYS} == {k: merged[k] for k in merged if "_concat/" in k}
+    assert "val_concat/map_at_r" not in merged  # each fold holds out its own val classes
+    assert "test_concat: P@1 " in capsys.readouterr().out
+    assert run_cli("eval", f"checkpoint={folds[0]}", "retrieval=true", f"ensemble=[{folds[1]}]") == 0
+    record = json.loads((folds[0] / "checkpoints" / "best.eval.json").read_text())
+    assert record["results"]["test_concat"]["num_queries"] == 6
+
+
+def test_eval_ensemble_of_another_data_set_is_refused(tmp_path, run_train, capsys):
+    cub = write_cub(tmp_path / "cub", classes=(1, 2, 3, 4, 101, 102), per=3)
+    other = write_cub(tmp_path / "cub2", classes=(1, 2, 3, 4, 101, 102), per=3)
+    run = [*FAST[:-4], "trainer.epochs=1", "logger=quiet", "dataset=cub200"]
+    first, second = (run_train(*run, f"dataset.root={r}")[1] for r in (cub, other))
+    capsys.readouterr()
+    assert run_cli("eval", f"checkpoint={first}", "retrieval=true", f"ensemble=[{second}]") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "ensemble: " in err[0] and "trained on another data set" in err[0]
+    assert run_cli("eval", f"checkpoint={first}", f"ensemble=[{first}]") == 2
+    assert "is not allowed without retrieval=true" in capsys.readouterr().err
