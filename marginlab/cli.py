@@ -21,6 +21,7 @@ commands:
             a sweep exits with 1 when a job failed; each job's metrics.json says why
   eval      score a saved model on face verification sets (InsightFace protocol), JSON next to it
             marginlab eval checkpoint=<checkpoint.pt or run dir> verification=[lfw,cfp_fp,agedb_30]
+            retrieval=true: a metric-learning run's unseen classes (P@1, MAP@R, Recall@k)
   export    the backbone alone, checked, with a JSON sidecar (input size, normalisation, embedding size)
             marginlab export checkpoint=<run dir or .pt> format=onnx|torchscript|state_dict|insightface [out=<file>]
   embed     embeddings of an image folder, a .rec or a .bin (.npy + a .tsv index of names and labels)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 #: the metrics the line shows, when the run measured them
-SHOWN = ("val/acc", "test/acc", "test/loss")
+SHOWN = ("val/acc", "test/acc", "test/loss", "test/precision_at_1", "test/map_at_r")
 
 
 def finished_line(summary: dict[str, Any], epochs: int, best_key: str, run_dir: Path | str) -> str:

@@ -41,6 +41,7 @@ from marginlab.engine import Precision, check_finite_state, evaluate, resolve_de
 from marginlab.environment import environment, kept_threads, use_threads
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.eval.during_training import run_verifiers
+from marginlab.eval.retrieval_sets import METRICS, PRIMARY, check_retrievable, run_retrieval, tasks
 from marginlab.finished_line import finished_line
 from marginlab.geometry.probe import GeometryProbe
 from marginlab.logging import RunLog
@@ -52,20 +53,30 @@ from marginlab.run_dirs import RunLock
 from marginlab.weights import init_from
 
 BEST_METRIC = "val/acc"  # what best.pt and the sweep objective are chosen on, when there is a validation split
+#: the retrieval metrics a summary reports of the selected epoch, beside accuracy and loss
+RETRIEVAL_SUFFIXES = tuple(f"/{key}" for key in METRICS)
 
 
-def selection_metric(best_on: str, verifiers: dict, has_val: bool, has_test: bool) -> str:
+def selection_metric(best_on: str, verifiers: dict, has_val: bool, has_test: bool, retrieved=()) -> str:
     """The record key best.pt is chosen on (``trainer.best_on``); ``epoch``: the last epoch.
 
     auto: the first verification set's accuracy (face data: the verification pairs are not training images),
-    else ``val/acc``, else the last epoch. ``test`` selects on the reported split: optimistic, labelled so.
+    else ``val/acc``, else the ``val`` retrieval set's MAP@R (``dataset.val_fold``: the MLRC's selection, on
+    held-out classes), else the last epoch. ``test`` selects on the reported split: optimistic, labelled so.
+    ``retrieved``: the names of the retrieval results (eval/retrieval_sets.py), scored by ``<name>/map_at_r``.
     """
-    if best_on in ("val", "test") and not (has_val if best_on == "val" else has_test):
+    closed = {"val": has_val, "test": has_test}  # a closed-set split is chosen on accuracy, a retrieval set on MAP@R
+    key = {
+        split: f"{split}/acc" if closed[split] else f"{split}/{PRIMARY}" if split in retrieved else None
+        for split in closed
+    }
+    if best_on in ("val", "test") and key[best_on] is None:
         fix = "set dataset.val_fraction > 0" if best_on == "val" else "this data set has no test split"
+        fix += " or dataset.val_fold=0 (held-out classes)" if retrieved and best_on == "val" else ""
         raise ConfigError(f"trainer.best_on={best_on} is not allowed: there is no {best_on} split ({fix})")
     if best_on == "auto":
-        return f"{next(iter(verifiers))}/acc" if verifiers else BEST_METRIC if has_val else "epoch"
-    return {"val": BEST_METRIC, "test": "test/acc", "last": "epoch"}[best_on]
+        return f"{next(iter(verifiers))}/acc" if verifiers else key["val"] or "epoch"
+    return {"val": key["val"], "test": key["test"], "last": "epoch"}[best_on]
 
 
 def selected_metrics(record: dict) -> dict:
@@ -73,7 +84,8 @@ def selected_metrics(record: dict) -> dict:
     return {
         k: v
         for k, v in record.items()
-        if k == "epoch" or (k.endswith(("/acc", "/loss")) and not k.startswith(("train/", "head/")))
+        if k == "epoch"
+        or (k.endswith(("/acc", "/loss", *RETRIEVAL_SUFFIXES)) and not k.startswith(("train/", "head/")))
     }
 
 
@@ -118,6 +130,7 @@ class Job:
     probe_split: str | None  # the split the geometry probe looks at: test, else val
     best_key: str  # the record key best.pt is chosen on
     verifiers: dict
+    retrieval: dict  # name -> loader of the data's retrieval sets (classes the head never trains on)
     forward: object  # the (compiled, DDP-wrapped) model the training steps call
     eval_model: MarginModel
     eval_forward: object
@@ -249,7 +262,12 @@ def build_job(cfg: DictConfig, run: Run, head_spec: HeadSpec) -> Job:
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, test_loader = data.loaders(run.device)
-    best_key = selection_metric(str(cfg.trainer.best_on), verifiers, val_loader is not None, test_loader is not None)
+    check_retrievable(data.retrieval_sets)  # before training: a set with nothing to retrieve fails now
+    retrieval = data.retrieval_loaders()
+    retrieved = [name for name, _, _ in tasks(retrieval)]
+    best_key = selection_metric(
+        str(cfg.trainer.best_on), verifiers, val_loader is not None, test_loader is not None, retrieved
+    )
     if run.dist.is_main:
         say_selection(best_key, has_val=val_loader is not None)
     evaluated = [
@@ -275,6 +293,7 @@ def build_job(cfg: DictConfig, run: Run, head_spec: HeadSpec) -> Job:
         probe_split=evaluated[-1][0] if evaluated else None,
         best_key=best_key,
         verifiers=verifiers,
+        retrieval=retrieval,
         forward=forward,
         eval_model=eval_model,
         eval_forward=eval_forward,
@@ -288,10 +307,10 @@ def build_job(cfg: DictConfig, run: Run, head_spec: HeadSpec) -> Job:
 
 def say_selection(best_key: str, has_val: bool) -> None:
     """What best.pt is chosen on, when it is not a validation metric."""
-    if best_key == "test/acc":
+    if best_key.startswith("test/"):  # test/acc, or a retrieval test set's test/map_at_r
         print(
             "marginlab: warning: trainer.best_on=test: best.pt and best/* are chosen on the test split, so "
-            "best/test/acc is optimistic; use a validation split (dataset.val_fraction > 0) for a table"
+            f"best/{best_key} is optimistic; use a validation split (dataset.val_fraction > 0) for a table"
         )
     elif best_key == "epoch" and not has_val:
         print(
@@ -406,7 +425,8 @@ def gather_state(cfg: DictConfig, job: Job, syncing: bool) -> tuple[dict | None,
 def evaluate_epoch(
     cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, probe, model_state: dict | None, epoch: int
 ) -> dict:
-    """Rank 0: each split's loss and accuracy (the probe's split: its geometry too), each verification set."""
+    """Rank 0: each split's loss and accuracy (the probe's split: its geometry too), each verification set, each
+    retrieval set (``<set>/map_at_r``, ...)."""
     if job.syncs_eval_head:
         sync_eval_head(job.eval_model, model_state)
     record = {}
@@ -437,6 +457,16 @@ def evaluate_epoch(
                 writer=log.writer,
                 step=state.step,
                 epoch=epoch + 1,
+            )[0]
+        )
+    if job.retrieval:  # test/precision_at_1, test/map_at_r, ... of the trunk's embedding (eval/retrieval_sets.py)
+        record.update(
+            run_retrieval(
+                job.retrieval,
+                job.model.backbone,
+                run.device,
+                autocast=run.prec.autocast,
+                channels_last=run.channels_last,
             )[0]
         )
     return record

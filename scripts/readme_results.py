@@ -33,8 +33,8 @@ def marginlab(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "marginlab", *args], check=True)
 
 
-def newest_sweep() -> Path:
-    root = Path(os.environ.get("MARGINLAB_OUTPUT_DIR", ROOT / "outputs")) / "sweeps" / EXPERIMENT
+def newest_sweep(experiment: str = EXPERIMENT) -> Path:
+    root = Path(os.environ.get("MARGINLAB_OUTPUT_DIR", ROOT / "outputs")) / "sweeps" / experiment
     return max(root.iterdir(), key=lambda p: p.stat().st_mtime)
 
 
@@ -65,10 +65,10 @@ def block(table: str, provenance: str) -> str:
     return f"{START}\n{provenance}\n\n{table}\n\n![2-D features of the seven losses, seed 0]({figure})\n\n{END}"
 
 
-def replace_block(text: str, new_block: str) -> str:
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+def replace_block(text: str, new_block: str, start: str = START, end: str = END, page: Path = PAGE) -> str:
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{PAGE}: no {START} ... {END} block to replace")
+        raise SystemExit(f"{page}: no {start} ... {end} block to replace")
     return pattern.sub(lambda _: new_block, text, count=1)
 
 

@@ -45,7 +45,9 @@ FAST = [
     "logger=quiet",
 ]
 #: the published class counts of the data sets whose count is read from the data (CASIA-WebFace, ImageNet)
-NUM_CLASSES = {"CasiaData": 10572, "ImageNetData": 1000}
+NUM_CLASSES = {"CasiaData": 10572, "ImageNetData": 1000, "DigitsRetrievalData": 5}
+# the retrieval sets' training classes less the val fold of the MLRC experiments (a quarter of them held out)
+NUM_CLASSES |= {"CUB200Data": 75, "Cars196Data": 73, "SOPData": 8488, "InShopData": 2997}
 
 
 @functools.cache

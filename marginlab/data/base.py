@@ -244,6 +244,8 @@ class ClassificationData:
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None  # held out from the training images
         self.test_set: Dataset | None = None  # the official test (or, for ImageNet, validation) split
+        # evaluation sets of classes the head never trains on, scored by retrieval (eval/retrieval_sets.py)
+        self.retrieval_sets: dict[str, Dataset] = {}
         self._generator = torch.Generator()
         self.rank, self.world_size = 0, 1
         self._sampler: DistributedSampler | None = None
@@ -338,6 +340,12 @@ class ClassificationData:
         if self.train_set is None:
             self.setup()
         return None if self.val_set is None else self._loader(self.val_set, train=False)
+
+    def retrieval_loaders(self) -> dict[str, DataLoader]:
+        """A loader (in order, no augmentation) per retrieval set; {} for a set without unseen classes."""
+        if self.train_set is None:
+            self.setup()
+        return {name: self._loader(dataset, train=False) for name, dataset in self.retrieval_sets.items()}
 
     def test_loader(self) -> DataLoader | None:
         """The test split's loader, None for a set without one (face training sets)."""

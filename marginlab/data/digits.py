@@ -109,7 +109,37 @@ class DigitsData(ClassificationData):
     def setup(self) -> None:
         images, labels = load_digits_arrays()
         train, test = stratified_train_test_split(labels, self.test_fraction, self.split_seed)
-        to_images = lambda x: (torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0 - 0.5) / 0.5
         self.train_set = TensorDataset(to_images(images[train]), torch.tensor(labels[train], dtype=torch.int64))
         self.test_set = TensorDataset(to_images(images[test]), torch.tensor(labels[test], dtype=torch.int64))
+        self.hold_out_val()
+
+
+def to_images(pixels: np.ndarray) -> torch.Tensor:
+    """N x 64 pixels in 0..16 -> N x 1 x 8 x 8 floats in [-1, 1]."""
+    return (torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0 - 0.5) / 0.5
+
+
+class DigitsRetrievalData(ClassificationData):
+    """The digits split by class, for metric learning without a download: digits ``0 .. train_classes - 1`` train
+    the head (a classifier over them), the other digits are the ``test`` retrieval set, classes the model never
+    saw (the class-disjoint protocol of Oh Song et al. 2016, shrunk to the embedded data)."""
+
+    name = "digits_retrieval"
+    in_channels = 1
+    image_size = 8
+
+    def __init__(self, train_classes: int = 5, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(train_classes, bool) or not isinstance(train_classes, int) or not 2 <= train_classes <= 8:
+            raise ConfigError(
+                f"dataset.train_classes={train_classes!r} is not allowed: an integer from 2 to 8 "
+                "(digits below it train, the rest are retrieved)"
+            )
+        self.num_classes = train_classes
+
+    def setup(self) -> None:
+        images, labels = load_digits_arrays()
+        seen = labels < self.num_classes
+        self.train_set = TensorDataset(to_images(images[seen]), torch.tensor(labels[seen], dtype=torch.int64))
+        self.retrieval_sets = {"test": TensorDataset(to_images(images[~seen]), torch.tensor(labels[~seen]))}
         self.hold_out_val()

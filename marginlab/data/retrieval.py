@@ -78,7 +78,6 @@ class RetrievalData(ClassificationData):
                 f"dataset.val_fold={val_fold} and dataset.val_fraction={val_fraction} are not allowed together: "
                 "validate on held-out classes (val_fold) or held-out images (val_fraction), not both"
             )
-        self.retrieval_sets: dict[str, ImageList] = {}  # evaluation sets of unseen classes, filled by setup
         self._num_classes: int | None = None
 
     @property
@@ -131,13 +130,6 @@ class RetrievalData(ClassificationData):
 
     def evaluation_view(self, dataset: ImageList) -> ImageList:
         return ImageList(dataset.paths, dataset.targets, imagenet_transform(self.image_size, False), self.title)
-
-    def retrieval_loaders(self) -> dict[str, DataLoader]:
-        """A loader (in file order, no augmentation) for each retrieval set: ``test``, or ``query`` and
-        ``gallery``, plus ``val`` with ``val_fold``."""
-        if self._num_classes is None:
-            self.setup()
-        return {name: self._loader(dataset, train=False) for name, dataset in self.retrieval_sets.items()}
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         if not (train and self.samples_per_class):

@@ -1,5 +1,12 @@
 """``marginlab eval checkpoint=<path or run dir> verification=[lfw,cfp_fp,agedb_30]``: score a saved model.
 
+``retrieval=true`` scores a metric-learning run instead: its own data set's retrieval sets of unseen classes
+(``test``, ``val`` with ``dataset.val_fold``; In-Shop's query against its gallery), rebuilt from the config saved in
+the checkpoint (``retrieval_root=`` where the images now are), on the trunk's embedding (eval/retrieval_sets.py):
+P@1, R-precision, MAP@R, Recall@k. Verification sets then run only when named (``verification=[...]``).
+``ensemble=[<run dir>, ...]`` adds the protocol's "concatenated" score (``test_concat/...``): the other folds' models
+(same data set, another ``dataset.val_fold``) embed the test images too, each embedding L2-normalised, side by side.
+
 Rebuilds the backbone from the checkpoint's own config (a bare state dict -- InsightFace arcface_torch's
 ``backbone.pth``, ``marginlab export format=state_dict`` -- with ``backbone=<name>``, e.g. ``backbone=iresnet50``,
 and ``image_size=`` its input, default 112) and runs each verification set with the InsightFace protocol.
@@ -25,13 +32,14 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 import marginlab.config  # noqa: F401  (resolvers)
-from marginlab.builders import build_verifiers
+from marginlab.builders import build_data, build_verifiers
 from marginlab.checkpoint import find_checkpoint
 from marginlab.command_args import run_command
 from marginlab.data.face import parse_image_size
 from marginlab.engine import resolve_device
 from marginlab.errors import ConfigError, OutputError
 from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
+from marginlab.eval.retrieval_sets import check_retrievable, retrieval_line, run_retrieval
 from marginlab.export.files import check_writable, free_path, write_text
 from marginlab.logging.run_log import NONFINITE_KEY, dumps, write_json
 from marginlab.weights import load_backbone as load_weights
@@ -148,18 +156,31 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         raise ConfigError("checkpoint is missing: marginlab eval checkpoint=<checkpoint .pt or run dir>")
     # first: a bad setting (nfolds, far_target, ...) fails before the checkpoint is read; lazy, only a given
     # nfolds reads its set's labels (to bound it by the pairs of either kind)
-    verifiers = build_verifiers(cfg.get("verification"))
-    if not verifiers:
-        raise ConfigError("no verification set selected: verification=[lfw,cfp_fp,agedb_30]")
+    retrieval = bool(cfg.get("retrieval"))
+    named = any(o.lstrip("+~").startswith("verification") for o in overrides)  # the default [lfw] is a face run's
+    verifiers = build_verifiers(cfg.get("verification")) if named or not retrieval else {}
+    if not verifiers and not retrieval:
+        raise ConfigError(
+            "no verification set selected: verification=[lfw,cfp_fp,agedb_30] (retrieval=true: a metric-learning run)"
+        )
     path = find_checkpoint(cfg.checkpoint)
     for folder in (path.parent, eval_dir(path)):  # before the work: a result that cannot be kept is not computed
         check_writable(folder, "; marginlab eval writes beside the checkpoint: copy it to a writable folder")
     device = resolve_device(str(cfg.device))
     size = cfg.get("image_size")  # a bare state dict's input (None: its own, 112)
     size = OmegaConf.to_container(size) if OmegaConf.is_config(size) else size
-    backbone, data, ckpt = load_backbone(
-        path, device, sets=list(verifiers), backbone=cfg.get("backbone"), image_size=size
-    )
+    if verifiers:
+        backbone, data, ckpt = load_backbone(
+            path, device, sets=list(verifiers), backbone=cfg.get("backbone"), image_size=size
+        )
+    else:  # retrieval alone: any input the run's own data set gives
+        module, ckpt, _ = load_weights(path, backbone=cfg.get("backbone"), image_size=size)
+        backbone, data = module.to(device), ckpt["data"]
+    retrieval_sets = retrieval_data(path, ckpt, cfg.get("retrieval_root")) if retrieval else None
+    others = list(cfg.get("ensemble") or [])
+    if others and not retrieval:
+        raise ConfigError("ensemble=[...] is not allowed without retrieval=true: it joins retrieval embeddings")
+    members = [ensemble_member(other, ckpt, device) for other in others]
     if cfg.flip is not None:
         for target in verifiers.values():
             target.flip = bool(cfg.flip)
@@ -168,11 +189,29 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
             target.use_checkpoint(path)
     epoch = ckpt.get("state", {}).get("epoch")
     scalars, results = run_verifiers(verifiers, backbone, data["image_size"], device, epoch=epoch)
+    set_options = {name: options(target) for name, target in verifiers.items()}
+    if retrieval_sets is not None:
+        found, retrieved = run_retrieval(retrieval_sets.retrieval_loaders(), backbone, device)
+        scalars.update(found)
+        results.update(retrieved)
+        where = {"dataset": type(retrieval_sets).__name__, "root": str(getattr(retrieval_sets, "root", ""))}
+        set_options.update({name: {"embedding": "backbone", **where} for name in retrieved})
+    if members:  # each fold holds out its own val classes: only the shared test sets are joined
+        shared = {n: loader for n, loader in retrieval_sets.retrieval_loaders().items() if n != "val"}
+        found, joined = run_retrieval(shared, [backbone, *(m for m, _ in members)], device, suffix="_concat")
+        scalars.update(found)
+        results.update(joined)
+        checkpoints = [str(path), *(str(p) for _, p in members)]
+        set_options.update(
+            {name: {"embedding": "concatenated", "checkpoints": checkpoints, **where} for name in joined}
+        )
     for name in results:  # printed first: a result is never lost to a file that cannot be written
-        if "summary" in results[name]:  # IJB-B/C: TAR at each FAR, AUC and the protocol's flags
+        if name not in verifiers:
+            print(retrieval_line(name, results[name]))
+        elif "summary" in results[name]:  # IJB-B/C: TAR at each FAR, AUC and the protocol's flags
             print(results[name]["summary"])
-            continue
-        print(verification_line(name, results[name]))
+        else:
+            print(verification_line(name, results[name]))
     now = datetime.now(timezone.utc)
     records = {
         name: {
@@ -180,7 +219,7 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
             "set": name,
             "time": now.isoformat(),
             "epoch": epoch,
-            "options": options(verifiers[name]),
+            "options": set_options[name],
             "weights": ckpt.get("weights"),
             "scalars": {k: v for k, v in scalars.items() if k.startswith(f"{name}/")},
             "result": jsonable(result),
@@ -191,7 +230,8 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
     try:
         for name, record in records.items():
             file = write_record(path, name, record, now.strftime("%Y%m%dT%H%M%SZ"))
-            draw_roc(results[name], name, file.with_suffix(".png"), epoch=epoch)
+            if name in verifiers:
+                draw_roc(results[name], name, file.with_suffix(".png"), epoch=epoch)
             written.append(file)
         out = merged_record(path)
         try:
@@ -206,6 +246,39 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         raise OutputError(f"{exc}{shown if unsaved else ''}") from None
     print(f"marginlab: wrote {', '.join(str(f) for f in written)} (ROC figures beside them) and {target}")
     return out
+
+
+def retrieval_data(path: Path, ckpt: dict, root: str | None):
+    """The checkpoint's own data module (its saved ``dataset`` config; ``root``: where its images are now), set up,
+    with retrieval sets that can be scored; ConfigError when the run's data set has none."""
+    node = (ckpt.get("config") or {}).get("dataset")
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ConfigError(
+            f"{path} carries no dataset config (a bare state dict): retrieval=true needs a marginlab checkpoint"
+        )
+    node = {**node, **({"root": str(root)} if root is not None else {})}
+    data = build_data(OmegaConf.create({"dataset": node}))
+    data.setup()
+    if not data.retrieval_sets:
+        raise ConfigError(
+            f"{path} was trained on {node['_target_']}, which has no retrieval set of unseen classes: "
+            "retrieval=true is for dataset=cub200, cars196, sop, inshop or digits_retrieval runs"
+        )
+    check_retrievable(data.retrieval_sets)
+    return data
+
+
+def ensemble_member(value, first: dict, device):
+    """(backbone, path) of another fold's checkpoint for ``ensemble=``; ConfigError unless it trained on the same
+    data set (its dataset config equal to the first's but for ``val_fold``)."""
+    module, ckpt, path = load_weights(value, key="ensemble")
+    mine, theirs = ((c.get("config") or {}).get("dataset") or {} for c in (first, ckpt))
+    if {k: v for k, v in mine.items() if k != "val_fold"} != {k: v for k, v in theirs.items() if k != "val_fold"}:
+        raise ConfigError(
+            f"ensemble: {path} trained on another data set ({theirs.get('_target_')}, root {theirs.get('root')}) "
+            f"than the checkpoint ({mine.get('_target_')}, root {mine.get('root')}): join folds of one run's protocol"
+        )
+    return module.to(device), path
 
 
 def verification_line(name: str, result: dict) -> str:

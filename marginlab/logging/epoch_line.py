@@ -15,6 +15,9 @@ HEADLINE = (
     ("train/loss", "loss", "{:.4f}"),
     ("train/acc", "acc", "{:.4f}"),
     ("test/acc", "test/acc", "{:.4f}"),
+    ("val/map_at_r", "val/MAP@R", "{:.4f}"),  # retrieval sets of unseen classes (eval/retrieval_sets.py)
+    ("test/precision_at_1", "test/P@1", "{:.4f}"),
+    ("test/map_at_r", "test/MAP@R", "{:.4f}"),
     ("train/lr", "lr", "{:.4g}"),
     ("test/feature_norm/mean", "norm", "{:.4g}"),
     ("test/angle/target_deg", "theta_y", "{:.1f}deg"),

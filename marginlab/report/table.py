@@ -75,10 +75,19 @@ def is_verification(metric: str) -> bool:
 
 def default_metrics(jobs: list[Job]) -> list[str]:
     """With a validation split: best/val/acc (it picks the best row), then the test accuracy of best.pt and of the
-    last epoch; without: test/acc. Then every other ``<set>/acc`` the jobs measured (verification sets)."""
+    last epoch; without: test/acc. Runs scored by retrieval of unseen classes (no test/acc): MAP@R first, the
+    val fold's when there is one, then P@1 (eval/retrieval_sets.py). Then every other ``<set>/acc`` the jobs
+    measured (verification sets)."""
     keys = {k for j in jobs if j.status == "completed" for k, v in j.metrics.items() if is_finite_number(v)}
     extra = sorted(k for k in keys if is_verification(k))
-    first = ["best/val/acc", "best/test/acc", "test/acc"] if "best/val/acc" in keys else ["test/acc"]
+    if "best/val/acc" in keys:
+        first = ["best/val/acc", "best/test/acc", "test/acc"]
+    elif "test/acc" not in keys and "best/val/map_at_r" in keys:
+        first = ["best/val/map_at_r", "best/test/map_at_r", "best/test/precision_at_1", "test/map_at_r"]
+    elif "test/acc" not in keys and "test/map_at_r" in keys:
+        first = ["test/map_at_r", "test/precision_at_1", "test/r_precision"]
+    else:
+        first = ["test/acc"]
     return [*first, *extra]
 
 
