@@ -12,6 +12,7 @@ HEADS = {
     "cosface": "CosFace",
     "cosine": "Cosine softmax",
     "curricularface": "CurricularFace",
+    "elasticface": "ElasticFace",
     "l2softmax": "L2-Softmax",
     "lsoftmax": "L-Softmax",
     "magface": "MagFace",

@@ -11,6 +11,7 @@ from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.base import CosineMarginHead, MarginHead
 from marginlab.heads.combined import CombinedMarginHead
 from marginlab.heads.curricularface import CurricularFaceHead
+from marginlab.heads.elasticface import ElasticFaceHead
 from marginlab.heads.l2softmax import L2SoftmaxHead
 from marginlab.heads.lsoftmax import LSoftmaxHead
 from marginlab.heads.magface import MagFaceHead
@@ -26,6 +27,7 @@ AMSoftmax = CosFace = AMSoftmaxHead
 ArcFace = ArcFaceHead
 CombinedMargin = CombinedMarginHead
 CurricularFace = CurricularFaceHead
+ElasticFace = ElasticFaceHead
 L2Softmax = L2SoftmaxHead
 LSoftmax = LSoftmaxHead
 MagFace = MagFaceHead
@@ -48,6 +50,8 @@ __all__ = [
     "CosineMarginHead",
     "CurricularFace",
     "CurricularFaceHead",
+    "ElasticFace",
+    "ElasticFaceHead",
     "L2Softmax",
     "L2SoftmaxHead",
     "LSoftmax",

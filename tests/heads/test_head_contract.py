@@ -34,6 +34,7 @@ OUT_OF_RANGE = {
     "cosface": ("s", 0.0, "(0, inf]"),
     "cosine": ("s", 0.0, "(0, inf]"),
     "curricularface": ("s", 0.0, "(0, inf]"),
+    "elasticface": ("s", 0.0, "(0, inf]"),
     "l2softmax": ("p", 0.0, "(0, 1]"),
     "lsoftmax": ("m", 0, "integer >= 1"),
     "magface": ("s", 0.0, "(0, inf]"),
@@ -44,7 +45,13 @@ OUT_OF_RANGE = {
     "subcenter_arcface": ("s", 0.0, "(0, inf]"),
 }
 #: keys whose stored attribute is derived from the config value rather than the value itself
-DERIVED = {("l2softmax", "alpha"), ("l2softmax", "bias"), ("softmax", "bias")}
+DERIVED = {
+    ("l2softmax", "alpha"),
+    ("l2softmax", "bias"),
+    ("softmax", "bias"),
+    ("elasticface", "m"),  # null: the official config's value for the variant
+    ("elasticface", "std"),
+}
 
 
 def head_node(name: str, **overrides):
