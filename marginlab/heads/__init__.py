@@ -5,6 +5,7 @@ own training loop (``from marginlab.heads import ArcFace``; with ``marginlab.los
 What a head offers the geometry probe is declared in probe_record.py.
 """
 
+from marginlab.heads.adacos import AdaCosHead
 from marginlab.heads.adaface import AdaFaceHead
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
@@ -22,6 +23,7 @@ from marginlab.heads.sphereface import SphereFaceHead
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 
 # the papers' names (CosFace and AM-Softmax are one formula, configs/head/cosface.yaml)
+AdaCos = AdaCosHead
 AdaFace = AdaFaceHead
 AMSoftmax = CosFace = AMSoftmaxHead
 ArcFace = ArcFaceHead
@@ -40,6 +42,8 @@ SubCenterArcFace = SubCenterArcFaceHead
 __all__ = [
     "AMSoftmax",
     "AMSoftmaxHead",
+    "AdaCos",
+    "AdaCosHead",
     "AdaFace",
     "AdaFaceHead",
     "ArcFace",

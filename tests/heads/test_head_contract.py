@@ -26,6 +26,7 @@ D, C, B = 8, 10, 12
 
 #: config -> (key, an out-of-range value, the allowed range the message names)
 OUT_OF_RANGE = {
+    "adacos": ("lr_mult", 0.0, "(0, inf]"),  # its own keys are choices: the common key of every head
     "adaface": ("s", 0.0, "(0, inf]"),
     "amsoftmax": ("s", 0.0, "(0, inf]"),
     "arcface": ("s", 0.0, "(0, inf]"),
