@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from marginlab.errors import ConfigError
 from marginlab.heads import AdaCos, AdaCosHead
 from marginlab.margin_feasibility import advise
+from tests.conftest import last_weights
 
 B, C, D = 6, 7, 5
 
@@ -172,18 +173,11 @@ def test_margin_advisor_has_no_margin_to_check():
     assert advise(AdaCosHead(2, 10)) is None  # no margin: the advisor gives no verdict
 
 
-def test_trains_and_resumes_exactly_through_the_cli(run_train, metrics, tmp_path, monkeypatch):
-    run = ["logger=quiet", "trainer.epochs=2", "head=adacos"]
-    code, straight = run_train(*run)
-    assert code == 0
+def test_trains_and_resumes_exactly_through_the_cli(straight_and_resumed, metrics):
+    straight, split = straight_and_resumed("logger=quiet", "trainer.epochs=2", "head=adacos")
     rows = metrics[1](straight)
     assert rows[-1]["test/acc"] > 0.5 and rows[-1]["head/s"] != pytest.approx(math.sqrt(2) * math.log(9))
-    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-    assert run_train(*run, "trainer.stop_after_epoch=1")[0] == 0
-    assert run_train("resume=latest")[0] == 0
-    split = next((tmp_path / "second" / "runs").iterdir())
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["model"]
+    a, b = last_weights(straight), last_weights(split)
     assert "head.s" in a
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -13,6 +13,7 @@ from marginlab.config.validate import resolve_head
 from marginlab.errors import ConfigError
 from marginlab.heads import ElasticFace, ElasticFaceHead
 from marginlab.margin_feasibility import advise
+from tests.conftest import last_weights
 from tests.heads.conftest import HEAD_CONFIGS
 from tests.heads.official.elasticface import elastic_forward
 
@@ -209,17 +210,11 @@ def test_margin_advisor_verdicts():
     assert advise(ElasticFaceHead(2, 10, s=10.0, m=0.1, variant="cos")).verdict == "ok"
 
 
-def test_trains_and_resumes_exactly_through_the_cli(run_train, metrics, tmp_path, monkeypatch):
+def test_trains_and_resumes_exactly_through_the_cli(straight_and_resumed, metrics):
     run = ["logger=quiet", "trainer.epochs=2", "head=elasticface", "s=10", "m=0.2", "head.plus=true"]
-    code, straight = run_train(*run)
-    assert code == 0
+    straight, split = straight_and_resumed(*run)
     assert metrics[1](straight)[-1]["test/acc"] > 0.5
-    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-    assert run_train(*run, "trainer.stop_after_epoch=1")[0] == 0
-    assert run_train("resume=latest")[0] == 0
-    split = next((tmp_path / "second" / "runs").iterdir())
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["model"]
+    a, b = last_weights(straight), last_weights(split)
     assert a["head.step"].item() > 0
     for key in a:
         assert torch.equal(a[key], b[key]), key
