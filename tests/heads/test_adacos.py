@@ -181,3 +181,9 @@ def test_trains_and_resumes_exactly_through_the_cli(straight_and_resumed, metric
     assert "head.s" in a
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_bf16_autocast_and_cos_pm1_and_zero_features_are_finite(hh):
+    head = AdaCosHead(D, C)
+    hh.check_bf16(head, *hh.make_batch(head, batch=B, seed=5))  # rows: cos = +1, cos = -1, zero norm
+    assert torch.isfinite(head.s) and head.s.dtype == torch.float64

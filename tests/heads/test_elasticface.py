@@ -218,3 +218,10 @@ def test_trains_and_resumes_exactly_through_the_cli(straight_and_resumed, metric
     assert a["head.step"].item() > 0
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("variant", ["arc", "cos"])
+def test_bf16_autocast_and_cos_pm1_and_zero_features_are_finite(hh, variant):
+    head = ElasticFaceHead(D, C, variant=variant, plus=True)
+    hh.check_bf16(head, *hh.make_batch(head, batch=B, seed=5))  # rows: cos = +1, cos = -1, zero norm
+    assert torch.isfinite(head.last_margins).all()
