@@ -29,7 +29,7 @@ class AdaCosHead(CosineMarginHead):
     Scaling Cosine Logits for Effectively Learning Deep Face Representations", CVPR 2019).
 
     ``mode="fixed"``: s = sqrt(2) log(C - 1) for the whole run (NormFace with that s; chunked and Partial FC work).
-    ``mode="dynamic"``: s is a buffer (in the state dict, so a resumed run goes on with it), started at
+    ``mode="dynamic"``: s is the buffer ``scale`` (in the state dict, so a resumed run goes on with it), started at
     sqrt(2) log(C - 1); each training forward with labels first sets, from the batch's cosines and the previous s,
 
         B_avg = (1/N) sum_i sum_{k != y_i} exp(s_prev cos theta_{i,k})
@@ -48,7 +48,8 @@ class AdaCosHead(CosineMarginHead):
     before use are as in the paper and here. W starts as nn.Linear's (the paper names no initialisation).
 
     ``mode="dynamic"`` refuses ``chunked=true`` and Partial FC: B_avg needs every class's exp(s cos theta) before
-    the logits are scaled. Under torchrun each rank adapts s from its own batch (not all-reduced).
+    the logits are scaled. Under torchrun each rank adapts s from its own batch for its step (not all-reduced); DDP
+    broadcasts rank 0's buffers before every forward, so rank 0's s is the one carried on and saved.
     """
 
     precise_target = False  # no margin: the target logit is s cos theta_y like every other
@@ -71,24 +72,35 @@ class AdaCosHead(CosineMarginHead):
                 "chunked=true is not allowed with AdaCosHead mode=dynamic: its scale needs every class's "
                 "exp(s cos theta) before the logits; use chunked=false or mode=fixed"
             )
+        self.mode = mode  # (before the base sets ``s``)
         super().__init__(in_features, num_classes, s=1.0, **common)
         if self.num_classes < 3:
             raise ConfigError(
                 f"num_classes={num_classes} is not allowed with AdaCosHead: its scale sqrt(2) log(C - 1) needs C >= 3"
             )
         self.s = fixed_scale(self.num_classes)
-        self.mode = mode
         self.median = median
         if mode == "dynamic":
-            del self.s  # the float scale becomes state: a buffer, saved and resumed
-            self.register_buffer(
-                "s", torch.tensor(fixed_scale(num_classes), dtype=torch.float64)
-            )  # (float64: exact s_0)
+            # the scale is state: a buffer (float64: s_0 exact), saved and resumed, updated in place so that DDP's
+            # buffer broadcast keeps reaching it; ``s`` reads a copy of it
+            self.register_buffer("scale", torch.tensor(fixed_scale(num_classes), dtype=torch.float64))
             self.partial_fc_refusal = (
                 "mode=dynamic adapts s from every class's exp(s cos theta); use mode=fixed with Partial FC"
             )
             if self.chunked == "auto":
                 self.keep_unchunked("mode=dynamic adapts s from the B x C logits")
+
+    @property
+    def s(self) -> float | Tensor:
+        """The scale: the fixed float, or (mode=dynamic) a copy of the ``scale`` buffer, so the graph of a step never
+        holds the buffer that the step then updates."""
+        if self.mode == "dynamic":
+            return self.scale.detach().clone()
+        return self._fixed_s
+
+    @s.setter
+    def s(self, value: float) -> None:
+        self._fixed_s = value
 
     def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, float]:
         return cos_target, 1.0
@@ -109,11 +121,10 @@ class AdaCosHead(CosineMarginHead):
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         if self.mode == "fixed" or labels is None or not self.training:
             return super().forward(embeddings, labels)
-        s_prev = self.s.detach().clone()
+        s_prev = self.s
         logits = super().forward(embeddings, labels)  # s_prev cos theta (the previous step's scale)
         with torch.no_grad():
-            # a new tensor, not an in-place update: this forward's graph holds the previous one
-            self.s = self.dynamic_scale(logits.detach(), labels, s_prev.to(logits.dtype)).to(s_prev.dtype)
+            self.scale.copy_(self.dynamic_scale(logits.detach(), labels, s_prev.to(logits.dtype)))
         return logits * (self.s.to(logits.dtype) / s_prev.to(logits.dtype))  # this step's s cos theta
 
     def schedule_values(self) -> dict[str, float]:

@@ -6,6 +6,7 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from marginlab.checks import check_float
@@ -38,7 +39,7 @@ class ElasticFaceHead(CosineMarginHead):
     (sin theta floored at 1e-6, where the official acos gives an infinite slope at cos = +-1).
 
     The margins: each training step draws B values ``torch.normal(m, std, (B, 1))`` in float32, as the official
-    code does, from the head's own CPU generator reseeded from (``seed``, ``step``); ``step`` is a buffer (in the
+    code does, from the head's own CPU generator reseeded from (``seed``, rank, ``step``); ``step`` is a buffer (in the
     state dict) counting the training forwards, so a resumed run draws the margins the uninterrupted run would
     have drawn, on any device. ``seed`` null takes the run's ``seed`` (builders.py). The margins applied in the
     last training step are kept, in batch order, as ``last_margins`` (B, float32). Evaluation forwards with
@@ -99,9 +100,10 @@ class ElasticFaceHead(CosineMarginHead):
         self._generator = torch.Generator()  # CPU: the same draws on every device
         self._armed = False  # a training forward is running: its first margin call draws
 
-    def generator_seed(self, step: int) -> int:
-        """The seed of step ``step``'s draws: a function of (seed, step) only, so a resumed run redraws them."""
-        return ((0 if self.seed is None else self.seed) * 1_000_003 + int(step)) % 2**63
+    def generator_seed(self, step: int, rank: int = 0) -> int:
+        """The seed of step ``step``'s draws on rank ``rank``: a function of (seed, rank, step) only, so a resumed run
+        redraws them (as Partial FC's ``sample``); the ranks of a torchrun draw for their own samples."""
+        return (((0 if self.seed is None else self.seed) * 1_000_003 + int(rank)) * 1_000_003 + int(step)) % 2**63
 
     @contextlib.contextmanager
     def _drawing(self, labels: Tensor | None):
@@ -125,7 +127,8 @@ class ElasticFaceHead(CosineMarginHead):
     @torch.no_grad()
     def draw_margins(self, cos_target: Tensor) -> Tensor:
         """This step's B margins, in batch order (advances ``step``); ElasticFace+ pairs them with ``cos_target``."""
-        self._generator.manual_seed(self.generator_seed(self.step.item()))
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self._generator.manual_seed(self.generator_seed(self.step.item(), rank))
         self.step.add_(1)
         # ElasticFace: m_i ~ N(m, std), drawn as the official torch.normal(mean=m, std=std, size=(B, 1)) (float32)
         margin = torch.normal(self.m, self.std, size=(cos_target.shape[0], 1), generator=self._generator)

@@ -86,7 +86,7 @@ def test_hand_derived_case(median, expected):
 
 def test_fixed_scale_and_evaluation_leave_s_unchanged():
     head, x, y = make("fixed")
-    assert head.s == math.sqrt(2) * math.log(C - 1) and "s" not in head.state_dict()
+    assert head.s == math.sqrt(2) * math.log(C - 1) and "scale" not in head.state_dict()
     cos = F.normalize(x) @ F.normalize(head.weight.detach()).T
     torch.testing.assert_close(head.train()(x, y), head.s * cos, rtol=1e-12, atol=1e-12)
     dyn, _, _ = make()
@@ -118,7 +118,7 @@ def test_dynamic_scale_resumes_exactly():
     train(first, opt1, 3, x, y)
     resumed, _, _ = make()
     resumed.load_state_dict(copy.deepcopy(first.state_dict()))
-    assert resumed.s.item() == first.s.item() != start["s"].item()
+    assert resumed.s.item() == first.s.item() != start["scale"].item()
     opt2 = torch.optim.SGD(resumed.parameters(), lr=0.3, momentum=0.9)
     opt2.load_state_dict(copy.deepcopy(opt1.state_dict()))
     train(resumed, opt2, 3, x, y)
@@ -178,7 +178,7 @@ def test_trains_and_resumes_exactly_through_the_cli(straight_and_resumed, metric
     rows = metrics[1](straight)
     assert rows[-1]["test/acc"] > 0.5 and rows[-1]["head/s"] != pytest.approx(math.sqrt(2) * math.log(9))
     a, b = last_weights(straight), last_weights(split)
-    assert "head.s" in a
+    assert "head.scale" in a
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

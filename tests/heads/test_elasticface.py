@@ -201,7 +201,7 @@ def test_config_builds_with_the_official_defaults_per_variant(hh, variant, plus,
 def test_seed_null_takes_the_run_seed():
     node = OmegaConf.load(HEAD_CONFIGS / "elasticface.yaml")
     assert node.seed is None
-    assert build_head(resolve_head(node), D, C, seed=11).generator_seed(0) == 11 * 1_000_003
+    assert build_head(resolve_head(node), D, C, seed=11).generator_seed(0) == 11 * 1_000_003**2
 
 
 def test_margin_advisor_verdicts():
