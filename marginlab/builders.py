@@ -48,9 +48,12 @@ def build_head(spec: HeadSpec, in_features: int, num_classes: int, *, seed: int 
     """The margin head ``validate`` resolved; with ``spec.sample_rate`` set (and ``shard``), this rank's Partial FC
     shard, its class weights drawn from ``seed``."""
 
+    # a head's own ``seed`` left null (ElasticFace's margin draws) is the run's seed
+    kwargs = {**spec.kwargs, "seed": seed} if "seed" in spec.kwargs and spec.kwargs["seed"] is None else spec.kwargs
+
     def make(num_classes: int) -> nn.Module:
         try:
-            return spec.cls(**spec.kwargs, in_features=in_features, num_classes=num_classes)
+            return spec.cls(**kwargs, in_features=in_features, num_classes=num_classes)
         except ConfigError:
             raise
         except Exception as exc:  # one line naming the head, not a stack trace

@@ -4,6 +4,7 @@ figure title or a table row calls a run ("ArcFace (s=10, m=0.2)"), never the con
 from __future__ import annotations
 
 HEADS = {
+    "adacos": "AdaCos",
     "adaface": "AdaFace",
     "amsoftmax": "AM-Softmax",
     "arcface": "ArcFace",
@@ -12,6 +13,7 @@ HEADS = {
     "cosface": "CosFace",
     "cosine": "Cosine softmax",
     "curricularface": "CurricularFace",
+    "elasticface": "ElasticFace",
     "l2softmax": "L2-Softmax",
     "lsoftmax": "L-Softmax",
     "magface": "MagFace",

@@ -75,6 +75,29 @@ def run_train(outputs_dir):
     return run
 
 
+@pytest.fixture
+def straight_and_resumed(run_train, tmp_path, monkeypatch):
+    """``straight_and_resumed(*overrides)``: a run straight, and the same run stopped after epoch 1 and resumed in a
+    second output directory; returns their two run directories (compare their ``last_weights``)."""
+
+    def run(*overrides: str) -> tuple[Path, Path]:
+        code, straight = run_train(*overrides)
+        assert code == 0
+        monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
+        assert run_train(*overrides, "trainer.stop_after_epoch=1")[0] == 0
+        assert run_train("resume=latest")[0] == 0
+        return straight, next((tmp_path / "second" / "runs").iterdir())
+
+    return run
+
+
+def last_weights(run_dir: Path) -> dict:
+    """The model state of a run's ``checkpoints/last.pt``."""
+    import torch  # (only the tests that train need it)
+
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

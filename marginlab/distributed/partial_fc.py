@@ -156,6 +156,9 @@ def check_head_class(cls: type) -> None:
             f"Partial FC needs a cosine margin head (normface, amsoftmax/cosface, arcface, combined, "
             f"subcenter_arcface); {name} is not one"
         )
+    refusal = getattr(cls, "partial_fc_refusal", None)  # a head's own reason (ElasticFace's per-sample margins)
+    if isinstance(refusal, str):
+        raise ConfigError(f"Partial FC cannot shard {name}: {refusal}")
     if cls.margin_and_slope is CosineMarginHead.margin_and_slope or cls.logits is not CosineMarginHead.logits:
         raise ConfigError(
             f"Partial FC cannot shard {name}: its margin is not a transform of the target cosine "
@@ -166,6 +169,8 @@ def check_head_class(cls: type) -> None:
 def check_head(head: nn.Module) -> None:
     check_head_class(type(head))
     name = type(head).__name__
+    if isinstance(getattr(head, "partial_fc_refusal", None), str):  # set by the instance (AdaCos mode=dynamic)
+        raise ConfigError(f"Partial FC cannot shard {name}: {head.partial_fc_refusal}")
     others = sorted(set(head.state_dict()) - {"weight"})
     if others:  # e.g. a learnable s: its gradient would be this rank's share only
         raise ConfigError(

@@ -5,12 +5,14 @@ own training loop (``from marginlab.heads import ArcFace``; with ``marginlab.los
 What a head offers the geometry probe is declared in probe_record.py.
 """
 
+from marginlab.heads.adacos import AdaCosHead
 from marginlab.heads.adaface import AdaFaceHead
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.base import CosineMarginHead, MarginHead
 from marginlab.heads.combined import CombinedMarginHead
 from marginlab.heads.curricularface import CurricularFaceHead
+from marginlab.heads.elasticface import ElasticFaceHead
 from marginlab.heads.l2softmax import L2SoftmaxHead
 from marginlab.heads.lsoftmax import LSoftmaxHead
 from marginlab.heads.magface import MagFaceHead
@@ -21,11 +23,13 @@ from marginlab.heads.sphereface import SphereFaceHead
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 
 # the papers' names (CosFace and AM-Softmax are one formula, configs/head/cosface.yaml)
+AdaCos = AdaCosHead
 AdaFace = AdaFaceHead
 AMSoftmax = CosFace = AMSoftmaxHead
 ArcFace = ArcFaceHead
 CombinedMargin = CombinedMarginHead
 CurricularFace = CurricularFaceHead
+ElasticFace = ElasticFaceHead
 L2Softmax = L2SoftmaxHead
 LSoftmax = LSoftmaxHead
 MagFace = MagFaceHead
@@ -38,6 +42,8 @@ SubCenterArcFace = SubCenterArcFaceHead
 __all__ = [
     "AMSoftmax",
     "AMSoftmaxHead",
+    "AdaCos",
+    "AdaCosHead",
     "AdaFace",
     "AdaFaceHead",
     "ArcFace",
@@ -48,6 +54,8 @@ __all__ = [
     "CosineMarginHead",
     "CurricularFace",
     "CurricularFaceHead",
+    "ElasticFace",
+    "ElasticFaceHead",
     "L2Softmax",
     "L2SoftmaxHead",
     "LSoftmax",

@@ -26,6 +26,7 @@ D, C, B = 8, 10, 12
 
 #: config -> (key, an out-of-range value, the allowed range the message names)
 OUT_OF_RANGE = {
+    "adacos": ("lr_mult", 0.0, "(0, inf]"),  # its own keys are choices: the common key of every head
     "adaface": ("s", 0.0, "(0, inf]"),
     "amsoftmax": ("s", 0.0, "(0, inf]"),
     "arcface": ("s", 0.0, "(0, inf]"),
@@ -34,6 +35,7 @@ OUT_OF_RANGE = {
     "cosface": ("s", 0.0, "(0, inf]"),
     "cosine": ("s", 0.0, "(0, inf]"),
     "curricularface": ("s", 0.0, "(0, inf]"),
+    "elasticface": ("s", 0.0, "(0, inf]"),
     "l2softmax": ("p", 0.0, "(0, 1]"),
     "lsoftmax": ("m", 0, "integer >= 1"),
     "magface": ("s", 0.0, "(0, inf]"),
@@ -44,7 +46,13 @@ OUT_OF_RANGE = {
     "subcenter_arcface": ("s", 0.0, "(0, inf]"),
 }
 #: keys whose stored attribute is derived from the config value rather than the value itself
-DERIVED = {("l2softmax", "alpha"), ("l2softmax", "bias"), ("softmax", "bias")}
+DERIVED = {
+    ("l2softmax", "alpha"),
+    ("l2softmax", "bias"),
+    ("softmax", "bias"),
+    ("elasticface", "m"),  # null: the official config's value for the variant
+    ("elasticface", "std"),
+}
 
 
 def head_node(name: str, **overrides):
