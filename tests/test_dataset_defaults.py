@@ -28,6 +28,7 @@ RETRIEVAL = {"backbone": "resnet50", "optim": "adamw", "sched": "cosine", "train
 #: what each dataset picks, written out once more here so that a change to a config is a deliberate one
 PICKS = {
     "digits": {"backbone": "digits_cnn", "optim": "sgd", "sched": "cosine", "trainer.epochs": 10},
+    "digits_retrieval": {"backbone": "digits_cnn", "optim": "sgd", "sched": "cosine", "trainer.epochs": 10},
     "mnist": {"backbone": "lsoftmax_mnist", "optim": "sgd", "sched": "multistep", "trainer.epochs": 20},
     "cifar10": {"backbone": "resnet20", "optim": "sgd", "sched": "multistep", "trainer.epochs": 164},
     "cifar100": {"backbone": "resnet20", "optim": "sgd", "sched": "multistep", "trainer.epochs": 164},

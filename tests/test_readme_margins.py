@@ -24,6 +24,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: the class count of each dataset config whose classes come from the data (dataset.num_classes: null)
 CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "casia": 10572}
 CLASSES |= {"cub200": 100, "cars196": 98, "sop": 11318, "inshop": 3997}  # their training classes
+CLASSES["digitsretrieval"] = 5  # DigitsRetrievalData: digits 0-4 train (dataset.train_classes)
 
 
 def train_lines(page: Path) -> list[tuple[str, str, str]]:
