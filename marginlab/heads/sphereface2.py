@@ -88,7 +88,18 @@ class _BinaryLoss(torch.autograd.Function):
         return grad * (grad_loss * ctx.r), grad_bias, None, None, None, None, None
 
 
-class SphereFace2Head(MarginHead):
+class OpensphereLossHead(MarginHead):
+    """What the opensphere heads (SphereFace2, SphereFace-R) share: a loss of their own, W drawn as the official
+    ``nn.init.xavier_normal_(self.w)`` on the D x C kernel (N(0, 2 / (D + C))), and W's normalisation per ``mode``
+    (``unit_row_cosine``)."""
+
+    produces_loss = True
+    official_init = "xavier_normal"
+    #: a training forward renormalises ``weight`` in place (mode official): the contract allows it to move
+    renormalizes_weight = True
+
+
+class SphereFace2Head(OpensphereLossHead):
     """SphereFace2: C binary classifiers ``z_j = r g(cos theta_j) + b``, the positive's shifted by -r m, the
     negatives' by +r m (variant C), with the weighted binary cross-entropy of eq. 5 as the loss.
 
@@ -113,12 +124,7 @@ class SphereFace2Head(MarginHead):
     same above ||x|| = 1e-3). ``head(x)`` gives the margin-free binary logits r g(cos theta_j) + b.
     """
 
-    produces_loss = True
     normalized_features = True
-    # opensphere sphereface2.py: nn.init.xavier_normal_(self.w) on the D x C kernel, N(0, 2 / (D + C))
-    official_init = "xavier_normal"
-    #: a training forward renormalises ``weight`` in place (mode official): the contract allows it to move
-    renormalizes_weight = True
 
     def __init__(
         self,

@@ -10,11 +10,10 @@ from torch import Tensor
 
 from marginlab.checks import check_float
 from marginlab.errors import ConfigError
-from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import normalize_features
 from marginlab.heads.output import HeadLoss
 from marginlab.heads.probe_record import ProbeMargin
-from marginlab.heads.sphereface2 import ANGLE_MAX, ANGLE_MIN, COS_CLAMP, MODES, unit_row_cosine
+from marginlab.heads.sphereface2 import ANGLE_MAX, ANGLE_MIN, COS_CLAMP, MODES, OpensphereLossHead, unit_row_cosine
 
 #: H: hard feature normalisation (logits s ...); N: no feature normalisation (||x|| ...); S: soft (||x||, plus
 #: t |  ||x|| - s |) -- the official SphereFaceR_H / _N / _S
@@ -64,7 +63,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         return grad * (scale * grad_loss), grad_scale, None, None, None
 
 
-class SphereFaceRHead(MarginHead):
+class SphereFaceRHead(OpensphereLossHead):
     """SphereFace-R: logits ``s (cos theta_j + d_theta_j)`` where d_theta is a constant of the gradient (no_grad in
     the official code), so every logit's gradient in cos theta is s, and the loss ``lw CE / s``.
 
@@ -90,12 +89,6 @@ class SphereFaceRHead(MarginHead):
     through ``normalize_features`` (zero feature: zero cosines). ``head(x)`` gives s cos theta_j (H) or
     ||x|| cos theta_j (N, S), margin-free.
     """
-
-    produces_loss = True
-    # opensphere spherefacer.py: nn.init.xavier_normal_(self.w) on the D x C kernel
-    official_init = "xavier_normal"
-    #: a training forward renormalises ``weight`` in place (mode official): the contract allows it to move
-    renormalizes_weight = True
 
     def __init__(
         self,

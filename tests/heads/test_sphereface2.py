@@ -201,14 +201,21 @@ def test_one_class_is_refused():
 
 
 def test_chunked_and_partial_fc_are_refused_in_one_line():
-    cfg = OmegaConf.load(HEAD_CONFIGS / "sphereface2.yaml")
+    check_no_chunked_nor_partial_fc("sphereface2", "SphereFace2Head")
+
+
+def check_no_chunked_nor_partial_fc(config: str, class_name: str) -> None:
+    """A loss of its own has no cosine-margin path: head.chunked and head.partial_fc are refused in one line."""
+    cfg = OmegaConf.load(HEAD_CONFIGS / f"{config}.yaml")
     cfg.chunked = True
-    with pytest.raises(ConfigError, match="chunked") as err:
+    with pytest.raises(
+        ConfigError, match=f"^head.chunked is not a parameter of {class_name}; its parameters are"
+    ) as err:
         resolve_head(cfg)
     assert "\n" not in str(err.value)
-    cfg = OmegaConf.load(HEAD_CONFIGS / "sphereface2.yaml")
+    cfg = OmegaConf.load(HEAD_CONFIGS / f"{config}.yaml")
     cfg.partial_fc = {"sample_rate": 0.5}
-    with pytest.raises(ConfigError, match="^Partial FC needs a cosine margin head .*SphereFace2Head is not one$"):
+    with pytest.raises(ConfigError, match=f"^Partial FC needs a cosine margin head .*{class_name} is not one$"):
         resolve_head(cfg)
 
 

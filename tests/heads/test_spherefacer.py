@@ -17,7 +17,7 @@ from marginlab.heads import SphereFaceR, SphereFaceRHead
 from marginlab.margin_feasibility import advise
 
 from .conftest import HEAD_CONFIGS
-from .test_sphereface2 import check_cli_resume
+from .test_sphereface2 import check_cli_resume, check_no_chunked_nor_partial_fc
 
 
 @torch.no_grad()
@@ -197,15 +197,7 @@ def test_bad_hyperparameters_are_refused_in_one_line(kwargs, message):
 
 
 def test_chunked_and_partial_fc_are_refused_in_one_line():
-    cfg = OmegaConf.load(HEAD_CONFIGS / "spherefacer.yaml")
-    cfg.chunked = True
-    with pytest.raises(ConfigError, match="chunked") as err:
-        resolve_head(cfg)
-    assert "\n" not in str(err.value)
-    cfg = OmegaConf.load(HEAD_CONFIGS / "spherefacer.yaml")
-    cfg.partial_fc = {"sample_rate": 0.5}
-    with pytest.raises(ConfigError, match="^Partial FC needs a cosine margin head .*SphereFaceRHead is not one$"):
-        resolve_head(cfg)
+    check_no_chunked_nor_partial_fc("spherefacer", "SphereFaceRHead")
 
 
 def test_the_margin_advisor_on_ten_classes_in_2d():
