@@ -3,6 +3,7 @@ closed-form b, W renormalised in place; gradcheck where the official gradient is
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -149,6 +150,25 @@ def test_gradcheck_where_the_official_gradient_is_exact(variant, m):
         return torch.func.functional_call(head, {"weight": w_, "b": b_}, (x_, y)).loss
 
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant, m", [("C", 0.4), ("A", 0.5), ("M", 1.7)])
+def test_bfloat16_autocast_gives_a_finite_float32_loss_and_gradients(variant, m, hh):
+    check_autocast(SphereFace2Head(D, C, variant=variant, m=m), hh)
+
+
+def check_autocast(head, hh):
+    """Under CPU bfloat16 autocast, with a feature at its class, one opposite and a zero one: a float32 loss, finite,
+    close to the float32 loss, and finite gradients."""
+    x, y = hh.make_batch(head, batch=B)
+    reference = copy.deepcopy(head)(x, y).loss.detach()
+    x = x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(x, y).loss
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss, reference, atol=0.05 * float(reference.abs()), rtol=0)
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in head.parameters())
 
 
 def test_evaluation_logits_are_the_margin_free_binary_logits():

@@ -17,7 +17,7 @@ from marginlab.heads import SphereFaceR, SphereFaceRHead
 from marginlab.margin_feasibility import advise
 
 from .conftest import HEAD_CONFIGS
-from .test_sphereface2 import check_cli_resume, check_no_chunked_nor_partial_fc
+from .test_sphereface2 import check_autocast, check_cli_resume, check_no_chunked_nor_partial_fc
 
 
 @torch.no_grad()
@@ -150,6 +150,11 @@ def test_gradcheck_where_the_official_gradient_is_exact(variant, version):
         return torch.func.functional_call(head, {"weight": w_}, (x_, y)).loss
 
     assert torch.autograd.gradcheck(fn, (x, w), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant, version", [("H", "v0"), ("H", "v2"), ("N", "v1"), ("S", "v2")])
+def test_bfloat16_autocast_gives_a_finite_float32_loss_and_gradients(variant, version, hh):
+    check_autocast(SphereFaceRHead(D, C, variant=variant, version=version, steps=[0]), hh)
 
 
 def test_evaluation_logits_are_margin_free():
