@@ -147,9 +147,9 @@ class SphereFace2Head(OpensphereLossHead):
         if num_classes < 2:  # the bias init divides by C - 1
             raise ConfigError(f"num_classes={num_classes} is not allowed for SphereFace2: it must be >= 2")
         self.variant, self.mode = variant, mode
-        self.alpha = check_float("alpha", alpha, low=0.0, high=1.0, low_inclusive=False)
-        if self.alpha == 1.0:
-            raise ConfigError("alpha=1.0 is not allowed: it must lie in (0, 1) (the negatives' weight is 1 - alpha)")
+        self.alpha = check_float("alpha", alpha)
+        if not 0.0 < self.alpha < 1.0:  # the positive's weight; the negatives' is 1 - alpha
+            raise ConfigError(f"alpha={alpha!r} is not allowed: it must lie in (0, 1)")
         self.r = check_float("r", r, low=0.0, low_inclusive=False)
         low_m = 0.0 if variant != "M" else 1.0  # M multiplies the angle: m >= 1 is a margin
         self.m = check_float("m", m, low=low_m)

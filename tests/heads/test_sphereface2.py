@@ -200,7 +200,7 @@ def test_the_exports_and_the_config_defaults():
     [
         ({"variant": "B"}, "variant='B' is not allowed: it must be one of C, A, M"),
         ({"alpha": 1.0}, "alpha=1.0 is not allowed: it must lie in (0, 1)"),
-        ({"alpha": 0.0}, "alpha=0.0 is not allowed: it must lie in (0, 1]"),
+        ({"alpha": 0.0}, "alpha=0.0 is not allowed: it must lie in (0, 1)"),
         ({"r": 0.0}, "r=0.0 is not allowed: it must lie in (0, inf]"),
         ({"variant": "M", "m": 0.5}, "m=0.5 is not allowed: it must lie in [1, inf]"),
         ({"m": -0.1}, "m=-0.1 is not allowed: it must lie in [0, inf]"),
