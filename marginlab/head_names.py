@@ -21,6 +21,8 @@ HEADS = {
     "rbf": "RBF-Softmax",
     "softmax": "Softmax",
     "sphereface": "SphereFace",
+    "sphereface2": "SphereFace2",
+    "spherefacer": "SphereFace-R",
     "subcenter_arcface": "Sub-center ArcFace",
 }
 REGULARIZERS = {"center": "center loss", "incay": "Feature Incay"}

@@ -101,6 +101,8 @@ def _type_ok(value: Any, annotation: Any) -> str | None:
         return None if isinstance(value, bool) else "true or false"
     if annotation is str:
         return None if isinstance(value, str) else "a string"
+    if origin in (list, tuple):  # e.g. SphereFace-R's steps: list[int] (the items are the head's own check)
+        return None if isinstance(value, (list, tuple)) else "a list"
     return None
 
 

@@ -20,6 +20,8 @@ from marginlab.heads.normface import NormFaceHead
 from marginlab.heads.rbf import RBFHead
 from marginlab.heads.softmax import SoftmaxHead
 from marginlab.heads.sphereface import SphereFaceHead
+from marginlab.heads.sphereface2 import SphereFace2Head
+from marginlab.heads.spherefacer import SphereFaceRHead
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 
 # the papers' names (CosFace and AM-Softmax are one formula, configs/head/cosface.yaml)
@@ -37,6 +39,8 @@ NormFace = NormFaceHead
 RBFSoftmax = RBFHead
 Softmax = SoftmaxHead
 SphereFace = SphereFaceHead
+SphereFace2 = SphereFace2Head
+SphereFaceR = SphereFaceRHead
 SubCenterArcFace = SubCenterArcFaceHead
 
 __all__ = [
@@ -71,6 +75,10 @@ __all__ = [
     "SoftmaxHead",
     "SphereFace",
     "SphereFaceHead",
+    "SphereFace2",
+    "SphereFace2Head",
+    "SphereFaceR",
+    "SphereFaceRHead",
     "SubCenterArcFace",
     "SubCenterArcFaceHead",
 ]

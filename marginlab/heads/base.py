@@ -82,6 +82,7 @@ WEIGHT_INITS = (
     "caffe_xavier",
     "caffe_msra",
     "xavier_uniform",
+    "xavier_normal",
 )
 
 
@@ -108,6 +109,9 @@ def fill_class_weight_(
     if kind == "xavier_uniform":  # torch xavier_uniform_: U(-a, a), a = sqrt(6 / (D + rows))
         bound = math.sqrt(6.0 / (dim + (weight.shape[0] if total_rows is None else total_rows)))
         return weight.uniform_(-bound, bound, generator=generator)
+    if kind == "xavier_normal":  # torch xavier_normal_: N(0, 2 / (D + rows)), symmetric in the two fans
+        std = math.sqrt(2.0 / (dim + (weight.shape[0] if total_rows is None else total_rows)))
+        return weight.normal_(0.0, std, generator=generator)
     if kind == "uniform_unit_rows":  # uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) on the D x C kernel
         weight.uniform_(-1.0, 1.0, generator=generator)
     elif kind == "gaussian_unit_rows":  # Caffe GaussianUnitBallFiller: N(0, 1), then each row to unit norm

@@ -31,10 +31,16 @@ def test_every_head_is_listed():
     } <= set(HEADS)
 
 
+#: per-head overrides for this run: SphereFace-R's loss weight lw multiplies its gradient, and the official lw 50
+#: (tuned with lr 0.1 on a face backbone) at lr 0.05 on the digits diverges (test/acc 0.10); lw 5 reaches 0.95
+OVERRIDES = {"spherefacer": ("head.lw=5",)}
+
+
 @pytest.mark.parametrize("head", HEADS)
 def test_head_trains_one_epoch_and_loss_decreases(run_train, metrics, head):
     code, run_dir = run_train(
         f"head={head}",
+        *OVERRIDES.get(head, ()),
         "logger=quiet",
         "trainer.epochs=2",
         "trainer.checkpoint=false",
@@ -66,13 +72,15 @@ def test_probe_record_off_keeps_logits_and_gradients_and_drops_the_probe(name, h
         head.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
         logits = head(xx, labels)
-        loss = F.cross_entropy(logits, labels)
+        # a head that is a loss of its own (heads/output.py) keeps no probe cosines: the probe asks its ``cosine``
+        loss = logits.loss if head.produces_loss else F.cross_entropy(logits, labels)
+        logits = loss if head.produces_loss else logits
         extra = head.extra_loss()
         (loss if extra is None else loss + extra).backward()
         results.append([logits.detach(), xx.grad] + [p.grad for p in head.parameters() if p.requires_grad])
-        assert (head.probe_record.cosine is None) == (not record)
+        assert (head.probe_record.cosine is None) == (not record or head.produces_loss)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     head.probe_record.enabled = True
     head(x, labels)
-    assert head.probe_record.cosine is not None
+    assert (head.probe_record.cosine is not None) != head.produces_loss

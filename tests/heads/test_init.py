@@ -31,6 +31,8 @@ OFFICIAL = {
     "cosface": "caffe_xavier",
     "lsoftmax": "caffe_msra",
     "rbf": "xavier_uniform",
+    "sphereface2": "xavier_normal",
+    "spherefacer": "xavier_normal",
     "softmax": "kaiming_uniform",
     "l2softmax": "kaiming_uniform",
 }
@@ -56,6 +58,8 @@ def check_statistics(w: torch.Tensor, kind: str, rows: int) -> None:
         }[kind]
         assert w.abs().max().item() <= a and w.abs().max().item() > 0.99 * a
         assert w.std().item() == pytest.approx(a / math.sqrt(3.0), rel=0.02)
+    elif kind == "xavier_normal":  # N(0, 2 / (D + C))
+        assert w.std().item() == pytest.approx(math.sqrt(2.0 / (D + rows)), rel=0.02) and abs(w.mean().item()) < 2e-4
     elif kind == "caffe_msra":  # N(0, 2/D)
         assert w.std().item() == pytest.approx(math.sqrt(2.0 / D), rel=0.02)
     else:
