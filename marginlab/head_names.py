@@ -17,9 +17,11 @@ HEADS = {
     "magface": "MagFace",
     "normface": "NormFace",
     "rbf": "RBF-Softmax",
+    "sface": "SFace",
     "softmax": "Softmax",
     "sphereface": "SphereFace",
     "subcenter_arcface": "Sub-center ArcFace",
+    "uniface": "UniFace",
 }
 REGULARIZERS = {"center": "center loss", "incay": "Feature Incay"}
 

@@ -16,9 +16,11 @@ from marginlab.heads.lsoftmax import LSoftmaxHead
 from marginlab.heads.magface import MagFaceHead
 from marginlab.heads.normface import NormFaceHead
 from marginlab.heads.rbf import RBFHead
+from marginlab.heads.sface import SFaceHead
 from marginlab.heads.softmax import SoftmaxHead
 from marginlab.heads.sphereface import SphereFaceHead
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
+from marginlab.heads.uniface import UniFaceHead
 
 # the papers' names (CosFace and AM-Softmax are one formula, configs/head/cosface.yaml)
 AdaFace = AdaFaceHead
@@ -31,9 +33,11 @@ LSoftmax = LSoftmaxHead
 MagFace = MagFaceHead
 NormFace = NormFaceHead
 RBFSoftmax = RBFHead
+SFace = SFaceHead
 Softmax = SoftmaxHead
 SphereFace = SphereFaceHead
 SubCenterArcFace = SubCenterArcFaceHead
+UniFace = UniFaceHead
 
 __all__ = [
     "AMSoftmax",
@@ -59,10 +63,14 @@ __all__ = [
     "NormFaceHead",
     "RBFHead",
     "RBFSoftmax",
+    "SFace",
+    "SFaceHead",
     "Softmax",
     "SoftmaxHead",
     "SphereFace",
     "SphereFaceHead",
     "SubCenterArcFace",
     "SubCenterArcFaceHead",
+    "UniFace",
+    "UniFaceHead",
 ]

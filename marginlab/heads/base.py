@@ -82,6 +82,8 @@ WEIGHT_INITS = (
     "caffe_xavier",
     "caffe_msra",
     "xavier_uniform",
+    "kaiming_normal_fan_in",
+    "xavier_normal_out_gain2",
 )
 
 
@@ -91,7 +93,7 @@ def fill_class_weight_(
 ) -> Tensor:
     """Fills ``weight`` (rows x D) in place with the initialisation ``kind`` (one of WEIGHT_INITS).
 
-    Every kind but ``xavier_uniform`` draws rows independently of the row count, so a shard of rows can
+    Every kind but the xavier ones draws rows independently of the row count, so a shard of rows can
     be drawn chunk by chunk (Partial FC); ``total_rows`` is the full row count for xavier's fan_out.
     """
     dim = weight.shape[1]
@@ -108,6 +110,11 @@ def fill_class_weight_(
     if kind == "xavier_uniform":  # torch xavier_uniform_: U(-a, a), a = sqrt(6 / (D + rows))
         bound = math.sqrt(6.0 / (dim + (weight.shape[0] if total_rows is None else total_rows)))
         return weight.uniform_(-bound, bound, generator=generator)
+    if kind == "kaiming_normal_fan_in":  # kaiming_normal_(a=1, mode='fan_in', leaky_relu): gain 1, N(0, 1/D)
+        return weight.normal_(0.0, 1.0 / math.sqrt(dim), generator=generator)
+    if kind == "xavier_normal_out_gain2":  # SFace's xavier_normal_(gain=2, mode='out'): N(0, (2 sqrt(2 / rows))^2)
+        rows = weight.shape[0] if total_rows is None else total_rows
+        return weight.normal_(0.0, 2.0 * math.sqrt(2.0 / rows), generator=generator)
     if kind == "uniform_unit_rows":  # uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) on the D x C kernel
         weight.uniform_(-1.0, 1.0, generator=generator)
     elif kind == "gaussian_unit_rows":  # Caffe GaussianUnitBallFiller: N(0, 1), then each row to unit norm

@@ -39,9 +39,11 @@ OUT_OF_RANGE = {
     "magface": ("s", 0.0, "(0, inf]"),
     "normface": ("s", 0.0, "(0, inf]"),
     "rbf": ("s", 0.0, "(0, inf]"),
+    "sface": ("k", 0.0, "(0, inf]"),
     "softmax": ("lr_mult", 0.0, "(0, inf]"),  # its only own key is a bool: the common key of every head
     "sphereface": ("m", 0, "integer >= 1"),
     "subcenter_arcface": ("s", 0.0, "(0, inf]"),
+    "uniface": ("r", 0.0, "(0, 1]"),
 }
 #: keys whose stored attribute is derived from the config value rather than the value itself
 DERIVED = {("l2softmax", "alpha"), ("l2softmax", "bias"), ("softmax", "bias")}
