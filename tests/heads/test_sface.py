@@ -124,6 +124,17 @@ def test_official_init_is_xavier_normal_gain_2_fan_out():
     torch.testing.assert_close(head.weight.detach(), expected, rtol=0, atol=0)
 
 
+def test_bf16_autocast_gives_a_finite_float32_loss_and_gradients(hh):
+    head = SFaceHead(D, C).train()
+    x, y = hh.make_batch(head, batch=B)  # with a collinear, an opposite and a zero feature
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x, y)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
 def test_gradcheck_float64():
     """The weights are detached by design (official torch.no_grad): gradcheck the loss with them as constants, at
     a slope k small enough that finite differences do not cross their sigmoids' steps."""
