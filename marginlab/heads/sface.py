@@ -15,7 +15,8 @@ from marginlab.heads.probe_record import ProbeMargin
 
 
 class SFaceHead(MarginHead):
-    """The SFace loss (SFace eq. 11-13, official ``SFaceLoss``), averaged over the batch:
+    """The SFace loss (SFace, the sigmoid-constrained hypersphere loss; official ``SFaceLoss``), averaged over the
+    batch:
 
     ``L = -w_y s cos theta_y + sum_{j != y} w_j s cos theta_j``, ``w_y = sigmoid(k (theta_y - a))``,
     ``w_j = sigmoid(-k (theta_j - b))``,
@@ -33,7 +34,8 @@ class SFaceHead(MarginHead):
     official F.normalize eps 1e-12); the batch mean of the intra and inter terms is returned as one loss (the
     official also returns each term and its mean cosines for logging). Evaluation scores (``head(x)``): s cos theta_j,
     the official ``output``. The angles of every B x C cosine are needed for the inter-class weights (detached).
-    Partial FC and the chunked loss are refused.
+    Partial FC and the chunked loss are refused. The margin advisor reads b - a as an angular margin; it cannot see
+    that b itself must fit between the classes (10 classes in 2-D are at most 36 deg apart: use a 0.2, b 0.5 there).
     """
 
     # zhongyy/SFace metrics.py and train_SFace_torch.py weight_init: xavier_normal_(weight, gain=2, mode='out')
@@ -84,9 +86,9 @@ class SFaceHead(MarginHead):
         # acos of the clamped cosine (official: acos(W x / s), NaN just outside [-1, 1])
         theta = (scos / self.s).clamp_(-1.0, 1.0).acos_()
         theta_y = theta[rows, labels]
-        # SFace eq. 13, inter-class re-scaling: 1 / (1 + e^(k (theta_j - b)))
+        # SFace, inter-class re-scaling function: 1 / (1 + e^(k (theta_j - b)))
         weights = theta.sub_(self.b).mul_(-self.k).sigmoid_()
-        # SFace eq. 12, intra-class re-scaling: 1 / (1 + e^(-k (theta_y - a))), the intra term's sign folded in
+        # SFace, intra-class re-scaling function: 1 / (1 + e^(-k (theta_y - a))), the intra term's sign folded in
         weights[rows, labels] = -torch.sigmoid(self.k * (theta_y - self.a))
         return weights
 
@@ -94,6 +96,6 @@ class SFaceHead(MarginHead):
         labels = labels.long()
         scos = self.scaled_cosine(embeddings)
         weights = self.rescaling_weights(scos, labels)
-        # SFace eq. 11: mean(-w_y s cos theta_y) + mean(sum_{j != y} w_j s cos theta_j), the weights detached
+        # SFace loss: mean(-w_y s cos theta_y) + mean(sum_{j != y} w_j s cos theta_j), the weights detached
         loss = torch.vdot(weights.flatten(), scos.flatten()) / labels.shape[0]
         return HeadLoss(loss, scos.detach().argmax(1))

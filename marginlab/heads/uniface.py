@@ -24,7 +24,7 @@ SOFTPLUS_LINEAR_ABOVE = 30.0
 
 
 class UniFaceHead(MarginHead):
-    """The UCE loss (UniFace eq. 11 with the margin of its eq. 14):
+    """The UCE loss with its cosine margin (UniFace; official head.py):
 
     ``L = log(1 + exp(-clamp(s (cos theta_y - m) - b))) + l * sum_{j != y} log(1 + exp(clamp(s cos theta_j - b)))``
 
@@ -137,13 +137,13 @@ class UniFaceHead(MarginHead):
         scos = self.scaled_cosine(embeddings, classes)
         b = self.class_bias(classes).to(scos.dtype)
         s, threshold = self.s, SOFTPLUS_LINEAR_ABOVE
-        # UniFace eq. 11 (head.py cos_m_theta_n): negative term l log(1 + e^(s cos theta_j - b)), z clamped to [-s, s]
+        # UniFace UCE (head.py cos_m_theta_n): negative term l log(1 + e^(s cos theta_j - b)), z clamped to [-s, s]
         z = scos - b
         negative = F.softplus(z.clamp(-s, s), threshold=threshold)
         rows = torch.arange(labels.shape[0], device=labels.device)
         scos_y = scos[rows, columns]
         b_y = b if b.numel() == 1 else b[columns]
-        # UniFace eq. 14 (head.py cos_m_theta_p): positive term log(1 + e^-(s (cos theta_y - m) - b)), clamped
+        # UniFace UCE with margin (head.py cos_m_theta_p): positive term log(1 + e^-(s (cos theta_y - m) - b)), clamped
         positive = F.softplus(-(scos_y - s * self.m - b_y).clamp(-s, s), threshold=threshold)
         # the row's sum over j != y: all negative terms less the target's, plus the positive (head.py one_hot mix)
         per_row = self.l * (negative.sum(1) - negative[rows, columns]) + positive
