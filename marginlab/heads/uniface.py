@@ -47,7 +47,8 @@ class UniFaceHead(MarginHead):
     C x D there, ``bias`` is named ``b`` here. Differences: features and weights are normalised with marginlab's
     floor (``normalize_features``; official F.normalize eps 1e-5), which differs only for norms below 1e-5.
     Evaluation scores (``head(x)``): each class's binary logit s cos theta_j - b_j (argmax: that of cos theta_j
-    with a shared b).
+    with a shared b). b starts at log(C r 10) whatever s is, so s sets the starting threshold b / s: with 10 classes
+    in 2-D (neighbours at cos 36 deg = 0.81) s 5 (b / s = 0.92) trains, s 8 and above collapse to a few classes.
     """
 
     # CVI-SZU/UniFace head.py: nn.init.kaiming_normal_(weight, a=1, mode='fan_in', nonlinearity='leaky_relu')
