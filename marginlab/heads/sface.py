@@ -7,10 +7,9 @@ import torch
 from torch import Tensor
 
 from marginlab.checks import check_float
-from marginlab.errors import ConfigError
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import fused_linear, normalize_features
-from marginlab.heads.output import HeadLoss
+from marginlab.heads.output import HeadLoss, refuse_chunked
 from marginlab.heads.probe_record import ProbeMargin
 
 
@@ -59,12 +58,7 @@ class SFaceHead(MarginHead):
         self.k = check_float("k", k, low=0.0, low_inclusive=False)
         self.a = check_float("a", a, low=0.0, high=torch.pi)
         self.b = check_float("b", b, low=0.0, high=torch.pi)
-        if chunked is not False:
-            raise ConfigError(
-                f"chunked={chunked!r} is not allowed with SFaceHead: its loss is not a softmax cross-entropy; "
-                "use chunked=false"
-            )
-        self.chunked = False
+        self.chunked = refuse_chunked("SFaceHead", chunked)
         # the intra term stops pulling below theta_y = a, the inter term pushing beyond theta_j = b: an angular
         # margin of b - a between a sample's class and the others (none when b <= a)
         self.probe_margin = ProbeMargin(m2=max(self.b - self.a, 0.0))

@@ -125,14 +125,8 @@ def test_official_init_is_xavier_normal_gain_2_fan_out():
 
 
 def test_bf16_autocast_gives_a_finite_float32_loss_and_gradients(hh):
-    head = SFaceHead(D, C).train()
-    x, y = hh.make_batch(head, batch=B)  # with a collinear, an opposite and a zero feature
-    x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = head(x, y)
-    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
-    out.loss.backward()
-    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in head.parameters())
+    head = SFaceHead(D, C)
+    hh.check_loss_bf16(head, *hh.make_batch(head, batch=B))  # with a collinear, an opposite and a zero feature
 
 
 def test_gradcheck_float64():
@@ -175,16 +169,8 @@ def test_margin_advisor_reads_b_minus_a_as_an_angular_margin():
     assert advise(SFaceHead(2, 10, a=1.2, b=1.2)) is None  # b <= a: no margin
 
 
-def test_trains_and_resumes_through_the_cli(run_train, metrics, tmp_path, monkeypatch):
-    run = ["head=sface", "logger=quiet", "trainer.epochs=2"]
-    code, straight = run_train(*run)
-    assert code == 0
-    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-    assert run_train(*run, "trainer.stop_after_epoch=1")[0] == 0
-    assert run_train("resume=latest")[0] == 0
-    split = next((tmp_path / "second" / "runs").iterdir())
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["model"]
+def test_trains_and_resumes_through_the_cli(hh, run_train, metrics, tmp_path, monkeypatch):
+    a, b, split = hh.train_and_resume(run_train, tmp_path / "second", monkeypatch, "head=sface", "logger=quiet")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = metrics[1](split)
     assert rows[-1]["test/acc"] > 0.3 and rows[-1]["train/nonfinite_steps"] == 0

@@ -126,14 +126,8 @@ def test_official_init_is_kaiming_normal_fan_in_a1():
 
 
 def test_bf16_autocast_gives_a_finite_float32_loss_and_gradients(hh):
-    head = UniFaceHead(D, C).train()
-    x, y = hh.make_batch(head, batch=B)  # with a collinear, an opposite and a zero feature
-    x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = head(x, y)
-    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
-    out.loss.backward()
-    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in head.parameters())
+    head = UniFaceHead(D, C)
+    hh.check_loss_bf16(head, *hh.make_batch(head, batch=B))  # with a collinear, an opposite and a zero feature
 
 
 def test_gradcheck_float64():
@@ -214,16 +208,9 @@ def test_margin_advisor_reads_the_cosine_margin():
     assert advise(UniFaceHead(2, 10, m=0.4)).verdict == "infeasible"  # 1 - cos 36 deg = 0.19 < 0.4
 
 
-def test_trains_and_resumes_through_the_cli(run_train, metrics, tmp_path, monkeypatch):
-    run = ["head=uniface", "head.r=0.5", "m=0.1", "s=16", "logger=quiet", "trainer.epochs=2"]
-    code, straight = run_train(*run)
-    assert code == 0
-    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-    assert run_train(*run, "trainer.stop_after_epoch=1")[0] == 0
-    assert run_train("resume=latest")[0] == 0
-    split = next((tmp_path / "second" / "runs").iterdir())
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert int(a["head.step"]) > 0 and all(torch.equal(a[k], b[k]) for k in a)
+def test_trains_and_resumes_through_the_cli(hh, run_train, metrics, tmp_path, monkeypatch):
+    run = ["head=uniface", "head.r=0.5", "m=0.1", "s=16", "logger=quiet"]
+    a, b, split = hh.train_and_resume(run_train, tmp_path / "second", monkeypatch, *run)
+    assert int(a["head.step"]) > 0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = metrics[1](split)
     assert rows[-1]["train/acc"] > 0.2 and rows[-1]["train/nonfinite_steps"] == 0
