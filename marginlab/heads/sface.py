@@ -34,7 +34,7 @@ class SFaceHead(MarginHead):
     official also returns each term and its mean cosines for logging). Evaluation scores (``head(x)``): s cos theta_j,
     the official ``output``. The angles of every B x C cosine are needed for the inter-class weights (detached).
     Partial FC and the chunked loss are refused. The margin advisor reads b - a as an angular margin; it cannot see
-    that b itself must fit between the classes (10 classes in 2-D are at most 36 deg apart: use a 0.2, b 0.5 there).
+    that b itself must fit between the classes (10 classes in 2-D are at most 36 deg apart: a 0.1, b 0.4 train there).
     """
 
     # zhongyy/SFace metrics.py and train_SFace_torch.py weight_init: xavier_normal_(weight, gain=2, mode='out')
