@@ -78,7 +78,7 @@ NORMALISED = {
     "magface",
 }
 #: the heads of issue 24 (some a loss of their own, not the floor's CE): within 1.15x of floor 2
-NEW_HEADS = {"elasticface", "adacos", "sphereface2", "spherefacer"}
+NEW_HEADS = {"elasticface", "adacos", "sphereface2", "spherefacer", "uniface", "sface"}
 TARGETS = {
     **{h: (1, 1.10) for h in UNNORMALISED},
     **{h: (2, 1.10) for h in NORMALISED},
@@ -122,7 +122,7 @@ def make_contenders(head, b: int, d: int, c: int, seed: int = 0, probe: bool = F
     # every step keeps its logits until after backward, as the engine does (it reads them afterwards)
     def head_step():
         logits = head(x, labels)
-        # a head that is a loss of its own returns it (HeadLoss: SphereFace2, SphereFace-R)
+        # a head that is a loss of its own returns it (HeadLoss: SphereFace2, UniFace, SFace, ...)
         loss = logits.loss if isinstance(logits, HeadLoss) else F.cross_entropy(logits, labels)
         extra = head.extra_loss()
         if extra is not None:

@@ -19,11 +19,13 @@ HEADS = {
     "magface": "MagFace",
     "normface": "NormFace",
     "rbf": "RBF-Softmax",
+    "sface": "SFace",
     "softmax": "Softmax",
     "sphereface": "SphereFace",
     "sphereface2": "SphereFace2",
     "spherefacer": "SphereFace-R",
     "subcenter_arcface": "Sub-center ArcFace",
+    "uniface": "UniFace",
 }
 REGULARIZERS = {"center": "center loss", "incay": "Feature Incay"}
 

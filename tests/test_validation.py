@@ -24,6 +24,10 @@ CASES = [
     (["+head.partial_fc.rate=0.5"], "its only key is sample_rate"),
     (["head=softmax", "+head.partial_fc.sample_rate=0.5"], "Partial FC needs a cosine margin head"),
     (["head=curricularface", "+head.partial_fc.sample_rate=0.5"], "Partial FC cannot shard CurricularFaceHead"),
+    (["head=uniface", "+head.partial_fc.sample_rate=0.5"], "Partial FC cannot shard UniFaceHead: it is a loss of"),
+    (["head=sface", "+head.partial_fc.sample_rate=0.5"], "Partial FC cannot shard SFaceHead: it is a loss of its"),
+    (["head=uniface", "head.chunked=true"], "chunked=True is not allowed with UniFaceHead"),
+    (["head=sface", "head.chunked=true"], "chunked=True is not allowed with SFaceHead"),
     (["head.partial_fc.sample_rate=0.5", "regularizer=center"], "cannot be combined with head.partial_fc"),
     (
         ["head=normface", "head.learnable_scale=true", "head.partial_fc.sample_rate=0.5"],

@@ -151,6 +151,11 @@ def dist_cross_entropy(logits: Tensor, target: Tensor, group=None) -> Tensor:
 def check_head_class(cls: type) -> None:
     """Partial FC needs a head whose margin is ``target_cosine`` on the plain cosines (see module doc)."""
     name = getattr(cls, "__name__", str(cls))
+    if getattr(cls, "produces_loss", False):  # (UniFace, SFace: a sum of per-class terms, not a softmax)
+        raise ConfigError(
+            f"Partial FC cannot shard {name}: it is a loss of its own, not a softmax cross-entropy over the "
+            "classes; use it without Partial FC"
+        )
     if not (isinstance(cls, type) and issubclass(cls, CosineMarginHead)):
         raise ConfigError(
             f"Partial FC needs a cosine margin head (normface, amsoftmax/cosface, arcface, combined, "

@@ -18,11 +18,13 @@ from marginlab.heads.lsoftmax import LSoftmaxHead
 from marginlab.heads.magface import MagFaceHead
 from marginlab.heads.normface import NormFaceHead
 from marginlab.heads.rbf import RBFHead
+from marginlab.heads.sface import SFaceHead
 from marginlab.heads.softmax import SoftmaxHead
 from marginlab.heads.sphereface import SphereFaceHead
 from marginlab.heads.sphereface2 import SphereFace2Head
 from marginlab.heads.spherefacer import SphereFaceRHead
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
+from marginlab.heads.uniface import UniFaceHead
 
 # the papers' names (CosFace and AM-Softmax are one formula, configs/head/cosface.yaml)
 AdaCos = AdaCosHead
@@ -37,11 +39,13 @@ LSoftmax = LSoftmaxHead
 MagFace = MagFaceHead
 NormFace = NormFaceHead
 RBFSoftmax = RBFHead
+SFace = SFaceHead
 Softmax = SoftmaxHead
 SphereFace = SphereFaceHead
 SphereFace2 = SphereFace2Head
 SphereFaceR = SphereFaceRHead
 SubCenterArcFace = SubCenterArcFaceHead
+UniFace = UniFaceHead
 
 __all__ = [
     "AMSoftmax",
@@ -71,6 +75,8 @@ __all__ = [
     "NormFaceHead",
     "RBFHead",
     "RBFSoftmax",
+    "SFace",
+    "SFaceHead",
     "Softmax",
     "SoftmaxHead",
     "SphereFace",
@@ -81,4 +87,6 @@ __all__ = [
     "SphereFaceRHead",
     "SubCenterArcFace",
     "SubCenterArcFaceHead",
+    "UniFace",
+    "UniFaceHead",
 ]

@@ -83,6 +83,8 @@ WEIGHT_INITS = (
     "caffe_msra",
     "xavier_uniform",
     "xavier_normal",
+    "kaiming_normal_fan_in",
+    "xavier_normal_out_gain2",
 )
 
 
@@ -92,7 +94,7 @@ def fill_class_weight_(
 ) -> Tensor:
     """Fills ``weight`` (rows x D) in place with the initialisation ``kind`` (one of WEIGHT_INITS).
 
-    Every kind but ``xavier_uniform`` draws rows independently of the row count, so a shard of rows can
+    Every kind but the xavier ones draws rows independently of the row count, so a shard of rows can
     be drawn chunk by chunk (Partial FC); ``total_rows`` is the full row count for xavier's fan_out.
     """
     dim = weight.shape[1]
@@ -112,6 +114,11 @@ def fill_class_weight_(
     if kind == "xavier_normal":  # torch xavier_normal_: N(0, 2 / (D + rows)), symmetric in the two fans
         std = math.sqrt(2.0 / (dim + (weight.shape[0] if total_rows is None else total_rows)))
         return weight.normal_(0.0, std, generator=generator)
+    if kind == "kaiming_normal_fan_in":  # kaiming_normal_(a=1, mode='fan_in', leaky_relu): gain 1, N(0, 1/D)
+        return weight.normal_(0.0, 1.0 / math.sqrt(dim), generator=generator)
+    if kind == "xavier_normal_out_gain2":  # SFace's xavier_normal_(gain=2, mode='out'): N(0, (2 sqrt(2 / rows))^2)
+        rows = weight.shape[0] if total_rows is None else total_rows
+        return weight.normal_(0.0, 2.0 * math.sqrt(2.0 / rows), generator=generator)
     if kind == "uniform_unit_rows":  # uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) on the D x C kernel
         weight.uniform_(-1.0, 1.0, generator=generator)
     elif kind == "gaussian_unit_rows":  # Caffe GaussianUnitBallFiller: N(0, 1), then each row to unit norm

@@ -83,6 +83,31 @@ def check_bf16(head, x, labels, input_dtype=torch.float32, expect_float32: bool 
     return logits
 
 
+def check_loss_bf16(head, x, labels):
+    """A head that is a loss of its own (HeadLoss) under CPU bfloat16 autocast: a float32, finite loss and finite
+    gradients to the features and every parameter."""
+    head.train()
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x, labels)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def train_and_resume(run_train, second_dir: Path, monkeypatch, *overrides: str) -> tuple[dict, dict, Path]:
+    """``marginlab train`` for 2 epochs straight, then again stopped after epoch 1 (into ``second_dir``) and
+    resumed: (the straight run's last weights, the resumed run's, the resumed run's directory)."""
+    code, straight = run_train(*overrides, "trainer.epochs=2")
+    assert code == 0
+    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(second_dir))
+    assert run_train(*overrides, "trainer.epochs=2", "trainer.stop_after_epoch=1")[0] == 0
+    assert run_train("resume=latest")[0] == 0
+    split = next((second_dir / "runs").iterdir())
+    weights = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in (straight, split)]
+    return weights[0], weights[1], split
+
+
 def gradcheck_head(head, x, labels, with_labels: bool = True):
     """float64 gradcheck of the head's logits w.r.t. the embeddings and every parameter.
 
@@ -147,6 +172,8 @@ def hh():
         reference_cosine=reference_cosine,
         feature_at_angle=feature_at_angle,
         check_bf16=check_bf16,
+        check_loss_bf16=check_loss_bf16,
+        train_and_resume=train_and_resume,
         gradcheck_head=gradcheck_head,
         check_probe_cosine=check_probe_cosine,
         instantiate=instantiate,

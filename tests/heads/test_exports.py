@@ -55,9 +55,9 @@ def test_every_head_declares_what_it_offers_the_probe(hh, name):
     head = hh.instantiate(name, in_features=4, num_classes=5)
     assert isinstance(head, ProbedHead)
     assert isinstance(head.probe_record, ProbeRecord) and isinstance(head.probe_margin, ProbeMargin)
-    # SphereFace2 and SphereFace-R (H) classify x / ||x|| too, as losses of their own
+    # the losses of their own that classify x / ||x|| too
     assert head.normalized_features == (
-        isinstance(head, heads.CosineMarginHead) or name in ("sphereface2", "spherefacer")
+        isinstance(head, heads.CosineMarginHead) or name in ("sphereface2", "spherefacer", "sface", "uniface")
     )
     assert head.weights_are_points == (name == "rbf")
     x, labels = hh.make_batch(head, batch=3, special=False)
