@@ -16,10 +16,14 @@ HEADS = {
     "lsoftmax": "L-Softmax",
     "magface": "MagFace",
     "normface": "NormFace",
+    "proxy_anchor": "Proxy-Anchor",
+    "proxy_nca": "ProxyNCA",
     "rbf": "RBF-Softmax",
     "softmax": "Softmax",
+    "softtriple": "SoftTriple",
     "sphereface": "SphereFace",
     "subcenter_arcface": "Sub-center ArcFace",
+    "x2softmax": "X2-Softmax",
 }
 REGULARIZERS = {"center": "center loss", "incay": "Feature Incay"}
 

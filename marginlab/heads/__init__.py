@@ -15,10 +15,14 @@ from marginlab.heads.l2softmax import L2SoftmaxHead
 from marginlab.heads.lsoftmax import LSoftmaxHead
 from marginlab.heads.magface import MagFaceHead
 from marginlab.heads.normface import NormFaceHead
+from marginlab.heads.proxy_anchor import ProxyAnchorHead
+from marginlab.heads.proxy_nca import ProxyNCAHead
 from marginlab.heads.rbf import RBFHead
 from marginlab.heads.softmax import SoftmaxHead
+from marginlab.heads.softtriple import SoftTripleHead
 from marginlab.heads.sphereface import SphereFaceHead
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
+from marginlab.heads.x2softmax import X2SoftmaxHead
 
 # the papers' names (CosFace and AM-Softmax are one formula, configs/head/cosface.yaml)
 AdaFace = AdaFaceHead
@@ -30,10 +34,14 @@ L2Softmax = L2SoftmaxHead
 LSoftmax = LSoftmaxHead
 MagFace = MagFaceHead
 NormFace = NormFaceHead
+ProxyAnchor = ProxyAnchorHead
+ProxyNCA = ProxyNCAHead
 RBFSoftmax = RBFHead
 Softmax = SoftmaxHead
+SoftTriple = SoftTripleHead
 SphereFace = SphereFaceHead
 SubCenterArcFace = SubCenterArcFaceHead
+X2Softmax = X2SoftmaxHead
 
 __all__ = [
     "AMSoftmax",
@@ -57,12 +65,20 @@ __all__ = [
     "MarginHead",
     "NormFace",
     "NormFaceHead",
+    "ProxyAnchor",
+    "ProxyAnchorHead",
+    "ProxyNCA",
+    "ProxyNCAHead",
     "RBFHead",
     "RBFSoftmax",
     "Softmax",
+    "SoftTriple",
+    "SoftTripleHead",
     "SoftmaxHead",
     "SphereFace",
     "SphereFaceHead",
     "SubCenterArcFace",
     "SubCenterArcFaceHead",
+    "X2Softmax",
+    "X2SoftmaxHead",
 ]

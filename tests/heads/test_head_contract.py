@@ -38,10 +38,14 @@ OUT_OF_RANGE = {
     "lsoftmax": ("m", 0, "integer >= 1"),
     "magface": ("s", 0.0, "(0, inf]"),
     "normface": ("s", 0.0, "(0, inf]"),
+    "proxy_anchor": ("alpha", 0.0, "(0, inf]"),
+    "proxy_nca": ("softmax_scale", 0.0, "(0, inf]"),
     "rbf": ("s", 0.0, "(0, inf]"),
     "softmax": ("lr_mult", 0.0, "(0, inf]"),  # its only own key is a bool: the common key of every head
+    "softtriple": ("la", 0.0, "(0, inf]"),
     "sphereface": ("m", 0, "integer >= 1"),
     "subcenter_arcface": ("s", 0.0, "(0, inf]"),
+    "x2softmax": ("s", 0.0, "(0, inf]"),
 }
 #: keys whose stored attribute is derived from the config value rather than the value itself
 DERIVED = {("l2softmax", "alpha"), ("l2softmax", "bias"), ("softmax", "bias")}
