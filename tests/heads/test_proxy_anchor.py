@@ -15,7 +15,8 @@ from marginlab.heads import ProxyAnchor
 from marginlab.heads.output import HeadLoss
 from marginlab.heads.proxy_anchor import ProxyAnchorHead
 from marginlab.losses import MarginLoss
-from tests.heads.resume_check import check_resume_exact
+from tests.heads.checks import check_resume_exact, loss_and_grads
+from tests.heads.checks import float64_batch as batch
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 
@@ -41,19 +42,8 @@ def official_proxy_anchor(x, proxies, labels, nb_classes, mrg=0.1, alpha=32):
     return pos_term + neg_term
 
 
-def batch(seed=0, b=16, d=8, c=10):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, d, generator=g, dtype=torch.float64), torch.randint(0, c, (b,), generator=g)
-
-
 def head_loss(head, x, labels, weight):
     return torch.func.functional_call(head, {"weight": weight}, (x, labels)).loss
-
-
-def loss_and_grads(fn, x, weight):
-    x, weight = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
-    loss = fn(x, weight)
-    return (loss, *torch.autograd.grad(loss, [x, weight]))
 
 
 @pytest.mark.parametrize("margin, alpha", [(0.1, 32.0), (0.3, 8.0), (0.0, 1.0)])

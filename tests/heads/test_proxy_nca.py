@@ -14,14 +14,10 @@ from marginlab.heads import ProxyNCA
 from marginlab.heads.output import HeadLoss
 from marginlab.heads.proxy_nca import ProxyNCAHead
 from marginlab.losses import MarginLoss
-from tests.heads.resume_check import check_resume_exact
+from tests.heads.checks import check_resume_exact
+from tests.heads.checks import float64_batch as batch
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-
-
-def batch(seed=0, b=16, d=8, c=10):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, d, generator=g, dtype=torch.float64), torch.randint(0, c, (b,), generator=g)
 
 
 def head_loss(head, x, labels, weight):

@@ -14,7 +14,7 @@ from marginlab.errors import ConfigError
 from marginlab.heads import SoftTriple
 from marginlab.heads.softtriple import SoftTripleHead
 from marginlab.losses import MarginLoss
-from tests.heads.resume_check import check_resume_exact
+from tests.heads.checks import check_resume_exact, loss_and_grads
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 C, D, K = 6, 8, 3
@@ -53,12 +53,6 @@ def ours(head, x, labels, weight):
     logits = torch.func.functional_call(head, {"weight": weight}, (x, labels))
     extra = head.extra_loss()
     return F.cross_entropy(logits, labels) + (0.0 if extra is None else extra)
-
-
-def loss_and_grads(fn, x, weight):
-    x, weight = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
-    loss = fn(x, weight)
-    return (loss, *torch.autograd.grad(loss, [x, weight]))
 
 
 @pytest.mark.parametrize("tau, k", [(0.2, K), (0.0, K), (0.2, 1)])

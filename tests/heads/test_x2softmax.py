@@ -14,7 +14,8 @@ from marginlab.heads import X2Softmax
 from marginlab.heads.normface import NormFaceHead
 from marginlab.heads.x2softmax import X2SoftmaxHead
 from marginlab.margin_feasibility import advise
-from tests.heads.resume_check import check_resume_exact
+from tests.heads.checks import check_resume_exact, loss_and_grads
+from tests.heads.checks import float64_batch as batch
 
 S, A, H, K = 16.0, -0.9, -0.1, 0.65
 
@@ -37,17 +38,6 @@ def paper_x2softmax_loss(x, weight, labels, s, a, h, k):
     cos = F.linear(F.normalize(x), F.normalize(weight))
     theta = torch.acos(cos.gather(1, labels.view(-1, 1)))
     return F.cross_entropy((s * cos).scatter(1, labels.view(-1, 1), s * (a * (theta - h) ** 2 + k)), labels)
-
-
-def batch(seed=0, b=16, d=8, c=10):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, d, generator=g, dtype=torch.float64), torch.randint(0, c, (b,), generator=g)
-
-
-def loss_and_grads(fn, x, weight):
-    x, weight = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
-    loss = fn(x, weight)
-    return (loss, *torch.autograd.grad(loss, [x, weight]))
 
 
 @pytest.mark.parametrize("mode", ["straight_through", "exact"])

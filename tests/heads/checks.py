@@ -1,4 +1,4 @@
-"""A head's end-to-end check through the real CLI: 2 epochs straight == 1 epoch + ``resume=latest``, bit for bit."""
+"""Checks the new heads' tests share: a loss and its gradients in float64, and training + resume through the CLI."""
 
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ def check_resume_exact(run_train, metrics, tmp_path, monkeypatch, *overrides: st
     for ra, rb in zip(rows_a, rows_b):
         assert {k: v for k, v in ra.items() if k not in TIMES} == {k: v for k, v in rb.items() if k not in TIMES}
     return rows_a[-1]
+
+
+def loss_and_grads(fn, x, weight) -> tuple:
+    """(fn(x, weight), d/dx, d/dweight) on fresh float64 leaves: for comparing a head with a reference port."""
+    x, weight = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    loss = fn(x, weight)
+    return (loss, *torch.autograd.grad(loss, [x, weight]))
+
+
+def float64_batch(seed: int = 0, b: int = 16, d: int = 8, c: int = 10) -> tuple:
+    """(B x D float64 features, B labels in [0, C)) from their own seeded stream."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g, dtype=torch.float64), torch.randint(0, c, (b,), generator=g)
