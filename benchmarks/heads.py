@@ -32,9 +32,9 @@ floor 1; normalised heads (normface, cosine, coco, amsoftmax, cosface, arcface, 
 curricularface, adaface, magface) within 1.10x of floor 2; rbf within 1.20x of floor 1; peak memory
 within 1.2x of the same floor; x2softmax (issue 24) within 1.15x of floor 2. subcenter_arcface and softtriple
 multiply the class weights by k (a k x wider matmul), so they are listed without a target, and so are the proxy
-losses proxy_nca and proxy_anchor (losses of their own, timed as ``head(x, labels).loss``). The 2-D shape (256, 2, 10) is not timed here: a head alone
-is per-op dispatch there, which no user sees; benchmarks/lenet_2d_heads.py times the step a 2-D user
-runs (LeNet++ + head against LeNet++ + softmax, issue 16).
+losses proxy_nca and proxy_anchor (losses of their own, timed as ``head(x, labels).loss``). The 2-D shape
+(256, 2, 10) is not timed here: a head alone is per-op dispatch there, which no user sees;
+benchmarks/lenet_2d_heads.py times the step a 2-D user runs (LeNet++ + head against LeNet++ + softmax, issue 16).
 
 Usage: ``python benchmarks/heads.py [--heads a,b] [--shapes medium,large] [--repeats N] [--threads N]``.
 """

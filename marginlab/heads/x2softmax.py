@@ -11,6 +11,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead
+from marginlab.heads.combined import _ACOS_EPS
 from marginlab.heads.probe_record import ProbeMargin
 
 #: how the gradient flows through the quadratic, see X2SoftmaxHead
@@ -87,9 +88,11 @@ class X2SoftmaxHead(CosineMarginHead):
         value = self.a * (theta - self.h) ** 2 + self.k
         if self.mode == "straight_through":
             return value, 1.0  # the official no_grad edit: the gradient of cos theta
-        # d f / d cos = 2 a (theta - h) d theta / d cos = -2 a (theta - h) / sin theta, with theta / sin theta -> 1
-        # at cos = 1 and sin theta floored at 1e-6 elsewhere (h / sin theta and theta near pi grow without bound)
-        one_minus = 1.0 - cos * cos
-        sin = one_minus.clamp_min(1e-12).sqrt()
-        theta_over_sin = torch.where(one_minus >= 1e-12, theta / sin, torch.ones_like(theta))
-        return value, -2.0 * self.a * (theta_over_sin - self.h / sin)
+        # d f / d cos = 2 a (theta - h) d theta / d cos = -2 a (theta / sin theta - h / sin theta). Within eps of
+        # cos = +-1 (as combined.py) theta / sin theta takes its limit 1 at cos = 1 and 0 at cos = -1, and h / sin
+        # theta (unbounded as theta -> 0 for h < 0) is 0, so a step stays finite
+        inside = cos.abs() <= 1.0 - _ACOS_EPS
+        sin = (1.0 - cos * cos).clamp_min(_ACOS_EPS).sqrt()
+        theta_over_sin = torch.where(inside, theta / sin, (cos > 0).to(cos.dtype))
+        h_over_sin = torch.where(inside, self.h / sin, 0.0)
+        return value, -2.0 * self.a * (theta_over_sin - h_over_sin)

@@ -75,8 +75,9 @@ def test_a_target_cosine_rounded_past_one_is_no_nan():
     value, slope = head.margin_and_slope(cos)
     assert torch.isfinite(value).all() and torch.isfinite(slope).all()
     torch.testing.assert_close(value[0], torch.tensor(A * H**2 + K, dtype=torch.float64))
-    # at cos = 1 (theta = 0) the slope -2a (theta - h) / sin theta is -2a (1 - h / sin) with sin floored at 1e-6
     assert value[0] == value[2]
+    # within 1e-7 of cos = 1 the slope -2a (theta / sin - h / sin) takes theta / sin -> 1 and drops h / sin
+    torch.testing.assert_close(slope[[0, 2]], torch.full((2,), -2.0 * A, dtype=torch.float64))
 
 
 def test_exact_slope_at_cos_one_is_its_limit_with_h_zero():
