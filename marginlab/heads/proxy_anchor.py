@@ -28,7 +28,8 @@ class ProxyAnchorHead(MarginHead):
     Ported from tjddus9597/Proxy-Anchor-CVPR2020 code/losses.py ``Proxy_Anchor`` (commit
     51db57031e38f75c03f69bbdfad1a3233afd9787), computed as pytorch-metric-learning's ``ProxyAnchorLoss`` does
     (v2.9.0, a log-sum-exp with a 0 appended: the official ``log(1 + sum exp)`` overflows float32 sooner).
-    Defaults are the official train.py's: ``margin`` delta 0.1 (a cosine), ``alpha`` 32. W starts as the
+    Defaults are the official train.py's: ``margin`` delta 0.1 (a cosine), ``alpha`` 32, and the proxies learn at
+    100 times the backbone's rate (the config's ``lr_mult: 100``). W starts as the
     official ``kaiming_normal_(mode='fan_out')``, N(0, 2 / C). The official normalises with ``x / sqrt(||x||^2 +
     1e-12)``, PML and this head with ``x / max(||x||, eps)``: equal for any feature norm above 1e-6.
     ``head(x)`` scores the cosines (PML's ``get_logits``). It has no cosine margin on the softmax of one sample:

@@ -19,7 +19,9 @@ class SoftTripleHead(MarginHead):
     Ported from idstcv/SoftTriple loss/SoftTriple.py (commit cc1c32d2f93acc714aebadb07c6760d0195369a3), whose
     ``fc`` is D x (C K): ``weight`` is its transpose, (C K) x D, class c's centres in rows c K .. c K + K - 1
     (so ``weight`` is not C x D unless K = 1). Defaults are its train.py's: la 20, gamma 0.1, tau 0.2, margin
-    delta 0.01 (a cosine), K 10; W starts as its ``kaiming_uniform_(fc, a=sqrt(5))``, U(+-1/sqrt(C K)).
+    delta 0.01 (a cosine), K 10, the centres learning at 100 times the backbone's rate (``--centerlr 0.01``,
+    ``--modellr 1e-4``: the config's ``lr_mult: 100``); W starts as its ``kaiming_uniform_(fc, a=sqrt(5))``,
+    U(+-1/sqrt(C K)).
     The official takes the features as given (its network normalises them); here, as in pytorch-metric-learning's
     ``SoftTripleLoss`` (v2.9.0, which has no centre term), x is normalised. ``head(x)`` scores ``la S``.
     The cosine the probe and evaluation read is S (the relaxed maximum over the centres). SoftTriple's margin

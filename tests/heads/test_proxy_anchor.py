@@ -115,6 +115,7 @@ def test_config_builds_with_the_official_defaults_and_has_no_margin_to_advise(hh
 
     head = hh.instantiate("proxy_anchor")
     assert (head.margin, head.alpha, head.official_init) == (0.1, 32.0, "kaiming_normal_fan_out")
+    assert head.lr_mult == 100.0  # the official proxies' learning rate
     assert advise(head) is None  # no cosine margin on one sample's softmax: nothing for the advisor to check
 
 

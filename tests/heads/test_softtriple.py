@@ -140,6 +140,7 @@ def test_config_builds_with_the_official_defaults_and_has_no_margin_to_advise(hh
     head = hh.instantiate("softtriple", in_features=D, num_classes=C)
     assert (head.centers_per_class, head.la, head.gamma, head.tau, head.margin) == (10, 20.0, 0.1, 0.2, 0.01)
     assert head.weight.shape == (C * 10, D) and head.official_init == "kaiming_uniform_fan_out"
+    assert head.lr_mult == 100.0  # the official centres' learning rate
     assert advise(head) is None  # its margin is on the relaxed similarity S, not a cosine margin on the angle
 
 
