@@ -33,7 +33,8 @@ curricularface, adaface, magface) within 1.10x of floor 2, issue 24's heads (NEW
 rbf within 1.20x of floor 1; peak memory within 1.2x of the same floor. subcenter_arcface multiplies the class
 weights by k (a k x wider matmul), so it is listed without a target. The 2-D shape (256, 2, 10) is not timed
 here: a head alone is per-op dispatch there, which no user sees; benchmarks/lenet_2d_heads.py times the step a
-2-D user runs (LeNet++ + head against LeNet++ + softmax, issue 16).
+2-D user runs (LeNet++ + head against LeNet++ + softmax, issue 16). softtriple multiplies the class weights by K
+(a K x wider matmul) and the proxy losses proxy_nca and proxy_anchor are no margin heads: listed without a target.
 
 Usage: ``python benchmarks/heads.py [--heads a,b] [--shapes medium,large] [--repeats N] [--threads N]``.
 """
@@ -78,7 +79,7 @@ NORMALISED = {
     "magface",
 }
 #: the heads of issue 24 (some a loss of their own, not the floor's CE): within 1.15x of floor 2
-NEW_HEADS = {"elasticface", "adacos", "sphereface2", "spherefacer", "uniface", "sface"}
+NEW_HEADS = {"elasticface", "adacos", "sphereface2", "spherefacer", "uniface", "sface", "x2softmax"}
 TARGETS = {
     **{h: (1, 1.10) for h in UNNORMALISED},
     **{h: (2, 1.10) for h in NORMALISED},

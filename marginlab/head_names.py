@@ -18,14 +18,18 @@ HEADS = {
     "lsoftmax": "L-Softmax",
     "magface": "MagFace",
     "normface": "NormFace",
+    "proxy_anchor": "Proxy-Anchor",
+    "proxy_nca": "ProxyNCA",
     "rbf": "RBF-Softmax",
     "sface": "SFace",
     "softmax": "Softmax",
+    "softtriple": "SoftTriple",
     "sphereface": "SphereFace",
     "sphereface2": "SphereFace2",
     "spherefacer": "SphereFace-R",
     "subcenter_arcface": "Sub-center ArcFace",
     "uniface": "UniFace",
+    "x2softmax": "X2-Softmax",
 }
 REGULARIZERS = {"center": "center loss", "incay": "Feature Incay"}
 

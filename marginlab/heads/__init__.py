@@ -17,14 +17,18 @@ from marginlab.heads.l2softmax import L2SoftmaxHead
 from marginlab.heads.lsoftmax import LSoftmaxHead
 from marginlab.heads.magface import MagFaceHead
 from marginlab.heads.normface import NormFaceHead
+from marginlab.heads.proxy_anchor import ProxyAnchorHead
+from marginlab.heads.proxy_nca import ProxyNCAHead
 from marginlab.heads.rbf import RBFHead
 from marginlab.heads.sface import SFaceHead
 from marginlab.heads.softmax import SoftmaxHead
+from marginlab.heads.softtriple import SoftTripleHead
 from marginlab.heads.sphereface import SphereFaceHead
 from marginlab.heads.sphereface2 import SphereFace2Head
 from marginlab.heads.spherefacer import SphereFaceRHead
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 from marginlab.heads.uniface import UniFaceHead
+from marginlab.heads.x2softmax import X2SoftmaxHead
 
 # the papers' names (CosFace and AM-Softmax are one formula, configs/head/cosface.yaml)
 AdaCos = AdaCosHead
@@ -38,14 +42,18 @@ L2Softmax = L2SoftmaxHead
 LSoftmax = LSoftmaxHead
 MagFace = MagFaceHead
 NormFace = NormFaceHead
+ProxyAnchor = ProxyAnchorHead
+ProxyNCA = ProxyNCAHead
 RBFSoftmax = RBFHead
 SFace = SFaceHead
 Softmax = SoftmaxHead
+SoftTriple = SoftTripleHead
 SphereFace = SphereFaceHead
 SphereFace2 = SphereFace2Head
 SphereFaceR = SphereFaceRHead
 SubCenterArcFace = SubCenterArcFaceHead
 UniFace = UniFaceHead
+X2Softmax = X2SoftmaxHead
 
 __all__ = [
     "AMSoftmax",
@@ -73,11 +81,17 @@ __all__ = [
     "MarginHead",
     "NormFace",
     "NormFaceHead",
+    "ProxyAnchor",
+    "ProxyAnchorHead",
+    "ProxyNCA",
+    "ProxyNCAHead",
     "RBFHead",
     "RBFSoftmax",
     "SFace",
     "SFaceHead",
     "Softmax",
+    "SoftTriple",
+    "SoftTripleHead",
     "SoftmaxHead",
     "SphereFace",
     "SphereFaceHead",
@@ -89,4 +103,6 @@ __all__ = [
     "SubCenterArcFaceHead",
     "UniFace",
     "UniFaceHead",
+    "X2Softmax",
+    "X2SoftmaxHead",
 ]

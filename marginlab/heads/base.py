@@ -85,6 +85,9 @@ WEIGHT_INITS = (
     "xavier_normal",
     "kaiming_normal_fan_in",
     "xavier_normal_out_gain2",
+    "normal_1",
+    "kaiming_normal_fan_out",
+    "kaiming_uniform_fan_out",
 )
 
 
@@ -94,8 +97,8 @@ def fill_class_weight_(
 ) -> Tensor:
     """Fills ``weight`` (rows x D) in place with the initialisation ``kind`` (one of WEIGHT_INITS).
 
-    Every kind but the xavier ones draws rows independently of the row count, so a shard of rows can
-    be drawn chunk by chunk (Partial FC); ``total_rows`` is the full row count for xavier's fan_out.
+    Every kind but the xavier and ``*_fan_out`` ones draws rows independently of the row count, so a shard of rows
+    can be drawn chunk by chunk (Partial FC); ``total_rows`` is the full row count for their fan_out.
     """
     dim = weight.shape[1]
     if kind == "kaiming_uniform":
@@ -119,6 +122,14 @@ def fill_class_weight_(
     if kind == "xavier_normal_out_gain2":  # SFace's xavier_normal_(gain=2, mode='out'): N(0, (2 sqrt(2 / rows))^2)
         rows = weight.shape[0] if total_rows is None else total_rows
         return weight.normal_(0.0, 2.0 * math.sqrt(2.0 / rows), generator=generator)
+    if kind == "normal_1":  # torch.nn.init.normal_: N(0, 1) per entry
+        return weight.normal_(0.0, 1.0, generator=generator)
+    rows = weight.shape[0] if total_rows is None else total_rows
+    if kind == "kaiming_normal_fan_out":  # kaiming_normal_(mode="fan_out") of rows x D: N(0, 2/rows)
+        return weight.normal_(0.0, math.sqrt(2.0 / rows), generator=generator)
+    if kind == "kaiming_uniform_fan_out":  # kaiming_uniform_(a = sqrt 5) of the D x rows kernel: U(+-1/sqrt(rows))
+        bound = 1.0 / math.sqrt(rows)
+        return weight.uniform_(-bound, bound, generator=generator)
     if kind == "uniform_unit_rows":  # uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) on the D x C kernel
         weight.uniform_(-1.0, 1.0, generator=generator)
     elif kind == "gaussian_unit_rows":  # Caffe GaussianUnitBallFiller: N(0, 1), then each row to unit norm

@@ -50,20 +50,24 @@ def test_paper_names_import_as_documented():
     assert all(hasattr(heads, name) for name in heads.__all__)
 
 
+#: heads that classify x / ||x|| without being cosine-margin heads, and keep no probe record (the probe reads their
+#: pure ``cosine``): the losses of their own and SoftTriple
+PURE_COSINE = {"proxy_anchor", "proxy_nca", "softtriple", "sface", "uniface", "sphereface2", "spherefacer"}
+
+
 @pytest.mark.parametrize("name", [p.stem for p in HEAD_CONFIGS])
 def test_every_head_declares_what_it_offers_the_probe(hh, name):
     head = hh.instantiate(name, in_features=4, num_classes=5)
     assert isinstance(head, ProbedHead)
     assert isinstance(head.probe_record, ProbeRecord) and isinstance(head.probe_margin, ProbeMargin)
-    # the losses of their own that classify x / ||x|| too
-    assert head.normalized_features == (
-        isinstance(head, heads.CosineMarginHead) or name in ("sphereface2", "spherefacer", "sface", "uniface")
-    )
+    assert head.normalized_features == (isinstance(head, heads.CosineMarginHead) or name in PURE_COSINE)
     assert head.weights_are_points == (name == "rbf")
     x, labels = hh.make_batch(head, batch=3, special=False)
-    if head.produces_loss:  # it keeps no probe cosines: the probe asks its pure ``cosine``
-        head(x, labels)
-        assert head.probe_record.cosine is None and head.cosine(x).shape == (3, 5)
+    if name in PURE_COSINE:
+        assert head.cosine(x).shape == (3, 5) and not head.cosine(x).requires_grad
+        if head.produces_loss:
+            head(x, labels)
+            assert head.probe_record.cosine is None
         return
     head.probe_record.enabled = False
     head(x, labels)

@@ -40,14 +40,18 @@ OUT_OF_RANGE = {
     "lsoftmax": ("m", 0, "integer >= 1"),
     "magface": ("s", 0.0, "(0, inf]"),
     "normface": ("s", 0.0, "(0, inf]"),
+    "proxy_anchor": ("alpha", 0.0, "(0, inf]"),
+    "proxy_nca": ("softmax_scale", 0.0, "(0, inf]"),
     "rbf": ("s", 0.0, "(0, inf]"),
     "sface": ("k", 0.0, "(0, inf]"),
     "softmax": ("lr_mult", 0.0, "(0, inf]"),  # its only own key is a bool: the common key of every head
+    "softtriple": ("la", 0.0, "(0, inf]"),
     "sphereface": ("m", 0, "integer >= 1"),
     "sphereface2": ("alpha", 1.0, "(0, 1)"),
     "spherefacer": ("m", 0.5, "[1, inf]"),
     "subcenter_arcface": ("s", 0.0, "(0, inf]"),
     "uniface": ("r", 0.0, "(0, 1]"),
+    "x2softmax": ("s", 0.0, "(0, inf]"),
 }
 #: keys whose stored attribute is derived from the config value rather than the value itself
 DERIVED = {

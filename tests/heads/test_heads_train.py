@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.heads.test_exports import PURE_COSINE
+
 HEADS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "marginlab" / "configs" / "head").glob("*.yaml"))
 
 
@@ -53,16 +55,15 @@ def test_head_trains_one_epoch_and_loss_decreases(run_train, metrics, head):
     if head == "curricularface":  # its loss rises with the curriculum's t (an EMA of the target cosine, which
         # hardens the negatives) while the model learns: from its official init (N(0, 0.01) weights) it is learning
         assert rows[1]["head/t"] > rows[0]["head/t"] and rows[1]["test/acc"] > rows[0]["test/acc"], rows
+    elif head == "x2softmax":  # the official straight-through gradient (that of s cos theta_y) is not the gradient of
+        # its loss, whose target logit s (a theta^2 + k) starts ~ -140 at theta ~ 90 deg: the model learns all the same
+        assert rows[1]["test/acc"] > rows[0]["test/acc"] + 0.03, rows
     else:
         assert rows[1]["train/loss"] < rows[0]["train/loss"], rows
     assert rows[1]["train/nonfinite_steps"] == 0
 
 
-#: heads that are a loss of their own keep no probe record (the probe reads their pure ``cosine``)
-RECORDING = [h for h in HEADS if h not in ("sface", "uniface")]
-
-
-@pytest.mark.parametrize("name", RECORDING)
+@pytest.mark.parametrize("name", [h for h in HEADS if h not in PURE_COSINE])  # (the others keep no record)
 def test_probe_record_off_keeps_logits_and_gradients_and_drops_the_probe(name, hh):
     """With probe_record.enabled off (the trainer's steps that log no geometry) a head gives the same
     logits and gradients and keeps no probe cosines; switched back on, it records them again."""

@@ -35,6 +35,10 @@ OFFICIAL = {
     "spherefacer": "xavier_normal",
     "softmax": "kaiming_uniform",
     "l2softmax": "kaiming_uniform",
+    "x2softmax": "normal_0.01",
+    "proxy_nca": "normal_1",
+    "proxy_anchor": "kaiming_normal_fan_out",
+    "softtriple": "kaiming_uniform_fan_out",
 }
 
 
@@ -62,6 +66,14 @@ def check_statistics(w: torch.Tensor, kind: str, rows: int) -> None:
         assert w.std().item() == pytest.approx(math.sqrt(2.0 / (D + rows)), rel=0.02) and abs(w.mean().item()) < 2e-4
     elif kind == "caffe_msra":  # N(0, 2/D)
         assert w.std().item() == pytest.approx(math.sqrt(2.0 / D), rel=0.02)
+    elif kind == "normal_1":  # N(0, 1)
+        assert w.std().item() == pytest.approx(1.0, rel=0.02) and abs(w.mean().item()) < 0.02
+    elif kind == "kaiming_normal_fan_out":  # kaiming_normal_(mode='fan_out') of rows x D: N(0, 2/rows)
+        assert w.std().item() == pytest.approx(math.sqrt(2.0 / rows), rel=0.02)
+    elif kind == "kaiming_uniform_fan_out":  # kaiming_uniform_(a=sqrt 5) of the D x rows kernel: U(+-1/sqrt(rows))
+        a = 1.0 / math.sqrt(rows)
+        assert a * 0.99 < w.abs().max().item() <= a
+        assert w.std().item() == pytest.approx(a / math.sqrt(3.0), rel=0.02)
     else:
         raise AssertionError(kind)
 

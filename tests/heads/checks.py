@@ -1,0 +1,43 @@
+"""Checks the new heads' tests share: a loss and its gradients in float64, and training + resume through the CLI."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.test_resume import TIMES, weights
+
+
+def check_resume_exact(run_train, metrics, tmp_path, monkeypatch, *overrides: str) -> dict:
+    """Trains ``overrides`` for 2 epochs, then again stopped after 1 and resumed; the weights (head state included)
+    and the per-epoch records must be equal. Returns the straight run's last record."""
+    run = ["logger=quiet", "trainer.epochs=2", "sched=cosine", *overrides]
+    code, straight = run_train(*run)
+    assert code == 0
+    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
+    code, _ = run_train(*run, "trainer.stop_after_epoch=1")
+    assert code == 0
+    code, _ = run_train("resume=latest")
+    assert code == 0
+    split = next((tmp_path / "second" / "runs").iterdir())
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows_a, rows_b = metrics[1](straight), metrics[1](split)
+    assert [r["epoch"] for r in rows_b] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        assert {k: v for k, v in ra.items() if k not in TIMES} == {k: v for k, v in rb.items() if k not in TIMES}
+    return rows_a[-1]
+
+
+def loss_and_grads(fn, x, weight) -> tuple:
+    """(fn(x, weight), d/dx, d/dweight) on fresh float64 leaves: for comparing a head with a reference port."""
+    x, weight = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    loss = fn(x, weight)
+    return (loss, *torch.autograd.grad(loss, [x, weight]))
+
+
+def float64_batch(seed: int = 0, b: int = 16, d: int = 8, c: int = 10) -> tuple:
+    """(B x D float64 features, B labels in [0, C)) from their own seeded stream."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g, dtype=torch.float64), torch.randint(0, c, (b,), generator=g)
