@@ -158,8 +158,8 @@ def check_head_class(cls: type) -> None:
         )
     if not (isinstance(cls, type) and issubclass(cls, CosineMarginHead)):
         raise ConfigError(
-            f"Partial FC needs a cosine margin head (normface, amsoftmax/cosface, arcface, combined, "
-            f"subcenter_arcface); {name} is not one"
+            f"Partial FC needs a cosine margin head (normface, amsoftmax/cosface, arcface, combined, x2softmax, "
+            f"adacos mode=fixed, subcenter_arcface); {name} is not one"
         )
     refusal = getattr(cls, "partial_fc_refusal", None)  # a head's own reason (ElasticFace's per-sample margins)
     if isinstance(refusal, str):
