@@ -11,7 +11,7 @@ from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead
 from marginlab.heads.kernels import ChunkedMargin, TargetMargin
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 
 class AdaFaceHead(CosineMarginHead):
@@ -93,10 +93,8 @@ class AdaFaceHead(CosineMarginHead):
             return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (base.py, ``chunked``)
         if labels is None:
             cos = self.normalized_cosine(embeddings)
-            self.probe_record.keep(cos.detach())
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
-        self.probe_record.keep(cos.detach())
         norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
         scaler = self.margin_scaler(norms)
         cos = cos.clamp(-1.0 + self.eps, 1.0 - self.eps)

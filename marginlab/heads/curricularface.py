@@ -65,10 +65,8 @@ class CurricularFaceHead(ArcFaceHead):
             return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (base.py, ``chunked``)
         if labels is None:
             cos = self.normalized_cosine(embeddings)
-            self.probe_record.keep(cos.detach())
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
-        self.probe_record.keep(cos.detach())
         # CurricularFace, N(t, cos theta_j): j is a hard negative when cos(theta_y + m) < cos theta_j
         boundary = cos_plus_angle(cos_target.detach(), self.cos_m, self.sin_m)
         hard = cos.detach() > boundary.unsqueeze(1)

@@ -11,7 +11,7 @@ from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead, cos_plus_angle
 from marginlab.heads.kernels import ChunkedMargin, TargetMargin
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 
 class MagFaceHead(CosineMarginHead):
@@ -102,11 +102,9 @@ class MagFaceHead(CosineMarginHead):
             return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (base.py, ``chunked``)
         if labels is None:
             cos = self.normalized_cosine(embeddings)
-            self.probe_record.keep(cos.detach())
             self._loss_g = None
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
-        self.probe_record.keep(cos.detach())
         margin = self.magnitude_margin(self.magnitude(embeddings)).to(cos.dtype)
         # MagFace, L_Mag target: cos(theta_y + m(a_i)) (official MagLinear, cos m / sin m per sample)
         phi = cos_plus_angle(cos_target, torch.cos(margin), torch.sin(margin))
