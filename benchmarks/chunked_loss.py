@@ -52,7 +52,6 @@ def make_steps(b: int, d: int, c: int, device: str, chunk_size: int | None):
     head = ArcFaceHead(d, c).to(device)
     chunked = ArcFaceHead(d, c, chunked=True, chunk_size=chunk_size).to(device)
     chunked.weight = head.weight  # the same W
-    head.probe_record.enabled = False  # as on the trainer's steps that log no geometry
     weight = head.weight
 
     def floor():

@@ -4,8 +4,8 @@ For each head (every ``marginlab/configs/head/*.yaml``, built as the builder doe
 (B, D, C) it times one training step of the head alone: ``logits = head(x, labels)``,
 ``F.cross_entropy(logits, labels)`` (plus ``head.extra_loss()`` where a head has one, as the engine
 adds it), ``backward()`` to x and to every head parameter. It is the step the trainer runs on the steps that
-log no geometry (9 in 10 at the default ``logger.log_every_n_steps=10``): ``head.probe_record.enabled`` is
-off, so the head keeps no probe cosines; ``--probe`` times the logging steps instead. The same step
+log no geometry (9 in 10 at the default ``logger.log_every_n_steps=10``); ``--probe`` times the logging steps
+instead, which also take the head's pure ``cosine`` of the batch (the criterion's step statistics). The same step
 is timed for
 
 * floor 1 -- ``F.linear(x, W) + CE``: a plain linear classifier;
@@ -24,8 +24,6 @@ tensors -- gradients are reset to None before the step, so every contender alloc
 Every contender keeps its logits until after ``backward()``, as the training engine does (it reads
 them afterwards for the accuracy), so a head whose probe cosines are an alias of its logits is not
 charged for them, and a floor is not credited for freeing its logits early.
-Before that step the head's ``probe_record.cosine`` is cleared, so freeing the previous step's cosines does
-not count against it.
 
 Targets (issue 3, tightened by issue 16): unnormalised heads (softmax, lsoftmax, l2softmax) within 1.10x of
 floor 1; normalised heads (normface, cosine, coco, amsoftmax, cosface, arcface, sphereface, combined,
@@ -117,7 +115,6 @@ def make_contenders(head, b: int, d: int, c: int, seed: int = 0, probe: bool = F
     x = torch.randn(b, d, generator=g).requires_grad_(True)
     labels = torch.randint(0, c, (b,), generator=g)
     head.train()
-    head.probe_record.enabled = probe
     params = [p for p in head.parameters() if p.requires_grad]
 
     # every step keeps its logits until after backward, as the engine does (it reads them afterwards)
@@ -129,9 +126,8 @@ def make_contenders(head, b: int, d: int, c: int, seed: int = 0, probe: bool = F
         if extra is not None:
             loss = loss + extra
         loss.backward()
-
-    def clear_probe():
-        head.probe_record.clear()
+        if probe:  # a logging step: the criterion's statistics from the head's pure cosines
+            head.cosine(x)
 
     w1 = head.weight.detach()[:c].clone().requires_grad_(True)
     w2 = w1.detach().clone().requires_grad_(True)
@@ -146,7 +142,7 @@ def make_contenders(head, b: int, d: int, c: int, seed: int = 0, probe: bool = F
         F.cross_entropy(logits, labels).backward()
 
     return {
-        "head": Contender(head_step, [x, *params], clear_probe),
+        "head": Contender(head_step, [x, *params]),
         "floor1": Contender(floor1, [x, w1]),
         "floor2": Contender(floor2, [x, w2]),
     }
@@ -206,7 +202,6 @@ def measure(name: str, shape: str, repeats: int, probe: bool = False) -> dict:
         gc.enable()
     result = {key: statistics.median(v) for key, v in times.items()}
     result.update({f"mem_{key}": peak_memory(contenders[key]) for key in order})
-    head.probe_record.clear()
     return result
 
 
@@ -223,7 +218,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--probe",
         action="store_true",
-        help="time the logging steps: the heads keep their probe cosines (probe_record.enabled)",
+        help="time the logging steps: the heads' pure cosines for the step statistics too",
     )
     parser.add_argument(
         "--repeats",

@@ -45,7 +45,6 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from marginlab import builders  # noqa: E402
 from marginlab.config.validate import resolve_head  # noqa: E402
-from marginlab.heads.probe_record import set_recording  # noqa: E402
 from marginlab.losses import MarginLoss  # noqa: E402
 
 CONFIGS = ROOT / "marginlab" / "configs"
@@ -70,7 +69,6 @@ class Step:
         sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
         sync()
         wall, cpu = time.perf_counter(), time.process_time()
-        set_recording(self.model.head, False)
         embeddings, logits = self.model(images, labels)
         loss = self.criterion.from_head_output(embeddings, logits, labels)
         self.optimizer.zero_grad(set_to_none=True)

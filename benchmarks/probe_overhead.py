@@ -124,7 +124,7 @@ def large_head(tmp: Path, num_classes=85_742, dim=512, batch=256):
             for x, y in batches:
                 logits = head(x)  # the forward evaluate runs anyway (not probe cost)
                 t0 = time.perf_counter()
-                probe.collect(x, head.probe_record.cosine, y, logits.argmax(1))
+                probe.collect(x, head.cosine(x), y, logits.argmax(1))
                 collect += time.perf_counter() - t0
             t0 = time.perf_counter()
             probe.end_epoch(epoch + 1, epoch, head)

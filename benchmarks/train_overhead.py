@@ -158,7 +158,7 @@ def engine_pieces(model, batches):
             "acc": (logits.argmax(1) == labels).float().mean().item(),
             "lr": opt.param_groups[0]["lr"],
         }
-        stats.update(batch_geometry(embeddings.detach(), model.head.probe_record.cosine, labels, model.head))
+        stats.update(batch_geometry(embeddings.detach(), model.head.cosine(embeddings), labels, model.head))
         log.scalars(stats, 1, prefix="step/")
 
     def accumulate():

@@ -23,9 +23,12 @@ class MarginModel(nn.Module):
         self.head = head
         self.regularizers = regularizers
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, stats: bool = False):
+        """(embeddings, the head's output); ``stats``: the step logs geometry (the head's ``forward``)."""
         embeddings = self.backbone(images)
-        return embeddings, self.head(embeddings, labels)
+        if labels is None:
+            return embeddings, self.head(embeddings)
+        return embeddings, self.head(embeddings, labels, stats=stats)
 
 
 def _instantiate(node: DictConfig, key: str, **kwargs):

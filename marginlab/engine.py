@@ -16,7 +16,6 @@ from marginlab.checkpoint import LoopState
 from marginlab.distributed.runtime import DistContext
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
-from marginlab.heads.probe_record import recorded_cosine, recorded_nearest, set_recording
 from marginlab.losses import MarginLoss, criterion_for
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,8 +97,9 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader``; with ``dist`` enabled the epoch's loss/accuracy are summed over the ranks.
 
-    ``criterion`` (default ``criterion_for(model)``) turns the head's output into the loss; one whose head
-    returns the loss itself (Partial FC) yields no training accuracy: no rank holds all the logits."""
+    ``criterion`` (default ``criterion_for(model)``) turns the head's output into the loss, the predictions and,
+    on the steps that log geometry, the step statistics (``criterion.step``); one whose head is sharded (Partial
+    FC) yields neither a training accuracy nor statistics: no rank holds all the logits."""
     model.train()
     criterion = criterion_for(model) if criterion is None else criterion
     classifies = criterion.classifies
@@ -111,11 +111,10 @@ def train_one_epoch(
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         images, labels = to_device(batch, prec.device, channels_last)
-        # the probe's cosines only on the steps that log geometry (the heads skip their pieces otherwise)
-        set_recording(model.head, (state.step + 1) % log_every == 0)
+        logs = (state.step + 1) % log_every == 0  # the step statistics only on the steps that log them
         with prec.autocast():  # forward under AMP; heads do their margin arithmetic in float32
-            embeddings, logits = forward(images, labels)
-            loss = criterion.from_head_output(embeddings, logits, labels)
+            embeddings, output = forward(images, labels, stats=logs)
+            loss, predicted, geometry = criterion.step(embeddings, output, labels, stats=logs)
         if not dist.all_finite(loss):  # sync point: a non-finite loss (on any rank) skips the step
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
@@ -139,23 +138,19 @@ def train_one_epoch(
         scheduler.step()
         state.step += 1
         loss_sum += loss.detach() * labels.numel()  # accumulated on the device: no sync
-        if classifies:  # (a chunked step's argmax comes from its class blocks: criterion.predicted_classes)
-            predicted = criterion.predicted_classes(logits)
+        if classifies:
             correct += (predicted == labels).sum()
         seen += labels.numel()
         if state.step % log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
             step_stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
             if classifies:
                 step_stats["acc"] = (predicted == labels).float().mean().item()
-            cos = recorded_cosine(model.head)
-            nearest = recorded_nearest(model.head) if cos is None else None  # (a chunked loss keeps only these)
-            if cos is not None or nearest is not None:
-                step_stats.update(batch_geometry(embeddings.detach(), cos, labels, model.head, nearest))
+            if geometry is not None:
+                step_stats.update(batch_geometry(embeddings.detach(), None, labels, model.head, geometry))
             if log is not None:
                 log.scalars(step_stats, state.step, prefix="step/")
             bar.set_postfix({k: f"{step_stats[k]:.3f}" for k in ("loss", "acc") if k in step_stats})
     bar.close()
-    set_recording(model.head, True)
     elapsed = time.perf_counter() - start
     totals = dist.all_reduce_sum(
         torch.stack(
@@ -220,7 +215,6 @@ def evaluate(
     predictions.
     """
     model.eval()
-    set_recording(model.head, True)
     forward = model if forward is None else forward
     loss_sum, correct, seen = 0.0, 0, 0
     meter = GeometryMeter()
@@ -231,8 +225,9 @@ def evaluate(
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
-        cos = recorded_cosine(model.head)
-        if cos is not None and meter.n < probe_max_samples:
+        if meter.n < probe_max_samples:
+            with prec.autocast():  # the head's pure cosines, as its forward computes them
+                cos = model.head.cosine(embeddings)
             keep = min(labels.numel(), probe_max_samples - meter.n)
             cos, labels_kept = cos[:keep], labels[:keep]
             nearest = target_and_nearest_other(cos.float(), labels_kept)  # once, for the meter and the probe

@@ -11,7 +11,7 @@ radius alpha cannot cover the sphere). Both are codes that exist, i.e. lower bou
 (Rankin's 90 deg, and the packing bound: C caps of radius alpha/2 are disjoint) is reported beside them.
 
 **The criterion.** A head states its margin as ``probe_margin.violation(cos_target, cos_other)`` (the
-probe's per-sample test, heads/probe_record.py). Put the classes at the best code, the nearest other class at alpha. A
+probe's per-sample test, heads/probe.py). Put the classes at the best code, the nearest other class at alpha. A
 feature at angle theta from its own class direction, moved towards that nearest class, has theta_y = theta
 and theta_j = alpha - theta, the worst case (by the triangle inequality every other class is at least
 alpha - theta away). The margin holds in a cap of angular radius rho around each class direction: the
@@ -137,8 +137,8 @@ def best_code_angle(num_classes: int, dim: int) -> CodeAngle:
 
 
 def has_margin(head) -> bool:
-    """Whether the head enforces a margin (its ``probe_margin``, heads/probe_record.py) on directions."""
-    from marginlab.heads.probe_record import probe_margin
+    """Whether the head enforces a margin (its ``probe_margin``, heads/probe.py) on directions."""
+    from marginlab.heads.probe import probe_margin
 
     if getattr(head, "weights_are_points", False):
         return False  # RBF-Softmax: prototypes are points, not directions
@@ -148,7 +148,7 @@ def has_margin(head) -> bool:
 @torch.no_grad()
 def cap_radius(head, alpha_deg: float) -> float:
     """rho (degrees): the largest theta with no margin violation at (cos theta, cos(alpha - theta)), theta from 0."""
-    from marginlab.heads.probe_record import probe_margin
+    from marginlab.heads.probe import probe_margin
 
     alpha = math.radians(alpha_deg)
     theta = torch.linspace(0.0, alpha / 2, GRID, dtype=torch.float64)

@@ -112,16 +112,20 @@ def test_head_weight_decay_is_a_separate_group():
     assert opt.param_groups[0]["weight_decay"] == 5e-4 and opt.param_groups[1]["weight_decay"] == 0.0
 
 
-def test_probe_cosines_are_recorded_only_on_the_steps_that_log_geometry():
+def test_step_statistics_are_asked_only_on_the_steps_that_log_geometry():
     model = tiny_model()
-    seen = []
-    real_logits = model.head.logits
+    seen, asked = [], []
+    real_forward, real_cosine = model.head.forward, model.head.cosine
 
-    def spy(embeddings, labels):
-        seen.append(model.head.probe_record.enabled)
-        return real_logits(embeddings, labels)
+    def spy(embeddings, labels=None, *, stats=False):
+        seen.append(stats)
+        return real_forward(embeddings, labels, stats=stats)
 
-    model.head.logits = spy
+    def cosine_spy(embeddings):
+        asked.append(len(seen))
+        return real_cosine(embeddings)
+
+    model.head.forward, model.head.cosine = spy, cosine_spy
     logged = []
 
     class Log:
@@ -130,8 +134,8 @@ def test_probe_cosines_are_recorded_only_on_the_steps_that_log_geometry():
 
     run_epoch(model, batches(), log_every=3, log=Log())
     assert seen == [False, False, True, False, False, True]  # steps 1..6, logged at 3 and 6
+    assert asked == [3, 6]  # the head's pure cosine only there (a logits head computes no statistics itself)
     assert logged == [(3, True), (6, True)]  # and those steps log the geometry
-    assert model.head.probe_record.enabled  # back on after the epoch: evaluation and other callers get the probe
 
 
 def test_a_chunked_head_logs_the_step_geometry_from_its_blocks():
@@ -140,19 +144,21 @@ def test_a_chunked_head_logs_the_step_geometry_from_its_blocks():
     torch.manual_seed(0)
     model = MarginModel(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), ArcFaceHead(3, 2, chunked=True), nn.ModuleDict())
     logged, outputs = [], []
-    real_logits = model.head.logits
+    real_forward = model.head.forward
 
-    def spy(embeddings, labels):
-        outputs.append(real_logits(embeddings, labels).dim())
-        return real_logits(embeddings, labels)
+    def spy(embeddings, labels=None, *, stats=False):
+        out = real_forward(embeddings, labels, stats=stats)
+        outputs.append((out.loss.dim(), out.stats is not None))
+        return out
 
-    model.head.logits = spy
+    model.head.forward, model.head.cosine = spy, None  # (never asked: the blocks give the statistics)
 
     class Log:
         def scalars(self, values, step, prefix=""):
             logged.append((step, sorted(k for k in values if "/" in k)))
 
     run_epoch(model, batches(), log_every=3, log=Log())
-    assert outputs == [0] * 6  # the loss on every step, the geometry steps too: never the B x C logits
+    # the loss on every step, the geometry steps too (with their statistics): never the B x C logits
+    assert outputs == [(0, False), (0, False), (0, True)] * 2
     keys = ["angle/nearest_other_deg", "angle/target_deg", "feature_norm/max", "feature_norm/mean"]
     assert [step for step, _ in logged] == [3, 6] and all(set(keys) <= set(k) for _, k in logged)

@@ -13,7 +13,8 @@ built with ``num_classes = end_r - start_r``. Per step every rank
    the margin transform of the local head, so any ``CosineMarginHead`` whose margin acts on the target
    cosine alone works unchanged (NormFace, AM-Softmax/CosFace, ArcFace, combined, sub-center ArcFace);
 4. returns the softmax cross-entropy of the global batch over all classes of all ranks
-   (``dist_cross_entropy``: all-reduced max and sum of exponentials).
+   (``dist_cross_entropy``: all-reduced max and sum of exponentials) as a ``HeadLoss`` (heads/output.py)
+   without predictions or step statistics: no rank scores every class.
 
 Without a process group (a plain single-process run) it is one rank owning every class: the collectives
 are identities and ``sample_rate < 1`` still samples the negatives.
@@ -35,6 +36,7 @@ from marginlab.dtypes import at_least_float32
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead, fill_class_weight_
 from marginlab.heads.kernels import normalize_features
+from marginlab.heads.output import HeadLoss
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -200,7 +202,7 @@ class PartialFC(nn.Module):
     Every rank must pass the same batch size each step (use ``drop_last``).
     """
 
-    returns_loss = True  # the engine must not apply cross-entropy to the output
+    produces_loss = True  # its training output is the loss, a ``HeadLoss`` (heads/output.py): no cross-entropy on it
 
     def __init__(
         self,
@@ -234,7 +236,6 @@ class PartialFC(nn.Module):
         self.step = 0  # training forwards so far: the negatives of a step depend on (seed, rank, step) only
         self._generator: torch.Generator | None = None
         self.last_sampled: Tensor | None = None  # the local classes in the last softmax (None: all)
-        self.last_cosine = None  # the probe's cosines would be a sampled shard: not offered
         if init_seed is not None:
             self.init_weight_(init_seed)
 
@@ -296,7 +297,9 @@ class PartialFC(nn.Module):
             cos = cos.view(cos.shape[0], -1, self.sub_centers).amax(dim=2)
         return cos
 
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None, *, stats: bool = False) -> HeadLoss:
+        """The global batch's loss, with neither predictions nor step statistics (``stats`` is not honoured): no
+        rank scores every class."""
         if labels is None:
             raise ConfigError(
                 "PartialFC computes the training loss; evaluate with the embeddings "
@@ -315,7 +318,7 @@ class PartialFC(nn.Module):
         self.step += 1
         rows = (self.num_local if classes is None else classes.numel()) * self.sub_centers  # the n this step scores
         if self.head.chunks(all_embeddings.shape[0], rows):  # the same loss in class blocks, never the B x n logits
-            return self.head.chunked_loss(
+            return self.head.chunked_loss(  # (a HeadLoss without predictions: ``reduce`` is given)
                 all_embeddings,
                 torch.where(owned, local, torch.full_like(local, -1)),
                 self.class_rows(classes),
@@ -328,7 +331,7 @@ class PartialFC(nn.Module):
         # the head's margin on the target cosines this rank owns; labels given as local class indices
         target = self.head.target_cosine(cos[rows, cols], all_labels[rows] - self.class_start)
         logits.index_put_((rows, cols), (self.head.s * target).to(logits.dtype))  # fresh tensor: autograd-safe
-        return dist_cross_entropy(logits, torch.where(owned, local, torch.full_like(local, -1)), self.group)
+        return HeadLoss(dist_cross_entropy(logits, torch.where(owned, local, torch.full_like(local, -1)), self.group))
 
     def _row_reduce(self, tensor: Tensor, op: str) -> None:
         """All-reduces the chunked loss's row statistics in place (``max`` or ``sum``); one rank: nothing."""

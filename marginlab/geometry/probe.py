@@ -1,7 +1,7 @@
 """The geometry probe: a bounded validation sample per evaluated epoch -> histograms, scalars, npz, figures.
 
-``evaluate`` hands each batch's features, the cosines the head already made (its ``probe_record``,
-heads/probe_record.py), labels and predictions to ``collect`` until ``max_samples`` are held.
+``evaluate`` hands each batch's features, the head's cosines (its pure ``cosine``, heads/probe.py), labels and
+predictions to ``collect`` until ``max_samples`` are held.
 ``end_epoch`` then logs the histograms (feature norm of correctly / wrongly classified samples, target
 angle, nearest non-target angle, realised angular margin, class-weight norms), returns the epoch's
 scalars (pairwise class-weight angles, intra-class spread, inter-class angles of class means), writes

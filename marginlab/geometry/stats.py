@@ -1,7 +1,7 @@
 """Geometry of what a head learns: feature norms, angles to the target and nearest other class, margins.
 
-Everything is computed from the cosines the head already produced (its ``probe_record``) and from what
-a head declares for the probe (heads/probe_record.py: ``probe_margin``, ``normalized_features``,
+Everything is computed from the head's cosines (its pure ``cosine``, or a training step's ``StepStats`` from the
+criterion) and from what a head declares for the probe (heads/probe.py: ``probe_margin``, ``normalized_features``,
 ``weights_are_points``); no concrete head class is imported here.
 """
 
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from marginlab.heads.probe_record import probe_margin
+from marginlab.heads.probe import probe_margin
 
 RAD2DEG = 180.0 / math.pi
 
@@ -96,13 +96,13 @@ def batch_geometry(
 
 def is_normalized(head) -> bool:
     """Whether the head classifies normalised features (so the unit circle/sphere is worth drawing):
-    its ``normalized_features`` (heads/probe_record.py)."""
+    its ``normalized_features`` (heads/probe.py)."""
     return bool(getattr(head, "normalized_features", False))
 
 
 def weights_are_points(head) -> bool:
     """Whether the class weights are prototypes in feature space (RBF-Softmax) rather than directions:
-    its ``weights_are_points`` (heads/probe_record.py)."""
+    its ``weights_are_points`` (heads/probe.py)."""
     return bool(getattr(head, "weights_are_points", False))
 
 

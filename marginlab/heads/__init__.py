@@ -2,7 +2,7 @@
 
 Every head class is re-exported here, under its class name and under its paper's name, for use in your
 own training loop (``from marginlab.heads import ArcFace``; with ``marginlab.losses.MarginLoss``).
-What a head offers the geometry probe is declared in probe_record.py.
+What a head offers the geometry probe is declared in probe.py; what a training forward returns in output.py.
 """
 
 from marginlab.heads.adacos import AdaCosHead

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead
+from marginlab.heads.output import HeadLoss
 
 #: fixed: s = sqrt(2) log(C - 1); dynamic: s adapted every training step from the batch
 MODES = ("fixed", "dynamic")
@@ -118,11 +119,13 @@ class AdaCosHead(CosineMarginHead):
         # AdaCos: s = log B_avg / cos(min(pi/4, theta_med))
         return log_b_avg / torch.cos(med.clamp_max(math.pi / 4))
 
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None, *, stats: bool = False) -> Tensor | HeadLoss:
         if self.mode == "fixed" or labels is None or not self.training:
-            return super().forward(embeddings, labels)
+            return super().forward(embeddings, labels, stats=stats)
         s_prev = self.s
-        logits = super().forward(embeddings, labels)  # s_prev cos theta (the previous step's scale)
+        logits = super().forward(
+            embeddings, labels, stats=stats
+        )  # (dynamic s never chunks: logits)  # s_prev cos theta (the previous step's scale)
         with torch.no_grad():
             self.scale.copy_(self.dynamic_scale(logits.detach(), labels, s_prev.to(logits.dtype)))
         return logits * (self.s.to(logits.dtype) / s_prev.to(logits.dtype))  # this step's s cos theta

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from marginlab.checks import check_float
 from marginlab.heads.base import CosineMarginHead
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 
 class AMSoftmaxHead(CosineMarginHead):

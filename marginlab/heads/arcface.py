@@ -10,7 +10,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead, cos_plus_angle_and_slope
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 #: the ways of applying the margin, see ArcFaceHead
 MODES = ("exact", "straight_through", "no_fallback")

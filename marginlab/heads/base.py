@@ -1,15 +1,14 @@
 """The head contract shared by every margin head.
 
-A head owns the class weights ``W`` (C x D) and maps embeddings (B x D) to logits (B x C):
-``head(x, labels)`` gives the training logits with the margin applied to the target column only,
-``head(x)`` the plain evaluation logits of its geometry. Cross-entropy is applied by the engine (a ``chunked``
-cosine-margin head's training forward returns it instead, never building the logits: ``CosineMarginHead``).
+A head owns the class weights ``W`` (C x D). Its training forward ``head(x, labels)`` returns either the B x C
+margin logits (the margin on the target column only; the criterion in marginlab/losses applies cross-entropy)
+or, for a head that ``produces_loss`` and for a ``chunked`` cosine-margin step that never builds the logits, a
+``HeadLoss(loss, predicted, stats)`` (heads/output.py). ``head(x)`` gives the plain evaluation logits, and
+``cosine(x)`` the pure, margin-free cosines that evaluation and the geometry probe read (heads/probe.py, with
+``normalized_features``, ``weights_are_points`` and ``probe_margin``); a head keeps no probe state.
 Margins are applied by gathering the target cosine, transforming it and scattering it back; no head
 builds a B x C one-hot or takes ``acos`` of the whole B x C matrix. Margin arithmetic runs in float32
-even under autocast. What a head offers the geometry probe is declared in heads/probe_record.py: it keeps
-the (detached) cosines it computed in its ``probe_record`` so the probe can reuse them (unless the record
-is off: the trainer's steps that log nothing), and sets ``normalized_features``, ``weights_are_points``
-and ``probe_margin``.
+even under autocast.
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ from marginlab.heads.kernels import (
     precise_cosine,
     with_slope,
 )
-from marginlab.heads.output import HeadLoss
-from marginlab.heads.probe_record import LazyCosine, ProbeMargin, ProbeRecord
+from marginlab.heads.output import HeadLoss, StepStats
+from marginlab.heads.probe import ProbeMargin, scaled_cosine, unfloored
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +150,14 @@ class MarginHead(nn.Module):
       Caffe ``param { lr_mult decay_mult }``; the optimizer builder (builders.py) makes them a group.
     """
 
-    #: for the geometry probe (heads/probe_record.py): whether the head classifies normalised features,
+    #: for the geometry probe (heads/probe.py): whether the head classifies normalised features,
     #: whether its class weights are points in feature space (not directions), and the margin its
     #: violation count uses (heads with a margin set their own, in ``__init__`` when it depends on m)
     normalized_features: bool = False
     weights_are_points: bool = False
     probe_margin: ProbeMargin = ProbeMargin()
-    #: whether the cosines it keeps for the probe are of ``normalize_features``' floored feature, which its
-    #: forward then has read as those of x / ||x|| (``ProbeRecord.unfloor``)
+    #: whether its cosines are of ``normalize_features``' floored feature x / max(||x||, FEATURE_EPS), which
+    #: ``cosine`` gives as those of x / ||x|| (heads/probe.py, ``unfloored``)
     probe_floored: bool = False
     #: the initialisation of W in the head's official code (one of WEIGHT_INITS); heads without an
     #: official code of their own keep nn.Linear's
@@ -188,9 +187,6 @@ class MarginHead(nn.Module):
         self.weight_decay = None if weight_decay is None else check_float("weight_decay", weight_decay, low=0.0)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         self.reset_weight()
-        #: the probe's cosines of each forward; the trainer turns ``probe_record.enabled`` off on the
-        #: steps that log no geometry, so heads skip the pieces they would compute for it
-        self.probe_record = ProbeRecord()
 
     @property
     def weight_init(self) -> str:
@@ -201,17 +197,14 @@ class MarginHead(nn.Module):
         """Draws ``weight`` afresh with ``weight_init`` (subclasses that reshape W call it again)."""
         fill_class_weight_(self.weight, self.weight_init, generator)
 
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor | HeadLoss:
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None, *, stats: bool = False) -> Tensor | HeadLoss:
+        """The training output (logits, or a ``HeadLoss``) with labels, the evaluation logits without. ``stats``:
+        this step logs geometry (a head that computes its step statistics on the way returns them in its
+        ``HeadLoss``; the criterion asks ``cosine`` for the others)."""
         self._check_inputs(embeddings, labels)
         if labels is not None and self.produces_loss:
-            self.probe_record.clear()  # (the probe asks ``cosine``)
             return self.loss(embeddings, labels)
-        logits = self.logits(embeddings, labels)
-        if not self.probe_record.enabled:
-            self.probe_record.clear()
-        elif self.probe_floored:
-            self.probe_record.unfloor(embeddings)
-        return logits
+        return self.logits(embeddings, labels)
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -223,8 +216,10 @@ class MarginHead(nn.Module):
     @torch.no_grad()
     def cosine(self, embeddings: Tensor) -> Tensor:
         """The B x C cosines of the head's geometry, margin-free and detached: what the probe and evaluation read.
-        A pure method (no state): the normalised cosine unless a head defines its own."""
-        return self.normalized_cosine(embeddings)
+        A pure method (no state): the normalised cosine unless a head defines its own (of x / ||x|| also below
+        the feature floor when ``probe_floored``)."""
+        cos = self.normalized_cosine(embeddings)
+        return unfloored(cos, embeddings) if self.probe_floored else cos
 
     # ---- helpers for subclasses -------------------------------------------------------------
     def normalized_cosine(self, embeddings: Tensor) -> Tensor:
@@ -294,8 +289,8 @@ class CosineMarginHead(MarginHead):
     to heads and wrappers that edit the cosines with ordinary ops (sub-centres, Partial FC).
     """
 
-    normalized_features = True  # it classifies x / ||x|| (heads/probe_record.py)
-    probe_floored = True  # its probe cosines are of normalize_features' x / max(||x||, FEATURE_EPS)
+    normalized_features = True  # it classifies x / ||x|| (heads/probe.py)
+    probe_floored = True  # its cosines are of normalize_features' x / max(||x||, FEATURE_EPS)
     #: its ``normalized_cosine`` is the max over each class's weight rows (Sub-center ArcFace), which the chunked
     #: loss computes itself (``sub_centers``); any other override of it refuses ``chunked``
     chunked_max_pools_sub_centers: bool = False
@@ -316,11 +311,11 @@ class CosineMarginHead(MarginHead):
         super().__init__(in_features, num_classes, **common)
         self.s = check_float("s", s, low=0.0, low_inclusive=False)
         #: ``chunked``: a training forward (with labels, in train mode) returns the mean cross-entropy itself
-        #: (a 0-dim tensor, which ``MarginLoss`` takes as the loss), computed in blocks of ``chunk_size``
+        #: (a ``HeadLoss``, heads/output.py, with each row's predicted class), computed in blocks of ``chunk_size``
         #: classes (default: ``default_block`` in that module) with an online log-sum-exp, never the B x C logits
         #: (kernels/chunked_margin_ce.py): peak memory dW plus a few B x block blocks, one more B x C x D
-        #: product. On the steps whose geometry the probe logs, the blocks also give the two B-vectors its
-        #: step statistics read, cos theta_y and the nearest non-target cosine (``probe_record.keep_nearest``).
+        #: product. On the steps whose geometry the probe logs (``stats``), the blocks also give the two
+        #: B-vectors its step statistics read, cos theta_y and the nearest non-target cosine (``StepStats``).
         #: ``"auto"``: only the training steps whose B x C float32 logits take at least ``chunked_above_bytes``
         #: (``chunks``); a head that cannot be chunked then never chunks, and says so once in the log.
         if not (chunked is True or chunked is False or (isinstance(chunked, str) and chunked in CHUNKED)):
@@ -330,27 +325,36 @@ class CosineMarginHead(MarginHead):
         self.chunked_above_bytes = check_positive_int("chunked_above_bytes", chunked_above_bytes)
         #: why ``chunked="auto"`` never chunks this head (None: it may): set once, when it is first found
         self.unchunkable: str | None = None
-        #: the last chunked step's predicted class per row (the argmax of its training logits; None under Partial
-        #: FC), which ``MarginLoss.predicted_classes`` gives the trainer for its training accuracy
-        self.chunked_predicted: Tensor | None = None
         self._auto_announced = False  # the log line of auto's first chunked step is written
         if self.chunked is True:
             check_chunkable(self)
         elif self.chunked == "auto" and chunkable_problem(type(self)):
             self.keep_unchunked(chunkable_problem(type(self)))
 
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None, *, stats: bool = False) -> Tensor | HeadLoss:
+        if not self.chunked_step(labels):
+            return super().forward(embeddings, labels)
+        self._check_inputs(embeddings, labels)
+        return self.chunked_loss(embeddings, labels, stats=stats)  # never the B x C logits (``chunked``)
+
     def chunked_loss(
-        self, embeddings: Tensor, labels: Tensor, weight: Tensor | None = None, reduce: RowReduce | None = None
-    ) -> Tensor:
-        """The mean cross-entropy of ``head(x, labels)``'s logits, in class blocks (kernels/chunked_margin_ce.py).
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        weight: Tensor | None = None,
+        reduce: RowReduce | None = None,
+        *,
+        stats: bool = False,
+    ) -> HeadLoss:
+        """The mean cross-entropy of ``head(x, labels)``'s logits, in class blocks (kernels/chunked_margin_ce.py),
+        with each row's predicted class and, with ``stats``, the probe's step statistics.
 
         Partial FC passes its sampled rows as ``weight``, -1 in ``labels`` for classes other ranks hold and
-        its all-reduce as ``reduce``."""
+        its all-reduce as ``reduce``: no rank scores every class, so no predictions and no statistics."""
         check_chunkable(self)
-        self.probe_record.clear()  # no cosines are made
         # the probe's step statistics need two B-vectors, which the blocks give (not over ranks: Partial FC)
-        record = {} if self.probe_record.enabled and reduce is None else None
-        loss, self.chunked_predicted = _chunked_loss(
+        record = {} if stats and reduce is None else None
+        loss, predicted = _chunked_loss(
             embeddings,
             self.weight if weight is None else weight,
             labels,
@@ -362,10 +366,11 @@ class CosineMarginHead(MarginHead):
             self.sub_centers,
             record,
         )
-        if record is not None:  # (called by MarginLoss without the head's forward: unfloored here)
-            self.probe_record.keep_nearest(record["target"], record["nearest_other"])
-            self.probe_record.unfloor(embeddings)
-        return loss
+        if record is None:
+            return HeadLoss(loss, predicted)
+        # the blocks' cosines are of the floored feature: read as those of x / ||x||, as ``cosine`` gives them
+        target, other = (unfloored(record[k].detach(), embeddings) for k in ("target", "nearest_other"))
+        return HeadLoss(loss, predicted, StepStats(target, other))
 
     @property
     def sub_centers(self) -> int:
@@ -415,30 +420,34 @@ class CosineMarginHead(MarginHead):
         return with_slope(cos_target, self.margin_and_slope)
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        if self.chunked_step(labels):
-            return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (see ``chunked``)
         if type(self).normalized_cosine is not MarginHead.normalized_cosine:  # e.g. sub-centres
             if labels is None:
-                cos = self.normalized_cosine(embeddings)
-                self.probe_record.keep(cos.detach())
-                return cos * self.s
+                return self.normalized_cosine(embeddings) * self.s
             if self.precise_target:  # the target cosines in float64 from the target rows
                 cos, cos_target = self.cosine_and_target(embeddings, labels)
             else:
                 cos = self.normalized_cosine(embeddings)
                 cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
-            self.probe_record.keep(cos.detach())
             return self.replace_target(cos * self.s, labels, self.s * self.target_cosine(cos_target, labels))
         s = self.s
         if labels is not None and not isinstance(s, Tensor) and not torch.compiler.is_compiling():
             # the whole training forward in one Function (fused_margin.py)
-            logits, target = fused_cosine_margin(
+            logits, _ = fused_cosine_margin(
                 embeddings, self.weight, labels, s, s, self.margin_and_slope, self.precise_target
             )
-            self.probe_record.keep(LazyCosine(logits, col_scale=1.0 / s, labels=labels, target_raw=target))
             return logits
-        # s cos theta_j in one fused product: (s x/||x||) . W_j / ||W_j||, clamped to [-s, s]
-        scale = s.detach().clone() if isinstance(s, Tensor) else s  # as of this forward (s may be learnt)
+        fused = self._scaled_cosine(embeddings, labels)[0]
+        logits = fused.logits
+        if labels is not None:
+            cos_target = fused.target / s
+            logits = fused.replace_target(labels, s * self.target_cosine(cos_target, labels))
+        return logits
+
+    def _scaled_cosine(self, embeddings: Tensor, labels: Tensor | None):
+        """(s cos theta_j in one fused product: (s x/||x||) . W_j / ||W_j||, clamped to [-s, s]; s as of this
+        forward, detached: s may be learnt)."""
+        s = self.s
+        scale = s.detach().clone() if isinstance(s, Tensor) else s
         bound = scale.abs() if isinstance(scale, Tensor) else abs(scale)
         # the target cosines (B) are computed again in float64 from the raw features (see fast_cosine.py)
         target_value = None if labels is None else precise_cosine(embeddings, self.weight, labels) * scale
@@ -450,19 +459,16 @@ class CosineMarginHead(MarginHead):
             bound=bound,
             target_value=target_value,
         )
-        logits = fused.logits
-        if labels is not None:
-            cos_target = fused.target / s
-            logits = fused.replace_target(labels, s * self.target_cosine(cos_target, labels))
-        self.probe_record.keep(
-            LazyCosine(
-                logits,
-                col_scale=1.0 / scale,
-                labels=labels,
-                target_raw=None if labels is None else fused.target.detach(),
-            )
-        )
-        return logits
+        return fused, scale
+
+    @torch.no_grad()
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        cls = type(self)
+        if cls.logits is not CosineMarginHead.logits or cls.normalized_cosine is not MarginHead.normalized_cosine:
+            return super().cosine(embeddings)  # (its evaluation logits are s times these)
+        # the evaluation logits over s, bit for bit: s x/||x|| . W_j/||W_j|| / s
+        fused, scale = self._scaled_cosine(embeddings, None)
+        return unfloored(scaled_cosine(fused.logits, col_scale=1.0 / scale), embeddings)
 
 
 def chunkable_problem(cls: type) -> str | None:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from marginlab.checks import check_float
 from marginlab.heads.base import CosineMarginHead
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 #: the slope uses d acos / d cos = -1 / sqrt(1 - cos^2) only for |cos| <= 1 - eps (there |d acos / d cos|
 #: <= ~2.2e3); within eps of +-1 (theta < ~4.5e-4 rad, or within that of pi) the slope is 0

@@ -65,14 +65,10 @@ class CurricularFaceHead(ArcFaceHead):
         return chunked(self.target_margin(embeddings))
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        if self.chunked_step(labels):
-            return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (base.py, ``chunked``)
         if labels is None:
             cos = self.normalized_cosine(embeddings)
-            self.probe_record.keep(cos.detach())
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
-        self.probe_record.keep(cos.detach())
         return margin_logits(cos, cos_target, labels, self.s, self.target_margin(embeddings))
 
     def schedule_values(self) -> dict[str, float]:

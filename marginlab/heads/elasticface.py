@@ -12,7 +12,8 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.output import HeadLoss
+from marginlab.heads.probe import ProbeMargin
 
 #: the margin's geometry: ElasticFace-Arc (cos(theta_y + m_i)) or ElasticFace-Cos (cos theta_y - m_i)
 VARIANTS = ("arc", "cos")
@@ -116,13 +117,13 @@ class ElasticFaceHead(CosineMarginHead):
             if arm:
                 self._armed = False
 
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None, *, stats: bool = False) -> Tensor | HeadLoss:
         with self._drawing(labels):
-            return super().forward(embeddings, labels)
+            return super().forward(embeddings, labels, stats=stats)
 
-    def chunked_loss(self, embeddings, labels, weight=None, reduce=None) -> Tensor:
+    def chunked_loss(self, embeddings, labels, weight=None, reduce=None, *, stats: bool = False) -> HeadLoss:
         with self._drawing(labels):  # (MarginLoss may call it without the forward)
-            return super().chunked_loss(embeddings, labels, weight, reduce)
+            return super().chunked_loss(embeddings, labels, weight, reduce, stats=stats)
 
     @torch.no_grad()
     def draw_margins(self, cos_target: Tensor) -> Tensor:

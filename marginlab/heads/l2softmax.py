@@ -13,7 +13,7 @@ from marginlab.dtypes import at_least_float32
 from marginlab.errors import ConfigError
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import normalize_features
-from marginlab.heads.probe_record import LazyCosine
+from marginlab.heads.probe import scaled_cosine, unfloored
 
 
 def alpha_lower_bound(num_classes: int, p: float) -> float:
@@ -32,7 +32,7 @@ class L2SoftmaxHead(MarginHead):
     with a zero gradient (``normalize_features``).
     """
 
-    probe_floored = True  # its probe cosines are of normalize_features' x / max(||x||, FEATURE_EPS)
+    probe_floored = True  # its cosines are of normalize_features' x / max(||x||, FEATURE_EPS)
 
     def __init__(
         self,
@@ -69,17 +69,16 @@ class L2SoftmaxHead(MarginHead):
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
         # L2-softmax (Ranjan et al. 2017): f = alpha * x / ||x||, then the usual W f + b
         features = normalize_features(at_least_float32(embeddings)) * self.alpha
-        logits = at_least_float32(F.linear(features, self.weight, self.bias))
-        if not self.probe_record.enabled:
-            return logits
-        with torch.no_grad():  # cosines for the geometry probe: (logit - b) / (alpha ||W_j||), computed
-            # from these pieces (taken now: the step may change W and b) when probe_record.cosine is read
-            w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)
-            self.probe_record.keep(
-                LazyCosine(
-                    logits,
-                    col_scale=w_norms.clamp_min_(1e-12).mul_(self.alpha).reciprocal_(),
-                    bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True),
-                )
-            )
-        return logits
+        return at_least_float32(F.linear(features, self.weight, self.bias))
+
+    @torch.no_grad()
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """cos = (logit - b) / (alpha ||W_j||), from the evaluation logits (of x / ||x||: ``probe_floored``)."""
+        logits = self.logits(embeddings, None)
+        w_norms = torch.linalg.vector_norm(self.weight, dim=1, dtype=logits.dtype)
+        cos = scaled_cosine(
+            logits,
+            col_scale=w_norms.clamp_min_(1e-12).mul_(self.alpha).reciprocal_(),
+            bias=None if self.bias is None else self.bias.to(logits.dtype, copy=True),
+        )
+        return unfloored(cos, embeddings)

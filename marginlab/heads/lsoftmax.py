@@ -19,7 +19,7 @@ from marginlab.checks import check_float, check_positive_int
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import fused_linear
-from marginlab.heads.probe_record import LazyCosine, ProbeMargin
+from marginlab.heads.probe import ProbeMargin, scaled_cosine
 
 #: floor on ||x|| ||W_y|| when dividing by it, so zero-norm features give cos = 0 and finite gradients
 _NORM_EPS = 1e-12
@@ -120,25 +120,20 @@ class LSoftmaxHead(MarginHead):
         # be a dense C x D tensor) and normalize(W) is never materialised (see fast_cosine.py)
         fused = fused_linear(embeddings, self.weight, labels, normalize_weight=self.normalize_weights)
         wx = fused.logits  # B x C, float32 at least; the matmul may run under autocast
-        x = at_least_float32(embeddings)
-        x_norm = torch.linalg.vector_norm(x, dim=1)  # B (norm's gradient at 0 is 0)
-        w_norms = self._used_weight_norms(fused) if self.normalize_weights or self.probe_record.enabled else None
         if labels is None:
-            self._set_probe(wx, x_norm, w_norms)
             return wx
+        x_norm = torch.linalg.vector_norm(at_least_float32(embeddings), dim=1)  # B (norm's gradient at 0 is 0)
         if self.training:
             self.iteration += 1
         lam = self.current_lambda().to(wx.dtype)
         dot = fused.target  # W_y . x, computed in float64 from the B rows
         # ||W_y||; for SphereFace ||W_y / ||W_y|| || = 1, a constant
-        w_y_norm = w_norms[labels] if self.normalize_weights else fused.target_norm
+        w_y_norm = self._used_weight_norms(fused)[labels] if self.normalize_weights else fused.target_norm
         xw = x_norm * w_y_norm  # ||W_y|| ||x||
         cos = (dot / xw.clamp_min(_NORM_EPS)).clamp(-1.0, 1.0)
         # L-Softmax target logit: (lambda ||W|| ||x|| cos + ||W|| ||x|| psi) / (1 + lambda)
         target = (lam * dot + xw * psi(cos, self.m)) / (1.0 + lam)
-        logits = fused.replace_target(labels, target)
-        self._set_probe(logits, x_norm, w_norms, labels, dot)
-        return logits
+        return fused.replace_target(labels, target)
 
     @torch.no_grad()
     def _used_weight_norms(self, fused) -> Tensor:
@@ -147,20 +142,21 @@ class LSoftmaxHead(MarginHead):
             return fused.weight_norms / fused.weight_norms.clamp_min(_NORM_EPS)
         return torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=fused.logits.dtype)
 
-    def _set_probe(self, logits, x_norm, w_norms, labels=None, target=None) -> None:
-        """Cosines for the geometry probe, W_j x / (||W_j|| ||x||), computed when probe_record.cosine is read."""
-        if not self.probe_record.enabled:
-            return
-        with torch.no_grad():
-            self.probe_record.keep(
-                LazyCosine(
-                    logits,
-                    row_scale=x_norm.detach().clamp_min(_NORM_EPS).reciprocal_(),
-                    col_scale=w_norms.clamp_min(_NORM_EPS).reciprocal_(),
-                    labels=labels,
-                    target_raw=None if target is None else target.detach(),
-                )
-            )
+    @torch.no_grad()
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """W_j x / (||W_j|| ||x||), from the evaluation product W x (W / ||W|| x for SphereFace)."""
+        fused = fused_linear(embeddings, self.weight, normalize_weight=self.normalize_weights)
+        return self._cosine_of(fused.logits, embeddings, self._used_weight_norms(fused))
+
+    @staticmethod
+    def _cosine_of(wx: Tensor, embeddings: Tensor, w_norms: Tensor) -> Tensor:
+        """The cosines of the product ``wx`` (B x C) of the features with rows of norms ``w_norms``."""
+        x_norm = torch.linalg.vector_norm(at_least_float32(embeddings), dim=1)
+        return scaled_cosine(
+            wx,
+            row_scale=x_norm.clamp_min(_NORM_EPS).reciprocal_(),
+            col_scale=w_norms.clamp_min(_NORM_EPS).reciprocal_(),
+        )
 
     def schedule_values(self) -> dict[str, float]:
         return {"lambda": float(self.current_lambda())}

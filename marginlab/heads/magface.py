@@ -11,7 +11,7 @@ from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import CosineMarginHead, cos_plus_angle
 from marginlab.heads.kernels import ChunkedMargin
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 from marginlab.heads.target_margin import Margin, StepMargin, chunked, margin_logits
 
 
@@ -96,15 +96,11 @@ class MagFaceHead(CosineMarginHead):
         return chunked(self.target_margin(embeddings))
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        if self.chunked_step(labels):
-            return self.chunked_loss(embeddings, labels)  # the loss itself, 0-dim (base.py, ``chunked``)
         if labels is None:
             cos = self.normalized_cosine(embeddings)
-            self.probe_record.keep(cos.detach())
             self._loss_g = None
             return cos * self.s
         cos, cos_target = self.cosine_and_target(embeddings, labels)  # the target in float64
-        self.probe_record.keep(cos.detach())
         return margin_logits(cos, cos_target, labels, self.s, self.target_margin(embeddings))
 
     def extra_loss(self) -> Tensor | None:

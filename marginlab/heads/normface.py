@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from marginlab.heads.base import CosineMarginHead
+from marginlab.heads.output import HeadLoss
 
 #: the learnt scale's lower bound (NormFace prototxt/scaled_cosine_softmax.prototxt: min_value 0.01)
 MIN_SCALE = 0.01
@@ -41,11 +42,11 @@ class NormFaceHead(CosineMarginHead):
     def margin_and_slope(self, cos_target: Tensor) -> tuple[Tensor, float]:
         return cos_target, 1.0
 
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None, *, stats: bool = False) -> Tensor | HeadLoss:
         if self.learnable_scale and self.training:  # (only training steps change s)
             with torch.no_grad():  # NormFace prototxt, cosine_scale: min_value 0.01
                 self.s.clamp_(min=MIN_SCALE)
-        return super().forward(embeddings, labels)
+        return super().forward(embeddings, labels, stats=stats)
 
     def schedule_values(self) -> dict[str, float]:
         return {"s": float(self.s.detach())} if self.learnable_scale else {}

@@ -12,11 +12,8 @@ from marginlab.checks import check_float
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import class_block, no_autocast
-from marginlab.heads.probe_record import LazyCosine
+from marginlab.heads.probe import scaled_cosine
 
-#: the probe's cosines are recovered from the logits (see _RBFCosine) only where the estimated error
-#: of that stays below this (and no logit underflows); otherwise the product x W^T is kept
-_RECOVERY_TOLERANCE = 5e-6
 #: exponents are kept within +-this, clear of float32's range (exp(+-87)): the factored logits need
 #: exp(t_j) and exp(-||x||^2 / gamma) finite and normal; recovery needs no logit below exp(-this)
 _MAX_EXPONENT = 80.0
@@ -32,9 +29,9 @@ class _RBFLogits(torch.autograd.Function):
 
     Forward: one ``addmm`` gives ``t_j = log s + (2 x.W_j - ||W_j||^2) / gamma`` (the C-vector term
     rides along as its bias), then in place ``exp`` and, per row, the factor ``exp(-||x||^2 / gamma)``
-    (so the logits reuse the product's memory). Kept out of the exponent, the row term leaves t_j, and
-    so x.W_j, readable from the logits to a few roundings (the probe needs nothing else): added to the
-    exponent first, ``||x||^2 / gamma`` (often tens) would cost every entry a rounding of its own size.
+    (so the logits reuse the product's memory). Kept out of the exponent, the row term costs t_j nothing:
+    added to the exponent first, ``||x||^2 / gamma`` (often tens) would cost every entry a rounding of its
+    own size.
     Where those factors would leave float32's range (``_factorable``) or no host checks are possible
     (an accelerator), the row term goes into the exponent instead.
 
@@ -47,15 +44,10 @@ class _RBFLogits(torch.autograd.Function):
     form: factored, the few entries near it (found from one row-max pass) take their logits from the
     exponent too, so both forms clamp the same entries. On the CPU the clamped entries are listed;
     elsewhere (no host reads on an accelerator) a B x C boolean mask is kept.
-
-    The probe's cosines need x.W_j. Where the logits give it back precisely enough (factored logits,
-    decided from the norms before the product: ``_recoverable``) nothing more is kept; otherwise the
-    product x W^T is kept as it is (B x C), as the unfused code did. With ``probe=False`` (a step that
-    logs no geometry) it is never kept.
     """
 
     @staticmethod
-    def forward(ctx, x, w, s, gamma, probe):
+    def forward(ctx, x, w, s, gamma):
         log_s, inv_gamma = math.log(s), 1.0 / gamma
         on_cpu = _host_checks(x)
         with no_autocast(x.device.type):
@@ -63,16 +55,10 @@ class _RBFLogits(torch.autograd.Function):
             w2 = torch.linalg.vector_norm(w, dim=1).square_()  # C, no C x D temporary
             rows = x2 * inv_gamma  # ||x||^2 / gamma
             factored = on_cpu and _factorable(rows, log_s)
-            keep_product = probe and not (factored and _recoverable(x2, w2, gamma, log_s))
             # RBF-Softmax: logit_j = s exp(-d_j / gamma), d_j = ||x||^2 + ||W_j||^2 - 2 x.W_j,
             # = exp(t_j) exp(-||x||^2 / gamma),  t_j = log s + (2 x.W_j - ||W_j||^2) / gamma
             bias = (log_s - w2 * inv_gamma).unsqueeze(0)
-            if keep_product:
-                product = torch.mm(x, w.t())
-                t = torch.add(bias, product, alpha=2.0 * inv_gamma)
-            else:
-                product = x.new_zeros(0)
-                t = torch.addmm(bias, x, w.t(), alpha=2.0 * inv_gamma)
+            t = torch.addmm(bias, x, w.t(), alpha=2.0 * inv_gamma)
             if factored:
                 near = _at_least(t, rows + (log_s - _NEAR), on_cpu)  # K x 2, K ~ 0
                 arg = t[near[:, 0], near[:, 1]] - rows[near[:, 0]]  # log s - d_j / gamma, as below
@@ -85,15 +71,14 @@ class _RBFLogits(torch.autograd.Function):
                 out = arg.exp_()
         ctx.save_for_backward(x, w, out, hit)
         ctx.k = 2.0 * inv_gamma
-        ctx.mark_non_differentiable(product, x2, w2)
         ctx.set_materialize_grads(False)
-        return out, product, x2, w2
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, _grad_product, _grad_x2, _grad_w2):
+    def backward(ctx, grad_out):
         if grad_out is None:
-            return None, None, None, None, None
+            return None, None, None, None
         x, w, out, hit = ctx.saved_tensors
         k = ctx.k
         batch, num_classes = out.shape
@@ -122,7 +107,7 @@ class _RBFLogits(torch.autograd.Function):
                 dw = torch.mul(w[cols], ga.sum(dim=0).mul_(-k).unsqueeze(1), out=grad_w[cols])
                 dw.addmm_(ga.t(), xk)
             grad_x.addcmul_(row_sum, x, value=-1.0).mul_(k)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None
 
 
 def _host_checks(x: Tensor) -> bool:
@@ -131,7 +116,7 @@ def _host_checks(x: Tensor) -> bool:
 
 
 def _row_factor(x2: Tensor, inv_gamma: float) -> Tensor:
-    """exp(-||x||^2 / gamma) (B), the same bits in the forward and the probe."""
+    """exp(-||x||^2 / gamma) (B)."""
     return torch.exp(-(x2 * inv_gamma))
 
 
@@ -156,51 +141,6 @@ def _at_least(values: Tensor, limit: Tensor | float, on_cpu: bool) -> Tensor:
     return hit
 
 
-def _recoverable(x2: Tensor, w2: Tensor, gamma: float, log_s: float) -> bool:
-    """Whether x.W_j can be recovered from the factored logits to ``_RECOVERY_TOLERANCE`` in the cosine.
-
-    The recovery, x.W_j = (gamma (t_j - log s) + ||W_j||^2) / 2 with t_j = log(logit_j / exp(-||x||^2 /
-    gamma)), inherits a few roundings of t_j (gamma/2 each: from exp, the row factor, log, and one of
-    t_j's size, which includes log s) and of the terms of size |x.W_j| + ||W_j||^2 / 2 that it adds; in
-    the cosine about eps ((2 + |log s| / 2) gamma / (||x|| ||W_j||) + 3 + 1.5 ||W_j|| / ||x||) with
-    eps = 1.2e-7 (twice the unit roundoff: what bounded it in a sweep over shapes, norms, s and gamma).
-    Zero vectors are exact.
-    """
-    nx, nw = x2.sqrt(), w2.sqrt()
-    nx_max = float(nx.max()) if nx.numel() else 0.0
-    nw_max = float(nw.max())
-    if (nx_max + nw_max) ** 2 / gamma - log_s > _MAX_EXPONENT:
-        return False  # some logit may underflow
-    if nx_max == 0.0 or nw_max == 0.0:
-        return True  # all-zero features or prototypes: every cosine is 0
-    nx_min = float(nx.masked_fill(nx == 0, math.inf).min())  # the smallest non-zero norms
-    nw_min = float(nw.masked_fill(nw == 0, math.inf).min())
-    estimate = 1.2e-7 * ((2.0 + 0.5 * abs(log_s)) * gamma / (nx_min * nw_min) + 3.0 + 1.5 * nw_max / nx_min)
-    return estimate <= _RECOVERY_TOLERANCE
-
-
-class _RBFCosine(LazyCosine):
-    """Probe cosines from the factored logits: x.W_j = (gamma (t_j - log s) + ||W_j||^2) / 2 with
-    t_j = log(logit_j / exp(-||x||^2 / gamma)), used where ``_recoverable`` says that is good to
-    ``_RECOVERY_TOLERANCE`` (the matmul's own rounding is ~1e-7)."""
-
-    __slots__ = ("gamma", "log_s", "x2", "w2")
-
-    def __init__(self, logits, x2, w2, gamma, log_s):
-        super().__init__(logits)
-        self.gamma, self.log_s, self.x2, self.w2 = gamma, log_s, x2, w2
-
-    @torch.no_grad()
-    def compute(self):
-        self.check_intact()
-        t = torch.div(self.raw, _row_factor(self.x2, 1.0 / self.gamma).unsqueeze(1)).log_()
-        xw = t.mul_(0.5 * self.gamma).add_((0.5 * (self.w2 - self.gamma * self.log_s)).unsqueeze(0))
-        # a zero feature or prototype has cosine 0 (x.W_j is recovered only to rounding of the norms)
-        inv_x = self.x2.sqrt().clamp_min_(1e-12).reciprocal_().masked_fill_(self.x2 == 0, 0.0)
-        inv_w = self.w2.sqrt().clamp_min_(1e-12).reciprocal_().masked_fill_(self.w2 == 0, 0.0)
-        return xw.mul_(inv_x.unsqueeze(1)).mul_(inv_w.unsqueeze(0)).clamp_(-1.0, 1.0)
-
-
 class RBFHead(MarginHead):
     """RBF kernel between the feature and each class prototype ``W_j``, scaled by ``s``.
 
@@ -214,7 +154,7 @@ class RBFHead(MarginHead):
 
     # 2han9x1a0release/RBF-Softmax pycls/losses/rbflogit.py: nn.init.xavier_uniform_(self.weight)
     official_init = "xavier_uniform"
-    weights_are_points = True  # prototypes in feature space, not directions (heads/probe_record.py)
+    weights_are_points = True  # prototypes in feature space, not directions (heads/probe.py)
 
     def __init__(self, in_features: int, num_classes: int, s: float = 35.0, gamma: float = 16.0, **common):
         super().__init__(in_features, num_classes, **common)
@@ -222,17 +162,15 @@ class RBFHead(MarginHead):
         self.gamma = check_float("gamma", gamma, low=0.0, low_inclusive=False)
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        x = at_least_float32(embeddings)
-        w = at_least_float32(self.weight)
-        out, product, x2, w2 = _RBFLogits.apply(x, w, self.s, self.gamma, self.probe_record.enabled)
-        # cosines for the geometry probe, x.W_j / (||x|| ||W_j||), computed when read
-        if not self.probe_record.enabled:
-            return out
-        with torch.no_grad():  # probe pieces only (under torch.compile the non-differentiable marks are lost)
-            if product.numel():
-                inv_x = x2.sqrt().clamp_min_(1e-12).reciprocal_()
-                inv_w = w2.sqrt().clamp_min_(1e-12).reciprocal_()
-                self.probe_record.keep(LazyCosine(product, row_scale=inv_x, col_scale=inv_w))
-            else:
-                self.probe_record.keep(_RBFCosine(out, x2, w2, self.gamma, math.log(self.s)))
-        return out
+        return _RBFLogits.apply(at_least_float32(embeddings), at_least_float32(self.weight), self.s, self.gamma)
+
+    @torch.no_grad()
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """x.W_j / (||x|| ||W_j||) of the prototypes (not of its logits), the product in float32 as the logits'."""
+        x, w = at_least_float32(embeddings), at_least_float32(self.weight)
+        with no_autocast(x.device.type):
+            product = torch.mm(x, w.t())
+            inv_x = torch.linalg.vecdot(x, x).sqrt_().clamp_min_(1e-12).reciprocal_()
+            # (||W_j|| as the squared norms of the logits' bias give it)
+            inv_w = torch.linalg.vector_norm(w, dim=1).square_().sqrt_().clamp_min_(1e-12).reciprocal_()
+        return scaled_cosine(product, row_scale=inv_x, col_scale=inv_w)

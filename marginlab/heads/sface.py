@@ -10,7 +10,7 @@ from marginlab.checks import check_float
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import fused_linear, normalize_features
 from marginlab.heads.output import HeadLoss, refuse_chunked
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 
 class SFaceHead(MarginHead):

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.base import MarginHead
-from marginlab.heads.probe_record import LazyCosine
+from marginlab.heads.probe import scaled_cosine
 
 
 class SoftmaxHead(MarginHead):
@@ -20,19 +20,17 @@ class SoftmaxHead(MarginHead):
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
     def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        logits = at_least_float32(F.linear(embeddings, self.weight, self.bias))  # float32 under autocast
-        if not self.probe_record.enabled:
-            return logits
-        with torch.no_grad():  # cosines only for the geometry probe: cos = (logits - b) / (||W|| ||x||),
-            # computed from these pieces (taken now: the step may change W and b) when probe_record.cosine is read
-            x_norms = torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)
-            w_norms = torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=logits.dtype)
-            self.probe_record.keep(
-                LazyCosine(
-                    logits,
-                    row_scale=x_norms.clamp_min_(1e-12).reciprocal_(),
-                    col_scale=w_norms.clamp_min_(1e-12).reciprocal_(),
-                    bias=None if self.bias is None else self.bias.detach().to(logits.dtype, copy=True),
-                )
-            )
-        return logits
+        return at_least_float32(F.linear(embeddings, self.weight, self.bias))  # float32 under autocast
+
+    @torch.no_grad()
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """cos = (logits - b) / (||W_j|| ||x||), from the evaluation logits."""
+        logits = self.logits(embeddings, None)
+        x_norms = torch.linalg.vector_norm(at_least_float32(embeddings), dim=1)
+        w_norms = torch.linalg.vector_norm(self.weight, dim=1, dtype=logits.dtype)
+        return scaled_cosine(
+            logits,
+            row_scale=x_norms.clamp_min_(1e-12).reciprocal_(),
+            col_scale=w_norms.clamp_min_(1e-12).reciprocal_(),
+            bias=None if self.bias is None else self.bias.to(logits.dtype, copy=True),
+        )

@@ -93,14 +93,10 @@ class SphereFaceHead(LSoftmaxHead):
         # x . W_j with the unit rows: dx = G W, dW = G^T x, as the Caffe layer's gemms
         fused = fused_linear(embeddings, self.weight, labels)
         wx = fused.logits
+        if labels is None:
+            return wx
         x = at_least_float32(embeddings)
         x_norm = torch.linalg.vector_norm(x, dim=1)
-        w_norms = (
-            torch.linalg.vector_norm(self.weight.detach(), dim=1, dtype=wx.dtype) if self.probe_record.enabled else None
-        )
-        if labels is None:
-            self._set_probe(wx, x_norm, w_norms)
-            return wx
         if self.training:
             self.iteration += 1
         lam = self.current_lambda().to(wx.dtype)
@@ -126,6 +122,12 @@ class SphereFaceHead(LSoftmaxHead):
         # the value, with the Caffe x-gradient and the plain W gradient (through dot only)
         along = torch.linalg.vecdot(x, extra)
         target = dot + (value - dot.detach()) + (along - along.detach())
-        logits = fused.replace_target(labels, target)
-        self._set_probe(logits, x_norm, w_norms, labels, dot)
-        return logits
+        return fused.replace_target(labels, target)
+
+    @torch.no_grad()
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        if self.mode == "exact":
+            return super().cosine(embeddings)
+        # x . W_j / (||W_j|| ||x||) with W as it is (the official forward makes its rows unit first, in place)
+        wx = fused_linear(embeddings, self.weight).logits
+        return self._cosine_of(wx, embeddings, torch.linalg.vector_norm(self.weight, dim=1, dtype=wx.dtype))

@@ -12,7 +12,7 @@ from marginlab.errors import ConfigError
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import NORM_EPS, fused_linear, normalize_features
 from marginlab.heads.output import HeadLoss
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 #: SphereFace2-C (additive cosine), -A (additive angular), -M (multiplicative angular): the official magn_type
 VARIANTS = ("C", "A", "M")

@@ -12,7 +12,7 @@ from marginlab.checks import check_float
 from marginlab.errors import ConfigError
 from marginlab.heads.kernels import normalize_features
 from marginlab.heads.output import HeadLoss
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 from marginlab.heads.sphereface2 import ANGLE_MAX, ANGLE_MIN, COS_CLAMP, MODES, OpensphereLossHead, unit_row_cosine
 
 #: H: hard feature normalisation (logits s ...); N: no feature normalisation (||x|| ...); S: soft (||x||, plus

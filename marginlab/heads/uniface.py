@@ -14,7 +14,7 @@ from marginlab.errors import ConfigError
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import fused_linear, normalize_features
 from marginlab.heads.output import HeadLoss, refuse_chunked
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 #: what ``bias`` may be: one b for every class (UCE) or one per class (the official Normalized_BCE_Loss)
 BIASES = ("shared", "per_class")

@@ -12,7 +12,7 @@ from marginlab.checks import check_float
 from marginlab.errors import ConfigError
 from marginlab.heads.base import CosineMarginHead
 from marginlab.heads.combined import _ACOS_EPS
-from marginlab.heads.probe_record import ProbeMargin
+from marginlab.heads.probe import ProbeMargin
 
 #: how the gradient flows through the quadratic, see X2SoftmaxHead
 MODES = ("straight_through", "exact")

@@ -1,17 +1,37 @@
-"""``MarginLoss``: cross-entropy on a margin head's logits + regularizers + the head's own loss term."""
+"""``MarginLoss``: cross-entropy on a margin head's logits + regularizers + the head's own loss term.
+
+``MarginLoss.step`` is the one place that turns a head's training output (B x C logits, or a ``HeadLoss``:
+heads/output.py) into a ``CriterionStep``: the loss, each row's predicted class and, on the steps that log
+geometry, the probe's step statistics (``StepStats``: the head's own, else from its pure ``cosine``).
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marginlab.errors import ConfigError
+from marginlab.geometry.stats import target_and_nearest_other
 from marginlab.heads.base import check_chunkable
-from marginlab.heads.output import HeadLoss
+from marginlab.heads.output import HeadLoss, StepStats
+
+
+class CriterionStep(NamedTuple):
+    """What a training step's criterion gives the trainer (``MarginLoss.step``).
+
+    ``loss``: 0-dim, regularizers and the head's own term included; ``predicted``: each row's predicted class
+    (B, detached) for the training accuracy, None when the criterion does not ``classify``; ``stats``: the probe's
+    step statistics when they were asked for (None otherwise, and where no rank holds every class: Partial FC).
+    """
+
+    loss: Tensor
+    predicted: Tensor | None
+    stats: StepStats | None
 
 
 def _regularizer_dict(regularizers) -> nn.ModuleDict:
@@ -81,25 +101,14 @@ class MarginLoss(nn.Module):
     (or the head's) to the optimizer. ``regularizers``: a regularizer module, a list or a dict of them
     (``marginlab.regularizers``), each called as ``reg(embeddings, labels, logits)``.
 
-    The trainer calls ``from_head_output`` instead, with the logits its (compiled, DDP-wrapped) model made.
-    With a ``chunked`` head (heads/base.py) the training loss never builds the B x C logits: ``forward`` takes
-    the head's ``chunked_loss``; in the trainer the head returns it (0-dim), and on the steps whose geometry the
-    probe logs it keeps the target and nearest non-target cosines, and each row's predicted class always.
-    ``chunked="auto"`` does so on the steps whose logits are large (``head.chunks``).
+    The trainer calls ``step`` instead, with the output its (compiled, DDP-wrapped) model made. A head that is a
+    loss of its own (``produces_loss``) and a ``chunked`` head's training step (heads/base.py: the loss in class
+    blocks, never the B x C logits; ``chunked="auto"`` on the steps whose logits are large) return a
+    ``HeadLoss``, which is the loss, with its predictions and, on the steps that log geometry, its statistics.
     """
 
-    #: every class is scored on this rank: the trainer reports a training accuracy (``predicted_classes``)
+    #: every class is scored on this rank: the trainer reports a training accuracy (``CriterionStep.predicted``)
     classifies = True
-
-    def predicted_classes(self, output: Tensor | HeadLoss) -> Tensor:
-        """Each row's predicted class from the head's training output: the argmax of its logits, the predictions
-        of a head that is a loss of its own (``HeadLoss``), or, when the output is a ``chunked`` step's loss
-        (0-dim), the argmax the class blocks found (heads/base.py)."""
-        if isinstance(output, HeadLoss):
-            return output.predicted
-        if output.dim() == 0:
-            return self.head.chunked_predicted
-        return output.detach().argmax(1)
 
     #: the class weights are split over the ranks and the head runs its own collectives (Partial FC)
     sharded = False
@@ -126,25 +135,38 @@ class MarginLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The scalar training loss of a batch: ``embeddings`` (B x D), ``labels`` (B) class indices."""
         self._check_arguments(embeddings, labels)
-        chunked_step = getattr(self.head, "chunked_step", None)
-        if chunked_step is not None and chunked_step(labels):  # chunked: no probe record here
-            self.head._check_inputs(embeddings, labels)
-            return self.from_head_output(embeddings, self.head.chunked_loss(embeddings, labels), labels)
         return self.from_head_output(embeddings, self.head(embeddings, labels), labels)
 
-    def from_head_output(self, embeddings: Tensor, logits: Tensor | HeadLoss, labels: Tensor) -> Tensor:
-        """The loss given the head's output for this batch (the trainer's hot path: no checks, no sync).
+    def step(self, embeddings: Tensor, output: Tensor | HeadLoss, labels: Tensor, stats: bool = False) -> CriterionStep:
+        """The trainer's one call per step: the loss (``from_head_output``), each row's predicted class and, with
+        ``stats`` (a step that logs geometry), the probe's step statistics, from the head's ``HeadLoss`` when it
+        computed them, else from its pure ``cosine`` (no gradient: the training step is unchanged)."""
+        loss = self.from_head_output(embeddings, output, labels)
+        head_loss = output if isinstance(output, HeadLoss) else None
+        predicted = None
+        if self.classifies:
+            predicted = output.detach().argmax(1) if head_loss is None else head_loss.predicted
+        step_stats = None
+        if stats:
+            step_stats = head_loss.stats if head_loss is not None else None
+            if step_stats is None:
+                step_stats = self.cosine_stats(embeddings, labels)
+        return CriterionStep(loss, predicted, step_stats)
 
-        A ``HeadLoss`` is the loss of a head that is a loss of its own (heads/output.py); a 0-dim output is a
-        ``chunked`` head's cross-entropy, made without the logits (kernels/chunked_margin_ce.py).
-        """
-        if isinstance(logits, HeadLoss):
-            return self.add_terms(logits.loss.float(), embeddings, logits, labels)
-        if logits.dim() == 0:
-            return self.add_terms(logits.float(), embeddings, logits, labels)
-        return self.add_terms(F.cross_entropy(logits.float(), labels), embeddings, logits, labels)
+    @torch.no_grad()
+    def cosine_stats(self, embeddings: Tensor, labels: Tensor) -> StepStats | None:
+        """The step statistics from the head's pure ``cosine`` of this batch (its weights as the forward used)."""
+        cos = self.head.cosine(embeddings.detach())
+        return StepStats(*target_and_nearest_other(cos.float(), labels))
 
-    def add_terms(self, loss: Tensor, embeddings: Tensor, output: Tensor, labels: Tensor) -> Tensor:
+    def from_head_output(self, embeddings: Tensor, output: Tensor | HeadLoss, labels: Tensor) -> Tensor:
+        """The loss given the head's output for this batch (no checks, no sync): cross-entropy on its logits, or
+        the ``HeadLoss`` of a head that is a loss of its own or of a ``chunked`` step (heads/output.py)."""
+        if isinstance(output, HeadLoss):
+            return self.add_terms(output.loss.float(), embeddings, output, labels)
+        return self.add_terms(F.cross_entropy(output.float(), labels), embeddings, output, labels)
+
+    def add_terms(self, loss: Tensor, embeddings: Tensor, output: Tensor | HeadLoss, labels: Tensor) -> Tensor:
         """``loss`` + each regularizer's weighted term + the head's own term (None for most heads)."""
         for reg in self.regularizers.values():
             loss = loss + reg(embeddings, labels, output)

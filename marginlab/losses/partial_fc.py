@@ -1,19 +1,21 @@
 """``PartialFCLoss``: the training loss of a Partial FC head, whose output is already the distributed
-cross-entropy of the global batch (marginlab/distributed/partial_fc.py), + regularizers + the head's own term."""
+cross-entropy of the global batch (a ``HeadLoss``, marginlab/distributed/partial_fc.py), + regularizers + the
+head's own term."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from marginlab.distributed.partial_fc import PartialFC
+from marginlab.heads.output import StepStats
 from marginlab.losses.margin import MarginLoss
 
 
 class PartialFCLoss(MarginLoss):
     """``loss = criterion(embeddings, labels)`` with a ``PartialFC`` head (this rank's shard of the classes).
 
-    No rank holds all the logits, so there is no training accuracy (``classifies`` False) and the head cannot
-    evaluate: ``margin_head`` (the wrapped head) or an unsharded copy of it does.
+    No rank holds all the logits, so there is no training accuracy (``classifies`` False), no step statistics,
+    and the head cannot evaluate: ``margin_head`` (the wrapped head) or an unsharded copy of it does.
     """
 
     classifies = False
@@ -31,9 +33,9 @@ class PartialFCLoss(MarginLoss):
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def from_head_output(self, embeddings: Tensor, loss: Tensor, labels: Tensor) -> Tensor:
-        """The head's output is the cross-entropy already (``dist_cross_entropy``)."""
-        return self.add_terms(loss.float(), embeddings, loss, labels)
+    def cosine_stats(self, embeddings: Tensor, labels: Tensor) -> StepStats | None:
+        """None: this rank's cosines are of a sampled shard of the classes."""
+        return None
 
     @property
     def margin_head(self) -> nn.Module:

@@ -109,7 +109,7 @@ def check_equivalence(rank, dtype, tol):
         my = slice(rank * bpr, (rank + 1) * bpr)
         my_emb = emb[my].clone().requires_grad_(True)
         pfc = PartialFC(local, num_classes, sample_rate=1.0)
-        loss = pfc(my_emb, labels[my])
+        loss = pfc(my_emb, labels[my]).loss
         loss.backward()
         assert loss.dtype == dtype, name
         assert_close(loss, ref_loss.detach(), tol, f"{name}: loss")
@@ -130,7 +130,7 @@ def check_sampling(rank):
     my = slice(rank * bpr, (rank + 1) * bpr)
     my_emb = emb[my].clone().requires_grad_(True)
     pfc = PartialFC(local, num_classes, sample_rate=0.25, seed=3)
-    loss = pfc(my_emb, labels[my])
+    loss = pfc(my_emb, labels[my]).loss
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(my_emb.grad).all()
     sampled = pfc.last_sampled
@@ -152,9 +152,9 @@ def check_sampling(rank):
     assert_close(local.weight.grad, full.weight.grad[start:end], 1e-5)
     # with DDP averaging the backbone's gradients, the embeddings' gradient is scaled by the world size
     my_emb.grad = None
-    PartialFC(local, num_classes, sample_rate=1.0, backbone_grads_averaged=True)(my_emb, labels[my]).backward()
+    PartialFC(local, num_classes, sample_rate=1.0, backbone_grads_averaged=True)(my_emb, labels[my]).loss.backward()
     my_emb2 = emb[my].clone().requires_grad_(True)
-    PartialFC(local, num_classes, sample_rate=1.0)(my_emb2, labels[my]).backward()
+    PartialFC(local, num_classes, sample_rate=1.0)(my_emb2, labels[my]).loss.backward()
     assert_close(my_emb.grad, WORLD * my_emb2.grad)
 
 
@@ -210,7 +210,7 @@ def test_one_process_without_a_process_group_is_the_unsharded_head():
     ref_emb, my_emb = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
     ref_loss = F.cross_entropy(full(ref_emb, labels), labels)
     ref_loss.backward()
-    loss = PartialFC(local, 7)(my_emb, labels)
+    loss = PartialFC(local, 7)(my_emb, labels).loss
     loss.backward()
     assert_close(loss.detach(), ref_loss.detach(), 1e-10)
     assert_close(my_emb.grad, ref_emb.grad, 1e-10)
@@ -245,7 +245,9 @@ def check_state_and_init(rank):
     model.backbone, model.head = torch.nn.Linear(3, dim), pfc
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(rank)
-    pfc(model.backbone(torch.randn(6, 3, generator=gen)), torch.randint(num_classes, (6,), generator=gen)).backward()
+    pfc(
+        model.backbone(torch.randn(6, 3, generator=gen)), torch.randint(num_classes, (6,), generator=gen)
+    ).loss.backward()
     opt.step()
     model_state = sharded_state.model_state_dict(model)
     optim_state = sharded_state.optimizer_state_dict(opt, model)
@@ -320,7 +322,7 @@ def test_a_near_zero_feature_gets_a_bounded_gradient():
         x = torch.randn(4, dim, dtype=torch.float64)
         x[0] = x[0] / x[0].norm() * norm
         x.requires_grad_(True)
-        pfc.double()(x, torch.tensor([0, 1, 2, 3])).backward()
+        pfc.double()(x, torch.tensor([0, 1, 2, 3])).loss.backward()
         grad = x.grad[0].norm().item()
         assert math.isfinite(grad) and grad < 1e4 * pfc.head.s, (norm, grad)
         assert (grad == 0.0) == (norm == 0.0), (norm, grad)

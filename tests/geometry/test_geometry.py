@@ -22,8 +22,7 @@ def test_known_angles_and_norms():
         [[2 * math.cos(deg(30)), 2 * math.sin(deg(30))], [4 * math.cos(deg(80)), 4 * math.sin(deg(80))]]
     )
     labels = torch.tensor([0, 1])
-    head(feats, labels)
-    stats = batch_geometry(feats, head.probe_record.cosine, labels, head)
+    stats = batch_geometry(feats, head.cosine(feats), labels, head)
     assert stats["feature_norm/mean"] == pytest.approx(3.0)
     assert stats["feature_norm/std"] == pytest.approx(1.0)
     assert stats["feature_norm/min"] == pytest.approx(2.0) and stats["feature_norm/max"] == pytest.approx(4.0)
@@ -92,8 +91,7 @@ def test_per_sample_target_and_nearest_other_angles():
     with torch.no_grad():
         head.weight.copy_(at_deg([0, 90, 180]))
     feats = at_deg([30, 80], [2, 4])
-    head(feats)
-    target, other = sample_angles(head.probe_record.cosine, torch.tensor([0, 1]))
+    target, other = sample_angles(head.cosine(feats), torch.tensor([0, 1]))
     assert target.tolist() == pytest.approx([30.0, 10.0], abs=1e-3)
     assert other.tolist() == pytest.approx([60.0, 80.0], abs=1e-3)
 

@@ -43,7 +43,7 @@ def feed(probe, head, batches=3, batch=50, dim=2, seed=0):
         labels = torch.randint(0, head.num_classes, (batch,), generator=gen)
         logits = head(feats)
         if probe.wants_more:
-            probe.collect(feats, head.probe_record.cosine, labels, logits.argmax(1), torch.randn(batch, 1, 8, 8))
+            probe.collect(feats, head.cosine(feats), labels, logits.argmax(1), torch.randn(batch, 1, 8, 8))
 
 
 def assert_png(path):
@@ -166,8 +166,7 @@ def test_non_finite_features_do_not_break_the_probe(tmp_path):
     probe = GeometryProbe(tmp_path, max_samples=64, writer=log.writer)
     feats = torch.randn(32, 2)
     feats[0] = float("nan")
-    head(feats)
-    probe.collect(feats, head.probe_record.cosine, torch.randint(0, 3, (32,)), torch.zeros(32, dtype=torch.long))
+    probe.collect(feats, head.cosine(feats), torch.randint(0, 3, (32,)), torch.zeros(32, dtype=torch.long))
     assert "weight_angle/min_deg" in probe.end_epoch(1, step=1, head=head)
     probe.end_run(step=1)
     log.close()

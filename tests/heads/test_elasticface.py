@@ -12,6 +12,7 @@ from marginlab.builders import build_head
 from marginlab.config.validate import resolve_head
 from marginlab.errors import ConfigError
 from marginlab.heads import ElasticFace, ElasticFaceHead
+from marginlab.heads.output import HeadLoss
 from marginlab.margin_feasibility import advise
 from tests.conftest import last_weights
 from tests.heads.conftest import HEAD_CONFIGS
@@ -132,8 +133,9 @@ def test_step_and_margins_resume_exactly():
 def test_chunked_loss_equals_the_official_cross_entropy():
     head, x, y = make("arc", True, chunked=True)
     xo = x.clone().requires_grad_(True)
-    loss = head.train()(xo, y)  # the mean cross-entropy itself, in class blocks
-    assert loss.dim() == 0
+    out = head.train()(xo, y)  # the mean cross-entropy itself, in class blocks (heads/output.py)
+    assert isinstance(out, HeadLoss) and out.loss.dim() == 0
+    loss = out.loss
     loss.backward()
     ref, _, _ = make("arc", True)
     logits, dx, dw = official(ref, x, y)

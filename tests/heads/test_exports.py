@@ -1,6 +1,6 @@
 """The heads package as a library and as one unit (issues #15, #17): ``from marginlab.heads import ArcFace``
 for every configured head; what a head offers the geometry probe declared in one place
-(heads/probe_record.py; tests/test_import_layering.py checks that no module outside heads/ and the
+(heads/probe.py; tests/test_import_layering.py checks that no module outside heads/ and the
 builder imports a concrete head); the kernels are one unit with a small public surface."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 
 import marginlab
 from marginlab import heads
-from marginlab.heads.probe_record import ProbedHead, ProbeMargin, ProbeRecord
+from marginlab.heads.probe import ProbedHead, ProbeMargin
 
 PACKAGE = Path(marginlab.__file__).parent
 HEAD_CONFIGS = sorted((PACKAGE / "configs" / "head").glob("*.yaml"))
@@ -50,8 +50,7 @@ def test_paper_names_import_as_documented():
     assert all(hasattr(heads, name) for name in heads.__all__)
 
 
-#: heads that classify x / ||x|| without being cosine-margin heads, and keep no probe record (the probe reads their
-#: pure ``cosine``): the losses of their own and SoftTriple
+#: heads that classify x / ||x|| without being cosine-margin heads: the losses of their own and SoftTriple
 PURE_COSINE = {"proxy_anchor", "proxy_nca", "softtriple", "sface", "uniface", "sphereface2", "spherefacer"}
 
 
@@ -59,22 +58,15 @@ PURE_COSINE = {"proxy_anchor", "proxy_nca", "softtriple", "sface", "uniface", "s
 def test_every_head_declares_what_it_offers_the_probe(hh, name):
     head = hh.instantiate(name, in_features=4, num_classes=5)
     assert isinstance(head, ProbedHead)
-    assert isinstance(head.probe_record, ProbeRecord) and isinstance(head.probe_margin, ProbeMargin)
+    assert isinstance(head.probe_margin, ProbeMargin) and not hasattr(head, "probe_record")
     assert head.normalized_features == (isinstance(head, heads.CosineMarginHead) or name in PURE_COSINE)
     assert head.weights_are_points == (name == "rbf")
     x, labels = hh.make_batch(head, batch=3, special=False)
-    if name in PURE_COSINE:
-        assert head.cosine(x).shape == (3, 5) and not head.cosine(x).requires_grad
-        if head.produces_loss:
-            head(x, labels)
-            assert head.probe_record.cosine is None
-        return
-    head.probe_record.enabled = False
     head(x, labels)
-    assert head.probe_record.cosine is None  # a step that logs no geometry keeps nothing
-    head.probe_record.enabled = True
-    head(x)
-    assert head.probe_record.cosine.shape == (3, 5)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    cos = head.cosine(x)  # pure: no gradient, no state, the same twice
+    assert cos.shape == (3, 5) and not cos.requires_grad and torch.equal(cos, head.cosine(x))
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in state.items())
 
 
 def test_probe_margin_matches_each_margin_form():

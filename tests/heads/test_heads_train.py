@@ -7,9 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-
-from tests.heads.test_exports import PURE_COSINE
 
 HEADS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "marginlab" / "configs" / "head").glob("*.yaml"))
 
@@ -63,29 +60,30 @@ def test_head_trains_one_epoch_and_loss_decreases(run_train, metrics, head):
     assert rows[1]["train/nonfinite_steps"] == 0
 
 
-@pytest.mark.parametrize("name", [h for h in HEADS if h not in PURE_COSINE])  # (the others keep no record)
-def test_probe_record_off_keeps_logits_and_gradients_and_drops_the_probe(name, hh):
-    """With probe_record.enabled off (the trainer's steps that log no geometry) a head gives the same
-    logits and gradients and keeps no probe cosines; switched back on, it records them again."""
+@pytest.mark.parametrize("name", HEADS)
+def test_a_step_that_logs_geometry_trains_as_one_that_does_not(name, hh):
+    """Asking for the step statistics (the trainer's steps that log geometry) gives the same logits and gradients;
+    they come back from the criterion, of the head's pure cosines, and the head keeps nothing."""
+    from marginlab.geometry.stats import target_and_nearest_other
+    from marginlab.losses import MarginLoss
+
     head = hh.instantiate(name, in_features=6, num_classes=9).train()
     x, labels = hh.make_batch(head, batch=10, special=False)
     start = copy.deepcopy(head.state_dict())  # buffers a training forward advances (EMAs, counters)
     results = []
-    for record in (True, False):
+    for stats in (True, False):
         head.load_state_dict(start)
-        head.probe_record.enabled = record
         head.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
-        logits = head(xx, labels)
-        # a head that is a loss of its own (heads/output.py) keeps no probe cosines: the probe asks its ``cosine``
-        loss = logits.loss if head.produces_loss else F.cross_entropy(logits, labels)
-        logits = loss if head.produces_loss else logits
-        extra = head.extra_loss()
-        (loss if extra is None else loss + extra).backward()
-        results.append([logits.detach(), xx.grad] + [p.grad for p in head.parameters() if p.requires_grad])
-        assert (head.probe_record.cosine is None) == (not record or head.produces_loss)
+        step = MarginLoss(head).step(xx, head(xx, labels, stats=stats), labels, stats=stats)
+        assert (step.stats is None) == (not stats)
+        if stats:
+            want = target_and_nearest_other(head.cosine(x), labels)
+            for got, ref in zip(step.stats, want):
+                torch.testing.assert_close(got, ref, atol=0, rtol=0)
+        step.loss.backward()
+        results.append(
+            [step.loss.detach(), step.predicted, xx.grad] + [p.grad for p in head.parameters() if p.requires_grad]
+        )
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    head.probe_record.enabled = True
-    head(x, labels)
-    assert (head.probe_record.cosine is not None) != head.produces_loss

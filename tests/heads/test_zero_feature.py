@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from marginlab.heads.output import HeadLoss
+
 #: (config name, overrides): every head that normalises the features; both the fused training path
 #: (fixed s) and the autograd paths (learnt s, sub-centres, heads that edit other columns)
 NORMALISED = [
@@ -111,7 +113,7 @@ def _loss_and_grads(head, x, labels):
     """The loss (CE of the logits, or a chunked head's own) with the head's term, and d loss / dx, d loss / dW."""
     x = x.clone().requires_grad_(True)
     out = head(x, labels)
-    loss = out if out.dim() == 0 else F.cross_entropy(out, labels)
+    loss = out.loss if isinstance(out, HeadLoss) else F.cross_entropy(out, labels)
     extra = head.extra_loss()
     loss = loss if extra is None else loss + extra
     return (loss.detach(), *torch.autograd.grad(loss, [x, head.weight]))
@@ -183,7 +185,6 @@ def test_probe_cosines_below_the_floor_are_those_of_the_normalised_feature(hh, n
     from marginlab.geometry.stats import target_and_nearest_other
     from marginlab.heads.base import chunkable_problem
     from marginlab.heads.kernels import FEATURE_EPS
-    from marginlab.heads.probe_record import recorded_cosine, recorded_nearest
     from marginlab.losses import MarginLoss
 
     torch.manual_seed(0)
@@ -199,12 +200,12 @@ def test_probe_cosines_below_the_floor_are_those_of_the_normalised_feature(hh, n
     unit = F.normalize(x.double(), dim=1)
     w = F.normalize(head.weight.detach().double(), dim=1).view(head.num_classes, -1, x.shape[1])
     expected = torch.einsum("bd,ckd->bck", unit, w).amax(dim=2)
+    cos = None
     if path == "eval":
-        head.eval()(x)
-    else:
-        MarginLoss(head.train())(x, labels)
-    cos = recorded_cosine(head)
-    nearest = recorded_nearest(head) if cos is None else target_and_nearest_other(cos, labels)
+        cos = head.eval().cosine(x)
+        nearest = target_and_nearest_other(cos, labels)
+    else:  # a training step's statistics: the chunked loss's own, else from the head's pure cosine
+        nearest = MarginLoss(head.train()).step(x, head(x, labels, stats=True), labels, stats=True).stats
     want = target_and_nearest_other(expected, labels)
     for got, ref in zip(nearest, want):
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)

@@ -43,7 +43,10 @@ def test_the_head_loss_is_the_loss_and_its_predictions_the_accuracy():
     scores = 4.0 * F.normalize(x) @ F.normalize(head.weight).T
     expected = F.binary_cross_entropy_with_logits(scores, F.one_hot(y, 3).double())
     torch.testing.assert_close(criterion(x, y), expected.float(), rtol=0, atol=1e-7)
-    torch.testing.assert_close(criterion.predicted_classes(output), scores.argmax(1))
+    step = criterion.step(x, output, y, stats=True)
+    torch.testing.assert_close(step.predicted, scores.argmax(1))
+    cos = F.normalize(x) @ F.normalize(head.weight).T  # no statistics of its own: from its pure cosine
+    torch.testing.assert_close(step.stats.target, cos.gather(1, y.view(-1, 1)).squeeze(1).float())
     assert head(x).shape == (6, 3)  # without labels: the evaluation scores
 
 

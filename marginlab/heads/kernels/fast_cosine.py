@@ -107,7 +107,7 @@ def feature_scale(norm: Tensor) -> Tensor:
 def unfloor_ratio(norm: Tensor) -> Tensor:
     """max(||x||, FEATURE_EPS) / ||x|| per row: what turns a cosine of the floored feature x / max(||x||,
     FEATURE_EPS) into that of x / ||x|| (1 at and above the floor, ``above_floor``; 1 for a zero feature,
-    whose cosines are 0 either way). The probe's cosines take it (heads/probe_record.py)."""
+    whose cosines are 0 either way). The probe's cosines take it (heads/probe.py)."""
     # (the division by a zero norm is in the branch where does not take)
     return torch.where(above_floor(norm) | (norm < NORM_EPS), 1.0, FEATURE_EPS / norm)
 

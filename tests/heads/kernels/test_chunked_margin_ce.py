@@ -21,7 +21,7 @@ from marginlab.heads.curricularface import CurricularFaceHead
 from marginlab.heads.kernels import chunked_margin_cross_entropy
 from marginlab.heads.magface import MagFaceHead
 from marginlab.heads.normface import NormFaceHead
-from marginlab.heads.probe_record import recorded_nearest, set_recording
+from marginlab.heads.output import HeadLoss
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.regularizers.center import CenterLoss
@@ -116,16 +116,14 @@ def test_a_training_forward_returns_the_loss_and_on_probe_steps_the_target_and_n
     head.chunked, head.chunk_size = True, 4
     x, labels = batch(head)
     expected = F.cross_entropy(plain(x, labels), labels)
-    want_target, want_other = target_and_nearest_other(plain.probe_record.cosine, labels)
-    set_recording(head, False)  # a step that logs no geometry: nothing is kept
-    head_off = copy.deepcopy(head)
-    out = head_off(x, labels)
-    assert out.dim() == 0 and head_off.probe_record.nearest is None
-    set_recording(head, True)  # a step that logs geometry: still the loss, never the B x C cosines
-    out = head(x, labels)
-    assert out.dim() == 0 and head.probe_record.cosine is None
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=0)
-    target, other = recorded_nearest(head)
+    want_target, want_other = target_and_nearest_other(plain.cosine(x), labels)
+    out = copy.deepcopy(head)(x, labels)  # a step that logs no geometry: no statistics
+    assert isinstance(out, HeadLoss) and out.loss.dim() == 0 and out.stats is None
+    out = head(x, labels, stats=True)  # a step that logs geometry: still the loss, never the B x C cosines
+    assert isinstance(out, HeadLoss) and out.loss.dim() == 0
+    torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=0)
+    target, other = out.stats
+    assert not target.requires_grad and not other.requires_grad
     torch.testing.assert_close(target, want_target, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(other, want_other, rtol=1e-12, atol=1e-12)
     head.eval()
@@ -144,12 +142,11 @@ def test_margin_loss_takes_the_chunked_path_and_predicts_from_the_blocks():
     expected = MarginLoss(plain, [copy.deepcopy(centre)])(x, labels)  # (the centres move each call)
     loss = criterion(x, labels)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # (MarginLoss takes the cross-entropy in float32)
-    # the trainer's path: the head's 0-dim output is the cross-entropy already
-    set_recording(head, False)
+    # the trainer's path: the head's HeadLoss is the cross-entropy already, with the blocks' predictions
     plain_loss = F.cross_entropy(plain(x, labels), labels)
-    out = head(x, labels)
-    torch.testing.assert_close(MarginLoss(head).from_head_output(x, out, labels), plain_loss.float(), rtol=1e-6, atol=0)
-    assert torch.equal(criterion.predicted_classes(out), plain(x, labels).argmax(1))  # the trainer's accuracy
+    step = MarginLoss(head).step(x, head(x, labels), labels)
+    torch.testing.assert_close(step.loss, plain_loss.float(), rtol=1e-6, atol=0)
+    assert torch.equal(step.predicted, plain(x, labels).argmax(1)) and step.stats is None  # the trainer's accuracy
 
 
 def test_no_saved_tensor_has_a_column_per_class():
@@ -235,7 +232,7 @@ def total_loss_and_grads(head, x, labels, chunked):
     """CE (the head's chunked loss, or the unfused head + F.cross_entropy) plus the head's own term (MagFace's g),
     and its gradients in x and W."""
     x = x.clone().requires_grad_(True)
-    loss = head.chunked_loss(x, labels) if chunked else F.cross_entropy(head(x, labels), labels)
+    loss = head.chunked_loss(x, labels).loss if chunked else F.cross_entropy(head(x, labels), labels)
     extra = head.extra_loss()
     total = loss if extra is None else loss + extra
     return (total.detach(), *torch.autograd.grad(total, [x, head.weight]))
@@ -253,7 +250,6 @@ def test_heads_with_their_own_margin_equal_the_unfused_head_with_the_same_runnin
     x[3], x[4] = near(head.weight[7], 0.02, 2.0), near(head.weight[labels[4]], 0.1, 40.0)
     for block in BLOCKS:
         plain, chunk = copy.deepcopy(head), copy.deepcopy(head)
-        set_recording(plain, False)
         chunk.chunk_size = block
         for step in range(2):  # the second step starts from the running statistics the first one updated
             expected = total_loss_and_grads(plain, x, labels, chunked=False)
@@ -270,10 +266,9 @@ def test_a_training_forward_of_a_chunked_curricularface_returns_its_loss_and_upd
     plain = copy.deepcopy(head)
     plain.chunked = False
     x, labels = batch(head)
-    set_recording(head, False)
     out = head(x, labels)
-    assert out.dim() == 0
-    torch.testing.assert_close(out, F.cross_entropy(plain(x, labels), labels), rtol=1e-10, atol=0)
+    assert isinstance(out, HeadLoss)
+    torch.testing.assert_close(out.loss, F.cross_entropy(plain(x, labels), labels), rtol=1e-10, atol=0)
     torch.testing.assert_close(head.t, plain.t, rtol=1e-12, atol=0)
 
 
@@ -299,12 +294,11 @@ def test_a_learnt_scale_gets_the_unfused_head_s_gradient():
     head = NormFaceHead(DIM, CLASSES, s=10.0, learnable_scale=True, chunked=True, chunk_size=4).double()
     head.load_state_dict(plain.state_dict())
     x, labels = batch(head)
-    set_recording(head, False)
     grads = []
     for h in (plain, head):
         emb = x.clone().requires_grad_(True)
         out = h(emb, labels)
-        loss = out if out.dim() == 0 else F.cross_entropy(out, labels)
+        loss = out.loss if isinstance(out, HeadLoss) else F.cross_entropy(out, labels)
         grads.append((loss.detach(), *torch.autograd.grad(loss, [emb, h.weight, h.s])))
     assert grads[1][3].abs() > 1e-3  # s moves
     for name, a, e in zip(("loss", "dx", "dW", "ds"), grads[1], grads[0]):
@@ -349,7 +343,7 @@ def _two_rank_check(rank, port):
         ref_x8 = x[:8].clone().requires_grad_(True)
         ref = F.cross_entropy(full(ref_x8, labels[:8]), labels[:8])
         ref.backward()
-        loss = PartialFC(local, CLASSES)(emb, labels[:8][mine])
+        loss = PartialFC(local, CLASSES)(emb, labels[:8][mine]).loss
         loss.backward()
         torch.testing.assert_close(loss, ref, rtol=1e-9, atol=0)
         torch.testing.assert_close(emb.grad, ref_x8.grad[mine], rtol=1e-9, atol=1e-12)
@@ -383,10 +377,9 @@ def test_each_rows_predicted_class_is_the_argmax_of_the_unfused_training_logits(
     for block in BLOCKS:
         head = copy.deepcopy(plain)
         head.chunked, head.chunk_size = True, block
-        head.probe_record.enabled = False
-        loss = head(x, labels)
-        assert loss.dim() == 0
-        assert torch.equal(head.chunked_predicted, want), f"{name} block={block}"
+        out = head(x, labels)
+        assert isinstance(out, HeadLoss) and out.loss.dim() == 0
+        assert torch.equal(out.predicted, want), f"{name} block={block}"
 
 
 def test_partial_fc_chunked_steps_predict_nothing():
@@ -396,5 +389,7 @@ def test_partial_fc_chunked_steps_predict_nothing():
     pfc = PartialFC(head, CLASSES, sample_rate=1.0)
     x, labels = batch(head)
     criterion = criterion_for(_Model(pfc))
-    loss = criterion(x, labels)
-    assert loss.dim() == 0 and head.chunked_predicted is None and not criterion.classifies
+    out = pfc(x, labels, stats=True)
+    assert isinstance(out, HeadLoss) and out.predicted is None and out.stats is None
+    step = criterion.step(x, out, labels, stats=True)
+    assert step.loss.dim() == 0 and step.predicted is None and step.stats is None and not criterion.classifies

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import marginlab.heads.kernels.fast_cosine as fast
 from marginlab.heads.kernels import fused_linear
-from marginlab.heads.probe_record import LazyCosine
+from marginlab.heads.probe import scaled_cosine
 
 
 @pytest.fixture(params=[None, 4], ids=["one-block", "blocks"])
@@ -178,29 +178,31 @@ def test_bfloat16_autocast():
     torch.testing.assert_close(plain, expected, atol=0.1, rtol=2e-2)  # bfloat16 matmul
 
 
-def test_lazy_cosine_refuses_edited_logits():
-    logits = torch.randn(3, 4)
-    lazy = LazyCosine(logits, col_scale=0.5)
-    torch.testing.assert_close(lazy.compute(), (logits * 0.5).clamp(-1, 1))
-    logits.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified in place"):
-        lazy.compute()
+def test_scaled_cosine_leaves_the_logits_it_reads_unchanged():
+    logits = torch.randn(3, 4) * 3
+    before = logits.clone()
+    torch.testing.assert_close(scaled_cosine(logits, col_scale=0.5), (logits * 0.5).clamp(-1, 1))
+    assert torch.equal(logits, before)
 
 
-def test_probe_cosine_is_computed_once_and_survives_a_weight_update():
+def test_step_statistics_are_of_the_forward_weights():
+    """The criterion takes a step's statistics with its loss, before the optimizer moves W (the head's pure
+    ``cosine`` of that batch)."""
+    from marginlab.geometry.stats import target_and_nearest_other
     from marginlab.heads.amsoftmax import AMSoftmaxHead
+    from marginlab.losses import MarginLoss
 
     head = AMSoftmaxHead(8, 10, s=20.0, m=0.3)
     x = torch.randn(5, 8)
     labels = torch.arange(5)
     expected = F.linear(F.normalize(x), F.normalize(head.weight.detach())).clamp(-1, 1)
-    loss = F.cross_entropy(head(x, labels), labels)
-    loss.backward()
+    step = MarginLoss(head).step(x, head(x, labels, stats=True), labels, stats=True)
+    step.loss.backward()
     with torch.no_grad():
-        head.weight.add_(1.0)  # an optimizer step between the forward and the probe
-    cos = head.probe_record.cosine
-    assert cos is head.probe_record.cosine and not cos.requires_grad
-    torch.testing.assert_close(cos, expected, atol=1e-6, rtol=1e-5)
+        head.weight.add_(1.0)  # an optimizer step after the criterion
+    for got, want in zip(step.stats, target_and_nearest_other(expected, labels)):
+        assert not got.requires_grad
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("host_checks", [True, False], ids=["cpu-path", "accelerator-path"])
@@ -232,7 +234,7 @@ def test_rbf_gradient_matches_autograd_including_clamped_entries(blocks, host_ch
     for fused_path in (False, True):
         xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         if fused_path:
-            out, _, _, _ = _RBFLogits.apply(xx, ww, s, gamma, True)
+            out = _RBFLogits.apply(xx, ww, s, gamma)
             assert (out == out.max()).sum() > 1, "no entry was clamped: the test lost its point"
         else:
             out = reference(xx, ww)
@@ -242,10 +244,9 @@ def test_rbf_gradient_matches_autograd_including_clamped_entries(blocks, host_ch
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("near", [True, False], ids=["from-logits", "product-kept"])
+@pytest.mark.parametrize("near", [True, False], ids=["near-prototypes", "far"])
 def test_rbf_probe_cosines(near):
-    """RBF's probe cosines come from the logits where that is precise (features near prototypes of
-    similar norm), else from the kept product; either way they match float64."""
+    """RBF's cosines (of the prototypes, not of its logits) match float64 near the prototypes and far off."""
     from marginlab.heads.rbf import RBFHead
 
     torch.manual_seed(0)
@@ -255,10 +256,8 @@ def test_rbf_probe_cosines(near):
     labels = torch.randint(0, 10, (12,))
     x = head.weight.detach()[labels] + 0.3 * torch.randn(12, 8) if near else 200.0 * torch.randn(12, 8)
     x[2] = 0.0
-    head(x, labels)
-    assert type(head.probe_record.pending).__name__ == ("_RBFCosine" if near else "LazyCosine")
     expected = F.normalize(x.double()) @ F.normalize(head.weight.detach().double()).T
-    torch.testing.assert_close(head.probe_record.cosine.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head.cosine(x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def _unfused(head_cls):
@@ -362,31 +361,3 @@ def test_plain_path_used_under_compile_matches_the_fused_values_and_gradients():
         results.append((logits.detach(), gx, gw))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
-
-
-def _writes_its_outputs(gm, example_inputs):
-    """A torch.compile backend that, like inductor's out= kernels, writes the graph's outputs in place
-    (so their version counters differ from what tracing saw)."""
-
-    def run(*args):
-        outs = gm(*args)
-        for out in outs if isinstance(outs, (list, tuple)) else (outs,):
-            if isinstance(out, torch.Tensor) and out.is_floating_point():
-                out.add_(0.0)
-        return outs
-
-    return run
-
-
-@pytest.mark.parametrize("name", ["amsoftmax", "softmax", "rbf"])
-def test_probe_cosines_of_a_compiled_evaluation_forward(name, hh):
-    """An evaluation forward run under torch.compile still offers the probe cosines: the version seen
-    while tracing is not checked against the compiled output's."""
-    torch._dynamo.reset()
-    head = hh.instantiate(name, in_features=4, num_classes=7).eval()
-    x, _ = hh.make_batch(head, batch=6, special=False)
-    with torch.no_grad():
-        torch.compile(head, backend=_writes_its_outputs)(x)
-    expected = hh.reference_cosine(x, head.weight.detach())
-    torch.testing.assert_close(head.probe_record.cosine.double(), expected, atol=1e-5, rtol=1e-5)
-    torch._dynamo.reset()
