@@ -89,7 +89,7 @@ def test_a_loss_of_its_own_through_the_criterion_and_finite_at_the_awkward_rows(
     assert isinstance(out, HeadLoss) and torch.isfinite(out.loss)
     criterion = MarginLoss(head)
     torch.testing.assert_close(criterion(x, labels), out.loss)
-    torch.testing.assert_close(criterion.predicted_classes(out), head.cosine(x).argmax(1))
+    torch.testing.assert_close(criterion.step(x, out, labels).predicted, head.cosine(x).argmax(1))
     x = x.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = head(x, labels).loss

@@ -77,7 +77,7 @@ def test_a_loss_of_its_own_through_the_criterion():
     assert isinstance(out, HeadLoss) and out.loss.dim() == 0
     criterion = MarginLoss(head)
     torch.testing.assert_close(criterion(x.float(), labels), out.loss)
-    torch.testing.assert_close(criterion.predicted_classes(out), head.cosine(x.float()).argmax(1))
+    torch.testing.assert_close(criterion.step(x.float(), out, labels).predicted, head.cosine(x.float()).argmax(1))
 
 
 def test_bad_hyperparameters_are_refused_naming_the_key():
