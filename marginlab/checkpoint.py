@@ -79,7 +79,7 @@ def checkpoint_payload(
         "scaler": scaler.state_dict(),
         "state": vars(state).copy(),
         "rng": rng_state(),
-        "config": OmegaConf.to_container(config, resolve=True),
+        "config": OmegaConf.to_container(config, resolve=True, enum_to_str=True),  # plain strings: weights_only loads
         "data": {"in_channels": data.in_channels, "image_size": data.image_size, "num_classes": data.num_classes},
         **(extras or {}),
     }

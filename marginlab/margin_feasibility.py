@@ -1,31 +1,8 @@
 """Before training: can C class directions in d dimensions satisfy the head's margin at all?
 
-**The bound.** The best the class weights can do is an optimal spherical code: C unit vectors on S^(d-1)
-whose smallest pairwise angle alpha*(C, d) is as large as possible. Exact values: d = 1, 180 deg for C = 2
-and 0 above (two directions only); d = 2, 360/C deg (the regular polygon); C <= d + 1, arccos(-1/(C-1))
-(the regular simplex); d + 2 <= C <= 2d, 90 deg (Rankin 1955: no C >= d + 2 points do better; the
-cross-polytope attains it). Otherwise (C > 2d, d >= 3): for C <= MAX_NUMERIC_CLASSES a seeded numerical
-estimate (projected descent on the soft maximum of the pairwise cosines, several restarts; within 0.1-0.7 deg
-of the known optima for C = 7..30 in 3-D), above it the Gilbert-Varshamov bound (a greedy code: C caps of
-radius alpha cannot cover the sphere). Both are codes that exist, i.e. lower bounds on alpha*; an upper bound
-(Rankin's 90 deg, and the packing bound: C caps of radius alpha/2 are disjoint) is reported beside them.
-
-**The criterion.** A head states its margin as ``probe_margin.violation(cos_target, cos_other)`` (the
-probe's per-sample test, heads/probe.py). Put the classes at the best code, the nearest other class at alpha. A
-feature at angle theta from its own class direction, moved towards that nearest class, has theta_y = theta
-and theta_j = alpha - theta, the worst case (by the triangle inequality every other class is at least
-alpha - theta away). The margin holds in a cap of angular radius rho around each class direction: the
-largest theta for which (cos theta, cos(alpha - theta)) is no violation. Without a margin rho = alpha/2.
-
-- **infeasible** (rho = 0): even a feature exactly at its class direction violates the margin. ArcFace:
-  m >= alpha; CosFace / AM-Softmax: 1 - m <= cos alpha; combined: cos(m2) - m3 <= cos alpha. A multiplicative
-  margin (SphereFace, L-Softmax: m theta_y < theta_j) never is: rho = alpha/(m+1).
-- **tight** (rho < TIGHT_SHARE * alpha/2): the margin leaves each class less than a quarter of its
-  margin-free cap, e.g. ArcFace m = 0.5 rad with 10 classes in 2-D: alpha = 36 deg, rho = (36 - 28.6)/2 = 3.7 deg.
-
-What it does not check: the optimisation. With a large scale s in a tiny embedding a geometrically
-feasible margin can still collapse the class weights (README: ``backbone=lenet_pp head=arcface``); the
-probe's collapse detection reports that during training (marginlab/collapse.py).
+The bound is the best spherical code alpha*(C, d); the margin holds in a cap of radius rho around each class
+direction (infeasible: rho = 0; tight: rho < TIGHT_SHARE * alpha/2). The derivation, with its sources, and what
+the check does not cover: docs/training.md, "How the margin check decides".
 """
 
 from __future__ import annotations
@@ -128,9 +105,9 @@ def best_code_angle(num_classes: int, dim: int) -> CodeAngle:
     if c <= d + 1:
         deg = math.degrees(math.acos(-1.0 / (c - 1)))
         return CodeAngle(deg, "exact (regular simplex, arccos(-1/(C-1)))", deg)
-    if c <= 2 * d:
+    if c <= 2 * d:  # Rankin 1955: no C >= d + 2 points do better; the cross-polytope attains it
         return CodeAngle(90.0, "exact (Rankin: 90 deg for d+2 <= C <= 2d)", 90.0)
-    upper = packing_upper_bound(c, d)
+    upper = packing_upper_bound(c, d)  # both below are codes that exist: lower bounds on alpha*
     if c <= MAX_NUMERIC_CLASSES:
         return CodeAngle(numeric_code(c, d), "numerical estimate (repulsion, a code that exists)", upper)
     return CodeAngle(gilbert_varshamov(c, d), "Gilbert-Varshamov lower bound", upper)
@@ -151,6 +128,8 @@ def cap_radius(head, alpha_deg: float) -> float:
     from marginlab.heads.probe import probe_margin
 
     alpha = math.radians(alpha_deg)
+    # the worst case: the feature moved towards the nearest class, which is then alpha - theta away (triangle
+    # inequality: every other class is at least that far)
     theta = torch.linspace(0.0, alpha / 2, GRID, dtype=torch.float64)
     bad = probe_margin(head).violation(torch.cos(theta), torch.cos(alpha - theta))
     first = int(torch.nonzero(bad)[0]) if bool(bad.any()) else GRID

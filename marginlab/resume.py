@@ -227,7 +227,7 @@ def check_resume_config(cfg, ckpt_path: Path, ckpt: dict | None = None) -> str |
     Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA
     if ckpt is None:
         ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
-    new = OmegaConf.to_container(cfg, resolve=True)
+    new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as the checkpoint holds it
     changed = config_changes(ckpt["config"], new)
     if changed:
         raise ConfigError(

@@ -64,3 +64,20 @@ def test_the_composed_defaults_are_the_schemas():
     for group, schema in GROUPS.items():
         assert OmegaConf.to_container(cfg[group]) == defaults(schema), group
     assert {k: cfg[k] for k in TOP_LEVEL} == {k: defaults(TrainConfig)[k] for k in TOP_LEVEL}
+
+
+def test_trainer_choices_read_as_the_plain_strings_of_old_configs():
+    """trainer.precision and trainer.best_on are enums (issue #26); a saved config.yaml holds the plain strings,
+    and every reader compares, formats and stores them as those strings."""
+    from marginlab.config.schema import BestOn, Precision
+
+    saved = OmegaConf.create({"trainer": {"precision": "32", "best_on": "test"}})  # an old run's config.yaml
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    assert cfg.trainer.precision is Precision("32") and cfg.trainer.best_on is BestOn.test
+    assert cfg.trainer.precision == "32" and str(cfg.trainer.precision) == "32" and f"{cfg.trainer.best_on}" == "test"
+    assert {"test": 1}[cfg.trainer.best_on] == 1
+    cfg.trainer.precision = 32  # `trainer.precision=32`: Hydra parses an int
+    assert cfg.trainer.precision is Precision("32")
+    assert "precision: '32'" in OmegaConf.to_yaml(cfg)  # what --cfg job and .hydra/config.yaml showed before
+    plain = OmegaConf.to_container(cfg.trainer, enum_to_str=True)
+    assert type(plain["precision"]) is str and type(plain["best_on"]) is str

@@ -11,7 +11,9 @@ FAST = ["logger=quiet", "trainer.epochs=1"]
 CASES = [
     (["s=-1"], "s=-1.0 is not allowed"),
     (["head.m=abc"], "head.m='abc' is not allowed: it must be a number"),
-    (["trainer.precision=fp8"], "trainer.precision='fp8' is not allowed: choose one of auto, 32, bf16, fp16"),
+    # enums in the schema (config/schema.py): OmegaConf refuses them as the config composes
+    (["trainer.precision=fp8"], "trainer.precision=fp8 (Invalid value 'fp8', expected one of [auto, 32, bf16, fp16]"),
+    (["trainer.best_on=vall"], "trainer.best_on=vall (Invalid value 'vall', expected one of [auto, val, test, last]"),
     (["head=softmax", "m=0.3"], "has no parameter 'm'"),
     (["+head.margin=0.3"], "head.margin is not a parameter of AMSoftmaxHead; its parameters are: s, m"),
     (["trainer.device=tpu"], "trainer.device='tpu' is not allowed"),
@@ -80,6 +82,19 @@ def test_a_tracker_key_without_its_logger_says_to_choose_it_in_one_line(capfd, o
     code = run_cli("train", *sweep, *FAST, override)
     err = capfd.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"choose logger={tracker} first" in err, err
+
+
+# ---- trainer.precision and trainer.best_on are enums of the schema (issue #26)
+
+
+def test_a_sweep_with_a_bad_precision_starts_no_job(outputs_dir, capfd):
+    """The value is refused as each job composes, so the good job does not run first (it did: only the bad job
+    failed, in validation)."""
+    code = run_cli("train", "-m", *FAST, "trainer.precision=32,fp8")
+    err = capfd.readouterr().err
+    assert code == 2 and "no job was started" in err and "Traceback" not in err
+    assert "trainer.precision=fp8 (Invalid value 'fp8', expected one of [auto, 32, bf16, fp16]" in err
+    assert not list(outputs_dir.rglob("metrics.json"))
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,16 @@ def prose(text: str) -> str:
     return cell(text).replace("<", "&lt;")
 
 
+def choice_values(kind: str, default: str) -> tuple[str, str]:
+    """An enum field (``Precision``, schema.py's ``Choice``): its values as the type, its plain default."""
+    from marginlab.config import schema
+
+    enum = getattr(schema, kind, None)
+    if not (isinstance(enum, type) and issubclass(enum, schema.Choice)):
+        return kind, default
+    return " | ".join(e.value for e in enum), f'"{enum[default.rpartition(".")[2]]}"'
+
+
 def field_rows(source: str, tree: ast.Module, cls: str) -> list[tuple[str, str, str, str]]:
     """``[(name, type, default, comment)]`` of the annotated fields of dataclass ``cls`` in schema.py; the
     comment is the one on the field's line, else the comment lines right above it."""
@@ -62,6 +72,7 @@ def field_rows(source: str, tree: ast.Module, cls: str) -> list[tuple[str, str, 
             above.insert(0, lines[number].strip().lstrip("#").strip())
             number -= 1
         kind = ast.get_source_segment(source, stmt.annotation)
+        kind, default = choice_values(kind, default)
         rows.append((stmt.target.id, kind, default, comment or " ".join(above)))
     return rows
 

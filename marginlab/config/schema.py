@@ -12,13 +12,36 @@ signature of the class they name; see validate.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-PRECISIONS = ("auto", "32", "bf16", "fp16")
-BEST_ON = ("auto", "val", "test", "last")  # trainer.best_on (train.py: selection_metric)
+
+class Choice(str, Enum):
+    """A setting with a fixed set of values: OmegaConf refuses any other when the config composes, naming them.
+
+    Each name is its value, so a saved config.yaml (plain strings) loads back, and the member compares, hashes,
+    prints and formats as that plain string (a str mixin with str's ``__str__``)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def _missing_(cls, value):  # `trainer.precision=32`: Hydra parses an int, OmegaConf looks it up by value
+        return cls._value2member_map_.get(str(value)) if isinstance(value, int) else None
+
+
+def choice(name: str, *values: str) -> type[Choice]:
+    # the functional API: a name like "32" is no identifier, and OmegaConf looks a string up by its name
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+#: trainer.precision: auto (bf16 on CUDA, 32 on CPU) | 32 | bf16 | fp16 (engine.py: Precision)
+Precision = choice("Precision", "auto", "32", "bf16", "fp16")
+#: trainer.best_on (train.py: selection_metric)
+BestOn = choice("BestOn", "auto", "val", "test", "last")
 
 
 @dataclass
@@ -26,7 +49,7 @@ class TrainerConfig:
     epochs: int = 10
     stop_after_epoch: Optional[int] = None  # stop after this epoch (the schedule still spans `epochs`); resume later
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, 32 on CPU) | 32 | bf16 | fp16 (CUDA, with GradScaler)
+    precision: Precision = Precision.auto  # auto (bf16 on CUDA, 32 on CPU) | 32 | bf16 | fp16 (CUDA, with GradScaler)
     channels_last: bool = True  # only applied on CUDA, where it helps convolutions
     compile: bool = False
     grad_clip: Optional[float] = None  # max global grad norm; null = off
@@ -34,7 +57,7 @@ class TrainerConfig:
     eval_every_n_epochs: int = 1
     # best.pt and the sweep objective: auto (the first verification set, else val/acc, else the last epoch)
     # | val | test | last
-    best_on: str = "auto"
+    best_on: BestOn = BestOn.auto
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
     checkpoint: bool = True
     deterministic: bool = False

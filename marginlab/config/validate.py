@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from marginlab.checks import check_dir_name
-from marginlab.config.schema import BEST_ON, PRECISIONS, LoggerConfig, TrainerConfig
+from marginlab.config.schema import LoggerConfig, TrainerConfig
 from marginlab.errors import ConfigError
 
 #: optimizer arguments that are rates or factors: a finite number >= 0 for every torch optimizer
@@ -262,15 +262,10 @@ def validate(cfg: DictConfig) -> HeadSpec:
                 raise ConfigError(
                     f"unknown key '{group}.{key}': nothing reads it{hint}; keys of {group}: {', '.join(known)}"
                 )
-    precision = str(cfg.trainer.precision)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
+    # trainer.precision and trainer.best_on are enums (config/schema.py): OmegaConf refused a bad one already
     device = str(cfg.trainer.device)
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ConfigError(f"trainer.device={device!r} is not allowed: choose auto, cpu, cuda or cuda:N")
-    best_on = str(cfg.trainer.best_on)
-    if best_on not in BEST_ON:
-        raise ConfigError(f"trainer.best_on={best_on!r} is not allowed: choose one of {', '.join(BEST_ON)}")
     for key, low in (
         ("trainer.epochs", 1),
         ("trainer.eval_every_n_epochs", 1),

@@ -1,28 +1,9 @@
 """Image-retrieval metrics of metric learning (SOP, CUB, Cars, In-Shop) in bounded memory.
 
-The protocol is Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020): every query ranks the
-reference set by cosine similarity of L2-normalised embeddings (the same ranking as the Euclidean distance
-between normalised embeddings, the default of pytorch-metric-learning's ``AccuracyCalculator``), and
-
-- ``precision_at_1``: the fraction of queries whose nearest neighbour has the query's label;
-- ``r_precision``: with R the number of references that share the query's label, the fraction of the R
-  nearest that do (Musgrave et al. 2020, sec. 3.3);
-- ``map_at_r``: MAP@R, the mean average precision over the R nearest,
-  ``1/R * sum_{i<=R} P(i) * rel(i)`` (Musgrave et al. 2020, eq. 1);
-- ``recall_at_<k>``: the fraction of queries with at least one same-label reference among their k nearest
-  (Recall@K of Song et al., "Deep Metric Learning via Lifted Structured Feature Embedding", CVPR 2016).
-
-Each is a mean over queries (not a mean of per-class means). A query whose label no reference shares (other
-than itself) is left out of every metric, as pytorch-metric-learning does. When ``reference`` is None the
-queries are their own references and each query's own row is excluded (SOP, CUB, Cars); In-Shop passes its
-query and gallery sets. The results equal ``AccuracyCalculator(avg_of_avgs=False, k="max_bin_count")`` on the
-same embeddings, ties included (tests/eval/test_retrieval.py).
-
-Ties: references at the same distance rank by index, the smaller first. Both neighbour searches keep to it:
-faiss's exact CPU index (``faiss-cpu``) and a blocked torch search (on the embeddings' device) that never
-holds the N x N similarity matrix: it scores a block of queries at a time, the block sized from
-``memory_budget``. A GPU build of faiss is used when it sees a GPU; its tie order is faiss's own (untested).
-An exact tie needs equal similarities, and a BLAS product may round two identical references differently.
+Precision@1, R-precision, MAP@R and Recall@k as Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020)
+define them, equal to pytorch-metric-learning's ``AccuracyCalculator``, ties included; the neighbour search
+never holds the N x N similarity matrix. Definitions, tie order and memory: docs/metric-learning.md, "The
+metrics, exactly".
 """
 
 from __future__ import annotations
@@ -52,7 +33,7 @@ def retrieval_metrics(
     backend: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, float]:
-    """Precision@1, R-precision, MAP@R and Recall@k of ``query`` against ``reference`` (module docstring).
+    """Precision@1, R-precision, MAP@R and Recall@k of ``query`` against ``reference`` (docs/metric-learning.md).
 
     Args:
         query: (Nq, D) embeddings (torch tensor or numpy array); L2-normalised here.
@@ -107,9 +88,9 @@ def retrieval_metrics(
     metrics = {
         "precision_at_1": same[:, 0].to(torch.float64).mean().item(),
         "r_precision": (hits.sum(dim=1).to(torch.float64) / r).mean().item(),
-        "map_at_r": (precision_at_i.sum(dim=1) / r).mean().item(),
+        "map_at_r": (precision_at_i.sum(dim=1) / r).mean().item(),  # Musgrave et al. 2020, eq. 1
     }
-    for kk in ks:
+    for kk in ks:  # Recall@K of Song et al. (CVPR 2016): a same-label reference among the k nearest
         metrics[f"recall_at_{kk}"] = same[:, :kk].any(dim=1).to(torch.float64).mean().item()
     metrics["num_queries"] = int(scored.sum())
     return metrics

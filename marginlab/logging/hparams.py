@@ -24,7 +24,7 @@ def _flatten(value, key: str, out: dict) -> None:
 def flat_hparams(cfg: DictConfig, choices: dict | None = None) -> dict:
     """``head.m``, ``optim.lr``, ``seed``, ... (None left out); ``choices`` (Hydra's group choices, e.g.
     ``{"head": "arcface"}``) replace the class names of the groups."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     out: dict = {}
     for section in SECTIONS:
         if section in resolved:
