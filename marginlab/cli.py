@@ -120,9 +120,9 @@ def hydra_errors_raised():
 
 def as_user_error(err: Exception, args: list[str]) -> Exception:
     """The one-line error of a bad config (or of a directory that cannot be created); a bug stays itself."""
-    from marginlab import sweep
+    from marginlab import error_kinds as kinds
 
-    cause = sweep.marginlab_cause(err)
+    cause = kinds.marginlab_cause(err)
     if cause is not None:
         return cause
     if isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):
@@ -131,15 +131,15 @@ def as_user_error(err: Exception, args: list[str]) -> Exception:
         from marginlab.logging.tracker_options import unchosen_tracker
 
         return unchosen_tracker(args) or err
-    if sweep.is_environment_error(err) and not sweep.is_config_error(err):
-        return OutputError(sweep.describe(err))
-    if not sweep.is_config_error(err):
+    if kinds.is_environment_error(err) and not kinds.is_config_error(err):
+        return OutputError(kinds.describe(err))
+    if not kinds.is_config_error(err):
         return err
     if any(a in ("-m", "--multirun") for a in args):
-        return sweep.sweep_config_error(err, args)
+        return kinds.sweep_config_error(err, args)
     from marginlab.override_hints import with_hint  # did you mean 'trainer.epochs'?
 
-    return ConfigError(with_hint(err, sweep.describe_config_error(err)))
+    return ConfigError(with_hint(err, kinds.describe_config_error(err)))
 
 
 #: Hydra's modes, of which a command takes one (its refusal of two is a ValueError)

@@ -174,7 +174,7 @@ def new_sweep_dir(name: str) -> Path:
 
 def check_jobs(commands: list[list[str]]) -> None:
     """Composes every job of every sweep before the first starts: a ConfigError listing each bad value."""
-    from marginlab.sweep import bad_jobs
+    from marginlab.error_kinds import bad_jobs
 
     bad = [f"sweep {i}: {line}" for i, command in enumerate(commands, 1) for line in bad_jobs(command)]
     if bad:

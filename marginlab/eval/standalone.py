@@ -36,7 +36,7 @@ from marginlab.builders import build_data, build_verifiers
 from marginlab.checkpoint import find_checkpoint
 from marginlab.command_args import run_command
 from marginlab.data.face import parse_image_size
-from marginlab.engine import resolve_device
+from marginlab.device import resolve_device
 from marginlab.errors import ConfigError, OutputError
 from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
 from marginlab.eval.retrieval_sets import check_retrievable, retrieval_line, run_retrieval
