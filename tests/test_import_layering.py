@@ -15,7 +15,7 @@ import marginlab
 
 PACKAGE = Path(marginlab.__file__).parent
 #: what config/ sits below: it must import none of them, not even inside a function
-ABOVE_CONFIG = ("marginlab.builders", "marginlab.train", "marginlab.train_main", "marginlab.engine", "marginlab.cli")
+ABOVE_CONFIG = ("marginlab.builders", "marginlab.train", "marginlab.engine", "marginlab.commands")
 
 
 def imported_modules(path: Path) -> list[tuple[str, str | None]]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from marginlab.errors import ConfigError, MarginlabError
 
-EXPERIMENTS = Path(__file__).parent / "configs" / "experiment"
+EXPERIMENTS = Path(__file__).parent.parent / "configs" / "experiment"
 SPEC_KEYS = ("sweeps", "plot")
 #: an override value Hydra reads unquoted
 PLAIN_VALUE = re.compile(r"[\w./:@+-]+")

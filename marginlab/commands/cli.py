@@ -67,15 +67,16 @@ PRINT_ONLY = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--
 
 @command("train")
 def train_command(args: list[str]) -> int:
-    if args in (["--help"], ["-h"]):  # Hydra's page without Hydra's slow group listing (marginlab/help_page.py)
-        from marginlab.help_page import train_help
+    if args in (["--help"], ["-h"]):  # Hydra's page without Hydra's slow group listing (commands/help_page.py)
+        from marginlab.commands.help_page import train_help
 
         page = train_help(args)
         if page is not None:
             print(page)
             return 0
-    from marginlab import completion, sweep
-    from marginlab.train_main import hydra_main  # Hydra + the config schema; marginlab.train (torch) on demand
+    from marginlab import sweep
+    from marginlab.commands import completion
+    from marginlab.commands.train import hydra_main  # Hydra + the config schema; marginlab.train (torch) on demand
 
     request = completion.completion_request(args)  # -sc install=bash: our script (Hydra's calls `marginlab -sc`)
     if request is not None and request[0] != "query":
@@ -169,49 +170,49 @@ def modes_conflict(args: list[str]) -> str:
 
 @command("eval")
 def eval_command(args: list[str]) -> int:
-    from marginlab.eval.standalone import main as eval_main
+    from marginlab.commands.eval import main as eval_main
 
     return eval_main(args)
 
 
 @command("export")
 def export_command(args: list[str]) -> int:
-    from marginlab.export import main as export_main
+    from marginlab.commands.export import main as export_main
 
     return export_main(args)
 
 
 @command("embed")
 def embed_command(args: list[str]) -> int:
-    from marginlab.embed import main as embed_main
+    from marginlab.commands.embed import main as embed_main
 
     return embed_main(args)
 
 
 @command("align")
 def align_command(args: list[str]) -> int:
-    from marginlab.align import main as align_main
+    from marginlab.commands.align import main as align_main
 
     return align_main(args)
 
 
 @command("report")
 def report_command(args: list[str]) -> int:
-    from marginlab.report import main as report_main
+    from marginlab.commands.report import main as report_main
 
     return report_main(args)
 
 
 @command("reproduce")
 def reproduce_command(args: list[str]) -> int:
-    from marginlab.reproduce import main as reproduce_main
+    from marginlab.commands.reproduce import main as reproduce_main
 
     return reproduce_main(args, COMMANDS)
 
 
 @command("plot")
 def plot_command(args: list[str]) -> int:
-    from marginlab.plot import main as plot_main
+    from marginlab.commands.plot import main as plot_main
 
     return plot_main(args)
 
