@@ -1,5 +1,6 @@
 """The package imports only downward (issue #17): config/ knows neither the builder nor the loop; no module
-outside marginlab/heads/ and the builder imports a concrete head; errors/checks/dtypes import nothing of marginlab;
+outside marginlab/heads/ and the builder imports a concrete head; the bottom modules (errors, checks, dtypes,
+device...) import nothing of marginlab above them; nothing outside marginlab/commands/ imports the CLI;
 backbones, data and regularizers never load the heads; no private name crosses a package boundary."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import marginlab
 
 PACKAGE = Path(marginlab.__file__).parent
 #: what config/ sits below: it must import none of them, not even inside a function
-ABOVE_CONFIG = ("marginlab.builders", "marginlab.train", "marginlab.train_main", "marginlab.engine", "marginlab.cli")
+ABOVE_CONFIG = ("marginlab.builders", "marginlab.train", "marginlab.engine", "marginlab.commands")
 
 
 def imported_modules(path: Path) -> list[tuple[str, str | None]]:
@@ -80,14 +81,38 @@ def marginlab_imports(path: Path) -> set[str]:
     return found
 
 
+#: the bottom layer: each imports at most the others of this set, nothing else of marginlab
+BOTTOM = ("errors", "checks", "dtypes", "device", "command_args", "atomic_write", "file_lock")
+
+
 def test_the_bottom_modules_import_no_other_marginlab_module():
-    bottom = {"marginlab.errors", "marginlab.checks", "marginlab.dtypes"}
+    bottom = {f"marginlab.{name}" for name in BOTTOM}
     offenders = {
         f"{name}.py imports {sorted(marginlab_imports(PACKAGE / f'{name}.py') - bottom)}"
-        for name in ("errors", "checks", "dtypes")
+        for name in BOTTOM
         if marginlab_imports(PACKAGE / f"{name}.py") - bottom
     }
     assert not offenders, offenders
+
+
+def test_nothing_outside_commands_imports_the_commands():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] in ("commands", "__main__.py"):
+            continue
+        commands = {
+            m for m in marginlab_imports(path) if m == "marginlab.commands" or m.startswith("marginlab.commands.")
+        }
+        offenders += [f"{path.relative_to(PACKAGE)} imports {m}" for m in sorted(commands)]
+    assert not offenders, offenders
+
+
+def test_every_subcommand_runs_a_main_in_commands():
+    from marginlab.commands.cli import COMMANDS
+
+    dispatched = marginlab_imports(PACKAGE / "commands" / "cli.py")
+    missing = [name for name in COMMANDS if name != "version" and f"marginlab.commands.{name}" not in dispatched]
+    assert not missing, missing
 
 
 def test_backbones_data_and_regularizers_never_load_the_heads():
