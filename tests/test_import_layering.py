@@ -134,3 +134,20 @@ def test_no_module_imports_a_private_name_from_another_package():
             if module.split(".")[0] == "marginlab" and private and not (module == own or module.startswith(f"{own}.")):
                 offenders.append(f"{path.relative_to(PACKAGE)}: from {module} import {name}")
     assert not offenders, offenders
+
+
+def test_the_data_package_imports_in_no_circle():
+    """data/base.py reaches data/in_memory.py downward only (their shared error lives in data/batch_count.py)."""
+    data = PACKAGE / "data"
+    names = {f"marginlab.data.{p.stem}" for p in data.glob("*.py") if p.stem != "__init__"}
+    graph = {
+        f"marginlab.data.{p.stem}": {m for m, _ in imported_modules(p) if m in names}
+        for p in data.glob("*.py")
+        if p.stem != "__init__"
+    }
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph[start])
+
+    circles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not circles, circles
