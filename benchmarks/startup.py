@@ -2,8 +2,8 @@
 
 Help: each round runs, in a fresh interpreter each, `python -c "import hydra, omegaconf"` (the baseline),
 `marginlab --help`, `marginlab train --help`, `marginlab train --help seed=0` (an override: Hydra renders the
-page, as every `--help` did before marginlab/help_page.py) and `python -c "import torch, torchvision"` (what
-every command paid before marginlab/train_main.py). Target: `marginlab --help` and `marginlab train --help`
+page, as every `--help` did before marginlab/commands/help_page.py) and `python -c "import torch, torchvision"` (what
+every command paid before marginlab/commands/train.py). Target: `marginlab --help` and `marginlab train --help`
 within 1.5x the baseline.
 
 First step: each round runs `python -c "import torch, torchvision"`, the default data set's own load (a
@@ -36,7 +36,7 @@ FIRST_STEP = """
 import os, sys
 from torch.optim.optimizer import register_optimizer_step_post_hook
 register_optimizer_step_post_hook(lambda *args: os._exit(0))
-from marginlab.cli import main
+from marginlab.commands.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 
@@ -77,7 +77,7 @@ def help_commands() -> dict[str, list[str]]:
         "import hydra, omegaconf": [sys.executable, "-c", "import hydra, omegaconf"],
         "marginlab --help": [*marginlab, "--help"],
         "marginlab train --help": [*marginlab, "train", "--help"],
-        # any override sends the page to Hydra, which lists the groups itself: the cost before marginlab/help_page.py
+        # any override sends the page to Hydra, which lists the groups itself: the cost before commands/help_page.py
         "train --help seed=0 (Hydra's)": [*marginlab, "train", "--help", "seed=0"],
         "import torch, torchvision": [sys.executable, "-c", "import torch, torchvision"],
     }

@@ -1,4 +1,4 @@
-from marginlab.cli import console_main
+from marginlab.commands.cli import console_main
 
 if __name__ == "__main__":
     console_main()

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from marginlab.builders import MarginModel
 from marginlab.checkpoint import LoopState
 from marginlab.distributed.runtime import DistContext
+from marginlab.epoch_meter import EpochMeter
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
 from marginlab.losses import MarginLoss, criterion_for
@@ -38,14 +39,6 @@ class Precision:
         if self.name == "32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.name])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but CUDA is not available here; use trainer.device=cpu or auto")
-    return torch.device(name)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -105,9 +98,8 @@ def train_one_epoch(
     classifies = criterion.classifies
     sharded = criterion.sharded_parameters() if dist.enabled else []
     forward = model if forward is None else forward
-    loss_sum = torch.zeros((), device=prec.device)
-    correct = torch.zeros((), device=prec.device, dtype=torch.long)
-    seen, skipped, start = 0, 0, time.perf_counter()
+    meter = EpochMeter(prec.device, classifies)
+    skipped, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
         images, labels = to_device(batch, prec.device, channels_last)
@@ -137,10 +129,7 @@ def train_one_epoch(
         prec.scaler.update()
         scheduler.step()
         state.step += 1
-        loss_sum += loss.detach() * labels.numel()  # accumulated on the device: no sync
-        if classifies:
-            correct += (predicted == labels).sum()
-        seen += labels.numel()
+        meter.update(loss, predicted, labels)
         if state.step % log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
             step_stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
             if classifies:
@@ -152,12 +141,7 @@ def train_one_epoch(
             bar.set_postfix({k: f"{step_stats[k]:.3f}" for k in ("loss", "acc") if k in step_stats})
     bar.close()
     elapsed = time.perf_counter() - start
-    totals = dist.all_reduce_sum(
-        torch.stack(
-            [loss_sum.double(), correct.double(), torch.tensor(float(seen), device=prec.device, dtype=torch.float64)]
-        )
-    )
-    loss_total, correct_total, seen = totals.tolist()
+    loss_total, correct_total, seen = meter.totals(dist.all_reduce_sum)
     stats = {
         "loss": loss_total / max(seen, 1),
         "acc": correct_total / max(seen, 1),

@@ -45,7 +45,7 @@ def unknown_option_hint(err: BaseException) -> str | None:
 
 
 def with_hint(err: BaseException, text: str) -> str:
-    """``text`` (Hydra's message, as ``sweep.describe_config_error`` puts it) with the did-you-mean added."""
+    """``text`` (Hydra's message, as ``error_kinds.describe_config_error`` puts it) with the did-you-mean added."""
     cause = err.__cause__ if err.__cause__ is not None else err
     own_words = "; ".join(
         line.strip()

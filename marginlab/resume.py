@@ -221,7 +221,8 @@ def check_resume_config(cfg, ckpt_path: Path, ckpt: dict | None = None) -> str |
     from omegaconf import OmegaConf
 
     from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
-    from marginlab.engine import Precision, resolve_device, resolve_precision
+    from marginlab.device import resolve_device
+    from marginlab.engine import Precision, resolve_precision
 
     device = resolve_device(str(cfg.trainer.device))
     Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA

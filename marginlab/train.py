@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
-from marginlab import builders, sweep
+from marginlab import builders, error_kinds, sweep
 from marginlab.builders import MarginModel
 from marginlab.checkpoint import (
     CHECKPOINT_DIR,
@@ -35,9 +35,10 @@ from marginlab.checkpoint import (
 )
 from marginlab.collapse import CollapseWatch
 from marginlab.config.validate import HeadSpec, validate
+from marginlab.device import resolve_device
 from marginlab.distributed import sharded_state
 from marginlab.distributed.runtime import DistContext
-from marginlab.engine import Precision, check_finite_state, evaluate, resolve_device, resolve_precision, train_one_epoch
+from marginlab.engine import Precision, check_finite_state, evaluate, resolve_precision, train_one_epoch
 from marginlab.environment import environment, kept_threads, use_threads
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.eval.during_training import run_verifiers
@@ -578,7 +579,7 @@ def run(cfg: DictConfig) -> float:
         raise SystemExit(130) from None
     except Exception as err:
         message = sweep.record_failure(run_dir, err, write=started())
-        code = 2 if sweep.is_user_error(err) else 1
+        code = 2 if error_kinds.is_user_error(err) else 1
     else:
         return objective(summary)
     finally:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.help_catalog import CONFIGS, catalog
 
 from .conftest import run_cli
@@ -53,7 +53,7 @@ def hydra_help_page() -> str:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.object_type import ObjectType
 
-    import marginlab.train_main  # noqa: F401  (schema, resolvers)
+    import marginlab.commands.train  # noqa: F401  (schema, resolvers)
 
     with initialize_config_module("marginlab.configs", version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
@@ -68,7 +68,7 @@ def hydra_help_page() -> str:
 
 
 def test_plain_train_help_is_hydras_page_without_hydras_listing():
-    from marginlab.help_page import train_help
+    from marginlab.commands.help_page import train_help
 
     page = train_help(["--help"])
     assert page is not None  # the fast page, not a fall-back to Hydra
@@ -80,7 +80,7 @@ def test_plain_train_help_is_hydras_page_without_hydras_listing():
 def test_train_help_falls_back_to_hydra_on_configs_it_does_not_read(tmp_path, monkeypatch):
     import shutil
 
-    from marginlab import help_page
+    from marginlab.commands import help_page
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIGS, configs)
@@ -106,7 +106,7 @@ def test_help_catalog_has_a_line_for_every_head_and_backbone():
 def test_every_config_option_a_help_text_names_exists(capsys):
     """``align --help`` recommended ``dataset=imagefolder``, which is no config: every ``<group>=<option>`` of the
     top-level and command help pages must name a ``configs/<group>/<option>.yaml``."""
-    from marginlab.cli import COMMANDS
+    from marginlab.commands.cli import COMMANDS
 
     groups = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
     pages = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 
 BASH = shutil.which("bash")
 
@@ -73,8 +73,8 @@ def test_unknown_shell_is_one_line_error(capsys):
 
 def test_query_leaves_torch_unimported(tmp_path):
     check = (
-        "import sys, marginlab.cli\n"
-        "try:\n    code = marginlab.cli.main(['train', '-sc', 'query=bash'])\n"
+        "import sys, marginlab.commands.cli\n"
+        "try:\n    code = marginlab.commands.cli.main(['train', '-sc', 'query=bash'])\n"
         "except SystemExit as e:\n    code = e.code or 0\n"
         "print('CODE', code, 'TORCH', 'torch' in sys.modules)"
     )

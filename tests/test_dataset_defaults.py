@@ -108,7 +108,7 @@ def test_every_datasets_picks_validate_and_the_margin_advisor_accepts_them(name)
 
 
 def test_help_lists_what_each_dataset_picks():
-    from marginlab.help_page import train_help
+    from marginlab.commands.help_page import train_help
 
     page = train_help(["--help"])
     for name, picks in PICKS.items():

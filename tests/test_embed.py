@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from marginlab.backbones.digits_cnn import DigitsCNN
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.data.face.recordio import write_face_records
 
 SIZE = 112

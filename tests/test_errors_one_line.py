@@ -80,7 +80,7 @@ def failing_save(code: int | None, wrapped: bool):
 
 
 def test_torchs_wrapped_write_failure_is_the_machine_not_a_bug():
-    from marginlab import sweep
+    from marginlab import error_kinds
 
     try:
         try:
@@ -89,10 +89,10 @@ def test_torchs_wrapped_write_failure_is_the_machine_not_a_bug():
             raise RuntimeError(TORCH_WRAPPED)  # noqa: B904 - as torch raises it
     except RuntimeError as err:
         wrapped = err
-    assert sweep.is_user_error(wrapped)
-    assert sweep.describe(wrapped, Path("/run")) == "cannot write the run's files in /run: File too large (EFBIG)"
+    assert error_kinds.is_user_error(wrapped)
+    assert error_kinds.describe(wrapped, Path("/run")) == "cannot write the run's files in /run: File too large (EFBIG)"
     read_error = RuntimeError("[enforce fail at inline_container.cc:316] . file not found: archive/data.pkl")
-    assert not sweep.is_user_error(read_error)  # torch's reader: not a write the system refused
+    assert not error_kinds.is_user_error(read_error)  # torch's reader: not a write the system refused
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,11 @@ from torch.utils.data import TensorDataset
 import marginlab
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
 from marginlab import builders
+from marginlab.commands.reproduce import spec_of
 from marginlab.config.validate import import_target
 from marginlab.data.base import ClassificationData
 from marginlab.data.face import parse_image_size
 from marginlab.report import check_paper
-from marginlab.reproduce import spec_of
 
 CONFIGS = Path(marginlab.__file__).parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))

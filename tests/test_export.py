@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.data.face import normalize_face
 
 ort = pytest.importorskip("onnxruntime")

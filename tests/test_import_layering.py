@@ -1,5 +1,6 @@
 """The package imports only downward (issue #17): config/ knows neither the builder nor the loop; no module
-outside marginlab/heads/ and the builder imports a concrete head; errors/checks/dtypes import nothing of marginlab;
+outside marginlab/heads/ and the builder imports a concrete head; the bottom modules (errors, checks, dtypes,
+device...) import nothing of marginlab above them; nothing outside marginlab/commands/ imports the CLI;
 backbones, data and regularizers never load the heads; no private name crosses a package boundary."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import marginlab
 
 PACKAGE = Path(marginlab.__file__).parent
 #: what config/ sits below: it must import none of them, not even inside a function
-ABOVE_CONFIG = ("marginlab.builders", "marginlab.train", "marginlab.train_main", "marginlab.engine", "marginlab.cli")
+ABOVE_CONFIG = ("marginlab.builders", "marginlab.train", "marginlab.engine", "marginlab.commands")
 
 
 def imported_modules(path: Path) -> list[tuple[str, str | None]]:
@@ -80,14 +81,38 @@ def marginlab_imports(path: Path) -> set[str]:
     return found
 
 
+#: the bottom layer: each imports at most the others of this set, nothing else of marginlab
+BOTTOM = ("errors", "checks", "dtypes", "device", "command_args", "atomic_write", "file_lock")
+
+
 def test_the_bottom_modules_import_no_other_marginlab_module():
-    bottom = {"marginlab.errors", "marginlab.checks", "marginlab.dtypes"}
+    bottom = {f"marginlab.{name}" for name in BOTTOM}
     offenders = {
         f"{name}.py imports {sorted(marginlab_imports(PACKAGE / f'{name}.py') - bottom)}"
-        for name in ("errors", "checks", "dtypes")
+        for name in BOTTOM
         if marginlab_imports(PACKAGE / f"{name}.py") - bottom
     }
     assert not offenders, offenders
+
+
+def test_nothing_outside_commands_imports_the_commands():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] in ("commands", "__main__.py"):
+            continue
+        commands = {
+            m for m in marginlab_imports(path) if m == "marginlab.commands" or m.startswith("marginlab.commands.")
+        }
+        offenders += [f"{path.relative_to(PACKAGE)} imports {m}" for m in sorted(commands)]
+    assert not offenders, offenders
+
+
+def test_every_subcommand_runs_a_main_in_commands():
+    from marginlab.commands.cli import COMMANDS
+
+    dispatched = marginlab_imports(PACKAGE / "commands" / "cli.py")
+    missing = [name for name in COMMANDS if name != "version" and f"marginlab.commands.{name}" not in dispatched]
+    assert not missing, missing
 
 
 def test_backbones_data_and_regularizers_never_load_the_heads():
@@ -109,3 +134,20 @@ def test_no_module_imports_a_private_name_from_another_package():
             if module.split(".")[0] == "marginlab" and private and not (module == own or module.startswith(f"{own}.")):
                 offenders.append(f"{path.relative_to(PACKAGE)}: from {module} import {name}")
     assert not offenders, offenders
+
+
+def test_the_data_package_imports_in_no_circle():
+    """data/base.py reaches data/in_memory.py downward only (their shared error lives in data/batch_count.py)."""
+    data = PACKAGE / "data"
+    names = {f"marginlab.data.{p.stem}" for p in data.glob("*.py") if p.stem != "__init__"}
+    graph = {
+        f"marginlab.data.{p.stem}": {m for m, _ in imported_modules(p) if m in names}
+        for p in data.glob("*.py")
+        if p.stem != "__init__"
+    }
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph[start])
+
+    circles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not circles, circles

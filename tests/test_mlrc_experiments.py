@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import marginlab
-from marginlab.reproduce import experiment_names
+from marginlab.commands.reproduce import experiment_names
 
 from .test_experiments import compose
 

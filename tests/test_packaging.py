@@ -44,7 +44,7 @@ def test_wheel_ships_configs_and_runs_elsewhere(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target), "MARGINLAB_OUTPUT_DIR": str(elsewhere / "outputs")}
     code = (
         "import marginlab, sys; assert marginlab.__file__.startswith(sys.argv[1]), marginlab.__file__; "
-        "from marginlab.cli import main; sys.exit(main(['train', 'trainer.epochs=1', 'logger=quiet']))"
+        "from marginlab.commands.cli import main; sys.exit(main(['train', 'trainer.epochs=1', 'logger=quiet']))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(target)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from marginlab.commands.plot import main as plot_main
+from marginlab.commands.plot import run_titles
 from marginlab.geometry.store import epoch_path, save_epoch
 from marginlab.head_names import HEADS
-from marginlab.plot import main as plot_main
-from marginlab.plot import run_titles
 
 from .conftest import run_cli
 

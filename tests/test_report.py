@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.errors import ConfigError
 from marginlab.report import build_report, check_paper, collect, paper_values
 

@@ -25,8 +25,9 @@ from omegaconf import OmegaConf
 
 import marginlab
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
-from marginlab import builders, reproduce
-from marginlab.cli import main
+from marginlab import builders
+from marginlab.commands import reproduce
+from marginlab.commands.cli import main
 from marginlab.config.validate import import_target, validate
 from marginlab.data.face import parse_image_size
 from marginlab.environment import kept_threads

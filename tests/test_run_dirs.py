@@ -34,7 +34,7 @@ class Frozen(datetime.datetime):
     def now(cls, tz=None):
         return cls(2030, 1, 2, 3, 4, 5)
 hydra.core.utils.datetime = Frozen
-from marginlab.cli import main
+from marginlab.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

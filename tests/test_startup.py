@@ -10,9 +10,9 @@ import pytest
 
 CHECK = """
 import sys
-import marginlab.cli
+import marginlab.commands.cli
 try:
-    code = marginlab.cli.main({argv!r})
+    code = marginlab.commands.cli.main({argv!r})
 except SystemExit as exit:  # Hydra exits after printing its help
     code = exit.code or 0
 assert code == 0, code
@@ -51,7 +51,7 @@ def test_help_paths_leave_torch_unimported(argv, tmp_path):
 
 def test_importing_the_cli_leaves_torch_unimported():
     code = (
-        "import sys, marginlab.cli, marginlab.config, marginlab.config.validate, marginlab.train_main; "
+        "import sys, marginlab.commands.cli, marginlab.config, marginlab.config.validate, marginlab.commands.train; "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)

@@ -98,7 +98,7 @@ class TrainConfig:
     regularizer: Dict[str, Any] = field(default_factory=dict)
     verification: Dict[str, Any] = field(default_factory=dict)
     paper: Any = None
-    reproduce: Any = None  # an experiment's sweeps and table steps: marginlab reproduce <name> (reproduce.py)
+    reproduce: Any = None  # an experiment's sweeps and table steps: marginlab reproduce <name> (commands/reproduce.py)
 
 
 def data_root(name: str) -> str:

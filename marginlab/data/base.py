@@ -23,6 +23,7 @@ from torch.utils.data import (
 )
 
 from marginlab.checks import check_float, check_positive_int
+from marginlab.data.batch_count import no_batches_error
 from marginlab.errors import ConfigError, DataError, MarginlabError
 
 
@@ -77,20 +78,6 @@ def check_no_link_loops(root: str | os.PathLike) -> None:
     real_root = os.path.realpath(root)
     if os.path.isdir(real_root):
         visit(str(root), real_root, frozenset({real_root}))
-
-
-def no_batches_error(images: int, share: int, batch: int, world_size: int, drop_last: bool) -> MarginlabError:
-    """The error for a training loader with zero batches: the numbers and the fix."""
-    if images == 0:
-        return DataError("the training set has no images: nothing to train on")
-    where = f"{share} per process on {world_size} processes, " if world_size > 1 else ""
-    return ConfigError(
-        f"dataset.batch_size={batch * world_size} gives 0 training batches with "
-        f"dataset.drop_last={str(drop_last).lower()}: the training set has {images} images "
-        f"({where}fewer than one batch of {batch}{' per process' if world_size > 1 else ''}), "
-        f"so no optimizer step would be taken. To fix: set dataset.batch_size to at most "
-        f"{share * world_size}, or dataset.drop_last=false"
-    )
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:

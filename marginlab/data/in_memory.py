@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from marginlab.checks import check_positive_int
-from marginlab.data.base import no_batches_error
+from marginlab.data.batch_count import no_batches_error
 from marginlab.errors import ConfigError
 
 

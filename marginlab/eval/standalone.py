@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,9 +33,8 @@ from omegaconf import OmegaConf
 import marginlab.config  # noqa: F401  (resolvers)
 from marginlab.builders import build_data, build_verifiers
 from marginlab.checkpoint import find_checkpoint
-from marginlab.command_args import run_command
 from marginlab.data.face import parse_image_size
-from marginlab.engine import resolve_device
+from marginlab.device import resolve_device
 from marginlab.errors import ConfigError, OutputError
 from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
 from marginlab.eval.retrieval_sets import check_retrievable, retrieval_line, run_retrieval
@@ -288,11 +286,3 @@ def verification_line(name: str, result: dict) -> str:
         f"TAR@FAR={result['far_target']:.0e} {result['tar_at_far']:.4f}, "  # the set's far_target, not always 1e-3
         f"AUC {result['auc']:.4f}, EER {result['eer']:.4f}"
     )
-
-
-def main(args: list[str]) -> int:
-    return run_command(__doc__, evaluate_checkpoint, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -22,7 +22,7 @@ import torch
 
 from marginlab.checkpoint import find_checkpoint
 from marginlab.checks import image_hw
-from marginlab.command_args import REQUIRED, STATE_DICT_OPTIONS, one_of, parse, run_command
+from marginlab.command_args import REQUIRED, STATE_DICT_OPTIONS, one_of, parse
 from marginlab.export.files import check_writable, free_path, put_in_place, refuse_existing, staged, write_text
 from marginlab.export.formats import FORMATS, insightface_problems, random_batch
 from marginlab.export.model_card import is_face_model, model_card
@@ -81,7 +81,3 @@ def export(args: list[str]) -> dict:
         f"error {check['max_relative_error']:.1e}, {check['seconds']:.1f} s)"
     )
     return card
-
-
-def main(args: list[str]) -> int:
-    return run_command(__doc__, export, args)

@@ -19,7 +19,7 @@ from marginlab.backbones.insightface_keys import (
 from marginlab.backbones.iresnet import IResNet
 from marginlab.backbones.mobilefacenet import MobileFaceNet
 from marginlab.builders import MarginModel
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.errors import ConfigError
 from marginlab.eval.verification import embed_images
 from marginlab.weights import backbone_node, init_from

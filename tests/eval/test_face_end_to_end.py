@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.data.face.recordio import write_face_records
 
 IDENTITIES, PER_ID = 4, 6

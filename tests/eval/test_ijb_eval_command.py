@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 
 
 def ijb_results(folder) -> list[dict]:

@@ -216,7 +216,7 @@ def test_probe_template_without_images_is_named(ijb):
 def test_eval_command_reports_the_search(ijb, capsys, face_checkpoint):
     import json
 
-    from marginlab.cli import main
+    from marginlab.commands.cli import main
 
     write_ijb_1n(ijb.root, "ijbc")
     ckpt = face_checkpoint("last.pt", embedding_dim=16, width=4, epoch=1)

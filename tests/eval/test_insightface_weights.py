@@ -16,7 +16,7 @@ from torch import nn
 
 from marginlab.backbones.iresnet import IResNet
 from marginlab.builders import MarginModel
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.errors import DataError
 from marginlab.eval.verification import embed_images, evaluate
 from marginlab.weights import init_from, load_backbone

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 
 
 def write_bin(path, face, issame):

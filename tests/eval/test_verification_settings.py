@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.errors import ConfigError
 from marginlab.eval.ijb import IJBTarget
 from marginlab.eval.verification import evaluate, evaluate_distances

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
+from marginlab.commands.plot import find_runs, run_titles
 from marginlab.geometry.store import list_epochs
-from marginlab.plot import find_runs, run_titles
 
 FAST = [
     "backbone.embedding_dim=2",
@@ -105,7 +105,7 @@ def test_plot_depends_on_the_store_and_the_renderer_only():
     import sys
 
     code = (
-        "import sys, marginlab.plot, marginlab.figures.features, marginlab.figures.angles, "
+        "import sys, marginlab.commands.plot, marginlab.figures.features, marginlab.figures.angles, "
         "marginlab.figures.grid\n"
         "print(sorted(m for m in sys.modules if m.startswith(('marginlab.geometry', 'torch'))))"
     )

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.geometry.probe import GeometryProbe
 from marginlab.geometry.store import list_epochs, load_epoch
 from marginlab.heads.amsoftmax import AMSoftmaxHead

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from marginlab.cli import main
+from marginlab.commands.cli import main
 from marginlab.data.face.align import (
     ARCFACE_TEMPLATE,
     align_face,

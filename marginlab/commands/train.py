@@ -1,6 +1,6 @@
 """The Hydra entry point of ``marginlab train``, kept free of torch so that ``--help``, ``--hydra-help``,
 ``--cfg`` and shell completion answer at Hydra's own speed; ``marginlab.train`` is imported by the task itself.
-A plain ``--help`` does not come here: marginlab/help_page.py prints the same page without Hydra's group listing."""
+A plain ``--help`` does not come here: commands/help_page.py prints the same page without Hydra's group listing."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ if not OmegaConf.has_resolver("marginlab_catalog"):
     OmegaConf.register_new_resolver("marginlab_catalog", catalog_text)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
     from marginlab.train import run
 

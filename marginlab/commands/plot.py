@@ -43,7 +43,7 @@ def _draw(make_figure, path: Path, written: list[Path], failed: list[str], out: 
         fig = make_figure()
         if fig is not None:
             written.append(out.save(fig, path))
-    except MarginlabError:  # unreadable saved data: one line and exit 2 (marginlab.cli)
+    except MarginlabError:  # unreadable saved data: one line and exit 2 (marginlab.commands.cli)
         raise
     except Exception as exc:  # noqa: BLE001 - report and go on with the other figures
         failed.append(f"{path}: {type(exc).__name__}: {exc}")

@@ -33,7 +33,7 @@ from typing import Any
 
 from marginlab.errors import ConfigError, MarginlabError
 
-EXPERIMENTS = Path(__file__).parent / "configs" / "experiment"
+EXPERIMENTS = Path(__file__).parent.parent / "configs" / "experiment"
 SPEC_KEYS = ("sweeps", "plot")
 #: an override value Hydra reads unquoted
 PLAIN_VALUE = re.compile(r"[\w./:@+-]+")
@@ -174,7 +174,7 @@ def new_sweep_dir(name: str) -> Path:
 
 def check_jobs(commands: list[list[str]]) -> None:
     """Composes every job of every sweep before the first starts: a ConfigError listing each bad value."""
-    from marginlab.sweep import bad_jobs
+    from marginlab.error_kinds import bad_jobs
 
     bad = [f"sweep {i}: {line}" for i, command in enumerate(commands, 1) for line in bad_jobs(command)]
     if bad:

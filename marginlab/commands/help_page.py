@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf._utils import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
-import marginlab.train_main  # noqa: F401  (the schema in the ConfigStore, the marginlab_catalog resolver)
+import marginlab.commands.train  # noqa: F401  (the schema in the ConfigStore, the marginlab_catalog resolver)
 from marginlab.help_catalog import CONFIGS
 
 PRIMARY = "train"  # train_main.hydra_main's config_name

@@ -67,15 +67,16 @@ PRINT_ONLY = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--
 
 @command("train")
 def train_command(args: list[str]) -> int:
-    if args in (["--help"], ["-h"]):  # Hydra's page without Hydra's slow group listing (marginlab/help_page.py)
-        from marginlab.help_page import train_help
+    if args in (["--help"], ["-h"]):  # Hydra's page without Hydra's slow group listing (commands/help_page.py)
+        from marginlab.commands.help_page import train_help
 
         page = train_help(args)
         if page is not None:
             print(page)
             return 0
-    from marginlab import completion, sweep
-    from marginlab.train_main import hydra_main  # Hydra + the config schema; marginlab.train (torch) on demand
+    from marginlab import sweep
+    from marginlab.commands import completion
+    from marginlab.commands.train import hydra_main  # Hydra + the config schema; marginlab.train (torch) on demand
 
     request = completion.completion_request(args)  # -sc install=bash: our script (Hydra's calls `marginlab -sc`)
     if request is not None and request[0] != "query":
@@ -120,9 +121,9 @@ def hydra_errors_raised():
 
 def as_user_error(err: Exception, args: list[str]) -> Exception:
     """The one-line error of a bad config (or of a directory that cannot be created); a bug stays itself."""
-    from marginlab import sweep
+    from marginlab import error_kinds as kinds
 
-    cause = sweep.marginlab_cause(err)
+    cause = kinds.marginlab_cause(err)
     if cause is not None:
         return cause
     if isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):
@@ -131,15 +132,15 @@ def as_user_error(err: Exception, args: list[str]) -> Exception:
         from marginlab.logging.tracker_options import unchosen_tracker
 
         return unchosen_tracker(args) or err
-    if sweep.is_environment_error(err) and not sweep.is_config_error(err):
-        return OutputError(sweep.describe(err))
-    if not sweep.is_config_error(err):
+    if kinds.is_environment_error(err) and not kinds.is_config_error(err):
+        return OutputError(kinds.describe(err))
+    if not kinds.is_config_error(err):
         return err
     if any(a in ("-m", "--multirun") for a in args):
-        return sweep.sweep_config_error(err, args)
+        return kinds.sweep_config_error(err, args)
     from marginlab.override_hints import with_hint  # did you mean 'trainer.epochs'?
 
-    return ConfigError(with_hint(err, sweep.describe_config_error(err)))
+    return ConfigError(with_hint(err, kinds.describe_config_error(err)))
 
 
 #: Hydra's modes, of which a command takes one (its refusal of two is a ValueError)
@@ -169,49 +170,49 @@ def modes_conflict(args: list[str]) -> str:
 
 @command("eval")
 def eval_command(args: list[str]) -> int:
-    from marginlab.eval.standalone import main as eval_main
+    from marginlab.commands.eval import main as eval_main
 
     return eval_main(args)
 
 
 @command("export")
 def export_command(args: list[str]) -> int:
-    from marginlab.export import main as export_main
+    from marginlab.commands.export import main as export_main
 
     return export_main(args)
 
 
 @command("embed")
 def embed_command(args: list[str]) -> int:
-    from marginlab.embed import main as embed_main
+    from marginlab.commands.embed import main as embed_main
 
     return embed_main(args)
 
 
 @command("align")
 def align_command(args: list[str]) -> int:
-    from marginlab.align import main as align_main
+    from marginlab.commands.align import main as align_main
 
     return align_main(args)
 
 
 @command("report")
 def report_command(args: list[str]) -> int:
-    from marginlab.report import main as report_main
+    from marginlab.commands.report import main as report_main
 
     return report_main(args)
 
 
 @command("reproduce")
 def reproduce_command(args: list[str]) -> int:
-    from marginlab.reproduce import main as reproduce_main
+    from marginlab.commands.reproduce import main as reproduce_main
 
     return reproduce_main(args, COMMANDS)
 
 
 @command("plot")
 def plot_command(args: list[str]) -> int:
-    from marginlab.plot import main as plot_main
+    from marginlab.commands.plot import main as plot_main
 
     return plot_main(args)
 

@@ -105,7 +105,7 @@ def embed(args: list[str]) -> Path:
     from tqdm import tqdm
 
     from marginlab.checkpoint import find_checkpoint
-    from marginlab.engine import resolve_device
+    from marginlab.device import resolve_device
     from marginlab.eval.standalone import check_fits_verification
     from marginlab.weights import load_backbone
 
