@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.test_resume import TIMES, weights
+from tests.test_resume import assert_same_run
 
 
 def check_resume_exact(run_train, metrics, tmp_path, monkeypatch, *overrides: str) -> dict:
@@ -19,15 +19,7 @@ def check_resume_exact(run_train, metrics, tmp_path, monkeypatch, *overrides: st
     code, _ = run_train("resume=latest")
     assert code == 0
     split = next((tmp_path / "second" / "runs").iterdir())
-    a, b = weights(straight), weights(split)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    rows_a, rows_b = metrics[1](straight), metrics[1](split)
-    assert [r["epoch"] for r in rows_b] == [1, 2]
-    for ra, rb in zip(rows_a, rows_b):
-        assert {k: v for k, v in ra.items() if k not in TIMES} == {k: v for k, v in rb.items() if k not in TIMES}
-    return rows_a[-1]
+    return assert_same_run(straight, split, metrics)[-1]
 
 
 def loss_and_grads(fn, x, weight) -> tuple:
