@@ -80,15 +80,17 @@ def straight_and_resumed(run_train, tmp_path, monkeypatch):
     """``straight_and_resumed(*overrides)``: a run straight, and the same run stopped after epoch 1 and resumed in a
     second output directory; returns their two run directories (compare their ``last_weights``)."""
 
-    def run(*overrides: str) -> tuple[Path, Path]:
-        code, straight = run_train(*overrides)
-        assert code == 0
-        monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-        assert run_train(*overrides, "trainer.stop_after_epoch=1")[0] == 0
-        assert run_train("resume=latest")[0] == 0
-        return straight, next((tmp_path / "second" / "runs").iterdir())
+    return lambda *overrides: train_straight_and_resumed(run_train, tmp_path, monkeypatch, *overrides)
 
-    return run
+
+def train_straight_and_resumed(run_train, tmp_path: Path, monkeypatch, *overrides: str) -> tuple[Path, Path]:
+    """What ``straight_and_resumed`` runs, for helpers that take the fixtures as arguments."""
+    code, straight = run_train(*overrides)
+    assert code == 0
+    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
+    assert run_train(*overrides, "trainer.stop_after_epoch=1")[0] == 0
+    assert run_train("resume=latest")[0] == 0
+    return straight, next((tmp_path / "second" / "runs").iterdir())
 
 
 def last_weights(run_dir: Path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tests.conftest import train_straight_and_resumed
 from tests.test_resume import assert_same_run
 
 
@@ -11,14 +12,7 @@ def check_resume_exact(run_train, metrics, tmp_path, monkeypatch, *overrides: st
     """Trains ``overrides`` for 2 epochs, then again stopped after 1 and resumed; the weights (head state included)
     and the per-epoch records must be equal. Returns the straight run's last record."""
     run = ["logger=quiet", "trainer.epochs=2", "sched=cosine", *overrides]
-    code, straight = run_train(*run)
-    assert code == 0
-    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-    code, _ = run_train(*run, "trainer.stop_after_epoch=1")
-    assert code == 0
-    code, _ = run_train("resume=latest")
-    assert code == 0
-    split = next((tmp_path / "second" / "runs").iterdir())
+    straight, split = train_straight_and_resumed(run_train, tmp_path, monkeypatch, *run)
     return assert_same_run(straight, split, metrics)[-1]
 
 

@@ -16,6 +16,8 @@ from marginlab.errors import ConfigError
 from marginlab.heads import SphereFace2, SphereFace2Head
 from marginlab.heads.output import HeadLoss
 from marginlab.margin_feasibility import advise
+from tests.conftest import train_straight_and_resumed
+from tests.test_resume import assert_same_run
 
 from .conftest import HEAD_CONFIGS
 
@@ -271,17 +273,6 @@ def check_cli_resume(run_train, metrics, tmp_path, monkeypatch, *head):
     """2 epochs straight == 1 epoch + ``resume=latest``, bit for bit (weights and every logged value but timings),
     and it learns (digits: 10 classes)."""
     run = ("logger=quiet", "trainer.epochs=2", "sched=constant", *head)
-    code, straight = run_train(*run)
-    assert code == 0
-    monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-    assert run_train(*run, "trainer.stop_after_epoch=1")[0] == 0
-    assert run_train("resume=latest")[0] == 0
-    split = next((tmp_path / "second" / "runs").iterdir())
-    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in (straight, split))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    times = ("train/images_per_s", "test/probe/seconds", "time/epoch_s", "environment")
-    rows_a, rows_b = metrics[1](straight), metrics[1](split)
-    assert [{k: v for k, v in r.items() if k not in times} for r in rows_a] == [
-        {k: v for k, v in r.items() if k not in times} for r in rows_b
-    ]
+    straight, split = train_straight_and_resumed(run_train, tmp_path, monkeypatch, *run)
+    rows_a = assert_same_run(straight, split, metrics)
     assert rows_a[-1]["test/acc"] > 0.5, rows_a[-1]
