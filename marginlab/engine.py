@@ -17,6 +17,7 @@ from marginlab.distributed.runtime import DistContext
 from marginlab.epoch_meter import EpochMeter
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
+from marginlab.heads.probe import logit_stats
 from marginlab.losses import MarginLoss, criterion_for
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -210,11 +211,15 @@ def evaluate(
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
         if meter.n < probe_max_samples:
-            with prec.autocast():  # the head's pure cosines, as its forward computes them
-                cos = model.head.cosine(embeddings)
             keep = min(labels.numel(), probe_max_samples - meter.n)
-            cos, labels_kept = cos[:keep], labels[:keep]
-            nearest = target_and_nearest_other(cos.float(), labels_kept)  # once, for the meter and the probe
+            labels_kept, cos = labels[:keep], None
+            # once, for the meter and the probe: off the logits when the head maps them to its cosines, else from
+            # the head's pure cosines (a second B x C x D product)
+            nearest = logit_stats(model.head, logits[:keep], embeddings[:keep], labels_kept)
+            if nearest is None:
+                with prec.autocast():  # the head's pure cosines, as its forward computes them
+                    cos = model.head.cosine(embeddings)[:keep]
+                nearest = target_and_nearest_other(cos.float(), labels_kept)
             meter.update(embeddings[:keep], cos, labels_kept, model.head, nearest=nearest)
             if probe is not None and probe.wants_more:
                 probe.collect(

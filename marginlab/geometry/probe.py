@@ -1,7 +1,8 @@
 """The geometry probe: a bounded validation sample per evaluated epoch -> histograms, scalars, npz, figures.
 
-``evaluate`` hands each batch's features, the head's cosines (its pure ``cosine``, heads/probe.py), labels and
-predictions to ``collect`` until ``max_samples`` are held.
+``evaluate`` hands each batch's features, the target and nearest non-target cosines (read off the evaluation
+logits by the head's ``cosine_of_logits``, else from its pure ``cosine``: heads/probe.py), labels and predictions
+to ``collect`` until ``max_samples`` are held.
 ``end_epoch`` then logs the histograms (feature norm of correctly / wrongly classified samples, target
 angle, nearest non-target angle, realised angular margin, class-weight norms), returns the epoch's
 scalars (pairwise class-weight angles, intra-class spread, inter-class angles of class means), writes
@@ -84,7 +85,7 @@ class GeometryProbe:
     def collect(
         self,
         features: Tensor,
-        cos: Tensor,
+        cos: Tensor | None,
         labels: Tensor,
         predictions: Tensor,
         images: Tensor | None = None,
@@ -92,7 +93,8 @@ class GeometryProbe:
     ) -> None:
         """Keeps up to ``max_samples`` samples: features, target / nearest non-target angles, predictions.
 
-        ``nearest``: ``stats.target_and_nearest_other(cos, labels)`` when the caller has it already."""
+        ``nearest``: ``stats.target_and_nearest_other(cos, labels)`` when the caller has it already (``cos`` may
+        then be None)."""
         start = time.perf_counter()
         keep = min(labels.numel(), self.max_samples - self.n)
         if keep <= 0:
@@ -100,7 +102,7 @@ class GeometryProbe:
         labels = labels[:keep]
         if nearest is not None:
             nearest = (nearest[0][:keep], nearest[1][:keep])
-        target, other = sample_angles(cos[:keep], labels, nearest)
+        target, other = sample_angles(None if cos is None else cos[:keep], labels, nearest)
         for key, value in (
             ("features", features[:keep].float()),
             ("labels", labels),

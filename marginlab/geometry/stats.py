@@ -43,9 +43,10 @@ class GeometryMeter:
 
     @torch.no_grad()
     def update(
-        self, features: Tensor, cos: Tensor, labels: Tensor, head, nearest: tuple[Tensor, Tensor] | None = None
+        self, features: Tensor, cos: Tensor | None, labels: Tensor, head, nearest: tuple[Tensor, Tensor] | None = None
     ) -> None:
-        """``nearest``: ``target_and_nearest_other(cos, labels)`` when the caller has it already."""
+        """``nearest``: ``target_and_nearest_other(cos, labels)`` when the caller has it already (``cos`` may then
+        be None: the statistics read nothing else)."""
         features = features.float()
         norms = features.norm(dim=1)
         target, other = target_and_nearest_other(cos.float(), labels) if nearest is None else nearest
@@ -179,7 +180,9 @@ def class_angle_stats(features: Tensor, labels: Tensor, max_classes: int = 2048)
 
 
 @torch.no_grad()
-def sample_angles(cos: Tensor, labels: Tensor, nearest: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def sample_angles(
+    cos: Tensor | None, labels: Tensor, nearest: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-sample target angle theta_y and nearest non-target angle min_{j != y} theta_j, in degrees (B each).
 
     acos is taken of two B-vectors only, never of the B x C matrix. ``nearest``: the cosines

@@ -123,9 +123,9 @@ class AdaCosHead(CosineMarginHead):
         if self.mode == "fixed" or labels is None or not self.training:
             return super().forward(embeddings, labels, stats=stats)
         s_prev = self.s
-        logits = super().forward(
-            embeddings, labels, stats=stats
-        )  # (dynamic s never chunks: logits)  # s_prev cos theta (the previous step's scale)
+        # s_prev cos theta (the previous step's scale; dynamic s never chunks: logits), rescaled below: without
+        # ``stats``, so the criterion reads the statistics from ``cosine``
+        logits = super().forward(embeddings, labels)
         with torch.no_grad():
             self.scale.copy_(self.dynamic_scale(logits.detach(), labels, s_prev.to(logits.dtype)))
         return logits * (self.s.to(logits.dtype) / s_prev.to(logits.dtype))  # this step's s cos theta

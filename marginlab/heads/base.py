@@ -33,8 +33,8 @@ from marginlab.heads.kernels import (
     precise_cosine,
     with_slope,
 )
-from marginlab.heads.output import HeadLoss, StepStats
-from marginlab.heads.probe import ProbeMargin, scaled_cosine, unfloored
+from marginlab.heads.output import HeadLoss, HeadScores, StepStats
+from marginlab.heads.probe import ProbeMargin, logit_stats, scaled_cosine, unfloored
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,12 @@ class MarginHead(nn.Module):
         cos = self.normalized_cosine(embeddings)
         return unfloored(cos, embeddings) if self.probe_floored else cos
 
+    def cosine_of_logits(self, logits: Tensor, embeddings: Tensor) -> Tensor | None:
+        """The pure cosines (``cosine``) of plain logits: any columns of the rows of ``head(embeddings)``, by a map
+        increasing within each row (``logit_stats``: evaluation and the probe then read the forward's logits);
+        None when the head's logits are no such map of its cosines (they ask ``cosine``)."""
+        return None
+
     # ---- helpers for subclasses -------------------------------------------------------------
     def normalized_cosine(self, embeddings: Tensor) -> Tensor:
         """cos(theta_j) = <x/||x||, W_j/||W_j||>, B x C, float32 (matmul may run under autocast).
@@ -331,8 +337,15 @@ class CosineMarginHead(MarginHead):
         elif self.chunked == "auto" and chunkable_problem(type(self)):
             self.keep_unchunked(chunkable_problem(type(self)))
 
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None, *, stats: bool = False) -> Tensor | HeadLoss:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor | None = None, *, stats: bool = False
+    ) -> Tensor | HeadLoss | HeadScores:
         if not self.chunked_step(labels):
+            if stats and labels is not None and self.reads_own_cosines:
+                self._check_inputs(embeddings, labels)
+                logits, target = self._margin_logits(embeddings, labels)
+                # the step statistics off this forward's cosines: no second B x C x D product (heads/output.py)
+                return HeadScores(logits, logit_stats(self, logits, embeddings, labels, target))
             return super().forward(embeddings, labels)
         self._check_inputs(embeddings, labels)
         return self.chunked_loss(embeddings, labels, stats=stats)  # never the B x C logits (``chunked``)
@@ -429,19 +442,28 @@ class CosineMarginHead(MarginHead):
                 cos = self.normalized_cosine(embeddings)
                 cos_target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
             return self.replace_target(cos * self.s, labels, self.s * self.target_cosine(cos_target, labels))
+        if labels is None:
+            return self._scaled_cosine(embeddings, None)[0].logits
+        return self._margin_logits(embeddings, labels)[0]
+
+    def _margin_logits(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(the training logits, the B target logits s cos theta_y before the margin replaced them)."""
         s = self.s
-        if labels is not None and not isinstance(s, Tensor) and not torch.compiler.is_compiling():
+        if not isinstance(s, Tensor) and not torch.compiler.is_compiling():
             # the whole training forward in one Function (fused_margin.py)
-            logits, _ = fused_cosine_margin(
+            return fused_cosine_margin(
                 embeddings, self.weight, labels, s, s, self.margin_and_slope, self.precise_target
             )
-            return logits
         fused = self._scaled_cosine(embeddings, labels)[0]
-        logits = fused.logits
-        if labels is not None:
-            cos_target = fused.target / s
-            logits = fused.replace_target(labels, s * self.target_cosine(cos_target, labels))
-        return logits
+        cos_target = fused.target / s
+        return fused.replace_target(labels, s * self.target_cosine(cos_target, labels)), fused.target
+
+    @property
+    def reads_own_cosines(self) -> bool:
+        """Whether its logits are s cos theta with the margin on the target alone (``CosineMarginHead.logits``):
+        their cosines are then ``cosine_of_logits`` of them, and a training step's statistics come with them."""
+        cls = type(self)
+        return cls.logits is CosineMarginHead.logits and cls.normalized_cosine is MarginHead.normalized_cosine
 
     def _scaled_cosine(self, embeddings: Tensor, labels: Tensor | None):
         """(s cos theta_j in one fused product: (s x/||x||) . W_j / ||W_j||, clamped to [-s, s]; s as of this
@@ -463,12 +485,18 @@ class CosineMarginHead(MarginHead):
 
     @torch.no_grad()
     def cosine(self, embeddings: Tensor) -> Tensor:
-        cls = type(self)
-        if cls.logits is not CosineMarginHead.logits or cls.normalized_cosine is not MarginHead.normalized_cosine:
+        if not self.reads_own_cosines:
             return super().cosine(embeddings)  # (its evaluation logits are s times these)
-        # the evaluation logits over s, bit for bit: s x/||x|| . W_j/||W_j|| / s
-        fused, scale = self._scaled_cosine(embeddings, None)
-        return unfloored(scaled_cosine(fused.logits, col_scale=1.0 / scale), embeddings)
+        return self.cosine_of_logits(self._scaled_cosine(embeddings, None)[0].logits, embeddings)
+
+    @torch.no_grad()
+    def cosine_of_logits(self, logits: Tensor, embeddings: Tensor) -> Tensor | None:
+        if not self.reads_own_cosines:
+            return None
+        # the evaluation logits over s, bit for bit: s x/||x|| . W_j/||W_j|| / s (s > 0: increasing)
+        s = self.s
+        scale = s.detach() if isinstance(s, Tensor) else s
+        return unfloored(scaled_cosine(logits, col_scale=1.0 / scale), embeddings)
 
 
 def chunkable_problem(cls: type) -> str | None:

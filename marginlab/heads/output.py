@@ -2,7 +2,9 @@
 
 A logits head returns its B x C training logits and the criterion (marginlab/losses) applies cross-entropy. A head
 that computes its loss itself (``MarginHead.produces_loss``: per-class binary cross-entropy, sigmoid-weighted terms)
-returns a ``HeadLoss`` instead, and so does any training step that never builds the logits (a chunked loss).
+returns a ``HeadLoss`` instead, and so does any training step that never builds the logits (a chunked loss). A
+logits head asked for the step statistics (``stats=True``) returns ``HeadScores`` when it read them off the cosines
+its forward made, so nobody computes the B x C x D product a second time for them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ class StepStats(NamedTuple):
 
     target: Tensor
     nearest_other: Tensor
+
+
+class HeadScores(NamedTuple):
+    """A logits head's training forward with ``stats=True`` when it read the step statistics off its own cosines:
+    ``logits`` as without ``stats`` (bit for bit) and ``stats``, what its pure ``cosine`` would give up to the
+    rounding of the forward's product (heads/probe.py, ``logit_stats``)."""
+
+    logits: Tensor
+    stats: StepStats
 
 
 class HeadLoss(NamedTuple):

@@ -10,7 +10,9 @@ A head (``ProbedHead``) declares, as plain attributes:
 and offers ``cosine(embeddings)``: its pure, margin-free B x C cosines (no state, no gradient), which
 evaluation and the probe read. A training step's statistics come back from the criterion with the loss
 (marginlab/losses: ``CriterionStep.stats``), never through state kept on the head. ``scaled_cosine`` and
-``unfloored`` are the pieces heads build ``cosine`` from.
+``unfloored`` are the pieces heads build ``cosine`` from. A head whose cosines are a per-row increasing map of its
+logits offers that map (``cosine_of_logits``): ``logit_stats`` then reads the statistics off the logits the
+forward made (evaluation's, or a training step's with the pre-margin target), with no second B x C x D product.
 
 The probe (marginlab/geometry/) reads only these, never a concrete head class.
 """
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from marginlab.dtypes import at_least_float32
 from marginlab.heads.kernels import unfloor_ratio
+from marginlab.heads.output import StepStats
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,27 @@ def unfloored(cos: Tensor, embeddings: Tensor) -> Tensor:
     clamped. What a head whose ``probe_floored`` is set gives from ``cosine``."""
     ratio = unfloor_ratio(torch.linalg.vector_norm(at_least_float32(embeddings.detach()), dim=1)).to(cos.dtype)
     return (cos * ratio.view(-1, *(1,) * (cos.dim() - 1))).clamp_(-1.0, 1.0)
+
+
+@torch.no_grad()
+def logit_stats(head, logits: Tensor, embeddings: Tensor, labels: Tensor, target: Tensor | None = None):
+    """The step statistics (``StepStats``: cos theta_y, the nearest non-target cosine) of a batch read off the
+    head's B x C logits by its ``cosine_of_logits``; None when the head has no such map (ask its ``cosine``).
+
+    ``target``: the B target logits before a margin replaced them (training); None: the logits' own (evaluation).
+    The map is increasing within a row, so the top two logits are the top two cosines: the same values as
+    ``target_and_nearest_other(head.cosine(x))`` when the logits are those ``cosine`` reads (evaluation), from two
+    B-vectors instead of the B x C matrix."""
+    cosine_of_logits = getattr(head, "cosine_of_logits", None)
+    if cosine_of_logits is None or logits.shape[1] < 2:  # (one class: target_and_nearest_other's own case)
+        return None
+    logits, idx = logits.detach(), labels.view(-1, 1)
+    raw_target = logits.gather(1, idx) if target is None else target.detach().view(-1, 1).to(logits.dtype)
+    top, top_idx = logits.topk(2, dim=1)
+    # the largest non-target logit: the first unless it is the target's own (geometry/stats.py)
+    other = torch.where(top_idx[:, :1] == idx, top[:, 1:], top[:, :1])
+    cos = cosine_of_logits(torch.cat([raw_target, other], dim=1), embeddings)
+    return None if cos is None else StepStats(*cos.float().unbind(1))
 
 
 @runtime_checkable

@@ -1,8 +1,8 @@
 """``MarginLoss``: cross-entropy on a margin head's logits + regularizers + the head's own loss term.
 
-``MarginLoss.step`` is the one place that turns a head's training output (B x C logits, or a ``HeadLoss``:
-heads/output.py) into a ``CriterionStep``: the loss, each row's predicted class and, on the steps that log
-geometry, the probe's step statistics (``StepStats``: the head's own, else from its pure ``cosine``).
+``MarginLoss.step`` is the one place that turns a head's training output (B x C logits, a ``HeadLoss`` or
+``HeadScores``: heads/output.py) into a ``CriterionStep``: the loss, each row's predicted class and, on the steps
+that log geometry, the probe's step statistics (``StepStats``: the head's own, else from its pure ``cosine``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from marginlab.errors import ConfigError
 from marginlab.geometry.stats import target_and_nearest_other
 from marginlab.heads.base import check_chunkable
-from marginlab.heads.output import HeadLoss, StepStats
+from marginlab.heads.output import HeadLoss, HeadScores, StepStats
 
 
 class CriterionStep(NamedTuple):
@@ -137,10 +137,15 @@ class MarginLoss(nn.Module):
         self._check_arguments(embeddings, labels)
         return self.from_head_output(embeddings, self.head(embeddings, labels), labels)
 
-    def step(self, embeddings: Tensor, output: Tensor | HeadLoss, labels: Tensor, stats: bool = False) -> CriterionStep:
+    def step(
+        self, embeddings: Tensor, output: Tensor | HeadLoss | HeadScores, labels: Tensor, stats: bool = False
+    ) -> CriterionStep:
         """The trainer's one call per step: the loss (``from_head_output``), each row's predicted class and, with
-        ``stats`` (a step that logs geometry), the probe's step statistics, from the head's ``HeadLoss`` when it
-        computed them, else from its pure ``cosine`` (no gradient: the training step is unchanged)."""
+        ``stats`` (a step that logs geometry), the probe's step statistics, from the head's ``HeadLoss`` or
+        ``HeadScores`` when it computed them, else from its pure ``cosine`` (no gradient: the step is unchanged)."""
+        head_stats = None
+        if isinstance(output, HeadScores):  # the logits, with the statistics read off the forward's cosines
+            output, head_stats = output
         loss = self.from_head_output(embeddings, output, labels)
         head_loss = output if isinstance(output, HeadLoss) else None
         predicted = None
@@ -148,7 +153,7 @@ class MarginLoss(nn.Module):
             predicted = output.detach().argmax(1) if head_loss is None else head_loss.predicted
         step_stats = None
         if stats:
-            step_stats = head_loss.stats if head_loss is not None else None
+            step_stats = head_loss.stats if head_loss is not None else head_stats
             if step_stats is None:
                 step_stats = self.cosine_stats(embeddings, labels)
         return CriterionStep(loss, predicted, step_stats)

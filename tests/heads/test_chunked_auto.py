@@ -20,7 +20,7 @@ from marginlab.errors import ConfigError
 from marginlab.heads.adaface import AdaFaceHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.base import CHUNKED_AUTO_BYTES
-from marginlab.heads.output import HeadLoss
+from marginlab.heads.output import HeadLoss, HeadScores
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 from marginlab.losses import MarginLoss
 from marginlab.regularizers.incay import FeatureIncay
@@ -201,7 +201,8 @@ def one_epoch(head, lr=0.1):
 
     def spy(embeddings, labels=None, *, stats=False):
         out = real_forward(embeddings, labels, stats=stats)
-        outputs.append(out.loss.dim() if isinstance(out, HeadLoss) else out.dim())
+        logits = out.logits if isinstance(out, HeadScores) else out  # (a step that logs geometry: HeadScores)
+        outputs.append(out.loss.dim() if isinstance(out, HeadLoss) else logits.dim())
         return out
 
     head.forward = spy
