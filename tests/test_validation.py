@@ -28,8 +28,8 @@ CASES = [
     (["head=curricularface", "+head.partial_fc.sample_rate=0.5"], "Partial FC cannot shard CurricularFaceHead"),
     (["head=uniface", "+head.partial_fc.sample_rate=0.5"], "Partial FC cannot shard UniFaceHead: it is a loss of"),
     (["head=sface", "+head.partial_fc.sample_rate=0.5"], "Partial FC cannot shard SFaceHead: it is a loss of its"),
-    (["head=uniface", "head.chunked=true"], "chunked=True is not allowed with UniFaceHead"),
-    (["head=sface", "head.chunked=true"], "chunked=True is not allowed with SFaceHead"),
+    (["head=uniface", "+head.chunked=true"], "chunked=true is not allowed with UniFaceHead: the chunked cross-entr"),
+    (["head=sface", "+head.chunked=auto"], "chunked='auto' is not allowed with SFaceHead: the chunked cross-entro"),
     (["head.partial_fc.sample_rate=0.5", "regularizer=center"], "cannot be combined with head.partial_fc"),
     (
         ["head=normface", "head.learnable_scale=true", "head.partial_fc.sample_rate=0.5"],

@@ -203,6 +203,13 @@ def resolve_head(node: DictConfig, m: float | None = None, s: float | None = Non
             )
         node[short] = shorthand_value(value, params[short])
     plain, sample_rate = split_head(node)
+    builder_keys = {"partial_fc"}  # keys of the node that are not the class's arguments
+    if "chunked" in plain and "chunked" not in params and not signature[1]:
+        from marginlab.heads.base import check_chunked_key  # imports torch: not on `--help`'s path
+
+        check_chunked_key(cls, plain.chunked)  # a head without the chunked loss: false, its only behaviour, or refused
+        builder_keys.add("chunked")
+        plain = OmegaConf.masked_copy(plain, [k for k in plain if k != "chunked"])
     check_arguments("head", plain, cls, signature=signature)
     if sample_rate is not None:
         from marginlab.distributed.partial_fc import check_head_class  # imports torch: not on `--help`'s path
@@ -211,7 +218,7 @@ def resolve_head(node: DictConfig, m: float | None = None, s: float | None = Non
     kwargs = {
         k: v
         for k, v in OmegaConf.to_container(node, resolve=True).items()
-        if k != "partial_fc" and not str(k).startswith("_")
+        if k not in builder_keys and not str(k).startswith("_")
     }
     return HeadSpec(cls, kwargs, sample_rate)
 

@@ -165,6 +165,9 @@ class MarginHead(nn.Module):
     #: the head is a loss of its own (heads/output.py): ``head(x, labels)`` returns ``self.loss(x, labels)``, a
     #: ``HeadLoss``, instead of margin logits; ``head(x)`` still gives its evaluation scores
     produces_loss: bool = False
+    #: why the chunked cross-entropy (``head.chunked``: a softmax cross-entropy over s cos theta in class blocks,
+    #: CosineMarginHead) is not available for the head; None: it may be (``chunked_refusal`` reads it)
+    chunked_refusal: str | None = "its logits are not s cos theta with a margin on the target cosine"
 
     def __init__(
         self,
@@ -296,6 +299,7 @@ class CosineMarginHead(MarginHead):
     """
 
     normalized_features = True  # it classifies x / ||x|| (heads/probe.py)
+    chunked_refusal = None  # (a subclass may still be unchunkable: ``chunkable_problem``)
     probe_floored = True  # its cosines are of normalize_features' x / max(||x||, FEATURE_EPS)
     #: its ``normalized_cosine`` is the max over each class's weight rows (Sub-center ArcFace), which the chunked
     #: loss computes itself (``sub_centers``); any other override of it refuses ``chunked``
@@ -515,11 +519,38 @@ def chunkable_problem(cls: type) -> str | None:
     return None
 
 
+def chunked_refusal(cls: type) -> str | None:
+    """Why the chunked cross-entropy is not available for a head class (None: it is), in one place: a loss of its
+    own has none, another head its declared ``chunked_refusal``, a cosine-margin head its ``chunkable_problem``."""
+    if getattr(cls, "produces_loss", False):
+        return "it is a loss of its own, not a softmax cross-entropy over the classes"
+    refusal = getattr(cls, "chunked_refusal", None)
+    if refusal is None and isinstance(cls, type) and issubclass(cls, CosineMarginHead):
+        return chunkable_problem(cls)
+    return refusal
+
+
+def chunked_refused(name: str, value, reason: str) -> ConfigError:
+    """The one-line refusal of ``chunked=value`` for the head ``name`` (``reason``: ``chunked_refusal``)."""
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)
+    return ConfigError(
+        f"chunked={shown} is not allowed with {name}: the chunked cross-entropy is not available for it, as {reason}; "
+        "use chunked=false"
+    )
+
+
+def check_chunked_key(cls: type, value) -> None:
+    """``head.chunked`` given to a head class that takes no ``chunked`` (config validation): false is its only
+    behaviour; anything else is refused in one line saying why."""
+    if value is not False:
+        raise chunked_refused(getattr(cls, "__name__", str(cls)), value, chunked_refusal(cls) or "it takes no chunked")
+
+
 def check_chunkable(head: nn.Module) -> None:
     """``chunked=True`` needs a margin that is ``margin_and_slope`` of the target cosine alone and a fixed s."""
-    problem = chunkable_problem(type(head))
+    problem = chunked_refusal(type(head))
     if problem is not None:
-        raise ConfigError(f"chunked=true is not allowed with {type(head).__name__}: {problem}; use chunked=false")
+        raise chunked_refused(type(head).__name__, True, problem)
 
 
 @torch.compiler.disable

@@ -13,8 +13,6 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from marginlab.errors import ConfigError
-
 
 class StepStats(NamedTuple):
     """The two B-vectors the probe's step statistics read (geometry/stats.py), detached: each row's target cosine
@@ -45,14 +43,3 @@ class HeadLoss(NamedTuple):
     loss: Tensor
     predicted: Tensor | None = None
     stats: StepStats | None = None
-
-
-def refuse_chunked(head_name: str, chunked) -> bool:
-    """``chunked`` of a head that is a loss of its own: only false (the chunked loss is a softmax cross-entropy in
-    class blocks, kernels/chunked_margin_ce.py); anything else is refused in one line."""
-    if chunked is not False:
-        raise ConfigError(
-            f"chunked={chunked!r} is not allowed with {head_name}: its loss is not a softmax cross-entropy; "
-            "use chunked=false"
-        )
-    return False

@@ -9,7 +9,7 @@ from torch import Tensor
 from marginlab.checks import check_float
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import fused_linear, normalize_features
-from marginlab.heads.output import HeadLoss, refuse_chunked
+from marginlab.heads.output import HeadLoss
 from marginlab.heads.probe import ProbeMargin
 
 
@@ -50,7 +50,6 @@ class SFaceHead(MarginHead):
         k: float = 80.0,
         a: float = 0.8,
         b: float = 1.23,
-        chunked: bool = False,
         **common,
     ):
         super().__init__(in_features, num_classes, **common)
@@ -58,7 +57,6 @@ class SFaceHead(MarginHead):
         self.k = check_float("k", k, low=0.0, low_inclusive=False)
         self.a = check_float("a", a, low=0.0, high=torch.pi)
         self.b = check_float("b", b, low=0.0, high=torch.pi)
-        self.chunked = refuse_chunked("SFaceHead", chunked)
         # the intra term stops pulling below theta_y = a, the inter term pushing beyond theta_j = b: an angular
         # margin of b - a between a sample's class and the others (none when b <= a)
         self.probe_margin = ProbeMargin(m2=max(self.b - self.a, 0.0))

@@ -13,7 +13,7 @@ from marginlab.checks import check_float
 from marginlab.errors import ConfigError
 from marginlab.heads.base import MarginHead
 from marginlab.heads.kernels import fused_linear, normalize_features
-from marginlab.heads.output import HeadLoss, refuse_chunked
+from marginlab.heads.output import HeadLoss
 from marginlab.heads.probe import ProbeMargin
 
 #: what ``bias`` may be: one b for every class (UCE) or one per class (the official Normalized_BCE_Loss)
@@ -66,7 +66,6 @@ class UniFaceHead(MarginHead):
         r: float = 1.0,
         bias: str = "shared",
         seed: int = 0,
-        chunked: bool = False,
         **common,
     ):
         super().__init__(in_features, num_classes, **common)
@@ -80,7 +79,6 @@ class UniFaceHead(MarginHead):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
         self.seed = seed
-        self.chunked = refuse_chunked("UniFaceHead", chunked)
         # UniFace head.py: nn.init.constant_(bias, math.log(out_features * r * 10))
         self.b = nn.Parameter(torch.full((num_classes if bias == "per_class" else 1,), math.log(num_classes * r * 10)))
         # training forwards so far: the classes sampled at a step depend on (seed, step) only (r < 1)

@@ -116,6 +116,39 @@ def test_out_of_range_is_refused_at_build_naming_the_key(name):
     assert str(err.value).startswith(f"{key}={bad!r} is not allowed") and allowed in str(err.value)
 
 
+#: the heads without the chunked cross-entropy, and why (``MarginHead.chunked_refusal``)
+NO_CHUNKED = {
+    **dict.fromkeys(("proxy_anchor", "proxy_nca", "sface", "sphereface2", "spherefacer", "uniface"), "loss"),
+    **dict.fromkeys(("l2softmax", "lsoftmax", "rbf", "softmax", "softtriple", "sphereface"), "logits"),
+}
+REASONS = {
+    "loss": "it is a loss of its own, not a softmax cross-entropy over the classes",
+    "logits": "its logits are not s cos theta with a margin on the target cosine",
+}
+
+
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize("value", [True, "auto", False])
+def test_chunked_is_refused_in_one_line_by_every_head_without_it(name, value):
+    node = OmegaConf.load(HEAD_CONFIGS / f"{name}.yaml")
+    node.chunked = value
+    if name == "adacos" and value is True:  # its default mode=dynamic: refused by the instance (test_adacos.py)
+        with pytest.raises(ConfigError, match="^chunked=true is not allowed with AdaCosHead mode=dynamic: "):
+            build_head(resolve_head(node), D, C)
+        return
+    if name not in NO_CHUNKED or value is False:  # false: what every head does (dropped where it is no argument)
+        assert getattr(build_head(resolve_head(node), D, C), "chunked", False) == value
+        return
+    shown = "true" if value is True else repr(value)
+    cls = node._target_.rpartition(".")[2]
+    with pytest.raises(ConfigError) as err:
+        resolve_head(node)
+    assert str(err.value) == (
+        f"chunked={shown} is not allowed with {cls}: the chunked cross-entropy is not available for it, as "
+        f"{REASONS[NO_CHUNKED[name]]}; use chunked=false"
+    )
+
+
 @pytest.mark.parametrize("name", HEADS)
 def test_eval_logits_without_labels_are_b_by_c_and_finite(name, hh):
     head = instantiate(head_node(name), in_features=D, num_classes=C).eval()

@@ -97,7 +97,10 @@ def test_chunked_and_partial_fc_are_refused_in_one_line(run_train, capfd):
     assert run_train("head=proxy_nca", "+head.chunked=true", "logger=quiet")[0] == 2
     assert run_train("head=proxy_nca", "+head.partial_fc.sample_rate=0.5", "logger=quiet")[0] == 2
     err = capfd.readouterr().err.splitlines()
-    assert err[0].startswith("marginlab: error: head.chunked is not a parameter of ProxyNCAHead")
+    assert err[0].startswith(
+        "marginlab: error: chunked=true is not allowed with ProxyNCAHead: the chunked cross-entropy"
+    )
+    assert "is not available for it, as it is a loss of its own" in err[0]
     assert err[1].startswith("marginlab: error: Partial FC cannot shard ProxyNCAHead: it is a loss of its own")
 
 

@@ -148,7 +148,6 @@ def test_gradcheck_float64():
         ({"a": -0.1}, "a=-0.1 is not allowed: it must lie in [0, 3.14159]"),
         ({"b": 4.0}, "b=4.0 is not allowed: it must lie in [0, 3.14159]"),
         ({"s": 0.0}, "s=0.0 is not allowed: it must lie in (0, inf]"),
-        ({"chunked": True}, "chunked=True is not allowed with SFaceHead: its loss is not a softmax cross-entropy"),
     ],
 )
 def test_bad_hyperparameters_are_refused_in_one_line(kwargs, message):

@@ -148,7 +148,10 @@ def test_chunked_and_partial_fc_are_refused_in_one_line(run_train, capfd):
     assert run_train("head=softtriple", "+head.chunked=true", "logger=quiet")[0] == 2
     assert run_train("head=softtriple", "+head.partial_fc.sample_rate=0.5", "logger=quiet")[0] == 2
     err = capfd.readouterr().err.splitlines()
-    assert err[0].startswith("marginlab: error: head.chunked is not a parameter of SoftTripleHead")
+    assert err[0].startswith(
+        "marginlab: error: chunked=true is not allowed with SoftTripleHead: the chunked cross-entropy"
+    )
+    assert "is not available for it, as its logits are not s cos theta" in err[0]
     assert err[1].startswith("marginlab: error: Partial FC needs a cosine margin head") and "SoftTripleHead" in err[1]
 
 

@@ -189,7 +189,6 @@ def test_resume_of_the_class_sample_is_bit_exact():
         ({"m": -0.1}, "m=-0.1 is not allowed: it must lie in [0, 2]"),
         ({"bias": "row"}, "bias='row' is not allowed: it must be one of shared, per_class"),
         ({"seed": -1}, "seed=-1 is not allowed: it must be an integer >= 0"),
-        ({"chunked": True}, "chunked=True is not allowed with UniFaceHead: its loss is not a softmax cross-entropy"),
     ],
 )
 def test_bad_hyperparameters_are_refused_in_one_line(kwargs, message):
