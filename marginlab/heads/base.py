@@ -166,7 +166,8 @@ class MarginHead(nn.Module):
     #: ``HeadLoss``, instead of margin logits; ``head(x)`` still gives its evaluation scores
     produces_loss: bool = False
     #: why the chunked cross-entropy (``head.chunked``: a softmax cross-entropy over s cos theta in class blocks,
-    #: CosineMarginHead) is not available for the head; None: it may be (``chunked_refusal`` reads it)
+    #: CosineMarginHead) is not available for the head; None: it may be (``why_not_chunked`` reads it; a loss of its
+    #: own needs none: ``produces_loss`` says why)
     chunked_refusal: str | None = "its logits are not s cos theta with a margin on the target cosine"
 
     def __init__(
@@ -519,7 +520,7 @@ def chunkable_problem(cls: type) -> str | None:
     return None
 
 
-def chunked_refusal(cls: type) -> str | None:
+def why_not_chunked(cls: type) -> str | None:
     """Why the chunked cross-entropy is not available for a head class (None: it is), in one place: a loss of its
     own has none, another head its declared ``chunked_refusal``, a cosine-margin head its ``chunkable_problem``."""
     if getattr(cls, "produces_loss", False):
@@ -531,7 +532,7 @@ def chunked_refusal(cls: type) -> str | None:
 
 
 def chunked_refused(name: str, value, reason: str) -> ConfigError:
-    """The one-line refusal of ``chunked=value`` for the head ``name`` (``reason``: ``chunked_refusal``)."""
+    """The one-line refusal of ``chunked=value`` for the head ``name`` (``reason``: ``why_not_chunked``)."""
     shown = str(value).lower() if isinstance(value, bool) else repr(value)
     return ConfigError(
         f"chunked={shown} is not allowed with {name}: the chunked cross-entropy is not available for it, as {reason}; "
@@ -543,12 +544,12 @@ def check_chunked_key(cls: type, value) -> None:
     """``head.chunked`` given to a head class that takes no ``chunked`` (config validation): false is its only
     behaviour; anything else is refused in one line saying why."""
     if value is not False:
-        raise chunked_refused(getattr(cls, "__name__", str(cls)), value, chunked_refusal(cls) or "it takes no chunked")
+        raise chunked_refused(getattr(cls, "__name__", str(cls)), value, why_not_chunked(cls) or "it takes no chunked")
 
 
 def check_chunkable(head: nn.Module) -> None:
     """``chunked=True`` needs a margin that is ``margin_and_slope`` of the target cosine alone and a fixed s."""
-    problem = chunked_refusal(type(head))
+    problem = why_not_chunked(type(head))
     if problem is not None:
         raise chunked_refused(type(head).__name__, True, problem)
 

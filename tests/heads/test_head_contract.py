@@ -116,7 +116,7 @@ def test_out_of_range_is_refused_at_build_naming_the_key(name):
     assert str(err.value).startswith(f"{key}={bad!r} is not allowed") and allowed in str(err.value)
 
 
-#: the heads without the chunked cross-entropy, and why (``MarginHead.chunked_refusal``)
+#: the heads without the chunked cross-entropy, and why (``why_not_chunked``: ``MarginHead.chunked_refusal``)
 NO_CHUNKED = {
     **dict.fromkeys(("proxy_anchor", "proxy_nca", "sface", "sphereface2", "spherefacer", "uniface"), "loss"),
     **dict.fromkeys(("l2softmax", "lsoftmax", "rbf", "softmax", "softtriple", "sphereface"), "logits"),
