@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from marginlab.backbones.frozen_batchnorm import batchnorm_layers, freeze_affine, hold_statistics
 from marginlab.config.validate import HeadSpec, check_target_node
 from marginlab.distributed.partial_fc import build_partial_fc, group_rank_and_size
 from marginlab.errors import ConfigError
@@ -15,13 +16,28 @@ from marginlab.heads.base import MarginHead
 
 
 class MarginModel(nn.Module):
-    """Backbone + head (+ regularizers): images -> embeddings -> logits."""
+    """Backbone + head (+ regularizers): images -> embeddings -> logits. ``freeze_batchnorm`` (stats / all:
+    trainer.freeze_batchnorm) keeps the backbone's BatchNorm layers in eval mode through every ``train()``."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, regularizers: nn.ModuleDict):
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, regularizers: nn.ModuleDict, freeze_batchnorm: str = "none"
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.regularizers = regularizers
+        self.freeze_batchnorm = str(freeze_batchnorm)
+        if self.freeze_batchnorm == "all":
+            freeze_affine(backbone)
+        if self.freeze_batchnorm != "none" and self.training:
+            hold_statistics(backbone)
+
+    def train(self, mode: bool = True):
+        # here, not once per epoch: whoever calls train() (each epoch, after evaluation, after a resume) gets it
+        super().train(mode)
+        if mode and self.freeze_batchnorm != "none":
+            hold_statistics(self.backbone)
+        return self
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, stats: bool = False):
         """(embeddings, the head's output); ``stats``: the step logs geometry (the head's ``forward``)."""
@@ -84,6 +100,12 @@ def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes:
     dim = getattr(backbone, "embedding_dim", None)
     if dim is None:
         raise ConfigError(f"backbone {cfg.backbone._target_} must expose `embedding_dim`")
+    freeze = str(cfg.trainer.freeze_batchnorm)
+    if freeze != "none" and not batchnorm_layers(backbone):
+        raise ConfigError(
+            f"trainer.freeze_batchnorm={freeze}: backbone {cfg.backbone._target_} has no BatchNorm layer to "
+            "freeze; set trainer.freeze_batchnorm=none"
+        )
     model_head = build_head(head, dim, num_classes, seed=cfg.seed)  # before the regularizers: the random stream
     regs = nn.ModuleDict(
         {
@@ -91,7 +113,7 @@ def build_model(cfg: DictConfig, in_channels: int, image_size: int, num_classes:
             for name, node in (cfg.get("regularizer") or {}).items()
         }
     )
-    return MarginModel(backbone, model_head, regs)
+    return MarginModel(backbone, model_head, regs, freeze_batchnorm=freeze)
 
 
 def build_optimizer(cfg: DictConfig, model: MarginModel) -> torch.optim.Optimizer:

@@ -69,6 +69,7 @@ ADDED_LATER = {
     "dataset.num_classes": None,
     "trainer.best_on": "test",
     "trainer.num_threads": None,  # torch's own count, as before the key existed
+    "trainer.freeze_batchnorm": "none",  # BatchNorm trained as usual, as before the key existed
 }
 
 

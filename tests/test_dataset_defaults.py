@@ -79,7 +79,7 @@ def experiment_says(name: str) -> dict:
     said = {}
     for entry in cfg.get("defaults", []):
         if isinstance(entry, str) and entry != "_self_":
-            said |= experiment_says(entry)
+            said |= experiment_says(str(Path(name).parent / entry))  # relative to its group, as Hydra
         elif isinstance(entry, dict):
             said |= {k.removeprefix("override /"): v for k, v in entry.items() if k.startswith("override /")}
     if (cfg.get("trainer") or {}).get("epochs") is not None:

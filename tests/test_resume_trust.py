@@ -146,8 +146,8 @@ def test_ctrl_c_before_a_resume_trains_leaves_the_run_as_it_was(run_train, monke
 
 
 def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it(run_train, capfd):
-    """A checkpoint written before dataset.val_fraction / trainer.best_on / head.init / trainer.num_threads existed:
-    resuming it with
+    """A checkpoint written before dataset.val_fraction / trainer.best_on / head.init / trainer.num_threads /
+    trainer.freeze_batchnorm existed: resuming it with
     today's defaults would change its data, so it is refused naming the keys; with the old values it goes on."""
     from marginlab.checkpoint import read_checkpoint
 
@@ -162,6 +162,7 @@ def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it
         ("trainer", "best_on"),
         ("head", "init"),
         ("trainer", "num_threads"),
+        ("trainer", "freeze_batchnorm"),
     ):
         del ckpt["config"][group][key]
     torch.save(ckpt, path)

@@ -42,6 +42,8 @@ def choice(name: str, *values: str) -> type[Choice]:
 Precision = choice("Precision", "auto", "32", "bf16", "fp16")
 #: trainer.best_on (train.py: selection_metric)
 BestOn = choice("BestOn", "auto", "val", "test", "last")
+#: trainer.freeze_batchnorm (backbones/frozen_batchnorm.py): none | stats | all
+FreezeBatchNorm = choice("FreezeBatchNorm", "none", "stats", "all")
 
 
 @dataclass
@@ -65,6 +67,9 @@ class TrainerConfig:
     # metrics.json's environment.torch_threads hold the count used
     num_threads: Optional[int] = None
     strict_margin: bool = False  # true: refuse a margin C classes in embedding_dim dims cannot satisfy (else: warn)
+    # the backbone's BatchNorm layers: none (they train) | stats (running statistics frozen, as
+    # pytorch-metric-learning's freeze_trunk_batchnorm; the affine weight and bias train) | all (both frozen)
+    freeze_batchnorm: FreezeBatchNorm = FreezeBatchNorm.none
 
 
 @dataclass
