@@ -62,7 +62,7 @@ def table_of(report_md: str) -> str:
 
 def block(table: str, provenance: str) -> str:
     figure = os.path.relpath(FIGURE, PAGE.parent)
-    return f"{START}\n{provenance}\n\n{table}\n\n![2-D features of the thirteen losses, seed 0]({figure})\n\n{END}"
+    return f"{START}\n{provenance}\n\n{table}\n\n![2-D features of the fifteen losses, seed 0]({figure})\n\n{END}"
 
 
 def provenance(script: str, experiment: str, sweep: Path) -> str:

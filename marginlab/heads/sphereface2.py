@@ -107,7 +107,7 @@ class SphereFace2Head(OpensphereLossHead):
     last commit with variants A and M; the 2023 rewrite, opensphere/module/head/sphereface2.py at a679e82, keeps
     only C, same maths). Names as the official constructor: ``alpha`` is the paper's lambda (eq. 5), ``r`` the
     scale, ``m`` the margin, ``t`` the similarity adjustment g (eq. 9), ``lw`` the loss weight; ``variant`` is the
-    official ``magn_type``:
+    official ``magn_type``; ``bias_init`` replaces the official initial b (null: the closed form):
 
     - C: g(cos theta_y) - m for the positive, g(cos theta_j) + m for the negatives;
     - A: g(cos(theta_y + m)), the angle clamped to [1e-5, 3.14159] (the official clamps), negatives g(cos theta_j);
@@ -115,7 +115,8 @@ class SphereFace2Head(OpensphereLossHead):
 
     As the official code: the margin and g enter the value only (``d_theta`` under no_grad), so the gradient of
     every logit in cos theta is r; ``b`` (a Parameter, shape [1]) starts at the official closed form
-    (``initial_bias``); the loss is ``lw * C / r`` times the mean over B x C of the weighted BCE, i.e.
+    (``initial_bias``: the losses balance for a feature at 90 deg from every class, as a high-dimensional one is),
+    or at ``bias_init``; the loss is ``lw * C / r`` times the mean over B x C of the weighted BCE, i.e.
     ``lw / r`` times the per-sample sum of eq. 5. The official W is the D x C kernel ``w``: here ``weight`` is its
     transpose, drawn as its ``xavier_normal_``. ``mode="official"`` renormalises W's rows in place before every
     training forward (``self.w.data = F.normalize(self.w.data)`` under no_grad), so dW is that of the plain product
@@ -137,6 +138,7 @@ class SphereFace2Head(OpensphereLossHead):
         t: float = 3.0,
         lw: float = 50.0,
         mode: str = "official",
+        bias_init: float | None = None,
         **common,
     ):
         super().__init__(in_features, num_classes, **common)
@@ -155,8 +157,10 @@ class SphereFace2Head(OpensphereLossHead):
         self.m = check_float("m", m, low=low_m)
         self.t = check_float("t", t, low=0.0, low_inclusive=False)
         self.lw = check_float("lw", lw, low=0.0, low_inclusive=False)
-        # (e^(ay - ai) cannot overflow: ay <= ai for every variant with these ranges of m)
-        b = initial_bias(variant, self.alpha, self.r, self.m, self.t, num_classes)
+        if bias_init is None:  # the official closed form (e^(ay - ai) cannot overflow: ay <= ai for these m)
+            b = initial_bias(variant, self.alpha, self.r, self.m, self.t, num_classes)
+        else:  # a threshold of one's own, e.g. for a low-dimensional feature (configs/head/sphereface2.yaml)
+            b = check_float("bias_init", bias_init)
         # the official self.b: nn.Parameter(torch.Tensor(1)), constant b
         self.b = nn.Parameter(torch.full((1,), b))
         # the probe's margin: A and M are exact for any t (g is monotone); C's 2m is between g values, read as a

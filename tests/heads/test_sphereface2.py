@@ -15,6 +15,7 @@ from marginlab.config.validate import resolve_head
 from marginlab.errors import ConfigError
 from marginlab.heads import SphereFace2, SphereFace2Head
 from marginlab.heads.output import HeadLoss
+from marginlab.heads.sphereface2 import initial_bias
 from marginlab.margin_feasibility import advise
 from tests.conftest import train_straight_and_resumed
 from tests.test_resume import assert_same_run
@@ -215,6 +216,15 @@ def test_bad_hyperparameters_are_refused_in_one_line(kwargs, message):
     with pytest.raises(ConfigError) as err:
         SphereFace2Head(D, C, **kwargs)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_bias_init_replaces_the_official_closed_form_and_null_keeps_it():
+    official = SphereFace2Head(2, 10).b.item()
+    assert official == pytest.approx(initial_bias("C", 0.7, 40.0, 0.4, 3.0, 10))
+    assert SphereFace2Head(2, 10, bias_init=None).b.item() == official
+    assert SphereFace2Head(2, 10, bias_init=-34.25).b.item() == -34.25
+    with pytest.raises(ConfigError, match=r"^bias_init='x' is not allowed: it must be a finite number$"):
+        SphereFace2Head(2, 10, bias_init="x")
 
 
 def test_one_class_is_refused():
