@@ -27,13 +27,13 @@ from torch import nn
 
 from marginlab.backbones.digits_cnn import DigitsCNN
 from marginlab.backbones.resnet_cifar import ResNetCifar
-from marginlab.builders import MarginModel
 from marginlab.data.digits import DigitsData
-from marginlab.engine import LoopState, Precision, evaluate, train_one_epoch
 from marginlab.geometry.probe import GeometryProbe
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopState, Precision, evaluate, train_one_epoch
 
 PROBE_SAMPLES = 2048
 

@@ -30,14 +30,14 @@ from torch import nn
 
 from marginlab.backbones.digits_cnn import DigitsCNN
 from marginlab.backbones.resnet_cifar import ResNetCifar
-from marginlab.builders import MarginModel
 from marginlab.data.digits import DigitsData
-from marginlab.engine import LoopState, Precision, train_one_epoch
 from marginlab.geometry.stats import batch_geometry
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
 from marginlab.losses import criterion_for
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopState, Precision, train_one_epoch
 
 LOG_EVERY = 10
 

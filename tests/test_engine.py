@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab.builders import MarginModel
-from marginlab.engine import LoopState, Precision, train_one_epoch
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.heads.softmax import SoftmaxHead
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopState, Precision, train_one_epoch
 
 FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false"]
 
@@ -99,7 +99,7 @@ def test_cuda_amp_paths(run_train, metrics, precision):
 def test_head_weight_decay_is_a_separate_group():
     from omegaconf import OmegaConf
 
-    from marginlab.builders import build_optimizer
+    from marginlab.training.builders import build_optimizer
 
     cfg = OmegaConf.create(
         {

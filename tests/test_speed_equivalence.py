@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from marginlab.backbones.digits_cnn import DigitsCNN
-from marginlab.builders import MarginModel
 from marginlab.data.digits import DigitsData
-from marginlab.engine import LoopState, Precision, train_one_epoch
 from marginlab.heads.arcface import ArcFaceHead
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopState, Precision, train_one_epoch
 
 STEPS = 6
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -242,9 +242,9 @@ def test_batches_live_on_the_cuda_device():
 def test_the_engine_trains_on_the_in_memory_loader():
     from torch import nn
 
-    from marginlab.builders import MarginModel
-    from marginlab.engine import LoopState, Precision, train_one_epoch
     from marginlab.heads.normface import NormFaceHead
+    from marginlab.training.builders import MarginModel
+    from marginlab.training.engine import LoopState, Precision, train_one_epoch
 
     data = DigitsData(batch_size=64)
     loader = in_memory_loader(data, "train", device="cpu")

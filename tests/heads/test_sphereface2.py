@@ -15,7 +15,7 @@ from marginlab.config.validate import resolve_head
 from marginlab.errors import ConfigError
 from marginlab.heads import SphereFace2, SphereFace2Head
 from marginlab.heads.output import HeadLoss
-from marginlab.margin_feasibility import advise
+from marginlab.training.margin_feasibility import advise
 from tests.conftest import train_straight_and_resumed
 from tests.test_resume import assert_same_run
 

@@ -22,9 +22,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
-from marginlab import builders, error_kinds, sweep
-from marginlab.builders import MarginModel
-from marginlab.checkpoint import (
+from marginlab import error_kinds
+from marginlab.config.validate import HeadSpec, validate
+from marginlab.device import resolve_device
+from marginlab.distributed import sharded_state
+from marginlab.distributed.runtime import DistContext
+from marginlab.environment import environment, kept_threads, use_threads
+from marginlab.errors import ConfigError, TrainingError
+from marginlab.eval.during_training import run_verifiers
+from marginlab.eval.retrieval_sets import METRICS, PRIMARY, check_retrievable, run_retrieval, tasks
+from marginlab.geometry.probe import GeometryProbe
+from marginlab.logging import RunLog
+from marginlab.logging.run_log import close_trackers, start_trackers, write_json
+from marginlab.losses import MarginLoss, criterion_for
+from marginlab.run_dirs import RunLock
+from marginlab.training import builders, sweep
+from marginlab.training.builders import MarginModel
+from marginlab.training.checkpoint import (
     CHECKPOINT_DIR,
     LoopState,
     checkpoint_payload,
@@ -33,25 +47,12 @@ from marginlab.checkpoint import (
     prepare_resumed_run,
     save_checkpoints,
 )
-from marginlab.collapse import CollapseWatch
-from marginlab.config.validate import HeadSpec, validate
-from marginlab.device import resolve_device
-from marginlab.distributed import sharded_state
-from marginlab.distributed.runtime import DistContext
-from marginlab.engine import Precision, check_finite_state, evaluate, resolve_precision, train_one_epoch
-from marginlab.environment import environment, kept_threads, use_threads
-from marginlab.errors import ConfigError, TrainingError
-from marginlab.eval.during_training import run_verifiers
-from marginlab.eval.retrieval_sets import METRICS, PRIMARY, check_retrievable, run_retrieval, tasks
-from marginlab.finished_line import finished_line
-from marginlab.geometry.probe import GeometryProbe
-from marginlab.logging import RunLog
-from marginlab.logging.run_log import close_trackers, start_trackers, write_json
-from marginlab.losses import MarginLoss, criterion_for
-from marginlab.margin_feasibility import check_margin
-from marginlab.resume import read_history, recheck_resume, record_resume
-from marginlab.run_dirs import RunLock
-from marginlab.weights import init_from
+from marginlab.training.collapse import CollapseWatch
+from marginlab.training.engine import Precision, check_finite_state, evaluate, resolve_precision, train_one_epoch
+from marginlab.training.finished_line import finished_line
+from marginlab.training.margin_feasibility import check_margin
+from marginlab.training.resume import read_history, recheck_resume, record_resume
+from marginlab.training.weights import init_from
 
 BEST_METRIC = "val/acc"  # what best.pt and the sweep objective are chosen on, when there is a validation split
 #: the retrieval metrics a summary reports of the selected epoch, beside accuracy and loss
@@ -373,7 +374,7 @@ def start_or_resume(cfg: DictConfig, run: Run, job: Job) -> LoopState:
         job.criterion,
         map_location=run.prec.device,
     )
-    if run.dist.is_main:  # every check has passed (marginlab/resume.py): the resume starts training
+    if run.dist.is_main:  # every check has passed (marginlab/training/resume.py): the resume starts training
         given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
         record_resume(run.dir, [o for o in given if not o.startswith("resume=")], state.epoch)
         OmegaConf.save(cfg, run.dir / ".hydra" / "config.yaml", resolve=True)
@@ -550,7 +551,7 @@ def run_summary(cfg: DictConfig, run: Run, job: Job, state: LoopState, record: d
 def run(cfg: DictConfig) -> float:
     """The Hydra task: every failure is recorded in a failed metrics.json. User errors, out of memory and files
     the system refuses to write become one clear line (exit 2), a bug its traceback too (exit 1); Ctrl-C records
-    an interrupted metrics.json (exit 130). In a multirun the sweep goes on (marginlab/sweep.py), but not past
+    an interrupted metrics.json (exit 130). In a multirun the sweep goes on (marginlab/training/sweep.py), but not past
     Ctrl-C. A resume touches nothing of the run until it starts training."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN

@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 
 from marginlab.atomic_write import replace_text
-from marginlab.checkpoint import find_run_dir, resume_checkpoint
 from marginlab.errors import ConfigError
 from marginlab.replayed_overrides import read_history_file, read_override_file
+from marginlab.training.checkpoint import find_run_dir, resume_checkpoint
 
 HISTORY_FILE = "resumes.yaml"
 THREADS = "trainer.num_threads"  # float results depend on it: a resume keeps the run's (inherit_threads)
@@ -147,8 +147,8 @@ def expand_resume(overrides: list[str]) -> list[str] | None:
 def check_not_behind(ckpt: Path, run_dir: Path) -> None:
     """A resume from a checkpoint of the run (``best.pt``) behind its ``last.pt`` would train again, and overwrite,
     the epochs ``last.pt`` holds: refused. An unreadable ``last.pt`` (resuming from ``best.pt`` to recover) is not."""
-    from marginlab.checkpoint import CHECKPOINT_DIR, read_checkpoint
     from marginlab.errors import DataError
+    from marginlab.training.checkpoint import CHECKPOINT_DIR, read_checkpoint
 
     last = run_dir / CHECKPOINT_DIR / "last.pt"
     if not last.is_file() or last.resolve() == ckpt.resolve():
@@ -193,7 +193,7 @@ def compose_train_config(overrides: list[str]):
 def check_resume(overrides: list[str], ckpt_path: Path) -> tuple[str | None, list[str]]:
     """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns (a message
     when the run is already complete (nothing to do), else None; the overrides with what the run inherits)."""
-    from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
+    from marginlab.training.checkpoint import RESUME_KEYS, read_checkpoint
 
     cfg = compose_train_config(overrides)
     ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
@@ -220,9 +220,9 @@ def check_resume_config(cfg, ckpt_path: Path, ckpt: dict | None = None) -> str |
     """``check_resume`` of a composed, validated config (``ckpt``: the checkpoint's entries, when already read)."""
     from omegaconf import OmegaConf
 
-    from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
     from marginlab.device import resolve_device
-    from marginlab.engine import Precision, resolve_precision
+    from marginlab.training.checkpoint import RESUME_KEYS, read_checkpoint
+    from marginlab.training.engine import Precision, resolve_precision
 
     device = resolve_device(str(cfg.trainer.device))
     Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from marginlab.builders import MarginModel
-from marginlab.checkpoint import LoopState
 from marginlab.distributed.runtime import DistContext
-from marginlab.epoch_meter import EpochMeter
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
 from marginlab.losses import MarginLoss, criterion_for
+from marginlab.training.builders import MarginModel
+from marginlab.training.checkpoint import LoopState
+from marginlab.training.epoch_meter import EpochMeter
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
