@@ -53,6 +53,19 @@ def test_resume_by_checkpoint_path_and_extended_epochs(run_train, metrics):
     assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2]
 
 
+def test_a_checkpoint_written_before_the_training_package_resumes(run_train, metrics):
+    """Its config names the schedule at its old path (marginlab.schedules, before issue #26 moved it)."""
+    code, run_dir = run_train("logger=quiet", "trainer.epochs=1", "sched=constant")
+    assert code == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["sched"]["_target_"] = "marginlab.schedules.ConstantSchedule"
+    torch.save(ckpt, last)
+    code, again = run_train(f"resume={last}", "trainer.epochs=2")
+    assert code == 0 and again == run_dir
+    assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2]
+
+
 def test_resume_latest_without_runs_is_a_clear_error(run_train, capfd):
     code, _ = run_train("resume=latest")
     assert code == 2 and "resume=latest: no run with a checkpoint" in capfd.readouterr().err

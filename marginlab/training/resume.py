@@ -70,6 +70,8 @@ ADDED_LATER = {
     "trainer.best_on": "test",
     "trainer.num_threads": None,  # torch's own count, as before the key existed
 }
+#: ``_target_`` prefixes a later version moved (old -> new): a checkpoint written before the move still resumes
+MOVED_TARGETS = {"marginlab.schedules.": "marginlab.training.schedules."}  # issue #26: the training/ package
 
 
 def outputs_root() -> Path:
@@ -287,9 +289,18 @@ def resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
 
+def moved_target(key: str, value: Any) -> Any:
+    """``value`` under its new name when ``key`` is a ``_target_`` naming a class that moved (``MOVED_TARGETS``)."""
+    if key.endswith("_target_") and isinstance(value, str):
+        for old, new in MOVED_TARGETS.items():
+            if value.startswith(old):
+                return new + value[len(old) :]
+    return value
+
+
 def config_changes(saved: dict, new: dict) -> list[str]:
     """``key: saved -> new`` for every key outside ``RESUMABLE`` whose value differs."""
-    a, b = flatten(saved), flatten(new)
+    a, b = {k: moved_target(k, v) for k, v in flatten(saved).items()}, flatten(new)
     a.update({k: v for k, v in ADDED_LATER.items() if k in b and k not in a})
     return [
         f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
