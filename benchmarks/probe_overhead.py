@@ -33,7 +33,8 @@ from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, Precision, evaluate, train_one_epoch
+from marginlab.training.engine import LoopState, evaluate, train_one_epoch
+from marginlab.training.precision import Precision
 
 PROBE_SAMPLES = 2048
 

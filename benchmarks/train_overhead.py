@@ -37,7 +37,8 @@ from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
 from marginlab.losses import criterion_for
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, Precision, train_one_epoch
+from marginlab.training.engine import LoopState, train_one_epoch
+from marginlab.training.precision import Precision
 
 LOG_EVERY = 10
 

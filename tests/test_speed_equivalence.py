@@ -14,7 +14,8 @@ from marginlab.backbones.digits_cnn import DigitsCNN
 from marginlab.data.digits import DigitsData
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, Precision, train_one_epoch
+from marginlab.training.engine import LoopState, train_one_epoch
+from marginlab.training.precision import Precision
 
 STEPS = 6
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

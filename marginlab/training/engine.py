@@ -2,49 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from marginlab.distributed.runtime import DistContext
-from marginlab.errors import ConfigError, TrainingError
+from marginlab.errors import TrainingError
 from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.training.builders import MarginModel
 from marginlab.training.checkpoint import LoopState
 from marginlab.training.epoch_meter import EpochMeter
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class Precision:
-    """Where and how the arithmetic runs: device, autocast dtype (None = float32), GradScaler."""
-
-    device: torch.device
-    name: str  # "32" | "bf16" | "fp16"
-    scaler: torch.amp.GradScaler = field(init=False)
-
-    def __post_init__(self):
-        if self.name == "fp16" and self.device.type != "cuda":
-            raise ConfigError("trainer.precision='fp16' needs CUDA; on CPU use 32 or bf16")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
-
-    def autocast(self):
-        if self.name == "32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.name])
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "32"
-    return name
+from marginlab.training.precision import Precision
 
 
 def to_device(batch, device: torch.device, channels_last: bool):
@@ -52,21 +24,6 @@ def to_device(batch, device: torch.device, channels_last: bool):
     if channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
-
-
-def clip_gradients(model: MarginModel, max_norm: float, dist: DistContext, sharded=()) -> None:
-    """Clips the global gradient norm. ``sharded``: the parameters each rank holds a different shard of
-    (``criterion.sharded_parameters()``); their norm sums the squares of every rank's shard, so all ranks scale by
-    the same factor (the backbone's gradients, identical on every rank, count once)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not (dist.enabled and sharded):
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    sharded = {id(p) for p in sharded}
-    shard_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in sharded]) ** 2
-    dist.all_reduce_sum(shard_sq)
-    rest = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in sharded])
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, (rest**2 + shard_sq).sqrt())
 
 
 def train_one_epoch(
@@ -121,12 +78,7 @@ def train_one_epoch(
             continue
         state.nonfinite_streak = 0
         optimizer.zero_grad(set_to_none=True)
-        prec.scaler.scale(loss).backward()
-        if grad_clip:
-            prec.scaler.unscale_(optimizer)
-            clip_gradients(model, grad_clip, dist, sharded)
-        prec.scaler.step(optimizer)
-        prec.scaler.update()
+        prec(loss, optimizer, grad_clip, model.parameters(), dist, sharded)  # backward, clip, step
         scheduler.step()
         state.step += 1
         meter.update(loss, predicted, labels)

@@ -224,10 +224,10 @@ def check_resume_config(cfg, ckpt_path: Path, ckpt: dict | None = None) -> str |
 
     from marginlab.device import resolve_device
     from marginlab.training.checkpoint import RESUME_KEYS, read_checkpoint
-    from marginlab.training.engine import Precision, resolve_precision
+    from marginlab.training.precision import Precision
 
     device = resolve_device(str(cfg.trainer.device))
-    Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA
+    Precision.from_setting(str(cfg.trainer.precision), device)  # e.g. fp16 without CUDA
     if ckpt is None:
         ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
     new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as the checkpoint holds it

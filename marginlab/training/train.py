@@ -48,9 +48,10 @@ from marginlab.training.checkpoint import (
     save_checkpoints,
 )
 from marginlab.training.collapse import CollapseWatch
-from marginlab.training.engine import Precision, check_finite_state, evaluate, resolve_precision, train_one_epoch
+from marginlab.training.engine import check_finite_state, evaluate, train_one_epoch
 from marginlab.training.finished_line import finished_line
 from marginlab.training.margin_feasibility import check_margin
+from marginlab.training.precision import Precision
 from marginlab.training.resume import read_history, recheck_resume, record_resume
 from marginlab.training.weights import init_from
 
@@ -239,7 +240,7 @@ def set_up_run(cfg: DictConfig, run_dir: Path) -> Run:
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)  # the values actually used
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    prec = Precision(device, resolve_precision(str(cfg.trainer.precision), device))
+    prec = Precision.from_setting(str(cfg.trainer.precision), device)
     progress = dist.is_main and (sys.stdout.isatty() if cfg.logger.progress is None else bool(cfg.logger.progress))
     return Run(run_dir, device, dist, prec, bool(cfg.trainer.channels_last) and device.type == "cuda", progress)
 
@@ -276,11 +277,7 @@ def build_job(cfg: DictConfig, run: Run, head_spec: HeadSpec) -> Job:
         (split, loader) for split, loader in (("val", val_loader), ("test", test_loader)) if loader is not None
     ]
     sharded = criterion.sharded and run.dist.enabled  # the head's weights differ per rank
-    if sharded and run.prec.name == "fp16":  # GradScaler would decide to skip a step per rank, from its own shard
-        raise ConfigError(
-            "trainer.precision='fp16' is not allowed with head.partial_fc on several processes: "
-            "use trainer.precision=bf16 (no loss scaling) or 32"
-        )
+    run.prec.check_sharded(sharded)  # fp16's loss scaling needs every rank's whole gradient
     forward, eval_model, eval_forward = training_views(
         cfg, model, criterion, run, data.num_classes, classifies=bool(evaluated), head_spec=head_spec
     )
@@ -370,7 +367,7 @@ def start_or_resume(cfg: DictConfig, run: Run, job: Job) -> LoopState:
         job.model,
         job.optimizer,
         job.scheduler,
-        run.prec.scaler,
+        run.prec,  # the GradScaler's state
         job.criterion,
         map_location=run.prec.device,
     )
@@ -517,7 +514,7 @@ def save_epoch(
         model_state,
         optimizer_state,
         job.scheduler,
-        run.prec.scaler,
+        run.prec,  # the GradScaler's state
         state,
         cfg,
         job.data,

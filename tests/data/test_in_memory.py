@@ -244,7 +244,8 @@ def test_the_engine_trains_on_the_in_memory_loader():
 
     from marginlab.heads.normface import NormFaceHead
     from marginlab.training.builders import MarginModel
-    from marginlab.training.engine import LoopState, Precision, train_one_epoch
+    from marginlab.training.engine import LoopState, train_one_epoch
+    from marginlab.training.precision import Precision
 
     data = DigitsData(batch_size=64)
     loader = in_memory_loader(data, "train", device="cpu")

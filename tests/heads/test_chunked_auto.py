@@ -23,7 +23,8 @@ from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 from marginlab.losses import MarginLoss
 from marginlab.regularizers.incay import FeatureIncay
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, Precision, train_one_epoch
+from marginlab.training.engine import LoopState, train_one_epoch
+from marginlab.training.precision import Precision
 
 DIM, CLASSES, BATCH = 6, 11, 9
 LOGGER = "marginlab.heads.base"

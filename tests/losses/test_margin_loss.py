@@ -18,7 +18,8 @@ from marginlab.heads.softmax import SoftmaxHead
 from marginlab.losses import MarginLoss, PartialFCLoss, criterion_for
 from marginlab.regularizers.center import CenterLoss
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, Precision, train_one_epoch
+from marginlab.training.engine import LoopState, train_one_epoch
+from marginlab.training.precision import Precision
 
 
 def batch(n=6, dim=4, classes=3, seed=0):
