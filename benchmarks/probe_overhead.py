@@ -33,7 +33,7 @@ from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, evaluate, train_one_epoch
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, evaluate, train_one_epoch
 from marginlab.training.precision import Precision
 
 PROBE_SAMPLES = 2048
@@ -52,16 +52,11 @@ class Side:
     def epoch(self, train, val, prec):
         w0, c0 = time.perf_counter(), time.process_time()
         train_one_epoch(
-            self.model,
+            StepParts(self.model, self.opt, self.sched),
             train,
-            self.opt,
-            self.sched,
             prec,
             self.state,
-            grad_clip=None,
-            max_nonfinite=10,
-            channels_last=False,
-            log_every=10,
+            LoopOptions(grad_clip=None, max_nonfinite=10, channels_last=False, log_every=10),
             log=self.log,
         )
         evaluate(self.model, val, prec, channels_last=False, probe_max_samples=PROBE_SAMPLES, probe=self.probe)

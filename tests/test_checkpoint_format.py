@@ -18,12 +18,12 @@ from marginlab.losses import criterion_for
 from marginlab.training import checkpoint
 from marginlab.training.builders import MarginModel
 from marginlab.training.checkpoint import (
-    LoopState,
     checkpoint_payload,
     find_checkpoint,
     load_training_state,
     save_checkpoints,
 )
+from marginlab.training.engine import LoopState
 
 DATA = SimpleNamespace(in_channels=1, image_size=2, num_classes=5)
 CONFIG = OmegaConf.create({"head": {"_target_": "marginlab.heads.amsoftmax.AMSoftmaxHead"}, "seed": 0})

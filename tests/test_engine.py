@@ -9,7 +9,7 @@ from torch import nn
 from marginlab.errors import TrainingError
 from marginlab.heads.softmax import SoftmaxHead
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, train_one_epoch
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
 from marginlab.training.precision import Precision
 
 FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false"]
@@ -35,16 +35,11 @@ def run_epoch(model, loader, max_nonfinite=3, log_every=2, log=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     state = LoopState()
     stats = train_one_epoch(
-        model,
+        StepParts(model, opt, sched),
         loader,
-        opt,
-        sched,
         Precision(torch.device("cpu"), "32"),
         state,
-        grad_clip=None,
-        max_nonfinite=max_nonfinite,
-        channels_last=False,
-        log_every=log_every,
+        LoopOptions(grad_clip=None, max_nonfinite=max_nonfinite, channels_last=False, log_every=log_every),
         log=log,
     )
     return stats, state

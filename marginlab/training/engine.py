@@ -1,9 +1,12 @@
-"""The loop: ``train_one_epoch`` and ``evaluate``, each a few steps anyone can read top to bottom."""
+"""The loop: ``train_one_epoch`` and ``evaluate``, each a few steps anyone can read top to bottom; what the training
+loop takes (``StepParts``, ``LoopOptions``) and where it stands (``LoopState``)."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +17,46 @@ from marginlab.errors import TrainingError
 from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.training.builders import MarginModel
-from marginlab.training.checkpoint import LoopState
 from marginlab.training.epoch_meter import EpochMeter
 from marginlab.training.precision import Precision
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands, what a checkpoint must carry besides the weights to continue exactly
+    (checkpoint.py saves and restores it)."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
+    best_metric: float = -math.inf
+    best_record: dict = field(default_factory=dict)  # the selected epoch's evaluation metrics (train.py)
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+
+
+@dataclass
+class StepParts:
+    """What an optimizer step touches: the model, the optimizer and its schedule, the training loss (default
+    ``criterion_for(model)``) and the forward that runs the model (default the model itself; a compiled or DDP
+    view of it)."""
+
+    model: MarginModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    criterion: MarginLoss | None = None
+    forward: Callable | None = None
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs, the same every epoch: gradient clipping (None: off), how many non-finite losses in a row
+    stop the run, channels-last images, every how many steps the step scalars are logged, the progress bar."""
+
+    grad_clip: float | None
+    max_nonfinite: int
+    channels_last: bool
+    log_every: int
+    progress: bool = False
 
 
 def to_device(batch, device: torch.device, channels_last: bool):
@@ -27,40 +67,33 @@ def to_device(batch, device: torch.device, channels_last: bool):
 
 
 def train_one_epoch(
-    model: MarginModel,
+    parts: StepParts,
     loader,
-    optimizer,
-    scheduler,
     prec: Precision,
     state: LoopState,
+    options: LoopOptions,
     *,
-    grad_clip: float | None,
-    max_nonfinite: int,
-    channels_last: bool,
-    log_every: int,
     log=None,
-    progress: bool = False,
     desc: str = "",
-    forward=None,
     dist: DistContext = DistContext(),
-    criterion: MarginLoss | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; with ``dist`` enabled the epoch's loss/accuracy are summed over the ranks.
 
     ``criterion`` (default ``criterion_for(model)``) turns the head's output into the loss, the predictions and,
     on the steps that log geometry, the step statistics (``criterion.step``); one whose head is sharded (Partial
     FC) yields neither a training accuracy nor statistics: no rank holds all the logits."""
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     model.train()
-    criterion = criterion_for(model) if criterion is None else criterion
+    criterion = criterion_for(model) if parts.criterion is None else parts.criterion
     classifies = criterion.classifies
     sharded = criterion.sharded_parameters() if dist.enabled else []
-    forward = model if forward is None else forward
+    forward = model if parts.forward is None else parts.forward
     meter = EpochMeter(prec.device, classifies)
     skipped, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not options.progress, dynamic_ncols=True)
     for batch in bar:
-        images, labels = to_device(batch, prec.device, channels_last)
-        logs = (state.step + 1) % log_every == 0  # the step statistics only on the steps that log them
+        images, labels = to_device(batch, prec.device, options.channels_last)
+        logs = (state.step + 1) % options.log_every == 0  # the step statistics only on the steps that log them
         with prec.autocast():  # forward under AMP; heads do their margin arithmetic in float32
             embeddings, output = forward(images, labels, stats=logs)
             loss, predicted, geometry = criterion.step(embeddings, output, labels, stats=logs)
@@ -69,7 +102,7 @@ def train_one_epoch(
             skipped += 1
             state.nonfinite_total += 1
             state.nonfinite_streak += 1
-            if state.nonfinite_streak >= max_nonfinite:
+            if state.nonfinite_streak >= options.max_nonfinite:
                 raise TrainingError(
                     f"{state.nonfinite_streak} consecutive non-finite losses (last {loss.item()}) "
                     f"at step {state.step}: "
@@ -78,11 +111,11 @@ def train_one_epoch(
             continue
         state.nonfinite_streak = 0
         optimizer.zero_grad(set_to_none=True)
-        prec(loss, optimizer, grad_clip, model.parameters(), dist, sharded)  # backward, clip, step
+        prec(loss, optimizer, options.grad_clip, model.parameters(), dist, sharded)  # backward, clip, step
         scheduler.step()
         state.step += 1
         meter.update(loss, predicted, labels)
-        if state.step % log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
+        if state.step % options.log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
             step_stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
             if classifies:
                 step_stats["acc"] = (predicted == labels).float().mean().item()

@@ -40,7 +40,6 @@ from marginlab.training import builders, sweep
 from marginlab.training.builders import MarginModel
 from marginlab.training.checkpoint import (
     CHECKPOINT_DIR,
-    LoopState,
     checkpoint_payload,
     finite_weights_note,
     load_training_state,
@@ -48,7 +47,14 @@ from marginlab.training.checkpoint import (
     save_checkpoints,
 )
 from marginlab.training.collapse import CollapseWatch
-from marginlab.training.engine import check_finite_state, evaluate, train_one_epoch
+from marginlab.training.engine import (
+    LoopOptions,
+    LoopState,
+    StepParts,
+    check_finite_state,
+    evaluate,
+    train_one_epoch,
+)
 from marginlab.training.finished_line import finished_line
 from marginlab.training.margin_feasibility import check_margin
 from marginlab.training.precision import Precision
@@ -380,6 +386,16 @@ def start_or_resume(cfg: DictConfig, run: Run, job: Job) -> LoopState:
 
 
 # ---------------------------------------------------------------- one epoch
+def loop_options(cfg: DictConfig, run: Run) -> LoopOptions:
+    return LoopOptions(
+        grad_clip=cfg.trainer.grad_clip,
+        max_nonfinite=cfg.trainer.max_nonfinite_steps,
+        channels_last=run.channels_last,
+        log_every=cfg.logger.log_every_n_steps,
+        progress=run.progress,
+    )
+
+
 def train_epoch(
     cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, epoch: int, saved: tuple[Path, int] | None
 ) -> dict:
@@ -388,22 +404,14 @@ def train_epoch(
     job.data.set_epoch(epoch)
     try:
         stats = train_one_epoch(
-            job.model,
+            StepParts(job.model, job.optimizer, job.scheduler, job.criterion, job.forward),
             job.train_loader,
-            job.optimizer,
-            job.scheduler,
             run.prec,
             state,
-            grad_clip=cfg.trainer.grad_clip,
-            max_nonfinite=cfg.trainer.max_nonfinite_steps,
-            channels_last=run.channels_last,
-            log_every=cfg.logger.log_every_n_steps,
+            loop_options(cfg, run),
             log=log,
-            progress=run.progress,
             desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}",
-            forward=job.forward,
             dist=run.dist,
-            criterion=job.criterion,
         )
         check_finite_state(job.model, epoch + 1, run.dist)
     except TrainingError as err:

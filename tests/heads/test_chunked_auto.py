@@ -23,7 +23,7 @@ from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 from marginlab.losses import MarginLoss
 from marginlab.regularizers.incay import FeatureIncay
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, train_one_epoch
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
 from marginlab.training.precision import Precision
 
 DIM, CLASSES, BATCH = 6, 11, 9
@@ -212,9 +212,12 @@ def one_epoch(head, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     stats = train_one_epoch(
-        model, loader, opt, sched, Precision(torch.device("cpu"), "32"), LoopState(),
-        grad_clip=None, max_nonfinite=3, channels_last=False, log_every=1, log=None,
-    )  # fmt: skip
+        StepParts(model, opt, sched),
+        loader,
+        Precision(torch.device("cpu"), "32"),
+        LoopState(),
+        LoopOptions(grad_clip=None, max_nonfinite=3, channels_last=False, log_every=1),
+    )
     return stats, outputs
 
 

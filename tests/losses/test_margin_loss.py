@@ -18,7 +18,7 @@ from marginlab.heads.softmax import SoftmaxHead
 from marginlab.losses import MarginLoss, PartialFCLoss, criterion_for
 from marginlab.regularizers.center import CenterLoss
 from marginlab.training.builders import MarginModel
-from marginlab.training.engine import LoopState, train_one_epoch
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
 from marginlab.training.precision import Precision
 
 
@@ -126,17 +126,11 @@ def test_the_loop_trains_with_the_criterion_it_is_given():
     ]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats = train_one_epoch(
-        model,
+        StepParts(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), criterion=Smoothed(model.head)),
         loader,
-        opt,
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
         Precision(torch.device("cpu"), "32"),
         LoopState(),
-        grad_clip=1.0,
-        max_nonfinite=3,
-        channels_last=False,
-        log_every=10,
-        criterion=Smoothed(model.head),
+        LoopOptions(grad_clip=1.0, max_nonfinite=3, channels_last=False, log_every=10),
     )
     assert Smoothed.calls == 3 and stats["nonfinite_steps"] == 0 and "acc" in stats
 
