@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from face_pipeline import write_records
 
 from marginlab.backbones.iresnet import IResNet
-from marginlab.builders import MarginModel
 from marginlab.data.face.casia import CasiaData
 from marginlab.distributed.partial_fc import build_partial_fc
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.losses import criterion_for
+from marginlab.training.builders import MarginModel
 
 MB = 2**20
 

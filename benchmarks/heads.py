@@ -54,9 +54,9 @@ sys.path.insert(0, str(ROOT))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from marginlab import builders  # noqa: E402
 from marginlab.config.validate import resolve_head  # noqa: E402
 from marginlab.heads.output import HeadLoss  # noqa: E402
+from marginlab.training import builders  # noqa: E402
 
 CONFIGS = ROOT / "marginlab" / "configs" / "head"
 SHAPES = {"medium": (256, 512, 10575), "large": (128, 512, 85742)}

@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT))
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from marginlab import builders  # noqa: E402
 from marginlab.config.validate import resolve_head  # noqa: E402
 from marginlab.losses import MarginLoss  # noqa: E402
+from marginlab.training import builders  # noqa: E402
 
 CONFIGS = ROOT / "marginlab" / "configs"
 HEAD_CONFIGS = CONFIGS / "head"

@@ -27,14 +27,15 @@ from torch import nn
 
 from marginlab.backbones.digits_cnn import DigitsCNN
 from marginlab.backbones.resnet_cifar import ResNetCifar
-from marginlab.builders import MarginModel
 from marginlab.data.digits import DigitsData
-from marginlab.engine import LoopState, Precision, evaluate, train_one_epoch
 from marginlab.geometry.probe import GeometryProbe
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.probe import logit_stats
 from marginlab.logging import RunLog
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, evaluate, train_one_epoch
+from marginlab.training.precision import Precision
 
 PROBE_SAMPLES = 2048
 
@@ -52,16 +53,11 @@ class Side:
     def epoch(self, train, val, prec):
         w0, c0 = time.perf_counter(), time.process_time()
         train_one_epoch(
-            self.model,
+            StepParts(self.model, self.opt, self.sched),
             train,
-            self.opt,
-            self.sched,
             prec,
             self.state,
-            grad_clip=None,
-            max_nonfinite=10,
-            channels_last=False,
-            log_every=10,
+            LoopOptions(grad_clip=None, max_nonfinite=10, channels_last=False, log_every=10),
             log=self.log,
         )
         evaluate(self.model, val, prec, channels_last=False, probe_max_samples=PROBE_SAMPLES, probe=self.probe)

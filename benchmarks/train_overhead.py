@@ -30,14 +30,15 @@ from torch import nn
 
 from marginlab.backbones.digits_cnn import DigitsCNN
 from marginlab.backbones.resnet_cifar import ResNetCifar
-from marginlab.builders import MarginModel
 from marginlab.data.digits import DigitsData
-from marginlab.engine import LoopState, Precision, train_one_epoch
 from marginlab.geometry.stats import batch_geometry
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.logging import RunLog
 from marginlab.losses import criterion_for
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
+from marginlab.training.precision import Precision
 
 LOG_EVERY = 10
 
@@ -85,18 +86,12 @@ def compare(title, model, batches, repeats, log_dir: Path, warmup=None, fixed_us
 
     def marginlab_run(side):
         train_one_epoch(
-            side.model,
+            StepParts(side.model, side.opt, side.sched),
             todo[0],
-            side.opt,
-            side.sched,
             prec,
             state,
-            grad_clip=None,
-            max_nonfinite=10,
-            channels_last=False,
-            log_every=LOG_EVERY,
+            LoopOptions(grad_clip=None, max_nonfinite=10, channels_last=False, log_every=LOG_EVERY),
             log=log,
-            progress=False,
         )
 
     plain = Side("plain loop", model, lambda side: plain_epoch(side.model, todo[0], side.opt, side.sched))

@@ -61,7 +61,7 @@ def as_image_size(key: str, value: str) -> int | list[int]:
     raise ConfigError(f"{key}={value!r} is not allowed: give one integer or [height,width], e.g. {key}=112")
 
 
-#: the options of a command that reads a bare backbone state dict (``marginlab.weights.state_dict_checkpoint``)
+#: the options of a command that reads a bare backbone state dict (``marginlab.training.weights.state_dict_checkpoint``)
 STATE_DICT_OPTIONS = {"backbone": (None, as_text), "image_size": (None, as_image_size)}
 
 

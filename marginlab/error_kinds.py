@@ -1,7 +1,7 @@
 """What kind of error a failure is (the user's config, the machine, out of memory, or a bug) and its one line.
 
 The CLI (which turns Hydra's errors into ``marginlab: error: ...``) and a run's failure record
-(``marginlab.sweep.record_failure``) both classify through here."""
+(``marginlab.training.sweep.record_failure``) both classify through here."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def describe(err: BaseException, run_dir: Path | None = None) -> str:
 # ---------------------------------------------------------------- errors of the config itself
 def is_config_error(err: BaseException) -> bool:
     """Hydra / OmegaConf could not parse the overrides or compose the config (unknown option or key, a value of the
-    wrong type, bad syntax): the user's input. Only errors raised outside the task (``marginlab.train.run``
+    wrong type, bad syntax): the user's input. Only errors raised outside the task (``marginlab.training.train.run``
     catches everything raised inside it) are classified so."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

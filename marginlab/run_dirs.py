@@ -114,7 +114,7 @@ def claim_output_subdir(run_dir: str | os.PathLike, subdir: str) -> str:
     return subdir
 
 
-#: the file a training process locks in its run directory (marginlab/train.py holds it while it trains)
+#: the file a training process locks in its run directory (marginlab/training/train.py holds it while it trains)
 LOCK_FILE = ".training.lock"
 
 

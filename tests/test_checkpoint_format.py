@@ -10,14 +10,20 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from marginlab import checkpoint
-from marginlab.builders import MarginModel
-from marginlab.checkpoint import LoopState, checkpoint_payload, find_checkpoint, load_training_state, save_checkpoints
 from marginlab.distributed import sharded_state
 from marginlab.distributed.partial_fc import PartialFC
 from marginlab.errors import ConfigError
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.losses import criterion_for
+from marginlab.training import checkpoint
+from marginlab.training.builders import MarginModel
+from marginlab.training.checkpoint import (
+    checkpoint_payload,
+    find_checkpoint,
+    load_training_state,
+    save_checkpoints,
+)
+from marginlab.training.engine import LoopState
 
 DATA = SimpleNamespace(in_channels=1, image_size=2, num_classes=5)
 CONFIG = OmegaConf.create({"head": {"_target_": "marginlab.heads.amsoftmax.AMSoftmaxHead"}, "seed": 0})

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from marginlab import checkpoint
 from marginlab.errors import DataError
+from marginlab.training import checkpoint
 
 from .conftest import run_cli
 
@@ -256,17 +256,18 @@ def all_finite(path) -> bool:
 def test_inf_batchnorm_statistics_stop_the_run_and_keep_the_good_checkpoint(
     run_train, metrics, outputs_dir, monkeypatch, capfd
 ):
-    import marginlab.train
+    import marginlab.training.train
 
-    real = marginlab.train.train_one_epoch
+    real = marginlab.training.train.train_one_epoch
 
-    def inf_variance_in_epoch_2(model, *args, **kwargs):
-        stats = real(model, *args, **kwargs)  # every loss finite (nonfinite_steps 0)
-        if args[4].epoch == 1:  # the LoopState: epoch 1 done
-            next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
+    def inf_variance_in_epoch_2(parts, *args, **kwargs):
+        stats = real(parts, *args, **kwargs)  # every loss finite (nonfinite_steps 0)
+        if args[2].epoch == 1:  # the LoopState: epoch 1 done
+            bn = next(m for m in parts.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
         return stats
 
-    monkeypatch.setattr(marginlab.train, "train_one_epoch", inf_variance_in_epoch_2)
+    monkeypatch.setattr(marginlab.training.train, "train_one_epoch", inf_variance_in_epoch_2)
     code, run_dir = run_train(*FAST, "trainer.epochs=3")
     last = run_dir / "checkpoints" / "last.pt"
     line = error_line(capfd)

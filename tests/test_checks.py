@@ -14,7 +14,7 @@ from marginlab.checks import check_batch, check_float, check_positive_int
 from marginlab.errors import ConfigError
 
 #: modules beside or below the heads, besides every module of PACKAGES: none of them may load marginlab.heads
-NOT_HEADS = ["marginlab.checks", "marginlab.dtypes", "marginlab.schedules"]
+NOT_HEADS = ["marginlab.checks", "marginlab.dtypes", "marginlab.training.schedules"]
 PACKAGES = ["marginlab.backbones", "marginlab.data", "marginlab.regularizers"]
 
 

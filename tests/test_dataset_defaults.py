@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 import marginlab.config  # noqa: F401  (the schema and resolvers)
 from marginlab.help_catalog import CONFIGS, PICKED, dataset_picks
-from marginlab.resume import compose_train_config
+from marginlab.training.resume import compose_train_config
 
 from .test_readme_margins import verdict
 

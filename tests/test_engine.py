@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab.builders import MarginModel
-from marginlab.engine import LoopState, Precision, train_one_epoch
-from marginlab.errors import ConfigError, TrainingError
+from marginlab.errors import TrainingError
 from marginlab.heads.softmax import SoftmaxHead
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
+from marginlab.training.precision import Precision
 
 FAST = ["logger=quiet", "trainer.epochs=1", "trainer.checkpoint=false"]
 
@@ -34,16 +35,11 @@ def run_epoch(model, loader, max_nonfinite=3, log_every=2, log=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     state = LoopState()
     stats = train_one_epoch(
-        model,
+        StepParts(model, opt, sched),
         loader,
-        opt,
-        sched,
         Precision(torch.device("cpu"), "32"),
         state,
-        grad_clip=None,
-        max_nonfinite=max_nonfinite,
-        channels_last=False,
-        log_every=log_every,
+        LoopOptions(grad_clip=None, max_nonfinite=max_nonfinite, channels_last=False, log_every=log_every),
         log=log,
     )
     return stats, state
@@ -80,13 +76,6 @@ def test_bf16_autocast_on_cpu_trains(run_train, metrics):
     assert summary["precision"] == "bf16" and summary["train/nonfinite_steps"] == 0
 
 
-def test_fp16_needs_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    with pytest.raises(ConfigError, match="fp16"):
-        Precision(torch.device("cpu"), "fp16")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "32"])
 def test_cuda_amp_paths(run_train, metrics, precision):
@@ -99,7 +88,7 @@ def test_cuda_amp_paths(run_train, metrics, precision):
 def test_head_weight_decay_is_a_separate_group():
     from omegaconf import OmegaConf
 
-    from marginlab.builders import build_optimizer
+    from marginlab.training.builders import build_optimizer
 
     cfg = OmegaConf.create(
         {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from marginlab.epoch_meter import EpochMeter
+from marginlab.training.epoch_meter import EpochMeter
 
 
 def test_sums_the_batch_weighted_loss_the_correct_predictions_and_the_images():

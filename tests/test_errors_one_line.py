@@ -135,7 +135,7 @@ def test_a_checkpoint_write_over_the_file_size_limit_is_one_line(tmp_path):
     # a real `ulimit -f` (in a child process: the limit stays there): torch's own wrapped error, SIGXFSZ ignored
     code = f"""
 import resource, signal, torch
-from marginlab import checkpoint
+from marginlab.training import checkpoint
 from marginlab.errors import OutputError
 path = {str(tmp_path / "checkpoints" / "last.pt")!r}
 checkpoint.save_atomic({{"x": torch.zeros(10)}}, __import__("pathlib").Path(path))
@@ -178,12 +178,12 @@ except OutputError as err:
     ],
 )
 def test_bad_optimizer_values_fail_before_any_work(run_train, monkeypatch, capfd, metrics, overrides, message):
-    import marginlab.builders
+    import marginlab.training.builders
 
     def no_data(cfg):
         raise AssertionError("the data was built: the bad value was not caught by the validation")
 
-    monkeypatch.setattr(marginlab.builders, "build_data", no_data)
+    monkeypatch.setattr(marginlab.training.builders, "build_data", no_data)
     code, run_dir = run_train(*FAST, *overrides)
     line = one_line_error(capfd.readouterr().err)
     assert code == 2 and message in line
@@ -246,7 +246,7 @@ def test_a_sweep_with_cfg_or_info_is_one_line(outputs_dir, capfd, args, message)
 
 
 def test_a_bug_in_a_single_run_keeps_exit_1_and_is_recorded(run_train, monkeypatch, capfd, metrics):
-    import marginlab.train as train_module
+    import marginlab.training.train as train_module
 
     def bug(cfg, run_dir):
         raise KeyError("a bug")

@@ -14,12 +14,12 @@ from torch.utils.data import TensorDataset
 
 import marginlab
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
-from marginlab import builders
 from marginlab.commands.reproduce import spec_of
 from marginlab.config.validate import import_target
 from marginlab.data.base import ClassificationData
 from marginlab.data.face import parse_image_size
 from marginlab.report import check_paper
+from marginlab.training import builders
 
 CONFIGS = Path(marginlab.__file__).parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -97,7 +97,7 @@ def test_there_is_an_experiment_per_paper_table():
 def test_experiment_composes_and_its_first_training_step_runs(name, tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from marginlab.train import train
+    from marginlab.training.train import train
 
     assert (CONFIGS / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_")  # deltas only
     cfg = compose(name, *FAST)

@@ -1,7 +1,8 @@
 """The package imports only downward (issue #17): config/ knows neither the builder nor the loop; no module
 outside marginlab/heads/ and the builder imports a concrete head; the bottom modules (errors, checks, dtypes,
 device...) import nothing of marginlab above them; nothing outside marginlab/commands/ imports the CLI;
-backbones, data and regularizers never load the heads; no private name crosses a package boundary."""
+backbones, data and regularizers never load the heads; no private name crosses a package boundary; training/ (one
+run) sits above the model packages, which never import it, and only commands/ imports its entry point."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import marginlab
 
 PACKAGE = Path(marginlab.__file__).parent
 #: what config/ sits below: it must import none of them, not even inside a function
-ABOVE_CONFIG = ("marginlab.builders", "marginlab.train", "marginlab.engine", "marginlab.commands")
+ABOVE_CONFIG = ("marginlab.training", "marginlab.commands")
 
 
 def imported_modules(path: Path) -> list[tuple[str, str | None]]:
@@ -61,7 +62,7 @@ def test_no_module_outside_heads_and_the_builder_imports_a_concrete_head():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
-        if rel.startswith("heads/") or rel == "builders.py":
+        if rel.startswith("heads/") or rel == "training/builders.py":
             continue
         for module, name in imported_modules(path):
             named = f"{module}.{name}" if name else module
@@ -82,7 +83,7 @@ def marginlab_imports(path: Path) -> set[str]:
 
 
 #: the bottom layer: each imports at most the others of this set, nothing else of marginlab
-BOTTOM = ("errors", "checks", "dtypes", "device", "command_args", "atomic_write", "file_lock")
+BOTTOM = ("errors", "checks", "dtypes", "device", "command_args", "atomic_write", "file_lock", "run_dirs")
 
 
 def test_the_bottom_modules_import_no_other_marginlab_module():
@@ -151,3 +152,42 @@ def test_the_data_package_imports_in_no_circle():
 
     circles = sorted(m for m in graph if reaches(m, m, {m}))
     assert not circles, circles
+
+
+#: the packages training/ sits above (config/: test_config_imports_nothing_above_it; the bottom modules: BOTTOM)
+BELOW_TRAINING = (
+    "heads",
+    "losses",
+    "backbones",
+    "data",
+    "regularizers",
+    "distributed",
+    "geometry",
+    "logging",
+    "figures",
+)
+#: the one reach up, inside a function: torchvision's ImageNet file is read by the weights-only checkpoint reader
+#: that every untrusted file goes through
+READS_UP = {("backbones/torchvision_resnet.py", "marginlab.training.checkpoint")}
+
+
+def test_the_packages_below_training_never_import_it():
+    offenders = []
+    for package in BELOW_TRAINING:
+        for path in sorted((PACKAGE / package).rglob("*.py")):
+            rel = path.relative_to(PACKAGE).as_posix()
+            training = {
+                m for m in marginlab_imports(path) if m == "marginlab.training" or m.startswith("marginlab.training.")
+            }
+            offenders += [f"{rel} imports {m}" for m in sorted(training) if (rel, m) not in READS_UP]
+    assert not offenders, offenders
+
+
+def test_only_the_commands_start_a_training_run():
+    """training/train.py (the run's recipe) is the entry point: nothing in the library but commands/ imports it."""
+    offenders = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.relative_to(PACKAGE).parts[0] != "commands" and "marginlab.training.train" in marginlab_imports(path)
+    ]
+    assert not offenders, offenders

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marginlab import builders
 from marginlab.config.validate import resolve_head
-from marginlab.resume import compose_train_config
-from marginlab.weights import init_from
+from marginlab.training import builders
+from marginlab.training.resume import compose_train_config
+from marginlab.training.weights import init_from
 
 QUIET = ["logger=quiet", "trainer.epochs=1"]
 

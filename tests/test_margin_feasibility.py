@@ -13,7 +13,13 @@ from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.combined import CombinedMarginHead
 from marginlab.heads.normface import NormFaceHead
 from marginlab.heads.sphereface import SphereFaceHead
-from marginlab.margin_feasibility import advise, best_code_angle, check_margin, gilbert_varshamov, packing_upper_bound
+from marginlab.training.margin_feasibility import (
+    advise,
+    best_code_angle,
+    check_margin,
+    gilbert_varshamov,
+    packing_upper_bound,
+)
 
 
 @pytest.mark.parametrize("classes", [3, 5, 10, 12])
@@ -72,7 +78,7 @@ def test_strict_margin_refuses_and_otherwise_warns(caplog):
     head = ArcFaceHead(2, 10, m=0.7)
     with pytest.raises(ConfigError, match="trainer.strict_margin=true .* 10 classes in 2 dimensions"):
         check_margin(head, strict=True)
-    with caplog.at_level(logging.WARNING, logger="marginlab.margin_feasibility"):
+    with caplog.at_level(logging.WARNING, logger="marginlab.training.margin_feasibility"):
         assert check_margin(head, strict=False).verdict == "infeasible"
     assert "36.00 deg apart" in caplog.text
 

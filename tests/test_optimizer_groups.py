@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import marginlab
-from marginlab.builders import MarginModel, build_optimizer
 from marginlab.errors import ConfigError
 from marginlab.heads.normface import NormFaceHead
+from marginlab.training.builders import MarginModel, build_optimizer
 
 
 def model_with(head: nn.Module) -> MarginModel:

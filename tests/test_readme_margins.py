@@ -1,7 +1,8 @@
 """Every ``marginlab train`` line of the README and of the docs pages (docs/*.md) composes (as
 ``marginlab train --cfg job`` would: ``compose_train_config``, no data needed) and gets an "ok" from the margin
-advisor (marginlab/margin_feasibility.py), or says on its own line why not (``# advisor: <verdict> ...``): the docs
-must not teach a run that the tool itself calls infeasible (AM-Softmax's default m=0.35 with a 2-D embedding)."""
+advisor (marginlab/training/margin_feasibility.py), or says on its own line why not (``# advisor: <verdict> ...``):
+the docs must not teach a run that the tool itself calls infeasible (AM-Softmax's default m=0.35 with a 2-D
+embedding)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from marginlab.builders import build_head
 from marginlab.config.validate import validate
-from marginlab.margin_feasibility import advise
-from marginlab.resume import compose_train_config
+from marginlab.training.builders import build_head
+from marginlab.training.margin_feasibility import advise
+from marginlab.training.resume import compose_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the README and every docs page

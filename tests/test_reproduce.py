@@ -25,7 +25,6 @@ from omegaconf import OmegaConf
 
 import marginlab
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
-from marginlab import builders
 from marginlab.commands import reproduce
 from marginlab.commands.cli import main
 from marginlab.config.validate import import_target, validate
@@ -33,6 +32,7 @@ from marginlab.data.face import parse_image_size
 from marginlab.environment import kept_threads
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.losses import criterion_for
+from marginlab.training import builders
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = Path(marginlab.__file__).parent / "configs" / "experiment"
@@ -394,7 +394,7 @@ def test_the_cli_lists_plans_and_refuses_in_one_line(monkeypatch, capsys):
 def test_reproduce_runs_the_sweeps_into_one_sweep_dir_and_reports_them(outputs_dir, monkeypatch, capsys):
     """Two sweeps of the NormFace table (its center-loss rows) through the real `train -m` and `report`, the
     training faked: one sweep dir, every job counted, the paper's numbers beside ours, exit 1 for the failed job."""
-    import marginlab.train as train_module
+    import marginlab.training.train as train_module
 
     def fake_train(cfg, run_dir):
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
@@ -477,7 +477,7 @@ def test_a_fractional_m_for_an_integer_margin_is_refused(run_train, capfd, head,
 def test_an_experiments_sweeps_never_block_a_resume():
     """A run saved before its experiment carried ``reproduce:`` (or with other sweeps) resumes: the sweeps say how
     the table is run, not what this run trains."""
-    from marginlab.resume import config_changes
+    from marginlab.training.resume import config_changes
 
     saved = {"seed": 0, "head": {"m": 4}}
     assert config_changes(saved, {**saved, "reproduce": {"sweeps": [{"seed": "0,1,2"}], "plot": True}}) == []

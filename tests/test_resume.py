@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import marginlab.train
+import marginlab.training.train
 
 RUN = ["logger=quiet", "trainer.epochs=2", "sched=cosine", "head=arcface", "m=0.3"]
 #: timings differ run to run; the environment is in each invocation's first record (environment.py)
@@ -53,13 +53,26 @@ def test_resume_by_checkpoint_path_and_extended_epochs(run_train, metrics):
     assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2]
 
 
+def test_a_checkpoint_written_before_the_training_package_resumes(run_train, metrics):
+    """Its config names the schedule at its old path (marginlab.schedules, before issue #26 moved it)."""
+    code, run_dir = run_train("logger=quiet", "trainer.epochs=1", "sched=constant")
+    assert code == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["sched"]["_target_"] = "marginlab.schedules.ConstantSchedule"
+    torch.save(ckpt, last)
+    code, again = run_train(f"resume={last}", "trainer.epochs=2")
+    assert code == 0 and again == run_dir
+    assert [r["epoch"] for r in metrics[1](run_dir)] == [1, 2]
+
+
 def test_resume_latest_without_runs_is_a_clear_error(run_train, capfd):
     code, _ = run_train("resume=latest")
     assert code == 2 and "resume=latest: no run with a checkpoint" in capfd.readouterr().err
 
 
 def test_finished_line_leaves_out_missing_metrics_without_empty_parts():
-    from marginlab.finished_line import finished_line
+    from marginlab.training.finished_line import finished_line
 
     bare = {"status": "completed", "epochs_done": 3, "wall_time_s": 1.25, "best/val/acc": float("-inf")}
     line = finished_line(bare, 3, "val/acc", "/runs/r")
@@ -80,7 +93,7 @@ def test_ctrl_c_records_the_run_as_interrupted_and_resume_continues_exactly(
     code, straight = run_train(*RUN)
     assert code == 0
     monkeypatch.setenv("MARGINLAB_OUTPUT_DIR", str(tmp_path / "second"))
-    epoch = marginlab.train.train_one_epoch
+    epoch = marginlab.training.train.train_one_epoch
     calls = []
 
     def ctrl_c_in_epoch_2(*args, **kwargs):
@@ -89,7 +102,7 @@ def test_ctrl_c_records_the_run_as_interrupted_and_resume_continues_exactly(
             raise KeyboardInterrupt
         return epoch(*args, **kwargs)
 
-    monkeypatch.setattr(marginlab.train, "train_one_epoch", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(marginlab.training.train, "train_one_epoch", ctrl_c_in_epoch_2)
     capfd.readouterr()
     code, _ = run_train(*RUN)
     split = next((tmp_path / "second" / "runs").iterdir())
@@ -97,7 +110,7 @@ def test_ctrl_c_records_the_run_as_interrupted_and_resume_continues_exactly(
     assert code == 130 and err == f"marginlab: interrupted after 1/2 epochs; resume={split} continues it\n", err
     summary = metrics[0](split)
     assert summary["status"] == "interrupted" and summary["epochs_done"] == 1 and "best/test/acc" in summary
-    monkeypatch.setattr(marginlab.train, "train_one_epoch", epoch)
+    monkeypatch.setattr(marginlab.training.train, "train_one_epoch", epoch)
     code, _ = run_train("resume=latest")
     assert code == 0 and metrics[0](split)["status"] == "completed"
     a, b = weights(straight), weights(split)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from marginlab import builders, resume
 from marginlab.environment import kept_threads
 from marginlab.errors import DataError
 from marginlab.report.jobs import changed_on_resume
+from marginlab.training import builders, resume
 
 from .conftest import read_metrics, snapshot
 
@@ -149,7 +149,7 @@ def test_a_run_saved_before_later_keys_resumes_with_the_values_that_reproduce_it
     """A checkpoint written before dataset.val_fraction / trainer.best_on / head.init / trainer.num_threads /
     trainer.freeze_batchnorm existed: resuming it with
     today's defaults would change its data, so it is refused naming the keys; with the old values it goes on."""
-    from marginlab.checkpoint import read_checkpoint
+    from marginlab.training.checkpoint import read_checkpoint
 
     code, run_dir = run_train(
         *QUICK, "sched=constant", "trainer.stop_after_epoch=1", "dataset.val_fraction=0", "trainer.best_on=test"

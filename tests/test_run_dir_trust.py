@@ -186,7 +186,7 @@ def test_a_hostile_sweep_plan_is_not_expanded(tmp_path):
     import time
 
     from marginlab.report.jobs import planned_jobs
-    from marginlab.sweep import BASIC_SWEEPER
+    from marginlab.training.sweep import BASIC_SWEEPER
 
     plan = {"hydra": {"sweeper": {"_target_": BASIC_SWEEPER, "params": {}}, "overrides": {"task": []}}}
     plan["hydra"]["overrides"]["task"] = ["seed=range(0,1000000000000)", "head=arcface,cosface"]

@@ -152,7 +152,7 @@ def job_dirs(root: Path) -> list[str]:
 
 
 def test_sweeps_and_their_jobs_never_share_a_directory(outputs_dir, tmp_path, frozen_now, monkeypatch, capsys):
-    import marginlab.train as train_module
+    import marginlab.training.train as train_module
 
     monkeypatch.setattr(train_module, "train", fake_train)
     # two sweeps in the same second: two sweep directories, each claimed once (no stray one per job)

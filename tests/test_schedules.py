@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from marginlab.errors import ConfigError
-from marginlab.schedules import ConstantSchedule, CosineSchedule, MultiStepSchedule
+from marginlab.training.schedules import ConstantSchedule, CosineSchedule, MultiStepSchedule
 
 
 def test_cosine_with_warmup_hand_values():

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from marginlab.backbones.digits_cnn import DigitsCNN
-from marginlab.builders import MarginModel
 from marginlab.data.digits import DigitsData
-from marginlab.engine import LoopState, Precision, train_one_epoch
 from marginlab.heads.arcface import ArcFaceHead
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
+from marginlab.training.precision import Precision
 
 STEPS = 6
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -63,18 +64,12 @@ def train_steps(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     log = StepLosses()
     train_one_epoch(
-        model,
+        StepParts(model, opt, sched, forward=forward),
         batches,
-        opt,
-        sched,
         Precision(device, precision),
         LoopState(),
-        grad_clip=None,
-        max_nonfinite=1,
-        channels_last=channels_last,
-        log_every=1,
+        LoopOptions(grad_clip=None, max_nonfinite=1, channels_last=channels_last, log_every=1),
         log=log,
-        forward=forward,
     )
     return torch.tensor(log.losses), {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
 

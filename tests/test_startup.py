@@ -63,7 +63,7 @@ def test_importing_the_trainer_leaves_scipy_stack_unimported():
     """`marginlab train` reaches its first step without sklearn / SciPy / pandas (seconds of import): the
     verification metrics import sklearn when they are computed (marginlab/eval/verification.py)."""
     heavy = "{'sklearn', 'scipy', 'pandas', 'matplotlib', 'mlflow', 'wandb'}"
-    code = f"import sys, marginlab.train; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    code = f"import sys, marginlab.training.train; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from marginlab import sweep
 from marginlab.errors import TrainingError
+from marginlab.training import sweep
 
 from .conftest import run_cli
 
@@ -81,7 +81,7 @@ def test_sweep_runs_every_job_records_the_failure_and_reports(outputs_dir, capsy
 
 
 def test_every_kind_of_failure_is_recorded_and_the_sweep_goes_on(outputs_dir, monkeypatch, capsys):
-    import marginlab.train as train_module
+    import marginlab.training.train as train_module
 
     def fake_train(cfg, run_dir):
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ class Stopped(BaseException):
 
 
 def test_jobs_a_stopped_sweep_never_started_are_reported(outputs_dir, monkeypatch, capsys):
-    import marginlab.train as train_module
+    import marginlab.training.train as train_module
 
     def fake_train(cfg, run_dir):
         if cfg.seed == 2:
@@ -145,7 +145,7 @@ def test_jobs_a_stopped_sweep_never_started_are_reported(outputs_dir, monkeypatc
 
 
 def test_single_run_out_of_memory_is_one_line(run_train, monkeypatch, capsys, metrics):
-    import marginlab.train as train_module
+    import marginlab.training.train as train_module
 
     def oom(cfg, run_dir):
         raise RuntimeError("CUDA error: out of memory")

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from marginlab import checkpoint, run_dirs
+from marginlab import run_dirs
 from marginlab.errors import ConfigError, DataError, OutputError
 from marginlab.report import build_report, collect, read_job
+from marginlab.training import checkpoint
 
 from .conftest import run_cli, snapshot
 
@@ -78,7 +79,7 @@ def nested_mkdir(target: Path) -> dict:
 )
 def test_a_checkpoint_config_never_chooses_what_code_runs(tmp_path, backbone, reason):
     # eval, export and embed build the backbone its config names (hydra.utils.instantiate runs any callable)
-    from marginlab.weights import load_backbone
+    from marginlab.training.weights import load_backbone
 
     made = tmp_path / "made_by_the_checkpoint"
     config = {"backbone": nested_mkdir(made) if backbone == "mkdir" else backbone}
@@ -92,7 +93,7 @@ def test_a_checkpoint_config_asking_for_a_huge_backbone_is_refused_before_it_is_
     # a 1 KB file whose config asks for wide layers (4096 channels: 600 MB) is refused on the shapes alone,
     # built on the meta device (no memory); here 256 channels keep the test fast
     from marginlab.backbones.plain_cnn import PlainCNN
-    from marginlab.weights import load_backbone
+    from marginlab.training.weights import load_backbone
 
     built_on, init = [], PlainCNN.__init__
 
@@ -114,7 +115,7 @@ def test_an_export_sidecar_asking_for_a_huge_backbone_is_refused_before_it_is_bu
     # a 0.1 MB state dict whose export sidecar asks for an IResNet with a 10^6-wide embedding (a 100 GB layer):
     # built for real, it took 2.5 GB at a 25000-wide one; the meta device's shapes refuse it, allocating nothing
     from marginlab.backbones.iresnet import IResNet
-    from marginlab.weights import load_backbone
+    from marginlab.training.weights import load_backbone
 
     built_on, init = [], IResNet.__init__
 
@@ -180,7 +181,7 @@ def test_two_runs_claiming_one_directory_get_it_once(tmp_path):
 
 def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path, monkeypatch, capfd):
     # resume=latest of a run still training (or one resume started twice) must not train into it alongside
-    import marginlab.train as train_module
+    import marginlab.training.train as train_module
 
     trained = []
     monkeypatch.setattr(train_module, "train", lambda cfg, run_dir: trained.append(run_dir))
@@ -202,7 +203,7 @@ def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path, monkeypat
 def test_a_resume_from_a_checkpoint_behind_last_pt_is_refused(tmp_path):
     # resume=<run>/checkpoints/best.pt of a run whose last.pt is further on would train those epochs again over it
     from marginlab.errors import ConfigError
-    from marginlab.resume import expand_resume
+    from marginlab.training.resume import expand_resume
 
     run = fake_run(tmp_path / "run")
     torch.save({"state": {"epoch": 3}}, run / "checkpoints" / "last.pt")
@@ -216,7 +217,7 @@ def test_a_resume_from_a_checkpoint_behind_last_pt_is_refused(tmp_path):
 def test_a_half_written_resume_history_is_one_line_not_a_traceback(tmp_path):
     # a kill while recording a resume left half an entry: the next resume says which file, not a KeyError
     from marginlab.errors import ConfigError
-    from marginlab.resume import expand_resume
+    from marginlab.training.resume import expand_resume
 
     run = fake_run(tmp_path / "run")
     for partial in ("- time: '2026-12-02 13:40:00'\n  from_epoch: 6\n  overr", "- time: 'x'\n  from_epoch: 6\n"):

@@ -136,13 +136,13 @@ def test_an_export_write_that_fails_names_the_file_not_the_model(fmt, tmp_path, 
 
 # ---------------------------------------------------------------- embed
 def test_embed_into_a_read_only_folder_names_it_before_loading_the_model(tmp_path, monkeypatch, capsys, face):
-    import marginlab.weights
+    import marginlab.training.weights
 
     ckpt = face_checkpoint(tmp_path)
     images = verification_bin(tmp_path / "lfw.bin", face)
     out = tmp_path / "ro" / "emb.npy"
     out.parent.mkdir()
-    built = never_called(monkeypatch, marginlab.weights, "load_backbone")
+    built = never_called(monkeypatch, marginlab.training.weights, "load_backbone")
     unwritable(monkeypatch, out.parent)
     assert run_cli("embed", f"checkpoint={ckpt}", f"input={images}", f"out={out}") == 2
     err, _ = one_error_line(capsys)

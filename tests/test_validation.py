@@ -113,7 +113,7 @@ def compose_train():
     [(["head=sphereface", "m=3.0"], 3), (["head=lsoftmax", "m=2"], 2), (["head=amsoftmax", "m=0.3", "s=10"], 0.3)],
 )
 def test_validate_returns_the_resolved_head_the_builder_consumes(compose_train, overrides, m):
-    from marginlab.builders import build_head
+    from marginlab.training.builders import build_head
 
     cfg = compose_train(*overrides)
     spec = validate_config(cfg)

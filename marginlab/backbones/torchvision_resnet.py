@@ -44,7 +44,9 @@ class TorchvisionResNet(nn.Module):
 
     def _load_imagenet_trunk(self, arch: str, path: Path) -> None:
         """Every layer but ``fc`` from torchvision's ImageNet file ``path``, read without running any of it."""
-        from marginlab.checkpoint import read_checkpoint  # the weights-only reader used for every untrusted file
+        from marginlab.training.checkpoint import (
+            read_checkpoint,  # the weights-only reader used for every untrusted file
+        )
 
         state = read_checkpoint(path, required=())
         if not isinstance(state, dict):

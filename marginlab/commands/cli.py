@@ -74,9 +74,11 @@ def train_command(args: list[str]) -> int:
         if page is not None:
             print(page)
             return 0
-    from marginlab import sweep
     from marginlab.commands import completion
-    from marginlab.commands.train import hydra_main  # Hydra + the config schema; marginlab.train (torch) on demand
+    from marginlab.commands.train import (
+        hydra_main,  # Hydra + the config schema; marginlab.training.train (torch) on demand
+    )
+    from marginlab.training import sweep
 
     request = completion.completion_request(args)  # -sc install=bash: our script (Hydra's calls `marginlab -sc`)
     if request is not None and request[0] != "query":
@@ -86,9 +88,9 @@ def train_command(args: list[str]) -> int:
         completion.drop_command_word()  # Hydra's query reads COMP_LINE as `<app> <overrides>`
 
     if not any(a in PRINT_ONLY for a in args):
-        import marginlab.train  # noqa: F401  (torch and the trainer, before Hydra starts, as a run always did)
+        import marginlab.training.train  # noqa: F401  (torch and the trainer, before Hydra starts, as a run always did)
     if not any(a in ("-m", "--multirun", *PRINT_ONLY) for a in args):
-        from marginlab.resume import expand_resume
+        from marginlab.training.resume import expand_resume
 
         args = expand_resume(args)
         if args is None:  # a completed run: nothing to do, nothing touched
@@ -100,7 +102,7 @@ def train_command(args: list[str]) -> int:
     with hydra_errors_raised():
         try:
             hydra_main()
-        except Exception as err:  # from Hydra itself: marginlab.train.run handles everything raised in a run
+        except Exception as err:  # from Hydra itself: marginlab.training.train.run handles everything raised in a run
             raise as_user_error(err, args) from None
     return sweep.exit_code()  # 1 when a multirun left failed jobs
 
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except MarginlabError as err:
         print(f"marginlab: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C outside a run's training (which records it itself: marginlab/train.py)
+    except KeyboardInterrupt:  # Ctrl-C outside a run's training (which records it itself: marginlab/training/train.py)
         print(f"marginlab: interrupted ({name})", file=sys.stderr)
         return 130
 

@@ -104,10 +104,10 @@ def embed(args: list[str]) -> Path:
     """Runs the command; returns the .npy it wrote."""
     from tqdm import tqdm
 
-    from marginlab.checkpoint import find_checkpoint
     from marginlab.device import resolve_device
     from marginlab.eval.standalone import check_fits_verification
-    from marginlab.weights import load_backbone
+    from marginlab.training.checkpoint import find_checkpoint
+    from marginlab.training.weights import load_backbone
 
     opts = parse("embed", args, SPEC)
     out = Path(opts["out"]).expanduser()

@@ -94,7 +94,7 @@ def run_titles(runs: list[Path], root: Path, jobs: list[Job] | None = None) -> l
     differ, and its test accuracy when known. ``jobs``: the runs as the report reads them (``read_job``: their
     files checked as untrusted input), read here when not given."""
     from marginlab.report import read_job
-    from marginlab.resume import override_key
+    from marginlab.training.resume import override_key
 
     jobs = jobs or [read_job(r) for r in runs]
     overrides = [[o for o in job.overrides if override_key(o) not in LABELLED] for job in jobs]

@@ -56,7 +56,7 @@ def check_retrievable(sets: dict) -> None:
 def embed_loader(backbone, loader, device, autocast=None, channels_last: bool = False):
     """(embeddings float32 on the CPU, labels) of every batch of ``loader``; the backbone runs in eval mode and its
     previous mode is restored. ``autocast``: a context factory (the run's precision), None: float32."""
-    from marginlab.engine import to_device
+    from marginlab.training.engine import to_device
 
     was_training = backbone.training
     backbone.eval()

@@ -31,8 +31,6 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 import marginlab.config  # noqa: F401  (resolvers)
-from marginlab.builders import build_data, build_verifiers
-from marginlab.checkpoint import find_checkpoint
 from marginlab.data.face import parse_image_size
 from marginlab.device import resolve_device
 from marginlab.errors import ConfigError, OutputError
@@ -40,7 +38,9 @@ from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
 from marginlab.eval.retrieval_sets import check_retrievable, retrieval_line, run_retrieval
 from marginlab.export.files import check_writable, free_path, write_text
 from marginlab.logging.run_log import NONFINITE_KEY, dumps, write_json
-from marginlab.weights import load_backbone as load_weights
+from marginlab.training.builders import build_data, build_verifiers
+from marginlab.training.checkpoint import find_checkpoint
+from marginlab.training.weights import load_backbone as load_weights
 
 #: what every verification set gives the backbone: RGB face crops, fitted to the checkpoint's image_size
 VERIFICATION_CHANNELS = 3

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from marginlab.checkpoint import find_checkpoint
 from marginlab.checks import image_hw
 from marginlab.command_args import REQUIRED, STATE_DICT_OPTIONS, one_of, parse
 from marginlab.export.files import check_writable, free_path, put_in_place, refuse_existing, staged, write_text
 from marginlab.export.formats import FORMATS, insightface_problems, random_batch
 from marginlab.export.model_card import is_face_model, model_card
 from marginlab.logging.run_log import dumps
-from marginlab.weights import load_backbone
+from marginlab.training.checkpoint import find_checkpoint
+from marginlab.training.weights import load_backbone
 
 SIDECAR = ".json"
 SPEC = {

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from marginlab.checkpoint import read_checkpoint
 from marginlab.errors import ConfigError, ExportError
+from marginlab.training.checkpoint import read_checkpoint
 
 TOLERANCE = 1e-4  # max |exported - torch| / max |torch| on the check batch
 CHECK_BATCH = 3  # not the traced batch size (2): the batch axis must really be dynamic

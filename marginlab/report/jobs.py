@@ -233,7 +233,7 @@ def _mapping(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-#: marginlab/resume.py's history: each resume that trained appends the overrides it ran with
+#: marginlab/training/resume.py's history: each resume that trained appends the overrides it ran with
 RESUMES_FILE = "resumes.yaml"
 
 
@@ -245,7 +245,8 @@ def _settings(overrides: Any) -> dict[str, str]:
 def changed_on_resume(hydra_dir: Path) -> list[str]:
     """``key: old -> new (from epoch n)`` for each setting a resume changed (resumes.yaml against the overrides
     before it): part of the run trained one way, part the other. Run management (``NOISE``) and a longer
-    ``trainer.epochs`` (allowed only when the run stays exactly a run of the new length, marginlab/resume.py) aside."""
+    ``trainer.epochs`` (allowed only when the run stays exactly a run of the new length,
+    marginlab/training/resume.py) aside."""
     history = _load_yaml(hydra_dir / RESUMES_FILE)
     before = _settings(_load_yaml(hydra_dir / "overrides.yaml"))
     changes = []
@@ -353,7 +354,7 @@ def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
     (its ``params``, then the command line's); None when unknown: no multirun.yaml, another sweeper (Optuna decides
     as it goes), or a value only Hydra's config loader expands (``glob(...)``). Several multiruns sharing one sweep
     dir: the last one's plan (each rewrites the file)."""
-    from marginlab.sweep import BASIC_SWEEPER
+    from marginlab.training.sweep import BASIC_SWEEPER
 
     hydra_cfg = _mapping(_mapping(_load_yaml(Path(sweep_dir) / MULTIRUN_FILE)).get("hydra"))
     sweeper = _mapping(hydra_cfg.get("sweeper"))

@@ -12,7 +12,7 @@ from torch import nn
 
 from marginlab.backbones.digits_cnn import DigitsCNN
 from marginlab.backbones.frozen_batchnorm import batchnorm_layers
-from marginlab.builders import MarginModel
+from marginlab.training.builders import MarginModel
 
 from ..conftest import last_weights, read_metrics, run_cli
 

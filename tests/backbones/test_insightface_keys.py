@@ -18,11 +18,11 @@ from marginlab.backbones.insightface_keys import (
 )
 from marginlab.backbones.iresnet import IResNet
 from marginlab.backbones.mobilefacenet import MobileFaceNet
-from marginlab.builders import MarginModel
 from marginlab.commands.cli import main
 from marginlab.errors import ConfigError
 from marginlab.eval.verification import embed_images
-from marginlab.weights import backbone_node, init_from
+from marginlab.training.builders import MarginModel
+from marginlab.training.weights import backbone_node, init_from
 
 
 class TheirBlock(nn.Module):

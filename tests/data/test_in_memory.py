@@ -242,9 +242,10 @@ def test_batches_live_on_the_cuda_device():
 def test_the_engine_trains_on_the_in_memory_loader():
     from torch import nn
 
-    from marginlab.builders import MarginModel
-    from marginlab.engine import LoopState, Precision, train_one_epoch
     from marginlab.heads.normface import NormFaceHead
+    from marginlab.training.builders import MarginModel
+    from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
+    from marginlab.training.precision import Precision
 
     data = DigitsData(batch_size=64)
     loader = in_memory_loader(data, "train", device="cpu")
@@ -256,16 +257,11 @@ def test_the_engine_trains_on_the_in_memory_loader():
     for epoch in range(3):
         data.set_epoch(epoch)
         stats = train_one_epoch(
-            model,
+            StepParts(model, opt, sched),
             loader,
-            opt,
-            sched,
             Precision(torch.device("cpu"), "32"),
             state,
-            grad_clip=None,
-            max_nonfinite=3,
-            channels_last=False,
-            log_every=10,
+            LoopOptions(grad_clip=None, max_nonfinite=3, channels_last=False, log_every=10),
         )
     assert state.step == 3 * len(loader) and stats["nonfinite_steps"] == 0 and stats["acc"] > 0.8
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from marginlab.data.retrieval import Cars196Data, CUB200Data, InShopData, SOPData
 from marginlab.errors import ConfigError, DataError
-from marginlab.resume import compose_train_config
+from marginlab.training.resume import compose_train_config
 
 from ..conftest import read_metrics, run_cli
 

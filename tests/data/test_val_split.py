@@ -16,7 +16,7 @@ from marginlab.data.digits import DigitsData
 from marginlab.data.in_memory import in_memory_loader
 from marginlab.data.torchvision_sets import CIFAR10Data
 from marginlab.errors import ConfigError
-from marginlab.train import objective, selection_metric
+from marginlab.training.train import objective, selection_metric
 
 
 class Pixels(VisionDataset):

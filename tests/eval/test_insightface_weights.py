@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from marginlab.backbones.iresnet import IResNet
-from marginlab.builders import MarginModel
 from marginlab.commands.cli import main
 from marginlab.errors import DataError
 from marginlab.eval.verification import embed_images, evaluate
-from marginlab.weights import init_from, load_backbone
+from marginlab.training.builders import MarginModel
+from marginlab.training.weights import init_from, load_backbone
 
 SIZE = 32
 SLOW = pytest.mark.skipif(
@@ -170,7 +170,7 @@ def test_export_a_bare_pth_back_to_insightface_and_to_our_state_dict(pth, tmp_pa
 def test_export_of_a_non_iresnet_to_insightface_is_one_line(tmp_path, capsys):
     from hydra.utils import instantiate
 
-    from marginlab.weights import backbone_node
+    from marginlab.training.weights import backbone_node
 
     model = instantiate(backbone_node("digits_cnn"), in_channels=3, image_size=SIZE)
     path = tmp_path / "digits.pth"

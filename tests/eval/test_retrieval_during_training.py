@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from marginlab.errors import ConfigError, DataError
 from marginlab.eval.retrieval import retrieval_metrics
 from marginlab.eval.retrieval_sets import check_retrievable, run_retrieval, tasks
-from marginlab.train import selection_metric
+from marginlab.training.train import selection_metric
 
 from ..conftest import read_jsonl, read_metrics, run_cli
 from ..data.test_retrieval_sets import write_cub, write_inshop

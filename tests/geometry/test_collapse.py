@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from marginlab.collapse import CollapseWatch
+from marginlab.training.collapse import CollapseWatch
 
 #: label -> {verdict, test_acc, best_angle_deg, records}: the epoch records of real runs (seed 0, 15 epochs, the
 #: keys the watch reads) of `marginlab reproduce digits_2d_comparison` and of `marginlab train` (the default);

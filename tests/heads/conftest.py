@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import marginlab
-from marginlab.builders import build_head
 from marginlab.config.validate import resolve_head
+from marginlab.training.builders import build_head
 
 HEAD_CONFIGS = Path(marginlab.__file__).parent / "configs" / "head"
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from marginlab.errors import ConfigError
 from marginlab.heads import AdaCos, AdaCosHead
-from marginlab.margin_feasibility import advise
+from marginlab.training.margin_feasibility import advise
 from tests.conftest import last_weights
 
 B, C, D = 6, 7, 5

@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marginlab.builders import MarginModel
 from marginlab.distributed.partial_fc import PartialFC
-from marginlab.engine import LoopState, Precision, train_one_epoch
 from marginlab.errors import ConfigError
 from marginlab.heads.adaface import AdaFaceHead
 from marginlab.heads.arcface import ArcFaceHead
@@ -24,6 +22,9 @@ from marginlab.heads.output import HeadLoss, HeadScores
 from marginlab.heads.subcenter_arcface import SubCenterArcFaceHead
 from marginlab.losses import MarginLoss
 from marginlab.regularizers.incay import FeatureIncay
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
+from marginlab.training.precision import Precision
 
 DIM, CLASSES, BATCH = 6, 11, 9
 LOGGER = "marginlab.heads.base"
@@ -212,9 +213,12 @@ def one_epoch(head, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     stats = train_one_epoch(
-        model, loader, opt, sched, Precision(torch.device("cpu"), "32"), LoopState(),
-        grad_clip=None, max_nonfinite=3, channels_last=False, log_every=1, log=None,
-    )  # fmt: skip
+        StepParts(model, opt, sched),
+        loader,
+        Precision(torch.device("cpu"), "32"),
+        LoopState(),
+        LoopOptions(grad_clip=None, max_nonfinite=3, channels_last=False, log_every=1),
+    )
     return stats, outputs
 
 
@@ -258,8 +262,8 @@ def compose_train():
 
 @pytest.mark.parametrize("name", ["arcface", "subcenter_arcface", "curricularface"])
 def test_a_composed_config_with_chunked_auto_builds(compose_train, name):
-    from marginlab.builders import build_head
     from marginlab.config.validate import validate
+    from marginlab.training.builders import build_head
 
     assert compose_train(f"head={name}").head.chunked is False  # the shipped default
     default = build_head(validate(compose_train(f"head={name}", "head.chunked=auto")), 4, 3)

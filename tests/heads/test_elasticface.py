@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from marginlab.builders import build_head
 from marginlab.config.validate import resolve_head
 from marginlab.errors import ConfigError
 from marginlab.heads import ElasticFace, ElasticFaceHead
 from marginlab.heads.output import HeadLoss
-from marginlab.margin_feasibility import advise
+from marginlab.training.builders import build_head
+from marginlab.training.margin_feasibility import advise
 from tests.conftest import last_weights
 from tests.heads.conftest import HEAD_CONFIGS
 from tests.heads.official.elasticface import elastic_forward

@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab.builders import MarginModel
-from marginlab.engine import Precision, evaluate
 from marginlab.geometry.stats import target_and_nearest_other
 from marginlab.heads.output import HeadScores
 from marginlab.heads.probe import logit_stats
 from marginlab.losses import MarginLoss
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import evaluate
+from marginlab.training.precision import Precision
 from tests.heads.conftest import HEAD_CONFIGS, instantiate, make_batch
 
 HEADS = sorted(p.stem for p in HEAD_CONFIGS.glob("*.yaml"))
@@ -52,7 +53,7 @@ def test_evaluate_makes_no_second_product_and_logs_the_same_geometry(monkeypatch
     loader = [(x[:12], y[:12]), (x[12:], y[12:])]
     prec = Precision(torch.device("cpu"), "32")
     with monkeypatch.context() as patch:  # the old way: from the pure cosine
-        patch.setattr("marginlab.engine.logit_stats", lambda *_: None)
+        patch.setattr("marginlab.training.engine.logit_stats", lambda *_: None)
         expected = evaluate(model, loader, prec, channels_last=False, probe_max_samples=20)
     no_second_product(model.head, monkeypatch)
     assert evaluate(model, loader, prec, channels_last=False, probe_max_samples=20) == expected

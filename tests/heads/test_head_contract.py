@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import marginlab
-from marginlab.builders import build_head
 from marginlab.config.validate import check_target_node, resolve_head, split_head
 from marginlab.errors import ConfigError
+from marginlab.training.builders import build_head
 
 HEAD_CONFIGS = Path(marginlab.__file__).parent / "configs" / "head"
 HEADS = sorted(p.stem for p in HEAD_CONFIGS.glob("*.yaml"))

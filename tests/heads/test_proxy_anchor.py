@@ -111,7 +111,7 @@ def test_bad_hyperparameters_are_refused_naming_the_key(kwargs, words):
 
 
 def test_config_builds_with_the_official_defaults_and_has_no_margin_to_advise(hh):
-    from marginlab.margin_feasibility import advise
+    from marginlab.training.margin_feasibility import advise
 
     head = hh.instantiate("proxy_anchor")
     assert (head.margin, head.alpha, head.official_init) == (0.1, 32.0, "kaiming_normal_fan_out")

@@ -86,7 +86,7 @@ def test_bad_hyperparameters_are_refused_naming_the_key():
 
 
 def test_config_builds_with_its_defaults_and_has_no_margin_to_advise(hh):
-    from marginlab.margin_feasibility import advise
+    from marginlab.training.margin_feasibility import advise
 
     head = hh.instantiate("proxy_nca")
     assert (head.softmax_scale, head.exclude_positive, head.official_init) == (32.0, False, "normal_1")

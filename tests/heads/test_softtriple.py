@@ -135,7 +135,7 @@ def test_bad_hyperparameters_are_refused_naming_the_key(kwargs, words):
 
 
 def test_config_builds_with_the_official_defaults_and_has_no_margin_to_advise(hh):
-    from marginlab.margin_feasibility import advise
+    from marginlab.training.margin_feasibility import advise
 
     head = hh.instantiate("softtriple", in_features=D, num_classes=C)
     assert (head.centers_per_class, head.la, head.gamma, head.tau, head.margin) == (10, 20.0, 0.1, 0.2, 0.01)

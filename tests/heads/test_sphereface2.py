@@ -16,7 +16,7 @@ from marginlab.errors import ConfigError
 from marginlab.heads import SphereFace2, SphereFace2Head
 from marginlab.heads.output import HeadLoss
 from marginlab.heads.sphereface2 import initial_bias
-from marginlab.margin_feasibility import advise
+from marginlab.training.margin_feasibility import advise
 from tests.conftest import train_straight_and_resumed
 from tests.test_resume import assert_same_run
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from marginlab.config.validate import resolve_head
 from marginlab.errors import ConfigError
 from marginlab.heads import SphereFaceR, SphereFaceRHead
-from marginlab.margin_feasibility import advise
+from marginlab.training.margin_feasibility import advise
 
 from .conftest import HEAD_CONFIGS
 from .test_sphereface2 import check_autocast, check_cli_resume, check_no_chunked_nor_partial_fc

@@ -16,7 +16,7 @@ from marginlab.distributed.partial_fc import check_head_class
 from marginlab.errors import ConfigError
 from marginlab.heads import UniFace, UniFaceHead
 from marginlab.heads.output import HeadLoss
-from marginlab.margin_feasibility import advise
+from marginlab.training.margin_feasibility import advise
 
 B, C, D = 7, 11, 6
 

@@ -13,7 +13,7 @@ from marginlab.errors import ConfigError
 from marginlab.heads import X2Softmax
 from marginlab.heads.normface import NormFaceHead
 from marginlab.heads.x2softmax import X2SoftmaxHead
-from marginlab.margin_feasibility import advise
+from marginlab.training.margin_feasibility import advise
 from tests.heads.checks import check_resume_exact, loss_and_grads
 from tests.heads.checks import float64_batch as batch
 

@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import marginlab
-from marginlab.builders import MarginModel
-from marginlab.engine import LoopState, Precision, train_one_epoch
 from marginlab.errors import ConfigError
 from marginlab.heads.arcface import ArcFaceHead
 from marginlab.heads.magface import MagFaceHead
 from marginlab.heads.softmax import SoftmaxHead
 from marginlab.losses import MarginLoss, PartialFCLoss, criterion_for
 from marginlab.regularizers.center import CenterLoss
+from marginlab.training.builders import MarginModel
+from marginlab.training.engine import LoopOptions, LoopState, StepParts, train_one_epoch
+from marginlab.training.precision import Precision
 
 
 def batch(n=6, dim=4, classes=3, seed=0):
@@ -125,23 +126,17 @@ def test_the_loop_trains_with_the_criterion_it_is_given():
     ]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats = train_one_epoch(
-        model,
+        StepParts(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), criterion=Smoothed(model.head)),
         loader,
-        opt,
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
         Precision(torch.device("cpu"), "32"),
         LoopState(),
-        grad_clip=1.0,
-        max_nonfinite=3,
-        channels_last=False,
-        log_every=10,
-        criterion=Smoothed(model.head),
+        LoopOptions(grad_clip=1.0, max_nonfinite=3, channels_last=False, log_every=10),
     )
     assert Smoothed.calls == 3 and stats["nonfinite_steps"] == 0 and "acc" in stats
 
 
 def test_neither_the_loop_nor_train_asks_which_head_it_trains():
-    package = Path(marginlab.__file__).parent
+    package = Path(marginlab.__file__).parent / "training"
     for name in ("engine.py", "train.py"):
         source = (package / name).read_text()
         assert "PartialFC" not in source and "returns_loss" not in source, name

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab.builders import MarginModel
 from marginlab.distributed.partial_fc import PartialFC
 from marginlab.heads.amsoftmax import AMSoftmaxHead
 from marginlab.heads.softmax import SoftmaxHead
 from marginlab.losses import MarginLoss, PartialFCLoss, criterion_for
 from marginlab.regularizers.center import CenterLoss
+from marginlab.training.builders import MarginModel
 
 
 def test_one_process_partial_fc_gives_the_unsharded_loss():

@@ -27,7 +27,7 @@ RUN = [
 
 def model_weights(run_dir):
     try:
-        from marginlab.checkpoint import read_checkpoint
+        from marginlab.training.checkpoint import read_checkpoint
     except ImportError:
         return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
     return read_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]

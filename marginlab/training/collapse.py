@@ -4,7 +4,7 @@ Three signs, each read from the epoch's record (metrics.jsonl names), each calib
 of the shipped digits experiments raise none (tests/geometry/test_collapse.py replays them):
 
 - class weights collapsed: ``test/weight_angle/min_deg`` below ``WEIGHT_COLLAPSE_DEG`` and below
-  ``WEIGHT_COLLAPSE_SHARE`` of the best possible min angle (marginlab/margin_feasibility.py) for
+  ``WEIGHT_COLLAPSE_SHARE`` of the best possible min angle (marginlab/training/margin_feasibility.py) for
   ``WEIGHT_EPOCHS`` evaluated epochs in a row: two classes share one direction, so the head cannot tell them
   apart (a freshly initialised 2-D head passes through such an epoch and leaves it);
 - chance accuracy while the loss falls: ``test/acc`` under ``CHANCE_FACTOR`` / C for ``CHANCE_EPOCHS``

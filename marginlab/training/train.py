@@ -22,36 +22,44 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
-from marginlab import builders, error_kinds, sweep
-from marginlab.builders import MarginModel
-from marginlab.checkpoint import (
+from marginlab import error_kinds
+from marginlab.config.validate import HeadSpec, validate
+from marginlab.device import resolve_device
+from marginlab.distributed import sharded_state
+from marginlab.distributed.runtime import DistContext
+from marginlab.environment import environment, kept_threads, use_threads
+from marginlab.errors import ConfigError, TrainingError
+from marginlab.eval.during_training import run_verifiers
+from marginlab.eval.retrieval_sets import METRICS, PRIMARY, check_retrievable, run_retrieval, tasks
+from marginlab.geometry.probe import GeometryProbe
+from marginlab.logging import RunLog
+from marginlab.logging.run_log import close_trackers, start_trackers, write_json
+from marginlab.losses import MarginLoss, criterion_for
+from marginlab.run_dirs import RunLock
+from marginlab.training import builders, sweep
+from marginlab.training.builders import MarginModel
+from marginlab.training.checkpoint import (
     CHECKPOINT_DIR,
-    LoopState,
     checkpoint_payload,
     finite_weights_note,
     load_training_state,
     prepare_resumed_run,
     save_checkpoints,
 )
-from marginlab.collapse import CollapseWatch
-from marginlab.config.validate import HeadSpec, validate
-from marginlab.device import resolve_device
-from marginlab.distributed import sharded_state
-from marginlab.distributed.runtime import DistContext
-from marginlab.engine import Precision, check_finite_state, evaluate, resolve_precision, train_one_epoch
-from marginlab.environment import environment, kept_threads, use_threads
-from marginlab.errors import ConfigError, TrainingError
-from marginlab.eval.during_training import run_verifiers
-from marginlab.eval.retrieval_sets import METRICS, PRIMARY, check_retrievable, run_retrieval, tasks
-from marginlab.finished_line import finished_line
-from marginlab.geometry.probe import GeometryProbe
-from marginlab.logging import RunLog
-from marginlab.logging.run_log import close_trackers, start_trackers, write_json
-from marginlab.losses import MarginLoss, criterion_for
-from marginlab.margin_feasibility import check_margin
-from marginlab.resume import read_history, recheck_resume, record_resume
-from marginlab.run_dirs import RunLock
-from marginlab.weights import init_from
+from marginlab.training.collapse import CollapseWatch
+from marginlab.training.engine import (
+    LoopOptions,
+    LoopState,
+    StepParts,
+    check_finite_state,
+    evaluate,
+    train_one_epoch,
+)
+from marginlab.training.finished_line import finished_line
+from marginlab.training.margin_feasibility import check_margin
+from marginlab.training.precision import Precision
+from marginlab.training.resume import read_history, recheck_resume, record_resume
+from marginlab.training.weights import init_from
 
 BEST_METRIC = "val/acc"  # what best.pt and the sweep objective are chosen on, when there is a validation split
 #: the retrieval metrics a summary reports of the selected epoch, beside accuracy and loss
@@ -238,7 +246,7 @@ def set_up_run(cfg: DictConfig, run_dir: Path) -> Run:
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)  # the values actually used
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    prec = Precision(device, resolve_precision(str(cfg.trainer.precision), device))
+    prec = Precision.from_setting(str(cfg.trainer.precision), device)
     progress = dist.is_main and (sys.stdout.isatty() if cfg.logger.progress is None else bool(cfg.logger.progress))
     return Run(run_dir, device, dist, prec, bool(cfg.trainer.channels_last) and device.type == "cuda", progress)
 
@@ -275,11 +283,7 @@ def build_job(cfg: DictConfig, run: Run, head_spec: HeadSpec) -> Job:
         (split, loader) for split, loader in (("val", val_loader), ("test", test_loader)) if loader is not None
     ]
     sharded = criterion.sharded and run.dist.enabled  # the head's weights differ per rank
-    if sharded and run.prec.name == "fp16":  # GradScaler would decide to skip a step per rank, from its own shard
-        raise ConfigError(
-            "trainer.precision='fp16' is not allowed with head.partial_fc on several processes: "
-            "use trainer.precision=bf16 (no loss scaling) or 32"
-        )
+    run.prec.check_sharded(sharded)  # fp16's loss scaling needs every rank's whole gradient
     forward, eval_model, eval_forward = training_views(
         cfg, model, criterion, run, data.num_classes, classifies=bool(evaluated), head_spec=head_spec
     )
@@ -369,11 +373,11 @@ def start_or_resume(cfg: DictConfig, run: Run, job: Job) -> LoopState:
         job.model,
         job.optimizer,
         job.scheduler,
-        run.prec.scaler,
+        run.prec,  # the GradScaler's state
         job.criterion,
         map_location=run.prec.device,
     )
-    if run.dist.is_main:  # every check has passed (marginlab/resume.py): the resume starts training
+    if run.dist.is_main:  # every check has passed (marginlab/training/resume.py): the resume starts training
         given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
         record_resume(run.dir, [o for o in given if not o.startswith("resume=")], state.epoch)
         OmegaConf.save(cfg, run.dir / ".hydra" / "config.yaml", resolve=True)
@@ -382,6 +386,16 @@ def start_or_resume(cfg: DictConfig, run: Run, job: Job) -> LoopState:
 
 
 # ---------------------------------------------------------------- one epoch
+def loop_options(cfg: DictConfig, run: Run) -> LoopOptions:
+    return LoopOptions(
+        grad_clip=cfg.trainer.grad_clip,
+        max_nonfinite=cfg.trainer.max_nonfinite_steps,
+        channels_last=run.channels_last,
+        log_every=cfg.logger.log_every_n_steps,
+        progress=run.progress,
+    )
+
+
 def train_epoch(
     cfg: DictConfig, run: Run, job: Job, state: LoopState, log: RunLog, epoch: int, saved: tuple[Path, int] | None
 ) -> dict:
@@ -390,22 +404,14 @@ def train_epoch(
     job.data.set_epoch(epoch)
     try:
         stats = train_one_epoch(
-            job.model,
+            StepParts(job.model, job.optimizer, job.scheduler, job.criterion, job.forward),
             job.train_loader,
-            job.optimizer,
-            job.scheduler,
             run.prec,
             state,
-            grad_clip=cfg.trainer.grad_clip,
-            max_nonfinite=cfg.trainer.max_nonfinite_steps,
-            channels_last=run.channels_last,
-            log_every=cfg.logger.log_every_n_steps,
+            loop_options(cfg, run),
             log=log,
-            progress=run.progress,
             desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}",
-            forward=job.forward,
             dist=run.dist,
-            criterion=job.criterion,
         )
         check_finite_state(job.model, epoch + 1, run.dist)
     except TrainingError as err:
@@ -516,7 +522,7 @@ def save_epoch(
         model_state,
         optimizer_state,
         job.scheduler,
-        run.prec.scaler,
+        run.prec,  # the GradScaler's state
         state,
         cfg,
         job.data,
@@ -550,7 +556,7 @@ def run_summary(cfg: DictConfig, run: Run, job: Job, state: LoopState, record: d
 def run(cfg: DictConfig) -> float:
     """The Hydra task: every failure is recorded in a failed metrics.json. User errors, out of memory and files
     the system refuses to write become one clear line (exit 2), a bug its traceback too (exit 1); Ctrl-C records
-    an interrupted metrics.json (exit 130). In a multirun the sweep goes on (marginlab/sweep.py), but not past
+    an interrupted metrics.json (exit 130). In a multirun the sweep goes on (marginlab/training/sweep.py), but not past
     Ctrl-C. A resume touches nothing of the run until it starts training."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN

@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 
 from marginlab.atomic_write import replace_text
-from marginlab.checkpoint import find_run_dir, resume_checkpoint
 from marginlab.errors import ConfigError
 from marginlab.replayed_overrides import read_history_file, read_override_file
+from marginlab.training.checkpoint import find_run_dir, resume_checkpoint
 
 HISTORY_FILE = "resumes.yaml"
 THREADS = "trainer.num_threads"  # float results depend on it: a resume keeps the run's (inherit_threads)
@@ -71,6 +71,8 @@ ADDED_LATER = {
     "trainer.num_threads": None,  # torch's own count, as before the key existed
     "trainer.freeze_batchnorm": "none",  # BatchNorm trained as usual, as before the key existed
 }
+#: ``_target_`` prefixes a later version moved (old -> new): a checkpoint written before the move still resumes
+MOVED_TARGETS = {"marginlab.schedules.": "marginlab.training.schedules."}  # issue #26: the training/ package
 
 
 def outputs_root() -> Path:
@@ -148,8 +150,8 @@ def expand_resume(overrides: list[str]) -> list[str] | None:
 def check_not_behind(ckpt: Path, run_dir: Path) -> None:
     """A resume from a checkpoint of the run (``best.pt``) behind its ``last.pt`` would train again, and overwrite,
     the epochs ``last.pt`` holds: refused. An unreadable ``last.pt`` (resuming from ``best.pt`` to recover) is not."""
-    from marginlab.checkpoint import CHECKPOINT_DIR, read_checkpoint
     from marginlab.errors import DataError
+    from marginlab.training.checkpoint import CHECKPOINT_DIR, read_checkpoint
 
     last = run_dir / CHECKPOINT_DIR / "last.pt"
     if not last.is_file() or last.resolve() == ckpt.resolve():
@@ -194,7 +196,7 @@ def compose_train_config(overrides: list[str]):
 def check_resume(overrides: list[str], ckpt_path: Path) -> tuple[str | None, list[str]]:
     """Raises ConfigError when resuming with ``overrides`` would fail or change what the run is; returns (a message
     when the run is already complete (nothing to do), else None; the overrides with what the run inherits)."""
-    from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
+    from marginlab.training.checkpoint import RESUME_KEYS, read_checkpoint
 
     cfg = compose_train_config(overrides)
     ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
@@ -221,12 +223,12 @@ def check_resume_config(cfg, ckpt_path: Path, ckpt: dict | None = None) -> str |
     """``check_resume`` of a composed, validated config (``ckpt``: the checkpoint's entries, when already read)."""
     from omegaconf import OmegaConf
 
-    from marginlab.checkpoint import RESUME_KEYS, read_checkpoint
     from marginlab.device import resolve_device
-    from marginlab.engine import Precision, resolve_precision
+    from marginlab.training.checkpoint import RESUME_KEYS, read_checkpoint
+    from marginlab.training.precision import Precision
 
     device = resolve_device(str(cfg.trainer.device))
-    Precision(device, resolve_precision(str(cfg.trainer.precision), device))  # e.g. fp16 without CUDA
+    Precision.from_setting(str(cfg.trainer.precision), device)  # e.g. fp16 without CUDA
     if ckpt is None:
         ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here
     new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as the checkpoint holds it
@@ -288,9 +290,18 @@ def resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
 
+def moved_target(key: str, value: Any) -> Any:
+    """``value`` under its new name when ``key`` is a ``_target_`` naming a class that moved (``MOVED_TARGETS``)."""
+    if key.endswith("_target_") and isinstance(value, str):
+        for old, new in MOVED_TARGETS.items():
+            if value.startswith(old):
+                return new + value[len(old) :]
+    return value
+
+
 def config_changes(saved: dict, new: dict) -> list[str]:
     """``key: saved -> new`` for every key outside ``RESUMABLE`` whose value differs."""
-    a, b = flatten(saved), flatten(new)
+    a, b = {k: moved_target(k, v) for k, v in flatten(saved).items()}, flatten(new)
     a.update({k: v for k, v in ADDED_LATER.items() if k in b and k not in a})
     return [
         f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"

@@ -1,19 +1,19 @@
-"""Checkpoints, the one module that owns their format: what one holds (``checkpoint_payload``, ``LoopState``), how it
-is written (atomically: temp file + rename), read (``torch.load(weights_only=True)`` only: a checkpoint holds tensors
-and plain containers; reading one never runs code), restored into a training job (``load_training_state``) and found
-again (``find_checkpoint`` for eval/export/init_from, ``find_run_dir`` and ``resume_checkpoint`` for ``resume=``)."""
+"""Checkpoints, the one module that owns their format: what one holds (``checkpoint_payload``, the loop's
+``LoopState`` among it), how it is written (atomically: temp file + rename), read (``torch.load(weights_only=True)``
+only: a checkpoint holds tensors and plain containers; reading one never runs code), restored into a training job
+(``load_training_state``) and found again (``find_checkpoint`` for eval/export/init_from, ``find_run_dir`` and
+``resume_checkpoint`` for ``resume=``)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch
 from marginlab.atomic_write import replace_file, replace_text
 from marginlab.errors import ConfigError, DataError, OutputError
 from marginlab.run_dirs import system_cause, system_reason
+
+if TYPE_CHECKING:
+    from marginlab.training.engine import LoopState
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
@@ -44,18 +47,6 @@ LEGACY_GLOBALS = [
 
 
 # ---------------------------------------------------------------- the format
-@dataclass
-class LoopState:
-    """What a checkpoint must carry besides the weights to continue exactly."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
-    best_metric: float = -math.inf
-    best_record: dict = field(default_factory=dict)  # the selected epoch's evaluation metrics (train.py)
-    nonfinite_total: int = 0
-    nonfinite_streak: int = 0
-
-
 def checkpoint_payload(
     model_state: dict,
     optimizer_state: dict,
@@ -238,6 +229,7 @@ def load_training_state(
     generators, the loss's own entries); returns its LoopState. A ConfigError listing every difference when the
     checkpoint's weights do not fit ``model``."""
     from marginlab.distributed import sharded_state  # the layout of a Partial FC shard
+    from marginlab.training.engine import LoopState  # the loop's state: only a job that trains needs the loop
 
     ckpt = read_checkpoint(path, RESUME_KEYS, map_location=map_location)
     saved_head = ckpt["config"]["head"]["_target_"]

@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from marginlab.checkpoint import EVAL_KEYS, find_checkpoint, read_checkpoint, state_differences
 from marginlab.errors import ConfigError, DataError
+from marginlab.training.checkpoint import EVAL_KEYS, find_checkpoint, read_checkpoint, state_differences
 
 BACKBONE = "backbone."
 
@@ -52,7 +52,7 @@ def check_backbone_node(node, source) -> None:
             raise DataError(
                 f"{source}: its backbone config names _target_={item['_target_']!r}; a file may name only a "
                 f"marginlab backbone ({BACKBONE_TARGETS}*): nothing was run. For a backbone of your own, build it "
-                "in Python, load into it the file's 'model' entries under 'backbone.' (marginlab.checkpoint."
+                "in Python, load into it the file's 'model' entries under 'backbone.' (marginlab.training.checkpoint."
                 "read_checkpoint) and evaluate it with marginlab.eval.verification_sets.VerificationTarget.run"
             )
         if isinstance(item, str) and "${" in item:
@@ -129,12 +129,12 @@ def is_state_dict(obj) -> bool:
 
 
 def backbone_configs() -> list[str]:
-    return sorted(p.stem for p in (Path(__file__).parent / "configs" / "backbone").glob("*.yaml"))
+    return sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "backbone").glob("*.yaml"))
 
 
 def backbone_node(name: str) -> dict:
     """``configs/backbone/<name>.yaml`` as a plain dict; a ConfigError naming the choices for an unknown name."""
-    path = Path(__file__).parent / "configs" / "backbone" / f"{name}.yaml"
+    path = Path(__file__).parents[1] / "configs" / "backbone" / f"{name}.yaml"
     if not str(name).replace("_", "").isalnum() or not path.is_file():
         raise ConfigError(f"backbone={name!r} is not allowed: choose one of {', '.join(backbone_configs())}")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)

@@ -1,51 +1,63 @@
-"""The loop: ``train_one_epoch`` and ``evaluate``, each a few steps anyone can read top to bottom."""
+"""The loop: ``train_one_epoch`` and ``evaluate``, each a few steps anyone can read top to bottom; what the training
+loop takes (``StepParts``, ``LoopOptions``) and where it stands (``LoopState``)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from marginlab.builders import MarginModel
-from marginlab.checkpoint import LoopState
 from marginlab.distributed.runtime import DistContext
-from marginlab.epoch_meter import EpochMeter
-from marginlab.errors import ConfigError, TrainingError
+from marginlab.errors import TrainingError
 from marginlab.geometry.stats import GeometryMeter, batch_geometry, target_and_nearest_other, weight_stats
 from marginlab.heads.probe import logit_stats
 from marginlab.losses import MarginLoss, criterion_for
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from marginlab.training.builders import MarginModel
+from marginlab.training.epoch_meter import EpochMeter
+from marginlab.training.precision import Precision
 
 
 @dataclass
-class Precision:
-    """Where and how the arithmetic runs: device, autocast dtype (None = float32), GradScaler."""
+class LoopState:
+    """Where the loop stands, what a checkpoint must carry besides the weights to continue exactly
+    (checkpoint.py saves and restores it)."""
 
-    device: torch.device
-    name: str  # "32" | "bf16" | "fp16"
-    scaler: torch.amp.GradScaler = field(init=False)
-
-    def __post_init__(self):
-        if self.name == "fp16" and self.device.type != "cuda":
-            raise ConfigError("trainer.precision='fp16' needs CUDA; on CPU use 32 or bf16")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
-
-    def autocast(self):
-        if self.name == "32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.name])
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken (skipped non-finite steps excluded)
+    best_metric: float = -math.inf
+    best_record: dict = field(default_factory=dict)  # the selected epoch's evaluation metrics (train.py)
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "32"
-    return name
+@dataclass
+class StepParts:
+    """What an optimizer step touches: the model, the optimizer and its schedule, the training loss (default
+    ``criterion_for(model)``) and the forward that runs the model (default the model itself; a compiled or DDP
+    view of it)."""
+
+    model: MarginModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    criterion: MarginLoss | None = None
+    forward: Callable | None = None
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs, the same every epoch: gradient clipping (None: off), how many non-finite losses in a row
+    stop the run, channels-last images, every how many steps the step scalars are logged, the progress bar."""
+
+    grad_clip: float | None
+    max_nonfinite: int
+    channels_last: bool
+    log_every: int
+    progress: bool = False
 
 
 def to_device(batch, device: torch.device, channels_last: bool):
@@ -55,56 +67,34 @@ def to_device(batch, device: torch.device, channels_last: bool):
     return images, labels
 
 
-def clip_gradients(model: MarginModel, max_norm: float, dist: DistContext, sharded=()) -> None:
-    """Clips the global gradient norm. ``sharded``: the parameters each rank holds a different shard of
-    (``criterion.sharded_parameters()``); their norm sums the squares of every rank's shard, so all ranks scale by
-    the same factor (the backbone's gradients, identical on every rank, count once)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not (dist.enabled and sharded):
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    sharded = {id(p) for p in sharded}
-    shard_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in sharded]) ** 2
-    dist.all_reduce_sum(shard_sq)
-    rest = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in sharded])
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, (rest**2 + shard_sq).sqrt())
-
-
 def train_one_epoch(
-    model: MarginModel,
+    parts: StepParts,
     loader,
-    optimizer,
-    scheduler,
     prec: Precision,
     state: LoopState,
+    options: LoopOptions,
     *,
-    grad_clip: float | None,
-    max_nonfinite: int,
-    channels_last: bool,
-    log_every: int,
     log=None,
-    progress: bool = False,
     desc: str = "",
-    forward=None,
     dist: DistContext = DistContext(),
-    criterion: MarginLoss | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; with ``dist`` enabled the epoch's loss/accuracy are summed over the ranks.
 
     ``criterion`` (default ``criterion_for(model)``) turns the head's output into the loss, the predictions and,
     on the steps that log geometry, the step statistics (``criterion.step``); one whose head is sharded (Partial
     FC) yields neither a training accuracy nor statistics: no rank holds all the logits."""
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     model.train()
-    criterion = criterion_for(model) if criterion is None else criterion
+    criterion = criterion_for(model) if parts.criterion is None else parts.criterion
     classifies = criterion.classifies
     sharded = criterion.sharded_parameters() if dist.enabled else []
-    forward = model if forward is None else forward
+    forward = model if parts.forward is None else parts.forward
     meter = EpochMeter(prec.device, classifies)
     skipped, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not options.progress, dynamic_ncols=True)
     for batch in bar:
-        images, labels = to_device(batch, prec.device, channels_last)
-        logs = (state.step + 1) % log_every == 0  # the step statistics only on the steps that log them
+        images, labels = to_device(batch, prec.device, options.channels_last)
+        logs = (state.step + 1) % options.log_every == 0  # the step statistics only on the steps that log them
         with prec.autocast():  # forward under AMP; heads do their margin arithmetic in float32
             embeddings, output = forward(images, labels, stats=logs)
             loss, predicted, geometry = criterion.step(embeddings, output, labels, stats=logs)
@@ -113,7 +103,7 @@ def train_one_epoch(
             skipped += 1
             state.nonfinite_total += 1
             state.nonfinite_streak += 1
-            if state.nonfinite_streak >= max_nonfinite:
+            if state.nonfinite_streak >= options.max_nonfinite:
                 raise TrainingError(
                     f"{state.nonfinite_streak} consecutive non-finite losses (last {loss.item()}) "
                     f"at step {state.step}: "
@@ -122,16 +112,11 @@ def train_one_epoch(
             continue
         state.nonfinite_streak = 0
         optimizer.zero_grad(set_to_none=True)
-        prec.scaler.scale(loss).backward()
-        if grad_clip:
-            prec.scaler.unscale_(optimizer)
-            clip_gradients(model, grad_clip, dist, sharded)
-        prec.scaler.step(optimizer)
-        prec.scaler.update()
+        prec(loss, optimizer, options.grad_clip, model.parameters(), dist, sharded)  # backward, clip, step
         scheduler.step()
         state.step += 1
         meter.update(loss, predicted, labels)
-        if state.step % log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
+        if state.step % options.log_every == 0:  # sync point: step scalars, geometry of this batch, progress bar
             step_stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
             if classifies:
                 step_stats["acc"] = (predicted == labels).float().mean().item()

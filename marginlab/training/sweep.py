@@ -11,7 +11,7 @@
   with its number of jobs (``error_kinds.bad_jobs``; exit 2).
 * A job that fails once it runs (a value its head or the validation rejects, divergence, out of memory, a
   file the system cannot write, or a bug) writes ``{"status": "failed", "error": ...}`` to its ``metrics.json``
-  and the sweep goes on (``record_failure``, called by ``marginlab.train.run``).
+  and the sweep goes on (``record_failure``, called by ``marginlab.training.train.run``).
 * ``SweepSummary`` (a Hydra callback, ``hydra.callbacks`` in train.yaml) counts the jobs of the sweep
   directory when the sweep ends (from their metrics.json files, so it works with any launcher; several
   multiruns sharing one ``hydra.sweep.dir`` are counted together) and the planned jobs that never started (from
