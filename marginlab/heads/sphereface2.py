@@ -157,10 +157,11 @@ class SphereFace2Head(OpensphereLossHead):
         self.m = check_float("m", m, low=low_m)
         self.t = check_float("t", t, low=0.0, low_inclusive=False)
         self.lw = check_float("lw", lw, low=0.0, low_inclusive=False)
-        if bias_init is None:  # the official closed form (e^(ay - ai) cannot overflow: ay <= ai for these m)
+        self.bias_init = None if bias_init is None else check_float("bias_init", bias_init)
+        if self.bias_init is None:  # the official closed form (e^(ay - ai) cannot overflow: ay <= ai for these m)
             b = initial_bias(variant, self.alpha, self.r, self.m, self.t, num_classes)
         else:  # a threshold of one's own, e.g. for a low-dimensional feature (configs/head/sphereface2.yaml)
-            b = check_float("bias_init", bias_init)
+            b = self.bias_init
         # the official self.b: nn.Parameter(torch.Tensor(1)), constant b
         self.b = nn.Parameter(torch.full((1,), b))
         # the probe's margin: A and M are exact for any t (g is monotone); C's 2m is between g values, read as a
