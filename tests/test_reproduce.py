@@ -125,7 +125,7 @@ def one_step(overrides: list[str]) -> float:
 # ---------------------------------------------------------------- every job of every sweep
 def test_the_sweeps_expand_into_every_job():
     jobs = experiment_jobs("digits_2d_comparison")
-    assert len(jobs) == 13 * 3  # 13 settings x 3 seeds: twelve sweeps, every combination
+    assert len(jobs) == 15 * 3  # 15 settings x 3 seeds: fourteen sweeps, every combination
     assert ["experiment=digits_2d_comparison", "head=arcface", "s=10", "m=0.2", "seed=2"] in jobs
     assert ["experiment=digits_2d_comparison", "head=rbf", "seed=0"] in jobs
     sphereface = experiment_jobs("sphereface_casia")  # the released model's 5 runs + the effect-of-m table
