@@ -10,8 +10,8 @@ import os
 import secrets
 from pathlib import Path
 
-from marginlab.atomic_write import discard
 from marginlab.errors import OutputError
+from marginlab.files import discard
 
 #: the errors of a write that are about where it goes, whichever call raised them
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}

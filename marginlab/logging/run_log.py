@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from marginlab.atomic_write import replace_text
+from marginlab.files import replace_text
 from marginlab.logging.epoch_line import append_to_log, format_epoch_line
 from marginlab.logging.hparams import config_markdown, flat_hparams
 
@@ -68,7 +68,7 @@ def restore_nonfinite(record: dict) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Strict JSON, written atomically and durably (marginlab/atomic_write.py)."""
+    """Strict JSON, written atomically and durably (marginlab/files.py)."""
     replace_text(path, dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -1,4 +1,4 @@
-"""marginlab/atomic_write.py: a file replaced whole or not at all, flushed before the rename, its directory after."""
+"""marginlab/files.py: a file replaced whole or not at all, flushed before the rename, its directory after."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from marginlab.atomic_write import replace_file, replace_text
+from marginlab.files import replace_file, replace_text
 from marginlab.logging.run_log import write_json
 
 
