@@ -8,8 +8,7 @@ import stat
 
 import pytest
 
-from marginlab.files import replace_file, replace_text
-from marginlab.logging.run_log import write_json
+from marginlab.files import replace_file, replace_text, write_json
 
 
 def test_the_text_is_on_disk_before_the_rename_and_the_rename_after_it(tmp_path, monkeypatch):
