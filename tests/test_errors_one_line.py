@@ -296,7 +296,8 @@ def test_a_best_metric_of_minus_inf_is_null_in_metrics_json(run_train, metrics):
 
 
 def test_every_json_writer_writes_nan_and_inf_as_null(tmp_path):
-    from marginlab.logging.run_log import RunLog, restore_nonfinite, write_json
+    from marginlab.files import restore_nonfinite, write_json
+    from marginlab.logging.run_log import RunLog
 
     log = RunLog(tmp_path, tensorboard=False)
     log.epoch_record({"epoch": 1, "train/loss": float("nan"), "test/acc": 0.5})
@@ -326,12 +327,12 @@ def test_every_json_writer_writes_nan_and_inf_as_null(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_no_json_is_written_outside_run_log():
-    # every JSON file goes through marginlab.logging.run_log (write_json / dumps), which writes NaN/inf as null
+def test_no_json_is_written_outside_files():
+    # every JSON file goes through marginlab/files.py (write_json / dumps), which writes NaN/inf as null
     package = Path(__file__).resolve().parents[1] / "marginlab"
     writers = [
         str(p.relative_to(package))
         for p in package.rglob("*.py")
-        if p.name != "run_log.py" and ("json.dump(" in p.read_text() or "json.dumps(" in p.read_text())
+        if p != package / "files.py" and ("json.dump(" in p.read_text() or "json.dumps(" in p.read_text())
     ]
     assert writers == []

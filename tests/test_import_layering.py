@@ -83,7 +83,7 @@ def marginlab_imports(path: Path) -> set[str]:
 
 
 #: the bottom layer: each imports at most the others of this set, nothing else of marginlab
-BOTTOM = ("errors", "checks", "dtypes", "device", "command_args", "atomic_write", "file_lock", "run_dirs")
+BOTTOM = ("errors", "checks", "dtypes", "device", "command_args", "files", "file_lock", "run_dirs")
 
 
 def test_the_bottom_modules_import_no_other_marginlab_module():

@@ -205,7 +205,7 @@ def test_an_eval_result_that_cannot_be_written_is_printed_not_lost(tmp_path, mon
 
 def test_a_staged_file_whose_cleanup_fails_keeps_the_error_raised(tmp_path, monkeypatch):
     # the unlink of the temp file fails (EROFS); what failed inside stays the error
-    from marginlab.export.files import staged
+    from marginlab.files import staged
 
     def read_only(path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -250,7 +250,7 @@ def test_embed_output_is_unchanged_where_the_folder_is_writable(tmp_path, face):
 def test_torchs_wrapped_write_failure_in_a_staged_file_is_one_line(tmp_path):
     # torch.save / TorchScript on a full disk: the OSError arrives wrapped in torch's zip-writer RuntimeError
     from marginlab.errors import OutputError
-    from marginlab.export.files import staged
+    from marginlab.files import staged
 
     target = tmp_path / "best.torchscript.pt"
     wrapped = "[enforce fail at inline_container.cc:672] . unexpected pos 3456 vs 3350"

@@ -16,13 +16,13 @@ a bad line leaves no crop behind and the fixed rerun starts clean.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import sys
 from pathlib import Path
 
 from marginlab.command_args import REQUIRED, as_optional_bool, parse, run_command
 from marginlab.errors import ConfigError, DataError, OutputError
+from marginlab.files import exists_error, put_in_place, temp_beside
 
 _text = lambda k, v: v
 SPEC = {
@@ -50,14 +50,14 @@ def plan(input_dir: Path, landmarks: Path, out_dir: Path) -> list[tuple[str, Pat
             raise DataError(f"{where}: image {image} is listed twice (also on line {seen[target]})")
         seen[target] = n
         if target.exists():
-            raise OutputError(f"{target} exists; marginlab never overwrites a file: remove it or give another out=")
+            raise exists_error(target)
         jobs.append((where, source, target, points))
     return jobs
 
 
 def make_staging(out_dir: Path) -> Path:
     """A new hidden folder beside ``out_dir`` (the same file system: the crops are renamed, not copied)."""
-    staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
+    staging = temp_beside(out_dir)
     try:
         staging.mkdir(parents=True)
     except OSError as exc:
@@ -68,8 +68,6 @@ def make_staging(out_dir: Path) -> Path:
 def move_into(staging: Path, out_dir: Path, targets: list[Path]) -> None:
     """The finished crops from ``staging`` to ``out_dir``: one rename when ``out_dir`` is new, else crop by crop
     (``put_in_place``: never over a file that appeared meanwhile)."""
-    from marginlab.export.files import put_in_place
-
     if not out_dir.exists():
         try:
             os.rename(staging, out_dir)

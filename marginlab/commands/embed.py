@@ -33,7 +33,7 @@ from marginlab.command_args import (
 from marginlab.data.face import FaceImageDataset, parse_image_size
 from marginlab.errors import ConfigError
 from marginlab.eval.verification import embed_images
-from marginlab.export.files import check_writable, put_in_place, refuse_existing, staged, write_text
+from marginlab.files import check_writable, put_in_place, refuse_existing, staged, write_text
 
 _text = lambda k, v: v  # noqa: E731
 SPEC = {

@@ -45,7 +45,7 @@ from marginlab.data.face.align import (
 )
 from marginlab.errors import DataError, OutputError
 from marginlab.file_lock import FileLock
-from marginlab.logging.run_log import dumps, write_json
+from marginlab.files import dumps, write_json
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def extract_features(
     the next from its recorded row."""
     from tqdm import tqdm
 
-    from marginlab.export.files import staged
+    from marginlab.files import staged
 
     if device is None:
         param = next(backbone.parameters(), None)

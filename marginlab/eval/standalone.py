@@ -36,8 +36,7 @@ from marginlab.device import resolve_device
 from marginlab.errors import ConfigError, OutputError
 from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
 from marginlab.eval.retrieval_sets import check_retrievable, retrieval_line, run_retrieval
-from marginlab.export.files import check_writable, free_path, write_text
-from marginlab.logging.run_log import NONFINITE_KEY, dumps, write_json
+from marginlab.files import NONFINITE_KEY, check_writable, dumps, free_path, write_json, write_text
 from marginlab.training.builders import build_data, build_verifiers
 from marginlab.training.checkpoint import find_checkpoint
 from marginlab.training.weights import load_backbone as load_weights
@@ -93,7 +92,7 @@ def options(target) -> dict:
 def write_record(path: Path, name: str, record: dict, stamp: str) -> Path:
     """``<stem>.eval/<name>-<stamp>.json``, never over an existing file (a taken name gets ``-1``, ``-2``, ...)."""
     target = free_path(eval_dir(path) / f"{name}-{stamp}.json", ".json", companions=())
-    write_text(target, dumps(record, indent=2, sort_keys=True) + "\n")  # strict JSON (run_log)
+    write_text(target, dumps(record, indent=2, sort_keys=True) + "\n")  # strict JSON (files.py)
     return target
 
 

@@ -22,10 +22,9 @@ import torch
 
 from marginlab.checks import image_hw
 from marginlab.command_args import REQUIRED, STATE_DICT_OPTIONS, one_of, parse
-from marginlab.export.files import check_writable, free_path, put_in_place, refuse_existing, staged, write_text
 from marginlab.export.formats import FORMATS, insightface_problems, random_batch
 from marginlab.export.model_card import is_face_model, model_card
-from marginlab.logging.run_log import dumps
+from marginlab.files import check_writable, dumps, free_path, put_in_place, refuse_existing, staged, write_text
 from marginlab.training.checkpoint import find_checkpoint
 from marginlab.training.weights import load_backbone
 
@@ -74,7 +73,7 @@ def export(args: list[str]) -> dict:
             check["insightface_problems"] = problems
         card = model_card(opts["format"], target.name, ckpt, str(path), embedding_size, check)
         put_in_place(tmp, target)
-    write_text(Path(f"{target}{SIDECAR}"), dumps(card, indent=2) + "\n")  # strict JSON (run_log)
+    write_text(Path(f"{target}{SIDECAR}"), dumps(card, indent=2) + "\n")  # strict JSON (files.py)
     print(
         f"marginlab: wrote {target} and {target.name}{SIDECAR} ({opts['format']}, input "
         f"[N, {card['input']['channels']}, {height}, {width}], embedding {embedding_size}; checked: max relative "

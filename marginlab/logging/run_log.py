@@ -1,75 +1,17 @@
 """One object that writes a run's scalars to TensorBoard and its epoch records to metrics.jsonl (and, with
 ``logger=mlflow``, to an MLflow run: mlflow_tracker.py; ``logger=wandb``, to a W&B run: wandb_tracker.py).
 
-Every JSON file marginlab writes (metrics.json, metrics.jsonl, sweep_summary.json, ``*.eval.json``) is strict
-JSON: a NaN or infinite value is written as ``null`` and named, with what it was, under the record's
-``"nonfinite"`` key, e.g. ``{"best/test/acc": null, "nonfinite": {"best/test/acc": "-inf"}}`` (nested values by
-their path: ``results.lfw.auc``, ``fpr[3]``). ``restore_nonfinite`` turns such a record back into floats.
+Its records are strict JSON (``marginlab.files.dumps``).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
-from typing import Any
 
-from marginlab.atomic_write import replace_text
+from marginlab.files import dumps, write_json
 from marginlab.logging.epoch_line import append_to_log, format_epoch_line
 from marginlab.logging.hparams import config_markdown, flat_hparams
-
-#: the key that lists a record's non-finite values (path -> "nan", "inf" or "-inf")
-NONFINITE_KEY = "nonfinite"
-
-
-def _name(value: float) -> str:
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-
-
-def _clean(value: Any, path: str, found: dict[str, str]) -> Any:
-    """``value`` with NaN/inf replaced by None; each one's path goes into ``found``."""
-    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
-        value = value.item()  # numpy scalars: plain Python numbers
-    if isinstance(value, float) and not math.isfinite(value):
-        found[path] = _name(value)
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
-    return value
-
-
-def strict(record: dict) -> dict:
-    """The record as strict JSON allows it: NaN/inf become None, listed under ``"nonfinite"``."""
-    found: dict[str, str] = {}
-    out = _clean(record, "", found)
-    if found:
-        out[NONFINITE_KEY] = {**(record.get(NONFINITE_KEY) or {}), **found}
-    return out
-
-
-def dumps(record: dict, **kwargs: Any) -> str:
-    """``json.dumps`` of ``strict(record)``; never writes NaN or Infinity."""
-    return json.dumps(strict(record), allow_nan=False, **kwargs)
-
-
-def restore_nonfinite(record: dict) -> dict:
-    """A record read back: the top-level values listed under ``"nonfinite"`` are floats again (nan, inf, -inf)."""
-    listed = record.get(NONFINITE_KEY)
-    if not isinstance(listed, dict):
-        return record
-    out = dict(record)
-    for key, name in listed.items():
-        if key in out and out[key] is None and name in ("nan", "inf", "-inf"):
-            out[key] = float(name)
-    return out
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Strict JSON, written atomically and durably (marginlab/atomic_write.py)."""
-    replace_text(path, dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def start_trackers(cfg, run_dir: Path, choices: dict | None = None) -> list:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from marginlab.errors import ConfigError
-from marginlab.logging.run_log import restore_nonfinite
+from marginlab.files import restore_nonfinite
 
 #: overrides that do not define a setting: the seeds of one setting are averaged; hydra.* only places files
 IGNORED_KEYS = ("seed", "resume")

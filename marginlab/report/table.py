@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from marginlab.atomic_write import replace_text
+from marginlab.files import replace_text
 from marginlab.report.jobs import Job, as_text, is_finite_number
 from marginlab.report.paper import CONFIDENCE, PaperValue, paper_values
 from marginlab.report.settings import Comparison, compare

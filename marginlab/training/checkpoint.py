@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from marginlab.atomic_write import replace_file, replace_text
 from marginlab.errors import ConfigError, DataError, OutputError
+from marginlab.files import replace_file, replace_text
 from marginlab.run_dirs import system_cause, system_reason
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def remove_temp_files(ckpt_dir: Path, names=CHECKPOINT_NAMES) -> None:
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save through a temp file in the same directory, synced, renamed, the directory synced
-    (atomic_write.py): a crash never leaves a half file. A killed save's leftovers go first."""
+    (files.py): a crash never leaves a half file. A killed save's leftovers go first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_temp_files(path.parent, (path.name,))
     try:

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from marginlab.atomic_write import replace_text
 from marginlab.errors import ConfigError
+from marginlab.files import replace_text
 from marginlab.replayed_overrides import read_history_file, read_override_file
 from marginlab.training.checkpoint import find_run_dir, resume_checkpoint
 

@@ -87,7 +87,7 @@ register_resolvers()
 def record_failure(run_dir: Path, err: BaseException, write: bool = True) -> str:
     """Prints the error, writes the failed ``metrics.json`` (and ``error.txt`` with the traceback of a bug);
     ``write=False`` only prints (a resume that failed before it started training leaves the run as it was)."""
-    from marginlab.logging.run_log import write_json
+    from marginlab.files import write_json
 
     message = describe(err, run_dir)
     record = {"status": "failed", "error": message, "error_type": type(err).__name__, "run_dir": str(run_dir)}
@@ -192,7 +192,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global LAST_SUMMARY
-        from marginlab.logging.run_log import write_json
+        from marginlab.files import write_json
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():

@@ -31,9 +31,10 @@ from marginlab.environment import environment, kept_threads, use_threads
 from marginlab.errors import ConfigError, TrainingError
 from marginlab.eval.during_training import run_verifiers
 from marginlab.eval.retrieval_sets import METRICS, PRIMARY, check_retrievable, run_retrieval, tasks
+from marginlab.files import write_json
 from marginlab.geometry.probe import GeometryProbe
 from marginlab.logging import RunLog
-from marginlab.logging.run_log import close_trackers, start_trackers, write_json
+from marginlab.logging.run_log import close_trackers, start_trackers
 from marginlab.losses import MarginLoss, criterion_for
 from marginlab.run_dirs import RunLock
 from marginlab.training import builders, sweep

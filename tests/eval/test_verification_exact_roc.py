@@ -12,7 +12,7 @@ import pytest
 
 from marginlab.eval.verification import auc_eer, evaluate_distances, exact_roc, kfold
 from marginlab.figures.roc import verification_roc_figure
-from marginlab.logging.run_log import write_json
+from marginlab.files import write_json
 
 
 # ---- the old, hand-written computation (float64), kept as the reference ---------------------------------------

@@ -1,4 +1,4 @@
-"""marginlab/atomic_write.py: a file replaced whole or not at all, flushed before the rename, its directory after."""
+"""marginlab/files.py: a file replaced whole or not at all, flushed before the rename, its directory after."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import stat
 
 import pytest
 
-from marginlab.atomic_write import replace_file, replace_text
-from marginlab.logging.run_log import write_json
+from marginlab.files import replace_file, replace_text, write_json
 
 
 def test_the_text_is_on_disk_before_the_rename_and_the_rename_after_it(tmp_path, monkeypatch):
