@@ -16,6 +16,14 @@ def check_resume_exact(run_train, metrics, tmp_path, monkeypatch, *overrides: st
     return assert_same_run(straight, split, metrics)[-1]
 
 
+def chunked_and_partial_fc_errors(run_train, capfd, head: str) -> tuple[str, str]:
+    """The first error line of ``marginlab train head=<head>`` with chunked CE, then with Partial FC (each exit 2)."""
+    assert run_train(f"head={head}", "+head.chunked=true", "logger=quiet")[0] == 2
+    assert run_train(f"head={head}", "+head.partial_fc.sample_rate=0.5", "logger=quiet")[0] == 2
+    err = capfd.readouterr().err.splitlines()
+    return err[0], err[1]
+
+
 def loss_and_grads(fn, x, weight) -> tuple:
     """(fn(x, weight), d/dx, d/dweight) on fresh float64 leaves: for comparing a head with a reference port."""
     x, weight = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)

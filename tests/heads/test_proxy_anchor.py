@@ -15,7 +15,7 @@ from marginlab.heads import ProxyAnchor
 from marginlab.heads.output import HeadLoss
 from marginlab.heads.proxy_anchor import ProxyAnchorHead
 from marginlab.losses import MarginLoss
-from tests.heads.checks import check_resume_exact, loss_and_grads
+from tests.heads.checks import check_resume_exact, chunked_and_partial_fc_errors, loss_and_grads
 from tests.heads.checks import float64_batch as batch
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
@@ -120,9 +120,7 @@ def test_config_builds_with_the_official_defaults_and_has_no_margin_to_advise(hh
 
 
 def test_chunked_and_partial_fc_are_refused_in_one_line(run_train, capfd):
-    assert run_train("head=proxy_anchor", "+head.chunked=true", "logger=quiet")[0] == 2
-    assert run_train("head=proxy_anchor", "+head.partial_fc.sample_rate=0.5", "logger=quiet")[0] == 2
-    err = capfd.readouterr().err.splitlines()
+    err = chunked_and_partial_fc_errors(run_train, capfd, "proxy_anchor")
     assert err[0].startswith(
         "marginlab: error: chunked=true is not allowed with ProxyAnchorHead: the chunked cross-entropy"
     )

@@ -14,7 +14,7 @@ from marginlab.heads import ProxyNCA
 from marginlab.heads.output import HeadLoss
 from marginlab.heads.proxy_nca import ProxyNCAHead
 from marginlab.losses import MarginLoss
-from tests.heads.checks import check_resume_exact
+from tests.heads.checks import check_resume_exact, chunked_and_partial_fc_errors
 from tests.heads.checks import float64_batch as batch
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
@@ -94,9 +94,7 @@ def test_config_builds_with_its_defaults_and_has_no_margin_to_advise(hh):
 
 
 def test_chunked_and_partial_fc_are_refused_in_one_line(run_train, capfd):
-    assert run_train("head=proxy_nca", "+head.chunked=true", "logger=quiet")[0] == 2
-    assert run_train("head=proxy_nca", "+head.partial_fc.sample_rate=0.5", "logger=quiet")[0] == 2
-    err = capfd.readouterr().err.splitlines()
+    err = chunked_and_partial_fc_errors(run_train, capfd, "proxy_nca")
     assert err[0].startswith(
         "marginlab: error: chunked=true is not allowed with ProxyNCAHead: the chunked cross-entropy"
     )

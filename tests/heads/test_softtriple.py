@@ -14,7 +14,7 @@ from marginlab.errors import ConfigError
 from marginlab.heads import SoftTriple
 from marginlab.heads.softtriple import SoftTripleHead
 from marginlab.losses import MarginLoss
-from tests.heads.checks import check_resume_exact, loss_and_grads
+from tests.heads.checks import check_resume_exact, chunked_and_partial_fc_errors, loss_and_grads
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 C, D, K = 6, 8, 3
@@ -145,9 +145,7 @@ def test_config_builds_with_the_official_defaults_and_has_no_margin_to_advise(hh
 
 
 def test_chunked_and_partial_fc_are_refused_in_one_line(run_train, capfd):
-    assert run_train("head=softtriple", "+head.chunked=true", "logger=quiet")[0] == 2
-    assert run_train("head=softtriple", "+head.partial_fc.sample_rate=0.5", "logger=quiet")[0] == 2
-    err = capfd.readouterr().err.splitlines()
+    err = chunked_and_partial_fc_errors(run_train, capfd, "softtriple")
     assert err[0].startswith(
         "marginlab: error: chunked=true is not allowed with SoftTripleHead: the chunked cross-entropy"
     )
