@@ -9,6 +9,7 @@ itself; a misspelled group option (``head=arcfac``) gets the same from Hydra's o
 from __future__ import annotations
 
 import difflib
+import re
 
 
 def close(word: str, choices: list[str], prefix: str = "") -> str:
@@ -55,6 +56,9 @@ def with_hint(err: BaseException, text: str) -> str:
     message = unknown_key_message(err, own_words)
     if message is not None:
         return message
+    gpu = re.search(r"\btrainer\.device=cuda:(\d+)\b", text)  # the spelling from before device_index
+    if gpu is not None:
+        return f"{text}; pick the GPU with trainer.device=cuda trainer.device_index={gpu[1]}"
     hint = unknown_option_hint(err)
     if hint is None:
         return text

@@ -230,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
         description="Run every sweep of an experiment (its reproduce.sweeps) into one sweep directory, "
         "outputs/sweeps/<experiment>/<date_time>, then marginlab report on it (and marginlab plot "
         "for the feature figures). Exit 1 when a job failed.",
-        epilog="examples: marginlab reproduce --list; marginlab reproduce lsoftmax_mnist trainer.device=cuda:1; "
+        epilog="examples: marginlab reproduce --list; "
+        "marginlab reproduce lsoftmax_mnist trainer.device=cuda trainer.device_index=1; "
         "marginlab reproduce digits_2d_comparison trainer.epochs=5 --dry-run",
     )
     p.add_argument("experiment", nargs="?", help="an experiment name (configs/experiment/<name>.yaml)")

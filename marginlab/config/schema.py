@@ -42,6 +42,8 @@ def choice(name: str, *values: str) -> type[Choice]:
 Precision = choice("Precision", "auto", "32", "bf16", "fp16")
 #: trainer.best_on (train.py: selection_metric)
 BestOn = choice("BestOn", "auto", "val", "test", "last")
+#: trainer.device: auto (CUDA when there is one) | cpu | cuda; trainer.device_index picks the GPU (device.py)
+DeviceKind = choice("DeviceKind", "auto", "cpu", "cuda")
 #: trainer.freeze_batchnorm (backbones/frozen_batchnorm.py): none | stats | all
 FreezeBatchNorm = choice("FreezeBatchNorm", "none", "stats", "all")
 
@@ -50,7 +52,8 @@ FreezeBatchNorm = choice("FreezeBatchNorm", "none", "stats", "all")
 class TrainerConfig:
     epochs: int = 10
     stop_after_epoch: Optional[int] = None  # stop after this epoch (the schedule still spans `epochs`); resume later
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: DeviceKind = DeviceKind.auto  # auto | cpu | cuda
+    device_index: Optional[int] = None  # which GPU with device=cuda (cuda:N); null = the current one
     precision: Precision = Precision.auto  # auto (bf16 on CUDA, 32 on CPU) | 32 | bf16 | fp16 (CUDA, with GradScaler)
     channels_last: bool = True  # only applied on CUDA, where it helps convolutions
     compile: bool = False

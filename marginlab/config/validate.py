@@ -269,10 +269,12 @@ def validate(cfg: DictConfig) -> HeadSpec:
                 raise ConfigError(
                     f"unknown key '{group}.{key}': nothing reads it{hint}; keys of {group}: {', '.join(known)}"
                 )
-    # trainer.precision and trainer.best_on are enums (config/schema.py): OmegaConf refused a bad one already
-    device = str(cfg.trainer.device)
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ConfigError(f"trainer.device={device!r} is not allowed: choose auto, cpu, cuda or cuda:N")
+    # trainer.precision, best_on and device are enums (config/schema.py): OmegaConf refused a bad one already
+    index, kind = cfg.trainer.get("device_index"), str(cfg.trainer.device)
+    if index is not None and kind != "cuda":
+        raise ConfigError(f"trainer.device_index={index} picks a GPU, so it needs trainer.device=cuda (not {kind})")
+    if index is not None and index < 0:
+        raise ConfigError(f"trainer.device_index={index} is not allowed: choose 0 or more (null: the current GPU)")
     for key, low in (
         ("trainer.epochs", 1),
         ("trainer.eval_every_n_epochs", 1),

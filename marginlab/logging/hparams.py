@@ -6,7 +6,14 @@ from omegaconf import DictConfig, OmegaConf
 
 #: the config sections that are hyperparameters (logger.*, verification, paper and paths are not)
 SECTIONS = ("seed", "m", "s", "name", "backbone", "head", "dataset", "optim", "sched", "trainer", "regularizer")
-SKIPPED = ("dataset.root", "dataset.download", "dataset.num_workers", "dataset.pin_memory", "trainer.device")
+SKIPPED = (
+    "dataset.root",
+    "dataset.download",
+    "dataset.num_workers",
+    "dataset.pin_memory",
+    "trainer.device",
+    "trainer.device_index",
+)
 
 
 def _flatten(value, key: str, out: dict) -> None:

@@ -33,6 +33,7 @@ NOISE = (
     "dataset.eval_batch_size",
     "dataset.download",
     "trainer.device",
+    "trainer.device_index",
     "trainer.stop_after_epoch",
     "trainer.checkpoint",
     "trainer.compile",

@@ -11,6 +11,7 @@ overrides to ``.hydra/resumes.yaml`` (``record_resume``), and the next resume st
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ RESUMABLE = (
     "trainer.epochs",
     "trainer.stop_after_epoch",
     "trainer.device",
+    "trainer.device_index",
     "trainer.precision",
     "trainer.compile",
     "trainer.channels_last",
@@ -75,6 +77,17 @@ ADDED_LATER = {
 MOVED_TARGETS = {"marginlab.schedules.": "marginlab.training.schedules."}  # issue #26: the training/ package
 
 
+def upgraded_overrides(overrides: list[str]) -> list[str]:
+    """A run's saved overrides in today's spelling: ``trainer.device=cuda:N`` (before the device kind became an
+    enum, issue #26) is ``trainer.device=cuda`` and ``trainer.device_index=N``."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        gpu = re.fullmatch(r"cuda:(\d+)", value) if override_key(o) == "trainer.device" else None
+        out += [f"{key}=cuda", f"trainer.device_index={gpu[1]}"] if gpu else [o]
+    return out
+
+
 def outputs_root() -> Path:
     return Path(os.environ.get("MARGINLAB_OUTPUT_DIR", "outputs"))
 
@@ -87,9 +100,7 @@ def previous_overrides(run_dir: Path) -> list[str]:
     """The overrides the run last trained with: the newest resume's, else the original command line's; each
     checked as untrusted input (marginlab/replayed_overrides.py) before anything replays it."""
     history = read_history(run_dir)
-    if history:
-        return list(history[-1]["overrides"])
-    return original_overrides(run_dir)
+    return upgraded_overrides(list(history[-1]["overrides"]) if history else original_overrides(run_dir))
 
 
 def original_overrides(run_dir: Path) -> list[str]:
@@ -223,11 +234,11 @@ def check_resume_config(cfg, ckpt_path: Path, ckpt: dict | None = None) -> str |
     """``check_resume`` of a composed, validated config (``ckpt``: the checkpoint's entries, when already read)."""
     from omegaconf import OmegaConf
 
-    from marginlab.device import resolve_device
+    from marginlab.device import training_device
     from marginlab.training.checkpoint import RESUME_KEYS, read_checkpoint
     from marginlab.training.precision import Precision
 
-    device = resolve_device(str(cfg.trainer.device))
+    device = training_device(str(cfg.trainer.device), cfg.trainer.get("device_index"))
     Precision.from_setting(str(cfg.trainer.precision), device)  # e.g. fp16 without CUDA
     if ckpt is None:
         ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=True)  # mmap: the weights are not read here

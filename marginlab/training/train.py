@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import marginlab.config  # noqa: F401  (registers the schema and resolvers)
 from marginlab import error_kinds
 from marginlab.config.validate import HeadSpec, validate
-from marginlab.device import resolve_device
+from marginlab.device import training_device
 from marginlab.distributed import sharded_state
 from marginlab.distributed.runtime import DistContext
 from marginlab.environment import environment, kept_threads, use_threads
@@ -239,9 +239,17 @@ def train_epochs(cfg: DictConfig, run: Run, job: Job, state: LoopState, log: Run
 def set_up_run(cfg: DictConfig, run_dir: Path) -> Run:
     """Picks the device and this process's rank, saves the config actually used, seeds every generator."""
     cfg.trainer.num_threads = use_threads(cfg.trainer.get("num_threads"))  # float results depend on it: saved
-    device = resolve_device(str(cfg.trainer.device))
+    index = cfg.trainer.get("device_index")
+    device = training_device(str(cfg.trainer.device), index)
     dist = DistContext.from_env(device.type)  # torchrun: one process per device; plain runs: rank 0 of 1
+    if dist.enabled and index is not None:  # it would be ignored: each process takes the GPU of its LOCAL_RANK
+        raise ConfigError(
+            f"trainer.device_index={index} is not allowed under torchrun, which gives each process its own GPU "
+            "(LOCAL_RANK); leave it null and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     device = dist.device(device)
+    if device.index is not None:  # cuda:N is the current device too, for the work that names only "cuda"
+        torch.cuda.set_device(device)
     run_dir = Path(dist.broadcast_object(str(run_dir)))  # every rank uses rank 0's directory; only rank 0 writes
     if dist.is_main and not cfg.resume:  # a resume rewrites it only once it starts training (start_or_resume)
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
