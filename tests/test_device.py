@@ -40,8 +40,27 @@ def test_the_index_picks_the_gpu_and_one_past_the_last_is_refused(monkeypatch):
     fake_gpus(monkeypatch, 2)
     assert training_device("cuda", 1) == torch.device("cuda", 1)
     assert training_device("cuda", None) == torch.device("cuda")
-    with pytest.raises(ConfigError, match=r"trainer.device_index=2 is not allowed: this machine has 2 GPU\(s\), so "):
+    refusal = r"^trainer.device_index=2 is not allowed: this machine has 2 GPU\(s\), so choose 0 to 1, or leave"
+    with pytest.raises(ConfigError, match=refusal):
         training_device("cuda", 2)
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cpu:0", "CUDA", ""])
+def test_eval_and_embed_refuse_a_device_torch_would_fail_on(name):
+    """The plain-string device= of eval and embed: one line naming the key, not torch's RuntimeError."""
+    from marginlab.device import resolve_device
+
+    with pytest.raises(ConfigError, match=rf"^device='{name}' is not allowed: choose auto, cpu, cuda or cuda:N$"):
+        resolve_device(name)
+
+
+def test_eval_and_embed_check_the_gpu_index_too(monkeypatch):
+    from marginlab.device import resolve_device
+
+    fake_gpus(monkeypatch, 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"^device='cuda:1' is not allowed: this machine has 1 GPU\(s\), so choose 0"):
+        resolve_device("cuda:1")
 
 
 def test_without_cuda_the_index_is_never_reached(monkeypatch):
