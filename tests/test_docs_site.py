@@ -35,5 +35,7 @@ def test_the_docs_site_builds_strictly(tmp_path):
     assert "lsoftmax_mnist" in training and "<!-- dataset-table -->" not in training  # what each dataset picks
     heads = (tmp_path / "heads" / "index.html").read_text()
     assert "AdaFaceHead" in heads and "<!-- head-table -->" not in heads  # the generated head table
+    resume = (tmp_path / "resume" / "index.html").read_text()
+    assert "trainer.device_index" in resume and "<!-- resumable-keys -->" not in resume  # RESUMABLE itself
     assert "ArcFaceHead" in (tmp_path / "api" / "index.html").read_text()  # mkdocstrings rendered the API
     assert not (tmp_path / "hooks").exists()  # the hook is not published as a page

@@ -4,7 +4,8 @@
 default, the comment written beside it) and the options of every config group (``marginlab/configs/<group>/``,
 one line each from ``marginlab.help_catalog``, the lines ``marginlab train --help`` prints); ``<!-- head-table -->``
 becomes one row per ``configs/head/*.yaml`` with its paper and defaults; ``<!-- dataset-table -->`` one row per
-``configs/dataset/*.yaml`` with what it picks (its defaults list and trainer.epochs) and why (its comment).
+``configs/dataset/*.yaml`` with what it picks (its defaults list and trainer.epochs) and why (its comment);
+``<!-- resumable-keys -->`` the keys a resume may change (``RESUMABLE`` in marginlab/training/resume.py).
 Nothing here is written by hand, so the pages cannot drift from the configs.
 """
 
@@ -30,6 +31,7 @@ from marginlab.help_catalog import (  # noqa: E402
 )
 
 SCHEMA = ROOT / "marginlab" / "config" / "schema.py"
+RESUME = ROOT / "marginlab" / "training" / "resume.py"
 SECTIONS = {"TrainConfig": "", "TrainerConfig": "trainer.", "LoggerConfig": "logger."}
 
 
@@ -148,11 +150,20 @@ def dataset_table() -> str:
     return "\n".join(out)
 
 
+def resumable_keys() -> str:
+    """``RESUMABLE`` read from resume.py's source (no torch import at build time): `key`, `prefix.*`, ..."""
+    tree = ast.parse(RESUME.read_text())
+    node = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "RESUMABLE")
+    return ", ".join(f"`{k}*`" if k.endswith(".") else f"`{k}`" for k in ast.literal_eval(node))
+
+
 def on_page_markdown(markdown: str, **kwargs) -> str:
     if "<!-- config-reference -->" in markdown:
         markdown = markdown.replace("<!-- config-reference -->", schema_reference() + "\n" + groups_reference())
     if "<!-- dataset-table -->" in markdown:
         markdown = markdown.replace("<!-- dataset-table -->", dataset_table())
+    if "<!-- resumable-keys -->" in markdown:
+        markdown = markdown.replace("<!-- resumable-keys -->", resumable_keys())
     if "<!-- head-table -->" in markdown:
         markdown = markdown.replace("<!-- head-table -->", head_table())
     return markdown
