@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_module
 from marginlab.distributed.runtime import DistContext
 from marginlab.errors import ConfigError
 from marginlab.training import train
-from marginlab.training.resume import previous_overrides, upgraded_overrides
+from marginlab.training.resume import merge_overrides, previous_overrides, upgraded_overrides
 
 from .conftest import run_cli
 
@@ -100,3 +100,11 @@ def test_an_old_runs_cuda_n_is_replayed_as_the_kind_and_the_index(tmp_path):
     with initialize_config_module("marginlab.configs", version_base="1.3"):
         cfg = compose("train", overrides=replayed)
     assert cfg.trainer.device == "cuda" and cfg.trainer.device_index == 1
+
+
+def test_a_resume_that_names_a_device_drops_the_runs_gpu_index():
+    """`resume=X trainer.device=cpu` for a run on GPU 1 goes on on the CPU, not refused for the old index."""
+    run = ["head=arcface", "trainer.device=cuda", "trainer.device_index=1"]
+    assert merge_overrides(run, ["trainer.device=cpu"]) == ["head=arcface", "trainer.device=cpu"]
+    assert merge_overrides(run, ["trainer.device_index=0"]) == [*run[:2], "trainer.device_index=0"]
+    assert merge_overrides(run, ["trainer.epochs=5"]) == [*run, "trainer.epochs=5"]

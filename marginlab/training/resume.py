@@ -128,9 +128,12 @@ def record_resume(run_dir: Path, overrides: list[str], from_epoch: int) -> None:
 
 
 def merge_overrides(base: list[str], new: list[str]) -> list[str]:
-    """``base`` then ``new``, one entry per key (the later wins), without the per-invocation keys of ``base``."""
+    """``base`` then ``new``, one entry per key (the later wins), without the per-invocation keys of ``base``;
+    a new ``trainer.device`` replaces the run's GPU choice too (``resume=X trainer.device=cpu`` after cuda:1)."""
+    named = {override_key(o) for o in new}
+    dropped = {*NOT_INHERITED, *(["trainer.device_index"] if "trainer.device" in named else [])}
     merged: dict[str, str] = {}
-    for o in [o for o in base if override_key(o) not in NOT_INHERITED] + new:
+    for o in [o for o in base if override_key(o) not in dropped] + new:
         if override_key(o) != "resume":
             merged[override_key(o)] = o
     return list(merged.values())
