@@ -109,6 +109,13 @@ def cannot_write(path: Path, exc: OSError, hint: str = "") -> OutputError:
     return OutputError(f"{path}: cannot write there ({exc.strerror or exc}){hint}")
 
 
+def write_failed(path: Path, reason: OSError | str) -> OutputError:
+    """``<path>: cannot write (<reason>)``, the one line for a write the system refused (an OSError: its strerror)."""
+    if isinstance(reason, OSError):
+        reason = reason.strerror or reason
+    return OutputError(f"{path}: cannot write ({reason})")
+
+
 def _new_file(path: Path) -> None:
     """Creates ``path`` empty (never an existing file: O_EXCL)."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -145,14 +152,14 @@ def staged(target: Path):
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS and exc.filename not in (str(tmp), str(target)):
             raise
-        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+        raise write_failed(target, exc) from None
     except RuntimeError as exc:  # torch.save / TorchScript: torch's zip writer wraps a refused write (run_dirs.py)
         from marginlab.run_dirs import system_cause, system_reason
 
         cause = system_cause(exc)
         if cause is None or (isinstance(cause, OSError) and cause.errno not in WRITE_ERRNOS):
             raise
-        raise OutputError(f"{target}: cannot write ({system_reason(exc)})") from None
+        raise write_failed(target, system_reason(exc)) from None
     finally:
         discard(tmp)
 
@@ -164,7 +171,7 @@ def put_in_place(tmp: Path, target: Path) -> None:
     except FileExistsError:
         raise exists_error(target) from None
     except OSError as exc:
-        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+        raise write_failed(target, exc) from None
     os.replace(tmp, target)
 
 

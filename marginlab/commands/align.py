@@ -22,7 +22,7 @@ from pathlib import Path
 
 from marginlab.command_args import REQUIRED, as_optional_bool, parse, run_command
 from marginlab.errors import ConfigError, DataError, OutputError
-from marginlab.files import exists_error, put_in_place, temp_beside
+from marginlab.files import exists_error, put_in_place, temp_beside, write_failed
 
 _text = lambda k, v: v
 SPEC = {
@@ -78,7 +78,7 @@ def move_into(staging: Path, out_dir: Path, targets: list[Path]) -> None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"{target.parent}: cannot write ({exc.strerror or exc})") from None
+            raise write_failed(target.parent, exc) from None
         put_in_place(staging / target.relative_to(out_dir), target)
 
 
@@ -113,9 +113,9 @@ def align_folder(args: list[str]) -> Path:
                 staged.parent.mkdir(parents=True, exist_ok=True)
                 written = cv2.imwrite(str(staged), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
             except (OSError, cv2.error) as exc:
-                raise OutputError(f"{target}: cannot write ({exc})") from None
+                raise write_failed(target, str(exc)) from None
             if not written:
-                raise OutputError(f"{target}: cannot write (OpenCV knows no image format for {target.suffix!r})")
+                raise write_failed(target, f"OpenCV knows no image format for {target.suffix!r}")
         move_into(staging, out_dir, [target for _, _, target, _ in jobs])
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -36,7 +36,7 @@ from marginlab.device import resolve_device
 from marginlab.errors import ConfigError, OutputError
 from marginlab.eval.during_training import draw_roc, jsonable, run_verifiers
 from marginlab.eval.retrieval_sets import check_retrievable, retrieval_line, run_retrieval
-from marginlab.files import NONFINITE_KEY, check_writable, dumps, free_path, write_json, write_text
+from marginlab.files import NONFINITE_KEY, check_writable, dumps, free_path, write_failed, write_json, write_text
 from marginlab.training.builders import build_data, build_verifiers
 from marginlab.training.checkpoint import find_checkpoint
 from marginlab.training.weights import load_backbone as load_weights
@@ -234,7 +234,7 @@ def evaluate_checkpoint(overrides: list[str]) -> dict:
         try:
             write_json(target, out)  # strict JSON: NaN/inf as null, named under "nonfinite"
         except OSError as exc:
-            raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+            raise write_failed(target, exc) from None
     except OutputError as exc:
         unsaved = list(records)[len(written) :]
         for name in unsaved:  # the whole record, as its file would hold it, one JSON line each
